@@ -1,0 +1,307 @@
+//! Portcullis kernel programs.
+//!
+//! Owns the kernel half of interception: deciding which TCP connects are
+//! redirected (those from tagged cgroups and their descendants), rewriting
+//! their destination to the daemon's listener in the caller's own network
+//! namespace, and remembering where each one was going so the daemon can look
+//! the flow up by the client's address when it accepts it.
+//!
+//! It must not make policy decisions: a tagged connect is always redirected
+//! (or refused when there is nowhere safe to send it); what is allowed is the
+//! daemon's business.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie,
+        },
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use gateway_common::{
+    ipv4_mapped, FlowKey, KernelEvent, NetnsMark, OrigDst, RedirectConfig, TagMark,
+    EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
+};
+
+/// Allow the syscall to proceed (with whatever we rewrote).
+const ALLOW: i32 = 1;
+/// Fail the connect with EPERM.
+const REFUSE: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+
+#[map]
+static TAGGED_CGROUPS: HashMap<u64, TagMark> = HashMap::pinned(16384, 0);
+
+#[map]
+static PENDING_CONNECTS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+
+#[map]
+static FLOWS: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(65536, 0);
+
+#[map]
+static SERVED_NETNS: HashMap<u64, NetnsMark> = HashMap::pinned(4096, 0);
+
+#[map]
+static CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(64 * 1024, 0);
+
+/// What a governed connect should do, decided before any rewrite.
+enum Verdict {
+    /// Not ours: leave the connect alone.
+    Untouched,
+    /// Tagged, but no proxy can take it: fail with EPERM.
+    Refuse,
+    /// Tagged: record the original destination and rewrite to this port.
+    Redirect { listen_port: u16 },
+}
+
+#[inline(always)]
+fn is_tagged() -> bool {
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: helper without pointer arguments.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        if TAGGED_CGROUPS.get_ptr(id).is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn verdict(ctx: &SockAddrContext) -> Verdict {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    if sock_type != SOCK_STREAM || !is_tagged() {
+        return Verdict::Untouched;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Verdict::Refuse;
+    };
+    if config.enabled == 0 || config.listen_port == 0 {
+        return Verdict::Refuse;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == config.daemon_tgid {
+        return Verdict::Untouched;
+    }
+    // SAFETY: sock_addr programs may ask for their socket's netns cookie.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if SERVED_NETNS.get_ptr(netns_cookie).is_none() {
+        // No listener in this namespace yet: sending the connect anywhere
+        // would either escape or reach something we do not own. Refuse it and
+        // ask the daemon to start serving this namespace.
+        if let Some(mut entry) = EVENTS.reserve::<KernelEvent>(0) {
+            entry.write(KernelEvent {
+                kind: EVENT_UNSERVED_NETNS,
+                pid: tgid,
+                netns_cookie,
+                // SAFETY: helper without pointer arguments.
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            });
+            entry.submit(0);
+        }
+        debug!(ctx, "portcullis: refused connect from unserved netns, pid {}", tgid);
+        return Verdict::Refuse;
+    }
+    Verdict::Redirect {
+        listen_port: config.listen_port,
+    }
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) {
+    // SAFETY: sock_addr programs may ask for their socket's cookie.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        // SAFETY: helper without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        addr,
+        port,
+        family,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+    };
+    let _ = PENDING_CONNECTS.insert(cookie, orig, 0);
+}
+
+#[inline(always)]
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        // The context words hold network-order bytes; keep them as they are.
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    match verdict(&ctx) {
+        Verdict::Untouched => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Redirect { listen_port } => {
+            // SAFETY: valid context pointer; user_port/user_ip4 are readable
+            // and writable with 4-byte accesses in connect4.
+            unsafe {
+                let sa = ctx.sock_addr;
+                let ip = (*sa).user_ip4.to_ne_bytes();
+                let port = u16::from_be((*sa).user_port as u16);
+                if !(ip == LOOPBACK4 && port == listen_port) {
+                    remember(&ctx, ipv4_mapped(ip), port, FAMILY_INET);
+                }
+                (*sa).user_ip4 = u32::from_ne_bytes(LOOPBACK4);
+                (*sa).user_port = u32::from(listen_port.to_be());
+            }
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    match verdict(&ctx) {
+        Verdict::Untouched => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Redirect { listen_port } => {
+            // SAFETY: valid context pointer; user_ip6 words and user_port are
+            // readable and writable with 4-byte accesses in connect6.
+            unsafe {
+                let sa = ctx.sock_addr;
+                let words = [
+                    (*sa).user_ip6[0],
+                    (*sa).user_ip6[1],
+                    (*sa).user_ip6[2],
+                    (*sa).user_ip6[3],
+                ];
+                let addr = words_to_bytes(words);
+                let port = u16::from_be((*sa).user_port as u16);
+                let mapped = words[0] == 0
+                    && words[1] == 0
+                    && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+                let (target, target3) = if mapped {
+                    // A dual-stack socket dialing IPv4: stay on IPv4.
+                    (u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(LOOPBACK4))
+                } else {
+                    (0, u32::from_ne_bytes([0, 0, 0, 1]))
+                };
+                let already_proxy = port == listen_port
+                    && words[0] == 0
+                    && words[1] == 0
+                    && words[2] == target
+                    && words[3] == target3;
+                if !already_proxy {
+                    remember(&ctx, addr, port, FAMILY_INET6);
+                }
+                (*sa).user_ip6[0] = 0;
+                (*sa).user_ip6[1] = 0;
+                (*sa).user_ip6[2] = target;
+                (*sa).user_ip6[3] = target3;
+                (*sa).user_port = u32::from(listen_port.to_be());
+            }
+            ALLOW
+        }
+    }
+}
+
+#[inline(always)]
+fn flow_key(ctx: &SockOpsContext) -> FlowKey {
+    // Each context field is read with its own volatile load straight off the
+    // context pointer: the verifier rejects loads through a context pointer
+    // LLVM has offset and shared between branches.
+    // SAFETY: valid context pointer; these fields are readable in sock_ops.
+    let (family, ip4, ip6, port) = unsafe {
+        let ops = ctx.ops;
+        (
+            core::ptr::read_volatile(&(*ops).family),
+            core::ptr::read_volatile(&(*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).local_port),
+        )
+    };
+    let addr = if family == u32::from(FAMILY_INET) {
+        ipv4_mapped(ip4.to_ne_bytes())
+    } else {
+        words_to_bytes(ip6)
+    };
+    FlowKey {
+        // SAFETY: sock_ops programs may ask for their socket's netns cookie.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        // local_port is already host order in sock_ops.
+        port: port as u16,
+        _pad: [0; 6],
+    }
+}
+
+#[sock_ops]
+pub fn track_flows(ctx: SockOpsContext) -> u32 {
+    // Runs for every TCP socket in the governed subtree, often in softirq
+    // context: no current-task helpers here, only the socket's own state.
+    // SAFETY: sock_ops programs may ask for their socket's cookie.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if PENDING_CONNECTS.get_ptr(cookie).is_some() {
+                // Hear about this socket's close so its flow entry goes too.
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if let Some(orig) = PENDING_CONNECTS.get_ptr(cookie) {
+                // SAFETY: the pointer came from a lookup in this program run.
+                let orig = unsafe { *orig };
+                let _ = FLOWS.insert(flow_key(&ctx), orig, 0);
+                let _ = PENDING_CONNECTS.remove(cookie);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                let _ = PENDING_CONNECTS.remove(cookie);
+                let _ = FLOWS.remove(flow_key(&ctx));
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+#[cfg(all(not(test), target_arch = "bpf"))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

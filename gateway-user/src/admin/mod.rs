@@ -1,0 +1,272 @@
+//! The admin API: a Unix socket (mode 0600) speaking [`proto`], used by the
+//! CLI. Owns request handling for tags, status, flows and break-glass
+//! detach. It must not hold locks across awaits or do slow I/O while holding
+//! a lock the data path takes.
+
+pub mod proto;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream as StdUnixStream,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{info, warn};
+
+use crate::daemon::Shared;
+pub use proto::{Request, Response};
+
+/// Binds the admin socket with owner-only permissions. A stale socket from a
+/// dead daemon is replaced; a live one is an error.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    crate::daemon::private_parent(path)?;
+    if path.exists() {
+        if StdUnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another daemon is listening on {} (use a different --admin-socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    // Created 0600 from the start: no window where others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    listener.with_context(|| format!("binding admin socket {}", path.display()))
+}
+
+/// Serves admin connections until the daemon stops.
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(shared.clone(), stream));
+            }
+            Err(e) => {
+                warn!("admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(shared: Arc<Shared>, stream: UnixStream) {
+    let caller = stream.peer_cred().ok().map(|c| c.uid());
+    let (read, mut write) = stream.into_split();
+    let mut reader = TokioBufReader::new(read).take(proto::MAX_REQUEST_BYTES as u64);
+    let mut line = String::new();
+    let response = match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
+        Err(_) => Response::err("request timed out"),
+        Ok(Err(e)) => Response::err(format!("reading request: {e}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => Response::err("request too long or not newline-terminated"),
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(&shared, req, caller).await,
+            Err(e) => Response::err(format!("invalid request: {e}")),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[derive(Serialize)]
+struct TagView {
+    cgroup: String,
+    cgroup_id: Option<u64>,
+    exists: bool,
+    identity: String,
+    token_file: Option<std::path::PathBuf>,
+    created: u64,
+}
+
+#[derive(Serialize)]
+struct NetnsView {
+    inode: u64,
+    cookie: u64,
+    pid: u32,
+    host: bool,
+}
+
+async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Response {
+    match req {
+        Request::Status => Response::ok(status(shared)),
+        Request::Tags => Response::ok(serde_json::json!({ "tags": tag_views(shared) })),
+        Request::Flows => Response::ok(serde_json::json!({ "flows": shared.sessions.list() })),
+        Request::Tag {
+            cgroup,
+            pid,
+            identity,
+            token_file,
+        } => {
+            let rel = match target(shared, cgroup.as_deref(), pid) {
+                Ok(r) => r,
+                Err(e) => return Response::err(e),
+            };
+            if let Ok(own) = shared.cgroups.cgroup_of_pid(std::process::id()) {
+                if crate::identity::cgroup::is_same_or_below(&own, &rel) {
+                    return Response::err(format!(
+                        "refusing to tag {rel}: the daemon itself runs in {own}, and a proxy must never govern itself"
+                    ));
+                }
+            }
+            let mut warnings = Vec::new();
+            if let Some(tf) = &token_file {
+                if let Err(e) = std::fs::metadata(tf) {
+                    warnings.push(format!(
+                        "token file {} is not readable yet ({e}); it is read again when it changes",
+                        tf.display()
+                    ));
+                }
+            }
+            let tag = {
+                let mut tags = shared.tags.write().unwrap_or_else(|p| p.into_inner());
+                match tags.insert(rel.clone(), identity, token_file) {
+                    Ok(t) => t,
+                    Err(e) => return Response::err(e.to_string()),
+                }
+            };
+            if let Err(e) = shared.sync_tags() {
+                return Response::err(format!("tag saved but not applied to the kernel: {e:#}"));
+            }
+            let ended = shared.end_untagged_sessions();
+            shared.reconcile_now.notify_one();
+            info!(target: "portcullis::audit", event = "tag", cgroup = %tag.cgroup, identity = %tag.identity, caller_uid = ?caller, "cgroup tagged");
+            Response::ok(serde_json::json!({ "tag": tag, "warnings": warnings, "ended_sessions": ended }))
+        }
+        Request::Untag { cgroup, pid } => {
+            let rel = match (cgroup.as_deref(), pid) {
+                // An untag must work for a cgroup that no longer exists.
+                (Some(c), None) => match shared.cgroups.normalize(c) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e.to_string()),
+                },
+                _ => match target(shared, cgroup.as_deref(), pid) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                },
+            };
+            let removed = {
+                let mut tags = shared.tags.write().unwrap_or_else(|p| p.into_inner());
+                match tags.remove(&rel) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e.to_string()),
+                }
+            };
+            let Some(removed) = removed else {
+                return Response::err(format!("{rel} is not tagged"));
+            };
+            if let Err(e) = shared.sync_tags() {
+                return Response::err(format!("tag removed but the kernel still has it: {e:#}"));
+            }
+            let ended = shared.end_untagged_sessions();
+            info!(target: "portcullis::audit", event = "untag", cgroup = %removed.cgroup, identity = %removed.identity, caller_uid = ?caller, "cgroup untagged");
+            Response::ok(serde_json::json!({ "untagged": removed, "ended_sessions": ended }))
+        }
+        Request::Detach => {
+            let mut r = shared.redirect.lock().unwrap_or_else(|p| p.into_inner());
+            match r.detach() {
+                Ok(()) => {
+                    warn!(target: "portcullis::audit", event = "detach", caller_uid = ?caller, pin_dir = %r.pin_dir().display(), "break-glass: programs detached and pins removed; nothing new is intercepted");
+                    Response::ok(serde_json::json!({ "detached": true, "pin_dir": r.pin_dir() }))
+                }
+                Err(e) => Response::err(format!("detach failed: {e}")),
+            }
+        }
+    }
+}
+
+fn target(shared: &Shared, cgroup: Option<&str>, pid: Option<u32>) -> Result<String, String> {
+    match (cgroup, pid) {
+        (Some(c), None) => shared.cgroups.resolve(c).map_err(|e| e.to_string()),
+        (None, Some(pid)) => {
+            let rel = shared.cgroups.cgroup_of_pid(pid).map_err(|e| e.to_string())?;
+            shared.cgroups.resolve(&rel).map_err(|e| e.to_string())
+        }
+        _ => Err("name exactly one of a cgroup path or --pid".into()),
+    }
+}
+
+fn tag_views(shared: &Shared) -> Vec<TagView> {
+    let tags = shared.tags.read().unwrap_or_else(|p| p.into_inner());
+    tags.iter()
+        .map(|t| {
+            let id = shared.cgroups.id_of(&t.cgroup).ok();
+            TagView {
+                cgroup: t.cgroup.clone(),
+                cgroup_id: id,
+                exists: id.is_some(),
+                identity: t.identity.clone(),
+                token_file: t.token_file.clone(),
+                created: t.created,
+            }
+        })
+        .collect()
+}
+
+fn status(shared: &Shared) -> serde_json::Value {
+    let policy = shared.policy.load();
+    let netns: Vec<NetnsView> = {
+        let served = shared.netns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<NetnsView> = served
+            .iter()
+            .map(|(id, s)| NetnsView {
+                inode: id.1,
+                cookie: s.cookie,
+                pid: s.pid,
+                host: s.host,
+            })
+            .collect();
+        v.sort_by_key(|n| (!n.host, n.inode));
+        v
+    };
+    let attached = !shared
+        .redirect
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_detached();
+    let tag_count = shared.tags.read().unwrap_or_else(|p| p.into_inner()).iter().count();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_secs": shared.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        "attached": attached,
+        "policy_version": policy.version,
+        "policies": shared.cfg.policies,
+        "resources": policy.resources.keys().collect::<Vec<_>>(),
+        "state_dir": shared.cfg.state_dir,
+        "admin_socket": shared.cfg.admin_socket,
+        "pin_dir": shared.cfg.pin_dir,
+        "cgroup_mount": shared.cgroups.mount(),
+        "cgroup_root": shared.cgroups.root(),
+        "listen_port": shared.cfg.listen_port,
+        "tags": tag_count,
+        "flows": shared.sessions.len(),
+        "netns": netns,
+        "counters": shared.metrics.snapshot(),
+    })
+}
+
+/// Sends one request to the daemon and returns its response.
+pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut stream = StdUnixStream::connect(socket)
+        .with_context(|| format!("cannot reach the daemon at {} (is it running? set --admin-socket or PORTCULLIS_ADMIN_SOCKET)", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = BufReader::new(stream);
+    let mut resp = String::new();
+    reader.read_line(&mut resp)?;
+    serde_json::from_str(&resp).with_context(|| format!("invalid response from the daemon: {resp:?}"))
+}

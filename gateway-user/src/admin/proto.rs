@@ -1,0 +1,81 @@
+//! The admin protocol: one JSON request per line, one JSON response per line.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What the CLI asks the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Daemon status.
+    Status,
+    /// Tag a cgroup (by path or by a member process).
+    Tag {
+        /// Path of the cgroup (absolute under the mount, or relative to it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
+        /// A process whose cgroup is tagged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Identity name.
+        identity: String,
+        /// Token file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_file: Option<PathBuf>,
+    },
+    /// Remove a tag.
+    Untag {
+        /// Path of the cgroup.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
+        /// A process whose cgroup's tag is removed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+    /// List tags.
+    Tags,
+    /// List live flows.
+    Flows,
+    /// Break-glass: detach programs and remove pins.
+    Detach,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    /// A success carrying `data`.
+    pub fn ok(data: impl Serialize) -> Self {
+        match serde_json::to_value(data) {
+            Ok(v) => Self {
+                ok: true,
+                error: None,
+                data: Some(v),
+            },
+            Err(e) => Self::err(format!("encoding response: {e}")),
+        }
+    }
+
+    /// A failure with a reason.
+    pub fn err(reason: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(reason.into()),
+            data: None,
+        }
+    }
+}
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

@@ -1,0 +1,271 @@
+//! The `portcullis` command line: the daemon and the client subcommands that
+//! talk to it over the admin socket. Owns argument parsing and output
+//! formatting; it must not implement daemon behaviour itself (except the
+//! break-glass `detach` when no daemon is running).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    admin::{self, Request},
+    config::{self, defaults, DaemonConfig, DaemonTable},
+};
+
+/// Portcullis: govern what AI agents do to production systems.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    /// Admin socket of the daemon to talk to.
+    #[arg(long, global = true, env = "PORTCULLIS_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Daemon(DaemonArgs),
+    /// Show the daemon's status.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tag a cgroup (and its descendants) with an identity.
+    Tag {
+        /// The cgroup: absolute path under the cgroup2 mount, or relative to it.
+        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        cgroup: Option<String>,
+        /// Tag the cgroup this process is in.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Identity name the cgroup's flows act as.
+        #[arg(long)]
+        identity: String,
+        /// File holding the identity's OIDC token (re-read when it changes).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Remove a cgroup's tag.
+    Untag {
+        /// The cgroup.
+        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        cgroup: Option<String>,
+        /// Untag the cgroup this process is in.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// List tags.
+    Tags {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List live flows.
+    Flows {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Break-glass: detach the programs and remove the pins. With a daemon
+    /// running it asks the daemon; with none it removes the pins itself.
+    Detach {
+        /// Pin directory to clean when no daemon answers.
+        #[arg(long, default_value = defaults::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+/// Daemon flags; each mirrors a key of the config file's `[daemon]` table.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Config file (a missing or empty file means defaults).
+    #[arg(long, default_value = defaults::CONFIG)]
+    pub config: PathBuf,
+    /// Policies directory.
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// State directory (tags, audit, recordings).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Pin directory on bpffs.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Cgroup subtree this daemon governs (relative to the cgroup2 mount).
+    #[arg(long)]
+    pub cgroup_root: Option<String>,
+    /// Port of the proxy listener (in every served network namespace).
+    #[arg(long)]
+    pub listen_port: Option<u16>,
+    /// Metrics address, or "off".
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+impl Cli {
+    fn socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| defaults::ADMIN_SOCKET.into())
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket();
+    match cli.command {
+        Command::Daemon(args) => {
+            let file = config::read_daemon_table(&args.config)?;
+            let flags = DaemonTable {
+                policies: args.policies,
+                state_dir: args.state_dir,
+                admin_socket: cli.admin_socket,
+                pin_dir: args.pin_dir,
+                cgroup_root: args.cgroup_root,
+                listen_port: args.listen_port,
+                metrics: args.metrics,
+            };
+            let cfg = DaemonConfig::merge(flags, file)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("portcullis")
+                .build()?;
+            rt.block_on(crate::daemon::run(cfg))
+        }
+        Command::Status { json } => {
+            let data = request(&socket, &Request::Status)?;
+            if json {
+                return print_json(&data);
+            }
+            let g = |k: &str| data.get(k).cloned().unwrap_or_default();
+            println!("portcullis {} (pid {}, up {}s)", s(&g("version")), g("pid"), g("uptime_secs"));
+            println!("  attached:       {}", g("attached"));
+            println!("  policy version: {} ({})", s(&g("policy_version")), s(&g("policies")));
+            println!("  cgroup root:    {} (mount {})", s(&g("cgroup_root")), s(&g("cgroup_mount")));
+            println!("  listen port:    {}", g("listen_port"));
+            println!("  pin dir:        {}", s(&g("pin_dir")));
+            println!("  tags: {}  flows: {}  namespaces served: {}", g("tags"), g("flows"), g("netns").as_array().map_or(0, |a| a.len()));
+            Ok(())
+        }
+        Command::Tag {
+            cgroup,
+            pid,
+            identity,
+            token_file,
+        } => {
+            let token_file = token_file
+                .map(|p| std::path::absolute(&p).with_context(|| format!("token file {}", p.display())))
+                .transpose()?;
+            let data = request(
+                &socket,
+                &Request::Tag {
+                    cgroup,
+                    pid,
+                    identity,
+                    token_file,
+                },
+            )?;
+            for w in data["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}", s(w));
+            }
+            println!(
+                "tagged {} as {}",
+                s(&data["tag"]["cgroup"]),
+                s(&data["tag"]["identity"])
+            );
+            Ok(())
+        }
+        Command::Untag { cgroup, pid } => {
+            let data = request(&socket, &Request::Untag { cgroup, pid })?;
+            println!("untagged {}", s(&data["untagged"]["cgroup"]));
+            Ok(())
+        }
+        Command::Tags { json } => {
+            let data = request(&socket, &Request::Tags)?;
+            if json {
+                return print_json(&data);
+            }
+            println!("{:<40} {:<24} {:<10} TOKEN FILE", "CGROUP", "IDENTITY", "EXISTS");
+            for t in data["tags"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<24} {:<10} {}",
+                    s(&t["cgroup"]),
+                    s(&t["identity"]),
+                    t["exists"],
+                    s(&t["token_file"])
+                );
+            }
+            Ok(())
+        }
+        Command::Flows { json } => {
+            let data = request(&socket, &Request::Flows)?;
+            if json {
+                return print_json(&data);
+            }
+            println!(
+                "{:<18} {:<22} {:<22} {:<8} {:<18} {:<16} CGROUP",
+                "SESSION", "CLIENT", "ORIGINAL DST", "PID", "IDENTITY", "RESOURCE"
+            );
+            for f in data["flows"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<18} {:<22} {:<22} {:<8} {:<18} {:<16} {} ({})",
+                    s(&f["session"]),
+                    s(&f["client"]),
+                    s(&f["original_dst"]),
+                    f["pid"],
+                    s(&f["identity"]),
+                    s(&f["resource"]),
+                    s(&f["cgroup"]),
+                    f["cgroup_id"]
+                );
+            }
+            Ok(())
+        }
+        Command::Detach { pin_dir } => {
+            if socket.exists() {
+                if let Ok(resp) = admin::call(&socket, &Request::Detach) {
+                    if !resp.ok {
+                        bail!("{}", resp.error.unwrap_or_default());
+                    }
+                    println!("daemon detached its programs and removed its pins; nothing new is intercepted");
+                    return Ok(());
+                }
+            }
+            crate::sys::require_root()?;
+            crate::redirect::remove_pins(&pin_dir)
+                .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+            println!(
+                "no daemon answered on {}; removed pins under {} (programs detached)",
+                socket.display(),
+                pin_dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn request(socket: &std::path::Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let resp = admin::call(socket, req)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "request refused".into()));
+    }
+    Ok(resp.data.unwrap_or_default())
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,237 @@
+//! The daemon's own configuration: the `[daemon]` table of the config file,
+//! overridden by command-line flags. Policies are not configured here.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Default locations (DESIGN.md, Admin).
+pub mod defaults {
+    /// Config file.
+    pub const CONFIG: &str = "/etc/portcullis/portcullis.toml";
+    /// Policies directory.
+    pub const POLICIES: &str = "/etc/portcullis/policies";
+    /// State directory.
+    pub const STATE_DIR: &str = "/var/lib/portcullis";
+    /// Admin socket.
+    pub const ADMIN_SOCKET: &str = "/run/portcullis/admin.sock";
+    /// Pin directory on bpffs.
+    pub const PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+    /// Governed cgroup root, relative to the cgroup2 mount.
+    pub const CGROUP_ROOT: &str = "/";
+    /// Proxy listener port.
+    pub const LISTEN_PORT: u16 = 15001;
+    /// Metrics listener.
+    pub const METRICS: &str = "127.0.0.1:15020";
+}
+
+/// The `[daemon]` table; every key mirrors a daemon flag.
+#[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonTable {
+    /// Policies directory.
+    pub policies: Option<PathBuf>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Admin socket path.
+    pub admin_socket: Option<PathBuf>,
+    /// Pin directory.
+    pub pin_dir: Option<PathBuf>,
+    /// Governed cgroup root.
+    pub cgroup_root: Option<String>,
+    /// Proxy listener port.
+    pub listen_port: Option<u16>,
+    /// Metrics address or "off".
+    pub metrics: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    daemon: DaemonTable,
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading failed for a reason other than absence.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Reads the `[daemon]` table; a missing or empty file means defaults.
+pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DaemonTable::default()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        let (line, column) =
+            crate::policy::diag_line_col(&text, e.span().map(|s| s.start).unwrap_or(0));
+        ConfigError::Parse {
+            path: path.into(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    Ok(file.daemon)
+}
+
+/// Where the metrics endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metrics {
+    /// No metrics endpoint.
+    Off,
+    /// Serve on this address.
+    On(SocketAddr),
+}
+
+impl std::str::FromStr for Metrics {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse().map(Self::On).map_err(|_| {
+            ConfigError::Invalid(format!("metrics must be ADDR:PORT or \"off\", not {s:?}"))
+        })
+    }
+}
+
+/// The daemon's effective settings.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Policies directory.
+    pub policies: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// Pin directory.
+    pub pin_dir: PathBuf,
+    /// Governed cgroup root (absolute under the mount, or relative to it).
+    pub cgroup_root: String,
+    /// Proxy listener port.
+    pub listen_port: u16,
+    /// Metrics endpoint.
+    pub metrics: Metrics,
+}
+
+impl DaemonConfig {
+    /// Flags (`flags`) win over the file (`file`), which wins over defaults.
+    pub fn merge(flags: DaemonTable, file: DaemonTable) -> Result<Self, ConfigError> {
+        let metrics = flags
+            .metrics
+            .or(file.metrics)
+            .unwrap_or_else(|| defaults::METRICS.into())
+            .parse()?;
+        let listen_port = flags
+            .listen_port
+            .or(file.listen_port)
+            .unwrap_or(defaults::LISTEN_PORT);
+        if listen_port == 0 {
+            return Err(ConfigError::Invalid("listen_port must not be 0".into()));
+        }
+        Ok(Self {
+            policies: flags
+                .policies
+                .or(file.policies)
+                .unwrap_or_else(|| defaults::POLICIES.into()),
+            state_dir: flags
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| defaults::STATE_DIR.into()),
+            admin_socket: flags
+                .admin_socket
+                .or(file.admin_socket)
+                .unwrap_or_else(|| defaults::ADMIN_SOCKET.into()),
+            pin_dir: flags
+                .pin_dir
+                .or(file.pin_dir)
+                .unwrap_or_else(|| defaults::PIN_DIR.into()),
+            cgroup_root: flags
+                .cgroup_root
+                .or(file.cgroup_root)
+                .unwrap_or_else(|| defaults::CGROUP_ROOT.into()),
+            listen_port,
+            metrics,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_over_defaults() {
+        let file = DaemonTable {
+            state_dir: Some("/file/state".into()),
+            listen_port: Some(1000),
+            ..Default::default()
+        };
+        let flags = DaemonTable {
+            listen_port: Some(2000),
+            metrics: Some("off".into()),
+            ..Default::default()
+        };
+        let c = DaemonConfig::merge(flags, file).unwrap();
+        assert_eq!(c.listen_port, 2000);
+        assert_eq!(c.state_dir, PathBuf::from("/file/state"));
+        assert_eq!(c.policies, PathBuf::from(defaults::POLICIES));
+        assert_eq!(c.metrics, Metrics::Off);
+    }
+
+    #[test]
+    fn missing_file_is_defaults_and_unknown_keys_are_errors() {
+        let t = read_daemon_table(Path::new("/nonexistent/portcullis.toml")).unwrap();
+        assert_eq!(t, DaemonTable::default());
+        let dir = std::env::temp_dir().join(format!("portcullis-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "[daemon]\nlisten_port = 1\nbogus = 2\n").unwrap();
+        let err = read_daemon_table(&p).unwrap_err().to_string();
+        assert!(err.contains(":3:1: "), "{err}");
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(read_daemon_table(&p).unwrap(), DaemonTable::default());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_parse() {
+        assert_eq!("off".parse::<Metrics>().unwrap(), Metrics::Off);
+        assert!("127.0.0.1:1".parse::<Metrics>().is_ok());
+        assert!("nope".parse::<Metrics>().is_err());
+    }
+}

@@ -1,0 +1,467 @@
+//! The daemon: startup, the state every part shares, and the background
+//! loops that keep the kernel in step with tags and network namespaces.
+//!
+//! Owns wiring and lifecycles. Each concern's logic lives in its module
+//! (redirect, identity, policy, proxy, admin); this file only connects them.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use gateway_common::{FlowKey, KernelEvent, OrigDst, EVENT_UNSERVED_NETNS};
+use tokio::{io::unix::AsyncFd, net::TcpListener, sync::Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    config::DaemonConfig,
+    identity::{CgroupTree, TagStore},
+    metrics::Metrics,
+    policy::{PolicySet, Resolver},
+    proxy::{self, Sessions},
+    redirect::{
+        netns::{self, NetnsId},
+        AttachSettings, Redirector,
+    },
+    sys,
+};
+
+/// How often tags and namespaces are reconciled without a kernel event.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// Scans a namespace may go unseen before its listener closes.
+const NETNS_GRACE_SCANS: u32 = 6;
+/// How often hostname matches are resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// A namespace with a proxy listener.
+#[derive(Debug)]
+pub struct ServedNetns {
+    /// Its cookie.
+    pub cookie: u64,
+    /// A process seen in it.
+    pub pid: u32,
+    /// Stops its accept loops.
+    pub cancel: CancellationToken,
+    /// Consecutive scans it was not seen in.
+    pub misses: u32,
+    /// The daemon's own namespace (never closed).
+    pub host: bool,
+}
+
+/// State shared by every task of the daemon.
+pub struct Shared {
+    /// Effective configuration.
+    pub cfg: DaemonConfig,
+    /// The governed cgroup tree.
+    pub cgroups: CgroupTree,
+    /// Tags.
+    pub tags: RwLock<TagStore>,
+    /// Kernel programs and maps.
+    pub redirect: Mutex<Redirector>,
+    /// The policy set in force.
+    pub policy: ArcSwap<PolicySet>,
+    /// Hostname matches.
+    pub resolver: Resolver,
+    /// Live sessions.
+    pub sessions: Sessions,
+    /// Namespaces with listeners.
+    pub netns: Mutex<HashMap<NetnsId, ServedNetns>>,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Wakes the reconcile loop early (new tag, kernel event).
+    pub reconcile_now: Notify,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+    /// When the daemon started.
+    pub started: SystemTime,
+    cgroup_index: Mutex<(HashMap<u64, String>, Option<Instant>)>,
+    netns_failures: Mutex<HashMap<NetnsId, Instant>>,
+}
+
+impl Shared {
+    /// Takes the kernel's flow entry for a client.
+    pub fn take_flow(&self, key: &FlowKey) -> Option<OrigDst> {
+        self.redirect.lock().unwrap_or_else(|p| p.into_inner()).take_flow(key)
+    }
+
+    /// The path of a governed cgroup by id, rescanning the tree (at most
+    /// every 100 ms) when the id is new.
+    pub fn cgroup_path(&self, id: u64) -> Option<String> {
+        let mut guard = self.cgroup_index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = guard.0.get(&id) {
+            return Some(p.clone());
+        }
+        let stale = guard.1.is_none_or(|t| t.elapsed() > Duration::from_millis(100));
+        if stale {
+            guard.0 = self.cgroups.index();
+            guard.1 = Some(Instant::now());
+        }
+        guard.0.get(&id).cloned()
+    }
+
+    /// Pushes the current tags' cgroup ids into the kernel.
+    pub fn sync_tags(&self) -> anyhow::Result<()> {
+        let ids: Vec<(u64, u32)> = {
+            let tags = self.tags.read().unwrap_or_else(|p| p.into_inner());
+            tags.iter()
+                .filter_map(|t| self.cgroups.id_of(&t.cgroup).ok().map(|id| (id, t.created as u32)))
+                .collect()
+        };
+        self.redirect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync_tagged(&ids)?;
+        Ok(())
+    }
+
+    /// Ends live sessions whose cgroup is no longer covered by the tag and
+    /// identity they started with. Returns the ended session ids.
+    pub fn end_untagged_sessions(&self) -> Vec<String> {
+        let tags = self.tags.read().unwrap_or_else(|p| p.into_inner());
+        self.sessions.cancel_where(|f| {
+            tags.nearest(&f.cgroup)
+                .is_none_or(|t| t.identity != f.identity || t.cgroup != f.tagged_cgroup)
+        })
+    }
+}
+
+/// Starts the daemon and runs it until SIGINT or SIGTERM.
+pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    sys::require_root()?;
+    sys::require_kernel()?;
+    sys::require_btf()?;
+    let mount = sys::cgroup2_mount()?;
+    let cgroups = CgroupTree::new(mount, &cfg.cgroup_root)
+        .with_context(|| format!("governed cgroup root {:?}", cfg.cgroup_root))?;
+
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.state_dir)
+        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    let tags = TagStore::open(cfg.state_dir.join("tags.json"))?;
+
+    let policy = PolicySet::load(&cfg.policies).map_err(|e| {
+        anyhow::anyhow!("policy set {} is invalid:\n{e}", cfg.policies.display())
+    })?;
+    info!(version = %policy.version, dir = %cfg.policies.display(), resources = policy.resources.len(), "policy set loaded");
+
+    // Fail before touching the kernel if another daemon owns the socket.
+    let admin_listener = crate::admin::bind(&cfg.admin_socket)?;
+
+    sys::ensure_bpffs(&cfg.pin_dir)?;
+    let mut redirector = Redirector::attach(&AttachSettings {
+        pin_dir: cfg.pin_dir.clone(),
+        cgroup_dir: cgroups.root_dir(),
+        listen_port: cfg.listen_port,
+    })
+    .context("attaching eBPF programs")?;
+    let events = redirector.take_events();
+    let logger = redirector.take_logger();
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        cgroups,
+        tags: RwLock::new(tags),
+        redirect: Mutex::new(redirector),
+        policy: ArcSwap::from_pointee(policy),
+        resolver: Resolver::default(),
+        sessions: Sessions::new(),
+        netns: Mutex::new(HashMap::new()),
+        metrics: Metrics::default(),
+        reconcile_now: Notify::new(),
+        shutdown: CancellationToken::new(),
+        started: SystemTime::now(),
+        cgroup_index: Mutex::new((HashMap::new(), None)),
+        netns_failures: Mutex::new(HashMap::new()),
+    });
+    shared.sync_tags()?;
+    let failures = shared.resolver.refresh(&shared.policy.load()).await;
+    for f in failures {
+        warn!("resource hostname does not resolve: {f}");
+    }
+
+    // The daemon's own namespace is always served.
+    serve_netns(&shared, Path::new("/proc/self/ns/net"), std::process::id(), true)
+        .with_context(|| format!("listening on 127.0.0.1:{}", cfg.listen_port))?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reconcile_loop(shared.clone()));
+    tasks.spawn(resolve_loop(shared.clone()));
+    if let Some(events) = events {
+        tasks.spawn(kernel_events(shared.clone(), events));
+    }
+    if let Some(logger) = logger {
+        tasks.spawn(ebpf_logs(shared.clone(), logger));
+    }
+    tasks.spawn(crate::admin::serve(shared.clone(), admin_listener));
+    if let crate::config::Metrics::On(addr) = cfg.metrics {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                tasks.spawn(crate::metrics::serve(shared.clone(), l));
+            }
+            Err(e) => error!("metrics endpoint {addr} unavailable: {e} (use --metrics ADDR|off)"),
+        }
+    }
+    info!(
+        pid = std::process::id(),
+        listen_port = cfg.listen_port,
+        cgroup_root = %shared.cgroups.root(),
+        admin_socket = %cfg.admin_socket.display(),
+        "portcullis daemon ready"
+    );
+
+    wait_for_signal(&shared).await?;
+    info!("shutting down; pinned programs stay attached, so tagged agents are refused until a daemon runs again");
+    shared.shutdown.cancel();
+    tasks.abort_all();
+    let _ = fs::remove_file(&cfg.admin_socket);
+    Ok(())
+}
+
+async fn wait_for_signal(shared: &Shared) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => reload_policy(shared).await,
+        }
+    }
+}
+
+/// Loads the policy directory again; a broken set keeps the old one.
+pub async fn reload_policy(shared: &Shared) {
+    match PolicySet::load(&shared.cfg.policies) {
+        Ok(set) => {
+            info!(target: "portcullis::audit", event = "policy_reload", version = %set.version, "policy set reloaded");
+            for f in shared.resolver.refresh(&set).await {
+                warn!("resource hostname does not resolve: {f}");
+            }
+            shared.policy.store(Arc::new(set));
+        }
+        Err(e) => error!(
+            target: "portcullis::audit",
+            event = "policy_reload_failed",
+            errors = %e,
+            "policy set refused; keeping version {}",
+            shared.policy.load().version
+        ),
+    }
+}
+
+/// Opens listeners in a namespace, marks it served in the kernel and starts
+/// accepting on them.
+fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> anyhow::Result<()> {
+    let id = netns::netns_of_path(ns_file)?;
+    let listeners = netns::listen_in(ns_file, shared.cfg.listen_port)?;
+    let cancel = shared.shutdown.child_token();
+    let cookie = listeners.cookie;
+    let mut sockets = vec![listeners.v4];
+    sockets.extend(listeners.v6);
+    for s in sockets {
+        let l = TcpListener::from_std(s)?;
+        tokio::spawn(accept_loop(shared.clone(), l, cookie, cancel.clone()));
+    }
+    shared
+        .redirect
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .serve_netns(cookie)?;
+    info!(netns_inode = id.1, cookie, pid, host, "serving network namespace");
+    shared.netns.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        ServedNetns {
+            cookie,
+            pid,
+            cancel,
+            misses: 0,
+            host,
+        },
+    );
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tokio::spawn(proxy::handle_connection(shared.clone(), stream, peer, cookie));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps kernel tags and namespace listeners in step with the tag store and
+/// the processes in tagged cgroups.
+async fn reconcile_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.reconcile_now.notified() => {}
+        }
+        if let Err(e) = shared.sync_tags() {
+            warn!("syncing tags into the kernel: {e:#}");
+        }
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || reconcile_netns(&s)).await;
+    }
+}
+
+fn reconcile_netns(shared: &Arc<Shared>) {
+    let tagged: Vec<String> = {
+        let tags = shared.tags.read().unwrap_or_else(|p| p.into_inner());
+        tags.iter().map(|t| t.cgroup.clone()).collect()
+    };
+    let mut seen: HashMap<NetnsId, u32> = HashMap::new();
+    for cg in tagged {
+        for pid in shared.cgroups.procs_below(&cg) {
+            if let Ok(id) = netns::netns_of_pid(pid) {
+                seen.entry(id).or_insert(pid);
+            }
+        }
+    }
+    let to_open: Vec<(NetnsId, u32)> = {
+        let mut served = shared.netns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = Vec::new();
+        for (id, s) in served.iter_mut() {
+            if s.host || seen.contains_key(id) {
+                s.misses = 0;
+            } else {
+                s.misses += 1;
+                if s.misses >= NETNS_GRACE_SCANS {
+                    closed.push(*id);
+                }
+            }
+        }
+        for id in closed {
+            if let Some(s) = served.remove(&id) {
+                s.cancel.cancel();
+                shared
+                    .redirect
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unserve_netns(s.cookie);
+                info!(netns_inode = id.1, cookie = s.cookie, "network namespace gone; listener closed");
+            }
+        }
+        seen.into_iter().filter(|(id, _)| !served.contains_key(id)).collect()
+    };
+    for (id, pid) in to_open {
+        {
+            let mut failures = shared.netns_failures.lock().unwrap_or_else(|p| p.into_inner());
+            if failures.get(&id).is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                continue;
+            }
+            failures.remove(&id);
+        }
+        let ns_file = format!("/proc/{pid}/ns/net");
+        if let Err(e) = serve_netns(shared, Path::new(&ns_file), pid, false) {
+            warn!(netns_inode = id.1, pid, "cannot serve network namespace: {e:#}");
+            shared
+                .netns_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Instant::now());
+        }
+    }
+}
+
+async fn resolve_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(RESOLVE_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let policy = shared.policy.load_full();
+        for f in shared.resolver.refresh(&policy).await {
+            warn!("resource hostname does not resolve: {f}");
+        }
+    }
+}
+
+async fn kernel_events(shared: Arc<Shared>, events: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
+    // for as long as the AsyncFd owns the ring buffer.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("kernel events unavailable: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        let mut wake = false;
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<KernelEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a KernelEvent (repr(C), any bit
+            // pattern valid) and the length was checked above.
+            let ev: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if ev.kind == EVENT_UNSERVED_NETNS {
+                debug!(pid = ev.pid, cookie = ev.netns_cookie, "connect from an unserved namespace");
+                wake = true;
+            }
+        }
+        guard.clear_ready();
+        if wake {
+            shared.reconcile_now.notify_one();
+        }
+    }
+}
+
+async fn ebpf_logs(shared: Arc<Shared>, logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let _ = shared;
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd
+    // owns the logger.
+    let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Makes sure a path's parent directory exists with owner-only access.
+pub fn private_parent(path: &Path) -> anyhow::Result<()> {
+    let Some(parent) = path.parent() else {
+        bail!("{} has no parent directory", path.display());
+    };
+    if !parent.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        fs::set_permissions(parent, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}

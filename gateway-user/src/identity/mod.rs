@@ -1,0 +1,12 @@
+//! Who a flow belongs to: tags (the operator's binding of a cgroup to an
+//! identity name and a token source) and the cgroup tree they refer to.
+//!
+//! Owns the tag store in the state dir and the mapping between cgroup ids,
+//! paths and processes. It must not touch BPF maps (the redirect module
+//! mirrors tags into the kernel) and does not decide access (policy does).
+
+pub mod cgroup;
+pub mod tags;
+
+pub use cgroup::{CgroupError, CgroupTree};
+pub use tags::{Tag, TagError, TagStore};

@@ -1,0 +1,21 @@
+//! Portcullis: a host daemon that intercepts AI agents' outbound connections
+//! with eBPF, ties each flow to an identity and governs it command by command.
+//!
+//! Module map (each module's doc says what it owns and must not touch):
+//! - [`redirect`]: eBPF programs, pins, kernel maps, per-netns listeners.
+//! - [`identity`]: tags and the cgroup tree.
+//! - [`policy`]: the policy set and destination matching.
+//! - [`proxy`]: flow attribution, refusal, sessions, protocol handlers.
+//! - [`admin`]: the admin socket; [`cli`]: the command line.
+//! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`].
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod redirect;
+pub mod sys;

@@ -1,0 +1,385 @@
+//! The kernel half of interception, seen from user space: loading the eBPF
+//! programs, attaching them to the governed cgroup root, pinning links and
+//! maps so interception fails closed when the daemon dies, and the map
+//! operations the daemon needs (tags, served namespaces, flow lookup).
+//!
+//! Owns everything under the pin dir. It must not decide who is tagged or
+//! what is allowed: callers tell it which cgroup ids and namespaces to mark.
+
+pub mod netns;
+
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use gateway_common::{
+    FlowKey, NetnsMark, OrigDst, RedirectConfig, TagMark, MAP_CONFIG, MAP_EVENTS, MAP_FLOWS,
+    MAP_LAYOUT_VERSION, MAP_SERVED_NETNS, MAP_TAGGED_CGROUPS,
+};
+use tracing::{info, warn};
+
+/// The kernel object built from `gateway-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+/// Program names in the object, and the pin names of their links.
+const PROGRAMS: [&str; 3] = ["redirect_connect4", "redirect_connect6", "track_flows"];
+
+/// A failure to set up or drive interception.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// Loading the object or a program into the kernel failed.
+    #[error("loading eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load, attach or pin.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// The underlying error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or has the wrong type.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// The underlying error.
+        source: aya::maps::MapError,
+    },
+    /// A map named by the object was not found.
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    /// Pinning or file work under the pin dir failed.
+    #[error("{what} {path}: {source}")]
+    Pin {
+        /// What was being done.
+        what: &'static str,
+        /// Path concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Where and how to attach.
+#[derive(Debug, Clone)]
+pub struct AttachSettings {
+    /// Directory on bpffs that holds this daemon's pins.
+    pub pin_dir: PathBuf,
+    /// Directory of the governed cgroup root.
+    pub cgroup_dir: PathBuf,
+    /// Port of the proxy listeners.
+    pub listen_port: u16,
+}
+
+/// Loaded, attached and pinned programs, and handles on their maps.
+pub struct Redirector {
+    pin_dir: PathBuf,
+    tagged: HashMap<MapData, u64, TagMark>,
+    flows: HashMap<MapData, FlowKey, OrigDst>,
+    served: HashMap<MapData, u64, NetnsMark>,
+    config: Array<MapData, RedirectConfig>,
+    events: Option<RingBuf<MapData>>,
+    links: Vec<PinnedLink>,
+    /// Keeps the programs and the aya-log map alive.
+    ebpf: Ebpf,
+    detached: bool,
+}
+
+impl Redirector {
+    /// Loads the programs (reusing maps pinned by an earlier run with the same
+    /// layout), attaches them to the governed cgroup and pins the links,
+    /// atomically replacing links pinned by an earlier run.
+    pub fn attach(settings: &AttachSettings) -> Result<Self, RedirectError> {
+        let maps_dir = settings.pin_dir.join(format!("maps-v{MAP_LAYOUT_VERSION}"));
+        let links_dir = settings.pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(|source| RedirectError::Pin {
+                what: "creating pin directory",
+                path: d.clone(),
+                source,
+            })?;
+        }
+        remove_stale_layouts(&settings.pin_dir, &maps_dir);
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(EBPF_OBJECT)?;
+
+        let tagged = take_hash(&mut ebpf, MAP_TAGGED_CGROUPS)?;
+        let flows = take_hash(&mut ebpf, MAP_FLOWS)?;
+        let served = take_hash(&mut ebpf, MAP_SERVED_NETNS)?;
+        let config: Array<MapData, RedirectConfig> = ebpf
+            .take_map(MAP_CONFIG)
+            .ok_or(RedirectError::MissingMap(MAP_CONFIG))?
+            .try_into()
+            .map_err(|source| RedirectError::Map {
+                name: MAP_CONFIG,
+                source,
+            })?;
+        let events: RingBuf<MapData> = ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(RedirectError::MissingMap(MAP_EVENTS))?
+            .try_into()
+            .map_err(|source| RedirectError::Map {
+                name: MAP_EVENTS,
+                source,
+            })?;
+
+        let mut me = Self {
+            pin_dir: settings.pin_dir.clone(),
+            tagged,
+            flows,
+            served,
+            config,
+            events: Some(events),
+            links: Vec::new(),
+            ebpf,
+            detached: false,
+        };
+        // Configure before attaching so new programs never see a stale port.
+        me.configure(settings.listen_port)?;
+        // Namespaces served by an earlier process have no listener any more.
+        me.clear_served()?;
+
+        let cgroup = fs::File::open(&settings.cgroup_dir).map_err(|source| RedirectError::Pin {
+            what: "opening cgroup",
+            path: settings.cgroup_dir.clone(),
+            source,
+        })?;
+        for name in PROGRAMS {
+            let link = me.attach_one(name, &cgroup)?;
+            let final_path = links_dir.join(name);
+            // bpffs refuses names with a dot (it reserves them), hence "-new".
+            let tmp_path = links_dir.join(format!("{name}-new"));
+            let _ = fs::remove_file(&tmp_path);
+            let pinned = link.pin(&tmp_path).map_err(|e| RedirectError::Pin {
+                what: "pinning link",
+                path: tmp_path.clone(),
+                source: io::Error::other(e),
+            })?;
+            // Renaming over the old pin drops the last reference to the old
+            // link, detaching the old program only once the new one runs.
+            fs::rename(&tmp_path, &final_path).map_err(|source| RedirectError::Pin {
+                what: "replacing pinned link",
+                path: final_path.clone(),
+                source,
+            })?;
+            drop(pinned);
+            let relinked = PinnedLink::from_pin(&final_path).map_err(|e| RedirectError::Pin {
+                what: "reopening pinned link",
+                path: final_path.clone(),
+                source: io::Error::other(e),
+            })?;
+            me.links.push(relinked);
+        }
+        info!(
+            pin_dir = %settings.pin_dir.display(),
+            cgroup = %settings.cgroup_dir.display(),
+            port = settings.listen_port,
+            "eBPF programs attached and pinned"
+        );
+        Ok(me)
+    }
+
+    fn attach_one(&mut self, name: &'static str, cgroup: &fs::File) -> Result<FdLink, RedirectError> {
+        let perr = |source| RedirectError::Program { name, source };
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(RedirectError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+        let link: FdLink = match program {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                let p: &mut CgroupSockAddr = p;
+                p.load().map_err(perr)?;
+                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(perr)?;
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| RedirectError::Pin {
+                        what: "converting link",
+                        path: PathBuf::from(name),
+                        source: io::Error::other(e),
+                    })?
+            }
+            aya::programs::Program::SockOps(p) => {
+                let p: &mut SockOps = p;
+                p.load().map_err(perr)?;
+                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(perr)?;
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| RedirectError::Pin {
+                        what: "converting link",
+                        path: PathBuf::from(name),
+                        source: io::Error::other(e),
+                    })?
+            }
+            _ => {
+                return Err(RedirectError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })
+            }
+        };
+        Ok(link)
+    }
+
+    /// Starts reading aya-log records from the programs into the `log` facade.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("eBPF logs unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// The ring buffer of kernel events (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    fn configure(&mut self, listen_port: u16) -> Result<(), RedirectError> {
+        let cfg = RedirectConfig {
+            listen_port,
+            enabled: 1,
+            daemon_tgid: std::process::id(),
+        };
+        self.config.set(0, cfg, 0).map_err(|source| RedirectError::Map {
+            name: MAP_CONFIG,
+            source,
+        })
+    }
+
+    fn clear_served(&mut self) -> Result<(), RedirectError> {
+        let keys: Vec<u64> = self.served.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.served.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel table of tagged cgroup ids exactly `ids`.
+    pub fn sync_tagged(&mut self, ids: &[(u64, u32)]) -> Result<(), RedirectError> {
+        let wanted: std::collections::HashMap<u64, u32> = ids.iter().copied().collect();
+        let present: Vec<u64> = self.tagged.keys().filter_map(Result::ok).collect();
+        for id in present {
+            if !wanted.contains_key(&id) {
+                let _ = self.tagged.remove(&id);
+            }
+        }
+        for (id, generation) in wanted {
+            self.tagged
+                .insert(id, TagMark { generation }, 0)
+                .map_err(|source| RedirectError::Map {
+                    name: MAP_TAGGED_CGROUPS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Marks a network namespace as served by a listener.
+    pub fn serve_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
+        self.served
+            .insert(cookie, NetnsMark::default(), 0)
+            .map_err(|source| RedirectError::Map {
+                name: MAP_SERVED_NETNS,
+                source,
+            })
+    }
+
+    /// Stops marking a network namespace as served.
+    pub fn unserve_netns(&mut self, cookie: u64) {
+        let _ = self.served.remove(&cookie);
+    }
+
+    /// Takes the flow entry for a client, if the kernel recorded one.
+    pub fn take_flow(&mut self, key: &FlowKey) -> Option<OrigDst> {
+        let orig = self.flows.get(key, 0).ok()?;
+        let _ = self.flows.remove(key);
+        Some(orig)
+    }
+
+    /// Whether [`Redirector::detach`] ran.
+    pub fn is_detached(&self) -> bool {
+        self.detached
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Break-glass: detaches every program and removes every pin. Sessions in
+    /// progress go on; nothing new is intercepted.
+    pub fn detach(&mut self) -> Result<(), RedirectError> {
+        for link in self.links.drain(..) {
+            // Unpinning and dropping the fd releases the link: detached.
+            let _ = link.unpin();
+        }
+        let _ = self.config.set(0, RedirectConfig::default(), 0);
+        self.detached = true;
+        remove_pins(&self.pin_dir).map_err(|source| RedirectError::Pin {
+            what: "removing pins",
+            path: self.pin_dir.clone(),
+            source,
+        })
+    }
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, RedirectError> {
+    ebpf.take_map(name)
+        .ok_or(RedirectError::MissingMap(name))?
+        .try_into()
+        .map_err(|source| RedirectError::Map { name, source })
+}
+
+/// Pinned maps of older layouts cannot be reused; remove them.
+fn remove_stale_layouts(pin_dir: &Path, current: &Path) {
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let is_maps = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("maps-v"));
+        if is_maps && p != current {
+            warn!(path = %p.display(), "removing pinned maps of an older layout");
+            let _ = fs::remove_dir_all(&p);
+        }
+    }
+}
+
+/// Removes a daemon's pins (links first, so programs detach before their maps
+/// go). Used by `portcullis detach` with or without a running daemon.
+pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
+    let links = pin_dir.join("links");
+    if links.exists() {
+        fs::remove_dir_all(&links)?;
+    }
+    if pin_dir.exists() {
+        fs::remove_dir_all(pin_dir)?;
+    }
+    Ok(())
+}

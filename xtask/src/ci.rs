@@ -1,0 +1,102 @@
+//! `cargo xtask test` and `cargo xtask build`.
+
+use std::{env, path::PathBuf, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::{
+    setup,
+    util::{self, describe, step},
+};
+
+/// Runs one cargo step with inherited output; returns whether it passed.
+fn run_step(name: &str, cmd: &mut Command) -> bool {
+    step(&format!("{name}: {}", describe(cmd)));
+    match cmd.status() {
+        Ok(status) if status.success() => true,
+        Ok(status) => {
+            eprintln!("xtask: step `{name}` FAILED ({status})");
+            false
+        }
+        Err(e) => {
+            eprintln!("xtask: step `{name}` FAILED: cannot start it: {e}");
+            false
+        }
+    }
+}
+
+/// Fails listing `failed` when it is not empty.
+fn check(failed: &[&str]) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    bail!("failed step(s): {}", failed.join(", "))
+}
+
+/// Setup, then format check, build, clippy and the workspace tests. Lint
+/// failures do not stop the tests from running, but fail the task.
+/// `cargo_args` go to `cargo test` (after `--workspace`, which is dropped
+/// when they select packages themselves).
+pub fn test(cargo_args: &[String]) -> Result<()> {
+    step("setup");
+    setup::run_setup()?;
+    let mut failed = Vec::new();
+
+    if !run_step("fmt", util::cargo().args(["fmt", "--all", "--", "--check"])) {
+        failed.push("fmt");
+    }
+    if !run_step(
+        "build",
+        util::cargo().args(["build", "--workspace", "--all-targets"]),
+    ) {
+        failed.push("build");
+        return check(&failed);
+    }
+    if !run_step(
+        "clippy",
+        util::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    ) {
+        failed.push("clippy");
+    }
+
+    let mut test = util::cargo();
+    test.arg("test");
+    let selects_packages = cargo_args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    if !selects_packages {
+        test.arg("--workspace");
+    }
+    test.args(cargo_args);
+    if env::var_os("RUST_TEST_THREADS").is_none() {
+        test.env("RUST_TEST_THREADS", "2");
+    }
+    if !run_step("test", &mut test) {
+        failed.push("test");
+    }
+    check(&failed)
+}
+
+/// Setup, then `cargo build --release -p gateway-user`; returns the path of
+/// the `portcullis` binary.
+pub fn build_release() -> Result<PathBuf> {
+    step("setup");
+    setup::run_setup()?;
+    let mut build = util::cargo();
+    build.args(["build", "--release", "-p", "gateway-user"]);
+    step(&describe(&build));
+    util::run(&mut build)?;
+    let binary = util::target_dir().join("release").join("portcullis");
+    if !binary.is_file() {
+        bail!("the build succeeded but {} is missing", binary.display());
+    }
+    Ok(binary)
+}

@@ -1,0 +1,99 @@
+//! Developer tasks for Portcullis, run as `cargo xtask <task>`:
+//! `setup`, `test`, `build`, `demo`, `bench tcp`.
+#![warn(missing_docs)]
+
+mod bench;
+mod bench_client;
+mod ci;
+mod demo;
+mod session;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Portcullis developer tasks.
+#[derive(Parser, Debug)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Portcullis developer tasks")]
+struct Cli {
+    /// The task to run.
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// The tasks.
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Install what this machine needs (Debian packages, nightly rust-src,
+    /// bpf-linker, bpffs). Root only; fast when already done.
+    Setup,
+    /// Setup, then fmt check, build, clippy and the workspace tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Setup, then build the release daemon (target/release/portcullis).
+    Build,
+    /// Show a tagged process's connection being intercepted.
+    Demo {
+        /// Tear down and exit after the scenario instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Benchmarks, direct vs. through Portcullis.
+    Bench {
+        /// What to benchmark.
+        #[command(subcommand)]
+        target: BenchTarget,
+    },
+    /// The benchmark's load generator (used by `bench`).
+    #[command(hide = true)]
+    BenchClient(bench_client::ClientArgs),
+}
+
+/// Benchmark targets.
+#[derive(Subcommand, Debug)]
+enum BenchTarget {
+    /// Plain TCP: connection setup rate, bulk throughput, round-trip latency.
+    Tcp {
+        /// Sequential connections for the setup-rate run (bounded by 20 s).
+        #[arg(long, default_value_t = 2000)]
+        connections: u64,
+        /// Bytes for the bulk run (bounded by 30 s).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one task.
+fn run(task: Task) -> Result<()> {
+    if let Task::BenchClient(args) = &task {
+        return bench_client::run(args);
+    }
+    util::ensure_cargo_bin_on_path()?;
+    match task {
+        Task::Setup => setup::run_setup(),
+        Task::Test { cargo_args } => ci::test(&cargo_args),
+        Task::Build => ci::build_release().map(|bin| println!("built {}", bin.display())),
+        Task::Demo { once } => demo::run(once),
+        Task::Bench {
+            target: BenchTarget::Tcp { connections, bytes },
+        } => bench::tcp(connections, bytes),
+        Task::BenchClient(_) => Ok(()),
+    }
+}
