@@ -38,10 +38,10 @@ const LATENCY_LIMIT_SECS: f64 = 20.0;
 const CLIENT_GRACE_SECS: u64 = 30;
 
 /// Runs the TCP benchmark: `connections` sequential connections, `bytes`
-/// bulk bytes.
-pub fn tcp(connections: u64, bytes: u64) -> Result<()> {
+/// bulk bytes. `binary` replaces the release build.
+pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> {
     require_root()?;
-    let bin = ci::build_release()?;
+    let bin = ci::daemon_binary(binary)?;
     let upstream = start_server()?;
     step(&format!("bench server listening on {upstream}"));
 
@@ -288,5 +288,28 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
             stream.write_all(peer.to_string().as_bytes())
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench_client::{bulk, connect_rate, identify, latency};
+
+    #[test]
+    fn server_and_client_agree() {
+        let addr = start_server().expect("server");
+        let limit = Duration::from_secs(10);
+        assert!(!identify(addr).expect("identify"), "a direct connection");
+
+        let connect = connect_rate(addr, 20, limit).expect("connect");
+        assert_eq!(connect["connections"], 20);
+
+        let bulk = bulk(addr, 3 * MAX_FRAME as u64 + 5, limit).expect("bulk");
+        assert_eq!(bulk["bytes"], 3 * MAX_FRAME as u64 + 5);
+
+        let latency = latency(addr, 50, limit).expect("latency");
+        assert_eq!(latency["round_trips"], 50);
+        assert!(latency["p99_us"].as_f64() >= latency["p50_us"].as_f64());
     }
 }

@@ -96,7 +96,7 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
 
 /// Whether the connection went through a proxy: the server then sees a
 /// peer address other than this socket's local address.
-fn identify(addr: SocketAddr) -> Result<bool> {
+pub(crate) fn identify(addr: SocketAddr) -> Result<bool> {
     let mut stream = connect(addr)?;
     let local = stream.local_addr()?;
     stream.write_all(&[MODE_IDENTIFY])?;
@@ -113,7 +113,7 @@ fn identify(addr: SocketAddr) -> Result<bool> {
 }
 
 /// Sequential connect + 1-byte echo + close, up to `count` or `limit`.
-fn connect_rate(addr: SocketAddr, count: u64, limit: Duration) -> Result<Value> {
+pub(crate) fn connect_rate(addr: SocketAddr, count: u64, limit: Duration) -> Result<Value> {
     let start = Instant::now();
     let mut done = 0u64;
     while done < count && start.elapsed() < limit {
@@ -136,7 +136,7 @@ fn connect_rate(addr: SocketAddr, count: u64, limit: Duration) -> Result<Value> 
 
 /// Sends up to `bytes` to the sink (or until `limit`), then waits for its
 /// count.
-fn bulk(addr: SocketAddr, bytes: u64, limit: Duration) -> Result<Value> {
+pub(crate) fn bulk(addr: SocketAddr, bytes: u64, limit: Duration) -> Result<Value> {
     let mut stream = connect(addr)?;
     stream.write_all(&[MODE_SINK])?;
     let mut frame = vec![0u8; 4 + MAX_FRAME];
@@ -171,7 +171,7 @@ fn bulk(addr: SocketAddr, bytes: u64, limit: Duration) -> Result<Value> {
 }
 
 /// Up to `count` 64-byte ping-pongs on one connection (or until `limit`).
-fn latency(addr: SocketAddr, count: u64, limit: Duration) -> Result<Value> {
+pub(crate) fn latency(addr: SocketAddr, count: u64, limit: Duration) -> Result<Value> {
     let mut stream = connect(addr)?;
     stream.write_all(&[MODE_ECHO])?;
     let ping = [0x5au8; PING_SIZE];

@@ -2,12 +2,15 @@
 
 use std::{env, path::PathBuf, process::Command};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{
     setup,
     util::{self, describe, step},
 };
+
+/// The eBPF crate, which is never built for the host.
+const KERNEL_CRATE: &str = "gateway-ebpf";
 
 /// Runs one cargo step with inherited output; returns whether it passed.
 fn run_step(name: &str, cmd: &mut Command) -> bool {
@@ -39,15 +42,23 @@ fn check(failed: &[&str]) -> Result<()> {
 /// when they select packages themselves).
 pub fn test(cargo_args: &[String]) -> Result<()> {
     step("setup");
-    setup::run_setup()?;
+    setup::run_setup().context("step `setup` failed")?;
     let mut failed = Vec::new();
 
     if !run_step("fmt", util::cargo().args(["fmt", "--all", "--", "--check"])) {
         failed.push("fmt");
     }
+    // The kernel crate only builds for the BPF target (gateway-user's
+    // build.rs does that); on the host it has no `main` to link.
     if !run_step(
         "build",
-        util::cargo().args(["build", "--workspace", "--all-targets"]),
+        util::cargo().args([
+            "build",
+            "--workspace",
+            "--all-targets",
+            "--exclude",
+            KERNEL_CRATE,
+        ]),
     ) {
         failed.push("build");
         return check(&failed);
@@ -86,14 +97,30 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
 }
 
 /// Setup, then `cargo build --release -p gateway-user`; returns the path of
+/// the `portcullis` binary. With `binary`, setup only, and that binary.
+pub fn daemon_binary(binary: Option<PathBuf>) -> Result<PathBuf> {
+    match binary {
+        Some(path) => {
+            step("setup");
+            setup::run_setup().context("step `setup` failed")?;
+            if !path.is_file() {
+                bail!("{} is not a file", path.display());
+            }
+            Ok(std::path::absolute(&path)?)
+        }
+        None => build_release(),
+    }
+}
+
+/// Setup, then `cargo build --release -p gateway-user`; returns the path of
 /// the `portcullis` binary.
 pub fn build_release() -> Result<PathBuf> {
     step("setup");
-    setup::run_setup()?;
+    setup::run_setup().context("step `setup` failed")?;
     let mut build = util::cargo();
     build.args(["build", "--release", "-p", "gateway-user"]);
     step(&describe(&build));
-    util::run(&mut build)?;
+    util::run(&mut build).context("step `build` failed")?;
     let binary = util::target_dir().join("release").join("portcullis");
     if !binary.is_file() {
         bail!("the build succeeded but {} is missing", binary.display());

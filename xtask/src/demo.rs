@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc::{self, RecvTimeoutError},
     thread,
@@ -73,8 +73,8 @@ print(f"{label}: closed the connection", flush=True)
 "#;
 
 /// Runs the demo; with `once`, tears down right after it instead of
-/// waiting for Ctrl-C.
-pub fn run(once: bool) -> Result<()> {
+/// waiting for Ctrl-C. `binary` replaces the release build.
+pub fn run(once: bool, binary: Option<PathBuf>) -> Result<()> {
     require_root()?;
     let policies = repo_root().join("policies");
     let demo_policy = policies.join("demo.toml");
@@ -84,7 +84,7 @@ pub fn run(once: bool) -> Result<()> {
             demo_policy.display()
         );
     }
-    let bin = ci::build_release()?;
+    let bin = ci::daemon_binary(binary)?;
     start_orders_service()?;
     catch_interrupts();
 
@@ -129,6 +129,12 @@ fn start_orders_service() -> Result<()> {
         format!("cannot listen on {addr} for the demo orders service (is the port in use?)")
     })?;
     step(&format!("orders service listening on {addr}"));
+    spawn_orders_service(listener);
+    Ok(())
+}
+
+/// Serves the orders service on `listener` from a thread.
+fn spawn_orders_service(listener: TcpListener) {
     thread::spawn(move || {
         for conn in listener.incoming() {
             match conn {
@@ -143,7 +149,6 @@ fn start_orders_service() -> Result<()> {
             }
         }
     });
-    Ok(())
 }
 
 /// Serves one orders-service connection.
@@ -277,9 +282,7 @@ fn wait_for_interrupt(session: &mut Session) -> Result<()> {
     println!("      sh -c 'echo 0 > {cgroup}/cgroup.procs; exec socat - TCP:{UPSTREAM_HOST}:{UPSTREAM_PORT}'");
     println!(
         "      {} --admin-socket {socket} flows",
-        crate::util::target_dir()
-            .join("release/portcullis")
-            .display()
+        session.binary().display()
     );
     println!("      tail -f {}", session.log_path().display());
     loop {
@@ -295,5 +298,29 @@ fn wait_for_interrupt(session: &mut Session) -> Result<()> {
             );
         }
         thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_service_greets_then_echoes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        spawn_orders_service(listener);
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("greeting");
+        assert_eq!(line, GREETING);
+        (&stream).write_all(b"ping\n").expect("write");
+        line.clear();
+        reader.read_line(&mut line).expect("echo");
+        assert_eq!(line, "ping\n");
     }
 }

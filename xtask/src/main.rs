@@ -10,14 +10,18 @@ mod session;
 mod setup;
 mod util;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// Portcullis developer tasks.
 #[derive(Parser, Debug)]
-#[command(name = "xtask", bin_name = "cargo xtask", about = "Portcullis developer tasks")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Portcullis developer tasks"
+)]
 struct Cli {
     /// The task to run.
     #[command(subcommand)]
@@ -43,6 +47,9 @@ enum Task {
         /// Tear down and exit after the scenario instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
     },
     /// Benchmarks, direct vs. through Portcullis.
     Bench {
@@ -66,6 +73,9 @@ enum BenchTarget {
         /// Bytes for the bulk run (bounded by 30 s).
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -90,10 +100,15 @@ fn run(task: Task) -> Result<()> {
         Task::Setup => setup::run_setup(),
         Task::Test { cargo_args } => ci::test(&cargo_args),
         Task::Build => ci::build_release().map(|bin| println!("built {}", bin.display())),
-        Task::Demo { once } => demo::run(once),
+        Task::Demo { once, binary } => demo::run(once, binary),
         Task::Bench {
-            target: BenchTarget::Tcp { connections, bytes },
-        } => bench::tcp(connections, bytes),
+            target:
+                BenchTarget::Tcp {
+                    connections,
+                    bytes,
+                    binary,
+                },
+        } => bench::tcp(connections, bytes, binary),
         Task::BenchClient(_) => Ok(()),
     }
 }

@@ -219,6 +219,11 @@ impl Session {
         Ok(())
     }
 
+    /// The `portcullis` binary.
+    pub fn binary(&self) -> &Path {
+        &self.bin
+    }
+
     /// The agent cgroup's directory.
     pub fn agent_cgroup(&self) -> &Path {
         &self.agent_cgroup

@@ -1,0 +1,649 @@
+//! Test harness: each test owns its cgroup subtree, network namespaces,
+//! ports, state dir, pin dir and daemon, and cleans them up on drop.
+
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "pc-{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn require_root() {
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "the end-to-end tests need root (cgroups, eBPF, network namespaces); run them through `cargo xtask test`"
+    );
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/self/mounts").expect("read mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A free TCP port on loopback (racy by nature, fine for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A cgroup subtree removed (with every process in it killed) on drop.
+pub struct TestCgroup {
+    pub mount: PathBuf,
+    /// Path relative to the mount, without leading slash.
+    pub rel: String,
+}
+
+impl TestCgroup {
+    pub fn new(prefix: &str) -> Self {
+        let mount = cgroup2_mount();
+        let rel = unique(prefix);
+        fs::create_dir_all(mount.join(&rel)).expect("create test cgroup");
+        Self { mount, rel }
+    }
+
+    /// Creates a child (nested path allowed) and returns its relative path.
+    pub fn child(&self, name: &str) -> String {
+        let rel = format!("{}/{}", self.rel, name);
+        fs::create_dir_all(self.mount.join(&rel)).expect("create child cgroup");
+        rel
+    }
+
+    pub fn dir(&self, rel: &str) -> PathBuf {
+        self.mount.join(rel)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let root = self.mount.join(&self.rel);
+        let mut dirs = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        let _ = fs::write(root.join("cgroup.kill"), "1");
+        for _ in 0..50 {
+            let mut all = true;
+            for d in dirs.iter().rev() {
+                if d.exists() && fs::remove_dir(d).is_err() {
+                    all = false;
+                }
+            }
+            if all {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A named network namespace with loopback up, deleted on drop.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Where a spawned process is placed.
+#[derive(Clone, Default)]
+pub struct Placement {
+    /// Cgroup directory to join (absolute).
+    pub cgroup: Option<PathBuf>,
+    /// Network namespace file to enter.
+    pub netns: Option<PathBuf>,
+}
+
+impl Placement {
+    pub fn cgroup(dir: PathBuf) -> Self {
+        Self {
+            cgroup: Some(dir),
+            netns: None,
+        }
+    }
+
+    pub fn with_netns(mut self, ns: PathBuf) -> Self {
+        self.netns = Some(ns);
+        self
+    }
+
+    /// Makes `cmd`'s child join the cgroup, then the namespace, before exec.
+    pub fn apply(&self, cmd: &mut Command) {
+        let procs = self.cgroup.as_ref().map(|d| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("cgroup.procs"))
+                .expect("open cgroup.procs")
+        });
+        let ns = self
+            .netns
+            .as_ref()
+            .map(|p| fs::File::open(p).expect("open netns"));
+        // SAFETY: only async-signal-safe syscalls (write, setns) run between
+        // fork and exec; the files were opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(f) = &procs {
+                    let n = libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1);
+                    if n != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(f) = &ns {
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// A real TCP server: greets each connection with `hello from NAME`, then
+/// echoes until the client half-closes, then closes.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub accepted: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoServer {
+    pub fn start(name: &str) -> Self {
+        Self::start_on("127.0.0.1:0", name)
+    }
+
+    pub fn start_on(bind: &str, name: &str) -> Self {
+        let listener = TcpListener::bind(bind).expect("bind echo server");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU32::new(0));
+        let (s, a, n) = (stop.clone(), accepted.clone(), name.to_string());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                        let n = n.clone();
+                        thread::spawn(move || {
+                            let _ = c.set_nonblocking(false);
+                            let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                            let _ = c.write_all(format!("hello from {n}\n").as_bytes());
+                            let mut buf = [0u8; 65536];
+                            loop {
+                                match c.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(k) => {
+                                        if c.write_all(&buf[..k]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            addr,
+            name: name.to_string(),
+            accepted,
+            stop,
+        }
+    }
+
+    pub fn greeting(&self) -> String {
+        format!("hello from {}\n", self.name)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The Python client every test uses: a real, unmodified program. Prints one
+/// JSON object: peer, greeting, echo, error.
+const CLIENT: &str = r#"
+import json, socket, sys, time
+a = json.loads(sys.argv[1])
+out = {"peer": None, "greeting": None, "echo": None, "error": None, "local": None}
+try:
+    s = socket.socket(socket.AF_INET6 if a.get("v6") else socket.AF_INET)
+    s.settimeout(a.get("timeout", 5))
+    if a.get("bind_port"):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((a.get("bind_host", "127.0.0.1"), a["bind_port"]))
+    s.connect((a["host"], a["port"]))
+    out["peer"] = list(s.getpeername())[:2]
+    out["local"] = list(s.getsockname())[:2]
+    f = s.makefile("rb")
+    out["greeting"] = f.readline().decode()
+    if a.get("ready_file"):
+        open(a["ready_file"], "w").write("ready")
+    payload = a.get("send", "ping\n").encode() * a.get("repeat", 1)
+    s.sendall(payload)
+    if a.get("half_close"):
+        s.shutdown(socket.SHUT_WR)
+        got = f.read()
+    else:
+        got = f.read(len(payload))
+    out["echo_len"] = len(got)
+    out["echo_ok"] = got == payload
+    out["echo"] = got[:64].decode(errors="replace")
+    time.sleep(a.get("hold", 0))
+except Exception as e:
+    out["error"] = type(e).__name__ + ": " + str(e)
+print(json.dumps(out))
+"#;
+
+/// What the client saw.
+#[derive(Debug, Clone)]
+pub struct ClientResult(pub Value);
+
+impl ClientResult {
+    pub fn error(&self) -> Option<&str> {
+        self.0["error"].as_str()
+    }
+    pub fn greeting(&self) -> Option<&str> {
+        self.0["greeting"].as_str()
+    }
+    pub fn peer_port(&self) -> Option<u64> {
+        self.0["peer"].get(1).and_then(Value::as_u64)
+    }
+    pub fn echo_ok(&self) -> bool {
+        self.0["echo_ok"].as_bool() == Some(true)
+    }
+}
+
+pub fn client_cmd(place: &Placement, args: Value) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", CLIENT, &args.to_string()]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    place.apply(&mut cmd);
+    cmd
+}
+
+/// Runs the client to completion.
+pub fn client(place: &Placement, args: Value) -> ClientResult {
+    let out = client_cmd(place, args).output().expect("spawn python3");
+    parse_client(&out.stdout, &out.stderr)
+}
+
+pub fn parse_client(stdout: &[u8], stderr: &[u8]) -> ClientResult {
+    let text = String::from_utf8_lossy(stdout);
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON ({e}): {text} / {}",
+            String::from_utf8_lossy(stderr)
+        )
+    });
+    ClientResult(v)
+}
+
+/// A client running in the background, holding its connection open.
+pub struct HeldClient {
+    pub child: Child,
+    pub ready: PathBuf,
+}
+
+impl HeldClient {
+    pub fn start(place: &Placement, args: Value, tmp: &Path) -> Self {
+        let me = Self::spawn(place, args, tmp);
+        me.wait_ready();
+        me
+    }
+
+    /// Starts the client without waiting for its greeting.
+    pub fn spawn(place: &Placement, mut args: Value, tmp: &Path) -> Self {
+        let ready = tmp.join(unique("ready"));
+        args["ready_file"] = Value::String(ready.display().to_string());
+        let child = client_cmd(place, args).spawn().expect("spawn client");
+        Self { child, ready }
+    }
+
+    /// Waits until the client has its greeting.
+    pub fn wait_ready(&self) {
+        wait_until(Duration::from_secs(10), || self.ready.exists(), "client connected");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn finish(self) -> ClientResult {
+        let out = self.child.wait_with_output().expect("wait client");
+        parse_client(&out.stdout, &out.stderr)
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+/// Files the daemon uses, kept across restarts of the same daemon.
+pub struct DaemonFiles {
+    pub dir: PathBuf,
+    pub policies: PathBuf,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub port: u16,
+    pub cgroup_root: String,
+}
+
+impl DaemonFiles {
+    pub fn new(cgroup_root: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("daemon"));
+        let policies = dir.join("policies");
+        fs::create_dir_all(&policies).expect("policies dir");
+        Self {
+            state: dir.join("state"),
+            socket: dir.join("admin.sock"),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
+            policies,
+            dir,
+            port: free_port(),
+            cgroup_root: cgroup_root.to_string(),
+        }
+    }
+
+    /// Writes a policy file with one tcp resource per (name, destinations).
+    pub fn tcp_resources(&self, file: &str, resources: &[(&str, Vec<String>)]) {
+        let mut text = String::new();
+        for (name, dsts) in resources {
+            let list: Vec<String> = dsts.iter().map(|d| format!("{d:?}")).collect();
+            text.push_str(&format!(
+                "[resource.{name}]\nprotocol = \"tcp\"\nmatch = [{}]\n\n",
+                list.join(", ")
+            ));
+        }
+        fs::write(self.policies.join(file), text).expect("write policy");
+    }
+}
+
+impl Drop for DaemonFiles {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args(["--admin-socket", "/nonexistent/admin.sock", "detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running daemon; SIGKILLed on drop (pins are cleaned by [`DaemonFiles`]).
+pub struct Daemon {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+    pub socket: PathBuf,
+    pub port: u16,
+}
+
+impl Daemon {
+    pub fn start(files: &DaemonFiles) -> Self {
+        let d = Self::spawn(files);
+        d.wait_ready();
+        d
+    }
+
+    pub fn spawn(files: &DaemonFiles) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("daemon")
+            .arg("--config")
+            .arg(files.dir.join("absent.toml"))
+            .arg("--policies")
+            .arg(&files.policies)
+            .arg("--state-dir")
+            .arg(&files.state)
+            .arg("--admin-socket")
+            .arg(&files.socket)
+            .arg("--pin-dir")
+            .arg(&files.pin_dir)
+            .arg("--cgroup-root")
+            .arg(&files.cgroup_root)
+            .arg("--listen-port")
+            .arg(files.port.to_string())
+            .arg("--metrics")
+            .arg("off")
+            .env("PORTCULLIS_LOG", "info,portcullis=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let l = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("PORTCULLIS_TEST_ECHO_LOGS").is_some() {
+                    eprintln!("[daemon] {line}");
+                }
+                if let Ok(mut g) = l.lock() {
+                    g.push_str(&line);
+                    g.push('\n');
+                }
+            }
+        });
+        Self {
+            child,
+            log,
+            socket: files.socket.clone(),
+            port: files.port,
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if self.log_text().contains("portcullis daemon ready") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon not ready; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--admin-socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("spawn cli")
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "portcullis {args:?} failed: {}\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let text = self.cli_ok(args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: invalid JSON ({e}): {text}"))
+    }
+
+    pub fn tag(&self, cgroup: &str, identity: &str) {
+        self.cli_ok(&["tag", cgroup, "--identity", identity]);
+    }
+
+    pub fn flows(&self) -> Vec<Value> {
+        self.json(&["flows", "--json"])["flows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Value {
+        self.json(&["status", "--json"])
+    }
+
+    pub fn refused(&self, label: &str) -> u64 {
+        self.status()["counters"]["flows_refused"][label]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the daemon serves the namespace of `pid`.
+    pub fn wait_netns_served(&self, pid: u32) {
+        let ino = fs::metadata(format!("/proc/{pid}/ns/net"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .expect("netns of pid");
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                self.status()["netns"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|n| n["inode"].as_u64() == Some(ino)))
+            },
+            "daemon serves the namespace",
+        );
+    }
+
+    /// Freezes (true) or resumes (false) the daemon process.
+    pub fn freeze(&self, stop: bool) {
+        let sig = if stop { nix::sys::signal::SIGSTOP } else { nix::sys::signal::SIGCONT };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).expect("signal daemon");
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A long-lived process placed in a cgroup (and namespace), killed on drop.
+pub struct Holder(pub Child);
+
+impl Holder {
+    pub fn start(place: &Placement) -> Self {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("120").stdout(Stdio::null());
+        place.apply(&mut cmd);
+        Self(cmd.spawn().expect("spawn holder"))
+    }
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Connects directly (from the test process, untagged) and reports whether
+/// the greeting arrived.
+pub fn direct_greeting(addr: SocketAddr) -> Option<String> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line)
+}

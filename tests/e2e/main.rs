@@ -1,0 +1,476 @@
+//! Privileged end-to-end tests: real cgroups, real eBPF programs, real
+//! network namespaces, the real `portcullis` binary, real TCP servers and an
+//! unmodified Python client placed in tagged cgroups.
+//!
+//! Run as root (`cargo xtask test` does). Every test owns its cgroup subtree,
+//! namespaces, ports, state dir and pin dir, and only uses loopback.
+
+mod harness;
+
+use std::{fs, time::Duration};
+
+use harness::*;
+use serde_json::json;
+
+/// One daemon governing one fresh cgroup subtree with an echo server
+/// registered as a tcp resource.
+struct Setup {
+    cg: TestCgroup,
+    server: EchoServer,
+    files: DaemonFiles,
+    daemon: Daemon,
+}
+
+fn setup(name: &str) -> Setup {
+    require_root();
+    let cg = TestCgroup::new(name);
+    let server = EchoServer::start(name);
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let daemon = Daemon::start(&files);
+    Setup {
+        cg,
+        server,
+        files,
+        daemon,
+    }
+}
+
+fn to(server: &EchoServer) -> serde_json::Value {
+    json!({"host": "127.0.0.1", "port": server.addr.port()})
+}
+
+#[test]
+fn tagged_client_is_redirected_relayed_and_attributed() {
+    let s = setup("tagged");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "billing-agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+
+    let mut args = to(&s.server);
+    args["hold"] = json!(3);
+    let held = HeldClient::start(&place, args, &s.files.dir);
+    let flows = s.daemon.flows();
+    assert_eq!(flows.len(), 1, "{flows:#?}");
+    let f = &flows[0];
+    assert_eq!(f["original_dst"], s.server.addr.to_string());
+    assert_eq!(f["cgroup"], format!("/{agent}"));
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.cg.dir(&agent)).unwrap());
+    assert_eq!(f["cgroup_id"].as_u64(), Some(cgroup_id));
+    assert_eq!(f["pid"].as_u64(), Some(held.pid() as u64));
+    assert_eq!(f["identity"], "billing-agent");
+    assert_eq!(f["resource"], "echo");
+    assert_eq!(f["protocol"], "tcp");
+    let r = held.finish();
+    assert_eq!(r.error(), None, "{r:?}");
+    assert_eq!(r.greeting(), Some(s.server.greeting().as_str()));
+    assert!(r.echo_ok(), "{r:?}");
+    // The agent's socket really went to the proxy listener, not the server.
+    assert_eq!(r.peer_port(), Some(s.daemon.port as u64));
+    assert_eq!(s.server.accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let log = s.daemon.log_text();
+    assert!(log.contains("session_start") && log.contains("session_end"), "{log}");
+}
+
+#[test]
+fn untagged_cgroup_goes_direct() {
+    let s = setup("untagged");
+    let tagged = s.cg.child("tagged");
+    let other = s.cg.child("other");
+    s.daemon.tag(&tagged, "a");
+    let r = client(&Placement::cgroup(s.cg.dir(&other)), to(&s.server));
+    assert_eq!(r.error(), None, "{r:?}");
+    assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "went direct");
+    assert!(r.echo_ok());
+    assert!(s.daemon.flows().is_empty());
+    assert_eq!(s.daemon.status()["counters"]["flows_accepted"], 0);
+}
+
+#[test]
+fn child_cgroups_inherit_the_nearest_tag() {
+    let s = setup("inherit");
+    let parent = s.cg.child("team");
+    let grandchild = s.cg.child("team/pod/container");
+    s.daemon.tag(&parent, "team-agent");
+    let mut args = to(&s.server);
+    args["hold"] = json!(2);
+    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&grandchild)), args, &s.files.dir);
+    let flows = s.daemon.flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0]["identity"], "team-agent");
+    assert_eq!(flows[0]["cgroup"], format!("/{grandchild}"));
+    assert_eq!(flows[0]["tagged_cgroup"], format!("/{parent}"));
+    let r = held.finish();
+    assert!(r.echo_ok(), "{r:?}");
+
+    // A nearer tag wins over the ancestor's.
+    let inner = s.cg.child("team/pod");
+    s.daemon.tag(&inner, "pod-agent");
+    let mut args = to(&s.server);
+    args["hold"] = json!(2);
+    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&grandchild)), args, &s.files.dir);
+    assert_eq!(s.daemon.flows()[0]["identity"], "pod-agent");
+    assert!(held.finish().echo_ok());
+}
+
+#[test]
+fn dual_stack_socket_dialing_ipv4_mapped_is_intercepted() {
+    let s = setup("mapped");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "java-agent");
+    let mut args = json!({"v6": true, "host": "::ffff:127.0.0.1", "port": s.server.addr.port(), "hold": 2});
+    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&agent)), args.take(), &s.files.dir);
+    let flows = s.daemon.flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0]["original_dst"], s.server.addr.to_string());
+    let r = held.finish();
+    assert_eq!(r.error(), None, "{r:?}");
+    assert!(r.echo_ok());
+    assert_eq!(r.peer_port(), Some(s.daemon.port as u64));
+}
+
+#[test]
+fn ipv6_destination_is_intercepted() {
+    require_root();
+    let cg = TestCgroup::new("v6");
+    let server = EchoServer::start_on("[::1]:0", "v6");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("v6.toml", &[("v6", vec![server.addr.to_string()])]);
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "v6-agent");
+    let r = client(
+        &Placement::cgroup(cg.dir(&agent)),
+        json!({"v6": true, "host": "::1", "port": server.addr.port()}),
+    );
+    assert_eq!(r.error(), None, "{r:?}\n{}", daemon.log_text());
+    assert!(r.echo_ok());
+    assert_eq!(r.peer_port(), Some(files.port as u64));
+}
+
+#[test]
+fn client_in_its_own_network_namespace_is_intercepted() {
+    let s = setup("netns");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "container-agent");
+    let ns = TestNetns::new("ns");
+    let place = Placement::cgroup(s.cg.dir(&agent)).with_netns(ns.path());
+    let holder = Holder::start(&place);
+    s.daemon.wait_netns_served(holder.pid());
+
+    let mut args = to(&s.server);
+    args["hold"] = json!(2);
+    let held = HeldClient::start(&place, args, &s.files.dir);
+    let flows = s.daemon.flows();
+    assert_eq!(flows.len(), 1);
+    let host_cookie = s.daemon.status()["netns"][0]["cookie"].clone();
+    assert_ne!(flows[0]["netns_cookie"], host_cookie, "flow attributed to the container's namespace");
+    let r = held.finish();
+    assert_eq!(r.error(), None, "{r:?}");
+    assert_eq!(r.greeting(), Some(s.server.greeting().as_str()));
+    assert!(r.echo_ok());
+}
+
+#[test]
+fn a_fresh_namespace_fails_closed_until_served() {
+    let s = setup("freshns");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "a");
+    let ns = TestNetns::new("fresh");
+    let place = Placement::cgroup(s.cg.dir(&agent)).with_netns(ns.path());
+    // No process lived in this namespace before: the first connect must be
+    // refused in the kernel, never sent anywhere.
+    let first = client(&place, to(&s.server));
+    assert!(
+        first.error().is_some_and(|e| e.contains("PermissionError") || e.contains("Refused")),
+        "{first:?}"
+    );
+    assert_eq!(s.server.accepted.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // The kernel told the daemon; once a process stays there it is served.
+    let holder = Holder::start(&place);
+    s.daemon.wait_netns_served(holder.pid());
+    let r = client(&place, to(&s.server));
+    assert!(r.echo_ok(), "{r:?}");
+}
+
+#[test]
+fn same_client_address_in_two_namespaces_does_not_mix_flows() {
+    require_root();
+    let cg = TestCgroup::new("twons");
+    let a = EchoServer::start("server-a");
+    let b = EchoServer::start("server-b");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources(
+        "ab.toml",
+        &[("a", vec![a.addr.to_string()]), ("b", vec![b.addr.to_string()])],
+    );
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let (ns1, ns2) = (TestNetns::new("one"), TestNetns::new("two"));
+    let p1 = Placement::cgroup(cg.dir(&agent)).with_netns(ns1.path());
+    let p2 = Placement::cgroup(cg.dir(&agent)).with_netns(ns2.path());
+    let (h1, h2) = (Holder::start(&p1), Holder::start(&p2));
+    daemon.wait_netns_served(h1.pid());
+    daemon.wait_netns_served(h2.pid());
+
+    // Both clients use the very same local address and port, and both
+    // connect while the daemon is frozen, so both kernel flow entries exist
+    // at once: a key without the namespace would hand one client the other's
+    // destination.
+    let port = free_port();
+    daemon.freeze(true);
+    let c1 = HeldClient::spawn(
+        &p1,
+        json!({"host": "127.0.0.1", "port": a.addr.port(), "bind_port": port, "hold": 2}),
+        &files.dir,
+    );
+    let c2 = HeldClient::spawn(
+        &p2,
+        json!({"host": "127.0.0.1", "port": b.addr.port(), "bind_port": port, "hold": 2}),
+        &files.dir,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.freeze(false);
+    c1.wait_ready();
+    c2.wait_ready();
+    let flows = daemon.flows();
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    assert_eq!(flows[0]["client"], flows[1]["client"], "same client address");
+    assert_ne!(flows[0]["netns_cookie"], flows[1]["netns_cookie"]);
+    let r1 = c1.finish();
+    let r2 = c2.finish();
+    assert_eq!(r1.greeting(), Some(a.greeting().as_str()), "{r1:?}");
+    assert_eq!(r2.greeting(), Some(b.greeting().as_str()), "{r2:?}");
+}
+
+#[test]
+fn killed_daemon_fails_closed_and_restart_resumes() {
+    let mut s = setup("failclosed");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "a");
+    let ns = TestNetns::new("fc");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    let ns_place = Placement::cgroup(s.cg.dir(&agent)).with_netns(ns.path());
+    let holder = Holder::start(&ns_place);
+    s.daemon.wait_netns_served(holder.pid());
+    assert!(client(&place, to(&s.server)).echo_ok());
+
+    s.daemon.kill9();
+    let before = s.server.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    for p in [&place, &ns_place] {
+        let r = client(p, to(&s.server));
+        assert!(
+            r.error().is_some_and(|e| e.contains("ConnectionRefused")),
+            "tagged client must be refused while the daemon is down: {r:?}"
+        );
+    }
+    assert_eq!(s.server.accepted.load(std::sync::atomic::Ordering::Relaxed), before);
+    // Untagged traffic is unaffected.
+    assert_eq!(direct_greeting(s.server.addr), Some(s.server.greeting()));
+    let other = s.cg.child("other");
+    let r = client(&Placement::cgroup(s.cg.dir(&other)), to(&s.server));
+    assert!(r.echo_ok(), "{r:?}");
+
+    // Restart on the same pins and state: tags persisted, interception resumes.
+    s.daemon = Daemon::start(&s.files);
+    let tags = s.daemon.json(&["tags", "--json"]);
+    assert_eq!(tags["tags"][0]["identity"], "a", "{tags}");
+    let r = client(&place, to(&s.server));
+    assert!(r.echo_ok(), "{r:?}\n{}", s.daemon.log_text());
+    assert_eq!(r.peer_port(), Some(s.daemon.port as u64));
+    s.daemon.wait_netns_served(holder.pid());
+    let r = client(&ns_place, to(&s.server));
+    assert!(r.echo_ok(), "{r:?}");
+}
+
+#[test]
+fn direct_dial_of_the_proxy_port_is_refused() {
+    let s = setup("direct");
+    let before = s.daemon.refused("no_flow_entry");
+    let r = client(&Placement::default(), json!({"host": "127.0.0.1", "port": s.daemon.port}));
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
+    assert!(r.error().is_some() || r.0["echo_len"] == 0, "{r:?}");
+    wait_until(
+        Duration::from_secs(5),
+        || s.daemon.refused("no_flow_entry") > before,
+        "refusal counted",
+    );
+    assert!(s.daemon.log_text().contains("no flow entry"));
+}
+
+#[test]
+fn destination_without_a_resource_is_refused() {
+    let s = setup("nores");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "a");
+    let stray = EchoServer::start("stray");
+    let r = client(&Placement::cgroup(s.cg.dir(&agent)), to(&stray));
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
+    assert_eq!(stray.accepted.load(std::sync::atomic::Ordering::Relaxed), 0);
+    wait_until(
+        Duration::from_secs(5),
+        || s.daemon.refused("no_resource") == 1,
+        "no_resource refusal counted",
+    );
+}
+
+#[test]
+fn dead_upstream_resets_the_agent_without_hanging() {
+    require_root();
+    let cg = TestCgroup::new("deadup");
+    let files = DaemonFiles::new(&cg.rel);
+    let dead = free_port();
+    files.tcp_resources("dead.toml", &[("dead", vec![format!("127.0.0.1:{dead}")])]);
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "a");
+    let start = std::time::Instant::now();
+    let r = client(
+        &Placement::cgroup(cg.dir(&agent)),
+        json!({"host": "127.0.0.1", "port": dead, "timeout": 8}),
+    );
+    assert!(r.error().is_some() || r.greeting() == Some(""), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(6), "no hang");
+    wait_until(
+        Duration::from_secs(5),
+        || daemon.log_text().contains("upstream"),
+        "upstream error logged",
+    );
+}
+
+#[test]
+fn relay_preserves_bulk_data_and_half_close() {
+    let s = setup("bulk");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "a");
+    // 4 MiB through the proxy, then half-close: the server sees EOF, echoes
+    // everything, closes; the client must get every byte and then EOF.
+    let mut args = to(&s.server);
+    args["send"] = json!("0123456789abcdef".repeat(64));
+    args["repeat"] = json!(4096);
+    args["half_close"] = json!(true);
+    args["timeout"] = json!(20);
+    let r = client(&Placement::cgroup(s.cg.dir(&agent)), args);
+    assert_eq!(r.error(), None, "{r:?}");
+    assert_eq!(r.0["echo_len"], 4 * 1024 * 1024);
+    assert!(r.echo_ok());
+}
+
+#[test]
+fn two_daemons_side_by_side_each_govern_their_own_subtree() {
+    require_root();
+    let server = EchoServer::start("shared");
+    let (cg1, cg2) = (TestCgroup::new("side1"), TestCgroup::new("side2"));
+    let (f1, f2) = (DaemonFiles::new(&cg1.rel), DaemonFiles::new(&cg2.rel));
+    f1.tcp_resources("e.toml", &[("echo", vec![server.addr.to_string()])]);
+    f2.tcp_resources("e.toml", &[("echo", vec![server.addr.to_string()])]);
+    let (d1, d2) = (Daemon::start(&f1), Daemon::start(&f2));
+    let (a1, a2) = (cg1.child("agent"), cg2.child("agent"));
+    d1.tag(&a1, "one");
+    d2.tag(&a2, "two");
+    // Tagging outside a daemon's root is refused.
+    let out = d1.cli(&["tag", &a2, "--identity", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the governed cgroup root"));
+
+    let r1 = client(&Placement::cgroup(cg1.dir(&a1)), to(&server));
+    let r2 = client(&Placement::cgroup(cg2.dir(&a2)), to(&server));
+    assert_eq!(r1.peer_port(), Some(f1.port as u64), "{r1:?}");
+    assert_eq!(r2.peer_port(), Some(f2.port as u64), "{r2:?}");
+    assert!(r1.echo_ok() && r2.echo_ok());
+    assert_eq!(d1.status()["counters"]["flows_accepted"], 1);
+    assert_eq!(d2.status()["counters"]["flows_accepted"], 1);
+}
+
+#[test]
+fn detach_is_break_glass_with_and_without_a_daemon() {
+    let mut s = setup("detach");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "a");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    assert_eq!(client(&place, to(&s.server)).peer_port(), Some(s.daemon.port as u64));
+
+    s.daemon.cli_ok(&["detach"]);
+    assert!(!s.files.pin_dir.exists(), "pins removed");
+    let r = client(&place, to(&s.server));
+    assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "no longer intercepted: {r:?}");
+    assert_eq!(s.daemon.status()["attached"], false);
+
+    // Without a daemon: restart (re-pins), kill, detach removes the pins itself.
+    s.daemon.kill9();
+    s.daemon = Daemon::start(&s.files);
+    assert!(s.files.pin_dir.join("links").exists());
+    s.daemon.kill9();
+    assert!(client(&place, to(&s.server)).error().is_some(), "fails closed while down");
+    let out = std::process::Command::new(BIN)
+        .arg("--admin-socket")
+        .arg(&s.files.socket)
+        .args(["detach", "--pin-dir"])
+        .arg(&s.files.pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!s.files.pin_dir.exists());
+    assert!(client(&place, to(&s.server)).echo_ok(), "goes direct after break-glass");
+}
+
+#[test]
+fn untag_ends_live_sessions_and_stops_interception() {
+    let s = setup("untag");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "a");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    let mut args = to(&s.server);
+    args["hold"] = json!(1);
+    let held = HeldClient::start(&place, args, &s.files.dir);
+    assert_eq!(s.daemon.flows().len(), 1);
+    s.daemon.cli_ok(&["untag", &agent]);
+    wait_until(Duration::from_secs(5), || s.daemon.flows().is_empty(), "session ended");
+    let _ = held.finish();
+    let r = client(&place, to(&s.server));
+    assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "{r:?}");
+}
+
+#[test]
+fn cli_reports_clear_errors() {
+    let s = setup("errors");
+    let out = s.daemon.cli(&["tag", &format!("{}/missing", s.cg.rel), "--identity", "a"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "{out:?}");
+    let out = s.daemon.cli(&["tag", &s.cg.rel, "--identity", "bad name"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid"), "{out:?}");
+    // --pid resolves the process's cgroup.
+    let agent = s.cg.child("agent");
+    let holder = Holder::start(&Placement::cgroup(s.cg.dir(&agent)));
+    s.daemon.cli_ok(&["tag", "--pid", &holder.pid().to_string(), "--identity", "by-pid"]);
+    let tags = s.daemon.json(&["tags", "--json"]);
+    assert_eq!(tags["tags"][0]["cgroup"], format!("/{agent}"));
+    // No daemon at that socket.
+    let out = std::process::Command::new(BIN)
+        .args(["--admin-socket", "/nonexistent/sock", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the daemon"));
+}
+
+#[test]
+fn broken_policy_stops_startup_with_file_line_col() {
+    require_root();
+    let cg = TestCgroup::new("badpol");
+    let files = DaemonFiles::new(&cg.rel);
+    fs::write(
+        files.policies.join("bad.toml"),
+        "[resource.x]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\nbogus = 1\n",
+    )
+    .unwrap();
+    let mut d = Daemon::spawn(&files);
+    let status = d.child.wait().unwrap();
+    assert!(!status.success());
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.log_text();
+    assert!(log.contains("bad.toml:4:1:"), "{log}");
+    assert!(!files.pin_dir.exists(), "nothing attached for a broken set");
+}
