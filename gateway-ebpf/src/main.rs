@@ -119,7 +119,10 @@ fn verdict(ctx: &SockAddrContext) -> Verdict {
             });
             entry.submit(0);
         }
-        debug!(ctx, "portcullis: refused connect from unserved netns, pid {}", tgid);
+        debug!(
+            ctx,
+            "portcullis: refused connect from unserved netns, pid {}", tgid
+        );
         return Verdict::Refuse;
     }
     Verdict::Redirect {
@@ -206,7 +209,10 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
                     && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
                 let (target, target3) = if mapped {
                     // A dual-stack socket dialing IPv4: stay on IPv4.
-                    (u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(LOOPBACK4))
+                    (
+                        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                        u32::from_ne_bytes(LOOPBACK4),
+                    )
                 } else {
                     (0, u32::from_ne_bytes([0, 0, 0, 1]))
                 };

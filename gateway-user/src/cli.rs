@@ -143,13 +143,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&data);
             }
             let g = |k: &str| data.get(k).cloned().unwrap_or_default();
-            println!("portcullis {} (pid {}, up {}s)", s(&g("version")), g("pid"), g("uptime_secs"));
+            println!(
+                "portcullis {} (pid {}, up {}s)",
+                s(&g("version")),
+                g("pid"),
+                g("uptime_secs")
+            );
             println!("  attached:       {}", g("attached"));
-            println!("  policy version: {} ({})", s(&g("policy_version")), s(&g("policies")));
-            println!("  cgroup root:    {} (mount {})", s(&g("cgroup_root")), s(&g("cgroup_mount")));
+            println!(
+                "  policy version: {} ({})",
+                s(&g("policy_version")),
+                s(&g("policies"))
+            );
+            println!(
+                "  cgroup root:    {} (mount {})",
+                s(&g("cgroup_root")),
+                s(&g("cgroup_mount"))
+            );
             println!("  listen port:    {}", g("listen_port"));
             println!("  pin dir:        {}", s(&g("pin_dir")));
-            println!("  tags: {}  flows: {}  namespaces served: {}", g("tags"), g("flows"), g("netns").as_array().map_or(0, |a| a.len()));
+            println!(
+                "  tags: {}  flows: {}  namespaces served: {}",
+                g("tags"),
+                g("flows"),
+                g("netns").as_array().map_or(0, |a| a.len())
+            );
             Ok(())
         }
         Command::Tag {
@@ -159,7 +177,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             token_file,
         } => {
             let token_file = token_file
-                .map(|p| std::path::absolute(&p).with_context(|| format!("token file {}", p.display())))
+                .map(|p| {
+                    std::path::absolute(&p).with_context(|| format!("token file {}", p.display()))
+                })
                 .transpose()?;
             let data = request(
                 &socket,
@@ -190,7 +210,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 return print_json(&data);
             }
-            println!("{:<40} {:<24} {:<10} TOKEN FILE", "CGROUP", "IDENTITY", "EXISTS");
+            println!(
+                "{:<40} {:<24} {:<10} TOKEN FILE",
+                "CGROUP", "IDENTITY", "EXISTS"
+            );
             for t in data["tags"].as_array().into_iter().flatten() {
                 println!(
                     "{:<40} {:<24} {:<10} {}",

@@ -88,7 +88,10 @@ pub struct Shared {
 impl Shared {
     /// Takes the kernel's flow entry for a client.
     pub fn take_flow(&self, key: &FlowKey) -> Option<OrigDst> {
-        self.redirect.lock().unwrap_or_else(|p| p.into_inner()).take_flow(key)
+        self.redirect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_flow(key)
     }
 
     /// The path of a governed cgroup by id, rescanning the tree (at most
@@ -98,7 +101,9 @@ impl Shared {
         if let Some(p) = guard.0.get(&id) {
             return Some(p.clone());
         }
-        let stale = guard.1.is_none_or(|t| t.elapsed() > Duration::from_millis(100));
+        let stale = guard
+            .1
+            .is_none_or(|t| t.elapsed() > Duration::from_millis(100));
         if stale {
             guard.0 = self.cgroups.index();
             guard.1 = Some(Instant::now());
@@ -111,7 +116,12 @@ impl Shared {
         let ids: Vec<(u64, u32)> = {
             let tags = self.tags.read().unwrap_or_else(|p| p.into_inner());
             tags.iter()
-                .filter_map(|t| self.cgroups.id_of(&t.cgroup).ok().map(|id| (id, t.created as u32)))
+                .filter_map(|t| {
+                    self.cgroups
+                        .id_of(&t.cgroup)
+                        .ok()
+                        .map(|id| (id, t.created as u32))
+                })
                 .collect()
         };
         self.redirect
@@ -148,9 +158,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
     let tags = TagStore::open(cfg.state_dir.join("tags.json"))?;
 
-    let policy = PolicySet::load(&cfg.policies).map_err(|e| {
-        anyhow::anyhow!("policy set {} is invalid:\n{e}", cfg.policies.display())
-    })?;
+    let policy = PolicySet::load(&cfg.policies)
+        .map_err(|e| anyhow::anyhow!("policy set {} is invalid:\n{e}", cfg.policies.display()))?;
     info!(version = %policy.version, dir = %cfg.policies.display(), resources = policy.resources.len(), "policy set loaded");
 
     // Fail before touching the kernel if another daemon owns the socket.
@@ -189,8 +198,13 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
 
     // The daemon's own namespace is always served.
-    serve_netns(&shared, Path::new("/proc/self/ns/net"), std::process::id(), true)
-        .with_context(|| format!("listening on 127.0.0.1:{}", cfg.listen_port))?;
+    serve_netns(
+        &shared,
+        Path::new("/proc/self/ns/net"),
+        std::process::id(),
+        true,
+    )
+    .with_context(|| format!("listening on 127.0.0.1:{}", cfg.listen_port))?;
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reconcile_loop(shared.clone()));
@@ -278,21 +292,33 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .serve_netns(cookie)?;
-    info!(netns_inode = id.1, cookie, pid, host, "serving network namespace");
-    shared.netns.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        id,
-        ServedNetns {
-            cookie,
-            pid,
-            cancel,
-            misses: 0,
-            host,
-        },
+    info!(
+        netns_inode = id.1,
+        cookie, pid, host, "serving network namespace"
     );
+    shared
+        .netns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            ServedNetns {
+                cookie,
+                pid,
+                cancel,
+                misses: 0,
+                host,
+            },
+        );
     Ok(())
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, cancel: CancellationToken) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    cookie: u64,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -362,22 +388,37 @@ fn reconcile_netns(shared: &Arc<Shared>) {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .unserve_netns(s.cookie);
-                info!(netns_inode = id.1, cookie = s.cookie, "network namespace gone; listener closed");
+                info!(
+                    netns_inode = id.1,
+                    cookie = s.cookie,
+                    "network namespace gone; listener closed"
+                );
             }
         }
-        seen.into_iter().filter(|(id, _)| !served.contains_key(id)).collect()
+        seen.into_iter()
+            .filter(|(id, _)| !served.contains_key(id))
+            .collect()
     };
     for (id, pid) in to_open {
         {
-            let mut failures = shared.netns_failures.lock().unwrap_or_else(|p| p.into_inner());
-            if failures.get(&id).is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            let mut failures = shared
+                .netns_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if failures
+                .get(&id)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            {
                 continue;
             }
             failures.remove(&id);
         }
         let ns_file = format!("/proc/{pid}/ns/net");
         if let Err(e) = serve_netns(shared, Path::new(&ns_file), pid, false) {
-            warn!(netns_inode = id.1, pid, "cannot serve network namespace: {e:#}");
+            warn!(
+                netns_inode = id.1,
+                pid, "cannot serve network namespace: {e:#}"
+            );
             shared
                 .netns_failures
                 .lock()
@@ -402,13 +443,14 @@ async fn resolve_loop(shared: Arc<Shared>) {
 async fn kernel_events(shared: Arc<Shared>, events: aya::maps::RingBuf<aya::maps::MapData>) {
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged,
     // for as long as the AsyncFd owns the ring buffer.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("kernel events unavailable: {e}");
-            return;
-        }
-    };
+    let mut fd =
+        match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("kernel events unavailable: {e}");
+                return;
+            }
+        };
     loop {
         let Ok(mut guard) = fd.readable_mut().await else {
             return;
@@ -423,7 +465,11 @@ async fn kernel_events(shared: Arc<Shared>, events: aya::maps::RingBuf<aya::maps
             // pattern valid) and the length was checked above.
             let ev: KernelEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             if ev.kind == EVENT_UNSERVED_NETNS {
-                debug!(pid = ev.pid, cookie = ev.netns_cookie, "connect from an unserved namespace");
+                debug!(
+                    pid = ev.pid,
+                    cookie = ev.netns_cookie,
+                    "connect from an unserved namespace"
+                );
                 wake = true;
             }
         }
@@ -438,7 +484,9 @@ async fn ebpf_logs(shared: Arc<Shared>, logger: aya_log::EbpfLogger<&'static dyn
     let _ = shared;
     // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd
     // owns the logger.
-    let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }) else {
+    let Ok(mut fd) =
+        (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+    else {
         return;
     };
     loop {

@@ -76,17 +76,27 @@ impl Metrics {
     fn render(&self, shared: &Shared) -> String {
         let s = self.snapshot();
         let mut out = String::new();
-        out.push_str("# HELP portcullis_flows_accepted_total Flows handed to a protocol handler.\n");
+        out.push_str(
+            "# HELP portcullis_flows_accepted_total Flows handed to a protocol handler.\n",
+        );
         out.push_str("# TYPE portcullis_flows_accepted_total counter\n");
-        out.push_str(&format!("portcullis_flows_accepted_total {}\n", s.flows_accepted));
+        out.push_str(&format!(
+            "portcullis_flows_accepted_total {}\n",
+            s.flows_accepted
+        ));
         out.push_str("# HELP portcullis_flows_refused_total Flows refused, by reason.\n");
         out.push_str("# TYPE portcullis_flows_refused_total counter\n");
         for (label, v) in s.flows_refused {
-            out.push_str(&format!("portcullis_flows_refused_total{{reason=\"{label}\"}} {v}\n"));
+            out.push_str(&format!(
+                "portcullis_flows_refused_total{{reason=\"{label}\"}} {v}\n"
+            ));
         }
         out.push_str("# HELP portcullis_sessions_active Live sessions.\n");
         out.push_str("# TYPE portcullis_sessions_active gauge\n");
-        out.push_str(&format!("portcullis_sessions_active {}\n", shared.sessions.len()));
+        out.push_str(&format!(
+            "portcullis_sessions_active {}\n",
+            shared.sessions.len()
+        ));
         out
     }
 }
@@ -100,7 +110,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await;
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                    .await;
             if !matches!(read, Ok(Ok(n)) if n > 0) {
                 return;
             }

@@ -19,7 +19,9 @@ pub enum HostError {
     #[error("no cgroup v2 filesystem is mounted (looked for fstype cgroup2 in /proc/self/mounts); Portcullis needs the unified hierarchy")]
     NoCgroup2,
     /// The kernel exposes no BTF.
-    #[error("the kernel exposes no BTF at /sys/kernel/btf/vmlinux (needs CONFIG_DEBUG_INFO_BTF=y)")]
+    #[error(
+        "the kernel exposes no BTF at /sys/kernel/btf/vmlinux (needs CONFIG_DEBUG_INFO_BTF=y)"
+    )]
     NoBtf,
     /// The kernel is too old.
     #[error("kernel {found} is too old: Portcullis needs Linux {}.{} or newer (netns cookies in sock_ops)", MIN_KERNEL.0, MIN_KERNEL.1)]

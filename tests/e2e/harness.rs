@@ -380,7 +380,11 @@ impl HeldClient {
 
     /// Waits until the client has its greeting.
     pub fn wait_ready(&self) {
-        wait_until(Duration::from_secs(10), || self.ready.exists(), "client connected");
+        wait_until(
+            Duration::from_secs(10),
+            || self.ready.exists(),
+            "client connected",
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -448,7 +452,12 @@ impl DaemonFiles {
 impl Drop for DaemonFiles {
     fn drop(&mut self) {
         let _ = Command::new(BIN)
-            .args(["--admin-socket", "/nonexistent/admin.sock", "detach", "--pin-dir"])
+            .args([
+                "--admin-socket",
+                "/nonexistent/admin.sock",
+                "detach",
+                "--pin-dir",
+            ])
             .arg(&self.pin_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -558,7 +567,8 @@ impl Daemon {
 
     pub fn json(&self, args: &[&str]) -> Value {
         let text = self.cli_ok(args);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: invalid JSON ({e}): {text}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{args:?}: invalid JSON ({e}): {text}"))
     }
 
     pub fn tag(&self, cgroup: &str, identity: &str) {
@@ -600,8 +610,13 @@ impl Daemon {
 
     /// Freezes (true) or resumes (false) the daemon process.
     pub fn freeze(&self, stop: bool) {
-        let sig = if stop { nix::sys::signal::SIGSTOP } else { nix::sys::signal::SIGCONT };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).expect("signal daemon");
+        let sig = if stop {
+            nix::sys::signal::SIGSTOP
+        } else {
+            nix::sys::signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal daemon");
     }
 
     pub fn kill9(&mut self) {

@@ -67,9 +67,15 @@ fn tagged_client_is_redirected_relayed_and_attributed() {
     assert!(r.echo_ok(), "{r:?}");
     // The agent's socket really went to the proxy listener, not the server.
     assert_eq!(r.peer_port(), Some(s.daemon.port as u64));
-    assert_eq!(s.server.accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     let log = s.daemon.log_text();
-    assert!(log.contains("session_start") && log.contains("session_end"), "{log}");
+    assert!(
+        log.contains("session_start") && log.contains("session_end"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -80,7 +86,11 @@ fn untagged_cgroup_goes_direct() {
     s.daemon.tag(&tagged, "a");
     let r = client(&Placement::cgroup(s.cg.dir(&other)), to(&s.server));
     assert_eq!(r.error(), None, "{r:?}");
-    assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "went direct");
+    assert_eq!(
+        r.peer_port(),
+        Some(s.server.addr.port() as u64),
+        "went direct"
+    );
     assert!(r.echo_ok());
     assert!(s.daemon.flows().is_empty());
     assert_eq!(s.daemon.status()["counters"]["flows_accepted"], 0);
@@ -94,7 +104,11 @@ fn child_cgroups_inherit_the_nearest_tag() {
     s.daemon.tag(&parent, "team-agent");
     let mut args = to(&s.server);
     args["hold"] = json!(2);
-    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&grandchild)), args, &s.files.dir);
+    let held = HeldClient::start(
+        &Placement::cgroup(s.cg.dir(&grandchild)),
+        args,
+        &s.files.dir,
+    );
     let flows = s.daemon.flows();
     assert_eq!(flows.len(), 1);
     assert_eq!(flows[0]["identity"], "team-agent");
@@ -108,7 +122,11 @@ fn child_cgroups_inherit_the_nearest_tag() {
     s.daemon.tag(&inner, "pod-agent");
     let mut args = to(&s.server);
     args["hold"] = json!(2);
-    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&grandchild)), args, &s.files.dir);
+    let held = HeldClient::start(
+        &Placement::cgroup(s.cg.dir(&grandchild)),
+        args,
+        &s.files.dir,
+    );
     assert_eq!(s.daemon.flows()[0]["identity"], "pod-agent");
     assert!(held.finish().echo_ok());
 }
@@ -118,8 +136,13 @@ fn dual_stack_socket_dialing_ipv4_mapped_is_intercepted() {
     let s = setup("mapped");
     let agent = s.cg.child("agent");
     s.daemon.tag(&agent, "java-agent");
-    let mut args = json!({"v6": true, "host": "::ffff:127.0.0.1", "port": s.server.addr.port(), "hold": 2});
-    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&agent)), args.take(), &s.files.dir);
+    let mut args =
+        json!({"v6": true, "host": "::ffff:127.0.0.1", "port": s.server.addr.port(), "hold": 2});
+    let held = HeldClient::start(
+        &Placement::cgroup(s.cg.dir(&agent)),
+        args.take(),
+        &s.files.dir,
+    );
     let flows = s.daemon.flows();
     assert_eq!(flows.len(), 1);
     assert_eq!(flows[0]["original_dst"], s.server.addr.to_string());
@@ -164,7 +187,10 @@ fn client_in_its_own_network_namespace_is_intercepted() {
     let flows = s.daemon.flows();
     assert_eq!(flows.len(), 1);
     let host_cookie = s.daemon.status()["netns"][0]["cookie"].clone();
-    assert_ne!(flows[0]["netns_cookie"], host_cookie, "flow attributed to the container's namespace");
+    assert_ne!(
+        flows[0]["netns_cookie"], host_cookie,
+        "flow attributed to the container's namespace"
+    );
     let r = held.finish();
     assert_eq!(r.error(), None, "{r:?}");
     assert_eq!(r.greeting(), Some(s.server.greeting().as_str()));
@@ -182,10 +208,15 @@ fn a_fresh_namespace_fails_closed_until_served() {
     // refused in the kernel, never sent anywhere.
     let first = client(&place, to(&s.server));
     assert!(
-        first.error().is_some_and(|e| e.contains("PermissionError") || e.contains("Refused")),
+        first
+            .error()
+            .is_some_and(|e| e.contains("PermissionError") || e.contains("Refused")),
         "{first:?}"
     );
-    assert_eq!(s.server.accepted.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     // The kernel told the daemon; once a process stays there it is served.
     let holder = Holder::start(&place);
     s.daemon.wait_netns_served(holder.pid());
@@ -202,7 +233,10 @@ fn same_client_address_in_two_namespaces_does_not_mix_flows() {
     let files = DaemonFiles::new(&cg.rel);
     files.tcp_resources(
         "ab.toml",
-        &[("a", vec![a.addr.to_string()]), ("b", vec![b.addr.to_string()])],
+        &[
+            ("a", vec![a.addr.to_string()]),
+            ("b", vec![b.addr.to_string()]),
+        ],
     );
     let daemon = Daemon::start(&files);
     let agent = cg.child("agent");
@@ -236,7 +270,10 @@ fn same_client_address_in_two_namespaces_does_not_mix_flows() {
     c2.wait_ready();
     let flows = daemon.flows();
     assert_eq!(flows.len(), 2, "{flows:#?}");
-    assert_eq!(flows[0]["client"], flows[1]["client"], "same client address");
+    assert_eq!(
+        flows[0]["client"], flows[1]["client"],
+        "same client address"
+    );
     assert_ne!(flows[0]["netns_cookie"], flows[1]["netns_cookie"]);
     let r1 = c1.finish();
     let r2 = c2.finish();
@@ -265,7 +302,10 @@ fn killed_daemon_fails_closed_and_restart_resumes() {
             "tagged client must be refused while the daemon is down: {r:?}"
         );
     }
-    assert_eq!(s.server.accepted.load(std::sync::atomic::Ordering::Relaxed), before);
+    assert_eq!(
+        s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
     // Untagged traffic is unaffected.
     assert_eq!(direct_greeting(s.server.addr), Some(s.server.greeting()));
     let other = s.cg.child("other");
@@ -288,7 +328,10 @@ fn killed_daemon_fails_closed_and_restart_resumes() {
 fn direct_dial_of_the_proxy_port_is_refused() {
     let s = setup("direct");
     let before = s.daemon.refused("no_flow_entry");
-    let r = client(&Placement::default(), json!({"host": "127.0.0.1", "port": s.daemon.port}));
+    let r = client(
+        &Placement::default(),
+        json!({"host": "127.0.0.1", "port": s.daemon.port}),
+    );
     assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
     assert!(r.error().is_some() || r.0["echo_len"] == 0, "{r:?}");
     wait_until(
@@ -389,12 +432,19 @@ fn detach_is_break_glass_with_and_without_a_daemon() {
     let agent = s.cg.child("agent");
     s.daemon.tag(&agent, "a");
     let place = Placement::cgroup(s.cg.dir(&agent));
-    assert_eq!(client(&place, to(&s.server)).peer_port(), Some(s.daemon.port as u64));
+    assert_eq!(
+        client(&place, to(&s.server)).peer_port(),
+        Some(s.daemon.port as u64)
+    );
 
     s.daemon.cli_ok(&["detach"]);
     assert!(!s.files.pin_dir.exists(), "pins removed");
     let r = client(&place, to(&s.server));
-    assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "no longer intercepted: {r:?}");
+    assert_eq!(
+        r.peer_port(),
+        Some(s.server.addr.port() as u64),
+        "no longer intercepted: {r:?}"
+    );
     assert_eq!(s.daemon.status()["attached"], false);
 
     // Without a daemon: restart (re-pins), kill, detach removes the pins itself.
@@ -402,7 +452,10 @@ fn detach_is_break_glass_with_and_without_a_daemon() {
     s.daemon = Daemon::start(&s.files);
     assert!(s.files.pin_dir.join("links").exists());
     s.daemon.kill9();
-    assert!(client(&place, to(&s.server)).error().is_some(), "fails closed while down");
+    assert!(
+        client(&place, to(&s.server)).error().is_some(),
+        "fails closed while down"
+    );
     let out = std::process::Command::new(BIN)
         .arg("--admin-socket")
         .arg(&s.files.socket)
@@ -412,7 +465,10 @@ fn detach_is_break_glass_with_and_without_a_daemon() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(!s.files.pin_dir.exists());
-    assert!(client(&place, to(&s.server)).echo_ok(), "goes direct after break-glass");
+    assert!(
+        client(&place, to(&s.server)).echo_ok(),
+        "goes direct after break-glass"
+    );
 }
 
 #[test]
@@ -426,7 +482,11 @@ fn untag_ends_live_sessions_and_stops_interception() {
     let held = HeldClient::start(&place, args, &s.files.dir);
     assert_eq!(s.daemon.flows().len(), 1);
     s.daemon.cli_ok(&["untag", &agent]);
-    wait_until(Duration::from_secs(5), || s.daemon.flows().is_empty(), "session ended");
+    wait_until(
+        Duration::from_secs(5),
+        || s.daemon.flows().is_empty(),
+        "session ended",
+    );
     let _ = held.finish();
     let r = client(&place, to(&s.server));
     assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "{r:?}");
@@ -435,16 +495,30 @@ fn untag_ends_live_sessions_and_stops_interception() {
 #[test]
 fn cli_reports_clear_errors() {
     let s = setup("errors");
-    let out = s.daemon.cli(&["tag", &format!("{}/missing", s.cg.rel), "--identity", "a"]);
+    let out = s
+        .daemon
+        .cli(&["tag", &format!("{}/missing", s.cg.rel), "--identity", "a"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{out:?}"
+    );
     let out = s.daemon.cli(&["tag", &s.cg.rel, "--identity", "bad name"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid"),
+        "{out:?}"
+    );
     // --pid resolves the process's cgroup.
     let agent = s.cg.child("agent");
     let holder = Holder::start(&Placement::cgroup(s.cg.dir(&agent)));
-    s.daemon.cli_ok(&["tag", "--pid", &holder.pid().to_string(), "--identity", "by-pid"]);
+    s.daemon.cli_ok(&[
+        "tag",
+        "--pid",
+        &holder.pid().to_string(),
+        "--identity",
+        "by-pid",
+    ]);
     let tags = s.daemon.json(&["tags", "--json"]);
     assert_eq!(tags["tags"][0]["cgroup"], format!("/{agent}"));
     // No daemon at that socket.

@@ -64,15 +64,18 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut reader = TokioBufReader::new(read).take(proto::MAX_REQUEST_BYTES as u64);
     let mut line = String::new();
-    let response = match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
-        Err(_) => Response::err("request timed out"),
-        Ok(Err(e)) => Response::err(format!("reading request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => Response::err("request too long or not newline-terminated"),
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(&shared, req, caller).await,
-            Err(e) => Response::err(format!("invalid request: {e}")),
-        },
-    };
+    let response =
+        match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
+            Err(_) => Response::err("request timed out"),
+            Ok(Err(e)) => Response::err(format!("reading request: {e}")),
+            Ok(Ok(_)) if !line.ends_with('\n') => {
+                Response::err("request too long or not newline-terminated")
+            }
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => handle(&shared, req, caller).await,
+                Err(e) => Response::err(format!("invalid request: {e}")),
+            },
+        };
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
     let _ = write.write_all(&out).await;
@@ -142,7 +145,9 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             let ended = shared.end_untagged_sessions();
             shared.reconcile_now.notify_one();
             info!(target: "portcullis::audit", event = "tag", cgroup = %tag.cgroup, identity = %tag.identity, caller_uid = ?caller, "cgroup tagged");
-            Response::ok(serde_json::json!({ "tag": tag, "warnings": warnings, "ended_sessions": ended }))
+            Response::ok(
+                serde_json::json!({ "tag": tag, "warnings": warnings, "ended_sessions": ended }),
+            )
         }
         Request::Untag { cgroup, pid } => {
             let rel = match (cgroup.as_deref(), pid) {
@@ -190,7 +195,10 @@ fn target(shared: &Shared, cgroup: Option<&str>, pid: Option<u32>) -> Result<Str
     match (cgroup, pid) {
         (Some(c), None) => shared.cgroups.resolve(c).map_err(|e| e.to_string()),
         (None, Some(pid)) => {
-            let rel = shared.cgroups.cgroup_of_pid(pid).map_err(|e| e.to_string())?;
+            let rel = shared
+                .cgroups
+                .cgroup_of_pid(pid)
+                .map_err(|e| e.to_string())?;
             shared.cgroups.resolve(&rel).map_err(|e| e.to_string())
         }
         _ => Err("name exactly one of a cgroup path or --pid".into()),
@@ -235,7 +243,12 @@ fn status(shared: &Shared) -> serde_json::Value {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .is_detached();
-    let tag_count = shared.tags.read().unwrap_or_else(|p| p.into_inner()).iter().count();
+    let tag_count = shared
+        .tags
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .count();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -268,5 +281,6 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut reader = BufReader::new(stream);
     let mut resp = String::new();
     reader.read_line(&mut resp)?;
-    serde_json::from_str(&resp).with_context(|| format!("invalid response from the daemon: {resp:?}"))
+    serde_json::from_str(&resp)
+        .with_context(|| format!("invalid response from the daemon: {resp:?}"))
 }

@@ -2,8 +2,7 @@
 
 use std::{
     collections::HashMap,
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt,
     path::{Component, Path, PathBuf},
 };
@@ -227,11 +226,17 @@ mod tests {
     #[test]
     fn normalizes_absolute_and_relative_paths() {
         let t = tree();
-        assert_eq!(t.normalize("/sys/fs/cgroup/unified/gov/a").unwrap(), "/gov/a");
+        assert_eq!(
+            t.normalize("/sys/fs/cgroup/unified/gov/a").unwrap(),
+            "/gov/a"
+        );
         assert_eq!(t.normalize("gov/a/").unwrap(), "/gov/a");
         assert_eq!(t.normalize("/gov/./a").unwrap(), "/gov/a");
         assert_eq!(t.normalize("/").unwrap(), "/");
-        assert!(matches!(t.normalize("gov/../x"), Err(CgroupError::BadPath(_))));
+        assert!(matches!(
+            t.normalize("gov/../x"),
+            Err(CgroupError::BadPath(_))
+        ));
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub enum TagError {
         source: serde_json::Error,
     },
     /// An identity name that policies could never refer to.
-    #[error("identity name {0:?} is invalid: use letters, digits, '-', '_', '.' (1 to 128 characters)")]
+    #[error(
+        "identity name {0:?} is invalid: use letters, digits, '-', '_', '.' (1 to 128 characters)"
+    )]
     BadIdentity(String),
 }
 
@@ -230,7 +232,10 @@ mod tests {
         let (dir, _) = temp_store();
         let path = dir.join("tags.json");
         fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(TagStore::open(path), Err(TagError::Corrupt { .. })));
+        assert!(matches!(
+            TagStore::open(path),
+            Err(TagError::Corrupt { .. })
+        ));
         fs::remove_dir_all(dir).unwrap();
     }
 }

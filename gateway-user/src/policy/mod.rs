@@ -68,7 +68,11 @@ impl PolicySet {
                     continue;
                 }
             };
-            hasher.update(file.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+            hasher.update(
+                file.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or(b""),
+            );
             hasher.update([0]);
             hasher.update(text.as_bytes());
             hasher.update([0]);
@@ -138,7 +142,10 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
             !name.starts_with('.')
                 && p.is_file()
-                && matches!(p.extension().and_then(|e| e.to_str()), Some("toml" | "cedar"))
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("toml" | "cedar")
+                )
         })
         .collect();
     files.sort();

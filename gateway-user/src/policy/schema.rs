@@ -85,14 +85,20 @@ pub(super) fn parse_file(file: &Path, text: &str, diags: &mut Vec<Diagnostic>) -
         Ok(p) => p,
         Err(e) => {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
-            diags.push(Diagnostic::at(file, text, offset, e.message().trim().to_string()));
+            diags.push(Diagnostic::at(
+                file,
+                text,
+                offset,
+                e.message().trim().to_string(),
+            ));
             return Vec::new();
         }
     };
     let mut out = Vec::new();
     for (name, res) in parsed.resource {
         let before = diags.len();
-        let at = |span: std::ops::Range<usize>, msg: String| Diagnostic::at(file, text, span.start, msg);
+        let at =
+            |span: std::ops::Range<usize>, msg: String| Diagnostic::at(file, text, span.start, msg);
         if !valid_name(name.get_ref()) {
             diags.push(at(
                 name.span(),

@@ -26,10 +26,14 @@ fn loads_tcp_resources_and_matches_literals() {
     )]);
     let set = PolicySet::load(&dir).unwrap();
     assert_eq!(set.version.len(), 16);
-    let r = set.match_static(&"127.0.0.1:7001".parse().unwrap()).unwrap();
+    let r = set
+        .match_static(&"127.0.0.1:7001".parse().unwrap())
+        .unwrap();
     assert_eq!(r.name, "echo");
     assert!(set.match_static(&"[::1]:7001".parse().unwrap()).is_some());
-    assert!(set.match_static(&"127.0.0.1:7002".parse().unwrap()).is_none());
+    assert!(set
+        .match_static(&"127.0.0.1:7002".parse().unwrap())
+        .is_none());
     // The version changes with the content.
     fs::write(
         dir.join("a.toml"),
@@ -71,8 +75,14 @@ fn bad_destinations_and_protocols_are_reported_where_they_are() {
 #[test]
 fn two_resources_may_not_claim_one_address() {
     let dir = dir_with(&[
-        ("a.toml", "[resource.a]\nprotocol = \"tcp\"\nmatch = [\"10.0.0.1:1\"]\n"),
-        ("b.toml", "[resource.b]\nprotocol = \"tcp\"\nmatch = [\"10.0.0.1:1\"]\n"),
+        (
+            "a.toml",
+            "[resource.a]\nprotocol = \"tcp\"\nmatch = [\"10.0.0.1:1\"]\n",
+        ),
+        (
+            "b.toml",
+            "[resource.b]\nprotocol = \"tcp\"\nmatch = [\"10.0.0.1:1\"]\n",
+        ),
     ]);
     let err = PolicySet::load(&dir).unwrap_err();
     assert!(err.to_string().contains("matched by both"), "{err}");
@@ -112,7 +122,9 @@ async fn hostnames_resolve_into_the_lookup_table() {
     )]);
     let set = PolicySet::load(&dir).unwrap();
     let resolver = Resolver::default();
-    assert!(resolver.lookup(&set, &"127.0.0.1:7009".parse().unwrap()).is_none());
+    assert!(resolver
+        .lookup(&set, &"127.0.0.1:7009".parse().unwrap())
+        .is_none());
     let failures = resolver.refresh(&set).await;
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(

@@ -78,10 +78,14 @@ impl Flow {
         match &self.resource.upstream {
             None => Ok(self.info.original_dst),
             Some(Destination::Addr(a)) => Ok(*a),
-            Some(Destination::Host { host, port }) => tokio::net::lookup_host((host.as_str(), *port))
-                .await?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))),
+            Some(Destination::Host { host, port }) => {
+                tokio::net::lookup_host((host.as_str(), *port))
+                    .await?
+                    .next()
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+                    })
+            }
         }
     }
 
@@ -91,7 +95,12 @@ impl Flow {
         let addr = self.upstream_addr().await?;
         let stream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect to {addr} timed out"),
+                )
+            })??;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -116,7 +125,9 @@ impl Refusal {
     /// Stable reason text for logs, audit and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::NoFlowEntry => "no flow entry: not a redirected connection (direct dial of the proxy port?)",
+            Self::NoFlowEntry => {
+                "no flow entry: not a redirected connection (direct dial of the proxy port?)"
+            }
             Self::UnknownCgroup => "the connecting cgroup is unknown or gone",
             Self::Untagged => "the connecting cgroup is not tagged",
             Self::NoResource => "no resource matches the original destination",
@@ -166,7 +177,12 @@ pub fn flow_key(netns_cookie: u64, client: SocketAddr) -> FlowKey {
 
 /// Handles one accepted connection from a listener in namespace
 /// `netns_cookie`: attribute it, refuse it or run its protocol handler.
-pub async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, netns_cookie: u64) {
+pub async fn handle_connection(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    netns_cookie: u64,
+) {
     let flow = match attribute(&shared, peer, netns_cookie) {
         Ok(flow) => flow,
         Err((refusal, detail)) => {
@@ -184,7 +200,9 @@ pub async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: Soc
             return;
         }
     };
-    let _guard = shared.sessions.register(flow.info.clone(), flow.cancel.clone());
+    let _guard = shared
+        .sessions
+        .register(flow.info.clone(), flow.cancel.clone());
     shared.metrics.accepted();
     info!(
         target: "portcullis::audit",
@@ -236,7 +254,11 @@ pub struct SessionSummary {
 
 /// Runs the protocol handler for the flow's resource. New protocols plug in
 /// here and nowhere else.
-async fn dispatch(shared: &Arc<Shared>, flow: Flow, client: TcpStream) -> io::Result<SessionSummary> {
+async fn dispatch(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    client: TcpStream,
+) -> io::Result<SessionSummary> {
     let _ = shared;
     match flow.resource.protocol {
         Protocol::Tcp => tcp::serve(flow, client).await,
@@ -253,7 +275,11 @@ async fn dispatch(shared: &Arc<Shared>, flow: Flow, client: TcpStream) -> io::Re
     }
 }
 
-fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Result<Flow, (Refusal, String)> {
+fn attribute(
+    shared: &Shared,
+    peer: SocketAddr,
+    netns_cookie: u64,
+) -> Result<Flow, (Refusal, String)> {
     if shared.shutdown.is_cancelled() {
         return Err((Refusal::ShuttingDown, String::new()));
     }
@@ -262,21 +288,38 @@ fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Result<Flo
         .take_flow(&key)
         .ok_or_else(|| (Refusal::NoFlowEntry, String::new()))?;
     let original_dst = orig_dst_addr(&orig);
-    let cgroup = shared
-        .cgroup_path(orig.cgroup_id)
-        .ok_or_else(|| (Refusal::UnknownCgroup, format!("cgroup id {} (pid {}) to {original_dst}", orig.cgroup_id, orig.pid)))?;
+    let cgroup = shared.cgroup_path(orig.cgroup_id).ok_or_else(|| {
+        (
+            Refusal::UnknownCgroup,
+            format!(
+                "cgroup id {} (pid {}) to {original_dst}",
+                orig.cgroup_id, orig.pid
+            ),
+        )
+    })?;
     let (identity, tagged_cgroup) = {
         let tags = shared.tags.read().unwrap_or_else(|p| p.into_inner());
-        let tag = tags
-            .nearest(&cgroup)
-            .ok_or_else(|| (Refusal::Untagged, format!("cgroup {cgroup} (pid {}) to {original_dst}", orig.pid)))?;
+        let tag = tags.nearest(&cgroup).ok_or_else(|| {
+            (
+                Refusal::Untagged,
+                format!("cgroup {cgroup} (pid {}) to {original_dst}", orig.pid),
+            )
+        })?;
         (tag.identity.clone(), tag.cgroup.clone())
     };
     let policy = shared.policy.load();
     let resource = shared
         .resolver
         .lookup(&policy, &original_dst)
-        .ok_or_else(|| (Refusal::NoResource, format!("{identity} in {cgroup} (pid {}) to {original_dst}", orig.pid)))?;
+        .ok_or_else(|| {
+            (
+                Refusal::NoResource,
+                format!(
+                    "{identity} in {cgroup} (pid {}) to {original_dst}",
+                    orig.pid
+                ),
+            )
+        })?;
     let info = FlowInfo {
         session: shared.sessions.new_id(),
         client: peer,

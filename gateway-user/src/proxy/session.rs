@@ -52,7 +52,11 @@ impl Sessions {
 
     /// A fresh session id.
     pub fn new_id(&self) -> String {
-        format!("{}-{}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// Adds a session; it leaves the table when the guard drops.
@@ -68,7 +72,11 @@ impl Sessions {
     /// Every live session, oldest first.
     pub fn list(&self) -> Vec<FlowInfo> {
         let mut v: Vec<FlowInfo> = self.lock().values().map(|l| l.info.clone()).collect();
-        v.sort_by(|a, b| a.started_ms.cmp(&b.started_ms).then(a.session.cmp(&b.session)));
+        v.sort_by(|a, b| {
+            a.started_ms
+                .cmp(&b.started_ms)
+                .then(a.session.cmp(&b.session))
+        });
         v
     }
 

@@ -192,41 +192,44 @@ impl Redirector {
         Ok(me)
     }
 
-    fn attach_one(&mut self, name: &'static str, cgroup: &fs::File) -> Result<FdLink, RedirectError> {
+    fn attach_one(
+        &mut self,
+        name: &'static str,
+        cgroup: &fs::File,
+    ) -> Result<FdLink, RedirectError> {
         let perr = |source| RedirectError::Program { name, source };
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(RedirectError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?;
+        let program = self.ebpf.program_mut(name).ok_or(RedirectError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
         let link: FdLink = match program {
             aya::programs::Program::CgroupSockAddr(p) => {
                 let p: &mut CgroupSockAddr = p;
                 p.load().map_err(perr)?;
-                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(perr)?;
-                p.take_link(id)
-                    .map_err(perr)?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| RedirectError::Pin {
+                let id = p
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(perr)?;
+                p.take_link(id).map_err(perr)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| RedirectError::Pin {
                         what: "converting link",
                         path: PathBuf::from(name),
                         source: io::Error::other(e),
-                    })?
+                    },
+                )?
             }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
                 p.load().map_err(perr)?;
-                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(perr)?;
-                p.take_link(id)
-                    .map_err(perr)?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| RedirectError::Pin {
+                let id = p
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(perr)?;
+                p.take_link(id).map_err(perr)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| RedirectError::Pin {
                         what: "converting link",
                         path: PathBuf::from(name),
                         source: io::Error::other(e),
-                    })?
+                    },
+                )?
             }
             _ => {
                 return Err(RedirectError::Program {
@@ -260,10 +263,12 @@ impl Redirector {
             enabled: 1,
             daemon_tgid: std::process::id(),
         };
-        self.config.set(0, cfg, 0).map_err(|source| RedirectError::Map {
-            name: MAP_CONFIG,
-            source,
-        })
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|source| RedirectError::Map {
+                name: MAP_CONFIG,
+                source,
+            })
     }
 
     fn clear_served(&mut self) -> Result<(), RedirectError> {
