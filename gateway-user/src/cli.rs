@@ -72,12 +72,35 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Policy set: check offline, reload, show.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Break-glass: detach the programs and remove the pins. With a daemon
     /// running it asks the daemon; with none it removes the pins itself.
     Detach {
         /// Pin directory to clean when no daemon answers.
         #[arg(long, default_value = defaults::PIN_DIR)]
         pin_dir: PathBuf,
+    },
+}
+
+/// `portcullis policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory offline (no daemon needed). Exit 0 when
+    /// valid, 1 otherwise, with every error as `file:line:col: message`.
+    Check {
+        /// The directory.
+        #[arg(default_value = defaults::POLICIES)]
+        dir: PathBuf,
+    },
+    /// Ask the daemon to load its policy directory again.
+    Reload,
+    /// Show the policy set in force: version, files, identities, resources, rules.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -245,6 +268,70 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     s(&f["resource"]),
                     s(&f["cgroup"]),
                     f["cgroup_id"]
+                );
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Check { dir }) => {
+            match crate::policy::PolicySet::load(&dir) {
+                Ok(set) => {
+                    println!(
+                        "{}: valid (version {}; {} issuers, {} identities, {} resources, {} rules)",
+                        dir.display(),
+                        set.version,
+                        set.issuers.len(),
+                        set.identities.len(),
+                        set.resources.len(),
+                        set.rules().len()
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    bail!("{}: {} error(s)", dir.display(), e.diagnostics.len())
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Reload) => {
+            let data = request(&socket, &Request::PolicyReload)?;
+            println!("policy set reloaded: version {}", s(&data["version"]));
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Show { json }) => {
+            let data = request(&socket, &Request::PolicyShow)?;
+            if json {
+                return print_json(&data);
+            }
+            println!("version {} ({})", s(&data["version"]), s(&data["dir"]));
+            println!("identities:");
+            for i in data["identities"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<24} issuer {} subject {}",
+                    s(&i["name"]),
+                    s(&i["issuer"]),
+                    s(&i["subject"])
+                );
+            }
+            println!("resources:");
+            for r in data["resources"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<24} {:<9} {}",
+                    s(&r["name"]),
+                    s(&r["protocol"]),
+                    r["matches"]
+                );
+            }
+            println!("rules:");
+            for r in data["rules"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<32} {:<7}{}",
+                    s(&r["id"]),
+                    s(&r["effect"]),
+                    if r["approval"] == true {
+                        " @approval"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())

@@ -131,6 +131,24 @@ impl Shared {
         Ok(())
     }
 
+    /// Ends live sessions the policy set in force no longer allows: their
+    /// resource or identity is gone, or (tcp) `tcp:connect` is no longer
+    /// allowed. Returns the ended session ids.
+    pub fn reevaluate_sessions(&self) -> Vec<String> {
+        let policy = self.policy.load();
+        self.sessions.cancel_where(|f| {
+            let gone = match policy.resources.get(&f.resource) {
+                None => true,
+                Some(r) => r.protocol != f.protocol || !policy.identities.contains_key(&f.identity),
+            };
+            gone || (f.protocol == crate::policy::Protocol::Tcp
+                && !matches!(
+                    crate::proxy::tcp::decide_connect_info(self, f),
+                    crate::policy::Decision::Allow { .. }
+                ))
+        })
+    }
+
     /// Ends live sessions whose cgroup is no longer covered by the tag and
     /// identity they started with. Returns the ended session ids.
     pub fn end_untagged_sessions(&self) -> Vec<String> {
@@ -209,6 +227,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(resolve_loop(shared.clone()));
+    tasks.spawn(watch_policies(shared.clone()));
     if let Some(events) = events {
         tasks.spawn(kernel_events(shared.clone(), events));
     }
@@ -249,28 +268,67 @@ async fn wait_for_signal(shared: &Shared) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => reload_policy(shared).await,
+            _ = hup.recv() => { let _ = reload_policy(shared, "SIGHUP").await; }
         }
     }
 }
 
-/// Loads the policy directory again; a broken set keeps the old one.
-pub async fn reload_policy(shared: &Shared) {
+/// Loads the policy directory again. A broken set keeps the old one and is
+/// reported (log, audit, and to the caller); a good one replaces it and
+/// live sessions whose access is gone are ended.
+pub async fn reload_policy(
+    shared: &Shared,
+    trigger: &str,
+) -> Result<String, crate::policy::PolicyError> {
+    let started = Instant::now();
     match PolicySet::load(&shared.cfg.policies) {
         Ok(set) => {
-            info!(target: "portcullis::audit", event = "policy_reload", version = %set.version, "policy set reloaded");
+            let version = set.version.clone();
             for f in shared.resolver.refresh(&set).await {
                 warn!("resource hostname does not resolve: {f}");
             }
-            shared.policy.store(Arc::new(set));
+            let previous = shared.policy.swap(Arc::new(set));
+            let ended = shared.reevaluate_sessions();
+            info!(
+                target: "portcullis::audit",
+                event = "policy_reload",
+                version = %version,
+                previous = %previous.version,
+                trigger,
+                ended_sessions = ?ended,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "policy set reloaded"
+            );
+            Ok(version)
         }
-        Err(e) => error!(
-            target: "portcullis::audit",
-            event = "policy_reload_failed",
-            errors = %e,
-            "policy set refused; keeping version {}",
-            shared.policy.load().version
-        ),
+        Err(e) => {
+            error!(
+                target: "portcullis::audit",
+                event = "policy_reload_failed",
+                trigger,
+                errors = %e,
+                "policy set refused; keeping version {}",
+                shared.policy.load().version
+            );
+            Err(e)
+        }
+    }
+}
+
+async fn watch_policies(shared: Arc<Shared>) {
+    let (watcher, mut rx) = match crate::policy::watch::watch(&shared.cfg.policies) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(
+                "cannot watch {}: {e}; reload with SIGHUP or `portcullis policy reload`",
+                shared.cfg.policies.display()
+            );
+            return;
+        }
+    };
+    let _keep = watcher;
+    while rx.recv().await.is_some() {
+        let _ = reload_policy(&shared, "file change").await;
     }
 }
 

@@ -435,8 +435,17 @@ impl DaemonFiles {
         }
     }
 
-    /// Writes a policy file with one tcp resource per (name, destinations).
+    /// Writes a policy file with one tcp resource per (name, destinations),
+    /// the identities tests use, and (unless present) a rule letting every
+    /// identity connect to every tcp resource.
     pub fn tcp_resources(&self, file: &str, resources: &[(&str, Vec<String>)]) {
+        self.identities(IDENTITIES);
+        if !self.policies.join("allow.cedar").exists() {
+            self.rules(
+                "allow.cedar",
+                "@id(\"tests-allow-tcp\")\npermit(principal, action == Action::\"tcp:connect\", resource);\n",
+            );
+        }
         let mut text = String::new();
         for (name, dsts) in resources {
             let list: Vec<String> = dsts.iter().map(|d| format!("{d:?}")).collect();
@@ -446,6 +455,45 @@ impl DaemonFiles {
             ));
         }
         fs::write(self.policies.join(file), text).expect("write policy");
+    }
+}
+
+/// Identity names the tests tag cgroups with.
+pub const IDENTITIES: &[&str] = &[
+    "a",
+    "agent",
+    "billing-agent",
+    "team-agent",
+    "pod-agent",
+    "java-agent",
+    "v6-agent",
+    "container-agent",
+    "one",
+    "two",
+    "by-pid",
+    "x",
+];
+
+impl DaemonFiles {
+    /// Writes `identities.toml` declaring `names` (one test issuer).
+    pub fn identities(&self, names: &[&str]) {
+        let jwks = self.dir.join("jwks.json");
+        fs::write(&jwks, "{\"keys\":[]}").expect("write jwks");
+        let mut text = format!(
+            "[issuer.test]\nurl = \"https://issuer.test\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n",
+            jwks.display().to_string()
+        );
+        for n in names {
+            text.push_str(&format!(
+                "[identity.{n}]\nissuer = \"test\"\nsubject = \"sub-{n}\"\n\n"
+            ));
+        }
+        fs::write(self.policies.join("identities.toml"), text).expect("write identities");
+    }
+
+    /// Writes (or replaces) a Cedar rules file.
+    pub fn rules(&self, file: &str, text: &str) {
+        fs::write(self.policies.join(file), text).expect("write rules");
     }
 }
 

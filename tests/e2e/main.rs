@@ -204,9 +204,12 @@ fn a_fresh_namespace_fails_closed_until_served() {
     s.daemon.tag(&agent, "a");
     let ns = TestNetns::new("fresh");
     let place = Placement::cgroup(s.cg.dir(&agent)).with_netns(ns.path());
-    // No process lived in this namespace before: the first connect must be
-    // refused in the kernel, never sent anywhere.
+    // No process lived in this namespace before, and the daemon is frozen so
+    // it cannot start serving it meanwhile: the connect must be refused in
+    // the kernel, never sent anywhere.
+    s.daemon.freeze(true);
     let first = client(&place, to(&s.server));
+    s.daemon.freeze(false);
     assert!(
         first
             .error()

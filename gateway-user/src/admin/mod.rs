@@ -178,6 +178,19 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             info!(target: "portcullis::audit", event = "untag", cgroup = %removed.cgroup, identity = %removed.identity, caller_uid = ?caller, "cgroup untagged");
             Response::ok(serde_json::json!({ "untagged": removed, "ended_sessions": ended }))
         }
+        Request::PolicyReload => {
+            match crate::daemon::reload_policy(shared, &format!("admin (uid {caller:?})")).await {
+                Ok(version) => Response::ok(serde_json::json!({ "version": version })),
+                Err(e) => Response::err(format!(
+                    "policy set refused; keeping version {}:\n{e}",
+                    shared.policy.load().version
+                )),
+            }
+        }
+        Request::PolicyShow => {
+            let policy = shared.policy.load();
+            Response::ok(policy.summary())
+        }
         Request::Detach => {
             let mut r = shared.redirect.lock().unwrap_or_else(|p| p.into_inner());
             match r.detach() {

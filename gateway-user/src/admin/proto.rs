@@ -39,6 +39,10 @@ pub enum Request {
     Flows,
     /// Break-glass: detach programs and remove pins.
     Detach,
+    /// Load the policy directory again.
+    PolicyReload,
+    /// Describe the policy set in force.
+    PolicyShow,
 }
 
 /// The daemon's answer.

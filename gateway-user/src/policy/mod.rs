@@ -1,42 +1,38 @@
-//! The policy set: the resources agents may reach, loaded from `*.toml` files
-//! in the policies directory and validated as one set.
+//! The policy set: `*.toml` configuration (issuers, identities, resources,
+//! masking) and `*.cedar` rules, loaded and validated together as one set.
 //!
 //! Owns parsing, validation (errors as `file:line:col: message`), the set's
-//! version (a content hash) and matching a flow's original destination to a
-//! resource. It must not do I/O on the data path: matching reads an
-//! in-memory table; hostnames in `match` are resolved off the data path by
-//! [`Resolver`].
+//! version (a content hash), matching a flow's original destination to a
+//! resource, and the decision API every protocol handler calls. It must not
+//! do I/O on the data path: [`PolicySet::decide`] and matching read memory
+//! only; hostnames in `match` are resolved off the data path by [`Resolver`],
+//! and reloading is [`watch`]'s job.
 
+pub mod actions;
+mod cedar;
 mod diag;
 mod matcher;
 mod schema;
+pub mod watch;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use cedar::{Decision, DecisionRequest, RuleInfo};
 pub use diag::{line_col as diag_line_col, Diagnostic, PolicyError};
 pub use matcher::{Destination, Resolver};
-pub use schema::Protocol;
-
-/// A resource as the proxy uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resource {
-    /// The resource's name (the TOML table key).
-    pub name: String,
-    /// Which protocol handler terminates its flows.
-    pub protocol: Protocol,
-    /// Original destinations that select this resource.
-    pub matches: Vec<Destination>,
-    /// Where the daemon connects; `None` means the flow's original destination.
-    pub upstream: Option<Destination>,
-}
+pub use schema::{
+    parse_duration, Credentials, Identity, Issuer, MaskRule, Protocol, RecordMode, Resource,
+    TlsMode, DETECTORS,
+};
 
 /// A validated policy set.
 #[derive(Debug)]
@@ -47,19 +43,49 @@ pub struct PolicySet {
     pub dir: PathBuf,
     /// The files that make it up, in load order.
     pub files: Vec<PathBuf>,
+    /// OIDC issuers by name.
+    pub issuers: BTreeMap<String, Issuer>,
+    /// Identities by name.
+    pub identities: BTreeMap<String, Identity>,
     /// Resources by name.
     pub resources: BTreeMap<String, Arc<Resource>>,
-    static_index: std::collections::HashMap<SocketAddr, Arc<Resource>>,
+    /// Masking rules.
+    pub masks: Vec<MaskRule>,
+    rules: cedar::Rules,
+    static_index: HashMap<SocketAddr, Arc<Resource>>,
+}
+
+/// A summary for `portcullis policy show`.
+#[derive(Debug, Serialize)]
+pub struct PolicySummary<'a> {
+    /// Version.
+    pub version: &'a str,
+    /// Directory.
+    pub dir: &'a Path,
+    /// Files.
+    pub files: &'a [PathBuf],
+    /// Issuers.
+    pub issuers: Vec<&'a Issuer>,
+    /// Identities.
+    pub identities: Vec<&'a Identity>,
+    /// Resources.
+    pub resources: Vec<&'a Resource>,
+    /// Rules.
+    pub rules: Vec<&'a RuleInfo>,
+    /// Masking rules.
+    pub masks: &'a [MaskRule],
 }
 
 impl PolicySet {
-    /// Loads and validates every policy file in `dir`.
+    /// Loads and validates every policy file in `dir`. A set with any error
+    /// is refused whole, with every problem found.
     pub fn load(dir: &Path) -> Result<Self, PolicyError> {
         let files = policy_files(dir)?;
         let mut hasher = Sha256::new();
         let mut diags = Vec::new();
-        let mut resources: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
-        let mut defined_in: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut config = schema::Config::default();
+        let mut spans = schema::Spans::default();
+        let mut cedar_files = Vec::new();
         for file in &files {
             let text = match fs::read_to_string(file) {
                 Ok(t) => t,
@@ -77,54 +103,113 @@ impl PolicySet {
             hasher.update(text.as_bytes());
             hasher.update([0]);
             if file.extension().is_some_and(|e| e == "cedar") {
-                diags.push(Diagnostic::at(
-                    file,
-                    &text,
-                    0,
-                    "Cedar rules are not supported by this build yet; remove the file or upgrade Portcullis".into(),
-                ));
-                continue;
-            }
-            for r in schema::parse_file(file, &text, &mut diags) {
-                if let Some(first) = defined_in.get(&r.name) {
-                    diags.push(Diagnostic::file(
-                        file,
-                        format!(
-                            "resource `{}` is already defined in {}",
-                            r.name,
-                            first.display()
-                        ),
-                    ));
-                    continue;
-                }
-                defined_in.insert(r.name.clone(), file.clone());
-                resources.insert(r.name.clone(), Arc::new(r));
+                cedar_files.push((file.clone(), text));
+            } else {
+                schema::parse_file(file, &text, &mut config, &mut spans, &mut diags);
             }
         }
+        schema::cross_check(&config, &spans, &mut diags);
+        let resources: BTreeMap<String, Arc<Resource>> = config
+            .resources
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
         let static_index = match matcher::static_index(&resources) {
             Ok(i) => i,
             Err(msg) => {
                 diags.push(Diagnostic::dir(dir, msg));
-                Default::default()
+                HashMap::new()
             }
         };
-        if !diags.is_empty() {
-            return Err(PolicyError { diagnostics: diags });
+        let entities: Vec<cedar::EntitySpec<'_>> = config
+            .identities
+            .values()
+            .map(|i| cedar::EntitySpec {
+                kind: "Identity",
+                name: &i.name,
+                attrs: serde_json::json!({
+                    "name": i.name,
+                    "issuer": config.issuers.get(&i.issuer).map(|x| x.url.as_str()).unwrap_or(""),
+                    "subject": i.subject,
+                }),
+            })
+            .chain(resources.values().map(|r| cedar::EntitySpec {
+                kind: "Resource",
+                name: &r.name,
+                attrs: serde_json::json!({
+                    "name": r.name,
+                    "protocol": r.protocol.as_str(),
+                    "kind": r.kind,
+                }),
+            }))
+            .collect();
+        let rules = if diags.is_empty() {
+            cedar::Rules::load(&cedar_files, &entities, &mut diags)
+        } else {
+            None
+        };
+        match rules {
+            Some(rules) if diags.is_empty() => Ok(Self {
+                version: hex::encode(hasher.finalize())[..16].to_string(),
+                dir: dir.to_path_buf(),
+                files,
+                issuers: config.issuers,
+                identities: config.identities,
+                resources,
+                masks: config.masks,
+                rules,
+                static_index,
+            }),
+            _ => Err(PolicyError { diagnostics: diags }),
         }
-        let version = hex::encode(hasher.finalize())[..16].to_string();
-        Ok(Self {
-            version,
-            dir: dir.to_path_buf(),
-            files,
-            resources,
-            static_index,
-        })
+    }
+
+    /// Decides one command. Pure computation, no I/O: a few microseconds.
+    pub fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
+        if !self.identities.contains_key(req.identity) {
+            return Decision::Deny {
+                reason: format!(
+                    "identity `{}` is not defined in the policy set",
+                    req.identity
+                ),
+                policies: Vec::new(),
+            };
+        }
+        if !self.resources.contains_key(req.resource) {
+            return Decision::Deny {
+                reason: format!(
+                    "resource `{}` is not defined in the policy set",
+                    req.resource
+                ),
+                policies: Vec::new(),
+            };
+        }
+        self.rules.decide(req)
     }
 
     /// The resource whose `match` names this literal address, if any.
     /// Hostname matches are looked up through [`Resolver::lookup`].
     pub fn match_static(&self, dst: &SocketAddr) -> Option<&Arc<Resource>> {
         self.static_index.get(dst)
+    }
+
+    /// The rules by id.
+    pub fn rules(&self) -> &BTreeMap<String, RuleInfo> {
+        &self.rules.rules
+    }
+
+    /// What `policy show` prints.
+    pub fn summary(&self) -> PolicySummary<'_> {
+        PolicySummary {
+            version: &self.version,
+            dir: &self.dir,
+            files: &self.files,
+            issuers: self.issuers.values().collect(),
+            identities: self.identities.values().collect(),
+            resources: self.resources.values().map(|r| r.as_ref()).collect(),
+            rules: self.rules.rules.values().collect(),
+            masks: &self.masks,
+        }
     }
 }
 

@@ -18,26 +18,96 @@ fn dir_with(files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+const BASE: &str = r#"
+[issuer.corp]
+url = "https://oidc.example.test"
+jwks_file = "/nonexistent/jwks.json"
+audience = "portcullis"
+
+[identity.billing]
+issuer = "corp"
+subject = "billing-sub"
+
+[identity.ops]
+issuer = "corp"
+subject = "ops-sub"
+
+[resource.echo]
+protocol = "tcp"
+match = ["127.0.0.1:7001", "[::1]:7001"]
+
+[resource.orders]
+protocol = "postgres"
+match = ["10.0.0.5:5432"]
+credentials = { user = "agent_ro", password_file = "/etc/pw" }
+approval_timeout = "90s"
+record = "full"
+
+[[mask]]
+resource = "orders"
+columns = ["ssn"]
+detectors = ["credit_card"]
+style = "partial"
+"#;
+
+fn tcp_ctx() -> serde_json::Value {
+    serde_json::json!({
+        "client": {"pid": 1, "cgroup": "/a", "address": "127.0.0.1:1"},
+        "time": {"unix": 0, "hour": 0, "weekday": 0},
+        "destination": "127.0.0.1:7001",
+    })
+}
+
+fn pg_ctx(has_where: bool) -> serde_json::Value {
+    serde_json::json!({
+        "client": {"pid": 1, "cgroup": "/a", "address": "127.0.0.1:1"},
+        "time": {"unix": 0, "hour": 0, "weekday": 0},
+        "destination": "10.0.0.5:5432",
+        "database": "orders", "user": "agent_ro",
+        "statement": {"text": "x", "fingerprint": "f", "tables": ["orders"], "functions": [], "has_where": has_where},
+    })
+}
+
+fn decide(
+    set: &PolicySet,
+    identity: &str,
+    resource: &str,
+    action: &str,
+    ctx: serde_json::Value,
+    approved: bool,
+) -> Decision {
+    set.decide(&DecisionRequest {
+        identity,
+        resource,
+        action,
+        context: ctx,
+        approved,
+    })
+}
+
 #[test]
-fn loads_tcp_resources_and_matches_literals() {
-    let dir = dir_with(&[(
-        "a.toml",
-        "[resource.echo]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:7001\", \"[::1]:7001\"]\n",
-    )]);
+fn loads_config_and_matches_literals() {
+    let dir = dir_with(&[("a.toml", BASE)]);
     let set = PolicySet::load(&dir).unwrap();
     assert_eq!(set.version.len(), 16);
-    let r = set
-        .match_static(&"127.0.0.1:7001".parse().unwrap())
-        .unwrap();
-    assert_eq!(r.name, "echo");
+    assert_eq!(
+        set.match_static(&"127.0.0.1:7001".parse().unwrap())
+            .unwrap()
+            .name,
+        "echo"
+    );
     assert!(set.match_static(&"[::1]:7001".parse().unwrap()).is_some());
     assert!(set
         .match_static(&"127.0.0.1:7002".parse().unwrap())
         .is_none());
+    let orders = &set.resources["orders"];
+    assert_eq!(orders.approval_timeout, std::time::Duration::from_secs(90));
+    assert_eq!(orders.record, RecordMode::Full);
+    assert_eq!(set.masks[0].style, "partial");
     // The version changes with the content.
     fs::write(
-        dir.join("a.toml"),
-        "[resource.echo]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:7002\"]\n",
+        dir.join("b.cedar"),
+        "permit(principal, action, resource);\n",
     )
     .unwrap();
     assert_ne!(PolicySet::load(&dir).unwrap().version, set.version);
@@ -45,30 +115,216 @@ fn loads_tcp_resources_and_matches_literals() {
 }
 
 #[test]
-fn unknown_keys_report_line_and_column() {
-    let dir = dir_with(&[(
-        "bad.toml",
-        "[resource.echo]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:7001\"]\nupstrem = \"x:1\"\n",
-    )]);
-    let err = PolicySet::load(&dir).unwrap_err();
-    let text = err.to_string();
-    assert!(text.contains("bad.toml:4:1: "), "{text}");
-    assert!(text.contains("upstrem"), "{text}");
+fn default_deny_forbid_wins_and_approval_holds() {
+    let rules = r#"
+permit(principal == Identity::"billing", action == Action::"tcp:connect", resource == Resource::"echo");
+
+@id("pg-read")
+permit(principal == Identity::"billing", action == Action::"postgres:select", resource == Resource::"orders");
+
+@id("pg-write")
+@approval("required")
+permit(principal == Identity::"billing",
+       action in [Action::"postgres:insert", Action::"postgres:update", Action::"postgres:delete"],
+       resource == Resource::"orders");
+
+@id("no-unbounded-delete")
+@reason("DELETE needs a WHERE clause")
+forbid(principal, action == Action::"postgres:delete", resource)
+  unless { context.statement.has_where };
+"#;
+    let dir = dir_with(&[("a.toml", BASE), ("orders.cedar", rules)]);
+    let set = PolicySet::load(&dir).unwrap();
+
+    let d = decide(&set, "billing", "echo", "tcp:connect", tcp_ctx(), false);
+    assert_eq!(
+        d,
+        Decision::Allow {
+            policies: vec!["orders.cedar:2".into()]
+        }
+    );
+    // Default deny: nothing permits ops.
+    let d = decide(&set, "ops", "echo", "tcp:connect", tcp_ctx(), false);
+    assert!(
+        matches!(&d, Decision::Deny { policies, reason } if policies.is_empty() && reason.contains("no rule permits")),
+        "{d:?}"
+    );
+    assert_eq!(
+        decide(
+            &set,
+            "billing",
+            "orders",
+            "postgres:select",
+            pg_ctx(false),
+            false
+        )
+        .label(),
+        "allow"
+    );
+    // Only an @approval permit applies: hold, unless approved.
+    let d = decide(
+        &set,
+        "billing",
+        "orders",
+        "postgres:update",
+        pg_ctx(true),
+        false,
+    );
+    assert_eq!(
+        d,
+        Decision::Hold {
+            policies: vec!["pg-write".into()]
+        }
+    );
+    assert_eq!(
+        decide(
+            &set,
+            "billing",
+            "orders",
+            "postgres:update",
+            pg_ctx(true),
+            true
+        )
+        .label(),
+        "allow"
+    );
+    // forbid wins, even over an approval, and its @reason is shown.
+    let d = decide(
+        &set,
+        "billing",
+        "orders",
+        "postgres:delete",
+        pg_ctx(false),
+        true,
+    );
+    match d {
+        Decision::Deny { reason, policies } => {
+            assert_eq!(policies, vec!["no-unbounded-delete".to_string()]);
+            assert!(reason.contains("DELETE needs a WHERE clause"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        decide(
+            &set,
+            "billing",
+            "orders",
+            "postgres:delete",
+            pg_ctx(true),
+            false
+        )
+        .label(),
+        "hold"
+    );
+    // Unknown identities and resources are denied before Cedar runs.
+    assert!(
+        matches!(decide(&set, "ghost", "echo", "tcp:connect", tcp_ctx(), false), Decision::Deny { reason, .. } if reason.contains("not defined"))
+    );
+    assert!(matches!(
+        decide(&set, "billing", "nope", "tcp:connect", tcp_ctx(), false),
+        Decision::Deny { .. }
+    ));
+    // A context that does not fit the action's schema is denied, not guessed.
+    assert!(
+        matches!(decide(&set, "billing", "orders", "postgres:select", tcp_ctx(), false), Decision::Deny { reason, .. } if reason.contains("context"))
+    );
     fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
-fn bad_destinations_and_protocols_are_reported_where_they_are() {
+fn a_permit_without_approval_beats_an_approval_permit() {
+    let rules = r#"
+@approval
+permit(principal, action == Action::"tcp:connect", resource);
+permit(principal == Identity::"ops", action == Action::"tcp:connect", resource);
+"#;
+    let dir = dir_with(&[("a.toml", BASE), ("r.cedar", rules)]);
+    let set = PolicySet::load(&dir).unwrap();
+    assert_eq!(
+        decide(&set, "ops", "echo", "tcp:connect", tcp_ctx(), false).label(),
+        "allow"
+    );
+    assert_eq!(
+        decide(&set, "billing", "echo", "tcp:connect", tcp_ctx(), false).label(),
+        "hold"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn cedar_errors_report_file_line_and_column() {
+    // Syntax error on line 3.
+    let dir = dir_with(&[
+        ("a.toml", BASE),
+        (
+            "bad.cedar",
+            "permit(principal, action, resource);\n\npermit(principal, action resource);\n",
+        ),
+    ]);
+    let err = PolicySet::load(&dir).unwrap_err();
+    let d = &err.diagnostics[0];
+    assert!(d.file.ends_with("bad.cedar"), "{err}");
+    assert_eq!(d.line, Some(3), "{err}");
+    assert!(d.column.is_some());
+    fs::remove_dir_all(&dir).unwrap();
+
+    // Validation: an action that does not exist, and a context attribute
+    // the action does not carry.
+    let dir = dir_with(&[
+        ("a.toml", BASE),
+        ("v.cedar", "permit(principal, action == Action::\"postgres:frobnicate\", resource);\npermit(principal, action == Action::\"tcp:connect\", resource)\n  when { context.statement.has_where };\n"),
+    ]);
+    let err = PolicySet::load(&dir).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("v.cedar:1:"), "{text}");
+    assert!(
+        text.contains("v.cedar:2:") || text.contains("v.cedar:3:"),
+        "{text}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unknown_keys_and_bad_references_report_line_and_column() {
     let dir = dir_with(&[(
-        "x.toml",
-        "[resource.a]\nprotocol = \"gopher\"\nmatch = [\"nope\"]\n",
+        "bad.toml",
+        "[resource.echo]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:7001\"]\nupstrem = \"x:1\"\n",
+    )]);
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    assert!(text.contains("bad.toml:4:1: "), "{text}");
+    assert!(text.contains("upstrem"), "{text}");
+    fs::remove_dir_all(dir).unwrap();
+
+    let dir = dir_with(&[(
+        "refs.toml",
+        "[identity.a]\nissuer = \"nobody\"\nsubject = \"s\"\n\n[[mask]]\nresource = \"ghost\"\ncolumns = [\"x\"]\n",
     )]);
     let err = PolicySet::load(&dir).unwrap_err();
     assert_eq!(err.diagnostics.len(), 2, "{err}");
     assert_eq!(err.diagnostics[0].line, Some(2));
-    assert!(err.diagnostics[0].message.contains("unknown protocol"));
-    assert_eq!(err.diagnostics[1].line, Some(3));
-    assert_eq!(err.diagnostics[1].column, Some(10));
+    assert!(err.diagnostics[0].message.contains("issuer `nobody`"));
+    assert_eq!(err.diagnostics[1].line, Some(6));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn resource_keys_are_checked_per_protocol() {
+    let dir = dir_with(&[(
+        "x.toml",
+        "[resource.a]\nprotocol = \"gopher\"\nmatch = [\"nope\"]\n\n[resource.b]\nprotocol = \"tcp\"\nmatch = [\"1.2.3.4:5\"]\ncredentials = { user = \"u\" }\ntls = \"intercept\"\n\n[resource.c]\nprotocol = \"http\"\nmatch = [\"1.2.3.4:443\"]\ncredentials = { basic_user = \"u\" }\napproval_timeout = \"soon\"\n",
+    )]);
+    let err = PolicySet::load(&dir).unwrap_err();
+    let text = err.to_string();
+    for needle in [
+        "x.toml:2:12: unknown protocol",
+        "x.toml:3:10: destination",
+        "do not apply to tcp",
+        "`tls` applies to http resources only",
+        "basic_user and basic_password_file go together",
+        "invalid duration",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -97,7 +353,7 @@ fn hidden_entries_are_skipped() {
 }
 
 #[test]
-fn destinations_parse() {
+fn destinations_and_durations_parse() {
     assert_eq!(
         "[::ffff:10.0.0.1]:5".parse::<Destination>().unwrap(),
         Destination::Addr("10.0.0.1:5".parse().unwrap())
@@ -111,6 +367,14 @@ fn destinations_parse() {
     );
     for bad in ["x", "host:", "host:0", "host:70000", "a..b:1", "1.2.3:4:5"] {
         assert!(bad.parse::<Destination>().is_err(), "{bad}");
+    }
+    use std::time::Duration;
+    assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+    for bad in ["", "5", "m5", "5x", "1h 2m", "-3s"] {
+        assert!(parse_duration(bad).is_err(), "{bad}");
     }
 }
 
@@ -135,4 +399,21 @@ async fn hostnames_resolve_into_the_lookup_table() {
         "h"
     );
     fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_shipped_example_policies_are_valid() {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+    match PolicySet::load(&dir) {
+        Ok(set) => {
+            for p in ["tcp", "postgres", "ssh", "http"] {
+                assert!(
+                    set.resources.values().any(|r| r.protocol.as_str() == p),
+                    "policies/ has no {p} example"
+                );
+            }
+            assert!(set.resources.values().any(|r| r.kind == "kubernetes"));
+        }
+        Err(e) => panic!("policies/ is invalid:\n{e}"),
+    }
 }

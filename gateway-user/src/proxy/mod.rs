@@ -259,20 +259,54 @@ async fn dispatch(
     flow: Flow,
     client: TcpStream,
 ) -> io::Result<SessionSummary> {
-    let _ = shared;
     match flow.resource.protocol {
-        Protocol::Tcp => tcp::serve(flow, client).await,
+        Protocol::Tcp => tcp::serve(shared, flow, client).await,
         other => {
-            // The policy loader refuses resources of protocols without a
-            // handler, so this is unreachable with a validated set; refuse
-            // rather than relay blindly if it ever happens.
+            // Resources of protocols this build has no handler for validate
+            // (so policies can be written ahead of an upgrade), but their
+            // flows are refused, never relayed blindly.
             refuse(client);
-            Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("no handler for protocol {other}"),
-            ))
+            warn!(
+                target: "portcullis::audit",
+                event = "flow_refused",
+                session = %flow.info.session,
+                reason = "no handler for this protocol in this build",
+                protocol = %other,
+                "flow refused"
+            );
+            Ok(SessionSummary {
+                end_reason: "refused: no handler for this protocol in this build",
+                ..Default::default()
+            })
         }
     }
+}
+
+/// The context every action carries: who is connecting, from where, when,
+/// to what. Handlers add their action-specific attributes.
+pub fn base_context(info: &FlowInfo) -> serde_json::Map<String, serde_json::Value> {
+    let now = (session::now_ms() / 1000) as i64;
+    let hour = now.rem_euclid(86_400) / 3600;
+    // 1970-01-01 was a Thursday; 0 = Monday.
+    let weekday = ((now / 86_400) + 3).rem_euclid(7);
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "client".into(),
+        serde_json::json!({
+            "pid": info.pid,
+            "cgroup": info.cgroup,
+            "address": info.client.to_string(),
+        }),
+    );
+    m.insert(
+        "time".into(),
+        serde_json::json!({ "unix": now, "hour": hour, "weekday": weekday }),
+    );
+    m.insert(
+        "destination".into(),
+        serde_json::Value::String(info.original_dst.to_string()),
+    );
+    m
 }
 
 fn attribute(

@@ -1,20 +1,82 @@
 //! The `tcp` resource kind: the connection is the command. Relays bytes both
 //! ways with bounded buffers, backpressure and half-close.
 
-use std::io;
+use std::{io, sync::Arc};
 
 use tokio::net::TcpStream;
+use tracing::{info, warn};
 
 use super::{Flow, SessionSummary};
+use crate::{
+    daemon::Shared,
+    policy::{Decision, DecisionRequest},
+};
 
 /// Per-direction relay buffer. Bounded: a slow side stalls the other
 /// (backpressure) instead of growing memory.
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
-/// Connects upstream and relays until both sides are done or the session is
-/// cancelled. An upstream that cannot be reached closes the agent's
-/// connection with a reset (TCP has no in-band error).
-pub async fn serve(flow: Flow, mut client: TcpStream) -> io::Result<SessionSummary> {
+/// Decides `tcp:connect`, then connects upstream and relays until both sides
+/// are done or the session is cancelled. A denial, or an upstream that cannot
+/// be reached, closes the agent's connection with a reset (TCP has no in-band
+/// error).
+pub async fn serve(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    mut client: TcpStream,
+) -> io::Result<SessionSummary> {
+    let decision = decide_connect(shared, &flow);
+    let policy_version = shared.policy.load().version.clone();
+    match &decision {
+        Decision::Allow { policies } => info!(
+            target: "portcullis::audit",
+            event = "command",
+            session = %flow.info.session,
+            action = "tcp:connect",
+            decision = "allow",
+            policies = ?policies,
+            policy_version = %policy_version,
+            "command allowed"
+        ),
+        Decision::Deny { reason, policies } => {
+            warn!(
+                target: "portcullis::audit",
+                event = "command",
+                session = %flow.info.session,
+                action = "tcp:connect",
+                decision = "deny",
+                reason = %reason,
+                policies = ?policies,
+                policy_version = %policy_version,
+                "command denied"
+            );
+            super::refuse(client);
+            return Ok(SessionSummary {
+                end_reason: "denied",
+                ..Default::default()
+            });
+        }
+        Decision::Hold { policies } => {
+            // Held connects wait for just-in-time approval once that lands;
+            // until then a hold is a denial that says why.
+            warn!(
+                target: "portcullis::audit",
+                event = "command",
+                session = %flow.info.session,
+                action = "tcp:connect",
+                decision = "deny",
+                reason = "approval required",
+                policies = ?policies,
+                policy_version = %policy_version,
+                "command needs approval"
+            );
+            super::refuse(client);
+            return Ok(SessionSummary {
+                end_reason: "approval required",
+                ..Default::default()
+            });
+        }
+    }
     let _ = client.set_nodelay(true);
     let mut upstream = match flow.connect_upstream().await {
         Ok(u) => u,
@@ -33,4 +95,21 @@ pub async fn serve(flow: Flow, mut client: TcpStream) -> io::Result<SessionSumma
             Ok(SessionSummary { end_reason: "ended by the daemon", ..Default::default() })
         }
     }
+}
+
+/// Whether this flow may connect under the policy set in force.
+pub fn decide_connect(shared: &Shared, flow: &Flow) -> Decision {
+    decide_connect_info(shared, &flow.info)
+}
+
+/// [`decide_connect`] from a session's info (used again after a reload).
+pub fn decide_connect_info(shared: &Shared, info: &super::FlowInfo) -> Decision {
+    let policy = shared.policy.load();
+    policy.decide(&DecisionRequest {
+        identity: &info.identity,
+        resource: &info.resource,
+        action: "tcp:connect",
+        context: serde_json::Value::Object(super::base_context(info)),
+        approved: false,
+    })
 }

@@ -1,0 +1,471 @@
+//! Cedar rules: parsing each `*.cedar` file, naming every rule, validating
+//! the set against the schema generated from the action catalog and the
+//! TOML configuration, and turning Cedar's answer into a [`Decision`].
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityUid, PolicyId, Request,
+    Schema, ValidationMode, Validator,
+};
+use serde::Serialize;
+
+use super::{actions, Diagnostic};
+
+/// A decision on one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "lowercase")]
+pub enum Decision {
+    /// Go ahead.
+    Allow {
+        /// The rules that allowed it.
+        policies: Vec<String>,
+    },
+    /// Refused.
+    Deny {
+        /// Why, for the agent and the audit log.
+        reason: String,
+        /// The rules that forbade it (empty: nothing permitted it).
+        policies: Vec<String>,
+    },
+    /// Allowed only once a human approves it or a grant covers it.
+    Hold {
+        /// The `@approval` rules that would allow it.
+        policies: Vec<String>,
+    },
+}
+
+impl Decision {
+    /// `allow`, `deny` or `hold`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Allow { .. } => "allow",
+            Self::Deny { .. } => "deny",
+            Self::Hold { .. } => "hold",
+        }
+    }
+
+    /// The rules behind the decision.
+    pub fn policies(&self) -> &[String] {
+        match self {
+            Self::Allow { policies } | Self::Deny { policies, .. } | Self::Hold { policies } => {
+                policies
+            }
+        }
+    }
+}
+
+/// What a protocol handler asks.
+#[derive(Debug, Clone)]
+pub struct DecisionRequest<'a> {
+    /// Identity name (the principal).
+    pub identity: &'a str,
+    /// Resource name.
+    pub resource: &'a str,
+    /// Action, e.g. `tcp:connect`, `postgres:select`.
+    pub action: &'a str,
+    /// The action's context as JSON (see the generated schema).
+    pub context: serde_json::Value,
+    /// Whether a human approved this very command or a grant covers it:
+    /// turns what would be a hold into an allow.
+    pub approved: bool,
+}
+
+/// What is known about one rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleInfo {
+    /// Its id: the `@id` annotation, else `FILE:LINE`.
+    pub id: String,
+    /// The file it is in.
+    pub file: PathBuf,
+    /// 1-based line where it starts.
+    pub line: usize,
+    /// `permit` or `forbid`.
+    pub effect: &'static str,
+    /// Whether it carries `@approval`.
+    pub approval: bool,
+    /// Its `@reason` annotation (shown to agents on denial).
+    pub reason: Option<String>,
+}
+
+/// A validated set of Cedar rules with the entities they decide over.
+pub struct Rules {
+    set: cedar_policy::PolicySet,
+    schema: Schema,
+    entities: Entities,
+    authorizer: Authorizer,
+    actions: HashMap<String, EntityUid>,
+    /// Rules by id.
+    pub rules: BTreeMap<String, RuleInfo>,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules")
+            .field("rules", &self.rules.len())
+            .finish()
+    }
+}
+
+/// An entity the rules can name.
+pub struct EntitySpec<'a> {
+    /// `Identity` or `Resource`.
+    pub kind: &'static str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its attributes (must match the schema).
+    pub attrs: serde_json::Value,
+}
+
+impl Rules {
+    /// Parses and validates `files` (path, text). Every problem goes to
+    /// `diags`; `None` when there was any.
+    pub fn load(
+        files: &[(PathBuf, String)],
+        entities: &[EntitySpec<'_>],
+        diags: &mut Vec<Diagnostic>,
+    ) -> Option<Self> {
+        let before = diags.len();
+        let schema = match Schema::from_cedarschema_str(&actions::cedar_schema()) {
+            Ok((s, _)) => s,
+            Err(e) => {
+                diags.push(Diagnostic::dir(
+                    Path::new("<generated schema>"),
+                    e.to_string(),
+                ));
+                return None;
+            }
+        };
+        let mut set = cedar_policy::PolicySet::new();
+        let mut rules = BTreeMap::new();
+        let mut texts: HashMap<String, (PathBuf, &str)> = HashMap::new();
+        for (file, text) in files {
+            let parsed = match cedar_policy::PolicySet::from_str(text) {
+                Ok(p) => p,
+                Err(errs) => {
+                    for e in errs.iter() {
+                        diags.push(miette_diag(file, text, e, e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            if parsed.templates().next().is_some() {
+                diags.push(Diagnostic::file(
+                    file,
+                    "policy templates are not supported; write static rules".into(),
+                ));
+                continue;
+            }
+            let starts = statement_starts(text);
+            for (i, start) in starts.iter().enumerate() {
+                let Some(p) = parsed.policy(&PolicyId::new(format!("policy{i}"))) else {
+                    continue;
+                };
+                let (line, _) = super::diag::line_col(text, *start);
+                let id = match p.annotation("id") {
+                    Some(id) => id.to_string(),
+                    None => format!("{}:{line}", display_name(file)),
+                };
+                if let Some(prev) = rules.get(&id) {
+                    let prev: &RuleInfo = prev;
+                    diags.push(Diagnostic::at(
+                        file,
+                        text,
+                        *start,
+                        format!(
+                            "rule id {id:?} is already used at {}:{}",
+                            prev.file.display(),
+                            prev.line
+                        ),
+                    ));
+                    continue;
+                }
+                let info = RuleInfo {
+                    id: id.clone(),
+                    file: file.clone(),
+                    line,
+                    effect: match p.effect() {
+                        Effect::Permit => "permit",
+                        Effect::Forbid => "forbid",
+                    },
+                    approval: p.annotation("approval").is_some(),
+                    reason: p.annotation("reason").map(str::to_string),
+                };
+                if info.approval && info.effect == "forbid" {
+                    diags.push(Diagnostic::at(
+                        file,
+                        text,
+                        *start,
+                        "@approval only makes sense on a permit".into(),
+                    ));
+                }
+                if let Err(e) = set.add(p.new_id(PolicyId::new(&id))) {
+                    diags.push(Diagnostic::at(file, text, *start, e.to_string()));
+                    continue;
+                }
+                texts.insert(id.clone(), (file.clone(), text.as_str()));
+                rules.insert(id, info);
+            }
+        }
+        if diags.len() > before {
+            return None;
+        }
+        let validation = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        let mut found = Vec::new();
+        for e in validation.validation_errors() {
+            let id = e.policy_id().to_string();
+            match texts.get(&id) {
+                Some((file, text)) => found.push(miette_diag(file, text, e, e.to_string())),
+                None => found.push(Diagnostic::dir(Path::new(&id), e.to_string())),
+            }
+        }
+        diags.extend(collapse_per_action(found));
+        let entity_json: Vec<serde_json::Value> = entities
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "uid": { "type": e.kind, "id": e.name },
+                    "attrs": e.attrs,
+                    "parents": [],
+                })
+            })
+            .collect();
+        let entities =
+            match Entities::from_json_value(serde_json::Value::Array(entity_json), Some(&schema)) {
+                Ok(e) => e,
+                Err(e) => {
+                    diags.push(Diagnostic::dir(Path::new("<entities>"), e.to_string()));
+                    return None;
+                }
+            };
+        if diags.len() > before {
+            return None;
+        }
+        let mut action_uids = HashMap::new();
+        for (name, _) in actions::all() {
+            match EntityUid::from_str(&format!("Action::{name:?}")) {
+                Ok(uid) => {
+                    action_uids.insert(name, uid);
+                }
+                Err(e) => {
+                    diags.push(Diagnostic::dir(Path::new("<actions>"), e.to_string()));
+                    return None;
+                }
+            }
+        }
+        Some(Self {
+            set,
+            schema,
+            entities,
+            authorizer: Authorizer::new(),
+            actions: action_uids,
+            rules,
+        })
+    }
+
+    /// Decides one command. Pure computation, no I/O.
+    pub fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
+        let deny = |reason: String| Decision::Deny {
+            reason,
+            policies: Vec::new(),
+        };
+        let Some(action) = self.actions.get(req.action) else {
+            return deny(format!("unknown action {:?}", req.action));
+        };
+        let (Ok(principal), Ok(resource)) = (
+            EntityUid::from_str(&format!("Identity::{:?}", req.identity)),
+            EntityUid::from_str(&format!("Resource::{:?}", req.resource)),
+        ) else {
+            return deny("invalid identity or resource name".into());
+        };
+        let context =
+            match Context::from_json_value(req.context.clone(), Some((&self.schema, action))) {
+                Ok(c) => c,
+                Err(e) => return deny(format!("invalid request context for {}: {e}", req.action)),
+            };
+        let request = match Request::new(
+            principal,
+            action.clone(),
+            resource,
+            context,
+            Some(&self.schema),
+        ) {
+            Ok(r) => r,
+            Err(e) => return deny(format!("invalid request: {e}")),
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.set, &self.entities);
+        let determining: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
+        // Cedar skips a rule whose evaluation errors. A skipped forbid must
+        // not turn into an allow: fail closed.
+        let errored_forbids: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| match e {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(pe) => {
+                    pe.policy_id().to_string()
+                }
+            })
+            .filter(|id| self.rules.get(id).is_some_and(|r| r.effect == "forbid"))
+            .collect();
+        if !errored_forbids.is_empty() {
+            return Decision::Deny {
+                reason: format!(
+                    "evaluation error in forbid rule {}",
+                    errored_forbids.join(", ")
+                ),
+                policies: errored_forbids,
+            };
+        }
+        match response.decision() {
+            CedarDecision::Deny if determining.is_empty() => Decision::Deny {
+                reason: format!(
+                    "no rule permits {} on {} for {}",
+                    req.action, req.resource, req.identity
+                ),
+                policies: Vec::new(),
+            },
+            CedarDecision::Deny => {
+                let reasons: Vec<String> = determining
+                    .iter()
+                    .filter_map(|id| self.rules.get(id).and_then(|r| r.reason.clone()))
+                    .collect();
+                let reason = if reasons.is_empty() {
+                    format!("forbidden by rule {}", determining.join(", "))
+                } else {
+                    format!("{} (rule {})", reasons.join("; "), determining.join(", "))
+                };
+                Decision::Deny {
+                    reason,
+                    policies: determining,
+                }
+            }
+            CedarDecision::Allow => {
+                let unconditional = determining
+                    .iter()
+                    .any(|id| self.rules.get(id).is_some_and(|r| !r.approval));
+                if unconditional || req.approved {
+                    Decision::Allow {
+                        policies: determining,
+                    }
+                } else {
+                    Decision::Hold {
+                        policies: determining,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Cedar validates a rule once per action it may apply to, so one mistake in
+/// a rule with an unconstrained action yields dozens of near-identical
+/// errors. Keep the first per location and say how many actions it hit.
+fn collapse_per_action(found: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    let mut out: Vec<(Diagnostic, usize)> = Vec::new();
+    for d in found {
+        match out
+            .iter_mut()
+            .find(|(o, _)| o.file == d.file && o.line == d.line && o.column == d.column)
+        {
+            Some((_, n)) => *n += 1,
+            None => out.push((d, 0)),
+        }
+    }
+    out.into_iter()
+        .map(|(mut d, more)| {
+            if more > 0 {
+                d.message.push_str(&format!(
+                    " (and {more} more actions; scope the rule, e.g. `action in Action::\"postgres\"`)"
+                ));
+            }
+            d
+        })
+        .collect()
+}
+
+fn display_name(file: &Path) -> String {
+    file.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string())
+}
+
+/// A diagnostic at the first labelled span of a miette error.
+fn miette_diag(file: &Path, text: &str, e: &dyn miette::Diagnostic, message: String) -> Diagnostic {
+    let offset = e
+        .labels()
+        .and_then(|mut l| l.next())
+        .map(|l| l.offset())
+        .unwrap_or(0);
+    let mut message = message;
+    if let Some(help) = e.help() {
+        message.push_str(&format!(" ({help})"));
+    }
+    Diagnostic::at(file, text, offset, message)
+}
+
+/// Byte offsets where each top-level statement of a Cedar file starts (its
+/// first annotation or effect keyword). Cedar names statements `policy0`,
+/// `policy1`, ... in this order.
+pub fn statement_starts(text: &str) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut starts = Vec::new();
+    let mut i = 0;
+    let mut in_statement = false;
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' => {
+                if !in_statement {
+                    starts.push(i);
+                    in_statement = true;
+                }
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+            }
+            b';' => in_statement = false,
+            c if c.is_ascii_whitespace() => {}
+            _ => {
+                if !in_statement {
+                    starts.push(i);
+                    in_statement = true;
+                }
+            }
+        }
+        i += 1;
+    }
+    starts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_starts_skip_comments_and_strings() {
+        let text = "// a; comment\npermit(principal, action, resource);\n\n@id(\"x;y\")\nforbid(principal, action, resource)\n  when { context.destination == \";\" };\n";
+        let starts = statement_starts(text);
+        assert_eq!(starts.len(), 2);
+        assert!(text[starts[0]..].starts_with("permit"));
+        assert!(text[starts[1]..].starts_with("@id"));
+    }
+}
