@@ -308,6 +308,19 @@ try:
     out["echo_ok"] = got == payload
     out["echo"] = got[:64].decode(errors="replace")
     time.sleep(a.get("hold", 0))
+    if a.get("wait_close"):
+        # Block reading until the proxy side closes (EOF or reset) or the
+        # time is up; report which.
+        s.settimeout(a["wait_close"])
+        t0 = time.time()
+        try:
+            d = s.recv(1)
+            out["closed"] = "eof" if d == b"" else "data"
+        except socket.timeout:
+            out["closed"] = "timeout"
+        except ConnectionResetError:
+            out["closed"] = "reset"
+        out["closed_after"] = time.time() - t0
 except Exception as e:
     out["error"] = type(e).__name__ + ": " + str(e)
 print(json.dumps(out))

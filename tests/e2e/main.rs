@@ -481,7 +481,7 @@ fn untag_ends_live_sessions_and_stops_interception() {
     s.daemon.tag(&agent, "a");
     let place = Placement::cgroup(s.cg.dir(&agent));
     let mut args = to(&s.server);
-    args["hold"] = json!(1);
+    args["wait_close"] = json!(20);
     let held = HeldClient::start(&place, args, &s.files.dir);
     assert_eq!(s.daemon.flows().len(), 1);
     s.daemon.cli_ok(&["untag", &agent]);
@@ -490,7 +490,11 @@ fn untag_ends_live_sessions_and_stops_interception() {
         || s.daemon.flows().is_empty(),
         "session ended",
     );
-    let _ = held.finish();
+    let r = held.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "{r:?}"
+    );
     let r = client(&place, to(&s.server));
     assert_eq!(r.peer_port(), Some(s.server.addr.port() as u64), "{r:?}");
 }
@@ -550,4 +554,254 @@ fn broken_policy_stops_startup_with_file_line_col() {
     let log = d.log_text();
     assert!(log.contains("bad.toml:4:1:"), "{log}");
     assert!(!files.pin_dir.exists(), "nothing attached for a broken set");
+}
+
+/// A rule that lets only `billing-agent` connect, and an echo server.
+fn policy_setup(name: &str) -> Setup {
+    require_root();
+    let cg = TestCgroup::new(name);
+    let server = EchoServer::start(name);
+    let files = DaemonFiles::new(&cg.rel);
+    files.rules(
+        "allow.cedar",
+        "@id(\"billing-echo\")\npermit(principal == Identity::\"billing-agent\", action == Action::\"tcp:connect\", resource == Resource::\"echo\");\n",
+    );
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let daemon = Daemon::start(&files);
+    Setup {
+        cg,
+        server,
+        files,
+        daemon,
+    }
+}
+
+#[test]
+fn rules_decide_tcp_connect_default_deny_and_hold() {
+    let s = policy_setup("rules");
+    let (billing, other) = (s.cg.child("billing"), s.cg.child("other"));
+    s.daemon.tag(&billing, "billing-agent");
+    s.daemon.tag(&other, "agent");
+    assert!(client(&Placement::cgroup(s.cg.dir(&billing)), to(&s.server)).echo_ok());
+    // No rule permits `agent`: default deny, reset, nothing reaches upstream.
+    let before = s.server.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let r = client(&Placement::cgroup(s.cg.dir(&other)), to(&s.server));
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
+    assert_eq!(
+        s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            s.daemon
+                .log_text()
+                .contains("no rule permits tcp:connect on echo for agent")
+        },
+        "deny logged",
+    );
+
+    // Only an @approval rule applies: a hold, which without JIT is refused
+    // with "approval required".
+    s.files.rules(
+        "hold.cedar",
+        "@id(\"agent-needs-approval\")\n@approval(\"required\")\npermit(principal == Identity::\"agent\", action == Action::\"tcp:connect\", resource);\n",
+    );
+    s.daemon.cli_ok(&["policy", "reload"]);
+    let r = client(&Placement::cgroup(s.cg.dir(&other)), to(&s.server));
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
+    wait_until(
+        Duration::from_secs(5),
+        || s.daemon.log_text().contains("approval required"),
+        "hold logged",
+    );
+    // A forbid wins over the permit.
+    s.files.rules(
+        "forbid.cedar",
+        "@id(\"freeze-billing\")\nforbid(principal == Identity::\"billing-agent\", action in Action::\"tcp\", resource);\n",
+    );
+    s.daemon.cli_ok(&["policy", "reload"]);
+    let r = client(&Placement::cgroup(s.cg.dir(&billing)), to(&s.server));
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            s.daemon
+                .log_text()
+                .contains("forbidden by rule freeze-billing")
+        },
+        "forbid logged",
+    );
+}
+
+#[test]
+fn reload_that_removes_a_permission_closes_live_flows_and_adding_one_opens_the_next() {
+    let s = policy_setup("reload");
+    let (billing, ops) = (s.cg.child("billing"), s.cg.child("ops"));
+    s.daemon.tag(&billing, "billing-agent");
+    s.daemon.tag(&ops, "agent");
+    let v1 = s.daemon.status()["policy_version"].clone();
+
+    let mut args = to(&s.server);
+    args["wait_close"] = json!(20);
+    let held = HeldClient::start(&Placement::cgroup(s.cg.dir(&billing)), args, &s.files.dir);
+    assert_eq!(s.daemon.flows().len(), 1);
+    // Remove billing's permission and give it to `agent` instead, through the
+    // file watcher (no explicit reload).
+    s.files.rules(
+        "allow.cedar",
+        "@id(\"agent-echo\")\npermit(principal == Identity::\"agent\", action == Action::\"tcp:connect\", resource == Resource::\"echo\");\n",
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || s.daemon.status()["policy_version"] != v1,
+        "file change reloaded",
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || s.daemon.flows().is_empty(),
+        "live flow closed on reload",
+    );
+    let r = held.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "the live client was cut off by the daemon: {r:?}"
+    );
+    assert!(s.daemon.log_text().contains("ended_sessions"));
+    assert!(
+        client(&Placement::cgroup(s.cg.dir(&ops)), to(&s.server)).echo_ok(),
+        "the next flow of the newly permitted identity goes through"
+    );
+    let r = client(&Placement::cgroup(s.cg.dir(&billing)), to(&s.server));
+    assert!(!r.echo_ok(), "{r:?}");
+}
+
+#[test]
+fn broken_policy_on_reload_keeps_the_old_set_and_reports_line_and_column() {
+    let s = policy_setup("brokenreload");
+    let billing = s.cg.child("billing");
+    s.daemon.tag(&billing, "billing-agent");
+    let v1 = s.daemon.status()["policy_version"].clone();
+
+    // Broken TOML.
+    fs::write(
+        s.files.policies.join("zz.toml"),
+        "[resource.zz]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\noops = true\n",
+    )
+    .unwrap();
+    let out = s.daemon.cli(&["policy", "reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("zz.toml:4:1:"), "{err}");
+    assert_eq!(s.daemon.status()["policy_version"], v1);
+    assert!(
+        client(&Placement::cgroup(s.cg.dir(&billing)), to(&s.server)).echo_ok(),
+        "old set still in force"
+    );
+    fs::remove_file(s.files.policies.join("zz.toml")).unwrap();
+
+    // Broken Cedar.
+    s.files.rules(
+        "zz.cedar",
+        "permit(principal, action, resource);\nforbid(principal action, resource);\n",
+    );
+    let out = s.daemon.cli(&["policy", "reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("zz.cedar:2:"), "{err}");
+    assert_eq!(s.daemon.status()["policy_version"], v1);
+    assert!(client(&Placement::cgroup(s.cg.dir(&billing)), to(&s.server)).echo_ok());
+
+    // `policy check` offline says the same and exits 1; a fixed set exits 0.
+    let out = std::process::Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&s.files.policies)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("zz.cedar:2:"));
+    fs::remove_file(s.files.policies.join("zz.cedar")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&s.files.policies)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // SIGHUP reloads too (the set is back to v1's content: same version).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.daemon.child.id() as i32),
+        nix::sys::signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            s.daemon.log_text().contains("trigger=\"SIGHUP\"")
+                || s.daemon.log_text().contains("trigger=SIGHUP")
+        },
+        "SIGHUP reload",
+    );
+    assert_eq!(s.daemon.status()["policy_version"], v1);
+}
+
+#[test]
+fn configmap_style_symlink_swap_is_picked_up() {
+    require_root();
+    let cg = TestCgroup::new("configmap");
+    let server = EchoServer::start("configmap");
+    // The daemon's policies dir is laid out like a mounted ConfigMap:
+    // visible names are symlinks into ..data, which points at a timestamped
+    // directory; an update writes a new directory and swaps ..data.
+    let staging = DaemonFiles::new(&cg.rel);
+    staging.rules("allow.cedar", "permit(principal == Identity::\"billing-agent\", action == Action::\"tcp:connect\", resource);\n");
+    staging.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let files = DaemonFiles::new(&cg.rel);
+    let v1dir = files.policies.join("..2026_11_26_v1");
+    fs::create_dir_all(&v1dir).unwrap();
+    for f in ["allow.cedar", "echo.toml", "identities.toml"] {
+        fs::copy(staging.policies.join(f), v1dir.join(f)).unwrap();
+        std::os::unix::fs::symlink(format!("..data/{f}"), files.policies.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink("..2026_11_26_v1", files.policies.join("..data")).unwrap();
+    let daemon = Daemon::start(&files);
+    let (billing, ops) = (cg.child("billing"), cg.child("ops"));
+    daemon.tag(&billing, "billing-agent");
+    daemon.tag(&ops, "agent");
+    assert!(
+        client(&Placement::cgroup(cg.dir(&ops)), to(&server))
+            .error()
+            .is_some()
+            || !client(&Placement::cgroup(cg.dir(&ops)), to(&server)).echo_ok()
+    );
+    let v1 = daemon.status()["policy_version"].clone();
+
+    let v2dir = files.policies.join("..2026_11_26_v2");
+    fs::create_dir_all(&v2dir).unwrap();
+    for f in ["echo.toml", "identities.toml"] {
+        fs::copy(v1dir.join(f), v2dir.join(f)).unwrap();
+    }
+    fs::write(
+        v2dir.join("allow.cedar"),
+        "permit(principal == Identity::\"agent\", action == Action::\"tcp:connect\", resource);\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_11_26_v2", files.policies.join("..data_tmp")).unwrap();
+    fs::rename(
+        files.policies.join("..data_tmp"),
+        files.policies.join("..data"),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || daemon.status()["policy_version"] != v1,
+        "ConfigMap swap reloaded",
+    );
+    assert!(client(&Placement::cgroup(cg.dir(&ops)), to(&server)).echo_ok());
+    let shown = daemon.json(&["policy", "show", "--json"]);
+    assert_eq!(shown["version"], daemon.status()["policy_version"]);
+    assert!(shown["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "echo"));
 }
