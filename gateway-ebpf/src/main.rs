@@ -277,11 +277,9 @@ pub fn track_flows(ctx: SockOpsContext) -> u32 {
     // SAFETY: sock_ops programs may ask for their socket's cookie.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if PENDING_CONNECTS.get_ptr(cookie).is_some() {
-                // Hear about this socket's close so its flow entry goes too.
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            }
+        BPF_SOCK_OPS_TCP_CONNECT_CB if PENDING_CONNECTS.get_ptr(cookie).is_some() => {
+            // Hear about this socket's close so its flow entry goes too.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             if let Some(orig) = PENDING_CONNECTS.get_ptr(cookie) {
@@ -291,11 +289,9 @@ pub fn track_flows(ctx: SockOpsContext) -> u32 {
                 let _ = PENDING_CONNECTS.remove(cookie);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = PENDING_CONNECTS.remove(cookie);
-                let _ = FLOWS.remove(flow_key(&ctx));
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let _ = PENDING_CONNECTS.remove(cookie);
+            let _ = FLOWS.remove(flow_key(&ctx));
         }
         _ => {}
     }

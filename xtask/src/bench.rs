@@ -65,7 +65,7 @@ pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> 
             listen_port: LISTEN_PORT,
         },
     )?;
-    session.tag_agent("bench-agent")?;
+    session.tag_agent("bench-agent", None)?;
     measure_all(&session, upstream, connections, bytes)
 }
 

@@ -31,6 +31,8 @@ const NAME: &str = "portcullis-demo";
 const LISTEN_PORT: u16 = 15001;
 /// The identity the agent cgroup is tagged with.
 const IDENTITY: &str = "demo-agent";
+/// The demo agent's token, relative to the policies directory.
+const DEMO_TOKEN: &str = "demo/agent.token";
 /// The greeting the orders service sends first.
 const GREETING: &str = "hello from the orders service\n";
 /// How long one agent run may take.
@@ -102,7 +104,14 @@ pub fn run(once: bool, binary: Option<PathBuf>) -> Result<()> {
 /// The part of the demo that runs with the daemon up; `session` is torn down
 /// when this returns, however it returns.
 fn run_demo(mut session: Session, once: bool) -> Result<()> {
-    session.tag_agent(IDENTITY)?;
+    // The demo identity's OIDC token, when the policy set ships one.
+    let token = repo_root().join("policies").join(DEMO_TOKEN);
+    if token.is_file() {
+        session.tag_agent(IDENTITY, Some(&token))?;
+    } else {
+        println!("    (no {}: tagging without a token)", token.display());
+        session.tag_agent(IDENTITY, None)?;
+    }
     step("tags");
     print_indented(&session.client_output(&["tags"])?);
 

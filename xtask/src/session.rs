@@ -202,19 +202,32 @@ impl Session {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Tags `<name>/agent` with `identity`.
-    pub fn tag_agent(&self, identity: &str) -> Result<()> {
+    /// Tags `<name>/agent` with `identity`, proven by the token in
+    /// `token_file` when given.
+    pub fn tag_agent(&self, identity: &str, token_file: Option<&Path>) -> Result<()> {
         let relative = self
             .agent_cgroup
             .strip_prefix(&self.cgroup_mount)
             .context("the agent cgroup is not under the cgroup2 mount")?
             .to_string_lossy()
             .into_owned();
+        let mut args = vec![
+            "tag".to_owned(),
+            relative,
+            "--identity".to_owned(),
+            identity.to_owned(),
+        ];
+        if let Some(token) = token_file {
+            args.push("--token-file".to_owned());
+            args.push(token.display().to_string());
+        }
         step(&format!(
-            "portcullis --admin-socket {} tag {relative} --identity {identity}",
-            self.admin_socket.display()
+            "portcullis --admin-socket {} {}",
+            self.admin_socket.display(),
+            args.join(" ")
         ));
-        let out = self.client_output(&["tag", &relative, "--identity", identity])?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.client_output(&args)?;
         print_indented(&out);
         Ok(())
     }
