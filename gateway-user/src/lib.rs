@@ -6,10 +6,12 @@
 //! - [`identity`]: tags and the cgroup tree.
 //! - [`policy`]: the policy set and destination matching.
 //! - [`proxy`]: flow attribution, refusal, sessions, protocol handlers.
+//! - [`audit`]: the tamper-evident audit log and its readers.
 //! - [`admin`]: the admin socket; [`cli`]: the command line.
 //! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`].
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
