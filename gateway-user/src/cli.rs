@@ -72,6 +72,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The audit log: verify, tail, public key. Reads the files directly;
+    /// no daemon needed.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Policy set: check offline, reload, show.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -81,6 +85,56 @@ pub enum Command {
         /// Pin directory to clean when no daemon answers.
         #[arg(long, default_value = defaults::PIN_DIR)]
         pin_dir: PathBuf,
+    },
+}
+
+/// `portcullis audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain and checkpoint signatures; name the first broken
+    /// event and exit non-zero.
+    Verify {
+        /// The audit directory (default `<state>/audit`).
+        dir: Option<PathBuf>,
+        /// State directory.
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
+        /// Checkpoint public key (default `<state>/audit.pub`), for a copied log.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print events, oldest first.
+    Tail {
+        /// State directory.
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
+        /// JSON Lines.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only this identity (name or token subject).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only events since TIME (RFC 3339, or 30s / 10m / 2h / 1d ago).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N events (before following).
+        #[arg(long, short = 'n')]
+        last: Option<usize>,
+    },
+    /// Print the checkpoint public key (hex Ed25519).
+    Pubkey {
+        /// State directory.
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
     },
 }
 
@@ -128,6 +182,10 @@ pub struct DaemonArgs {
     /// Metrics address, or "off".
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Audit durability: "interval" (group commit every few ms, default) or
+    /// "always" (each command waits for its fsync).
+    #[arg(long)]
+    pub fsync: Option<String>,
 }
 
 impl Cli {
@@ -152,6 +210,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cgroup_root: args.cgroup_root,
                 listen_port: args.listen_port,
                 metrics: args.metrics,
+                fsync: args.fsync,
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -272,6 +331,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Audit(cmd) => audit_command(cmd),
         Command::Policy(PolicyCommand::Check { dir }) => {
             match crate::policy::PolicySet::load(&dir) {
                 Ok(set) => {
@@ -357,6 +417,100 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
+    use crate::audit;
+    match cmd {
+        AuditCommand::Verify {
+            dir,
+            state_dir,
+            pubkey,
+            json,
+        } => {
+            let dir = dir.unwrap_or_else(|| state_dir.join("audit"));
+            let pubkey = pubkey.unwrap_or_else(|| state_dir.join("audit.pub"));
+            let key = audit::load_public_key(&pubkey)
+                .with_context(|| format!("checkpoint public key {}", pubkey.display()))?;
+            let report = audit::verify(&dir, &key);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            if report.is_ok() {
+                Ok(())
+            } else {
+                bail!("audit log {} does not verify", dir.display())
+            }
+        }
+        AuditCommand::Pubkey { state_dir } => {
+            let path = state_dir.join("audit.pub");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            println!("{}", text.trim());
+            Ok(())
+        }
+        AuditCommand::Tail {
+            state_dir,
+            json,
+            follow,
+            session,
+            identity,
+            since,
+            last,
+        } => {
+            let dir = state_dir.join("audit");
+            let since_ms = since
+                .as_deref()
+                .map(audit::parse_since)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let filter = audit::TailFilter {
+                session,
+                identity,
+                since_ms,
+                last,
+            };
+            let events = audit::read_events(&dir, &filter)?;
+            let mut next = 1;
+            for e in &events {
+                print_event(e, json);
+                next = e["seq"].as_u64().map_or(next, |s| s + 1);
+            }
+            if follow {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let filter = audit::TailFilter {
+                    last: None,
+                    ..filter
+                };
+                rt.block_on(audit::follow(&dir, filter, next, |e| print_event(&e, json)))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_event(e: &serde_json::Value, json: bool) {
+    if json {
+        println!("{e}");
+        return;
+    }
+    let opt = |k: &str| e.get(k).map(s).filter(|v| v != "-");
+    let mut line = format!("{:>6} {} {:<16}", e["seq"], s(&e["time"]), s(&e["type"]));
+    if let Some(id) = e.get("identity").and_then(|i| i.get("name")) {
+        line.push_str(&format!(" identity={}", s(id)));
+    }
+    for k in [
+        "session", "resource", "action", "decision", "reason", "cgroup",
+    ] {
+        if let Some(v) = opt(k) {
+            line.push_str(&format!(" {k}={v}"));
+        }
+    }
+    println!("{line}");
 }
 
 fn request(socket: &std::path::Path, req: &Request) -> anyhow::Result<serde_json::Value> {

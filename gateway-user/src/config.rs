@@ -46,6 +46,8 @@ pub struct DaemonTable {
     pub listen_port: Option<u16>,
     /// Metrics address or "off".
     pub metrics: Option<String>,
+    /// Audit durability: "interval" (group commit, default) or "always".
+    pub fsync: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +148,8 @@ pub struct DaemonConfig {
     pub listen_port: u16,
     /// Metrics endpoint.
     pub metrics: Metrics,
+    /// Audit durability against a host crash.
+    pub fsync: crate::audit::FsyncMode,
 }
 
 impl DaemonConfig {
@@ -160,6 +164,15 @@ impl DaemonConfig {
             .listen_port
             .or(file.listen_port)
             .unwrap_or(defaults::LISTEN_PORT);
+        let fsync = match flags.fsync.or(file.fsync).as_deref() {
+            None | Some("interval") => crate::audit::FsyncMode::default(),
+            Some("always") => crate::audit::FsyncMode::Always,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "fsync must be \"interval\" or \"always\", not {other:?}"
+                )))
+            }
+        };
         if listen_port == 0 {
             return Err(ConfigError::Invalid("listen_port must not be 0".into()));
         }
@@ -186,6 +199,7 @@ impl DaemonConfig {
                 .unwrap_or_else(|| defaults::CGROUP_ROOT.into()),
             listen_port,
             metrics,
+            fsync,
         })
     }
 }

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    audit::{AuditConfig, AuditError, AuditEvent, AuditLog},
     config::DaemonConfig,
-    identity::{CgroupTree, TagStore},
+    identity::{CgroupTree, IdentityBinder, TagStore},
     metrics::Metrics,
     policy::{PolicySet, Resolver},
     proxy::{self, Sessions},
@@ -69,6 +70,10 @@ pub struct Shared {
     pub policy: ArcSwap<PolicySet>,
     /// Hostname matches.
     pub resolver: Resolver,
+    /// The tamper-evident audit log.
+    pub audit_log: AuditLog,
+    /// OIDC verifiers and token files.
+    pub identities: IdentityBinder,
     /// Live sessions.
     pub sessions: Sessions,
     /// Namespaces with listeners.
@@ -86,6 +91,42 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Appends an audit event (with the policy version in force unless set).
+    /// Returns once it is in the log file; fails when the log cannot be
+    /// written, and the caller must then deny whatever it was about to do.
+    pub async fn audit(&self, mut event: AuditEvent) -> Result<u64, AuditError> {
+        if event.policy_version.is_none() {
+            event.policy_version = Some(self.policy.load().version.clone());
+        }
+        self.audit_log.record(event).await
+    }
+
+    /// Ends live sessions whose identity is no longer proven (token expired,
+    /// rotated to one that does not validate, issuer keys gone). Uses cached
+    /// keys only. Returns (session, reason) pairs.
+    pub fn end_unproven_sessions(&self) -> Vec<(String, String)> {
+        let policy = self.policy.load();
+        let tags = self.tags.read().unwrap_or_else(|p| p.into_inner());
+        let mut ended = Vec::new();
+        self.sessions.cancel_where(|f| {
+            let verdict = match tags.nearest(&f.cgroup) {
+                None => Err("tag removed".to_string()),
+                Some(t) => self
+                    .identities
+                    .prove_cached(&policy, t)
+                    .map_err(|e| e.to_string()),
+            };
+            match verdict {
+                Ok(_) => false,
+                Err(reason) => {
+                    ended.push((f.session.clone(), reason));
+                    true
+                }
+            }
+        });
+        ended
+    }
+
     /// Takes the kernel's flow entry for a client.
     pub fn take_flow(&self, key: &FlowKey) -> Option<OrigDst> {
         self.redirect
@@ -183,6 +224,14 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     // Fail before touching the kernel if another daemon owns the socket.
     let admin_listener = crate::admin::bind(&cfg.admin_socket)?;
 
+    let mut audit_cfg = AuditConfig::new(&cfg.state_dir);
+    audit_cfg.fsync = cfg.fsync;
+    let (audit_log, report) = AuditLog::open(audit_cfg).context("opening the audit log")?;
+    if let Some(r) = &report.recovered {
+        warn!(file = %r.file.display(), bytes_dropped = r.bytes_dropped, "audit log: truncated a torn last line left by a crash");
+    }
+    info!(file = %report.file.display(), next_seq = report.next_seq, public_key = %report.public_key_hex, "audit log open");
+
     sys::ensure_bpffs(&cfg.pin_dir)?;
     let mut redirector = Redirector::attach(&AttachSettings {
         pin_dir: cfg.pin_dir.clone(),
@@ -200,6 +249,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         redirect: Mutex::new(redirector),
         policy: ArcSwap::from_pointee(policy),
         resolver: Resolver::default(),
+        audit_log,
+        identities: IdentityBinder::default(),
         sessions: Sessions::new(),
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
@@ -210,6 +261,21 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         netns_failures: Mutex::new(HashMap::new()),
     });
     shared.sync_tags()?;
+    for v in shared.identities.sync(&shared.policy.load()) {
+        if let Err(e) = v.refresh().await {
+            warn!("issuer keys unavailable for now: {e}");
+        }
+    }
+    shared
+        .audit(
+            AuditEvent::new("daemon_start")
+                .detail("pid", std::process::id())
+                .detail("version", env!("CARGO_PKG_VERSION"))
+                .detail("cgroup_root", shared.cgroups.root())
+                .detail("listen_port", cfg.listen_port),
+        )
+        .await
+        .context("writing the first audit event")?;
     let failures = shared.resolver.refresh(&shared.policy.load()).await;
     for f in failures {
         warn!("resource hostname does not resolve: {f}");
@@ -228,6 +294,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(resolve_loop(shared.clone()));
     tasks.spawn(watch_policies(shared.clone()));
+    tasks.spawn(identity_loop(shared.clone()));
     if let Some(events) = events {
         tasks.spawn(kernel_events(shared.clone(), events));
     }
@@ -255,6 +322,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     info!("shutting down; pinned programs stay attached, so tagged agents are refused until a daemon runs again");
     shared.shutdown.cancel();
     tasks.abort_all();
+    let _ = shared
+        .audit(AuditEvent::new("daemon_stop").reason("signal"))
+        .await;
     let _ = fs::remove_file(&cfg.admin_socket);
     Ok(())
 }
@@ -287,10 +357,25 @@ pub async fn reload_policy(
             for f in shared.resolver.refresh(&set).await {
                 warn!("resource hostname does not resolve: {f}");
             }
+            let fresh = shared.identities.sync(&set);
             let previous = shared.policy.swap(Arc::new(set));
+            for v in fresh {
+                if let Err(e) = v.refresh().await {
+                    warn!("issuer keys unavailable for now: {e}");
+                }
+            }
             let ended = shared.reevaluate_sessions();
+            let mut ev = AuditEvent::new("policy_reload")
+                .policy_version(version.clone())
+                .detail("previous", previous.version.clone())
+                .detail("trigger", trigger);
+            for s in &ended {
+                ev = ev.detail(format!("ended:{s}"), "access gone after reload");
+            }
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of a policy reload failed: {e}");
+            }
             info!(
-                target: "portcullis::audit",
                 event = "policy_reload",
                 version = %version,
                 previous = %previous.version,
@@ -302,8 +387,13 @@ pub async fn reload_policy(
             Ok(version)
         }
         Err(e) => {
+            let ev = AuditEvent::new("policy_reload_failed")
+                .reason(e.to_string())
+                .detail("trigger", trigger);
+            if let Err(err) = shared.audit(ev).await {
+                warn!("audit record of a refused reload failed: {err}");
+            }
             error!(
-                target: "portcullis::audit",
                 event = "policy_reload_failed",
                 trigger,
                 errors = %e,
@@ -482,6 +572,40 @@ fn reconcile_netns(shared: &Arc<Shared>) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, Instant::now());
+        }
+    }
+}
+
+/// How often live sessions' identities are checked again (token expiry,
+/// rotation) and how often issuer keys are refreshed.
+const IDENTITY_CHECK_EVERY: Duration = Duration::from_secs(2);
+const JWKS_REFRESH_EVERY: Duration = Duration::from_secs(600);
+
+async fn identity_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(IDENTITY_CHECK_EVERY);
+    let mut last_refresh = Instant::now();
+    loop {
+        tick.tick().await;
+        if last_refresh.elapsed() >= JWKS_REFRESH_EVERY {
+            last_refresh = Instant::now();
+            for v in shared.identities.all() {
+                if let Err(e) = v.refresh().await {
+                    warn!("refreshing issuer keys: {e}");
+                }
+            }
+        }
+        let s = shared.clone();
+        let ended = tokio::task::spawn_blocking(move || s.end_unproven_sessions())
+            .await
+            .unwrap_or_default();
+        for (session, reason) in ended {
+            warn!(session = %session, reason = %reason, "session ended: identity no longer proven");
+            let ev = AuditEvent::new("session_revoked")
+                .session(session)
+                .reason(format!("identity no longer proven: {reason}"));
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of a revoked session failed: {e}");
+            }
         }
     }
 }

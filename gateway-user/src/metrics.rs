@@ -23,6 +23,8 @@ pub struct Metrics {
     refused_untagged: AtomicU64,
     refused_no_resource: AtomicU64,
     refused_shutting_down: AtomicU64,
+    refused_identity_unproven: AtomicU64,
+    refused_audit_unavailable: AtomicU64,
 }
 
 /// A copy of the counters.
@@ -52,6 +54,8 @@ impl Metrics {
             Refusal::Untagged => &self.refused_untagged,
             Refusal::NoResource => &self.refused_no_resource,
             Refusal::ShuttingDown => &self.refused_shutting_down,
+            Refusal::IdentityUnproven => &self.refused_identity_unproven,
+            Refusal::AuditUnavailable => &self.refused_audit_unavailable,
         }
     }
 
@@ -63,6 +67,8 @@ impl Metrics {
             Refusal::Untagged,
             Refusal::NoResource,
             Refusal::ShuttingDown,
+            Refusal::IdentityUnproven,
+            Refusal::AuditUnavailable,
         ];
         Snapshot {
             flows_accepted: self.flows_accepted.load(Ordering::Relaxed),

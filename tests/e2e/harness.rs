@@ -421,8 +421,56 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool, what: &str) {
     panic!("timed out after {timeout:?} waiting for: {what}");
 }
 
+/// A test OIDC issuer: an ES256 key, its JWKS, and tokens it mints.
+#[derive(Clone)]
+pub struct TestIssuer {
+    der: Vec<u8>,
+    pub jwks: String,
+    pub url: String,
+}
+
+impl TestIssuer {
+    pub fn new() -> Self {
+        use base64::Engine as _;
+        let kp = rcgen::KeyPair::generate().expect("keypair");
+        let raw = kp.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "test-key",
+            "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+        }]})
+        .to_string();
+        Self {
+            der: kp.serialize_der(),
+            jwks,
+            url: "https://issuer.test".into(),
+        }
+    }
+
+    /// A token for `identity` (subject `sub-IDENTITY`) valid for `ttl_secs`.
+    pub fn token(&self, subject: &str, ttl_secs: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_secs() as i64;
+        let claims = serde_json::json!({
+            "iss": self.url, "aud": "portcullis", "sub": subject,
+            "iat": now, "nbf": now - 5, "exp": now + ttl_secs, "jti": unique("jti"),
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("test-key".into());
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.der),
+        )
+        .expect("sign token")
+    }
+}
+
 /// Files the daemon uses, kept across restarts of the same daemon.
 pub struct DaemonFiles {
+    pub issuer: TestIssuer,
     pub dir: PathBuf,
     pub policies: PathBuf,
     pub state: PathBuf,
@@ -438,6 +486,7 @@ impl DaemonFiles {
         let policies = dir.join("policies");
         fs::create_dir_all(&policies).expect("policies dir");
         Self {
+            issuer: TestIssuer::new(),
             state: dir.join("state"),
             socket: dir.join("admin.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
@@ -491,7 +540,7 @@ impl DaemonFiles {
     /// Writes `identities.toml` declaring `names` (one test issuer).
     pub fn identities(&self, names: &[&str]) {
         let jwks = self.dir.join("jwks.json");
-        fs::write(&jwks, "{\"keys\":[]}").expect("write jwks");
+        fs::write(&jwks, &self.issuer.jwks).expect("write jwks");
         let mut text = format!(
             "[issuer.test]\nurl = \"https://issuer.test\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n",
             jwks.display().to_string()
@@ -529,6 +578,8 @@ impl Drop for DaemonFiles {
 
 /// A running daemon; SIGKILLed on drop (pins are cleaned by [`DaemonFiles`]).
 pub struct Daemon {
+    pub issuer: TestIssuer,
+    pub dir: PathBuf,
     pub child: Child,
     pub log: Arc<Mutex<String>>,
     pub socket: PathBuf,
@@ -582,6 +633,8 @@ impl Daemon {
             }
         });
         Self {
+            issuer: files.issuer.clone(),
+            dir: files.dir.clone(),
             child,
             log,
             socket: files.socket.clone(),
@@ -632,8 +685,29 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("{args:?}: invalid JSON ({e}): {text}"))
     }
 
+    /// Tags `cgroup` as `identity` with a fresh valid token for it.
     pub fn tag(&self, cgroup: &str, identity: &str) {
-        self.cli_ok(&["tag", cgroup, "--identity", identity]);
+        let token = self.token_file(identity, &format!("sub-{identity}"), 3600);
+        self.cli_ok(&[
+            "tag",
+            cgroup,
+            "--identity",
+            identity,
+            "--token-file",
+            &token.display().to_string(),
+        ]);
+    }
+
+    /// Writes (atomically, as Kubernetes rotates projected tokens) the token
+    /// file of `identity` with the given subject and lifetime.
+    pub fn token_file(&self, identity: &str, subject: &str, ttl_secs: i64) -> PathBuf {
+        let dir = self.dir.join("tokens");
+        fs::create_dir_all(&dir).expect("tokens dir");
+        let path = dir.join(format!("{identity}.jwt"));
+        let tmp = dir.join(format!(".{identity}.jwt.tmp"));
+        fs::write(&tmp, self.issuer.token(subject, ttl_secs)).expect("write token");
+        fs::rename(&tmp, &path).expect("rename token");
+        path
     }
 
     pub fn flows(&self) -> Vec<Value> {

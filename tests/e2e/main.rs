@@ -752,14 +752,13 @@ fn configmap_style_symlink_swap_is_picked_up() {
     // The daemon's policies dir is laid out like a mounted ConfigMap:
     // visible names are symlinks into ..data, which points at a timestamped
     // directory; an update writes a new directory and swaps ..data.
-    let staging = DaemonFiles::new(&cg.rel);
-    staging.rules("allow.cedar", "permit(principal == Identity::\"billing-agent\", action == Action::\"tcp:connect\", resource);\n");
-    staging.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
     let files = DaemonFiles::new(&cg.rel);
+    files.rules("allow.cedar", "permit(principal == Identity::\"billing-agent\", action == Action::\"tcp:connect\", resource);\n");
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
     let v1dir = files.policies.join("..2026_11_26_v1");
     fs::create_dir_all(&v1dir).unwrap();
     for f in ["allow.cedar", "echo.toml", "identities.toml"] {
-        fs::copy(staging.policies.join(f), v1dir.join(f)).unwrap();
+        fs::rename(files.policies.join(f), v1dir.join(f)).unwrap();
         std::os::unix::fs::symlink(format!("..data/{f}"), files.policies.join(f)).unwrap();
     }
     std::os::unix::fs::symlink("..2026_11_26_v1", files.policies.join("..data")).unwrap();

@@ -21,7 +21,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::daemon::Shared;
+use crate::{
+    audit::{AuditEvent, IdentityRef},
+    daemon::Shared,
+};
 pub use proto::{Request, Response};
 
 /// Binds the admin socket with owner-only permissions. A stale socket from a
@@ -144,7 +147,21 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             }
             let ended = shared.end_untagged_sessions();
             shared.reconcile_now.notify_one();
-            info!(target: "portcullis::audit", event = "tag", cgroup = %tag.cgroup, identity = %tag.identity, caller_uid = ?caller, "cgroup tagged");
+            info!(cgroup = %tag.cgroup, identity = %tag.identity, caller_uid = ?caller, "cgroup tagged");
+            let ev = AuditEvent::new("tag")
+                .cgroup(tag.cgroup.clone())
+                .identity(IdentityRef::named(&tag.identity))
+                .approver(caller_name(caller))
+                .detail(
+                    "token_file",
+                    tag.token_file
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                );
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of a tag failed: {e}");
+            }
             Response::ok(
                 serde_json::json!({ "tag": tag, "warnings": warnings, "ended_sessions": ended }),
             )
@@ -175,7 +192,14 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
                 return Response::err(format!("tag removed but the kernel still has it: {e:#}"));
             }
             let ended = shared.end_untagged_sessions();
-            info!(target: "portcullis::audit", event = "untag", cgroup = %removed.cgroup, identity = %removed.identity, caller_uid = ?caller, "cgroup untagged");
+            info!(cgroup = %removed.cgroup, identity = %removed.identity, caller_uid = ?caller, "cgroup untagged");
+            let ev = AuditEvent::new("untag")
+                .cgroup(removed.cgroup.clone())
+                .identity(IdentityRef::named(&removed.identity))
+                .approver(caller_name(caller));
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of an untag failed: {e}");
+            }
             Response::ok(serde_json::json!({ "untagged": removed, "ended_sessions": ended }))
         }
         Request::PolicyReload => {
@@ -192,15 +216,32 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             Response::ok(policy.summary())
         }
         Request::Detach => {
-            let mut r = shared.redirect.lock().unwrap_or_else(|p| p.into_inner());
-            match r.detach() {
-                Ok(()) => {
-                    warn!(target: "portcullis::audit", event = "detach", caller_uid = ?caller, pin_dir = %r.pin_dir().display(), "break-glass: programs detached and pins removed; nothing new is intercepted");
-                    Response::ok(serde_json::json!({ "detached": true, "pin_dir": r.pin_dir() }))
+            let result = {
+                let mut r = shared.redirect.lock().unwrap_or_else(|p| p.into_inner());
+                r.detach().map(|()| r.pin_dir().to_path_buf())
+            };
+            match result {
+                Ok(pin_dir) => {
+                    warn!(caller_uid = ?caller, pin_dir = %pin_dir.display(), "break-glass: programs detached and pins removed; nothing new is intercepted");
+                    let ev = AuditEvent::new("detach")
+                        .approver(caller_name(caller))
+                        .detail("pin_dir", pin_dir.display().to_string());
+                    if let Err(e) = shared.audit(ev).await {
+                        warn!("audit record of a detach failed: {e}");
+                    }
+                    Response::ok(serde_json::json!({ "detached": true, "pin_dir": pin_dir }))
                 }
                 Err(e) => Response::err(format!("detach failed: {e}")),
             }
         }
+    }
+}
+
+/// How audit events name an admin caller.
+fn caller_name(uid: Option<u32>) -> String {
+    match uid {
+        Some(uid) => format!("uid:{uid}"),
+        None => "uid:unknown".into(),
     }
 }
 

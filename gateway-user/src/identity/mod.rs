@@ -7,9 +7,11 @@
 //! (the redirect module mirrors tags into the kernel) and does not decide
 //! access (policy does).
 
+pub mod binding;
 pub mod cgroup;
 pub mod oidc;
 pub mod tags;
 
+pub use binding::{IdentityBinder, IdentityError, ProvenIdentity};
 pub use cgroup::{CgroupError, CgroupTree};
 pub use tags::{Tag, TagError, TagStore};

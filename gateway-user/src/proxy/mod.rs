@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    audit::{AuditEvent, IdentityRef},
     daemon::Shared,
+    identity::ProvenIdentity,
     policy::{Destination, Protocol, Resource},
 };
 pub use session::{SessionGuard, Sessions};
@@ -53,12 +55,30 @@ pub struct FlowInfo {
     pub pid: u32,
     /// Identity name from the tag.
     pub identity: String,
+    /// The token that proved it.
+    pub token: Option<ProvenIdentity>,
     /// Resource the destination matched.
     pub resource: String,
     /// Its protocol.
     pub protocol: Protocol,
     /// When the flow started (milliseconds since the Unix epoch).
     pub started_ms: u64,
+}
+
+impl FlowInfo {
+    /// An audit event of `kind` about this flow.
+    pub fn audit_event(&self, kind: &str) -> AuditEvent {
+        AuditEvent::new(kind)
+            .session(self.session.clone())
+            .identity(match &self.token {
+                Some(t) => identity_ref(t),
+                None => IdentityRef::named(&self.identity),
+            })
+            .cgroup(self.cgroup.clone())
+            .cgroup_id(self.cgroup_id)
+            .pid(self.pid)
+            .resource(self.resource.clone())
+    }
 }
 
 /// A flow ready for its protocol handler.
@@ -72,6 +92,12 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// An audit event of `kind` about this flow (session, identity, cgroup,
+    /// pid, resource filled in).
+    pub fn audit_event(&self, kind: &str) -> AuditEvent {
+        self.info.audit_event(kind)
+    }
+
     /// Where the daemon connects: the resource's upstream, or the original
     /// destination.
     pub async fn upstream_addr(&self) -> io::Result<SocketAddr> {
@@ -119,6 +145,10 @@ pub enum Refusal {
     NoResource,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// The tag's identity is not proven by a valid token.
+    IdentityUnproven,
+    /// The audit log cannot be written.
+    AuditUnavailable,
 }
 
 impl Refusal {
@@ -132,6 +162,8 @@ impl Refusal {
             Self::Untagged => "the connecting cgroup is not tagged",
             Self::NoResource => "no resource matches the original destination",
             Self::ShuttingDown => "the daemon is shutting down",
+            Self::IdentityUnproven => "the identity is not proven by a valid token",
+            Self::AuditUnavailable => "the audit log cannot be written",
         }
     }
 
@@ -143,6 +175,8 @@ impl Refusal {
             Self::Untagged => "untagged",
             Self::NoResource => "no_resource",
             Self::ShuttingDown => "shutting_down",
+            Self::IdentityUnproven => "identity_unproven",
+            Self::AuditUnavailable => "audit_unavailable",
         }
     }
 }
@@ -183,61 +217,82 @@ pub async fn handle_connection(
     peer: SocketAddr,
     netns_cookie: u64,
 ) {
-    let flow = match attribute(&shared, peer, netns_cookie) {
+    let flow = match attribute(&shared, peer, netns_cookie).await {
         Ok(flow) => flow,
-        Err((refusal, detail)) => {
-            shared.metrics.refused(refusal);
+        Err(refused) => {
+            shared.metrics.refused(refused.refusal);
             warn!(
-                target: "portcullis::audit",
-                event = "flow_refused",
                 client = %peer,
                 netns_cookie,
-                reason = refusal.as_str(),
-                detail = %detail,
+                reason = refused.refusal.as_str(),
+                detail = %refused.detail,
                 "flow refused"
             );
+            let event = refused
+                .event
+                .reason(refused.refusal.as_str())
+                .detail("client", peer.to_string())
+                .detail("netns_cookie", netns_cookie)
+                .detail("detail", refused.detail);
+            // The flow is refused whether or not this record lands.
+            if let Err(e) = shared.audit(event).await {
+                warn!("audit record of a refused flow failed: {e}");
+            }
             refuse(client);
             return;
         }
     };
+    let start = flow
+        .audit_event("session_start")
+        .detail("client", flow.info.client.to_string())
+        .detail("original_dst", flow.info.original_dst.to_string())
+        .detail("netns_cookie", flow.info.netns_cookie)
+        .detail("protocol", flow.info.protocol.as_str());
+    if let Err(e) = shared.audit(start).await {
+        // Nothing may happen that the audit log does not know about.
+        warn!(session = %flow.info.session, "audit log unavailable, refusing the flow: {e}");
+        shared.metrics.refused(Refusal::AuditUnavailable);
+        refuse(client);
+        return;
+    }
     let _guard = shared
         .sessions
         .register(flow.info.clone(), flow.cancel.clone());
     shared.metrics.accepted();
     info!(
-        target: "portcullis::audit",
-        event = "session_start",
         session = %flow.info.session,
         client = %flow.info.client,
         original_dst = %flow.info.original_dst,
         cgroup = %flow.info.cgroup,
-        cgroup_id = flow.info.cgroup_id,
         pid = flow.info.pid,
         identity = %flow.info.identity,
         resource = %flow.info.resource,
-        protocol = %flow.info.protocol,
-        policy_version = %shared.policy.load().version,
-        "session started"
+        "session_start"
     );
+    let end = flow.audit_event("session_end");
     let session = flow.info.session.clone();
     let outcome = dispatch(&shared, flow, client).await;
-    match outcome {
-        Ok(summary) => info!(
-            target: "portcullis::audit",
-            event = "session_end",
-            session = %session,
-            bytes_from_client = summary.bytes_from_client,
-            bytes_to_client = summary.bytes_to_client,
-            reason = summary.end_reason,
-            "session ended"
-        ),
-        Err(e) => warn!(
-            target: "portcullis::audit",
-            event = "session_end",
-            session = %session,
-            error = %e,
-            "session ended with an error"
-        ),
+    let end = match &outcome {
+        Ok(summary) => {
+            info!(
+                session = %session,
+                bytes_from_client = summary.bytes_from_client,
+                bytes_to_client = summary.bytes_to_client,
+                reason = summary.end_reason,
+                "session_end"
+            );
+            end.reason(summary.end_reason).bytes(serde_json::json!({
+                "from_client": summary.bytes_from_client,
+                "to_client": summary.bytes_to_client,
+            }))
+        }
+        Err(e) => {
+            warn!(session = %session, error = %e, "session_end with an error");
+            end.reason(e.to_string())
+        }
+    };
+    if let Err(e) = shared.audit(end).await {
+        warn!(session = %session, "audit record of session end failed: {e}");
     }
 }
 
@@ -267,8 +322,6 @@ async fn dispatch(
             // flows are refused, never relayed blindly.
             refuse(client);
             warn!(
-                target: "portcullis::audit",
-                event = "flow_refused",
                 session = %flow.info.session,
                 reason = "no handler for this protocol in this build",
                 protocol = %other,
@@ -309,51 +362,66 @@ pub fn base_context(info: &FlowInfo) -> serde_json::Map<String, serde_json::Valu
     m
 }
 
-fn attribute(
-    shared: &Shared,
-    peer: SocketAddr,
-    netns_cookie: u64,
-) -> Result<Flow, (Refusal, String)> {
+/// A refused flow: why, what else was known, and its audit event so far.
+struct Refused {
+    refusal: Refusal,
+    detail: String,
+    event: AuditEvent,
+}
+
+async fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Result<Flow, Refused> {
+    let mut event = AuditEvent::new("flow_refused").decision("deny");
+    let refused = |refusal, detail: String, event: &AuditEvent| Refused {
+        refusal,
+        detail,
+        event: event.clone(),
+    };
     if shared.shutdown.is_cancelled() {
-        return Err((Refusal::ShuttingDown, String::new()));
+        return Err(refused(Refusal::ShuttingDown, String::new(), &event));
     }
     let key = flow_key(netns_cookie, peer);
-    let orig = shared
-        .take_flow(&key)
-        .ok_or_else(|| (Refusal::NoFlowEntry, String::new()))?;
-    let original_dst = orig_dst_addr(&orig);
-    let cgroup = shared.cgroup_path(orig.cgroup_id).ok_or_else(|| {
-        (
-            Refusal::UnknownCgroup,
-            format!(
-                "cgroup id {} (pid {}) to {original_dst}",
-                orig.cgroup_id, orig.pid
-            ),
-        )
-    })?;
-    let (identity, tagged_cgroup) = {
-        let tags = shared.tags.read().unwrap_or_else(|p| p.into_inner());
-        let tag = tags.nearest(&cgroup).ok_or_else(|| {
-            (
-                Refusal::Untagged,
-                format!("cgroup {cgroup} (pid {}) to {original_dst}", orig.pid),
-            )
-        })?;
-        (tag.identity.clone(), tag.cgroup.clone())
+    let Some(orig) = shared.take_flow(&key) else {
+        return Err(refused(Refusal::NoFlowEntry, String::new(), &event));
     };
-    let policy = shared.policy.load();
-    let resource = shared
-        .resolver
-        .lookup(&policy, &original_dst)
-        .ok_or_else(|| {
-            (
-                Refusal::NoResource,
-                format!(
-                    "{identity} in {cgroup} (pid {}) to {original_dst}",
-                    orig.pid
-                ),
-            )
-        })?;
+    let original_dst = orig_dst_addr(&orig);
+    event = event
+        .pid(orig.pid)
+        .cgroup_id(orig.cgroup_id)
+        .detail("original_dst", original_dst.to_string());
+    let Some(cgroup) = shared.cgroup_path(orig.cgroup_id) else {
+        let detail = format!(
+            "cgroup id {} (pid {}) to {original_dst}",
+            orig.cgroup_id, orig.pid
+        );
+        return Err(refused(Refusal::UnknownCgroup, detail, &event));
+    };
+    event = event.cgroup(cgroup.clone());
+    let tag = {
+        let tags = shared.tags.read().unwrap_or_else(|p| p.into_inner());
+        tags.nearest(&cgroup).cloned()
+    };
+    let Some(tag) = tag else {
+        let detail = format!("cgroup {cgroup} (pid {}) to {original_dst}", orig.pid);
+        return Err(refused(Refusal::Untagged, detail, &event));
+    };
+    event = event.identity(IdentityRef::named(&tag.identity));
+    let policy = shared.policy.load_full();
+    let proven = match shared.identities.prove(&policy, &tag).await {
+        Ok(p) => p,
+        Err(e) => {
+            let detail = format!("{} in {cgroup} (pid {}): {e}", tag.identity, orig.pid);
+            let event = event.detail("identity_error", e.code());
+            return Err(refused(Refusal::IdentityUnproven, detail, &event));
+        }
+    };
+    event = event.identity(identity_ref(&proven));
+    let Some(resource) = shared.resolver.lookup(&policy, &original_dst) else {
+        let detail = format!(
+            "{} in {cgroup} (pid {}) to {original_dst}",
+            tag.identity, orig.pid
+        );
+        return Err(refused(Refusal::NoResource, detail, &event));
+    };
     let info = FlowInfo {
         session: shared.sessions.new_id(),
         client: peer,
@@ -361,9 +429,10 @@ fn attribute(
         netns_cookie,
         cgroup_id: orig.cgroup_id,
         cgroup,
-        tagged_cgroup,
+        tagged_cgroup: tag.cgroup.clone(),
         pid: orig.pid,
-        identity,
+        identity: tag.identity.clone(),
+        token: Some(proven),
         resource: resource.name.clone(),
         protocol: resource.protocol,
         started_ms: session::now_ms(),
@@ -373,6 +442,16 @@ fn attribute(
         resource,
         cancel: shared.shutdown.child_token(),
     })
+}
+
+/// How audit events name a proven identity.
+pub fn identity_ref(p: &ProvenIdentity) -> IdentityRef {
+    IdentityRef {
+        name: p.name.clone(),
+        iss: Some(p.iss.clone()),
+        sub: Some(p.sub.clone()),
+        jti: p.jti.clone(),
+    }
 }
 
 /// Closes a connection with a reset, so the client sees a refusal at once

@@ -27,10 +27,35 @@ pub async fn serve(
 ) -> io::Result<SessionSummary> {
     let decision = decide_connect(shared, &flow);
     let policy_version = shared.policy.load().version.clone();
+    // Holds wait for just-in-time approval once that lands; until then a
+    // hold is a denial that says why.
+    let (label, reason) = match &decision {
+        Decision::Allow { .. } => ("allow", None),
+        Decision::Deny { reason, .. } => ("deny", Some(reason.clone())),
+        Decision::Hold { .. } => ("deny", Some("approval required".to_string())),
+    };
+    let mut event = flow
+        .audit_event("command")
+        .action("tcp:connect")
+        .decision(label)
+        .policy_version(policy_version.clone());
+    for id in decision.policies() {
+        event = event.policy_id(id.clone());
+    }
+    if let Some(r) = &reason {
+        event = event.reason(r.clone());
+    }
+    // The command goes nowhere before its audit record is written.
+    if let Err(e) = shared.audit(event).await {
+        warn!(session = %flow.info.session, "audit log unavailable; denying tcp:connect: {e}");
+        super::refuse(client);
+        return Ok(SessionSummary {
+            end_reason: "denied: audit log unavailable",
+            ..Default::default()
+        });
+    }
     match &decision {
         Decision::Allow { policies } => info!(
-            target: "portcullis::audit",
-            event = "command",
             session = %flow.info.session,
             action = "tcp:connect",
             decision = "allow",
@@ -38,41 +63,24 @@ pub async fn serve(
             policy_version = %policy_version,
             "command allowed"
         ),
-        Decision::Deny { reason, policies } => {
+        _ => {
             warn!(
-                target: "portcullis::audit",
-                event = "command",
                 session = %flow.info.session,
                 action = "tcp:connect",
-                decision = "deny",
-                reason = %reason,
-                policies = ?policies,
+                decision = label,
+                reason = reason.as_deref().unwrap_or_default(),
+                policies = ?decision.policies(),
                 policy_version = %policy_version,
-                "command denied"
+                "command {}",
+                if matches!(decision, Decision::Hold { .. }) { "needs approval: approval required" } else { "denied" }
             );
             super::refuse(client);
             return Ok(SessionSummary {
-                end_reason: "denied",
-                ..Default::default()
-            });
-        }
-        Decision::Hold { policies } => {
-            // Held connects wait for just-in-time approval once that lands;
-            // until then a hold is a denial that says why.
-            warn!(
-                target: "portcullis::audit",
-                event = "command",
-                session = %flow.info.session,
-                action = "tcp:connect",
-                decision = "deny",
-                reason = "approval required",
-                policies = ?policies,
-                policy_version = %policy_version,
-                "command needs approval"
-            );
-            super::refuse(client);
-            return Ok(SessionSummary {
-                end_reason: "approval required",
+                end_reason: if matches!(decision, Decision::Hold { .. }) {
+                    "approval required"
+                } else {
+                    "denied"
+                },
                 ..Default::default()
             });
         }
