@@ -804,3 +804,357 @@ fn configmap_style_symlink_swap_is_picked_up() {
         .iter()
         .any(|r| r["name"] == "echo"));
 }
+
+fn audit_events(files: &DaemonFiles, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "tail", "--json", "--state-dir"])
+        .arg(&files.state)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn audit_verify(files: &DaemonFiles) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["audit", "verify", "--state-dir"])
+        .arg(&files.state)
+        .output()
+        .unwrap()
+}
+
+fn refusals_with(files: &DaemonFiles, code: &str) -> usize {
+    audit_events(files, &[])
+        .iter()
+        .filter(|e| e["type"] == "flow_refused" && e["detail"]["identity_error"] == code)
+        .count()
+}
+
+#[test]
+fn identity_needs_a_valid_token_and_rotation_is_picked_up() {
+    let s = setup("token");
+    let agent = s.cg.child("agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+
+    // Tagged without a token file: not proven.
+    s.daemon.cli_ok(&["tag", &agent, "--identity", "agent"]);
+    assert!(!client(&place, to(&s.server)).echo_ok());
+    wait_until(
+        Duration::from_secs(5),
+        || refusals_with(&s.files, "no_token_file") == 1,
+        "no_token_file refusal audited",
+    );
+
+    // A token for another identity's subject, then an expired one.
+    let token = s.daemon.token_file("agent", "sub-billing-agent", 3600);
+    s.daemon.cli_ok(&[
+        "tag",
+        &agent,
+        "--identity",
+        "agent",
+        "--token-file",
+        &token.display().to_string(),
+    ]);
+    assert!(!client(&place, to(&s.server)).echo_ok());
+    wait_until(
+        Duration::from_secs(5),
+        || refusals_with(&s.files, "subject_mismatch") == 1,
+        "subject_mismatch audited",
+    );
+    s.daemon.token_file("agent", "sub-agent", -600);
+    assert!(!client(&place, to(&s.server)).echo_ok());
+    wait_until(
+        Duration::from_secs(5),
+        || refusals_with(&s.files, "expired") == 1,
+        "expired audited",
+    );
+    // Forged: a valid-looking token signed by another key with the same kid.
+    let forged = TestIssuer::new().token("sub-agent", 3600);
+    fs::write(&token, forged).unwrap();
+    assert!(!client(&place, to(&s.server)).echo_ok());
+    wait_until(
+        Duration::from_secs(5),
+        || refusals_with(&s.files, "bad_signature") == 1,
+        "bad_signature audited",
+    );
+    assert_eq!(
+        s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing unproven reached upstream"
+    );
+
+    // Rotation to a valid token is picked up without restart or re-tag.
+    s.daemon.token_file("agent", "sub-agent", 3600);
+    let r = client(&place, to(&s.server));
+    assert!(r.echo_ok(), "{r:?}\n{}", s.daemon.log_text());
+    let starts: Vec<_> = audit_events(&s.files, &[])
+        .into_iter()
+        .filter(|e| e["type"] == "session_start")
+        .collect();
+    assert_eq!(starts.len(), 1);
+    assert_eq!(starts[0]["identity"]["sub"], "sub-agent");
+    assert_eq!(starts[0]["identity"]["iss"], "https://issuer.test");
+    assert!(starts[0]["identity"]["jti"].is_string());
+
+    // A live session ends once its token stops validating.
+    let mut args = to(&s.server);
+    args["wait_close"] = json!(20);
+    let held = HeldClient::start(&place, args, &s.files.dir);
+    s.daemon.token_file("agent", "sub-someone-else", 3600);
+    let r = held.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "{r:?}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            audit_events(&s.files, &[])
+                .iter()
+                .any(|e| e["type"] == "session_revoked")
+        },
+        "session_revoked audited",
+    );
+}
+
+#[test]
+fn audit_log_records_every_flow_and_verifies_and_tampering_is_named() {
+    let s = setup("audit");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    for _ in 0..5 {
+        assert!(client(&place, to(&s.server)).echo_ok());
+    }
+    let stray = EchoServer::start("stray");
+    let _ = client(&place, to(&stray));
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            audit_events(&s.files, &[])
+                .iter()
+                .filter(|e| e["type"] == "session_end")
+                .count()
+                == 5
+        },
+        "five sessions ended",
+    );
+    let events = audit_events(&s.files, &[]);
+    let session = events
+        .iter()
+        .find(|e| e["type"] == "session_start")
+        .unwrap()["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let of_session = audit_events(&s.files, &["--session", &session]);
+    let kinds: Vec<&str> = of_session
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["session_start", "command", "session_end"],
+        "{of_session:#?}"
+    );
+    let cmd = &of_session[1];
+    assert_eq!(cmd["action"], "tcp:connect");
+    assert_eq!(cmd["decision"], "allow");
+    assert_eq!(cmd["policy_ids"][0], "tests-allow-tcp");
+    assert_eq!(cmd["policy_version"], s.daemon.status()["policy_version"]);
+    assert_eq!(cmd["cgroup"], format!("/{agent}"));
+    assert!(cmd["pid"].as_u64().is_some());
+    assert!(events.iter().any(|e| e["type"] == "flow_refused"
+        && e["reason"] == "no resource matches the original destination"));
+    assert!(events.iter().any(|e| e["type"] == "tag"));
+    // seq is contiguous and the chain verifies.
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["seq"].as_u64(), Some(i as u64 + 1));
+    }
+    let out = audit_verify(&s.files);
+    assert!(out.status.success(), "{out:?}");
+
+    // Change one byte of an event in the middle: verify names the place.
+    let file = s.files.state.join("audit/audit-000001.jsonl");
+    let text = fs::read_to_string(&file).unwrap();
+    let line_no = text
+        .lines()
+        .position(|l| l.contains("\"type\":\"command\""))
+        .unwrap();
+    let tampered: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == line_no {
+                l.replacen("\"allow\"", "\"allaw\"", 1)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    fs::write(&file, tampered.join("\n") + "\n").unwrap();
+    let out = audit_verify(&s.files);
+    assert!(!out.status.success());
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        msg.contains("audit-000001.jsonl") && msg.contains(&format!("line {}", line_no + 1)),
+        "{msg}"
+    );
+}
+
+#[test]
+fn sigkill_under_load_leaves_a_verifiable_log_and_restart_continues_the_chain() {
+    let mut s = setup("crash");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    // Load: four clients, each making up to 40 short connections (bounded
+    // in count and by the client timeout), while the daemon is killed.
+    let loader = |place: Placement, port: u16| {
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                let _ = client(
+                    &place,
+                    json!({"host": "127.0.0.1", "port": port, "timeout": 2}),
+                );
+            }
+        })
+    };
+    let workers: Vec<_> = (0..4)
+        .map(|_| loader(place.clone(), s.server.addr.port()))
+        .collect();
+    wait_until(
+        Duration::from_secs(20),
+        || s.server.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 10,
+        "traffic flowing",
+    );
+    s.daemon.kill9();
+    for w in workers {
+        let _ = w.join();
+    }
+    let out = audit_verify(&s.files);
+    assert!(
+        out.status.success(),
+        "log verifies up to its last complete event: {out:?}"
+    );
+    let before = audit_events(&s.files, &[]);
+    let last_seq = before.last().unwrap()["seq"].as_u64().unwrap();
+
+    s.daemon = Daemon::start(&s.files);
+    assert!(client(&place, to(&s.server)).echo_ok());
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            audit_events(&s.files, &[])
+                .iter()
+                .filter(|e| e["type"] == "daemon_start")
+                .count()
+                == 2
+        },
+        "restart audited",
+    );
+    let after = audit_events(&s.files, &[]);
+    let restart = after
+        .iter()
+        .filter(|e| e["type"] == "daemon_start")
+        .nth(1)
+        .unwrap();
+    assert!(restart["seq"].as_u64().unwrap() > last_seq);
+    for (i, e) in after.iter().enumerate() {
+        assert_eq!(
+            e["seq"].as_u64(),
+            Some(i as u64 + 1),
+            "one contiguous sequence across the crash"
+        );
+    }
+    let out = audit_verify(&s.files);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_full_audit_disk_denies_commands_and_never_forwards_unaudited() {
+    require_root();
+    let cg = TestCgroup::new("fulldisk");
+    let server = EchoServer::start("fulldisk");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    fs::create_dir_all(&files.state).unwrap();
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(&files.state),
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(files.state.clone());
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(cg.dir(&agent));
+    assert!(client(&place, to(&server)).echo_ok());
+
+    // Fill the disk.
+    let filler = files.state.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=1000"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    // The log's last page may still hold a few events; keep going (bounded)
+    // until commands are denied, and require that they stay denied.
+    let mut consecutive_denials = 0;
+    for _ in 0..60 {
+        if client(&place, to(&server)).echo_ok() {
+            consecutive_denials = 0;
+        } else {
+            consecutive_denials += 1;
+            if consecutive_denials == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(consecutive_denials, 3, "a full audit disk denies commands");
+    assert!(
+        daemon.log_text().contains("audit log unavailable"),
+        "{}",
+        daemon.log_text()
+    );
+
+    // Room again: commands flow again, and the log still verifies.
+    fs::remove_file(&filler).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || client(&place, to(&server)).echo_ok(),
+        "works again once there is room",
+    );
+    let out = audit_verify(&files);
+    assert!(out.status.success(), "{out:?}");
+    // Never forwarded unaudited: every connection the server saw has its
+    // allow record in the log.
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            let allows = audit_events(&files, &[])
+                .iter()
+                .filter(|e| e["type"] == "command" && e["decision"] == "allow")
+                .count();
+            allows as u32 == server.accepted.load(std::sync::atomic::Ordering::Relaxed)
+        },
+        "one allow record per forwarded connection",
+    );
+}
