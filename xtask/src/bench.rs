@@ -52,9 +52,22 @@ pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> 
     }
     fs::create_dir_all(&policies)
         .with_context(|| format!("cannot create {}", policies.display()))?;
-    let policy =
-        format!("[resource.bench-upstream]\nprotocol = \"tcp\"\nmatch = [\"{upstream}\"]\n");
+    // The bench agent proves its identity with the demo issuer's token, and
+    // one rule permits it: the measured path is the full one (identity
+    // proof, Cedar decision, audit record before forwarding).
+    let demo = crate::util::repo_root().join("policies").join("demo");
+    let policy = format!(
+        "[resource.bench-upstream]\nprotocol = \"tcp\"\nmatch = [\"{upstream}\"]\n\n\
+         [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
+         [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
+        demo.join("jwks.json").display().to_string()
+    );
     fs::write(policies.join("bench.toml"), policy).context("cannot write bench.toml")?;
+    fs::write(
+        policies.join("bench.cedar"),
+        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"tcp:connect\", resource == Resource::\"bench-upstream\");\n",
+    )
+    .context("cannot write bench.cedar")?;
 
     catch_interrupts();
     let session = Session::start(
@@ -65,7 +78,7 @@ pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> 
             listen_port: LISTEN_PORT,
         },
     )?;
-    session.tag_agent("bench-agent", None)?;
+    session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
     measure_all(&session, upstream, connections, bytes)
 }
 
