@@ -72,6 +72,73 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List access requests (held commands waiting for a human).
+    Requests {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Keep watching: print requests as they are created and decided.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Release a held command; with --for, also grant its kind for a while.
+    Approve {
+        /// Request id.
+        id: String,
+        /// Also grant identity + resource + action for this long (e.g. 15m).
+        #[arg(long = "for")]
+        for_duration: Option<String>,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Reviewer name recorded beside your uid.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    /// Refuse a held command; the agent gets the reason.
+    Deny {
+        /// Request id.
+        id: String,
+        /// Why (told to the agent, recorded).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Reviewer name recorded beside your uid.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    /// Grant an identity actions on a resource for a while.
+    Grant {
+        /// Identity name.
+        identity: String,
+        /// Resource name.
+        resource: String,
+        /// Actions, comma-separated (tcp:connect, postgres:update, or a whole protocol: postgres).
+        #[arg(long, value_delimiter = ',', required = true)]
+        allow: Vec<String>,
+        /// How long (e.g. 30m, 2h).
+        #[arg(long = "for")]
+        for_duration: String,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Reviewer name recorded beside your uid.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    /// List grants in force.
+    Grants {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant; sessions relying on it end.
+    Revoke {
+        /// Grant id.
+        id: String,
+        /// Reviewer name recorded beside your uid.
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
     /// The audit log: verify, tail, public key. Reads the files directly;
     /// no daemon needed.
     #[command(subcommand)]
@@ -186,6 +253,9 @@ pub struct DaemonArgs {
     /// "always" (each command waits for its fsync).
     #[arg(long)]
     pub fsync: Option<String>,
+    /// Webhook URL told about access requests (repeatable).
+    #[arg(long = "webhook")]
+    pub webhooks: Vec<String>,
 }
 
 impl Cli {
@@ -211,6 +281,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_port: args.listen_port,
                 metrics: args.metrics,
                 fsync: args.fsync,
+                webhooks: (!args.webhooks.is_empty()).then_some(args.webhooks),
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -332,6 +403,142 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit(cmd) => audit_command(cmd),
+        Command::Requests { json, watch } => {
+            let mut seen: std::collections::HashMap<String, String> =
+                std::collections::HashMap::new();
+            loop {
+                let data = request(&socket, &Request::Requests)?;
+                let reqs = data["requests"].as_array().cloned().unwrap_or_default();
+                if !watch {
+                    if json {
+                        return print_json(&data);
+                    }
+                    println!(
+                        "{:<18} {:<10} {:<18} {:<16} {:<16} COMMAND",
+                        "ID", "STATUS", "IDENTITY", "RESOURCE", "ACTION"
+                    );
+                    for r in &reqs {
+                        print_request(r);
+                    }
+                    return Ok(());
+                }
+                for r in &reqs {
+                    let id = s(&r["id"]);
+                    let status = s(&r["status"]);
+                    if seen.get(&id) != Some(&status) {
+                        if json {
+                            println!("{r}");
+                        } else {
+                            print_request(r);
+                        }
+                        seen.insert(id, status);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+        Command::Approve {
+            id,
+            for_duration,
+            reason,
+            as_name,
+        } => {
+            let data = request(
+                &socket,
+                &Request::Approve {
+                    id,
+                    for_duration,
+                    reason,
+                    as_name,
+                },
+            )?;
+            println!("approved {}", s(&data["request"]["id"]));
+            if data["grant"].is_object() {
+                println!(
+                    "grant {} until {} (ms since epoch)",
+                    s(&data["grant"]["id"]),
+                    data["grant"]["expires_ms"]
+                );
+            }
+            Ok(())
+        }
+        Command::Deny {
+            id,
+            reason,
+            as_name,
+        } => {
+            let data = request(
+                &socket,
+                &Request::Deny {
+                    id,
+                    reason,
+                    as_name,
+                },
+            )?;
+            println!("denied {}", s(&data["request"]["id"]));
+            Ok(())
+        }
+        Command::Grant {
+            identity,
+            resource,
+            allow,
+            for_duration,
+            reason,
+            as_name,
+        } => {
+            let data = request(
+                &socket,
+                &Request::Grant {
+                    identity,
+                    resource,
+                    allow,
+                    for_duration,
+                    reason,
+                    as_name,
+                },
+            )?;
+            println!("grant {}", s(&data["grant"]["id"]));
+            Ok(())
+        }
+        Command::Grants { json } => {
+            let data = request(&socket, &Request::Grants)?;
+            if json {
+                return print_json(&data);
+            }
+            println!(
+                "{:<18} {:<18} {:<16} {:<24} {:<16} BY",
+                "ID", "IDENTITY", "RESOURCE", "ACTIONS", "EXPIRES IN"
+            );
+            let now = crate::proxy::session::now_ms();
+            for g in data["grants"].as_array().into_iter().flatten() {
+                let left = g["expires_ms"].as_u64().unwrap_or(0).saturating_sub(now) / 1000;
+                let actions: Vec<String> = g["actions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                println!(
+                    "{:<18} {:<18} {:<16} {:<24} {:<16} {}",
+                    s(&g["id"]),
+                    s(&g["identity"]),
+                    s(&g["resource"]),
+                    actions.join(","),
+                    format!("{left}s"),
+                    s(&g["created_by"])
+                );
+            }
+            Ok(())
+        }
+        Command::Revoke { id, as_name } => {
+            let data = request(&socket, &Request::Revoke { id, as_name })?;
+            println!(
+                "revoked {}; ended sessions: {}",
+                s(&data["grant"]["id"]),
+                data["ended_sessions"]
+            );
+            Ok(())
+        }
         Command::Policy(PolicyCommand::Check { dir }) => {
             match crate::policy::PolicySet::load(&dir) {
                 Ok(set) => {
@@ -491,6 +698,18 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_request(r: &serde_json::Value) {
+    println!(
+        "{:<18} {:<10} {:<18} {:<16} {:<16} {}",
+        s(&r["id"]),
+        s(&r["status"]),
+        s(&r["identity"]),
+        s(&r["resource"]),
+        s(&r["action"]),
+        s(&r["command"])
+    );
 }
 
 fn print_event(e: &serde_json::Value, json: bool) {

@@ -48,6 +48,8 @@ pub struct DaemonTable {
     pub metrics: Option<String>,
     /// Audit durability: "interval" (group commit, default) or "always".
     pub fsync: Option<String>,
+    /// URLs POSTed a JSON event when an access request is created or decided.
+    pub webhooks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +152,8 @@ pub struct DaemonConfig {
     pub metrics: Metrics,
     /// Audit durability against a host crash.
     pub fsync: crate::audit::FsyncMode,
+    /// Webhook URLs for access requests.
+    pub webhooks: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -200,6 +204,7 @@ impl DaemonConfig {
             listen_port,
             metrics,
             fsync,
+            webhooks: flags.webhooks.or(file.webhooks).unwrap_or_default(),
         })
     }
 }

@@ -74,6 +74,10 @@ pub struct Shared {
     pub audit_log: AuditLog,
     /// OIDC verifiers and token files.
     pub identities: IdentityBinder,
+    /// Access requests and grants.
+    pub jit: crate::jit::Jit,
+    /// Webhooks for access requests.
+    pub webhooks: crate::jit::Webhooks,
     /// Live sessions.
     pub sessions: Sessions,
     /// Namespaces with listeners.
@@ -182,12 +186,24 @@ impl Shared {
                 None => true,
                 Some(r) => r.protocol != f.protocol || !policy.identities.contains_key(&f.identity),
             };
+            // A session a grant let in stays approved while the grant lasts.
+            // A one-time approval lasts as long as the session.
+            let approved = match f.grant.as_deref() {
+                Some(g) => self.jit.grants().iter().any(|x| x.id == g),
+                None => f.approved_by.is_some(),
+            };
             gone || (f.protocol == crate::policy::Protocol::Tcp
                 && !matches!(
-                    crate::proxy::tcp::decide_connect_info(self, f),
+                    crate::proxy::tcp::decide_connect_info(self, f, approved),
                     crate::policy::Decision::Allow { .. }
                 ))
         })
+    }
+
+    /// Ends the live sessions that rely on a grant (revoked or expired).
+    pub fn end_sessions_of_grant(&self, grant: &str) -> Vec<String> {
+        self.sessions
+            .cancel_where(|f| f.grant.as_deref() == Some(grant))
     }
 
     /// Ends live sessions whose cgroup is no longer covered by the tag and
@@ -224,6 +240,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     // Fail before touching the kernel if another daemon owns the socket.
     let admin_listener = crate::admin::bind(&cfg.admin_socket)?;
 
+    let (jit, failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
+    let webhooks = crate::jit::Webhooks::start(&cfg.webhooks).map_err(|e| anyhow::anyhow!(e))?;
+
     let mut audit_cfg = AuditConfig::new(&cfg.state_dir);
     audit_cfg.fsync = cfg.fsync;
     let (audit_log, report) = AuditLog::open(audit_cfg).context("opening the audit log")?;
@@ -251,6 +270,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         resolver: Resolver::default(),
         audit_log,
         identities: IdentityBinder::default(),
+        jit,
+        webhooks,
         sessions: Sessions::new(),
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
@@ -276,6 +297,17 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         )
         .await
         .context("writing the first audit event")?;
+    for r in failed_requests {
+        let ev = AuditEvent::new("access_request")
+            .session(r.session.clone())
+            .identity(crate::audit::IdentityRef::named(&r.identity))
+            .resource(r.resource.clone())
+            .action(r.action.clone())
+            .decision("deny")
+            .reason("failed: the daemon restarted; the waiting connection died with it")
+            .detail("request", r.id.clone());
+        shared.audit(ev).await?;
+    }
     let failures = shared.resolver.refresh(&shared.policy.load()).await;
     for f in failures {
         warn!("resource hostname does not resolve: {f}");
@@ -295,6 +327,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     tasks.spawn(resolve_loop(shared.clone()));
     tasks.spawn(watch_policies(shared.clone()));
     tasks.spawn(identity_loop(shared.clone()));
+    tasks.spawn(grant_expiry_loop(shared.clone()));
     if let Some(events) = events {
         tasks.spawn(kernel_events(shared.clone(), events));
     }
@@ -606,6 +639,31 @@ async fn identity_loop(shared: Arc<Shared>) {
             if let Err(e) = shared.audit(ev).await {
                 warn!("audit record of a revoked session failed: {e}");
             }
+        }
+    }
+}
+
+async fn grant_expiry_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        for g in shared.jit.expire() {
+            let ended = shared.end_sessions_of_grant(&g.id);
+            info!(grant = %g.id, ended_sessions = ?ended, "grant expired");
+            let mut ev = AuditEvent::new("grant_expired")
+                .identity(crate::audit::IdentityRef::named(&g.identity))
+                .resource(g.resource.clone())
+                .detail("grant", g.id.clone());
+            for s in ended {
+                ev = ev.detail(format!("ended:{s}"), "grant expired");
+            }
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of an expired grant failed: {e}");
+            }
+            shared.webhooks.notify(crate::jit::JitEvent::GrantEnded {
+                grant: g,
+                reason: "expired".into(),
+            });
         }
     }
 }

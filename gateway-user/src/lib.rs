@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod jit;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

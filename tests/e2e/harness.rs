@@ -471,6 +471,8 @@ impl TestIssuer {
 /// Files the daemon uses, kept across restarts of the same daemon.
 pub struct DaemonFiles {
     pub issuer: TestIssuer,
+    /// Extra daemon flags (kept across restarts).
+    pub extra_args: Vec<String>,
     pub dir: PathBuf,
     pub policies: PathBuf,
     pub state: PathBuf,
@@ -487,6 +489,7 @@ impl DaemonFiles {
         fs::create_dir_all(&policies).expect("policies dir");
         Self {
             issuer: TestIssuer::new(),
+            extra_args: Vec::new(),
             state: dir.join("state"),
             socket: dir.join("admin.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
@@ -501,6 +504,11 @@ impl DaemonFiles {
     /// the identities tests use, and (unless present) a rule letting every
     /// identity connect to every tcp resource.
     pub fn tcp_resources(&self, file: &str, resources: &[(&str, Vec<String>)]) {
+        self.tcp_resources_with(file, resources, "");
+    }
+
+    /// Like [`DaemonFiles::tcp_resources`] with extra keys for every resource.
+    pub fn tcp_resources_with(&self, file: &str, resources: &[(&str, Vec<String>)], extra: &str) {
         self.identities(IDENTITIES);
         if !self.policies.join("allow.cedar").exists() {
             self.rules(
@@ -512,7 +520,7 @@ impl DaemonFiles {
         for (name, dsts) in resources {
             let list: Vec<String> = dsts.iter().map(|d| format!("{d:?}")).collect();
             text.push_str(&format!(
-                "[resource.{name}]\nprotocol = \"tcp\"\nmatch = [{}]\n\n",
+                "[resource.{name}]\nprotocol = \"tcp\"\nmatch = [{}]\n{extra}\n",
                 list.join(", ")
             ));
         }
@@ -534,6 +542,16 @@ pub const IDENTITIES: &[&str] = &[
     "two",
     "by-pid",
     "x",
+    "agent0",
+    "agent1",
+    "agent2",
+    "agent3",
+    "agent4",
+    "agent5",
+    "agent6",
+    "agent7",
+    "agent8",
+    "agent9",
 ];
 
 impl DaemonFiles {
@@ -612,6 +630,7 @@ impl Daemon {
             .arg(files.port.to_string())
             .arg("--metrics")
             .arg("off")
+            .args(&files.extra_args)
             .env("PORTCULLIS_LOG", "info,portcullis=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -725,6 +744,31 @@ impl Daemon {
         self.status()["counters"]["flows_refused"][label]
             .as_u64()
             .unwrap_or(0)
+    }
+
+    /// Access requests in the given status.
+    pub fn requests(&self, status: &str) -> Vec<Value> {
+        self.json(&["requests", "--json"])["requests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["status"] == status)
+            .collect()
+    }
+
+    /// Waits for `n` pending requests and returns them.
+    pub fn wait_pending(&self, n: usize) -> Vec<Value> {
+        let mut found = Vec::new();
+        wait_until(
+            Duration::from_secs(20),
+            || {
+                found = self.requests("pending");
+                found.len() >= n
+            },
+            &format!("{n} pending access requests"),
+        );
+        found
     }
 
     /// Waits until the daemon serves the namespace of `pid`.

@@ -601,20 +601,24 @@ fn rules_decide_tcp_connect_default_deny_and_hold() {
         "deny logged",
     );
 
-    // Only an @approval rule applies: a hold, which without JIT is refused
-    // with "approval required".
+    // Only an @approval rule applies: a hold, which waits for a human (see
+    // the JIT tests); denying it refuses the connect.
     s.files.rules(
         "hold.cedar",
         "@id(\"agent-needs-approval\")\n@approval(\"required\")\npermit(principal == Identity::\"agent\", action == Action::\"tcp:connect\", resource);\n",
     );
     s.daemon.cli_ok(&["policy", "reload"]);
-    let r = client(&Placement::cgroup(s.cg.dir(&other)), to(&s.server));
-    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
-    wait_until(
-        Duration::from_secs(5),
-        || s.daemon.log_text().contains("approval required"),
-        "hold logged",
+    let held = HeldClient::spawn(
+        &Placement::cgroup(s.cg.dir(&other)),
+        to(&s.server),
+        &s.files.dir,
     );
+    let pending = s.daemon.wait_pending(1);
+    assert_eq!(pending[0]["policies"][0], "agent-needs-approval");
+    s.daemon
+        .cli_ok(&["deny", pending[0]["id"].as_str().unwrap()]);
+    let r = held.finish();
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
     // A forbid wins over the permit.
     s.files.rules(
         "forbid.cedar",
@@ -1156,5 +1160,425 @@ fn a_full_audit_disk_denies_commands_and_never_forwards_unaudited() {
             allows as u32 == server.accepted.load(std::sync::atomic::Ordering::Relaxed)
         },
         "one allow record per forwarded connection",
+    );
+}
+
+/// Every identity may connect to `echo`, but only with approval.
+fn jit_setup(name: &str, timeout: &str, extra_args: &[String]) -> Setup {
+    require_root();
+    let cg = TestCgroup::new(name);
+    let server = EchoServer::start(name);
+    let mut files = DaemonFiles::new(&cg.rel);
+    files.extra_args = extra_args.to_vec();
+    files.rules(
+        "allow.cedar",
+        "@id(\"echo-needs-approval\")\n@approval(\"required\")\npermit(principal, action == Action::\"tcp:connect\", resource == Resource::\"echo\");\n",
+    );
+    files.tcp_resources_with(
+        "echo.toml",
+        &[("echo", vec![server.addr.to_string()])],
+        &format!("approval_timeout = \"{timeout}\"\n"),
+    );
+    let daemon = Daemon::start(&files);
+    Setup {
+        cg,
+        server,
+        files,
+        daemon,
+    }
+}
+
+fn accepted(s: &EchoServer) -> u32 {
+    s.accepted.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn held_connect_waits_for_approval_and_runs_once() {
+    let s = jit_setup("approve", "60s", &[]);
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    let held = HeldClient::spawn(&place, to(&s.server), &s.files.dir);
+    let pending = s.daemon.wait_pending(1);
+    let r = &pending[0];
+    assert_eq!(r["identity"], "agent");
+    assert_eq!(r["resource"], "echo");
+    assert_eq!(r["action"], "tcp:connect");
+    assert_eq!(r["policies"][0], "echo-needs-approval");
+    assert_eq!(
+        accepted(&s.server),
+        0,
+        "nothing reaches upstream while held"
+    );
+    let id = r["id"].as_str().unwrap().to_string();
+    s.daemon
+        .cli_ok(&["approve", &id, "--as", "alice", "--reason", "looks fine"]);
+    held.wait_ready();
+    let out = held.finish();
+    assert!(out.echo_ok(), "{out:?}");
+    assert_eq!(accepted(&s.server), 1, "released once");
+    assert!(
+        !s.daemon.cli(&["approve", &id]).status.success(),
+        "a request is decided once"
+    );
+    // The whole story is in the audit log.
+    let events = audit_events(&s.files, &[]);
+    let session = r["session"].as_str().unwrap();
+    let cmds: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["session"] == session && e["type"] == "command")
+        .collect();
+    assert_eq!(cmds.len(), 2, "{cmds:#?}");
+    assert_eq!(cmds[0]["decision"], "hold");
+    assert_eq!(cmds[0]["detail"]["request"], id.as_str());
+    assert_eq!(cmds[1]["decision"], "allow");
+    assert!(
+        cmds[1]["approver"].as_str().unwrap().ends_with("as alice"),
+        "{:?}",
+        cmds[1]
+    );
+    assert!(events.iter().any(|e| e["type"] == "access_request"
+        && e["decision"] == "allow"
+        && e["reason"] == "looks fine"));
+}
+
+#[test]
+fn deny_and_timeout_refuse_with_the_reason() {
+    let s = jit_setup("denytimeout", "1s", &[]);
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    // Deny.
+    let held = HeldClient::spawn(
+        &place,
+        json!({"host": "127.0.0.1", "port": s.server.addr.port(), "timeout": 30}),
+        &s.files.dir,
+    );
+    // The 1 s timeout would race a human here; deny at once.
+    let id = s.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s
+        .daemon
+        .cli(&["deny", &id, "--reason", "not during the freeze"]);
+    if out.status.success() {
+        let r = held.finish();
+        assert!(!r.echo_ok(), "{r:?}");
+        let ev = audit_events(&s.files, &[]);
+        assert!(ev.iter().any(|e| e["type"] == "command"
+            && e["decision"] == "deny"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not during the freeze"))));
+    } else {
+        // Lost the race to the 1 s timeout: that is the other half of the test.
+        let _ = held.finish();
+    }
+    // Timeout: nobody answers; the client is refused within about a second,
+    // and the request says timed out.
+    let start = std::time::Instant::now();
+    let r = client(
+        &place,
+        json!({"host": "127.0.0.1", "port": s.server.addr.port(), "timeout": 30}),
+    );
+    assert!(!r.echo_ok());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "nothing waits forever"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || !s.daemon.requests("timed_out").is_empty(),
+        "request timed out",
+    );
+    assert!(audit_events(&s.files, &[])
+        .iter()
+        .any(|e| e["type"] == "command" && e["reason"] == "approval timed out"));
+    assert_eq!(accepted(&s.server), 0);
+    // An agent that hangs up while held: the request is abandoned.
+    let s2 = jit_setup("abandon", "60s", &[]);
+    let a2 = s2.cg.child("agent");
+    s2.daemon.tag(&a2, "agent");
+    let mut child = client_cmd(&Placement::cgroup(s2.cg.dir(&a2)), to(&s2.server))
+        .spawn()
+        .unwrap();
+    s2.daemon.wait_pending(1);
+    child.kill().unwrap();
+    let _ = child.wait();
+    wait_until(
+        Duration::from_secs(5),
+        || !s2.daemon.requests("abandoned").is_empty(),
+        "request abandoned",
+    );
+}
+
+#[test]
+fn approve_for_grants_the_next_connects_until_expiry_and_revoke_ends_sessions() {
+    let s = jit_setup("grant", "60s", &[]);
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    let held = HeldClient::spawn(&place, to(&s.server), &s.files.dir);
+    let id = s.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.daemon.cli_ok(&["approve", &id, "--for", "6s"]);
+    assert!(held.finish().echo_ok());
+    // Within the grant: no hold.
+    let mut args = to(&s.server);
+    args["wait_close"] = json!(20);
+    let live = HeldClient::start(&place, args, &s.files.dir);
+    assert!(s.daemon.requests("pending").is_empty());
+    let grants = s.daemon.json(&["grants", "--json"]);
+    assert_eq!(grants["grants"].as_array().unwrap().len(), 1);
+    // At expiry the session relying on the grant ends, and the next connect
+    // is held again.
+    let r = live.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "{r:?}"
+    );
+    let again = HeldClient::spawn(&place, to(&s.server), &s.files.dir);
+    s.daemon.wait_pending(1);
+    let id = s.daemon.requests("pending")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.daemon.cli_ok(&["deny", &id]);
+    assert!(!again.finish().echo_ok());
+    assert!(audit_events(&s.files, &[])
+        .iter()
+        .any(|e| e["type"] == "grant_expired"));
+
+    // An operator grant, then revoke: the live session ends.
+    let out = s.daemon.cli_ok(&[
+        "grant",
+        "agent",
+        "echo",
+        "--allow",
+        "tcp:connect",
+        "--for",
+        "1h",
+        "--reason",
+        "incident 42",
+    ]);
+    let gid = out.trim().strip_prefix("grant ").unwrap().to_string();
+    let mut args = to(&s.server);
+    args["wait_close"] = json!(20);
+    let live = HeldClient::start(&place, args, &s.files.dir);
+    s.daemon.cli_ok(&["revoke", &gid]);
+    let r = live.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "{r:?}"
+    );
+    assert!(audit_events(&s.files, &[])
+        .iter()
+        .any(|e| e["type"] == "grant_revoked"));
+    // Bad grants are refused.
+    assert!(!s
+        .daemon
+        .cli(&[
+            "grant",
+            "nobody",
+            "echo",
+            "--allow",
+            "tcp:connect",
+            "--for",
+            "1h"
+        ])
+        .status
+        .success());
+    assert!(!s
+        .daemon
+        .cli(&["grant", "agent", "echo", "--allow", "tcp:frob", "--for", "1h"])
+        .status
+        .success());
+}
+
+#[test]
+fn restart_keeps_grants_and_fails_pending_requests() {
+    let mut s = jit_setup("jitrestart", "60s", &[]);
+    let (a, b) = (s.cg.child("a"), s.cg.child("b"));
+    s.daemon.tag(&a, "agent");
+    s.daemon.tag(&b, "x");
+    s.daemon
+        .cli_ok(&["grant", "agent", "echo", "--allow", "tcp", "--for", "1h"]);
+    let mut pending = client_cmd(&Placement::cgroup(s.cg.dir(&b)), to(&s.server))
+        .spawn()
+        .unwrap();
+    let id = s.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.daemon.kill9();
+    let _ = pending.wait();
+    s.daemon = Daemon::start(&s.files);
+    let grants = s.daemon.json(&["grants", "--json"]);
+    assert_eq!(grants["grants"].as_array().unwrap().len(), 1);
+    let reqs = s.daemon.json(&["requests", "--json"]);
+    let r = reqs["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(r["status"], "failed");
+    assert!(
+        client(&Placement::cgroup(s.cg.dir(&a)), to(&s.server)).echo_ok(),
+        "the grant still lifts holds"
+    );
+}
+
+#[test]
+fn a_hundred_concurrent_holds_from_ten_agents_resolve_correctly() {
+    let s = jit_setup("hundred", "120s", &[]);
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let cg = s.cg.child(&format!("agent{i}"));
+        s.daemon.tag(&cg, &format!("agent{i}"));
+        for _ in 0..10 {
+            clients.push(
+                client_cmd(
+                    &Placement::cgroup(s.cg.dir(&cg)),
+                    json!({"host": "127.0.0.1", "port": s.server.addr.port(), "timeout": 60}),
+                )
+                .spawn()
+                .unwrap(),
+            );
+        }
+    }
+    let pending = s.daemon.wait_pending(100);
+    assert_eq!(pending.len(), 100);
+    // Approve requests from even client ports, deny odd ones.
+    let mut expect_ok = std::collections::HashSet::new();
+    for r in &pending {
+        let addr = r["context"]["client"]["address"].as_str().unwrap();
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let id = r["id"].as_str().unwrap();
+        if port.is_multiple_of(2) {
+            expect_ok.insert(port);
+            s.daemon.cli_ok(&["approve", id]);
+        } else {
+            s.daemon.cli_ok(&["deny", id, "--reason", "odd"]);
+        }
+    }
+    let mut ok = 0;
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        let r = parse_client(&out.stdout, &out.stderr);
+        let port = r.0["local"][1].as_u64().unwrap() as u16;
+        assert_eq!(
+            r.echo_ok(),
+            expect_ok.contains(&port),
+            "client port {port}: {r:?}"
+        );
+        ok += usize::from(r.echo_ok());
+    }
+    assert_eq!(ok, expect_ok.len());
+    assert_eq!(accepted(&s.server) as usize, expect_ok.len());
+}
+
+/// A tiny real HTTP server recording POSTed bodies; `hang` never answers.
+fn webhook_receiver(
+    hang: bool,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(200) {
+            let Ok(mut c) = conn else { continue };
+            let g = g.clone();
+            std::thread::spawn(move || {
+                if hang {
+                    std::thread::sleep(Duration::from_secs(30));
+                    return;
+                }
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = c.read(&mut chunk) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(split) = text.find("\r\n\r\n") {
+                        let len: usize = text
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= split + 4 + len {
+                            if let Ok(v) = serde_json::from_slice(&buf[split + 4..split + 4 + len])
+                            {
+                                g.lock().unwrap().push(v);
+                            }
+                            let _ = c.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn webhooks_hear_created_and_decided_and_a_dead_one_does_not_slow_commands() {
+    let (port, got) = webhook_receiver(false);
+    let (hang_port, _) = webhook_receiver(true);
+    let s = jit_setup(
+        "webhook",
+        "60s",
+        &[
+            "--webhook".into(),
+            format!("http://127.0.0.1:{hang_port}/stuck"),
+            "--webhook".into(),
+            format!("http://127.0.0.1:{port}/hook"),
+        ],
+    );
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    let held = HeldClient::spawn(&place, to(&s.server), &s.files.dir);
+    let id = s.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The hanging receiver stalls the notifier, not the command.
+    let start = std::time::Instant::now();
+    s.daemon.cli_ok(&["approve", &id]);
+    held.wait_ready();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "approval released the command promptly"
+    );
+    assert!(held.finish().echo_ok());
+    wait_until(
+        Duration::from_secs(40),
+        || {
+            let g = got.lock().unwrap();
+            g.iter()
+                .any(|e| e["event"] == "request_created" && e["request"]["id"] == id.as_str())
+                && g.iter().any(|e| {
+                    e["event"] == "request_decided" && e["request"]["status"] == "approved"
+                })
+        },
+        "webhook received created and decided",
     );
 }

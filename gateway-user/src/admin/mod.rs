@@ -202,6 +202,171 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             }
             Response::ok(serde_json::json!({ "untagged": removed, "ended_sessions": ended }))
         }
+        Request::Requests => Response::ok(serde_json::json!({ "requests": shared.jit.requests() })),
+        Request::Grants => Response::ok(serde_json::json!({ "grants": shared.jit.grants() })),
+        Request::Approve {
+            id,
+            for_duration,
+            reason,
+            as_name,
+        } => {
+            let by = reviewer(caller, as_name.as_deref());
+            let dur = match for_duration
+                .as_deref()
+                .map(crate::policy::parse_duration)
+                .transpose()
+            {
+                Ok(d) => d,
+                Err(e) => return Response::err(format!("--for: {e}")),
+            };
+            match shared.jit.approve(&id, &by, dur, reason.clone()) {
+                Ok((request, grant)) => {
+                    let mut ev = AuditEvent::new("access_request")
+                        .session(request.session.clone())
+                        .identity(IdentityRef::named(&request.identity))
+                        .resource(request.resource.clone())
+                        .action(request.action.clone())
+                        .decision("allow")
+                        .approver(by.clone())
+                        .detail("request", request.id.clone());
+                    if let Some(r) = &reason {
+                        ev = ev.reason(r.clone());
+                    }
+                    if let Some(g) = &grant {
+                        ev = ev
+                            .detail("grant", g.id.clone())
+                            .detail("grant_expires_ms", g.expires_ms);
+                    }
+                    if let Err(e) = shared.audit(ev).await {
+                        warn!("audit record of an approval failed: {e}");
+                    }
+                    shared
+                        .webhooks
+                        .notify(crate::jit::JitEvent::RequestDecided {
+                            request: request.clone(),
+                        });
+                    if let Some(g) = &grant {
+                        shared
+                            .webhooks
+                            .notify(crate::jit::JitEvent::GrantCreated { grant: g.clone() });
+                    }
+                    Response::ok(serde_json::json!({ "request": request, "grant": grant }))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Deny {
+            id,
+            reason,
+            as_name,
+        } => {
+            let by = reviewer(caller, as_name.as_deref());
+            let reason = reason.unwrap_or_else(|| "denied by a reviewer".into());
+            match shared.jit.deny(&id, &by, reason.clone()) {
+                Ok(request) => {
+                    let ev = AuditEvent::new("access_request")
+                        .session(request.session.clone())
+                        .identity(IdentityRef::named(&request.identity))
+                        .resource(request.resource.clone())
+                        .action(request.action.clone())
+                        .decision("deny")
+                        .approver(by)
+                        .reason(reason)
+                        .detail("request", request.id.clone());
+                    if let Err(e) = shared.audit(ev).await {
+                        warn!("audit record of a denial failed: {e}");
+                    }
+                    shared
+                        .webhooks
+                        .notify(crate::jit::JitEvent::RequestDecided {
+                            request: request.clone(),
+                        });
+                    Response::ok(serde_json::json!({ "request": request }))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Grant {
+            identity,
+            resource,
+            allow,
+            for_duration,
+            reason,
+            as_name,
+        } => {
+            let by = reviewer(caller, as_name.as_deref());
+            let policy = shared.policy.load();
+            if !policy.identities.contains_key(&identity) {
+                return Response::err(format!(
+                    "identity `{identity}` is not defined in the policy set"
+                ));
+            }
+            if !policy.resources.contains_key(&resource) {
+                return Response::err(format!(
+                    "resource `{resource}` is not defined in the policy set"
+                ));
+            }
+            let dur = match crate::policy::parse_duration(&for_duration) {
+                Ok(d) => d,
+                Err(e) => return Response::err(format!("--for: {e}")),
+            };
+            match shared.jit.create_grant(
+                &identity,
+                &resource,
+                allow,
+                None,
+                dur,
+                &by,
+                reason.clone(),
+                None,
+            ) {
+                Ok(g) => {
+                    let mut ev = AuditEvent::new("grant")
+                        .identity(IdentityRef::named(&g.identity))
+                        .resource(g.resource.clone())
+                        .approver(by)
+                        .detail("grant", g.id.clone())
+                        .detail("actions", g.actions.join(","))
+                        .detail("expires_ms", g.expires_ms);
+                    if let Some(r) = reason {
+                        ev = ev.reason(r);
+                    }
+                    if let Err(e) = shared.audit(ev).await {
+                        warn!("audit record of a grant failed: {e}");
+                    }
+                    shared
+                        .webhooks
+                        .notify(crate::jit::JitEvent::GrantCreated { grant: g.clone() });
+                    Response::ok(serde_json::json!({ "grant": g }))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Revoke { id, as_name } => {
+            let by = reviewer(caller, as_name.as_deref());
+            match shared.jit.revoke(&id, &by) {
+                Ok(g) => {
+                    let ended = shared.end_sessions_of_grant(&g.id);
+                    let mut ev = AuditEvent::new("grant_revoked")
+                        .identity(IdentityRef::named(&g.identity))
+                        .resource(g.resource.clone())
+                        .approver(by.clone())
+                        .detail("grant", g.id.clone());
+                    for s in &ended {
+                        ev = ev.detail(format!("ended:{s}"), "grant revoked");
+                    }
+                    if let Err(e) = shared.audit(ev).await {
+                        warn!("audit record of a revocation failed: {e}");
+                    }
+                    shared.webhooks.notify(crate::jit::JitEvent::GrantEnded {
+                        grant: g.clone(),
+                        reason: format!("revoked by {by}"),
+                    });
+                    Response::ok(serde_json::json!({ "grant": g, "ended_sessions": ended }))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
         Request::PolicyReload => {
             match crate::daemon::reload_policy(shared, &format!("admin (uid {caller:?})")).await {
                 Ok(version) => Response::ok(serde_json::json!({ "version": version })),
@@ -234,6 +399,14 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
                 Err(e) => Response::err(format!("detach failed: {e}")),
             }
         }
+    }
+}
+
+/// How a reviewer is recorded: the caller's uid, plus `--as NAME`.
+fn reviewer(uid: Option<u32>, as_name: Option<&str>) -> String {
+    match as_name {
+        Some(n) => format!("{} as {n}", caller_name(uid)),
+        None => caller_name(uid),
     }
 }
 

@@ -43,6 +43,60 @@ pub enum Request {
     PolicyReload,
     /// Describe the policy set in force.
     PolicyShow,
+    /// List access requests.
+    Requests,
+    /// Release a held command (and grant its kind for a while).
+    Approve {
+        /// Request id.
+        id: String,
+        /// Also grant for this long (e.g. "15m").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_duration: Option<String>,
+        /// Why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Reviewer name recorded beside the caller's uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_name: Option<String>,
+    },
+    /// Refuse a held command.
+    Deny {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Reviewer name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_name: Option<String>,
+    },
+    /// Grant an identity actions on a resource for a while.
+    Grant {
+        /// Identity.
+        identity: String,
+        /// Resource.
+        resource: String,
+        /// Actions (`tcp:connect`, `postgres:update`, or a protocol: `postgres`).
+        allow: Vec<String>,
+        /// Duration (e.g. "2h").
+        for_duration: String,
+        /// Why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Reviewer name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_name: Option<String>,
+    },
+    /// List grants in force.
+    Grants,
+    /// Revoke a grant (ends the sessions relying on it).
+    Revoke {
+        /// Grant id.
+        id: String,
+        /// Reviewer name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_name: Option<String>,
+    },
 }
 
 /// The daemon's answer.

@@ -57,6 +57,10 @@ pub struct FlowInfo {
     pub identity: String,
     /// The token that proved it.
     pub token: Option<ProvenIdentity>,
+    /// The grant the session relies on, if a hold was lifted by one.
+    pub grant: Option<String>,
+    /// Who approved its held command, if someone did.
+    pub approved_by: Option<String>,
     /// Resource the destination matched.
     pub resource: String,
     /// Its protocol.
@@ -433,6 +437,8 @@ async fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Resu
         pid: orig.pid,
         identity: tag.identity.clone(),
         token: Some(proven),
+        grant: None,
+        approved_by: None,
         resource: resource.name.clone(),
         protocol: resource.protocol,
         started_ms: session::now_ms(),

@@ -69,6 +69,13 @@ impl Sessions {
         }
     }
 
+    /// Changes a live session's info (e.g. the grant it now relies on).
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut FlowInfo)) {
+        if let Some(l) = self.lock().get_mut(id) {
+            f(&mut l.info);
+        }
+    }
+
     /// Every live session, oldest first.
     pub fn list(&self) -> Vec<FlowInfo> {
         let mut v: Vec<FlowInfo> = self.lock().values().map(|l| l.info.clone()).collect();
