@@ -131,6 +131,11 @@ mod pod {
 }
 
 /// Returns `addr` (4 bytes, network order) as an IPv4-mapped IPv6 address.
+///
+/// ```
+/// let mapped = gateway_common::ipv4_mapped([10, 0, 0, 5]);
+/// assert_eq!(std::net::Ipv6Addr::from(mapped).to_string(), "::ffff:10.0.0.5");
+/// ```
 pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],

@@ -28,6 +28,52 @@ fn run_step(name: &str, cmd: &mut Command) -> bool {
     }
 }
 
+/// Runs `cargo test`, echoing its output, and adds up its `test result:`
+/// lines. Returns (success, passed, failed).
+fn run_tests(cmd: &mut Command) -> (bool, u64, u64) {
+    use std::io::{BufRead, BufReader};
+    step(&format!("test: {}", describe(cmd)));
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xtask: step `test` FAILED: cannot start it: {e}");
+            return (false, 0, 0);
+        }
+    };
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    match child.wait() {
+        Ok(status) if status.success() => (true, passed, failed),
+        Ok(status) => {
+            eprintln!("xtask: step `test` FAILED ({status})");
+            (false, passed, failed)
+        }
+        Err(e) => {
+            eprintln!("xtask: step `test` FAILED: {e}");
+            (false, passed, failed)
+        }
+    }
+}
+
 /// Fails listing `failed` when it is not empty.
 fn check(failed: &[&str]) -> Result<()> {
     if failed.is_empty() {
@@ -90,9 +136,12 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     if env::var_os("RUST_TEST_THREADS").is_none() {
         test.env("RUST_TEST_THREADS", "2");
     }
-    if !run_step("test", &mut test) {
+    let (ok, passed, failed_tests) = run_tests(&mut test);
+    if !ok {
         failed.push("test");
     }
+    // One closing line for the whole suite, after every runner's own.
+    println!("{passed} passed, {failed_tests} failed");
     check(&failed)
 }
 

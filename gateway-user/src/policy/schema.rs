@@ -746,6 +746,13 @@ fn check_credentials(protocol: Protocol, c: &Credentials) -> Result<(), String> 
 }
 
 /// Parses durations like `30s`, `5m`, `1h30m`, `2d`, `250ms`.
+///
+/// ```
+/// use std::time::Duration;
+/// use portcullis::policy::parse_duration;
+/// assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+/// assert!(parse_duration("soon").is_err());
+/// ```
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h30m, 2d");
     let s = s.trim();
