@@ -7,6 +7,7 @@
 //! - [`policy`]: the policy set and destination matching.
 //! - [`proxy`]: flow attribution, refusal, sessions, protocol handlers.
 //! - [`audit`]: the tamper-evident audit log and its readers.
+//! - [`record`]: per-session recordings (JSON Lines, asciicast, HAR), replay.
 //! - [`admin`]: the admin socket; [`cli`]: the command line.
 //! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`].
 
@@ -20,5 +21,6 @@ pub mod jit;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod record;
 pub mod redirect;
 pub mod sys;
