@@ -72,6 +72,34 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List recorded sessions (newest last).
+    Sessions {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only sessions still running.
+        #[arg(long)]
+        active: bool,
+        /// State directory.
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// End a live session.
+    Kill {
+        /// Session id.
+        id: String,
+    },
+    /// Replay a recorded session (SSH with its timing; others as text).
+    Replay {
+        /// Session id.
+        id: String,
+        /// Speed factor (2 = twice as fast; 0 = no waiting).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// State directory.
+        #[arg(long, default_value = defaults::STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// List access requests (held commands waiting for a human).
     Requests {
         /// Print JSON.
@@ -403,6 +431,77 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit(cmd) => audit_command(cmd),
+        Command::Sessions {
+            json,
+            active,
+            state_dir,
+        } => {
+            let mut list: Vec<serde_json::Value> =
+                crate::record::list_sessions(&state_dir.join("sessions"))?
+                    .into_iter()
+                    .filter_map(|i| serde_json::to_value(i).ok())
+                    .collect();
+            if active {
+                // The daemon knows what is live (a recording's files may lag
+                // by up to its flush interval); without one, trust the files.
+                let live = admin::call(&socket, &Request::Flows)
+                    .ok()
+                    .and_then(|r| r.data);
+                match live {
+                    Some(d) => {
+                        list = d["flows"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|f| {
+                                serde_json::json!({
+                                    "id": f["session"], "protocol": f["protocol"], "resource": f["resource"],
+                                    "identity": f["identity"], "cgroup": f["cgroup"], "pid": f["pid"],
+                                    "client": f["client"], "original_dst": f["original_dst"],
+                                    "started_ms": f["started_ms"],
+                                })
+                            })
+                            .collect();
+                    }
+                    None => list.retain(|i| i["ended_ms"].is_null()),
+                }
+            }
+            if json {
+                return print_json(&serde_json::json!({ "sessions": list }));
+            }
+            println!(
+                "{:<18} {:<9} {:<18} {:<16} {:<8} {:<10} END",
+                "SESSION", "PROTOCOL", "IDENTITY", "RESOURCE", "PID", "RECORD"
+            );
+            for i in &list {
+                println!(
+                    "{:<18} {:<9} {:<18} {:<16} {:<8} {:<10} {}",
+                    s(&i["id"]),
+                    s(&i["protocol"]),
+                    s(&i["identity"]),
+                    s(&i["resource"]),
+                    i["pid"],
+                    s(&i["record"]),
+                    i["end_reason"].as_str().unwrap_or("(active)")
+                );
+            }
+            Ok(())
+        }
+        Command::Kill { id } => {
+            crate::record::validate_id(&id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            request(&socket, &Request::Kill { id: id.clone() })?;
+            println!("killed {id}");
+            Ok(())
+        }
+        Command::Replay {
+            id,
+            speed,
+            state_dir,
+        } => {
+            let mut out = std::io::stdout().lock();
+            crate::record::replay(&state_dir.join("sessions"), &id, speed, &mut out)?;
+            Ok(())
+        }
         Command::Requests { json, watch } => {
             let mut seen: std::collections::HashMap<String, String> =
                 std::collections::HashMap::new();

@@ -76,6 +76,8 @@ pub struct Shared {
     pub identities: IdentityBinder,
     /// Access requests and grants.
     pub jit: crate::jit::Jit,
+    /// Session recordings.
+    pub recorder: crate::record::Recorder,
     /// Webhooks for access requests.
     pub webhooks: crate::jit::Webhooks,
     /// Live sessions.
@@ -241,6 +243,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(&cfg.admin_socket)?;
 
     let (jit, failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
+    let recorder = crate::record::Recorder::start(cfg.state_dir.join("sessions"))
+        .context("starting the session recorder")?;
     let webhooks = crate::jit::Webhooks::start(&cfg.webhooks).map_err(|e| anyhow::anyhow!(e))?;
 
     let mut audit_cfg = AuditConfig::new(&cfg.state_dir);
@@ -271,6 +275,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         audit_log,
         identities: IdentityBinder::default(),
         jit,
+        recorder,
         webhooks,
         sessions: Sessions::new(),
         netns: Mutex::new(HashMap::new()),

@@ -1582,3 +1582,78 @@ fn webhooks_hear_created_and_decided_and_a_dead_one_does_not_slow_commands() {
         "webhook received created and decided",
     );
 }
+
+#[test]
+fn sessions_are_listed_killed_and_replayed() {
+    let s = setup("sessions");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    assert!(client(&place, to(&s.server)).echo_ok());
+    let mut args = to(&s.server);
+    args["wait_close"] = json!(20);
+    let live = HeldClient::start(&place, args, &s.files.dir);
+    let state = s.files.state.display().to_string();
+    let active = s
+        .daemon
+        .json(&["sessions", "--active", "--json", "--state-dir", &state]);
+    let active = active["sessions"].as_array().unwrap().clone();
+    assert_eq!(active.len(), 1, "{active:#?}");
+    let id = active[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(active[0]["identity"], "agent");
+    assert_eq!(active[0]["protocol"], "tcp");
+
+    s.daemon.cli_ok(&["kill", &id]);
+    let r = live.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "{r:?}"
+    );
+    assert!(
+        !s.daemon.cli(&["kill", &id]).status.success(),
+        "no longer live"
+    );
+    assert!(
+        !s.daemon.cli(&["kill", "../etc"]).status.success(),
+        "ids are validated"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            audit_events(&s.files, &[])
+                .iter()
+                .any(|e| e["type"] == "session_killed" && e["session"] == id.as_str())
+        },
+        "kill audited",
+    );
+
+    // Recordings reach the disk within their flush interval.
+    let mut all = Vec::new();
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            all = s
+                .daemon
+                .json(&["sessions", "--json", "--state-dir", &state])["sessions"]
+                .as_array()
+                .unwrap()
+                .clone();
+            all.len() == 2 && all.iter().all(|i| i["end_reason"].is_string())
+        },
+        "both sessions recorded as ended",
+    );
+    let first = all.iter().find(|i| i["id"] != id.as_str()).unwrap();
+    assert_eq!(first["end_reason"], "closed");
+    let replay = s.daemon.cli_ok(&[
+        "replay",
+        first["id"].as_str().unwrap(),
+        "--speed",
+        "0",
+        "--state-dir",
+        &state,
+    ]);
+    assert!(
+        replay.contains("tcp") && replay.contains(&s.server.addr.to_string()),
+        "{replay}"
+    );
+}

@@ -202,6 +202,19 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             }
             Response::ok(serde_json::json!({ "untagged": removed, "ended_sessions": ended }))
         }
+        Request::Kill { id } => {
+            let ended = shared.sessions.cancel_where(|f| f.session == id);
+            if ended.is_empty() {
+                return Response::err(format!("no live session {id}"));
+            }
+            let ev = AuditEvent::new("session_killed")
+                .session(id.clone())
+                .approver(caller_name(caller));
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of a kill failed: {e}");
+            }
+            Response::ok(serde_json::json!({ "killed": id }))
+        }
         Request::Requests => Response::ok(serde_json::json!({ "requests": shared.jit.requests() })),
         Request::Grants => Response::ok(serde_json::json!({ "grants": shared.jit.grants() })),
         Request::Approve {

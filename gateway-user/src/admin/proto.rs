@@ -89,6 +89,11 @@ pub enum Request {
     },
     /// List grants in force.
     Grants,
+    /// End a live session.
+    Kill {
+        /// Session id.
+        id: String,
+    },
     /// Revoke a grant (ends the sessions relying on it).
     Revoke {
         /// Grant id.

@@ -93,6 +93,8 @@ pub struct Flow {
     pub resource: Arc<Resource>,
     /// Cancelled when the session must end (kill, revocation, shutdown).
     pub cancel: CancellationToken,
+    /// The session's recording (a no-op when the resource records nothing).
+    pub recording: crate::record::SessionRecording,
 }
 
 impl Flow {
@@ -259,6 +261,25 @@ pub async fn handle_connection(
         refuse(client);
         return;
     }
+    let mut flow = flow;
+    let meta = crate::record::SessionMeta {
+        id: flow.info.session.clone(),
+        protocol: flow.info.protocol.as_str().into(),
+        resource: flow.info.resource.clone(),
+        identity: flow.info.identity.clone(),
+        cgroup: flow.info.cgroup.clone(),
+        pid: flow.info.pid,
+        client: flow.info.client.to_string(),
+        original_dst: flow.info.original_dst.to_string(),
+        started_ms: flow.info.started_ms,
+        record: record_mode(flow.resource.record).into(),
+    };
+    // Recordings are best-effort; the audit log is the record that counts.
+    match shared.recorder.session(meta) {
+        Ok(r) => flow.recording = r,
+        Err(e) => warn!(session = %flow.info.session, "recording unavailable: {e}"),
+    }
+    let recording = flow.recording.clone();
     let _guard = shared
         .sessions
         .register(flow.info.clone(), flow.cancel.clone());
@@ -278,6 +299,7 @@ pub async fn handle_connection(
     let outcome = dispatch(&shared, flow, client).await;
     let end = match &outcome {
         Ok(summary) => {
+            recording.clone().end(summary.end_reason);
             info!(
                 session = %session,
                 bytes_from_client = summary.bytes_from_client,
@@ -291,6 +313,7 @@ pub async fn handle_connection(
             }))
         }
         Err(e) => {
+            recording.clone().end(&e.to_string());
             warn!(session = %session, error = %e, "session_end with an error");
             end.reason(e.to_string())
         }
@@ -447,7 +470,16 @@ async fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Resu
         info,
         resource,
         cancel: shared.shutdown.child_token(),
+        recording: crate::record::SessionRecording::off(),
     })
+}
+
+fn record_mode(m: crate::policy::RecordMode) -> &'static str {
+    match m {
+        crate::policy::RecordMode::Off => "off",
+        crate::policy::RecordMode::Metadata => "metadata",
+        crate::policy::RecordMode::Full => "full",
+    }
 }
 
 /// How audit events name a proven identity.

@@ -130,6 +130,7 @@ pub async fn serve(
     tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER) => {
             let (from_client, to_client) = r?;
+            flow.recording.tcp_bytes(from_client, to_client);
             Ok(SessionSummary { bytes_from_client: from_client, bytes_to_client: to_client, end_reason: "closed" })
         }
         _ = flow.cancel.cancelled() => {
