@@ -823,6 +823,13 @@ fn audit_events(files: &DaemonFiles, extra: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+fn count_events(files: &DaemonFiles, kind: &str) -> usize {
+    audit_events(files, &[])
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .count()
+}
+
 fn audit_verify(files: &DaemonFiles) -> std::process::Output {
     std::process::Command::new(BIN)
         .args(["audit", "verify", "--state-dir"])
@@ -938,13 +945,7 @@ fn audit_log_records_every_flow_and_verifies_and_tampering_is_named() {
     let _ = client(&place, to(&stray));
     wait_until(
         Duration::from_secs(5),
-        || {
-            audit_events(&s.files, &[])
-                .iter()
-                .filter(|e| e["type"] == "session_end")
-                .count()
-                == 5
-        },
+        || count_events(&s.files, "session_end") == 5,
         "five sessions ended",
     );
     let events = audit_events(&s.files, &[]);
@@ -1056,13 +1057,7 @@ fn sigkill_under_load_leaves_a_verifiable_log_and_restart_continues_the_chain() 
     assert!(client(&place, to(&s.server)).echo_ok());
     wait_until(
         Duration::from_secs(5),
-        || {
-            audit_events(&s.files, &[])
-                .iter()
-                .filter(|e| e["type"] == "daemon_start")
-                .count()
-                == 2
-        },
+        || count_events(&s.files, "daemon_start") == 2,
         "restart audited",
     );
     let after = audit_events(&s.files, &[]);

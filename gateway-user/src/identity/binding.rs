@@ -74,6 +74,18 @@ pub struct ProvenIdentity {
     pub exp: u64,
 }
 
+impl ProvenIdentity {
+    fn new(tag: &Tag, claims: super::oidc::Claims) -> Self {
+        Self {
+            name: tag.identity.clone(),
+            iss: claims.iss,
+            sub: claims.sub,
+            jti: claims.jti,
+            exp: claims.exp,
+        }
+    }
+}
+
 /// Verifiers per issuer and token files per path.
 #[derive(Default)]
 pub struct IdentityBinder {
@@ -180,13 +192,7 @@ impl IdentityBinder {
     ) -> Result<ProvenIdentity, IdentityError> {
         let (verifier, token, subject) = self.lookup(policy, tag)?;
         let claims = verifier.validate(&token, &subject).await?;
-        Ok(ProvenIdentity {
-            name: tag.identity.clone(),
-            iss: claims.iss,
-            sub: claims.sub,
-            jti: claims.jti,
-            exp: claims.exp,
-        })
+        Ok(ProvenIdentity::new(tag, claims))
     }
 
     /// Like [`IdentityBinder::prove`] from cached keys only: no network I/O.
@@ -197,12 +203,6 @@ impl IdentityBinder {
     ) -> Result<ProvenIdentity, IdentityError> {
         let (verifier, token, subject) = self.lookup(policy, tag)?;
         let claims = verifier.validate_cached(&token, &subject)?;
-        Ok(ProvenIdentity {
-            name: tag.identity.clone(),
-            iss: claims.iss,
-            sub: claims.sub,
-            jti: claims.jti,
-            exp: claims.exp,
-        })
+        Ok(ProvenIdentity::new(tag, claims))
     }
 }
