@@ -1652,3 +1652,33 @@ fn sessions_are_listed_killed_and_replayed() {
         "{replay}"
     );
 }
+
+#[test]
+fn malformed_admin_requests_get_errors_and_the_daemon_carries_on() {
+    use std::io::{BufRead, Write};
+    let s = setup("badadmin");
+    let ask = |payload: &[u8]| -> String {
+        let mut c = std::os::unix::net::UnixStream::connect(&s.daemon.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = c.write_all(payload);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(c).read_line(&mut line);
+        line
+    };
+    for payload in [
+        b"garbage\n".to_vec(),
+        b"{\"op\":\"no_such_op\"}\n".to_vec(),
+        b"{\"op\":\"tag\"}\n".to_vec(),
+        b"{\"op\":\"status\"".to_vec(),
+        vec![b'x'; 200 * 1024],
+        vec![0xff, 0xfe, b'\n'],
+    ] {
+        let resp = ask(&payload);
+        let v: serde_json::Value =
+            serde_json::from_str(&resp).unwrap_or_else(|e| panic!("{e}: {resp:?}"));
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    assert_eq!(s.daemon.status()["attached"], true, "daemon still serving");
+}
