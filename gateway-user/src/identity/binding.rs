@@ -138,12 +138,12 @@ impl IdentityBinder {
             .collect()
     }
 
-    fn token_file(&self, path: &PathBuf) -> Arc<TokenFile> {
+    fn token_file(&self, path: &std::path::Path) -> Arc<TokenFile> {
         self.token_files
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(path.clone())
-            .or_insert_with(|| Arc::new(TokenFile::new(path.clone())))
+            .entry(path.to_path_buf())
+            .or_insert_with(|| Arc::new(TokenFile::new(path)))
             .clone()
     }
 
