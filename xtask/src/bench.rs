@@ -1,6 +1,10 @@
 //! `cargo xtask bench tcp`: connection setup rate, bulk throughput and
 //! round-trip latency, each measured directly and through Portcullis (the
 //! client in a tagged cgroup), in one run, with ratios.
+//!
+//! `cargo xtask bench policy` and `cargo xtask bench audit` run the
+//! library-level benchmarks in `gateway-user/examples/` (`policy_bench.rs`,
+//! `audit_bench.rs`) in release; each prints its own table (or JSON).
 
 use std::{
     env, fs,
@@ -80,6 +84,26 @@ pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> 
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
     measure_all(&session, upstream, connections, bytes)
+}
+
+/// Runs the gateway-user benchmark example `name` in release with `args`.
+/// Its stdout is passed through untouched (so `--json` output stays pure
+/// JSON); the command line goes to stderr. No setup step: these benchmarks
+/// need no root and no packages beyond the build's (`cargo xtask setup`).
+pub fn example(name: &str, args: &[String]) -> Result<()> {
+    let mut cmd = crate::util::cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--example",
+        name,
+        "--",
+    ])
+    .args(args);
+    eprintln!("==> {}", describe(&cmd));
+    crate::util::run(&mut cmd).with_context(|| format!("benchmark `{name}` failed"))
 }
 
 /// The three measurements, direct and through, then the table.

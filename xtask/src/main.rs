@@ -1,5 +1,5 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|policy|audit`.
 #![warn(missing_docs)]
 
 mod bench;
@@ -51,7 +51,7 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
-    /// Benchmarks, direct vs. through Portcullis.
+    /// Benchmarks: `tcp` (direct vs. through Portcullis), `policy`, `audit`.
     Bench {
         /// What to benchmark.
         #[command(subcommand)]
@@ -76,6 +76,28 @@ enum BenchTarget {
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+    },
+    /// Policy decision and reload time: 500 rules vs. 1; lookups.
+    ///
+    /// Decision time (p50/p99) and reload time of a generated set of 100
+    /// resources and 500 rules, next to a one-rule set, and destination
+    /// lookups. Runs the `policy_bench` example (release); no root needed.
+    Policy {
+        /// Passed to the example, e.g. `--json`, `--decisions N`
+        /// (`cargo xtask bench policy -- --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Audit log: record() latency, events/s, verify time.
+    ///
+    /// Events per second and record() latency with group commit and with
+    /// fsync=always, and verify time. Runs the `audit_bench` example
+    /// (release) on a log under /tmp; no root needed.
+    Audit {
+        /// Passed to the example, e.g. `--json`, `--dir PATH`
+        /// (`cargo xtask bench audit -- --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -109,6 +131,12 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench::tcp(connections, bytes, binary),
+        Task::Bench {
+            target: BenchTarget::Policy { args },
+        } => bench::example("policy_bench", &args),
+        Task::Bench {
+            target: BenchTarget::Audit { args },
+        } => bench::example("audit_bench", &args),
         Task::BenchClient(_) => Ok(()),
     }
 }
