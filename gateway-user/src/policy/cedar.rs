@@ -94,7 +94,12 @@ pub struct RuleInfo {
 
 /// A validated set of Cedar rules with the entities they decide over.
 pub struct Rules {
-    set: cedar_policy::PolicySet,
+    /// Per resource, the rules that can apply to it: those scoped to it with
+    /// `resource == Resource::"x"`, and every rule not scoped to one
+    /// resource. Cedar evaluates each rule of the set it is given, so
+    /// deciding over a slice keeps a decision's cost independent of how
+    /// many other resources have rules.
+    slices: HashMap<String, cedar_policy::PolicySet>,
     schema: Schema,
     entities: Entities,
     authorizer: Authorizer,
@@ -224,6 +229,11 @@ impl Rules {
             }
         }
         diags.extend(collapse_per_action(found));
+        let resource_names: Vec<String> = entities
+            .iter()
+            .filter(|e| e.kind == "Resource")
+            .map(|e| e.name.to_string())
+            .collect();
         let entity_json: Vec<serde_json::Value> = entities
             .iter()
             .map(|e| {
@@ -257,8 +267,31 @@ impl Rules {
                 }
             }
         }
+        let mut slices: HashMap<String, cedar_policy::PolicySet> = resource_names
+            .iter()
+            .map(|n| (n.to_string(), cedar_policy::PolicySet::new()))
+            .collect();
+        for p in set.policies() {
+            let only = match p.resource_constraint() {
+                cedar_policy::ResourceConstraint::Eq(uid) => Some(uid.id().unescaped().to_string()),
+                // `in` and `is` constraints stay in every slice: correct
+                // whatever the entity hierarchy becomes.
+                _ => None,
+            };
+            for (name, slice) in slices.iter_mut() {
+                if only.as_deref().is_none_or(|o| o == name) {
+                    if let Err(e) = slice.add(p.clone()) {
+                        diags.push(Diagnostic::dir(
+                            Path::new(&p.id().to_string()),
+                            e.to_string(),
+                        ));
+                        return None;
+                    }
+                }
+            }
+        }
         Some(Self {
-            set,
+            slices,
             schema,
             entities,
             authorizer: Authorizer::new(),
@@ -282,11 +315,19 @@ impl Rules {
         ) else {
             return deny("invalid identity or resource name".into());
         };
-        let context =
-            match Context::from_json_value(req.context.clone(), Some((&self.schema, action))) {
-                Ok(c) => c,
-                Err(e) => return deny(format!("invalid request context for {}: {e}", req.action)),
-            };
+        // Built directly (not through Cedar's schema-directed JSON parser,
+        // which costs tens of µs); Request::new still checks it against the
+        // action's context type.
+        let context = match context_from_json(&req.context) {
+            Ok(c) => c,
+            Err(e) => return deny(format!("invalid request context for {}: {e}", req.action)),
+        };
+        let Some(slice) = self.slices.get(req.resource) else {
+            return deny(format!(
+                "resource `{}` is not defined in the policy set",
+                req.resource
+            ));
+        };
         let request = match Request::new(
             principal,
             action.clone(),
@@ -299,7 +340,7 @@ impl Rules {
         };
         let response = self
             .authorizer
-            .is_authorized(&request, &self.set, &self.entities);
+            .is_authorized(&request, slice, &self.entities);
         let determining: Vec<String> = response
             .diagnostics()
             .reason()
@@ -391,6 +432,41 @@ fn collapse_per_action(found: Vec<Diagnostic>) -> Vec<Diagnostic> {
             d
         })
         .collect()
+}
+
+/// A Cedar context from a JSON object of strings, integers, booleans,
+/// arrays (sets) and objects (records).
+fn context_from_json(v: &serde_json::Value) -> Result<Context, String> {
+    let serde_json::Value::Object(map) = v else {
+        return Err("the context must be a JSON object".into());
+    };
+    let mut pairs = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        pairs.push((k.clone(), restricted(v)?));
+    }
+    Context::from_pairs(pairs).map_err(|e| e.to_string())
+}
+
+fn restricted(v: &serde_json::Value) -> Result<cedar_policy::RestrictedExpression, String> {
+    use cedar_policy::RestrictedExpression as R;
+    Ok(match v {
+        serde_json::Value::String(s) => R::new_string(s.clone()),
+        serde_json::Value::Bool(b) => R::new_bool(*b),
+        serde_json::Value::Number(n) => R::new_long(
+            n.as_i64()
+                .ok_or_else(|| format!("{n} is not a 64-bit integer"))?,
+        ),
+        serde_json::Value::Array(a) => {
+            R::new_set(a.iter().map(restricted).collect::<Result<Vec<_>, _>>()?)
+        }
+        serde_json::Value::Object(m) => R::new_record(
+            m.iter()
+                .map(|(k, v)| Ok((k.clone(), restricted(v)?)))
+                .collect::<Result<Vec<_>, String>>()?,
+        )
+        .map_err(|e| e.to_string())?,
+        serde_json::Value::Null => return Err("null is not a Cedar value".into()),
+    })
 }
 
 fn display_name(file: &Path) -> String {

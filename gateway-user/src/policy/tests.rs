@@ -417,3 +417,34 @@ fn the_shipped_example_policies_are_valid() {
         Err(e) => panic!("policies/ is invalid:\n{e}"),
     }
 }
+
+#[test]
+fn rules_scoped_to_one_resource_do_not_touch_others_but_unscoped_ones_do() {
+    let rules = r#"
+permit(principal, action in Action::"tcp", resource);
+@id("forbid-echo") forbid(principal == Identity::"ops", action, resource == Resource::"echo");
+@id("forbid-ghost") forbid(principal, action, resource == Resource::"no-such-resource");
+@id("forbid-all-for-billing-at-hour-25") forbid(principal == Identity::"billing", action in Action::"tcp", resource)
+  when { context.time.hour == 25 };
+"#;
+    let extra = "[resource.other]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:7002\"]\n";
+    let dir = dir_with(&[("a.toml", BASE), ("b.toml", extra), ("r.cedar", rules)]);
+    let set = PolicySet::load(&dir).unwrap();
+    let d = decide(&set, "ops", "echo", "tcp:connect", tcp_ctx(), false);
+    assert_eq!(d.policies(), ["forbid-echo".to_string()], "{d:?}");
+    assert_eq!(
+        decide(&set, "ops", "other", "tcp:connect", tcp_ctx(), false).label(),
+        "allow"
+    );
+    let mut late = tcp_ctx();
+    late["time"]["hour"] = serde_json::json!(25);
+    for r in ["echo", "other"] {
+        let d = decide(&set, "billing", r, "tcp:connect", late.clone(), false);
+        assert_eq!(
+            d.policies(),
+            ["forbid-all-for-billing-at-hour-25".to_string()],
+            "{r}: {d:?}"
+        );
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
