@@ -86,9 +86,19 @@ impl ProvenIdentity {
     }
 }
 
+/// How long a successful proof of one exact token is reused before the
+/// signature is checked again. Short: a key removed from the JWKS stops
+/// being honoured within this much more time (live sessions are checked
+/// again without this cache anyway).
+pub const PROOF_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most cached proofs.
+const PROOF_CACHE_MAX: usize = 4096;
+
 /// Verifiers per issuer and token files per path.
 #[derive(Default)]
 pub struct IdentityBinder {
+    /// (issuer, subject, token) → proof and when it was made.
+    proofs: Mutex<HashMap<(String, String, String), (ProvenIdentity, std::time::Instant)>>,
     verifiers: RwLock<HashMap<String, (Issuer, Arc<Verifier>)>>,
     broken: RwLock<HashMap<String, String>>,
     token_files: Mutex<HashMap<PathBuf, Arc<TokenFile>>>,
@@ -103,6 +113,11 @@ impl IdentityBinder {
         let mut verifiers = self.verifiers.write().unwrap_or_else(|p| p.into_inner());
         let mut broken = self.broken.write().unwrap_or_else(|p| p.into_inner());
         verifiers.retain(|name, (cfg, _)| policy.issuers.get(name) == Some(cfg));
+        // A changed issuer must prove everything again.
+        self.proofs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         broken.clear();
         for (name, issuer) in &policy.issuers {
             if verifiers.contains_key(name) {
@@ -164,6 +179,17 @@ impl IdentityBinder {
         policy: &PolicySet,
         tag: &Tag,
     ) -> Result<(Arc<Verifier>, String, String), IdentityError> {
+        self.lookup_with_issuer(policy, tag)
+            .map(|(v, t, s, _)| (v, t, s))
+    }
+
+    /// The verifier, the current token, the required subject and the issuer
+    /// name for `tag`.
+    fn lookup_with_issuer(
+        &self,
+        policy: &PolicySet,
+        tag: &Tag,
+    ) -> Result<(Arc<Verifier>, String, String, String), IdentityError> {
         let identity = policy
             .identities
             .get(&tag.identity)
@@ -180,7 +206,12 @@ impl IdentityBinder {
             .as_ref()
             .ok_or_else(|| IdentityError::NoTokenFile(tag.cgroup.clone()))?;
         let token = self.token_file(path).current()?;
-        Ok((verifier, token, identity.subject.clone()))
+        Ok((
+            verifier,
+            token,
+            identity.subject.clone(),
+            identity.issuer.clone(),
+        ))
     }
 
     /// Proves the identity of `tag` (may load issuer keys: use off the
@@ -190,9 +221,30 @@ impl IdentityBinder {
         policy: &PolicySet,
         tag: &Tag,
     ) -> Result<ProvenIdentity, IdentityError> {
-        let (verifier, token, subject) = self.lookup(policy, tag)?;
-        let claims = verifier.validate(&token, &subject).await?;
-        Ok(ProvenIdentity::new(tag, claims))
+        let (verifier, token, subject, issuer) = self.lookup_with_issuer(policy, tag)?;
+        let key = (issuer, subject, token);
+        let now_secs = crate::proxy::session::now_ms() / 1000;
+        if let Some((p, at)) = self
+            .proofs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if at.elapsed() < PROOF_REUSE && p.exp > now_secs && p.name == tag.identity {
+                return Ok(p.clone());
+            }
+        }
+        let claims = verifier.validate(&key.2, &key.1).await?;
+        let proof = ProvenIdentity::new(tag, claims);
+        let mut proofs = self.proofs.lock().unwrap_or_else(|p| p.into_inner());
+        if proofs.len() >= PROOF_CACHE_MAX {
+            proofs.retain(|_, (_, at)| at.elapsed() < PROOF_REUSE);
+            if proofs.len() >= PROOF_CACHE_MAX {
+                proofs.clear();
+            }
+        }
+        proofs.insert(key, (proof.clone(), std::time::Instant::now()));
+        Ok(proof)
     }
 
     /// Like [`IdentityBinder::prove`] from cached keys only: no network I/O.
