@@ -91,6 +91,9 @@ impl ProvenIdentity {
 /// being honoured within this much more time (live sessions are checked
 /// again without this cache anyway).
 pub const PROOF_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+/// (issuer name, required subject, token).
+type ProofKey = (String, String, String);
+
 /// Most cached proofs.
 const PROOF_CACHE_MAX: usize = 4096;
 
@@ -98,7 +101,7 @@ const PROOF_CACHE_MAX: usize = 4096;
 #[derive(Default)]
 pub struct IdentityBinder {
     /// (issuer, subject, token) → proof and when it was made.
-    proofs: Mutex<HashMap<(String, String, String), (ProvenIdentity, std::time::Instant)>>,
+    proofs: Mutex<HashMap<ProofKey, (ProvenIdentity, std::time::Instant)>>,
     verifiers: RwLock<HashMap<String, (Issuer, Arc<Verifier>)>>,
     broken: RwLock<HashMap<String, String>>,
     token_files: Mutex<HashMap<PathBuf, Arc<TokenFile>>>,
