@@ -111,6 +111,8 @@ impl Metrics {
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let shared = shared.clone();
