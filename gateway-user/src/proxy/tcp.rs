@@ -202,9 +202,13 @@ async fn lift_hold(
         session: info.session.clone(),
         policies: policies.to_vec(),
     };
-    let (request, mut rx) = match shared.jit.hold(new, timeout) {
-        Ok(r) => r,
-        Err(e) => return Lifted::Refused(e.to_string()),
+    // Persisting the request fsyncs: keep it off the runtime's workers.
+    let s = shared.clone();
+    let held = tokio::task::spawn_blocking(move || s.jit.hold(new, timeout)).await;
+    let (request, mut rx) = match held {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Lifted::Refused(e.to_string()),
+        Err(e) => return Lifted::Refused(format!("access request failed: {e}")),
     };
     let mut held = flow
         .audit_event("command")
