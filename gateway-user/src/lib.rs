@@ -24,3 +24,5 @@ pub mod proxy;
 pub mod record;
 pub mod redirect;
 pub mod sys;
+#[cfg(test)]
+mod testutil;

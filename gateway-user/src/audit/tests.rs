@@ -5,8 +5,8 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::atomic::Ordering,
+    time::Duration,
 };
 
 use ed25519_dalek::{Signer as _, SigningKey};
@@ -15,33 +15,15 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+struct TempDir(crate::testutil::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "portcullis-audit-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
+        Self(crate::testutil::TempDir::new("audit", tag))
     }
 
     fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
