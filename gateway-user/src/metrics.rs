@@ -1,9 +1,12 @@
 //! Counters and the Prometheus text endpoint. Owns only counting and
 //! exposition; it must never block the data path (plain atomics).
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use serde::Serialize;
@@ -25,6 +28,10 @@ pub struct Metrics {
     refused_shutting_down: AtomicU64,
     refused_identity_unproven: AtomicU64,
     refused_audit_unavailable: AtomicU64,
+    /// Command decisions by (resource, action, outcome). A mutex, not
+    /// atomics: the key set is only known at run time, and the lock is held
+    /// for one map increment.
+    decisions: Mutex<BTreeMap<(String, String, &'static str), u64>>,
 }
 
 /// A copy of the counters.
@@ -40,6 +47,13 @@ impl Metrics {
     /// Counts an accepted flow.
     pub fn accepted(&self) {
         self.flows_accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a command decision (`allow`, `deny` or `hold`).
+    pub fn decision(&self, resource: &str, action: &str, outcome: &'static str) {
+        let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        *d.entry((resource.to_string(), action.to_string(), outcome))
+            .or_default() += 1;
     }
 
     /// Counts a refused flow.
@@ -97,6 +111,22 @@ impl Metrics {
                 "portcullis_flows_refused_total{{reason=\"{label}\"}} {v}\n"
             ));
         }
+        out.push_str(
+            "# HELP portcullis_decisions_total Command decisions, by resource, action and outcome.\n",
+        );
+        out.push_str("# TYPE portcullis_decisions_total counter\n");
+        let decisions = self
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for ((resource, action, outcome), v) in decisions {
+            out.push_str(&format!(
+                "portcullis_decisions_total{{resource=\"{}\",action=\"{}\",outcome=\"{outcome}\"}} {v}\n",
+                label_value(&resource),
+                label_value(&action)
+            ));
+        }
         out.push_str("# HELP portcullis_sessions_active Live sessions.\n");
         out.push_str("# TYPE portcullis_sessions_active gauge\n");
         out.push_str(&format!(
@@ -133,4 +163,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             let _ = stream.write_all(body.as_bytes()).await;
         });
     }
+}
+
+/// Escapes a Prometheus label value (backslash, quote, newline).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

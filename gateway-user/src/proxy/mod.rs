@@ -7,6 +7,7 @@
 //! that is each handler's job (`tcp` today; `postgres`, `ssh`, `http` plug into
 //! [`dispatch`] the same way).
 
+pub mod gate;
 pub mod session;
 pub mod tcp;
 
