@@ -36,6 +36,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the local CA certificate (PEM) agents trust for TLS interception.
+    Ca,
     /// Tag a cgroup (and its descendants) with an identity.
     Tag {
         /// The cgroup: absolute path under the cgroup2 mount, or relative to it.
@@ -343,6 +345,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("  listen port:    {}", g("listen_port"));
             println!("  pin dir:        {}", s(&g("pin_dir")));
+            println!("  local CA:       {}", s(&g("ca_cert")));
             println!(
                 "  tags: {}  flows: {}  namespaces served: {}",
                 g("tags"),
@@ -404,6 +407,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     s(&t["token_file"])
                 );
             }
+            Ok(())
+        }
+        Command::Ca => {
+            let data = request(&socket, &Request::Status)?;
+            let path = data["ca_cert"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("the daemon did not name its CA certificate"))?;
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the CA certificate {path}"))?;
+            print!("{pem}");
             Ok(())
         }
         Command::Flows { json } => {

@@ -82,6 +82,8 @@ pub struct Shared {
     pub webhooks: crate::jit::Webhooks,
     /// Live sessions.
     pub sessions: Sessions,
+    /// The local CA that mints leaves for TLS interception.
+    pub ca: Arc<crate::proxy::http::ca::LocalCa>,
     /// Namespaces with listeners.
     pub netns: Mutex<HashMap<NetnsId, ServedNetns>>,
     /// Counters.
@@ -245,6 +247,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let (jit, failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
     let recorder = crate::record::Recorder::start(cfg.state_dir.join("sessions"))
         .context("starting the session recorder")?;
+    let ca = crate::proxy::http::ca::LocalCa::load_or_create(&cfg.state_dir.join("ca"))
+        .context("the local CA for TLS interception")?;
+    info!(cert = %ca.cert_path().display(), "local CA ready");
     let webhooks = crate::jit::Webhooks::start(&cfg.webhooks).map_err(|e| anyhow::anyhow!(e))?;
 
     let mut audit_cfg = AuditConfig::new(&cfg.state_dir);
@@ -278,6 +283,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         recorder,
         webhooks,
         sessions: Sessions::new(),
+        ca: Arc::new(ca),
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         reconcile_now: Notify::new(),

@@ -841,3 +841,131 @@ pub fn direct_greeting(addr: SocketAddr) -> Option<String> {
     BufReader::new(s).read_line(&mut line).ok()?;
     Some(line)
 }
+
+/// A test PKI: a CA and a server certificate for `localhost` and
+/// 127.0.0.1, as PEM files in `dir`.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    pub fn new(dir: &Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        fs::create_dir_all(dir).expect("pki dir");
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca_params = CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "portcullis test upstream CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("server key");
+        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("server params");
+        let cert = params.signed_by(&key, &issuer).expect("server cert");
+        let pki = Self {
+            ca: dir.join("upstream-ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        fs::write(&pki.ca, ca_cert.pem()).expect("write ca");
+        fs::write(&pki.cert, cert.pem()).expect("write cert");
+        fs::write(&pki.key, key.serialize_pem()).expect("write key");
+        pki
+    }
+}
+
+/// The test HTTP(S) upstream (`tests/e2e/http_upstream.py`): a generic JSON
+/// API and a Kubernetes-like API server; logs every request it gets.
+pub struct HttpUpstream {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl HttpUpstream {
+    pub fn start(dir: &Path, tls: Option<&TestPki>) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/http_upstream.py");
+        let port = free_port();
+        let log = dir.join(format!("upstream-{port}.jsonl"));
+        fs::write(&log, "").expect("upstream log");
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(script)
+            .args(["--port", &port.to_string(), "--log"])
+            .arg(&log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(p) = tls {
+            cmd.arg("--cert").arg(&p.cert).arg("--key").arg(&p.key);
+        }
+        let mut child = cmd.spawn().expect("start the test upstream");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("upstream ready line");
+        assert_eq!(line.trim(), "ready", "test upstream did not start");
+        Self { child, port, log }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Every request it received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for HttpUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What curl said.
+#[derive(Debug)]
+pub struct Curl {
+    pub code: u16,
+    pub http_version: String,
+    pub body: String,
+    pub headers: String,
+    pub stderr: String,
+    pub ok: bool,
+}
+
+/// Runs curl placed in `place` with `args` (bounded by `--max-time 30`).
+pub fn curl(place: &Placement, args: &[&str]) -> Curl {
+    let marker = "\n--portcullis-curl--";
+    let hdr = std::env::temp_dir().join(unique("curl-headers"));
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "30", "-D"])
+        .arg(&hdr)
+        .args(["-w", &format!("{marker}%{{http_code}} %{{http_version}}")])
+        .args(args);
+    place.apply(&mut cmd);
+    let out = cmd.output().expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let headers = fs::read_to_string(&hdr).unwrap_or_default();
+    let _ = fs::remove_file(&hdr);
+    let (body, tail) = stdout.rsplit_once(marker).unwrap_or((&stdout, "0 0"));
+    let mut it = tail.split_whitespace();
+    let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    Curl {
+        code,
+        http_version: it.next().unwrap_or("").to_string(),
+        body: body.to_string(),
+        headers,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        ok: out.status.success(),
+    }
+}

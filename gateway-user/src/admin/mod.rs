@@ -503,6 +503,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         "cgroup_mount": shared.cgroups.mount(),
         "cgroup_root": shared.cgroups.root(),
         "listen_port": shared.cfg.listen_port,
+        "ca_cert": shared.ca.cert_path(),
         "tags": tag_count,
         "flows": shared.sessions.len(),
         "netns": netns,

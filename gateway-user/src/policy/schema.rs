@@ -38,7 +38,7 @@ impl Protocol {
     /// protocols validate (so a policy set can be written ahead of an
     /// upgrade) but their flows are refused.
     pub fn has_handler(self) -> bool {
-        matches!(self, Self::Tcp)
+        matches!(self, Self::Tcp | Self::Http)
     }
 }
 

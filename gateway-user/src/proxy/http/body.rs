@@ -1,0 +1,497 @@
+//! Bodies on their way through the proxy: byte counts, a capped copy for
+//! the HAR recording, and for responses an optional rewrite pipeline
+//! (decode gzip/deflate, then mask) applied frame by frame, never by
+//! buffering the whole body.
+//!
+//! Owns the streaming mechanics. It must not decide what is masked (the
+//! handler hands it a [`Rewrite`]) and must not write audit or recording
+//! records itself (it reports to the `on_end` callback once).
+
+use std::{
+    io::Write as _,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::upstream::BoxError;
+
+/// A rewrite of a body's bytes (a masker). Errors fail the body closed.
+pub trait Rewrite: Send {
+    /// Rewrites one chunk, appending output to `out`.
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String>;
+    /// Flushes what is held back at the end of the body.
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String>;
+    /// What was masked, for the audit record.
+    fn counts(&self) -> serde_json::Value;
+}
+
+/// A content decoder (`Content-Encoding`), streaming.
+pub enum Decoder {
+    /// `gzip`, `x-gzip`.
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    /// `deflate` (zlib-wrapped, per RFC 9110).
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    /// The decoder for a `Content-Encoding` value; `Ok(None)` for identity,
+    /// `Err` for encodings that cannot be decoded here.
+    pub fn for_encoding(enc: &str) -> Result<Option<Self>, String> {
+        match enc.trim().to_ascii_lowercase().as_str() {
+            "" | "identity" => Ok(None),
+            "gzip" | "x-gzip" => Ok(Some(Self::Gzip(flate2::write::GzDecoder::new(Vec::new())))),
+            "deflate" => Ok(Some(Self::Deflate(flate2::write::ZlibDecoder::new(
+                Vec::new(),
+            )))),
+            other => Err(format!("content encoding {other:?} cannot be inspected")),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let buf = match self {
+            Self::Gzip(d) => {
+                d.write_all(chunk).map_err(|e| format!("gzip: {e}"))?;
+                d.get_mut()
+            }
+            Self::Deflate(d) => {
+                d.write_all(chunk).map_err(|e| format!("deflate: {e}"))?;
+                d.get_mut()
+            }
+        };
+        out.append(buf);
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let buf = match self {
+            Self::Gzip(d) => {
+                d.try_finish().map_err(|e| format!("gzip: {e}"))?;
+                d.get_mut()
+            }
+            Self::Deflate(d) => {
+                d.try_finish().map_err(|e| format!("deflate: {e}"))?;
+                d.get_mut()
+            }
+        };
+        out.append(buf);
+        Ok(())
+    }
+}
+
+/// Decode, then rewrite.
+pub struct Pipeline {
+    /// Content decoder, if the body is encoded.
+    pub decoder: Option<Decoder>,
+    /// The masker, if any.
+    pub rewrite: Option<Box<dyn Rewrite>>,
+    scratch: Vec<u8>,
+}
+
+impl Pipeline {
+    /// A pipeline of `decoder` then `rewrite`.
+    pub fn new(decoder: Option<Decoder>, rewrite: Option<Box<dyn Rewrite>>) -> Self {
+        Self {
+            decoder,
+            rewrite,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        match (&mut self.decoder, &mut self.rewrite) {
+            (None, None) => {
+                out.extend_from_slice(chunk);
+                Ok(())
+            }
+            (Some(d), None) => d.push(chunk, out),
+            (None, Some(r)) => r.push(chunk, out),
+            (Some(d), Some(r)) => {
+                self.scratch.clear();
+                d.push(chunk, &mut self.scratch)?;
+                r.push(&self.scratch, out)
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        if let Some(d) = &mut self.decoder {
+            self.scratch.clear();
+            d.finish(&mut self.scratch)?;
+            match &mut self.rewrite {
+                Some(r) => r.push(&self.scratch, out)?,
+                None => out.extend_from_slice(&self.scratch),
+            }
+        }
+        match &mut self.rewrite {
+            Some(r) => r.finish(out),
+            None => Ok(()),
+        }
+    }
+
+    fn counts(&self) -> Option<serde_json::Value> {
+        self.rewrite.as_ref().map(|r| r.counts())
+    }
+}
+
+/// Byte count and capped copy of a body, shared with whoever reports it.
+#[derive(Debug, Default)]
+pub struct Tap {
+    /// Bytes passed.
+    pub bytes: u64,
+    /// The first bytes, up to the cap (only when capturing).
+    pub captured: Option<Vec<u8>>,
+    cap: usize,
+}
+
+impl Tap {
+    /// A tap keeping up to `cap` bytes (`None`: count only).
+    pub fn new(cap: Option<usize>) -> Self {
+        Self {
+            bytes: 0,
+            captured: cap.map(|_| Vec::new()),
+            cap: cap.unwrap_or(0),
+        }
+    }
+
+    fn see(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        if let Some(c) = &mut self.captured {
+            let room = self.cap.saturating_sub(c.len());
+            c.extend_from_slice(data.get(..room.min(data.len())).unwrap_or_default());
+        }
+    }
+}
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent in full.
+    Complete,
+    /// The upstream failed mid-body.
+    UpstreamError,
+    /// Masking or decoding failed: the body was cut off (fail closed).
+    MaskError,
+    /// The agent went away first.
+    Aborted,
+}
+
+impl Outcome {
+    /// Label for audit and HAR.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::UpstreamError => "upstream_error",
+            Self::MaskError => "mask_error",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+/// What the response body reports when it ends.
+#[derive(Debug)]
+pub struct End {
+    /// How.
+    pub outcome: Outcome,
+    /// Bytes given to the agent.
+    pub bytes: u64,
+    /// The captured copy, if capturing.
+    pub captured: Option<Vec<u8>>,
+    /// Masking counts, when masked.
+    pub counts: Option<serde_json::Value>,
+    /// The error, if it failed.
+    pub error: Option<String>,
+}
+
+type OnEnd = Box<dyn FnOnce(End) + Send>;
+
+/// A request body passing to the upstream through a [`Tap`].
+pub struct Tapped<B> {
+    inner: B,
+    tap: Arc<Mutex<Tap>>,
+}
+
+impl<B> Tapped<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, tap: Arc<Mutex<Tap>>) -> Self {
+        Self { inner, tap }
+    }
+}
+
+impl<B> Body for Tapped<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.tap.lock().unwrap_or_else(|p| p.into_inner()).see(d);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body on its way to the agent.
+pub struct Outgoing<B> {
+    inner: B,
+    pipeline: Option<Pipeline>,
+    tap: Tap,
+    /// Output of the pipeline's `finish`, sent before the end.
+    tail: Option<Bytes>,
+    done: bool,
+    on_end: Option<OnEnd>,
+    out: Vec<u8>,
+}
+
+impl<B> Outgoing<B> {
+    /// Wraps `inner`; `on_end` runs exactly once (also when dropped early).
+    pub fn new(
+        inner: B,
+        pipeline: Option<Pipeline>,
+        capture: Option<usize>,
+        on_end: impl FnOnce(End) + Send + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            pipeline,
+            tap: Tap::new(capture),
+            tail: None,
+            done: false,
+            on_end: Some(Box::new(on_end)),
+            out: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, outcome: Outcome, error: Option<String>) {
+        self.done = true;
+        if let Some(f) = self.on_end.take() {
+            f(End {
+                outcome,
+                bytes: self.tap.bytes,
+                captured: self.tap.captured.take(),
+                counts: self.pipeline.as_ref().and_then(Pipeline::counts),
+                error,
+            });
+        }
+    }
+}
+
+impl<B> Drop for Outgoing<B> {
+    fn drop(&mut self) {
+        if self.on_end.is_some() {
+            self.end(Outcome::Aborted, None);
+        }
+    }
+}
+
+fn mask_failed(msg: &str) -> BoxError {
+    format!("response cut off: the body could not be masked ({msg})").into()
+}
+
+impl<B> Body for Outgoing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(tail) = this.tail.take() {
+                this.tap.see(&tail);
+                return Poll::Ready(Some(Ok(Frame::data(tail))));
+            }
+            if this.done {
+                if this.on_end.is_some() {
+                    this.end(Outcome::Complete, None);
+                }
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(f) => f,
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(other) => {
+                            // Trailers pass unchanged.
+                            return Poll::Ready(Some(Ok(other)));
+                        }
+                    };
+                    let Some(p) = &mut this.pipeline else {
+                        this.tap.see(&data);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    };
+                    this.out.clear();
+                    if let Err(e) = p.push(&data, &mut this.out) {
+                        this.end(Outcome::MaskError, Some(e.clone()));
+                        return Poll::Ready(Some(Err(mask_failed(&e))));
+                    }
+                    if this.out.is_empty() {
+                        continue;
+                    }
+                    let out = Bytes::copy_from_slice(&this.out);
+                    this.tap.see(&out);
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Some(Err(e)) => {
+                    let e: BoxError = e.into();
+                    this.end(Outcome::UpstreamError, Some(e.to_string()));
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    this.done = true;
+                    if let Some(p) = &mut this.pipeline {
+                        this.out.clear();
+                        if let Err(e) = p.finish(&mut this.out) {
+                            this.end(Outcome::MaskError, Some(e.clone()));
+                            return Poll::Ready(Some(Err(mask_failed(&e))));
+                        }
+                        if !this.out.is_empty() {
+                            this.tail = Some(Bytes::copy_from_slice(&this.out));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.tail.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.pipeline {
+            None => self.inner.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+
+    struct Upper;
+    impl Rewrite for Upper {
+        fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+            if chunk.contains(&b'!') {
+                return Err("bang".into());
+            }
+            out.extend(chunk.iter().map(u8::to_ascii_uppercase));
+            Ok(())
+        }
+        fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+            out.extend_from_slice(b".");
+            Ok(())
+        }
+        fn counts(&self) -> serde_json::Value {
+            serde_json::json!({"upper": 1})
+        }
+    }
+
+    /// A body of fixed chunks.
+    struct Chunks(VecDeque<Bytes>);
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn chunks(v: &[&[u8]]) -> Chunks {
+        Chunks(v.iter().map(|c| Bytes::copy_from_slice(c)).collect())
+    }
+
+    fn ended() -> (Arc<Mutex<Option<End>>>, impl FnOnce(End) + Send + 'static) {
+        let slot = Arc::new(Mutex::new(None));
+        let s = slot.clone();
+        (slot, move |e| *s.lock().unwrap() = Some(e))
+    }
+
+    #[tokio::test]
+    async fn gzip_is_decoded_then_rewritten_chunk_by_chunk() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(b"hello world").unwrap();
+        let gz = enc.finish().unwrap();
+        let (a, b) = gz.split_at(gz.len() / 2);
+        let p = Pipeline::new(
+            Decoder::for_encoding("gzip").unwrap(),
+            Some(Box::new(Upper)),
+        );
+        let (slot, on_end) = ended();
+        let body = Outgoing::new(chunks(&[a, b]), Some(p), Some(4), on_end);
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&out[..], b"HELLO WORLD.");
+        let end = slot.lock().unwrap().take().unwrap();
+        assert_eq!(end.outcome, Outcome::Complete);
+        assert_eq!(end.bytes, 12);
+        assert_eq!(end.captured.as_deref(), Some(&b"HELL"[..]));
+        assert_eq!(end.counts.unwrap()["upper"], 1);
+        assert!(Decoder::for_encoding("br").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_rewrite_error_cuts_the_body_off() {
+        let p = Pipeline::new(None, Some(Box::new(Upper)));
+        let (slot, on_end) = ended();
+        let mut body = Outgoing::new(chunks(&[b"ok", b"bad!", b"never"]), Some(p), None, on_end);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"OK");
+        assert!(body.frame().await.unwrap().is_err());
+        drop(body);
+        let end = slot.lock().unwrap().take().unwrap();
+        assert_eq!(end.outcome, Outcome::MaskError);
+        assert_eq!(end.bytes, 2);
+    }
+
+    #[tokio::test]
+    async fn dropping_early_reports_aborted_and_passthrough_is_untouched() {
+        let (slot, on_end) = ended();
+        let mut body = Outgoing::new(chunks(&[b"a", b"b"]), None, None, on_end);
+        let f = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&f[..], b"a");
+        drop(body);
+        assert_eq!(
+            slot.lock().unwrap().take().unwrap().outcome,
+            Outcome::Aborted
+        );
+    }
+}

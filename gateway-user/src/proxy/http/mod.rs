@@ -1,0 +1,899 @@
+//! The `http` resource kind: HTTP/1.1 and HTTP/2 (by ALPN) from agents,
+//! in plain text, through TLS interception (`tls = "intercept"`) or as TLS
+//! passthrough decided on SNI alone (`tls = "passthrough"`); Kubernetes API
+//! servers (`kind = "kubernetes"`) decided per verb.
+//!
+//! Every request is classified ([`classify`]), decided by the gate, then
+//! forwarded with the daemon's credentials ([`upstream`]); the response is
+//! masked as it streams ([`body`]), recorded as HAR and its completion
+//! audited. Owns the request lifecycle; it must not touch other protocols,
+//! the policy engine's internals or the audit log format.
+//!
+//! Agents trust interception by trusting the daemon CA: `<state>/ca/ca.crt`
+//! (`portcullis ca` prints it, `portcullis status --json` names its path as
+//! `ca_cert`). Mount it into the container and point the client at it
+//! (`SSL_CERT_FILE`, `curl --cacert`, kubeconfig
+//! `certificate-authority`, `REQUESTS_CA_BUNDLE`), or add it to the
+//! image's trust store (`update-ca-certificates`).
+
+pub mod body;
+pub mod ca;
+pub mod classify;
+pub mod reply;
+pub mod tls;
+pub mod upstream;
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http_body_util::BodyExt;
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+    Method, Request, Response, StatusCode, Version as HttpVersion,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{json, Map};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+    sync::OnceCell,
+};
+use tracing::{debug, info, warn};
+
+use self::{
+    body::{End, Outgoing, Pipeline, Tap, Tapped},
+    classify::{Classified, K8sRequest},
+    upstream::{BoxBody, Upstream, UpstreamError, Version},
+};
+use super::{
+    gate::{self, Command, Denied, Gate, Waited},
+    session::now_ms,
+    Flow, SessionSummary,
+};
+use crate::{
+    daemon::Shared,
+    policy::{Destination, RecordMode, TlsMode},
+    record::HarEntry,
+};
+
+/// Most body bytes kept per direction for the HAR recording.
+pub const HAR_BODY_CAP: usize = 64 * 1024;
+/// How long an HTTP/1.1 agent may take to send request headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Counts bytes through the agent's socket.
+#[derive(Debug, Default)]
+struct Counters {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+/// The agent's stream, counted.
+struct Counted<T> {
+    inner: T,
+    c: Arc<Counters>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.c.from_client.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.c.to_client.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves one agent connection to an http resource until it closes or the
+/// session is ended.
+pub async fn serve(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    client: TcpStream,
+) -> io::Result<SessionSummary> {
+    let _ = client.set_nodelay(true);
+    let counters = Arc::new(Counters::default());
+    let client = Counted {
+        inner: client,
+        c: counters.clone(),
+    };
+    let mode = flow.resource.tls.unwrap_or(TlsMode::None);
+    let end_reason = match mode {
+        TlsMode::Passthrough => passthrough(shared, flow, client).await?,
+        TlsMode::Intercept => {
+            let dst = flow.info.original_dst.ip();
+            let (tls, sni) = tls::intercept(&shared.ca, client, dst)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("agent TLS handshake: {e}")))?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_http(shared, flow, tls, sni, true, h2).await
+        }
+        TlsMode::None => serve_http(shared, flow, client, None, false, false).await,
+    };
+    Ok(SessionSummary {
+        bytes_from_client: counters.from_client.load(Ordering::Relaxed),
+        bytes_to_client: counters.to_client.load(Ordering::Relaxed),
+        end_reason,
+    })
+}
+
+/// TLS passthrough: `http:connect` decided on the ClientHello's SNI, then
+/// bytes relayed both ways. A denial answers a TLS `access_denied` alert.
+async fn passthrough(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    mut client: Counted<TcpStream>,
+) -> io::Result<&'static str> {
+    let hello = tls::read_client_hello(&mut client).await?;
+    let sni = hello.sni.clone().unwrap_or_default();
+    let dst = flow.info.original_dst;
+    let text = match &hello.sni {
+        Some(s) => format!("CONNECT {s} (tls passthrough to {dst})"),
+        None => format!("CONNECT {dst} (tls passthrough, no SNI)"),
+    };
+    let cmd = Command::new(&flow, "http:connect", text)
+        .context("method", "CONNECT")
+        .context("host", sni.clone())
+        .context("path", "")
+        .context("query", "")
+        .detail("sni", sni);
+    let gone = hung_up(&client.inner);
+    match gate::check_and_wait(shared, &flow, &cmd, gone).await {
+        Waited::Allowed(allowed) => {
+            let mut up = match flow.connect_upstream().await {
+                Ok(u) => u,
+                Err(e) => {
+                    let _ = client.write_all(&TLS_ALERT_INTERNAL).await;
+                    return Err(io::Error::new(e.kind(), format!("upstream: {e}")));
+                }
+            };
+            up.write_all(&hello.bytes).await?;
+            let res = tokio::select! {
+                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, super::tcp::RELAY_BUFFER, super::tcp::RELAY_BUFFER) => r.map(|_| "closed"),
+                _ = flow.cancel.cancelled() => Ok("ended by the daemon"),
+            };
+            let mut d = Map::new();
+            d.insert(
+                "bytes_from_client".into(),
+                client.c.from_client.load(Ordering::Relaxed).into(),
+            );
+            d.insert(
+                "bytes_to_client".into(),
+                client.c.to_client.load(Ordering::Relaxed).into(),
+            );
+            gate::finished(shared, &flow, &cmd, &allowed, d).await;
+            res
+        }
+        Waited::Denied(_) => {
+            let _ = client.write_all(&TLS_ALERT_ACCESS_DENIED).await;
+            let _ = client.shutdown().await;
+            Ok("denied")
+        }
+        Waited::Abandoned => Ok("abandoned while held"),
+    }
+}
+
+/// A fatal TLS 1.2-framed alert record: access_denied (49).
+const TLS_ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+/// A fatal TLS alert record: internal_error (80).
+const TLS_ALERT_INTERNAL: [u8; 7] = [21, 3, 3, 0, 2, 2, 80];
+
+/// Resolves when the agent hangs up while its ClientHello waits.
+async fn hung_up(client: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(n) if n > 0 => std::future::pending().await,
+        _ => {}
+    }
+}
+
+/// One agent connection speaking HTTP.
+struct Conn {
+    shared: Arc<Shared>,
+    flow: Flow,
+    sni: Option<String>,
+    secure: bool,
+    upstream: OnceCell<Upstream>,
+}
+
+async fn serve_http<IO>(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    io: IO,
+    sni: Option<String>,
+    secure: bool,
+    h2: bool,
+) -> &'static str
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cancel = flow.cancel.clone();
+    let session = flow.info.session.clone();
+    let conn = Arc::new(Conn {
+        shared: shared.clone(),
+        flow,
+        sni,
+        secure,
+        upstream: OnceCell::new(),
+    });
+    let svc = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    if h2 {
+        builder = builder.http2_only();
+    }
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::select! {
+        r = served => match r {
+            Ok(()) => "closed",
+            Err(e) => {
+                debug!(session = %session, "http connection ended: {e}");
+                "closed with an error"
+            }
+        },
+        _ = cancel.cancelled() => "ended by the daemon",
+    }
+}
+
+/// Headers that belong to one hop and are never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if keep_upgrade && n == header::UPGRADE {
+            continue;
+        }
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (*n == "connection" || *n == "upgrade") {
+            continue;
+        }
+        h.remove(*n);
+    }
+}
+
+fn headers_vec(h: &HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn version_str(v: HttpVersion) -> &'static str {
+    match v {
+        HttpVersion::HTTP_09 => "HTTP/0.9",
+        HttpVersion::HTTP_10 => "HTTP/1.0",
+        HttpVersion::HTTP_2 => "HTTP/2",
+        HttpVersion::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The host part of an authority (`[::1]:443` → `::1`, `a.b:80` → `a.b`).
+fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+/// What masking a response needs: the masker and the extra JSON paths.
+struct MaskPlan {
+    json: Box<dyn Fn() -> Box<dyn body::Rewrite> + Send + Sync>,
+    text: Box<dyn Fn() -> Box<dyn body::Rewrite> + Send + Sync>,
+}
+
+/// Per-request state carried to the response's end.
+struct Exchange {
+    cmd: Command,
+    allowed: gate::Allowed,
+    har: HarEntry,
+    req_tap: Arc<Mutex<Tap>>,
+    t_first_byte: Instant,
+}
+
+impl Conn {
+    fn kube(&self) -> bool {
+        self.flow.resource.kind == "kubernetes"
+    }
+
+    fn capture(&self) -> Option<usize> {
+        (self.flow.resource.record == RecordMode::Full && self.flow.recording.is_recording())
+            .then_some(HAR_BODY_CAP)
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
+        let started_ms = now_ms();
+        let method = req.method().clone();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .or_else(|| self.sni.clone())
+            .unwrap_or_else(|| self.flow.info.original_dst.to_string());
+        let host = host_of(&authority).to_ascii_lowercase();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let pq = if query.is_empty() {
+            path.clone()
+        } else {
+            format!("{path}?{query}")
+        };
+        let scheme = if self.secure { "https" } else { "http" };
+        let har = HarEntry {
+            started_ms,
+            method: method.as_str().to_string(),
+            url: format!("{scheme}://{authority}{pq}"),
+            http_version: version_str(req.version()).into(),
+            request_headers: headers_vec(req.headers()),
+            ..Default::default()
+        };
+        let kube = self.kube();
+        let classified = if method == Method::CONNECT {
+            Err(classify::ClassifyError::Method("CONNECT".into()))
+        } else if kube {
+            classify::kubernetes(method.as_str(), &path, &query)
+        } else {
+            classify::http(method.as_str(), &host, &path, &query)
+        };
+        let classified: Classified = match classified {
+            Ok(c) => c,
+            Err(e) => {
+                let status = match e {
+                    classify::ClassifyError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+                    classify::ClassifyError::Path(_) => StatusCode::BAD_REQUEST,
+                };
+                warn!(session = %self.flow.info.session, "refused request: {e}");
+                return self.answer(har, "", status, &e.to_string(), None, None, "deny");
+            }
+        };
+        let mut cmd = Command::new(
+            &self.flow,
+            classified.action.clone(),
+            format!("{method} {authority}{pq}"),
+        );
+        cmd.context.extend(classified.context.clone());
+        let mut request_id = None;
+        let allowed = match gate::check(&self.shared, &self.flow, &cmd).await {
+            Gate::Allowed(a) => a,
+            Gate::Denied(d) => return self.denied(har, &cmd, d, classified.k8s.as_ref()),
+            Gate::Held(h) => {
+                let id = h.request().id.clone();
+                info!(session = %self.flow.info.session, request = %id, action = %cmd.action, "http request held for approval");
+                request_id = Some(id.clone());
+                match h
+                    .wait(&self.shared, &self.flow, &cmd, std::future::pending())
+                    .await
+                {
+                    Waited::Allowed(a) => a,
+                    Waited::Denied(d) => return self.denied(har, &cmd, d, classified.k8s.as_ref()),
+                    Waited::Abandoned => {
+                        let d = Denied {
+                            reason: "the session ended while the request was held".into(),
+                            policies: Vec::new(),
+                            request: Some(id),
+                        };
+                        return self.denied(har, &cmd, d, classified.k8s.as_ref());
+                    }
+                }
+            }
+        };
+        let mut har = har;
+        har.action = cmd.action.clone();
+        har.decision = "allow".into();
+        har.policy_ids = allowed.policies.clone();
+        let mut resp = self
+            .forward(req, har, cmd, allowed, classified.k8s, &authority, &pq)
+            .await;
+        if let Some(v) = request_id.and_then(|r| HeaderValue::from_str(&r).ok()) {
+            resp.headers_mut().insert(reply::REQUEST_HEADER, v);
+        }
+        resp
+    }
+
+    /// Answers a denied request with 403 and records it.
+    fn denied(
+        &self,
+        har: HarEntry,
+        cmd: &Command,
+        d: Denied,
+        k8s: Option<&K8sRequest>,
+    ) -> Response<BoxBody> {
+        let mut msg = format!("portcullis denied {}: {}", cmd.action, d.reason);
+        if let Some(r) = &d.request {
+            if !d.reason.contains(r.as_str()) {
+                msg.push_str(&format!(" (access request {r})"));
+            }
+        }
+        let mut har = har;
+        har.reason = Some(d.reason.clone());
+        har.policy_ids = d.policies.clone();
+        self.answer(
+            har,
+            &cmd.action,
+            StatusCode::FORBIDDEN,
+            &msg,
+            k8s,
+            d.request.as_deref(),
+            "deny",
+        )
+    }
+
+    /// A proxy-generated JSON answer, recorded as an exchange.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        mut har: HarEntry,
+        action: &str,
+        status: StatusCode,
+        msg: &str,
+        k8s: Option<&K8sRequest>,
+        request: Option<&str>,
+        decision: &str,
+    ) -> Response<BoxBody> {
+        let body = reply::body_json(status, msg, k8s, self.kube(), request);
+        let resp = reply::json_response(status, &body, request);
+        har.action = action.to_string();
+        har.decision = decision.to_string();
+        har.status = status.as_u16();
+        har.status_text = status.canonical_reason().unwrap_or("").into();
+        har.response_http_version = har.http_version.clone();
+        har.response_headers = headers_vec(resp.headers());
+        let text = body.to_string();
+        har.response_body_size = Some(text.len() as u64);
+        if self.capture().is_some() {
+            har.response_body = Some(text.into_bytes());
+        }
+        self.flow.recording.http_exchange(har);
+        resp
+    }
+
+    async fn upstream(&self, host: &str) -> Result<&Upstream, UpstreamError> {
+        self.upstream
+            .get_or_try_init(|| async {
+                let addr =
+                    self.flow
+                        .upstream_addr()
+                        .await
+                        .map_err(|source| UpstreamError::Connect {
+                            addr: self.flow.info.original_dst,
+                            source,
+                        })?;
+                let res = &self.flow.resource;
+                let tls = self.secure || res.upstream_ca_file.is_some();
+                if !tls {
+                    return Upstream::new(addr, None);
+                }
+                // Verify the name the agent meant, unless the resource
+                // names its upstream host.
+                let name = match &res.upstream {
+                    Some(Destination::Host { host, .. }) => host.clone(),
+                    _ => self.sni.clone().unwrap_or_else(|| host.to_string()),
+                };
+                Upstream::new(addr, Some((res, &name)))
+            })
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        har: HarEntry,
+        cmd: Command,
+        allowed: gate::Allowed,
+        k8s: Option<K8sRequest>,
+        authority: &str,
+        pq: &str,
+    ) -> Response<BoxBody> {
+        let upgrade =
+            req.version() == HttpVersion::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+        let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let masking = self.mask_plan(k8s.as_ref());
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers, upgrade);
+        headers.remove(header::AUTHORIZATION);
+        let action = cmd.action.clone();
+        let fail = |this: &Self, har: HarEntry, msg: String| {
+            warn!(session = %this.flow.info.session, "{msg}");
+            this.answer(
+                har,
+                &action,
+                StatusCode::BAD_GATEWAY,
+                &msg,
+                k8s.as_ref(),
+                None,
+                "allow",
+            )
+        };
+        match upstream::authorization(&self.flow.resource.credentials) {
+            Ok(Some(v)) => {
+                headers.insert(header::AUTHORIZATION, v);
+            }
+            Ok(None) => {}
+            Err(e) => return fail(self, har, format!("credentials: {e}")),
+        }
+        if masking.is_some() {
+            // Only bodies that can be inspected: no compression we cannot
+            // decode, and for Kubernetes JSON rather than protobuf.
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            if self.kube() {
+                let proto = headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("protobuf"));
+                if proto {
+                    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+                }
+            }
+        }
+        let host = host_of(authority).to_string();
+        let up = match self.upstream(&host).await {
+            Ok(u) => u,
+            Err(e) => return fail(self, har, format!("upstream: {e}")),
+        };
+        let version = if upgrade {
+            Version::H1
+        } else {
+            match up.version().await {
+                Ok(v) => v,
+                Err(e) => return fail(self, har, format!("upstream: {e}")),
+            }
+        };
+        let uri_text = match version {
+            Version::H1 => pq.to_string(),
+            Version::H2 => format!(
+                "{}://{authority}{pq}",
+                if up.is_tls() { "https" } else { "http" }
+            ),
+        };
+        let uri: hyper::Uri = match uri_text.parse() {
+            Ok(u) => u,
+            Err(e) => return fail(self, har, format!("request URI: {e}")),
+        };
+        match version {
+            Version::H1 => {
+                if !headers.contains_key(header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(authority) {
+                        headers.insert(header::HOST, v);
+                    }
+                }
+            }
+            Version::H2 => {
+                headers.remove(header::HOST);
+            }
+        }
+        let req_tap = Arc::new(Mutex::new(Tap::new(self.capture())));
+        let req_body: BoxBody = Tapped::new(body, req_tap.clone()).boxed_unsync();
+        let mut out = Request::new(req_body);
+        let is_head = parts.method == Method::HEAD;
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.version_mut() = match version {
+            Version::H1 => HttpVersion::HTTP_11,
+            Version::H2 => HttpVersion::HTTP_2,
+        };
+        let mut har = har;
+        har.request_headers = headers_vec(&headers);
+        *out.headers_mut() = headers;
+        let t_send = Instant::now();
+        let sent = if upgrade {
+            up.send_upgrade(out).await
+        } else {
+            up.send(out).await
+        };
+        har.server_ip = Some(up.addr().ip().to_string());
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let mut d = Map::new();
+                d.insert("status".into(), 502.into());
+                d.insert("error".into(), e.to_string().into());
+                gate::finished(&self.shared, &self.flow, &cmd, &allowed, d).await;
+                return fail(self, har, format!("upstream: {e}"));
+            }
+        };
+        har.wait_ms = t_send.elapsed().as_secs_f64() * 1000.0;
+        let (mut rparts, rbody) = resp.into_parts();
+        har.status = rparts.status.as_u16();
+        har.status_text = rparts.status.canonical_reason().unwrap_or("").into();
+        har.response_http_version = version_str(rparts.version).into();
+        let ex = Exchange {
+            cmd,
+            allowed,
+            har,
+            req_tap,
+            t_first_byte: Instant::now(),
+        };
+        if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(agent_up) = agent_upgrade {
+                return self.switch(agent_up, rparts, rbody, ex);
+            }
+        }
+        strip_hop_by_hop(&mut rparts.headers, false);
+        let has_body = !(is_head
+            || rparts.status == StatusCode::NO_CONTENT
+            || rparts.status == StatusCode::NOT_MODIFIED
+            || rparts.status.is_informational());
+        let pipeline = match (&masking, has_body) {
+            (Some(plan), true) => match self.pipeline(plan, &rparts.headers) {
+                Ok(p) => p,
+                Err(msg) => {
+                    let Exchange {
+                        cmd, allowed, har, ..
+                    } = ex;
+                    let mut d = Map::new();
+                    d.insert("status".into(), 502.into());
+                    d.insert("error".into(), msg.clone().into());
+                    gate::finished(&self.shared, &self.flow, &cmd, &allowed, d).await;
+                    return fail(self, har, format!("response not forwarded: {msg}"));
+                }
+            },
+            _ => None,
+        };
+        if let Some(p) = &pipeline {
+            rparts.headers.remove(header::CONTENT_LENGTH);
+            if p.decoder.is_some() {
+                rparts.headers.remove(header::CONTENT_ENCODING);
+            }
+        }
+        let mut ex = ex;
+        ex.har.response_headers = headers_vec(&rparts.headers);
+        let conn = self.clone();
+        let body = Outgoing::new(rbody, pipeline, self.capture(), move |end| {
+            conn.finish(ex, end)
+        });
+        Response::from_parts(rparts, body.boxed_unsync())
+    }
+
+    /// Masking for this request: the resource's rules, plus Kubernetes
+    /// Secret data by default. `None` when nothing is masked.
+    fn mask_plan(&self, k8s: Option<&K8sRequest>) -> Option<MaskPlan> {
+        let _ = k8s;
+        None
+    }
+
+    /// The decode-and-mask pipeline for a response, by its headers.
+    fn pipeline(&self, plan: &MaskPlan, h: &HeaderMap) -> Result<Option<Pipeline>, String> {
+        let ctype = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let mime = ctype.split(';').next().unwrap_or("").trim();
+        let rewrite = if mime.ends_with("json")
+            || mime.ends_with("+json")
+            || mime == "application/x-ndjson"
+            || mime == "application/jsonl"
+            || mime.contains("json-seq")
+        {
+            Some((plan.json)())
+        } else if mime.starts_with("text/")
+            || mime.ends_with("xml")
+            || mime.ends_with("yaml")
+            || mime == "application/x-www-form-urlencoded"
+            || mime.is_empty()
+        {
+            Some((plan.text)())
+        } else {
+            // Binary types (images, archives) pass: detectors read text.
+            None
+        };
+        let enc = h
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if rewrite.is_none() {
+            return Ok(None);
+        }
+        let decoder = body::Decoder::for_encoding(enc)?;
+        Ok(Some(Pipeline::new(decoder, rewrite)))
+    }
+
+    /// Relays an upgraded connection (WebSocket, Kubernetes exec/attach/
+    /// port-forward) once both sides switched protocols.
+    fn switch(
+        self: &Arc<Self>,
+        agent_up: hyper::upgrade::OnUpgrade,
+        rparts: hyper::http::response::Parts,
+        rbody: Incoming,
+        ex: Exchange,
+    ) -> Response<BoxBody> {
+        let upstream_resp = Response::from_parts(rparts.clone(), rbody);
+        let conn = self.clone();
+        tokio::spawn(async move {
+            let mut upstream_resp = upstream_resp;
+            let (a, u) = tokio::join!(agent_up, hyper::upgrade::on(&mut upstream_resp));
+            let (from_agent, to_agent, outcome) = match (a, u) {
+                (Ok(a), Ok(u)) => {
+                    let mut a = TokioIo::new(a);
+                    let mut u = TokioIo::new(u);
+                    tokio::select! {
+                        r = tokio::io::copy_bidirectional(&mut a, &mut u) => match r {
+                            Ok((x, y)) => (x, y, "complete"),
+                            Err(_) => (0, 0, "upstream_error"),
+                        },
+                        _ = conn.flow.cancel.cancelled() => (0, 0, "ended by the daemon"),
+                    }
+                }
+                _ => (0, 0, "upgrade_failed"),
+            };
+            let Exchange {
+                cmd,
+                allowed,
+                mut har,
+                ..
+            } = ex;
+            har.response_headers = headers_vec(&upstream_resp.headers().clone());
+            let mut d = Map::new();
+            d.insert("status".into(), 101.into());
+            d.insert("upgraded".into(), true.into());
+            d.insert("bytes_from_client".into(), from_agent.into());
+            d.insert("bytes_to_client".into(), to_agent.into());
+            d.insert("outcome".into(), outcome.into());
+            gate::finished(&conn.shared, &conn.flow, &cmd, &allowed, d).await;
+            conn.flow.recording.http_exchange(har);
+        });
+        let mut resp = Response::new(reply::empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *resp.headers_mut() = rparts.headers;
+        resp
+    }
+
+    /// Records the exchange and writes the command's completion record.
+    fn finish(self: Arc<Self>, ex: Exchange, end: End) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let Exchange {
+                cmd,
+                allowed,
+                mut har,
+                req_tap,
+                t_first_byte,
+            } = ex;
+            har.receive_ms = t_first_byte.elapsed().as_secs_f64() * 1000.0;
+            let (req_bytes, req_body) = {
+                let mut t = req_tap.lock().unwrap_or_else(|p| p.into_inner());
+                (t.bytes, t.captured.take())
+            };
+            har.request_body_size = Some(req_bytes);
+            har.request_body = req_body;
+            har.response_body_size = Some(end.bytes);
+            har.response_body = end.captured;
+            if end.outcome != body::Outcome::Complete {
+                har.reason = Some(format!(
+                    "response {}{}",
+                    end.outcome.as_str(),
+                    end.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ));
+            }
+            let mut d = Map::new();
+            d.insert("status".into(), har.status.into());
+            d.insert("bytes_from_client".into(), req_bytes.into());
+            d.insert("bytes_to_client".into(), end.bytes.into());
+            d.insert("outcome".into(), end.outcome.as_str().into());
+            if let Some(e) = &end.error {
+                d.insert("error".into(), e.clone().into());
+            }
+            if let Some(c) = end.counts.filter(|c| c != &json!({})) {
+                d.insert("masked".into(), c);
+            }
+            gate::finished(&self.shared, &self.flow, &cmd, &allowed, d).await;
+            self.flow.recording.http_exchange(har);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let mut u = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+        strip_hop_by_hop(&mut u, true);
+        assert!(u.contains_key("upgrade") && u.contains_key("connection"));
+        assert!(!u.contains_key("x-secret-hop"));
+    }
+
+    #[test]
+    fn hosts_are_taken_from_authorities() {
+        assert_eq!(host_of("api.example.com:8443"), "api.example.com");
+        assert_eq!(host_of("api.example.com"), "api.example.com");
+        assert_eq!(host_of("[::1]:443"), "::1");
+        assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
+    }
+}
