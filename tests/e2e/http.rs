@@ -54,6 +54,15 @@ fn http_setup(name: &str, tls: &str, resource_extra: &str, rules: &str) -> Http 
     fs::write(&token, format!("{UPSTREAM_TOKEN}\n")).unwrap();
     files.identities(IDENTITIES);
     files.rules("rules.cedar", rules);
+    // Passthrough cannot inject anything (the policy refuses credentials).
+    let creds = if tls == "passthrough" {
+        String::new()
+    } else {
+        format!(
+            "credentials = {{ bearer_token_file = {:?} }}\n",
+            token.display().to_string()
+        )
+    };
     let ca_line = if tls == "none" {
         String::new()
     } else {
@@ -62,9 +71,8 @@ fn http_setup(name: &str, tls: &str, resource_extra: &str, rules: &str) -> Http 
     fs::write(
         files.policies.join("api.toml"),
         format!(
-            "[resource.api]\nprotocol = \"http\"\nmatch = [\"{}\"]\ntls = \"{tls}\"\n{ca_line}record = \"full\"\ncredentials = {{ bearer_token_file = {:?} }}\n{resource_extra}\n",
+            "[resource.api]\nprotocol = \"http\"\nmatch = [\"{}\"]\ntls = \"{tls}\"\n{ca_line}record = \"full\"\n{creds}{resource_extra}\n",
             upstream.addr(),
-            token.display().to_string()
         ),
     )
     .unwrap();
@@ -110,6 +118,7 @@ fn http_get_allowed_delete_denied_post_held_then_approved_and_token_injected() {
 
     // GET: allowed, with the agent's own Authorization replaced upstream.
     let r = h.curl(&[
+        "--http1.1",
         "-H",
         "Authorization: Bearer agent-own-token",
         &h.url("/hello"),
@@ -166,10 +175,25 @@ fn http_get_allowed_delete_denied_post_held_then_approved_and_token_injected() {
     let v: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v["created"]["n"], 1);
 
+    // Python httpx, trusting the daemon CA, is another real client.
+    let script = format!(
+        "import httpx, json\nr = httpx.get({:?}, verify={:?}, headers={{'Authorization': 'Bearer agent-own-token'}})\nprint(json.dumps({{'status': r.status_code, 'body': r.json()}}))",
+        h.url("/hello"),
+        h.ca.display().to_string()
+    );
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", &script]);
+    h.place.apply(&mut cmd);
+    let out = cmd.output().unwrap();
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("httpx: {e}: {out:?}"));
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["body"]["hello"], "world");
+
     // Upstream saw the daemon's token on every forwarded request, never the
     // agent's, and never the denied DELETE.
     let reqs = h.upstream.requests();
-    assert_eq!(reqs.len(), 2, "{reqs:#?}");
+    assert_eq!(reqs.len(), 3, "{reqs:#?}");
     for r in &reqs {
         assert_eq!(
             r["authorization"],
@@ -358,10 +382,299 @@ print("|".join(out))
     for l in &lines {
         assert!(l.starts_with("HTTP/1.1 400"), "{lines:?}");
     }
+    // An upgrade (WebSocket, as Kubernetes exec uses) is relayed both ways.
+    let script = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", PORT), timeout=10)
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    d = s.recv(1)
+    if not d: break
+    head += d
+s.sendall(b"ping over the upgrade")
+got = b""
+while len(got) < 21:
+    d = s.recv(100)
+    if not d: break
+    got += d
+print(head.split(b"\r\n")[0].decode(), "|", got.decode())
+"#
+    .replace("PORT", &port.to_string());
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", &script]);
+    h.place.apply(&mut cmd);
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        "HTTP/1.1 101 Switching Protocols | PING OVER THE UPGRADE",
+        "{out:?}"
+    );
+
     // Still serving, plain HTTP to a plain upstream.
     let r = curl(&h.place, &[&format!("http://127.0.0.1:{port}/hello")]);
     assert_eq!(r.code, 200, "{r:?}");
-    assert_eq!(h.upstream.requests().len(), 1);
+    assert_eq!(h.upstream.requests().len(), 2);
     assert_eq!(h.daemon.status()["attached"], true);
     let _ = &h.cg;
+}
+
+const MASK_RULES: &str = r#"
+@id("read")
+permit(principal == Identity::"agent", action == Action::"http:get", resource == Resource::"api");
+"#;
+
+fn masked_setup(name: &str) -> Http {
+    http_setup(
+        name,
+        "intercept",
+        "\n[[mask]]\nresource = \"api\"\ndetectors = [\"email\"]\njson_paths = [\"users.*.name\"]\n",
+        MASK_RULES,
+    )
+}
+
+#[test]
+fn json_chunked_gzip_and_text_bodies_are_masked_as_they_stream() {
+    let h = masked_setup("http-mask");
+    // Content-Length JSON: detector hit, body rewritten, still valid JSON.
+    let r = h.curl(&["--http1.1", &h.url("/hello")]);
+    assert_eq!(r.code, 200, "{r:?}");
+    assert!(!r.body.contains("alice@example.com"), "{r:?}");
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["hello"], "world");
+    assert_eq!(v["owner"], "[MASKED]");
+    // The upstream's Content-Length no longer fits: it must be gone.
+    assert!(
+        !r.headers.to_ascii_lowercase().contains("content-length"),
+        "{}",
+        r.headers
+    );
+
+    // Chunked upstream body split mid-value, over HTTP/1.1 and HTTP/2.
+    for proto in ["--http1.1", "--http2"] {
+        let r = h.curl(&[proto, &h.url("/chunked")]);
+        assert_eq!(r.code, 200, "{r:?}");
+        let v: Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(v["users"][0]["email"], "[MASKED]");
+        assert_eq!(v["users"][1]["email"], "[MASKED]");
+        assert_eq!(v["users"][0]["name"], "[MASKED]", "json_paths rule");
+        assert_eq!(v["total"], 2);
+    }
+
+    // gzip: Accept-Encoding narrowed upstream; a server that compresses
+    // anyway is decoded, masked and sent as identity.
+    for extra in [&[][..], &["--compressed"][..]] {
+        let mut args: Vec<&str> = extra.to_vec();
+        let url = h.url("/gzip");
+        args.push(&url);
+        let r = h.curl(&args);
+        assert_eq!(r.code, 200, "{r:?}");
+        let v: Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(v["email"], "[MASKED]");
+        assert_eq!(v["ok"], true);
+        assert!(!r.headers.to_ascii_lowercase().contains("content-encoding"));
+    }
+    let reqs = h.upstream.requests();
+    assert!(
+        reqs.iter().all(|r| r["accept_encoding"] == "identity"),
+        "{reqs:#?}"
+    );
+
+    // Text by detector.
+    let r = h.curl(&[&h.url("/text")]);
+    assert_eq!(r.code, 200, "{r:?}");
+    assert_eq!(r.body, "contact [MASKED] for access\n");
+
+    // Malformed JSON fails closed: the body ends in an error, and nothing
+    // after the fault reaches the agent.
+    let r = h.curl(&["--http1.1", &h.url("/malformed")]);
+    assert!(!r.ok, "{r:?}");
+    assert!(!r.body.contains("leak@example.com"), "{r:?}");
+    assert!(!r.body.contains("garbage"), "{r:?}");
+
+    // Masking counts and the failure reach the audit log.
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            h.events("command_end")
+                .iter()
+                .any(|e| e["detail"]["outcome"] == "mask_error")
+        },
+        "mask_error recorded",
+    );
+    let ends = h.events("command_end");
+    assert!(
+        ends.iter().any(|e| e["detail"]["masked"].is_object()),
+        "{ends:#?}"
+    );
+
+    // The HAR holds the bodies as the agent saw them: masked.
+    let har = wait_for_har(&h.files, 6).to_string();
+    assert!(har.contains("[MASKED]"));
+    for secret in [
+        "alice@example.com",
+        "bob@example.com",
+        "carol@example.com",
+        "dave@example.com",
+    ] {
+        assert!(!har.contains(secret), "{secret} in the HAR");
+    }
+}
+
+const K8S_RULES: &str = r#"
+@id("k8s-read")
+permit(principal == Identity::"agent", action in [Action::"k8s:get", Action::"k8s:list", Action::"k8s:watch"], resource == Resource::"api");
+"#;
+
+/// A kubeconfig for the test API server trusting the daemon CA, with the
+/// agent's own (unprivileged) token.
+fn kubeconfig(h: &Http) -> PathBuf {
+    let path = h.files.dir.join("kubeconfig");
+    fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority: {}\nusers:\n- name: agent\n  user:\n    token: agent-own-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: agent\n    namespace: default\ncurrent-context: test\n",
+            h.upstream.port,
+            h.ca.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn kubectl(h: &Http, args: &[&str]) -> std::process::Output {
+    let kc = kubeconfig(h);
+    let mut cmd = std::process::Command::new("kubectl");
+    cmd.arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--cache-dir")
+        .arg(h.files.dir.join("kube-cache"))
+        .args(["--request-timeout", "20s"])
+        .args(args)
+        .env("HOME", &h.files.dir);
+    h.place.apply(&mut cmd);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn kubectl_get_allowed_delete_denied_with_status_and_secrets_masked() {
+    let h = http_setup("http-k8s", "intercept", "kind = \"kubernetes\"", K8S_RULES);
+    let out = kubectl(&h, &["get", "pods", "-o", "name"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pod/web-1\npod/web-2\n"
+    );
+
+    let out = kubectl(&h, &["delete", "pod", "web-1"]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Forbidden") && err.contains("k8s:delete"),
+        "{err}"
+    );
+    assert!(h
+        .upstream
+        .requests()
+        .iter()
+        .all(|r| r["method"] != "DELETE"));
+
+    let out = kubectl(&h, &["get", "secret", "db", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "Secret");
+    assert_eq!(v["metadata"]["name"], "db");
+    assert_eq!(v["data"]["password"], "[MASKED]");
+    assert_eq!(v["data"]["username"], "[MASKED]");
+    assert_eq!(v["stringData"]["note"], "[MASKED]");
+    let out = kubectl(&h, &["get", "secrets", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("web-1"), "{text}");
+    assert!(!text.contains("aHVudGVyMi1kYi1wYXNzd29yZA"), "{text}");
+
+    // Pods are not secrets: their values pass.
+    let out = kubectl(&h, &["get", "pod", "web-1", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["spec"]["containers"][0]["env"][0]["value"],
+        "ops@example.com"
+    );
+
+    // The daemon's token went upstream, never the agent's.
+    let reqs = h.upstream.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(
+            r["authorization"],
+            format!("Bearer {UPSTREAM_TOKEN}"),
+            "{r}"
+        );
+    }
+    let cmds = h.events("command");
+    let del = cmds
+        .iter()
+        .find(|e| e["action"] == "k8s:delete")
+        .expect("delete audited");
+    assert_eq!(del["decision"], "deny");
+    assert!(cmds.iter().any(|e| e["action"] == "k8s:get"
+        && e["decision"] == "allow"
+        && e["detail"]["command"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/secrets/db")));
+}
+
+#[test]
+fn a_watch_stream_is_masked_event_by_event() {
+    let h = http_setup(
+        "http-watch",
+        "intercept",
+        "kind = \"kubernetes\"",
+        K8S_RULES,
+    );
+    // Each event arrives split in two chunks, 50 ms apart; every line the
+    // agent gets must be one complete, masked event.
+    let r = h.curl(&[
+        "-N",
+        &h.url("/api/v1/namespaces/default/secrets?watch=true"),
+    ]);
+    assert_eq!(r.code, 200, "{r:?}");
+    let lines: Vec<&str> = r.body.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 3, "{r:?}");
+    for (i, l) in lines.iter().enumerate() {
+        let ev: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("event {i}: {e}: {l}"));
+        assert_eq!(ev["type"], "ADDED");
+        assert_eq!(ev["object"]["metadata"]["name"], format!("w{}", i + 1));
+        assert_eq!(ev["object"]["data"]["password"], "[MASKED]");
+    }
+    // Streaming, not buffered: the upstream pauses 1 s after the first
+    // event, and a streaming client (httpx) must have that event before.
+    let script = format!(
+        "import httpx, json, time\nt0 = time.monotonic()\nout = []\nwith httpx.stream('GET', {:?}, verify={:?}, timeout=20) as r:\n    for line in r.iter_lines():\n        if line.strip():\n            out.append([time.monotonic() - t0, json.loads(line)['object']['data']['password']])\nprint(json.dumps(out))",
+        h.url("/api/v1/namespaces/default/secrets?watch=1"),
+        h.ca.display().to_string()
+    );
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", &script]);
+    h.place.apply(&mut cmd);
+    let out = cmd.output().unwrap();
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("httpx: {e}: {out:?}"));
+    let events = v.as_array().unwrap();
+    assert_eq!(events.len(), 3, "{v}");
+    let (first, last) = (
+        events[0][0].as_f64().unwrap(),
+        events[2][0].as_f64().unwrap(),
+    );
+    assert!(
+        last - first >= 0.9,
+        "the pause must fall between events: {v}"
+    );
+    assert!(events.iter().all(|e| e[1] == "[MASKED]"), "{v}");
+    let cmds = h.events("command");
+    assert!(cmds
+        .iter()
+        .any(|e| e["action"] == "k8s:watch" && e["decision"] == "allow"));
 }

@@ -83,7 +83,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def chunked(self, ctype, pieces, delay=0.0):
+    def chunked(self, ctype, pieces, delay=0.0, pause_after=None):
         self.send_response(200)
         self.send_header("Content-Type", ctype)
         self.send_header("Transfer-Encoding", "chunked")
@@ -93,6 +93,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             if delay:
                 time.sleep(delay)
+            if pause_after is not None and p is pieces[pause_after]:
+                time.sleep(1.0)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -104,6 +106,20 @@ class Handler(BaseHTTPRequestHandler):
         m = self.command
         parts = [p for p in path.split("/") if p]
         # Generic API.
+        if path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            # Not real WebSocket framing: after the 101 the connection is
+            # an opaque byte stream, echoed, which is all a relay sees.
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            while True:
+                data = self.connection.recv(4096)
+                if not data:
+                    return
+                self.connection.sendall(data.upper())
         if path == "/hello":
             return self.send_json(200, {"hello": "world", "owner": "alice@example.com"})
         if path.startswith("/items"):
@@ -161,7 +177,9 @@ class Handler(BaseHTTPRequestHandler):
                     ev = json.dumps({"type": "ADDED", "object": make(n)}).encode() + b"\n"
                     # Split each event mid-way: masking must not care.
                     events += [ev[:len(ev) // 2], ev[len(ev) // 2:]]
-                return self.chunked("application/json", events, delay=0.05)
+                # A pause after the first event: a proxy that buffers the
+                # stream shows it as a late first event.
+                return self.chunked("application/json", events, delay=0.05, pause_after=1)
             if name is None and m == "GET":
                 lst = "PodList" if kind == "pods" else "SecretList"
                 return self.send_json(200, {"kind": lst, "apiVersion": "v1", "metadata": {"resourceVersion": "10"},

@@ -39,9 +39,18 @@ const APT_PACKAGES: &[&str] = &[
     // Python clients driven by the tests and the demo.
     "python3-psycopg",
     "python3-paramiko",
+    // HTTP client of the http e2e tests (streaming watch reads).
+    "python3-httpx",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",
+];
+
+/// Commands the tests need, with the Debian package that provides them when
+/// no other package already does (e.g. Google's `kubectl` package).
+const APT_COMMANDS: &[(&str, &str)] = &[
+    // kubectl for the Kubernetes API tests of the http handler.
+    ("kubectl", "kubernetes-client"),
 ];
 
 /// The bpf-linker release that works with the nightly toolchain's LLVM 22.
@@ -86,6 +95,19 @@ fn apt_packages() -> Result<()> {
             report("ok", &format!("apt: {package}"));
         } else {
             report("installing", &format!("apt: {package}"));
+            missing.push(package);
+        }
+    }
+    for &(command, package) in APT_COMMANDS {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {command}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if found {
+            report("ok", &format!("command: {command}"));
+        } else {
+            report("installing", &format!("apt: {package} (for {command})"));
             missing.push(package);
         }
     }

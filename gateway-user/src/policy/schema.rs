@@ -560,6 +560,23 @@ pub(super) fn parse_file(
                 }
             }
         };
+        // Passthrough sees only the SNI: nothing can be injected into, or
+        // classified inside, the encrypted stream.
+        if let (Some(TlsMode::Passthrough), Some(t)) = (tls, &res.tls) {
+            if res.credentials.is_some() {
+                diags.push(at(
+                    t.span().start,
+                    "tls \"passthrough\" cannot inject credentials: use \"intercept\"".into(),
+                ));
+            }
+            if kind == "kubernetes" {
+                diags.push(at(
+                    t.span().start,
+                    "kind \"kubernetes\" needs the requests: use tls \"intercept\" or \"none\""
+                        .into(),
+                ));
+            }
+        }
         if protocol != Some(Protocol::Ssh) && (res.known_hosts.is_some() || res.host_ca.is_some()) {
             diags.push(at(
                 start,

@@ -473,3 +473,30 @@ fn mask_rules_compile_per_resource_and_bad_detectors_are_located() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn passthrough_http_resources_refuse_credentials_and_kubernetes() {
+    let bad = r#"[resource.api]
+protocol = "http"
+match = ["10.0.0.9:443"]
+tls = "passthrough"
+credentials = { bearer_token_file = "/etc/tok" }
+
+[resource.kube]
+protocol = "http"
+kind = "kubernetes"
+match = ["10.0.0.10:443"]
+tls = "passthrough"
+"#;
+    let dir = dir_with(&[("base.toml", BASE), ("bad.toml", bad)]);
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    assert!(
+        text.contains("bad.toml:4:7: tls \"passthrough\" cannot inject credentials"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad.toml:13:7: kind \"kubernetes\" needs the requests"),
+        "{text}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}

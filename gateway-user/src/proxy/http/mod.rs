@@ -62,6 +62,7 @@ use super::{
 };
 use crate::{
     daemon::Shared,
+    mask::Masker,
     policy::{Destination, RecordMode, TlsMode},
     record::HarEntry,
 };
@@ -228,6 +229,8 @@ struct Conn {
     sni: Option<String>,
     secure: bool,
     upstream: OnceCell<Upstream>,
+    /// Relays of upgraded connections: the session lasts until they end.
+    upgrades: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 async fn serve_http<IO>(
@@ -249,9 +252,11 @@ where
         sni,
         secure,
         upstream: OnceCell::new(),
+        upgrades: Mutex::new(Vec::new()),
     });
+    let svc_conn = conn.clone();
     let svc = service_fn(move |req| {
-        let conn = conn.clone();
+        let conn = svc_conn.clone();
         async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -264,7 +269,7 @@ where
         builder = builder.http2_only();
     }
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::select! {
+    let reason = tokio::select! {
         r = served => match r {
             Ok(()) => "closed",
             Err(e) => {
@@ -272,8 +277,18 @@ where
                 "closed with an error"
             }
         },
-        _ = cancel.cancelled() => "ended by the daemon",
+        _ = cancel.cancelled() => return "ended by the daemon",
+    };
+    // An upgraded connection (WebSocket, exec) outlives hyper's part.
+    let relays: Vec<_> =
+        std::mem::take(&mut *conn.upgrades.lock().unwrap_or_else(|p| p.into_inner()));
+    for relay in relays {
+        tokio::select! {
+            _ = relay => {}
+            _ = cancel.cancelled() => return "ended by the daemon",
+        }
     }
+    reason
 }
 
 /// Headers that belong to one hop and are never forwarded.
@@ -343,10 +358,80 @@ fn host_of(authority: &str) -> &str {
     }
 }
 
-/// What masking a response needs: the masker and the extra JSON paths.
+/// JSON paths of Kubernetes Secret values, masked by default in responses
+/// about secrets: a Secret, a SecretList, and watch events.
+pub const K8S_SECRET_PATHS: &[&str] = &[
+    "data.*",
+    "stringData.*",
+    "items.*.data.*",
+    "items.*.stringData.*",
+    "object.data.*",
+    "object.stringData.*",
+];
+
+/// What masking a response needs: the resource's masker and extra paths.
 struct MaskPlan {
-    json: Box<dyn Fn() -> Box<dyn body::Rewrite> + Send + Sync>,
-    text: Box<dyn Fn() -> Box<dyn body::Rewrite> + Send + Sync>,
+    masker: Arc<Masker>,
+    extra: &'static [&'static str],
+}
+
+impl MaskPlan {
+    fn json(&self) -> Box<dyn body::Rewrite> {
+        Box::new(JsonRewrite(self.masker.json(self.extra)))
+    }
+    fn text(&self) -> Box<dyn body::Rewrite> {
+        Box::new(TextRewrite(self.masker.stream()))
+    }
+}
+
+/// A masker with no rules of its own: Kubernetes Secret defaults only.
+fn k8s_default_masker() -> Option<Arc<Masker>> {
+    static DEFAULT: std::sync::OnceLock<Option<Arc<Masker>>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| {
+            let rule = crate::policy::MaskRule {
+                resource: "kubernetes-secrets".into(),
+                columns: Vec::new(),
+                json_paths: Vec::new(),
+                detectors: Vec::new(),
+                style: "redact".into(),
+            };
+            // Only `redact` is used, so the hash key does not matter.
+            Masker::compile("kubernetes-secrets", &[rule], [0; 32])
+                .ok()
+                .flatten()
+        })
+        .clone()
+}
+
+struct JsonRewrite(crate::mask::JsonMasker);
+
+impl body::Rewrite for JsonRewrite {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        self.0.push(chunk, out).map_err(|e| e.to_string())
+    }
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.0.finish(out).map_err(|e| e.to_string())
+    }
+    fn counts(&self) -> serde_json::Value {
+        self.0.counts().to_json()
+    }
+}
+
+struct TextRewrite(crate::mask::StreamMasker);
+
+impl body::Rewrite for TextRewrite {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        self.0.push(chunk, out);
+        Ok(())
+    }
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.0.finish(out);
+        Ok(())
+    }
+    fn counts(&self) -> serde_json::Value {
+        self.0.counts().to_json()
+    }
 }
 
 /// Per-request state carried to the response's end.
@@ -579,6 +664,10 @@ impl Conn {
                 "allow",
             )
         };
+        let masking = match masking {
+            Ok(m) => m,
+            Err(e) => return fail(self, har, format!("masking: {e}")),
+        };
         match upstream::authorization(&self.flow.resource.credentials) {
             Ok(Some(v)) => {
                 headers.insert(header::AUTHORIZATION, v);
@@ -724,9 +813,22 @@ impl Conn {
 
     /// Masking for this request: the resource's rules, plus Kubernetes
     /// Secret data by default. `None` when nothing is masked.
-    fn mask_plan(&self, k8s: Option<&K8sRequest>) -> Option<MaskPlan> {
-        let _ = k8s;
-        None
+    fn mask_plan(&self, k8s: Option<&K8sRequest>) -> Result<Option<MaskPlan>, String> {
+        // Taken per request, so a policy reload applies to the next one.
+        let own = self.shared.policy.load().masker(&self.flow.info.resource);
+        let secrets = k8s.is_some_and(K8sRequest::is_secret);
+        Ok(match (own, secrets) {
+            (Some(masker), true) => Some(MaskPlan {
+                masker,
+                extra: K8S_SECRET_PATHS,
+            }),
+            (Some(masker), false) => Some(MaskPlan { masker, extra: &[] }),
+            (None, true) => Some(MaskPlan {
+                masker: k8s_default_masker().ok_or("the default Secret masker is unavailable")?,
+                extra: K8S_SECRET_PATHS,
+            }),
+            (None, false) => None,
+        })
     }
 
     /// The decode-and-mask pipeline for a response, by its headers.
@@ -743,14 +845,14 @@ impl Conn {
             || mime == "application/jsonl"
             || mime.contains("json-seq")
         {
-            Some((plan.json)())
+            Some(plan.json())
         } else if mime.starts_with("text/")
             || mime.ends_with("xml")
             || mime.ends_with("yaml")
             || mime == "application/x-www-form-urlencoded"
             || mime.is_empty()
         {
-            Some((plan.text)())
+            Some(plan.text())
         } else {
             // Binary types (images, archives) pass: detectors read text.
             None
@@ -777,7 +879,15 @@ impl Conn {
     ) -> Response<BoxBody> {
         let upstream_resp = Response::from_parts(rparts.clone(), rbody);
         let conn = self.clone();
-        tokio::spawn(async move {
+        let Exchange {
+            cmd,
+            allowed,
+            mut har,
+            ..
+        } = ex;
+        har.response_headers = headers_vec(&rparts.headers);
+        self.flow.recording.http_exchange(har);
+        let relay = tokio::spawn(async move {
             let mut upstream_resp = upstream_resp;
             let (a, u) = tokio::join!(agent_up, hyper::upgrade::on(&mut upstream_resp));
             let (from_agent, to_agent, outcome) = match (a, u) {
@@ -794,13 +904,6 @@ impl Conn {
                 }
                 _ => (0, 0, "upgrade_failed"),
             };
-            let Exchange {
-                cmd,
-                allowed,
-                mut har,
-                ..
-            } = ex;
-            har.response_headers = headers_vec(&upstream_resp.headers().clone());
             let mut d = Map::new();
             d.insert("status".into(), 101.into());
             d.insert("upgraded".into(), true.into());
@@ -808,8 +911,11 @@ impl Conn {
             d.insert("bytes_to_client".into(), to_agent.into());
             d.insert("outcome".into(), outcome.into());
             gate::finished(&conn.shared, &conn.flow, &cmd, &allowed, d).await;
-            conn.flow.recording.http_exchange(har);
         });
+        self.upgrades
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(relay);
         let mut resp = Response::new(reply::empty());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *resp.headers_mut() = rparts.headers;
@@ -817,18 +923,17 @@ impl Conn {
     }
 
     /// Records the exchange and writes the command's completion record.
+    /// The HAR entry is queued at once (the session may end right after the
+    /// last byte); the audit record is written off the body's poll.
     fn finish(self: Arc<Self>, ex: Exchange, end: End) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        rt.spawn(async move {
-            let Exchange {
-                cmd,
-                allowed,
-                mut har,
-                req_tap,
-                t_first_byte,
-            } = ex;
+        let Exchange {
+            cmd,
+            allowed,
+            mut har,
+            req_tap,
+            t_first_byte,
+        } = ex;
+        {
             har.receive_ms = t_first_byte.elapsed().as_secs_f64() * 1000.0;
             let (req_bytes, req_body) = {
                 let mut t = req_tap.lock().unwrap_or_else(|p| p.into_inner());
@@ -859,9 +964,15 @@ impl Conn {
             if let Some(c) = end.counts.filter(|c| c != &json!({})) {
                 d.insert("masked".into(), c);
             }
-            gate::finished(&self.shared, &self.flow, &cmd, &allowed, d).await;
             self.flow.recording.http_exchange(har);
-        });
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let conn = self.clone();
+            rt.spawn(async move {
+                gate::finished(&conn.shared, &conn.flow, &cmd, &allowed, d).await;
+            });
+        }
     }
 }
 
