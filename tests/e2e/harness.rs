@@ -848,6 +848,9 @@ pub struct TestPki {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A client certificate (CN `portcullis-test-client`) from the same CA.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl TestPki {
@@ -866,11 +869,24 @@ impl TestPki {
         let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
             .expect("server params");
         let cert = params.signed_by(&key, &issuer).expect("server cert");
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client_params = CertificateParams::default();
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "portcullis-test-client");
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params
+            .signed_by(&client_key, &issuer)
+            .expect("client cert");
         let pki = Self {
             ca: dir.join("upstream-ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
         };
+        fs::write(&pki.client_cert, client.pem()).expect("write client cert");
+        fs::write(&pki.client_key, client_key.serialize_pem()).expect("write client key");
         fs::write(&pki.ca, ca_cert.pem()).expect("write ca");
         fs::write(&pki.cert, cert.pem()).expect("write cert");
         fs::write(&pki.key, key.serialize_pem()).expect("write key");
@@ -888,6 +904,12 @@ pub struct HttpUpstream {
 
 impl HttpUpstream {
     pub fn start(dir: &Path, tls: Option<&TestPki>) -> Self {
+        Self::start_with(dir, tls, false)
+    }
+
+    /// With `require_client_cert`, the server demands a client certificate
+    /// from the PKI's CA (and logs its CN).
+    pub fn start_with(dir: &Path, tls: Option<&TestPki>, require_client_cert: bool) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/http_upstream.py");
         let port = free_port();
         let log = dir.join(format!("upstream-{port}.jsonl"));
@@ -900,6 +922,9 @@ impl HttpUpstream {
             .stderr(Stdio::inherit());
         if let Some(p) = tls {
             cmd.arg("--cert").arg(&p.cert).arg("--key").arg(&p.key);
+            if require_client_cert {
+                cmd.arg("--client-ca").arg(&p.ca);
+            }
         }
         let mut child = cmd.spawn().expect("start the test upstream");
         let stdout = child.stdout.take().expect("stdout");

@@ -49,7 +49,14 @@ fn http_setup(name: &str, tls: &str, resource_extra: &str, rules: &str) -> Http 
     let cg = TestCgroup::new(name);
     let files = DaemonFiles::new(&cg.rel);
     let pki = TestPki::new(&files.dir.join("pki"));
-    let upstream = HttpUpstream::start(&files.dir, if tls == "none" { None } else { Some(&pki) });
+    // "mtls": intercept, and the upstream demands the daemon's client cert.
+    let mtls = tls == "mtls";
+    let tls = if mtls { "intercept" } else { tls };
+    let upstream = HttpUpstream::start_with(
+        &files.dir,
+        if tls == "none" { None } else { Some(&pki) },
+        mtls,
+    );
     let token = files.dir.join("upstream.token");
     fs::write(&token, format!("{UPSTREAM_TOKEN}\n")).unwrap();
     files.identities(IDENTITIES);
@@ -57,6 +64,12 @@ fn http_setup(name: &str, tls: &str, resource_extra: &str, rules: &str) -> Http 
     // Passthrough cannot inject anything (the policy refuses credentials).
     let creds = if tls == "passthrough" {
         String::new()
+    } else if mtls {
+        format!(
+            "credentials = {{ client_cert_file = {:?}, client_key_file = {:?} }}\n",
+            pki.client_cert.display().to_string(),
+            pki.client_key.display().to_string()
+        )
     } else {
         format!(
             "credentials = {{ bearer_token_file = {:?} }}\n",
@@ -677,4 +690,25 @@ fn a_watch_stream_is_masked_event_by_event() {
     assert!(cmds
         .iter()
         .any(|e| e["action"] == "k8s:watch" && e["decision"] == "allow"));
+}
+
+#[test]
+fn client_certificate_credentials_reach_an_upstream_that_demands_them() {
+    let h = http_setup("http-mtls", "mtls", "", GENERIC_RULES);
+    let r = h.curl(&[&h.url("/hello")]);
+    assert_eq!(r.code, 200, "{r:?}");
+    let reqs = h.upstream.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["client_cert"], "portcullis-test-client");
+    assert_eq!(reqs[0]["authorization"], Value::Null);
+    // An upstream that cannot be verified is a 502, never a blind forward.
+    fs::write(&h.pki.ca, fs::read(&h.ca).unwrap()).unwrap();
+    let r = h.curl(&[&h.url("/hello")]);
+    assert_eq!(r.code, 502, "{r:?}");
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains("tls handshake"),
+        "{v}"
+    );
+    assert_eq!(h.upstream.requests().len(), 1);
 }

@@ -52,10 +52,20 @@ class Handler(BaseHTTPRequestHandler):
                  "accept_encoding": self.headers.get("Accept-Encoding"),
                  "accept": self.headers.get("Accept"),
                  "host": self.headers.get("Host"),
+                 "client_cert": self.client_cn(),
                  "body": body.decode("utf-8", "replace")}
         with LOCK:
             with open(self.server.log, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+    def client_cn(self):
+        getpeercert = getattr(self.connection, "getpeercert", None)
+        cert = getpeercert() if getpeercert else None
+        for rdn in (cert or {}).get("subject", ()):
+            for k, v in rdn:
+                if k == "commonName":
+                    return v
+        return None
 
     def body(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -199,6 +209,7 @@ def main():
     ap.add_argument("--cert")
     ap.add_argument("--key")
     ap.add_argument("--log", required=True)
+    ap.add_argument("--client-ca", help="require client certificates from this CA")
     a = ap.parse_args()
     srv = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     srv.daemon_threads = True
@@ -207,6 +218,9 @@ def main():
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(a.cert, a.key)
         ctx.set_alpn_protocols(["http/1.1"])
+        if a.client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(a.client_ca)
         srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     print("ready", flush=True)
     srv.serve_forever()

@@ -1,9 +1,10 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|policy|audit`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|http|policy|audit`.
 #![warn(missing_docs)]
 
 mod bench;
 mod bench_client;
+mod bench_http;
 mod ci;
 mod demo;
 mod session;
@@ -51,7 +52,7 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
-    /// Benchmarks: `tcp` (direct vs. through Portcullis), `policy`, `audit`.
+    /// Benchmarks: `tcp`, `http` (direct vs. through Portcullis), `policy`, `audit`.
     Bench {
         /// What to benchmark.
         #[command(subcommand)]
@@ -73,6 +74,22 @@ enum BenchTarget {
         /// Bytes for the bulk run (bounded by 30 s).
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// HTTP with wrk: direct vs. through Portcullis vs. nginx as a reverse
+    /// proxy, requests/s ratio and p99 (root).
+    Http {
+        /// Seconds per path.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u64,
+        /// wrk threads.
+        #[arg(long, default_value_t = 2)]
+        threads: u64,
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
@@ -131,6 +148,15 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench::tcp(connections, bytes, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Http {
+                    seconds,
+                    connections,
+                    threads,
+                    binary,
+                },
+        } => bench_http::http(seconds, connections, threads, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),

@@ -495,7 +495,7 @@ tls = "passthrough"
         "{text}"
     );
     assert!(
-        text.contains("bad.toml:13:7: kind \"kubernetes\" needs the requests"),
+        text.contains("bad.toml:11:7: kind \"kubernetes\" needs the requests"),
         "{text}"
     );
     fs::remove_dir_all(dir).unwrap();

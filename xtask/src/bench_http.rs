@@ -1,0 +1,352 @@
+//! `cargo xtask bench http`: HTTP requests per second and latency with wrk,
+//! in one run, three ways to the same nginx origin: direct, through
+//! Portcullis (wrk in a tagged cgroup; identity proof, Cedar decision, an
+//! audit record before and after every request, masking on) and through
+//! nginx as a reverse proxy (the yardstick for "a proxy in the path").
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    ci,
+    session::{run_in_cgroup, Session, SessionConfig},
+    util::{
+        catch_interrupts, describe, interrupted, output_with_timeout, require_root, step,
+        stop_child,
+    },
+};
+
+/// Names the bench's cgroup root, pin dir and work dir.
+const NAME: &str = "portcullis-bench-http";
+/// The port the bench daemon's proxy listens on.
+const LISTEN_PORT: u16 = 15003;
+/// The origin's response body (the email is what the masking rule finds).
+const BODY: &str = r#"{"ok":true,"owner":"bench@example.com","items":[1,2,3]}"#;
+
+/// One wrk result.
+#[derive(Debug, Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    errors: u64,
+}
+
+/// Runs the benchmark: `seconds` per path, `connections` wrk connections on
+/// `threads` threads. `binary` replaces the release build.
+pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf>) -> Result<()> {
+    require_root()?;
+    let bin = ci::daemon_binary(binary)?;
+    let work = PathBuf::from("/tmp").join(NAME);
+    let (origin_port, proxy_port) = (free_port()?, free_port()?);
+    let origin = Nginx::start(&work.join("origin"), &origin_conf(origin_port), origin_port)?;
+    let proxy = Nginx::start(
+        &work.join("proxy"),
+        &proxy_conf(proxy_port, origin_port),
+        proxy_port,
+    )?;
+    step(&format!(
+        "nginx origin on 127.0.0.1:{origin_port}, nginx reverse proxy on 127.0.0.1:{proxy_port}"
+    ));
+
+    let policies = work.join("policies");
+    if policies.exists() {
+        fs::remove_dir_all(&policies)
+            .with_context(|| format!("cannot clear {}", policies.display()))?;
+    }
+    fs::create_dir_all(&policies)
+        .with_context(|| format!("cannot create {}", policies.display()))?;
+    let demo = crate::util::repo_root().join("policies").join("demo");
+    let policy = format!(
+        "[resource.bench-origin]\nprotocol = \"http\"\nmatch = [\"127.0.0.1:{origin_port}\"]\ntls = \"none\"\n\n\
+         [[mask]]\nresource = \"bench-origin\"\ndetectors = [\"email\"]\n\n\
+         [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
+         [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
+        demo.join("jwks.json").display().to_string()
+    );
+    fs::write(policies.join("bench.toml"), policy).context("cannot write bench.toml")?;
+    fs::write(
+        policies.join("bench.cedar"),
+        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource == Resource::\"bench-origin\");\n",
+    )
+    .context("cannot write bench.cedar")?;
+
+    catch_interrupts();
+    let session = Session::start(
+        &bin,
+        &SessionConfig {
+            name: NAME,
+            policies,
+            listen_port: LISTEN_PORT,
+        },
+    )?;
+    session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
+
+    // Masking must be on the measured path: check one response first.
+    let check = curl_body(&session, origin_port)?;
+    if check.contains("bench@example.com") || !check.contains("[MASKED]") {
+        bail!("through Portcullis the body was not masked: {check}");
+    }
+
+    let url = |port: u16| format!("http://127.0.0.1:{port}/");
+    let mut results = Vec::new();
+    for (label, port, through) in [
+        ("direct", origin_port, false),
+        ("nginx reverse proxy", proxy_port, false),
+        ("portcullis", origin_port, true),
+    ] {
+        let r = wrk(&session, &url(port), seconds, connections, threads, through);
+        if let Ok(w) = &r {
+            println!(
+                "    {label}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} requests, {} errors",
+                w.rps, w.p50_ms, w.p99_ms, w.requests, w.errors
+            );
+        }
+        results.push((label, r));
+        if interrupted() {
+            bail!("interrupted");
+        }
+    }
+    drop(proxy);
+    drop(origin);
+    print_table(&results, seconds, connections, threads);
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(l, r)| r.as_ref().err().map(|e| format!("{l}: {e:#}")))
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("daemon log ends with:\n{}", session.log_tail(20));
+        bail!("some measurements failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn print_table(results: &[(&str, Result<Wrk>)], seconds: u64, connections: u64, threads: u64) {
+    let direct = results
+        .iter()
+        .find(|(l, _)| *l == "direct")
+        .and_then(|(_, r)| r.as_ref().ok().copied());
+    println!();
+    println!(
+        "HTTP benchmark: wrk -t{threads} -c{connections} -d{seconds}s, GET of a {}-byte JSON body",
+        BODY.len()
+    );
+    println!(
+        "{:<22} {:>12} {:>12} {:>12} {:>16}",
+        "path", "req/s", "p50 (ms)", "p99 (ms)", "req/s vs direct"
+    );
+    for (label, r) in results {
+        match r {
+            Ok(w) => {
+                let ratio = direct
+                    .filter(|d| d.rps > 0.0)
+                    .map_or("-".to_string(), |d| format!("{:.2}", w.rps / d.rps));
+                println!(
+                    "{label:<22} {:>12.0} {:>12.3} {:>12.3} {ratio:>16}",
+                    w.rps, w.p50_ms, w.p99_ms
+                );
+            }
+            Err(_) => println!("{label:<22} {:>12}", "failed"),
+        }
+    }
+}
+
+/// One GET through Portcullis (curl in the tagged cgroup); its body.
+fn curl_body(session: &Session, port: u16) -> Result<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    run_in_cgroup(&mut cmd, session.agent_procs_file()?);
+    let out = output_with_timeout(&mut cmd, Duration::from_secs(20))?;
+    if !out.status.success() {
+        bail!(
+            "curl through Portcullis failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wrk(
+    session: &Session,
+    url: &str,
+    seconds: u64,
+    connections: u64,
+    threads: u64,
+    through: bool,
+) -> Result<Wrk> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        &format!("-t{threads}"),
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+        url,
+    ]);
+    step(&format!(
+        "{}{}",
+        describe(&cmd),
+        if through {
+            " (in the tagged cgroup)"
+        } else {
+            ""
+        }
+    ));
+    if through {
+        run_in_cgroup(&mut cmd, session.agent_procs_file()?);
+    }
+    let out = output_with_timeout(&mut cmd, Duration::from_secs(seconds + 30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+}
+
+/// Reads requests/s, the 50% and 99% latencies, and the totals.
+fn parse_wrk(text: &str) -> Option<Wrk> {
+    let mut w = Wrk {
+        rps: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        requests: 0,
+        errors: 0,
+    };
+    for line in text.lines() {
+        let t = line.trim();
+        let mut f = t.split_whitespace();
+        match f.next() {
+            Some("Requests/sec:") => w.rps = f.next()?.parse().ok()?,
+            Some("50%") => w.p50_ms = duration_ms(f.next()?)?,
+            Some("99%") => w.p99_ms = duration_ms(f.next()?)?,
+            Some(n) if t.contains("requests in") => w.requests = n.parse().ok()?,
+            Some("Non-2xx") => w.errors += t.rsplit(' ').next()?.parse::<u64>().ok()?,
+            Some("Socket") => {
+                for part in t.split(',') {
+                    if let Some(n) = part.split_whitespace().last() {
+                        w.errors += n.parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (w.rps > 0.0).then_some(w)
+}
+
+/// wrk's `1.23ms`, `850.00us`, `1.02s` as milliseconds.
+fn duration_ms(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    Some(num.parse::<f64>().ok()? * scale)
+}
+
+fn origin_conf(port: u16) -> String {
+    format!(
+        "worker_processes 1;\nhttp {{\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ default_type application/json; return 200 '{BODY}'; }}\n  }}\n}}\n"
+    )
+}
+
+fn proxy_conf(port: u16, origin: u16) -> String {
+    format!(
+        "worker_processes 2;\nhttp {{\n  upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
+    )
+}
+
+/// An nginx with its own prefix, config and port; stopped on drop.
+struct Nginx(Child);
+
+impl Nginx {
+    /// `body` is the config after the common head (pid, logs, temp paths).
+    fn start(prefix: &Path, body: &str, port: u16) -> Result<Self> {
+        let _ = fs::remove_dir_all(prefix);
+        fs::create_dir_all(prefix.join("tmp"))
+            .with_context(|| format!("cannot create {}", prefix.display()))?;
+        let p = prefix.display();
+        let (workers, rest) = body.split_once('\n').unwrap_or((body, ""));
+        let http_head = format!(
+            "http {{\n  access_log off;\n  client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n"
+        );
+        let conf = format!(
+            "daemon off;\n{workers}\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 4096; }}\n{}",
+            rest.replacen("http {\n", &http_head, 1)
+        );
+        let conf_path = prefix.join("nginx.conf");
+        fs::write(&conf_path, conf).context("cannot write nginx.conf")?;
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start nginx (cargo xtask setup installs nginx-light)")?;
+        let mut nginx = Self(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not listen on {port}; see {}/error.log", p);
+            }
+            if let Ok(Some(status)) = nginx.0.try_wait() {
+                bail!("nginx exited ({status}); see {}/error.log", p);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        stop_child(&mut self.0, Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_read() {
+        let text = "Running 10s test @ http://127.0.0.1:1/\n  2 threads and 32 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   1.00ms  200.00us   5.00ms   90.00%\n  Latency Distribution\n     50%  850.00us\n     75%    1.10ms\n     90%    1.40ms\n     99%    2.50ms\n  123456 requests in 10.00s, 20.00MB read\n  Socket errors: connect 0, read 1, write 0, timeout 2\nRequests/sec:  12345.60\nTransfer/sec:      2.00MB\n";
+        let w = parse_wrk(text).unwrap();
+        assert_eq!(w.rps, 12345.6);
+        assert!((w.p50_ms - 0.85).abs() < 1e-9);
+        assert!((w.p99_ms - 2.5).abs() < 1e-9);
+        assert_eq!(w.requests, 123456);
+        assert_eq!(w.errors, 3);
+        assert!(parse_wrk("garbage").is_none());
+        assert_eq!(duration_ms("1.02s"), Some(1020.0));
+    }
+}
