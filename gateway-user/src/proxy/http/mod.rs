@@ -359,7 +359,8 @@ fn host_of(authority: &str) -> &str {
 }
 
 /// JSON paths of Kubernetes Secret values, masked by default in responses
-/// about secrets: a Secret, a SecretList, and watch events.
+/// about secrets: a Secret, a SecretList, watch events, and server-side
+/// printed Tables that include whole objects.
 pub const K8S_SECRET_PATHS: &[&str] = &[
     "data.*",
     "stringData.*",
@@ -367,12 +368,17 @@ pub const K8S_SECRET_PATHS: &[&str] = &[
     "items.*.stringData.*",
     "object.data.*",
     "object.stringData.*",
+    "rows.*.object.data.*",
+    "rows.*.object.stringData.*",
 ];
 
 /// What masking a response needs: the resource's masker and extra paths.
 struct MaskPlan {
     masker: Arc<Masker>,
     extra: &'static [&'static str],
+    /// Only JSON may pass (Kubernetes Secrets): anything else is refused
+    /// rather than forwarded uninspected.
+    json_only: bool,
 }
 
 impl MaskPlan {
@@ -781,7 +787,7 @@ impl Conn {
             || rparts.status == StatusCode::NOT_MODIFIED
             || rparts.status.is_informational());
         let pipeline = match (&masking, has_body) {
-            (Some(plan), true) => match self.pipeline(plan, &rparts.headers) {
+            (Some(plan), true) => match pipeline(plan, &rparts.headers) {
                 Ok(p) => p,
                 Err(msg) => {
                     let Exchange {
@@ -821,51 +827,20 @@ impl Conn {
             (Some(masker), true) => Some(MaskPlan {
                 masker,
                 extra: K8S_SECRET_PATHS,
+                json_only: true,
             }),
-            (Some(masker), false) => Some(MaskPlan { masker, extra: &[] }),
+            (Some(masker), false) => Some(MaskPlan {
+                masker,
+                extra: &[],
+                json_only: false,
+            }),
             (None, true) => Some(MaskPlan {
                 masker: k8s_default_masker().ok_or("the default Secret masker is unavailable")?,
                 extra: K8S_SECRET_PATHS,
+                json_only: true,
             }),
             (None, false) => None,
         })
-    }
-
-    /// The decode-and-mask pipeline for a response, by its headers.
-    fn pipeline(&self, plan: &MaskPlan, h: &HeaderMap) -> Result<Option<Pipeline>, String> {
-        let ctype = h
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let mime = ctype.split(';').next().unwrap_or("").trim();
-        let rewrite = if mime.ends_with("json")
-            || mime.ends_with("+json")
-            || mime == "application/x-ndjson"
-            || mime == "application/jsonl"
-            || mime.contains("json-seq")
-        {
-            Some(plan.json())
-        } else if mime.starts_with("text/")
-            || mime.ends_with("xml")
-            || mime.ends_with("yaml")
-            || mime == "application/x-www-form-urlencoded"
-            || mime.is_empty()
-        {
-            Some(plan.text())
-        } else {
-            // Binary types (images, archives) pass: detectors read text.
-            None
-        };
-        let enc = h
-            .get(header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if rewrite.is_none() {
-            return Ok(None);
-        }
-        let decoder = body::Decoder::for_encoding(enc)?;
-        Ok(Some(Pipeline::new(decoder, rewrite)))
     }
 
     /// Relays an upgraded connection (WebSocket, Kubernetes exec/attach/
@@ -976,6 +951,48 @@ impl Conn {
     }
 }
 
+/// The decode-and-mask pipeline for a response, by its headers.
+fn pipeline(plan: &MaskPlan, h: &HeaderMap) -> Result<Option<Pipeline>, String> {
+    let ctype = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mime = ctype.split(';').next().unwrap_or("").trim();
+    let is_json = mime.ends_with("json")
+        || mime == "application/x-ndjson"
+        || mime == "application/jsonl"
+        || mime.contains("json-seq");
+    if plan.json_only && !is_json {
+        return Err(format!(
+            "a {} body about Secrets cannot be masked (JSON only)",
+            if mime.is_empty() { "untyped" } else { mime }
+        ));
+    }
+    let rewrite = if is_json {
+        Some(plan.json())
+    } else if mime.starts_with("text/")
+        || mime.ends_with("xml")
+        || mime.ends_with("yaml")
+        || mime == "application/x-www-form-urlencoded"
+        || mime.is_empty()
+    {
+        Some(plan.text())
+    } else {
+        // Binary types (images, archives) pass: detectors read text.
+        None
+    };
+    let enc = h
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if rewrite.is_none() {
+        return Ok(None);
+    }
+    let decoder = body::Decoder::for_encoding(enc)?;
+    Ok(Some(Pipeline::new(decoder, rewrite)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -998,6 +1015,39 @@ mod tests {
         strip_hop_by_hop(&mut u, true);
         assert!(u.contains_key("upgrade") && u.contains_key("connection"));
         assert!(!u.contains_key("x-secret-hop"));
+    }
+
+    #[test]
+    fn secret_responses_must_be_json_and_decodable() {
+        let plan = MaskPlan {
+            masker: k8s_default_masker().unwrap(),
+            extra: K8S_SECRET_PATHS,
+            json_only: true,
+        };
+        let h = |ct: &'static str, enc: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            if let Some(e) = enc {
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(e));
+            }
+            h
+        };
+        assert!(pipeline(&plan, &h("application/json", None))
+            .unwrap()
+            .is_some());
+        assert!(pipeline(&plan, &h("application/json", Some("gzip")))
+            .unwrap()
+            .is_some());
+        assert!(pipeline(&plan, &h("application/json", Some("br"))).is_err());
+        assert!(pipeline(&plan, &h("application/vnd.kubernetes.protobuf", None)).is_err());
+        let loose = MaskPlan {
+            json_only: false,
+            ..plan
+        };
+        assert!(pipeline(&loose, &h("image/png", None)).unwrap().is_none());
+        assert!(pipeline(&loose, &h("text/plain; charset=utf-8", None))
+            .unwrap()
+            .is_some());
     }
 
     #[test]
