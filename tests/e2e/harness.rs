@@ -994,3 +994,69 @@ pub fn curl(place: &Placement, args: &[&str]) -> Curl {
         ok: out.status.success(),
     }
 }
+
+/// nginx (Debian's nginx-light) as an HTTPS upstream speaking HTTP/2 and
+/// HTTP/1.1 by ALPN, with its own prefix, config and port; every location
+/// returns `body` as JSON. Its access log records protocol and
+/// Authorization per request.
+pub struct NginxUpstream {
+    child: Child,
+    pub port: u16,
+    pub access_log: PathBuf,
+}
+
+impl NginxUpstream {
+    pub fn start(dir: &Path, pki: &TestPki, body: &str) -> Self {
+        let prefix = dir.join(unique("nginx"));
+        fs::create_dir_all(prefix.join("tmp")).expect("nginx prefix");
+        let port = free_port();
+        let access_log = prefix.join("access.log");
+        let p = prefix.display();
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 256; }}\nhttp {{\n  client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n  log_format t '$request_method $uri $server_protocol \"$http_authorization\"';\n  access_log {} t;\n  server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ default_type application/json; return 200 '{body}'; }}\n  }}\n}}\n",
+            access_log.display(),
+            pki.cert.display(),
+            pki.key.display(),
+        );
+        let conf_path = prefix.join("nginx.conf");
+        fs::write(&conf_path, conf).expect("nginx.conf");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nginx");
+        let n = Self {
+            child,
+            port,
+            access_log,
+        };
+        wait_until(
+            Duration::from_secs(10),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "nginx listening",
+        );
+        n
+    }
+
+    /// Access log lines: `METHOD URI PROTOCOL "AUTHORIZATION"`.
+    pub fn requests(&self) -> Vec<String> {
+        fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for NginxUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

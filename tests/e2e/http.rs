@@ -712,3 +712,52 @@ fn client_certificate_credentials_reach_an_upstream_that_demands_them() {
     );
     assert_eq!(h.upstream.requests().len(), 1);
 }
+
+#[test]
+fn an_http2_upstream_is_multiplexed_and_masked() {
+    require_root();
+    let cg = TestCgroup::new("http-h2up");
+    let files = DaemonFiles::new(&cg.rel);
+    let pki = TestPki::new(&files.dir.join("pki"));
+    let nginx = NginxUpstream::start(&files.dir, &pki, r#"{"owner":"zed@example.com","ok":true}"#);
+    let token = files.dir.join("upstream.token");
+    fs::write(&token, UPSTREAM_TOKEN).unwrap();
+    files.identities(IDENTITIES);
+    files.rules("rules.cedar", MASK_RULES);
+    fs::write(
+        files.policies.join("api.toml"),
+        format!(
+            "[resource.api]\nprotocol = \"http\"\nmatch = [\"127.0.0.1:{}\"]\ntls = \"intercept\"\nupstream_ca_file = {:?}\ncredentials = {{ bearer_token_file = {:?} }}\n\n[[mask]]\nresource = \"api\"\ndetectors = [\"email\"]\n",
+            nginx.port,
+            pki.ca.display().to_string(),
+            token.display().to_string()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(cg.dir(&agent));
+    let ca = daemon.status()["ca_cert"].as_str().unwrap().to_string();
+    let urls: Vec<String> = (0..6)
+        .map(|i| format!("https://127.0.0.1:{}/r{i}", nginx.port))
+        .collect();
+    let mut args = vec![
+        "--cacert",
+        ca.as_str(),
+        "--http2",
+        "--parallel",
+        "--parallel-immediate",
+    ];
+    args.extend(urls.iter().map(String::as_str));
+    let r = curl(&place, &args);
+    assert_eq!(r.code, 200, "{r:?}");
+    assert_eq!(r.body.matches("[MASKED]").count(), 6, "{r:?}");
+    assert!(!r.body.contains("zed@example.com"), "{r:?}");
+    let lines = nginx.requests();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    for l in &lines {
+        assert!(l.contains("HTTP/2.0"), "{l}");
+        assert!(l.contains(&format!("\"Bearer {UPSTREAM_TOKEN}\"")), "{l}");
+    }
+}
