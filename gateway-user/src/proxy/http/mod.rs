@@ -19,6 +19,8 @@
 pub mod body;
 pub mod ca;
 pub mod classify;
+mod masking;
+mod passthrough;
 pub mod reply;
 pub mod tls;
 pub mod upstream;
@@ -44,15 +46,16 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Map};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::OnceCell,
 };
 use tracing::{debug, info, warn};
 
 use self::{
-    body::{End, Outgoing, Pipeline, Tap, Tapped},
+    body::{End, Outgoing, Tap, Tapped},
     classify::{Classified, K8sRequest},
+    masking::{pipeline, MaskPlan},
     upstream::{BoxBody, Upstream, UpstreamError, Version},
 };
 use super::{
@@ -62,7 +65,6 @@ use super::{
 };
 use crate::{
     daemon::Shared,
-    mask::Masker,
     policy::{Destination, RecordMode, TlsMode},
     record::HarEntry,
 };
@@ -74,15 +76,15 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Counts bytes through the agent's socket.
 #[derive(Debug, Default)]
-struct Counters {
-    from_client: AtomicU64,
-    to_client: AtomicU64,
+pub(super) struct Counters {
+    pub(super) from_client: AtomicU64,
+    pub(super) to_client: AtomicU64,
 }
 
 /// The agent's stream, counted.
-struct Counted<T> {
-    inner: T,
-    c: Arc<Counters>,
+pub(super) struct Counted<T> {
+    pub(super) inner: T,
+    pub(super) c: Arc<Counters>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -134,7 +136,7 @@ pub async fn serve(
     };
     let mode = flow.resource.tls.unwrap_or(TlsMode::None);
     let end_reason = match mode {
-        TlsMode::Passthrough => passthrough(shared, flow, client).await?,
+        TlsMode::Passthrough => passthrough::serve(shared, flow, client).await?,
         TlsMode::Intercept => {
             let dst = flow.info.original_dst.ip();
             let (tls, sni) = tls::intercept(&shared.ca, client, dst)
@@ -150,76 +152,6 @@ pub async fn serve(
         bytes_to_client: counters.to_client.load(Ordering::Relaxed),
         end_reason,
     })
-}
-
-/// TLS passthrough: `http:connect` decided on the ClientHello's SNI, then
-/// bytes relayed both ways. A denial answers a TLS `access_denied` alert.
-async fn passthrough(
-    shared: &Arc<Shared>,
-    flow: Flow,
-    mut client: Counted<TcpStream>,
-) -> io::Result<&'static str> {
-    let hello = tls::read_client_hello(&mut client).await?;
-    let sni = hello.sni.clone().unwrap_or_default();
-    let dst = flow.info.original_dst;
-    let text = match &hello.sni {
-        Some(s) => format!("CONNECT {s} (tls passthrough to {dst})"),
-        None => format!("CONNECT {dst} (tls passthrough, no SNI)"),
-    };
-    let cmd = Command::new(&flow, "http:connect", text)
-        .context("method", "CONNECT")
-        .context("host", sni.clone())
-        .context("path", "")
-        .context("query", "")
-        .detail("sni", sni);
-    let gone = hung_up(&client.inner);
-    match gate::check_and_wait(shared, &flow, &cmd, gone).await {
-        Waited::Allowed(allowed) => {
-            let mut up = match flow.connect_upstream().await {
-                Ok(u) => u,
-                Err(e) => {
-                    let _ = client.write_all(&TLS_ALERT_INTERNAL).await;
-                    return Err(io::Error::new(e.kind(), format!("upstream: {e}")));
-                }
-            };
-            up.write_all(&hello.bytes).await?;
-            let res = tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, super::tcp::RELAY_BUFFER, super::tcp::RELAY_BUFFER) => r.map(|_| "closed"),
-                _ = flow.cancel.cancelled() => Ok("ended by the daemon"),
-            };
-            let mut d = Map::new();
-            d.insert(
-                "bytes_from_client".into(),
-                client.c.from_client.load(Ordering::Relaxed).into(),
-            );
-            d.insert(
-                "bytes_to_client".into(),
-                client.c.to_client.load(Ordering::Relaxed).into(),
-            );
-            gate::finished(shared, &flow, &cmd, &allowed, d).await;
-            res
-        }
-        Waited::Denied(_) => {
-            let _ = client.write_all(&TLS_ALERT_ACCESS_DENIED).await;
-            let _ = client.shutdown().await;
-            Ok("denied")
-        }
-        Waited::Abandoned => Ok("abandoned while held"),
-    }
-}
-
-/// A fatal TLS 1.2-framed alert record: access_denied (49).
-const TLS_ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
-/// A fatal TLS alert record: internal_error (80).
-const TLS_ALERT_INTERNAL: [u8; 7] = [21, 3, 3, 0, 2, 2, 80];
-
-/// Resolves when the agent hangs up while its ClientHello waits.
-async fn hung_up(client: &TcpStream) {
-    let mut byte = [0u8; 1];
-    match client.peek(&mut byte).await {
-        Ok(n) if n > 0 => std::future::pending().await,
-        _ => {}
-    }
 }
 
 /// One agent connection speaking HTTP.
@@ -355,88 +287,6 @@ fn host_of(authority: &str) -> &str {
     match authority.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => authority,
-    }
-}
-
-/// JSON paths of Kubernetes Secret values, masked by default in responses
-/// about secrets: a Secret, a SecretList, watch events, and server-side
-/// printed Tables that include whole objects.
-pub const K8S_SECRET_PATHS: &[&str] = &[
-    "data.*",
-    "stringData.*",
-    "items.*.data.*",
-    "items.*.stringData.*",
-    "object.data.*",
-    "object.stringData.*",
-    "rows.*.object.data.*",
-    "rows.*.object.stringData.*",
-];
-
-/// What masking a response needs: the resource's masker and extra paths.
-struct MaskPlan {
-    masker: Arc<Masker>,
-    extra: &'static [&'static str],
-    /// Only JSON may pass (Kubernetes Secrets): anything else is refused
-    /// rather than forwarded uninspected.
-    json_only: bool,
-}
-
-impl MaskPlan {
-    fn json(&self) -> Box<dyn body::Rewrite> {
-        Box::new(JsonRewrite(self.masker.json(self.extra)))
-    }
-    fn text(&self) -> Box<dyn body::Rewrite> {
-        Box::new(TextRewrite(self.masker.stream()))
-    }
-}
-
-/// A masker with no rules of its own: Kubernetes Secret defaults only.
-fn k8s_default_masker() -> Option<Arc<Masker>> {
-    static DEFAULT: std::sync::OnceLock<Option<Arc<Masker>>> = std::sync::OnceLock::new();
-    DEFAULT
-        .get_or_init(|| {
-            let rule = crate::policy::MaskRule {
-                resource: "kubernetes-secrets".into(),
-                columns: Vec::new(),
-                json_paths: Vec::new(),
-                detectors: Vec::new(),
-                style: "redact".into(),
-            };
-            // Only `redact` is used, so the hash key does not matter.
-            Masker::compile("kubernetes-secrets", &[rule], [0; 32])
-                .ok()
-                .flatten()
-        })
-        .clone()
-}
-
-struct JsonRewrite(crate::mask::JsonMasker);
-
-impl body::Rewrite for JsonRewrite {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        self.0.push(chunk, out).map_err(|e| e.to_string())
-    }
-    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        self.0.finish(out).map_err(|e| e.to_string())
-    }
-    fn counts(&self) -> serde_json::Value {
-        self.0.counts().to_json()
-    }
-}
-
-struct TextRewrite(crate::mask::StreamMasker);
-
-impl body::Rewrite for TextRewrite {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        self.0.push(chunk, out);
-        Ok(())
-    }
-    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        self.0.finish(out);
-        Ok(())
-    }
-    fn counts(&self) -> serde_json::Value {
-        self.0.counts().to_json()
     }
 }
 
@@ -818,29 +668,11 @@ impl Conn {
     }
 
     /// Masking for this request: the resource's rules, plus Kubernetes
-    /// Secret data by default. `None` when nothing is masked.
+    /// Secret data by default. Taken per request, so a policy reload
+    /// applies to the next one.
     fn mask_plan(&self, k8s: Option<&K8sRequest>) -> Result<Option<MaskPlan>, String> {
-        // Taken per request, so a policy reload applies to the next one.
         let own = self.shared.policy.load().masker(&self.flow.info.resource);
-        let secrets = k8s.is_some_and(K8sRequest::is_secret);
-        Ok(match (own, secrets) {
-            (Some(masker), true) => Some(MaskPlan {
-                masker,
-                extra: K8S_SECRET_PATHS,
-                json_only: true,
-            }),
-            (Some(masker), false) => Some(MaskPlan {
-                masker,
-                extra: &[],
-                json_only: false,
-            }),
-            (None, true) => Some(MaskPlan {
-                masker: k8s_default_masker().ok_or("the default Secret masker is unavailable")?,
-                extra: K8S_SECRET_PATHS,
-                json_only: true,
-            }),
-            (None, false) => None,
-        })
+        masking::plan(own, k8s)
     }
 
     /// Relays an upgraded connection (WebSocket, Kubernetes exec/attach/
@@ -951,48 +783,6 @@ impl Conn {
     }
 }
 
-/// The decode-and-mask pipeline for a response, by its headers.
-fn pipeline(plan: &MaskPlan, h: &HeaderMap) -> Result<Option<Pipeline>, String> {
-    let ctype = h
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let mime = ctype.split(';').next().unwrap_or("").trim();
-    let is_json = mime.ends_with("json")
-        || mime == "application/x-ndjson"
-        || mime == "application/jsonl"
-        || mime.contains("json-seq");
-    if plan.json_only && !is_json {
-        return Err(format!(
-            "a {} body about Secrets cannot be masked (JSON only)",
-            if mime.is_empty() { "untyped" } else { mime }
-        ));
-    }
-    let rewrite = if is_json {
-        Some(plan.json())
-    } else if mime.starts_with("text/")
-        || mime.ends_with("xml")
-        || mime.ends_with("yaml")
-        || mime == "application/x-www-form-urlencoded"
-        || mime.is_empty()
-    {
-        Some(plan.text())
-    } else {
-        // Binary types (images, archives) pass: detectors read text.
-        None
-    };
-    let enc = h
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if rewrite.is_none() {
-        return Ok(None);
-    }
-    let decoder = body::Decoder::for_encoding(enc)?;
-    Ok(Some(Pipeline::new(decoder, rewrite)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1015,39 +805,6 @@ mod tests {
         strip_hop_by_hop(&mut u, true);
         assert!(u.contains_key("upgrade") && u.contains_key("connection"));
         assert!(!u.contains_key("x-secret-hop"));
-    }
-
-    #[test]
-    fn secret_responses_must_be_json_and_decodable() {
-        let plan = MaskPlan {
-            masker: k8s_default_masker().unwrap(),
-            extra: K8S_SECRET_PATHS,
-            json_only: true,
-        };
-        let h = |ct: &'static str, enc: Option<&'static str>| {
-            let mut h = HeaderMap::new();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-            if let Some(e) = enc {
-                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(e));
-            }
-            h
-        };
-        assert!(pipeline(&plan, &h("application/json", None))
-            .unwrap()
-            .is_some());
-        assert!(pipeline(&plan, &h("application/json", Some("gzip")))
-            .unwrap()
-            .is_some());
-        assert!(pipeline(&plan, &h("application/json", Some("br"))).is_err());
-        assert!(pipeline(&plan, &h("application/vnd.kubernetes.protobuf", None)).is_err());
-        let loose = MaskPlan {
-            json_only: false,
-            ..plan
-        };
-        assert!(pipeline(&loose, &h("image/png", None)).unwrap().is_none());
-        assert!(pipeline(&loose, &h("text/plain; charset=utf-8", None))
-            .unwrap()
-            .is_some());
     }
 
     #[test]

@@ -180,6 +180,9 @@ pub struct Upstream {
     tls: Option<(Arc<ClientConfig>, Arc<ClientConfig>, ServerName<'static>)>,
     h2: Mutex<Option<http2::SendRequest<BoxBody>>>,
     h1: Mutex<Vec<http1::SendRequest<BoxBody>>>,
+    /// An HTTP/1.1 connection made by [`Upstream::version`] and not used
+    /// yet (it may not report ready until its task first runs).
+    fresh: Mutex<Option<http1::SendRequest<BoxBody>>>,
     /// Serializes new connections so concurrent first requests share one
     /// HTTP/2 connection.
     connecting: tokio::sync::Mutex<()>,
@@ -215,6 +218,7 @@ impl Upstream {
             tls,
             h2: Mutex::new(None),
             h1: Mutex::new(Vec::new()),
+            fresh: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
         })
     }
@@ -267,6 +271,15 @@ impl Upstream {
                 return Ok(Version::H1);
             }
         }
+        if self
+            .fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|s| !s.is_closed())
+        {
+            return Ok(Version::H1);
+        }
         let _g = self.connecting.lock().await;
         if self.idle_h2().is_some() {
             return Ok(Version::H2);
@@ -277,7 +290,7 @@ impl Upstream {
                 Ok(Version::H2)
             }
             Conn::H1(s) => {
-                self.keep_h1(s);
+                *self.fresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                 Ok(Version::H1)
             }
         }
@@ -289,7 +302,13 @@ impl Upstream {
             s.ready().await?;
             return Ok(s.send_request(req).await?);
         }
-        let mut s = match self.idle_h1() {
+        let fresh = self
+            .fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|s| !s.is_closed());
+        let mut s = match fresh.or_else(|| self.idle_h1()) {
             Some(s) => s,
             None => match self.connect(false).await? {
                 Conn::H1(s) => s,
