@@ -761,3 +761,43 @@ fn an_http2_upstream_is_multiplexed_and_masked() {
         assert!(l.contains(&format!("\"Bearer {UPSTREAM_TOKEN}\"")), "{l}");
     }
 }
+
+#[test]
+fn agent_token_oidc_requires_the_agents_own_valid_token() {
+    let h = http_setup(
+        "http-oidc",
+        "intercept",
+        "agent_token = \"oidc\"",
+        GENERIC_RULES,
+    );
+    let own = fs::read_to_string(h.daemon.token_file("agent", "sub-agent", 3600)).unwrap();
+    let other = h.files.issuer.token("sub-someone-else", 3600);
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    // Missing, foreign and forged tokens: 401, nothing forwarded.
+    for args in [
+        vec![],
+        vec!["-H".to_string(), bearer(&other)],
+        vec!["-H".to_string(), bearer("not.a.jwt")],
+    ] {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let url = h.url("/hello");
+        a.push(&url);
+        let r = h.curl(&a);
+        assert_eq!(r.code, 401, "{r:?}");
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert!(v["message"].as_str().unwrap().contains("http:get"), "{v}");
+    }
+    assert!(h.upstream.requests().is_empty());
+    // The agent's own token: allowed, and replaced by the daemon's upstream.
+    let r = h.curl(&["-H", &bearer(own.trim()), &h.url("/hello")]);
+    assert_eq!(r.code, 200, "{r:?}");
+    let reqs = h.upstream.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["authorization"], format!("Bearer {UPSTREAM_TOKEN}"));
+    let denied = h
+        .events("command")
+        .into_iter()
+        .filter(|e| e["decision"] == "deny")
+        .count();
+    assert_eq!(denied, 3);
+}

@@ -250,6 +250,30 @@ impl IdentityBinder {
         Ok(proof)
     }
 
+    /// Validates `token` (e.g. one an agent sent in-band) as an OIDC token
+    /// of `identity`: its issuer's keys, audience and the identity's
+    /// subject. May load keys (as [`IdentityBinder::prove`]).
+    pub async fn validate_token(
+        &self,
+        policy: &PolicySet,
+        identity: &str,
+        token: &str,
+    ) -> Result<(), IdentityError> {
+        let id = policy
+            .identities
+            .get(identity)
+            .ok_or_else(|| IdentityError::NotDefined(identity.to_string()))?;
+        let verifier = self
+            .verifiers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id.issuer)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| IdentityError::IssuerUnavailable(id.issuer.clone()))?;
+        verifier.validate(token, &id.subject).await?;
+        Ok(())
+    }
+
     /// Like [`IdentityBinder::prove`] from cached keys only: no network I/O.
     pub fn prove_cached(
         &self,

@@ -88,6 +88,18 @@ pub enum TlsMode {
     None,
 }
 
+/// What an http resource does with the agent's own `Authorization` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentToken {
+    /// Drop it (the daemon's credentials replace it).
+    #[default]
+    Remove,
+    /// Require it to be a valid OIDC token of the flow's identity (same
+    /// issuer and subject as the tag proves), then drop it.
+    Oidc,
+}
+
 /// Held credentials (paths only: secrets stay in files the daemon reads).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +148,9 @@ pub struct Resource {
     pub credentials: Credentials,
     /// TLS mode (http).
     pub tls: Option<TlsMode>,
+    /// The agent's own Authorization header (http): removed, or validated
+    /// as its OIDC token first.
+    pub agent_token: AgentToken,
     /// CA for verifying the upstream (http, postgres).
     pub upstream_ca_file: Option<PathBuf>,
     /// Known hosts (ssh).
@@ -281,6 +296,7 @@ struct ResourceToml {
     approval_timeout: Option<Spanned<String>>,
     credentials: Option<Spanned<Credentials>>,
     tls: Option<Spanned<String>>,
+    agent_token: Option<Spanned<String>>,
     upstream_ca_file: Option<PathBuf>,
     known_hosts: Option<PathBuf>,
     host_ca: Option<PathBuf>,
@@ -560,6 +576,36 @@ pub(super) fn parse_file(
                 }
             }
         };
+        let agent_token = match res
+            .agent_token
+            .as_ref()
+            .map(|t| (t.span().start, t.get_ref().as_str()))
+        {
+            None => AgentToken::Remove,
+            Some((o, t)) if protocol != Some(Protocol::Http) => {
+                diags.push(at(
+                    o,
+                    format!("agent_token {t:?}: `agent_token` applies to http resources only"),
+                ));
+                AgentToken::Remove
+            }
+            Some((o, _)) if tls == Some(TlsMode::Passthrough) => {
+                diags.push(at(
+                    o,
+                    "agent_token needs the requests: not with tls \"passthrough\"".into(),
+                ));
+                AgentToken::Remove
+            }
+            Some((_, "remove")) => AgentToken::Remove,
+            Some((_, "oidc")) => AgentToken::Oidc,
+            Some((o, t)) => {
+                diags.push(at(
+                    o,
+                    format!("agent_token {t:?} is not one of remove, oidc"),
+                ));
+                AgentToken::Remove
+            }
+        };
         // Passthrough sees only the SNI: nothing can be injected into, or
         // classified inside, the encrypted stream.
         if let (Some(TlsMode::Passthrough), Some(t)) = (tls, &res.tls) {
@@ -601,6 +647,7 @@ pub(super) fn parse_file(
                         approval_timeout,
                         credentials,
                         tls,
+                        agent_token,
                         upstream_ca_file: rel(res.upstream_ca_file),
                         known_hosts: rel(res.known_hosts),
                         host_ca: rel(res.host_ca),

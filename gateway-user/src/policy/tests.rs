@@ -500,3 +500,26 @@ tls = "passthrough"
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn agent_token_is_validated() {
+    let good = "[resource.api]\nprotocol = \"http\"\nmatch = [\"10.0.0.9:443\"]\ntls = \"intercept\"\nagent_token = \"oidc\"\n";
+    let dir = dir_with(&[("base.toml", BASE), ("good.toml", good)]);
+    let set = PolicySet::load(&dir).unwrap();
+    assert_eq!(set.resources["api"].agent_token, AgentToken::Oidc);
+    fs::remove_dir_all(dir).unwrap();
+    let bad = "[resource.api]\nprotocol = \"http\"\nmatch = [\"10.0.0.9:443\"]\nagent_token = \"maybe\"\n\n[resource.db]\nprotocol = \"tcp\"\nmatch = [\"10.0.0.10:5432\"]\nagent_token = \"oidc\"\n";
+    let dir = dir_with(&[("base.toml", BASE), ("bad.toml", bad)]);
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    assert!(
+        text.contains("bad.toml:4:15: agent_token \"maybe\" is not one of remove, oidc"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "bad.toml:9:15: agent_token \"oidc\": `agent_token` applies to http resources only"
+        ),
+        "{text}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -65,7 +65,7 @@ use super::{
 };
 use crate::{
     daemon::Shared,
-    policy::{Destination, RecordMode, TlsMode},
+    policy::{AgentToken, Destination, RecordMode, TlsMode},
     record::HarEntry,
 };
 
@@ -360,6 +360,13 @@ impl Conn {
                 return self.answer(har, "", status, &e.to_string(), None, None, "deny");
             }
         };
+        if self.flow.resource.agent_token == AgentToken::Oidc {
+            if let Err(why) = self.check_agent_token(req.headers()).await {
+                return self
+                    .unauthorized(har, &classified.action, &why, classified.k8s.as_ref())
+                    .await;
+            }
+        }
         let mut cmd = Command::new(
             &self.flow,
             classified.action.clone(),
@@ -401,6 +408,67 @@ impl Conn {
         if let Some(v) = request_id.and_then(|r| HeaderValue::from_str(&r).ok()) {
             resp.headers_mut().insert(reply::REQUEST_HEADER, v);
         }
+        resp
+    }
+
+    /// With `agent_token = "oidc"`: the agent's bearer token must be a
+    /// valid OIDC token of the flow's identity.
+    async fn check_agent_token(&self, h: &HeaderMap) -> Result<(), String> {
+        let value = h
+            .get(header::AUTHORIZATION)
+            .ok_or("no Authorization header: this resource needs the agent's OIDC token")?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or("the Authorization header is not a bearer token")?;
+        let policy = self.shared.policy.load();
+        self.shared
+            .identities
+            .validate_token(&policy, &self.flow.info.identity, token)
+            .await
+            .map_err(|e| {
+                format!(
+                    "the agent's token is not valid for {}: {e}",
+                    self.flow.info.identity
+                )
+            })
+    }
+
+    /// Answers 401 for a missing or invalid agent token; audited as a deny.
+    async fn unauthorized(
+        &self,
+        har: HarEntry,
+        action: &str,
+        why: &str,
+        k8s: Option<&K8sRequest>,
+    ) -> Response<BoxBody> {
+        warn!(session = %self.flow.info.session, action, "refused request: {why}");
+        let ev = self
+            .flow
+            .audit_event("command")
+            .action(action.to_string())
+            .decision("deny")
+            .reason(why.to_string())
+            .detail("command", har.url.clone());
+        if let Err(e) = self.shared.audit(ev).await {
+            warn!(session = %self.flow.info.session, "audit of a refused request failed: {e}");
+        }
+        let mut resp = self.answer(
+            har,
+            action,
+            StatusCode::UNAUTHORIZED,
+            &format!("portcullis refused {action}: {why}"),
+            k8s,
+            None,
+            "deny",
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         resp
     }
 

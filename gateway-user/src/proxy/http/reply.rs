@@ -29,6 +29,7 @@ pub fn empty() -> BoxBody {
 fn k8s_reason(status: StatusCode) -> &'static str {
     match status {
         StatusCode::FORBIDDEN => "Forbidden",
+        StatusCode::UNAUTHORIZED => "Unauthorized",
         StatusCode::BAD_REQUEST => "BadRequest",
         StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
