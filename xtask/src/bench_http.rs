@@ -26,8 +26,6 @@ use crate::{
 
 /// Names the bench's cgroup root, pin dir and work dir.
 const NAME: &str = "portcullis-bench-http";
-/// The port the bench daemon's proxy listens on.
-const LISTEN_PORT: u16 = 15003;
 /// The origin's response body (the email is what the masking rule finds).
 const BODY: &str = r#"{"ok":true,"owner":"bench@example.com","items":[1,2,3]}"#;
 
@@ -86,7 +84,8 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
         &SessionConfig {
             name: NAME,
             policies,
-            listen_port: LISTEN_PORT,
+            // Free now: other daemons may run on this machine.
+            listen_port: free_port()?,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
