@@ -260,6 +260,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         pin_dir: cfg.pin_dir.clone(),
         cgroup_dir: cgroups.root_dir(),
         listen_port: cfg.listen_port,
+        udp_allow: cfg.udp_allow.clone(),
     })
     .context("attaching eBPF programs")?;
     let events = redirector.take_events();

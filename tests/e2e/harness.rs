@@ -841,3 +841,68 @@ pub fn direct_greeting(addr: SocketAddr) -> Option<String> {
     BufReader::new(s).read_line(&mut line).ok()?;
     Some(line)
 }
+
+/// Runs a Python `script` (which reads its JSON arguments from `sys.argv[1]`
+/// and prints one JSON object) placed in `place`, optionally as `uid`.
+pub fn python_json(place: &Placement, uid: Option<u32>, script: &str, args: Value) -> Value {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script, &args.to_string()]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    place.apply(&mut cmd);
+    if let Some(uid) = uid {
+        // Applied by std before the placement's pre_exec; the cgroup.procs
+        // file was opened by root, and cgroup v2 checks the opener's rights.
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("spawn python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "script printed no JSON ({e}): {text} / {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A UDP echo server on `bind` counting the datagrams it received.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    pub received: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEcho {
+    pub fn start(bind: &str) -> Self {
+        let sock = std::net::UdpSocket::bind(bind).expect("bind udp");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("udp timeout");
+        let addr = sock.local_addr().expect("udp addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU32::new(0));
+        let (s, r) = (stop.clone(), received.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Self {
+            addr,
+            received,
+            stop,
+        }
+    }
+
+    pub fn received(&self) -> u32 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
