@@ -457,3 +457,194 @@ fn a_flow_entry_lost_from_the_lru_map_is_refused_never_sent_direct() {
     assert!(r.echo_ok(), "{r:?}");
     assert_eq!(r.peer_port(), Some(s.daemon.port as u64));
 }
+
+/// An HTTPS JWKS endpoint on 127.0.0.1 with its own CA; stops on drop.
+struct JwksHttps {
+    addr: std::net::SocketAddr,
+    ca_pem: String,
+    hits: Arc<AtomicU32>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl JwksHttps {
+    fn start(jwks: String) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+            SanType,
+        };
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.distinguished_name
+            .push(DnType::CommonName, "portcullis e2e CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf");
+        leaf.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf cert");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("tls versions")
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![leaf_cert.der().clone()],
+                    rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+                )
+                .expect("tls config"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind jwks");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (h, s) = (hits.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((tcp, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = tcp.set_nonblocking(false);
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                h.fetch_add(1, Ordering::Relaxed);
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                    jwks.len(),
+                    jwks
+                );
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        Self {
+            addr,
+            ca_pem: ca_cert.pem(),
+            hits,
+            stop,
+        }
+    }
+
+    /// Stops serving; returns once new connections are refused.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        wait_until(
+            Duration::from_secs(5),
+            || TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err(),
+            "JWKS endpoint down",
+        );
+    }
+}
+
+impl Drop for JwksHttps {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn jwks_endpoint_down_keeps_cached_keys_and_refuses_unknown_keys() {
+    require_root();
+    let cg = TestCgroup::new("jwksdown");
+    let server = EchoServer::start("jwksdown");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let jwks = JwksHttps::start(files.issuer.jwks.clone());
+    let ca = files.dir.join("jwks-ca.pem");
+    std::fs::write(&ca, &jwks.ca_pem).expect("write ca");
+    // The issuer's keys come from the HTTPS endpoint (not a file).
+    let mut text = format!(
+        "[issuer.test]\nurl = \"https://issuer.test\"\njwks_url = \"https://{}/jwks.json\"\nca_file = {:?}\naudience = \"portcullis\"\n\n",
+        jwks.addr,
+        ca.display().to_string()
+    );
+    for n in ["a", "one", "two"] {
+        text.push_str(&format!(
+            "[identity.{n}]\nissuer = \"test\"\nsubject = \"sub-{n}\"\n\n"
+        ));
+    }
+    std::fs::write(files.policies.join("identities.toml"), text).expect("identities");
+    let daemon = Daemon::start(&files);
+    let a = cg.child("a");
+    daemon.tag(&a, "a");
+    let to = json!({"host": "127.0.0.1", "port": server.addr.port()});
+    let r = client(&Placement::cgroup(cg.dir(&a)), to.clone());
+    assert!(r.echo_ok(), "{r:?}\n{}", daemon.log_text());
+    assert!(
+        jwks.hits.load(Ordering::Relaxed) >= 1,
+        "keys fetched over https"
+    );
+
+    jwks.stop();
+    // Cached keys keep proving identities, for a live tag and a new one.
+    let r = client(&Placement::cgroup(cg.dir(&a)), to.clone());
+    assert!(r.echo_ok(), "cached keys still work: {r:?}");
+    let one = cg.child("one");
+    daemon.tag(&one, "one");
+    let r = client(&Placement::cgroup(cg.dir(&one)), to.clone());
+    assert!(
+        r.echo_ok(),
+        "a key in the cache proves a new tag too: {r:?}"
+    );
+    let seen = server.accepted.load(Ordering::Relaxed);
+
+    // A token signed by a key the daemon never saw (the issuer rotated
+    // while its endpoint is down) cannot be proven: refused.
+    let two = cg.child("two");
+    let token = daemon.dir.join("tokens").join("two.jwt");
+    std::fs::write(
+        &token,
+        TestIssuer::new().token_with_kid("sub-two", 3600, "rotated-key"),
+    )
+    .expect("token");
+    daemon.cli_ok(&[
+        "tag",
+        &two,
+        "--identity",
+        "two",
+        "--token-file",
+        &token.display().to_string(),
+    ]);
+    let start = Instant::now();
+    let r = client(&Placement::cgroup(cg.dir(&two)), to);
+    assert!(!r.echo_ok(), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(15), "no hang");
+    assert_eq!(
+        server.accepted.load(Ordering::Relaxed),
+        seen,
+        "nothing relayed"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let out = Command::new(BIN)
+                .args(["audit", "tail", "--json", "--state-dir"])
+                .arg(&files.state)
+                .output()
+                .expect("tail");
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+                let e: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+                e["type"] == "flow_refused" && e["detail"]["identity_error"].is_string()
+            })
+        },
+        "the unproven flow is audited as refused",
+    );
+}

@@ -449,6 +449,11 @@ impl TestIssuer {
 
     /// A token for `identity` (subject `sub-IDENTITY`) valid for `ttl_secs`.
     pub fn token(&self, subject: &str, ttl_secs: i64) -> String {
+        self.token_with_kid(subject, ttl_secs, "test-key")
+    }
+
+    /// Like [`TestIssuer::token`] with another key id in the header.
+    pub fn token_with_kid(&self, subject: &str, ttl_secs: i64, kid: &str) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("time")
@@ -458,7 +463,7 @@ impl TestIssuer {
             "iat": now, "nbf": now - 5, "exp": now + ttl_secs, "jti": unique("jti"),
         });
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("test-key".into());
+        header.kid = Some(kid.into());
         jsonwebtoken::encode(
             &header,
             &claims,
