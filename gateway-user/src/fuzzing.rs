@@ -228,7 +228,7 @@ mod tests {
             let seed = std::env::var("PORTCULLIS_FUZZ_SEED")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(0x5eed_0f_9011_c0de_u64);
+                .unwrap_or(0x5eed_0f90_11c0_de01_u64);
             let mut rng = Rng(seed | 1);
             let start = Instant::now();
             let mut tried = 0;

@@ -158,6 +158,29 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
     })
 }
 
+/// Raises the daemon's soft open-file limit to its hard limit: every relayed
+/// session holds two sockets, and the common default soft limit (1024)
+/// would refuse new sessions at about 500. Returns the limit now in force.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,27 +210,4 @@ mod tests {
         assert!(parse_release("5.10.0").unwrap() < MIN_KERNEL);
         assert_eq!(parse_release("garbage"), None);
     }
-}
-
-/// Raises the daemon's soft open-file limit to its hard limit: every relayed
-/// session holds two sockets, and the common default soft limit (1024)
-/// would refuse new sessions at about 500. Returns the limit now in force.
-pub fn raise_nofile_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(lim.rlim_cur)
 }
