@@ -142,8 +142,12 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     let bin = ci::daemon_binary(args.binary.clone())?;
     let (allowed, denied, held) = (upstream()?, upstream()?, upstream()?);
     let policies = PathBuf::from("/tmp").join(NAME).join("policies");
-    if policies.exists() {
-        fs::remove_dir_all(&policies)?;
+    // A fresh state dir per run: an earlier run's audit log and access
+    // requests would otherwise be loaded and skew the memory figures.
+    for dir in [&policies, &PathBuf::from("/tmp").join(NAME).join("state")] {
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
     }
     fs::create_dir_all(&policies)?;
     let demo = crate::util::repo_root().join("policies").join("demo");
