@@ -5,7 +5,9 @@
 //! Run as root (`cargo xtask test` does). Every test owns its cgroup subtree,
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
+mod faults;
 mod harness;
+mod security;
 
 use std::{fs, time::Duration};
 
