@@ -286,6 +286,10 @@ pub struct DaemonArgs {
     /// Webhook URL told about access requests (repeatable).
     #[arg(long = "webhook")]
     pub webhooks: Vec<String>,
+    /// UDP destination tagged cgroups may reach (repeatable): ADDR:PORT,
+    /// [IPV6]:PORT or *:PORT; "none" for no UDP at all. Default *:53 (DNS).
+    #[arg(long = "udp-allow")]
+    pub udp_allow: Vec<String>,
 }
 
 impl Cli {
@@ -312,6 +316,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: args.metrics,
                 fsync: args.fsync,
                 webhooks: (!args.webhooks.is_empty()).then_some(args.webhooks),
+                udp_allow: (!args.udp_allow.is_empty()).then_some(args.udp_allow),
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -26,6 +26,9 @@ pub mod defaults {
     pub const LISTEN_PORT: u16 = 15001;
     /// Metrics listener.
     pub const METRICS: &str = "127.0.0.1:15020";
+    /// UDP destinations tagged cgroups may reach: DNS on any address. Every
+    /// other datagram from a tagged cgroup is refused in the kernel.
+    pub const UDP_ALLOW: &[&str] = &["*:53"];
 }
 
 /// The `[daemon]` table; every key mirrors a daemon flag.
@@ -50,6 +53,9 @@ pub struct DaemonTable {
     pub fsync: Option<String>,
     /// URLs POSTed a JSON event when an access request is created or decided.
     pub webhooks: Option<Vec<String>>,
+    /// UDP destinations tagged cgroups may send to (`ADDR:PORT`, `[V6]:PORT`
+    /// or `*:PORT`); `[]` allows none. Default [`defaults::UDP_ALLOW`].
+    pub udp_allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +160,58 @@ pub struct DaemonConfig {
     pub fsync: crate::audit::FsyncMode,
     /// Webhook URLs for access requests.
     pub webhooks: Vec<String>,
+    /// UDP destinations tagged cgroups may still reach.
+    pub udp_allow: Vec<UdpDest>,
+}
+
+/// A UDP destination tagged cgroups may send to: one address and port, or a
+/// port on any address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpDest {
+    /// The address; `None` for any address.
+    pub addr: Option<std::net::IpAddr>,
+    /// The port (never 0).
+    pub port: u16,
+}
+
+impl std::str::FromStr for UdpDest {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "udp_allow entry {s:?}: expected ADDR:PORT, [IPV6]:PORT or *:PORT with a port 1-65535"
+            ))
+        };
+        let (addr, port) = match s.strip_prefix("*:") {
+            Some(port) => (None, port),
+            None => {
+                let sa: std::net::SocketAddr = s.parse().map_err(|_| bad())?;
+                return if sa.port() == 0 {
+                    Err(bad())
+                } else {
+                    Ok(Self {
+                        addr: Some(sa.ip()),
+                        port: sa.port(),
+                    })
+                };
+            }
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(Self { addr, port })
+    }
+}
+
+impl std::fmt::Display for UdpDest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            None => write!(f, "*:{}", self.port),
+            Some(ip) => write!(f, "{}", std::net::SocketAddr::new(ip, self.port)),
+        }
+    }
 }
 
 impl DaemonConfig {
@@ -176,6 +234,18 @@ impl DaemonConfig {
                     "fsync must be \"interval\" or \"always\", not {other:?}"
                 )))
             }
+        };
+        let udp_allow = match flags.udp_allow.or(file.udp_allow) {
+            None => defaults::UDP_ALLOW
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<Vec<UdpDest>, _>>()?,
+            // "none" lets the command line say "[]".
+            Some(list) => list
+                .iter()
+                .filter(|d| d.as_str() != "none")
+                .map(|d| d.parse())
+                .collect::<Result<Vec<UdpDest>, _>>()?,
         };
         if listen_port == 0 {
             return Err(ConfigError::Invalid("listen_port must not be 0".into()));
@@ -205,6 +275,7 @@ impl DaemonConfig {
             metrics,
             fsync,
             webhooks: flags.webhooks.or(file.webhooks).unwrap_or_default(),
+            udp_allow,
         })
     }
 }
@@ -245,6 +316,43 @@ mod tests {
         std::fs::write(&p, "").unwrap();
         assert_eq!(read_daemon_table(&p).unwrap(), DaemonTable::default());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn udp_allow_parses_defaults_exact_and_wildcard_and_rejects_junk() {
+        let cfg = DaemonConfig::merge(DaemonTable::default(), DaemonTable::default()).unwrap();
+        assert_eq!(
+            cfg.udp_allow,
+            vec![UdpDest {
+                addr: None,
+                port: 53
+            }]
+        );
+        let flags = DaemonTable {
+            udp_allow: Some(vec!["127.0.0.53:53".into(), "[::1]:5353".into()]),
+            ..Default::default()
+        };
+        let cfg = DaemonConfig::merge(flags, DaemonTable::default()).unwrap();
+        assert_eq!(cfg.udp_allow[0].to_string(), "127.0.0.53:53");
+        assert_eq!(cfg.udp_allow[1].to_string(), "[::1]:5353");
+        let none = DaemonTable {
+            udp_allow: Some(vec!["none".into()]),
+            ..Default::default()
+        };
+        assert!(DaemonConfig::merge(none, DaemonTable::default())
+            .unwrap()
+            .udp_allow
+            .is_empty());
+        for junk in ["53", "*:0", "*:x", "1.2.3.4:0", "host:53", "*:70000"] {
+            let t = DaemonTable {
+                udp_allow: Some(vec![junk.into()]),
+                ..Default::default()
+            };
+            assert!(
+                DaemonConfig::merge(t, DaemonTable::default()).is_err(),
+                "{junk}"
+            );
+        }
     }
 
     #[test]

@@ -260,11 +260,16 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     info!(file = %report.file.display(), next_seq = report.next_seq, public_key = %report.public_key_hex, "audit log open");
 
+    match sys::raise_nofile_limit() {
+        Ok(n) => info!(limit = n, "open-file limit"),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
     sys::ensure_bpffs(&cfg.pin_dir)?;
     let mut redirector = Redirector::attach(&AttachSettings {
         pin_dir: cfg.pin_dir.clone(),
         cgroup_dir: cgroups.root_dir(),
         listen_port: cfg.listen_port,
+        udp_allow: cfg.udp_allow.clone(),
     })
     .context("attaching eBPF programs")?;
     let events = redirector.take_events();

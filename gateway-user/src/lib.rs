@@ -10,12 +10,14 @@
 //! - [`record`]: per-session recordings (JSON Lines, asciicast, HAR), replay.
 //! - [`admin`]: the admin socket; [`cli`]: the command line.
 //! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`].
+//! - [`fuzzing`]: entry points of the fuzz targets and their stable replay.
 
 pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fuzzing;
 pub mod identity;
 pub mod jit;
 pub mod mask;
