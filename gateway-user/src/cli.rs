@@ -39,11 +39,16 @@ pub enum Command {
     /// Tag a cgroup (and its descendants) with an identity.
     Tag {
         /// The cgroup: absolute path under the cgroup2 mount, or relative to it.
-        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        #[arg(required_unless_present_any = ["pid", "container"], conflicts_with_all = ["pid", "container"])]
         cgroup: Option<String>,
         /// Tag the cgroup this process is in.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "container")]
         pid: Option<u32>,
+        /// Tag a container's cgroup: a Docker, containerd, CRI-O or Podman
+        /// container id (full, or a unique prefix of at least 12 hex digits)
+        /// or a Kubernetes pod uid, searched in the governed subtree.
+        #[arg(long)]
+        container: Option<String>,
         /// Identity name the cgroup's flows act as.
         #[arg(long)]
         identity: String,
@@ -54,11 +59,14 @@ pub enum Command {
     /// Remove a cgroup's tag.
     Untag {
         /// The cgroup.
-        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        #[arg(required_unless_present_any = ["pid", "container"], conflicts_with_all = ["pid", "container"])]
         cgroup: Option<String>,
         /// Untag the cgroup this process is in.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "container")]
         pid: Option<u32>,
+        /// Untag a container's cgroup (id, unique prefix, or pod uid).
+        #[arg(long)]
+        container: Option<String>,
     },
     /// List tags.
     Tags {
@@ -310,6 +318,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: args.metrics,
                 fsync: args.fsync,
                 webhooks: (!args.webhooks.is_empty()).then_some(args.webhooks),
+                auto_tag: Vec::new(),
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -354,6 +363,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tag {
             cgroup,
             pid,
+            container,
             identity,
             token_file,
         } => {
@@ -367,6 +377,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &Request::Tag {
                     cgroup,
                     pid,
+                    container,
                     identity,
                     token_file,
                 },
@@ -381,8 +392,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Untag { cgroup, pid } => {
-            let data = request(&socket, &Request::Untag { cgroup, pid })?;
+        Command::Untag {
+            cgroup,
+            pid,
+            container,
+        } => {
+            let data = request(
+                &socket,
+                &Request::Untag {
+                    cgroup,
+                    pid,
+                    container,
+                },
+            )?;
             println!("untagged {}", s(&data["untagged"]["cgroup"]));
             Ok(())
         }

@@ -571,6 +571,11 @@ impl DaemonFiles {
         fs::write(self.policies.join("identities.toml"), text).expect("write identities");
     }
 
+    /// The daemon's config file (absent unless a test writes it).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("portcullis.toml")
+    }
+
     /// Writes (or replaces) a Cedar rules file.
     pub fn rules(&self, file: &str, text: &str) {
         fs::write(self.policies.join(file), text).expect("write rules");
@@ -615,7 +620,7 @@ impl Daemon {
         let mut child = Command::new(BIN)
             .arg("daemon")
             .arg("--config")
-            .arg(files.dir.join("absent.toml"))
+            .arg(files.config_file())
             .arg("--policies")
             .arg(&files.policies)
             .arg("--state-dir")
@@ -628,8 +633,12 @@ impl Daemon {
             .arg(&files.cgroup_root)
             .arg("--listen-port")
             .arg(files.port.to_string())
-            .arg("--metrics")
-            .arg("off")
+            .args(
+                (!files.extra_args.iter().any(|a| a == "--metrics"))
+                    .then_some(["--metrics", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&files.extra_args)
             .env("PORTCULLIS_LOG", "info,portcullis=debug")
             .env("NO_COLOR", "1")

@@ -1,0 +1,218 @@
+//! Operator experience: containers found by id in the cgroup tree,
+//! auto-tagging of cgroups as they appear, and the metrics/health endpoint.
+
+use std::{fs, time::Duration};
+
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A 64-hex id: `prefix` (hex) followed by digits from a unique name, so
+/// parallel test runs never share ids.
+fn container_id(prefix: &str) -> String {
+    let seed = unique("id");
+    let mut hex: String = prefix.to_string();
+    for b in seed.bytes() {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex.extend(std::iter::repeat_n('0', 64));
+    hex.truncate(64);
+    hex
+}
+
+fn tags(d: &Daemon) -> Vec<serde_json::Value> {
+    d.json(&["tags", "--json"])["tags"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn tag_by_container_id_prefix_and_ambiguity() {
+    require_root();
+    let cg = TestCgroup::new("ops-ctr");
+    let server = EchoServer::start("ops-ctr");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let daemon = Daemon::start(&files);
+
+    // Two containers whose ids share their first 14 hex digits, laid out as
+    // Docker's systemd driver and CRI-O under a kubepods slice do.
+    let shared = format!("{:014x}", std::process::id() as u64 * 7919);
+    let a = container_id(&format!("{shared}a"));
+    let b = container_id(&format!("{shared}b"));
+    let a_cg = cg.child(&format!("system.slice/docker-{a}.scope"));
+    let b_cg = cg.child(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0a1b_4c2d_9e3f_4a5b6c7d8e9f.slice/crio-{b}.scope"
+    ));
+
+    let out = daemon.cli(&[
+        "tag",
+        "--container",
+        &shared,
+        "--identity",
+        "container-agent",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ambiguous") && err.contains(&a) && err.contains(&b),
+        "{err}"
+    );
+    let out = daemon.cli(&["tag", "--container", "00000000deadbeef", "--identity", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no container"));
+    let out = daemon.cli(&["tag", "--container", "abc", "--identity", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("12 to 64 hex"));
+
+    let token = daemon.token_file("container-agent", "sub-container-agent", 3600);
+    let prefix = &a[..shared.len() + 1];
+    let said = daemon.cli_ok(&[
+        "tag",
+        "--container",
+        prefix,
+        "--identity",
+        "container-agent",
+        "--token-file",
+        &token.display().to_string(),
+    ]);
+    assert!(said.contains(&format!("docker-{a}.scope")), "{said}");
+    let t = tags(&daemon);
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0]["cgroup"], format!("/{a_cg}"));
+
+    // A client in the container is intercepted and attributed.
+    let r = client(
+        &Placement::cgroup(cg.dir(&a_cg)),
+        json!({"host": "127.0.0.1", "port": server.addr.port()}),
+    );
+    assert_eq!(r.error(), None, "{r:?}");
+    assert!(r.echo_ok(), "{r:?}");
+    assert_eq!(
+        r.peer_port(),
+        Some(daemon.port as u64),
+        "went through the proxy"
+    );
+    // The other container (untagged) goes direct.
+    let r = client(
+        &Placement::cgroup(cg.dir(&b_cg)),
+        json!({"host": "127.0.0.1", "port": server.addr.port()}),
+    );
+    assert_eq!(r.peer_port(), Some(server.addr.port() as u64), "{r:?}");
+
+    // The pod resolves by its uid (underscored as systemd writes it).
+    daemon.cli_ok(&[
+        "tag",
+        "--container",
+        "0a1b2c3d_0a1b_4c2d",
+        "--identity",
+        "pod-agent",
+    ]);
+    assert_eq!(tags(&daemon).len(), 2);
+    daemon.cli_ok(&["untag", "--container", &a]);
+    assert_eq!(tags(&daemon).len(), 1, "only the pod tag is left");
+    let out = daemon.cli(&["untag", "--container", &b[..20]]);
+    assert!(
+        !out.status.success(),
+        "the container itself was never tagged"
+    );
+    daemon.cli_ok(&["untag", "--container", "0a1b2c3d-0a1b-4c2d-9e3f"]);
+    assert!(tags(&daemon).is_empty());
+}
+
+#[test]
+fn auto_tag_rules_tag_existing_and_new_cgroups_and_untag_removed_ones() {
+    require_root();
+    let cg = TestCgroup::new("ops-auto");
+    let server = EchoServer::start("ops-auto");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let tokens = files.dir.join("tokens");
+    fs::create_dir_all(&tokens).unwrap();
+    fs::write(
+        files.config_file(),
+        format!(
+            "[daemon]\n\n[[auto_tag]]\ncgroup = \"**/docker-*.scope\"\nidentity = \"container-agent\"\ntoken_file = \"{}/{{container}}.jwt\"\n\n[[daemon.auto_tag]]\ncgroup = \"manual/*\"\nidentity = \"x\"\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let before = container_id("b0");
+    let before_cg = cg.child(&format!("system.slice/docker-{before}.scope"));
+    let daemon = Daemon::start(&files);
+
+    // Tagged at start, before the daemon said it was ready.
+    let t = tags(&daemon);
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0]["cgroup"], format!("/{before_cg}"));
+    assert_eq!(t[0]["identity"], "container-agent");
+    assert_eq!(
+        t[0]["token_file"],
+        tokens.join(format!("{before}.jwt")).display().to_string()
+    );
+
+    // A container started after the daemon: tagged as it appears.
+    let after = container_id("af");
+    fs::write(
+        tokens.join(format!("{after}.jwt")),
+        files.issuer.token("sub-container-agent", 3600),
+    )
+    .unwrap();
+    let after_cg = cg.child(&format!("system.slice/docker-{after}.scope"));
+    wait_until(
+        Duration::from_secs(3),
+        || {
+            tags(&daemon)
+                .iter()
+                .any(|t| t["cgroup"] == format!("/{after_cg}"))
+        },
+        "new container cgroup auto-tagged (inotify)",
+    );
+    let mut args = json!({"host": "127.0.0.1", "port": server.addr.port()});
+    args["hold"] = json!(1);
+    let held = HeldClient::start(&Placement::cgroup(cg.dir(&after_cg)), args, &files.dir);
+    let flows = daemon.flows();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0]["identity"], "container-agent");
+    assert_eq!(flows[0]["cgroup"], format!("/{after_cg}"));
+    let r = held.finish();
+    assert!(r.echo_ok(), "{r:?}");
+    assert_eq!(r.peer_port(), Some(daemon.port as u64));
+
+    // The `[[daemon.auto_tag]]` form works too.
+    let manual = cg.child("manual/m1");
+    wait_until(
+        Duration::from_secs(3),
+        || {
+            tags(&daemon)
+                .iter()
+                .any(|t| t["cgroup"] == format!("/{manual}") && t["identity"] == "x")
+        },
+        "manual/* auto-tagged",
+    );
+    // A removed auto-tagged cgroup loses its tag.
+    wait_until(
+        Duration::from_secs(5),
+        || fs::remove_dir(cg.dir(&after_cg)).is_ok(),
+        "container cgroup removed",
+    );
+    wait_until(
+        Duration::from_secs(3),
+        || {
+            !tags(&daemon)
+                .iter()
+                .any(|t| t["cgroup"] == format!("/{after_cg}"))
+        },
+        "removed cgroup untagged",
+    );
+    let events = fs::read_dir(files.state.join("audit"))
+        .unwrap()
+        .flatten()
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        events.contains("\"untag\"") && events.contains("auto_tag:**/docker-*.scope"),
+        "auto-tags are audited"
+    );
+}
