@@ -353,6 +353,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             Err(e) => error!("metrics endpoint {addr} unavailable: {e} (use --metrics ADDR|off)"),
         }
     }
+    tasks.spawn(map_fill_loop(shared.clone()));
     info!(
         pid = std::process::id(),
         listen_port = cfg.listen_port,
@@ -360,8 +361,22 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         admin_socket = %cfg.admin_socket.display(),
         "portcullis daemon ready"
     );
+    // systemd (Type=notify): ready once programs are attached and every
+    // listener is up. Without NOTIFY_SOCKET these are no-ops.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "governing {} on port {}",
+            shared.cgroups.root(),
+            cfg.listen_port
+        )),
+    ]);
+    if let Some(timeout) = sd_notify::watchdog_enabled().filter(|t| !t.is_zero()) {
+        tasks.spawn(watchdog_loop(timeout / 2));
+    }
 
     wait_for_signal(&shared).await?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("shutting down; pinned programs stay attached, so tagged agents are refused until a daemon runs again");
     shared.shutdown.cancel();
     tasks.abort_all();
@@ -780,6 +795,47 @@ async fn auto_tag_scan(shared: &Arc<Shared>) {
     }
     if !ended.is_empty() {
         info!(sessions = ?ended, "sessions ended: their auto-tagged cgroup is gone");
+    }
+}
+
+/// How often eBPF map fill is sampled for metrics (a walk costs one
+/// syscall per entry).
+const MAP_FILL_EVERY: Duration = Duration::from_secs(10);
+
+async fn map_fill_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(MAP_FILL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let pin_dir = shared.cfg.pin_dir.clone();
+        let fills = tokio::task::spawn_blocking(move || crate::redirect::map_fill(&pin_dir))
+            .await
+            .unwrap_or_default();
+        for f in fills {
+            shared
+                .metrics
+                .set_map_fill(f.name, f.entries, f.max_entries);
+            if f.entries.saturating_mul(10) >= f.max_entries.saturating_mul(9) {
+                warn!(
+                    map = f.name,
+                    entries = f.entries,
+                    max = f.max_entries,
+                    "eBPF map is over 90% full"
+                );
+            }
+        }
+    }
+}
+
+/// Pings systemd's watchdog while the runtime still schedules tasks: a
+/// wedged runtime stops the pings and systemd restarts the service.
+async fn watchdog_loop(every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        // Only a hung runtime is a reason to restart: an unwritable audit
+        // log is not (commands are denied meanwhile, and /readyz says so).
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
     }
 }
 

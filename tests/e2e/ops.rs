@@ -216,3 +216,113 @@ fn auto_tag_rules_tag_existing_and_new_cgroups_and_untag_removed_ones() {
         "auto-tags are audited"
     );
 }
+
+/// `GET path` on the metrics listener: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_health_and_readiness_of_a_running_daemon() {
+    require_root();
+    let cg = TestCgroup::new("ops-metrics");
+    let server = EchoServer::start("ops-metrics");
+    let mut files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    files.extra_args = vec!["--metrics".into(), addr.clone()];
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(cg.dir(&agent));
+    for _ in 0..3 {
+        let r = client(
+            &place,
+            json!({"host": "127.0.0.1", "port": server.addr.port()}),
+        );
+        assert!(r.echo_ok(), "{r:?}");
+    }
+    // Dialing the proxy port directly: no kernel flow entry, refused.
+    let r = client(
+        &Placement::cgroup(cg.dir(&cg.child("other"))),
+        json!({"host": "127.0.0.1", "port": daemon.port}),
+    );
+    assert!(!r.echo_ok(), "{r:?}");
+
+    let (code, text) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        sample(&text, "portcullis_flows_accepted_total"),
+        Some(3.0),
+        "{text}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            let (_, t) = http_get(&addr, "/metrics");
+            sample(
+                &t,
+                "portcullis_flows_refused_total{reason=\"no_flow_entry\"}",
+            ) == Some(1.0)
+        },
+        "refusal counted",
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "portcullis_decisions_total{resource=\"echo\",action=\"tcp:connect\",outcome=\"allow\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "portcullis_tags"), Some(1.0));
+    assert_eq!(
+        sample(&text, "portcullis_access_requests_pending"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "portcullis_bpf_map_max_entries{map=\"FLOWS\"}"),
+        Some(65536.0),
+        "{text}"
+    );
+    assert!(sample(&text, "portcullis_bpf_map_entries{map=\"TAGGED_CGROUPS\"}").is_some());
+    assert!(
+        sample(&text, "portcullis_audit_last_seq").is_some_and(|s| s > 3.0),
+        "{text}"
+    );
+    assert!(sample(&text, "portcullis_audit_unsynced_records").is_some());
+    assert_eq!(sample(&text, "portcullis_ready"), Some(1.0));
+
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+
+    // Break-glass detach: still alive, no longer ready.
+    daemon.cli_ok(&["detach"]);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("programs_attached FAIL"), "{body}");
+}
