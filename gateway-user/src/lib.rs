@@ -9,7 +9,9 @@
 //! - [`audit`]: the tamper-evident audit log and its readers.
 //! - [`record`]: per-session recordings (JSON Lines, asciicast, HAR), replay.
 //! - [`admin`]: the admin socket; [`cli`]: the command line.
-//! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`].
+//! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`]
+//!   (Prometheus text, health and readiness).
+//! - [`install`]: `portcullis install` / `uninstall` (files, systemd unit).
 
 pub mod admin;
 pub mod audit;
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod install;
 pub mod jit;
 pub mod metrics;
 pub mod policy;

@@ -326,3 +326,69 @@ fn metrics_health_and_readiness_of_a_running_daemon() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("programs_attached FAIL"), "{body}");
 }
+
+#[test]
+fn install_into_a_prefix_verifies_and_uninstalls() {
+    use std::process::Command;
+    let root = std::env::temp_dir().join(unique("install"));
+    let out = Command::new(BIN)
+        .args(["install", "--prefix"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let bin = root.join("usr/local/bin/portcullis");
+    assert_eq!(fs::read(&bin).unwrap(), fs::read(BIN).unwrap());
+    // The installed binary validates the installed policies.
+    let check = Command::new(&bin)
+        .args(["policy", "check"])
+        .arg(root.join("etc/portcullis/policies"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    // systemd accepts the unit without a single warning (ExecStart pointed
+    // at the installed copy, which exists).
+    let unit = fs::read_to_string(root.join("etc/systemd/system/portcullis.service")).unwrap();
+    let verify_dir = root.join("verify");
+    fs::create_dir_all(&verify_dir).unwrap();
+    let unit_path = verify_dir.join("portcullis.service");
+    fs::write(
+        &unit_path,
+        unit.replace("/usr/local/bin/portcullis", &bin.display().to_string()),
+    )
+    .unwrap();
+    match Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+    {
+        Ok(v) => {
+            let err = String::from_utf8_lossy(&v.stderr);
+            assert!(v.status.success() && err.trim().is_empty(), "{err}");
+        }
+        Err(e) => eprintln!("systemd-analyze not available ({e}); unit not verified"),
+    }
+    fs::remove_dir_all(&verify_dir).unwrap();
+
+    let out = Command::new(BIN)
+        .args(["uninstall", "--prefix"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!bin.exists());
+    assert!(
+        !root.join("etc/portcullis").exists(),
+        "unchanged files all removed"
+    );
+    assert!(root.join("var/lib/portcullis").is_dir(), "state dir stays");
+    let out = Command::new(BIN)
+        .args(["uninstall", "--purge", "--prefix"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!root.join("var/lib/portcullis").exists());
+    let _ = fs::remove_dir_all(&root);
+}
