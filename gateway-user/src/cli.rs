@@ -440,8 +440,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 "CGROUP", "IDENTITY", "EXISTS"
             );
             for t in data["tags"].as_array().into_iter().flatten() {
+                let auto = t["auto"]
+                    .as_str()
+                    .map(|g| format!("  (auto: {g})"))
+                    .unwrap_or_default();
                 println!(
-                    "{:<40} {:<24} {:<10} {}",
+                    "{:<40} {:<24} {:<10} {}{auto}",
                     s(&t["cgroup"]),
                     s(&t["identity"]),
                     t["exists"],

@@ -81,6 +81,7 @@ fn tag_by_container_id_prefix_and_ambiguity() {
     let t = tags(&daemon);
     assert_eq!(t.len(), 1, "{t:?}");
     assert_eq!(t[0]["cgroup"], format!("/{a_cg}"));
+    assert!(t[0]["auto"].is_null(), "a hand-made tag: {t:?}");
 
     // A client in the container is intercepted and attributed.
     let r = client(
@@ -147,6 +148,7 @@ fn auto_tag_rules_tag_existing_and_new_cgroups_and_untag_removed_ones() {
     assert_eq!(t.len(), 1, "{t:?}");
     assert_eq!(t[0]["cgroup"], format!("/{before_cg}"));
     assert_eq!(t[0]["identity"], "container-agent");
+    assert_eq!(t[0]["auto"], "**/docker-*.scope");
     assert_eq!(
         t[0]["token_file"],
         tokens.join(format!("{before}.jwt")).display().to_string()
@@ -206,14 +208,25 @@ fn auto_tag_rules_tag_existing_and_new_cgroups_and_untag_removed_ones() {
         },
         "removed cgroup untagged",
     );
-    let events = fs::read_dir(files.state.join("audit"))
-        .unwrap()
-        .flatten()
-        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
-        .collect::<String>();
-    assert!(
-        events.contains("\"untag\"") && events.contains("auto_tag:**/docker-*.scope"),
-        "auto-tags are audited"
+    // The audit records follow the tag store change.
+    let audit_text = || {
+        fs::read_dir(files.state.join("audit"))
+            .unwrap()
+            .flatten()
+            .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>()
+    };
+    wait_until(
+        Duration::from_secs(3),
+        || {
+            let t = audit_text();
+            t.lines().any(|l| {
+                l.contains("\"type\":\"untag\"")
+                    && l.contains(&after_cg)
+                    && l.contains("auto_tag:**/docker-*.scope")
+            })
+        },
+        "auto-untag audited",
     );
 }
 

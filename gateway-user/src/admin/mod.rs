@@ -94,6 +94,8 @@ struct TagView {
     identity: String,
     token_file: Option<std::path::PathBuf>,
     created: u64,
+    /// The auto-tag glob that made it, if an `[[auto_tag]]` rule did.
+    auto: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -470,6 +472,7 @@ fn tag_views(shared: &Shared) -> Vec<TagView> {
                 identity: t.identity.clone(),
                 token_file: t.token_file.clone(),
                 created: t.created,
+                auto: t.auto.clone(),
             }
         })
         .collect()
