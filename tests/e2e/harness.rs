@@ -473,6 +473,8 @@ pub struct DaemonFiles {
     pub issuer: TestIssuer,
     /// Extra daemon flags (kept across restarts).
     pub extra_args: Vec<String>,
+    /// Extra environment variables for the daemon (kept across restarts).
+    pub extra_env: Vec<(String, String)>,
     pub dir: PathBuf,
     pub policies: PathBuf,
     pub state: PathBuf,
@@ -490,6 +492,7 @@ impl DaemonFiles {
         Self {
             issuer: TestIssuer::new(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             state: dir.join("state"),
             socket: dir.join("admin.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
@@ -640,6 +643,7 @@ impl Daemon {
                     .flatten(),
             )
             .args(&files.extra_args)
+            .envs(files.extra_env.iter().map(|(k, v)| (k, v)))
             .env("PORTCULLIS_LOG", "info,portcullis=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -405,3 +405,53 @@ fn install_into_a_prefix_verifies_and_uninstalls() {
     assert!(!root.join("var/lib/portcullis").exists());
     let _ = fs::remove_dir_all(&root);
 }
+
+/// The daemon speaks systemd's notify protocol (what `Type=notify` and
+/// `WatchdogSec=` in the installed unit rely on), checked with a real
+/// NOTIFY_SOCKET the test listens on.
+#[test]
+fn sd_notify_ready_watchdog_and_stopping() {
+    require_root();
+    let cg = TestCgroup::new("ops-notify");
+    let mut files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec!["127.0.0.1:9".to_string()])]);
+    let sock_path = files.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    files.extra_env = vec![
+        ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "400000".into()),
+    ];
+    let mut daemon = Daemon::spawn(&files);
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("READY=1") {
+        let n = sock.recv(&mut buf).expect("a notification before 30 s");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    // READY=1 means ready: the admin socket answers at once and the
+    // programs are attached.
+    assert_eq!(daemon.status()["attached"], true);
+    assert!(seen.contains("STATUS=governing"), "{seen}");
+    // Watchdog pings every WATCHDOG_USEC / 2.
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "WATCHDOG=1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut stopping = false;
+    for _ in 0..50 {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        if String::from_utf8_lossy(&buf[..n]).trim() == "STOPPING=1" {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 on SIGTERM");
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
