@@ -182,9 +182,11 @@ pub enum Command {
     /// Policy set: check offline, reload, show.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Install: binary to /usr/local/bin, /etc/portcullis (config and the
-    /// example policies; existing files are never overwritten), the systemd
-    /// unit, the state dir. Run it again to upgrade the binary and unit.
+    /// Install the binary, config, example policies and systemd unit.
+    ///
+    /// Binary to /usr/local/bin, /etc/portcullis (config and the example
+    /// policies; existing files are never overwritten), the systemd unit,
+    /// the state dir. Run it again to upgrade the binary and unit.
     Install {
         /// Root to install under (a temp dir to try it out).
         #[arg(long, default_value = "/")]
@@ -193,9 +195,11 @@ pub enum Command {
         #[arg(long)]
         bin: Option<PathBuf>,
     },
-    /// Uninstall: stop the daemon, detach (open the gate), remove what
-    /// install laid out. Changed config and policy files and the state dir
-    /// (audit log, recordings, keys) stay unless --purge.
+    /// Stop the daemon, detach, and remove what install laid out.
+    ///
+    /// Detaching opens the gate (agents connect directly afterwards).
+    /// Changed config and policy files and the state dir (audit log,
+    /// recordings, keys) stay unless --purge.
     Uninstall {
         /// Root installed under.
         #[arg(long, default_value = "/")]
@@ -362,6 +366,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 g("uptime_secs")
             );
             println!("  attached:       {}", g("attached"));
+            let ready = g("ready");
+            let checks: Vec<String> = ready
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| v.as_bool() != Some(true))
+                .map(|(k, _)| k.clone())
+                .collect();
+            println!(
+                "  ready:          {}",
+                if checks.is_empty() {
+                    "yes".to_string()
+                } else {
+                    format!("no ({} failing)", checks.join(", "))
+                }
+            );
             println!(
                 "  policy version: {} ({})",
                 s(&g("policy_version")),

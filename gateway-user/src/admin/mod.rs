@@ -523,6 +523,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "flows": shared.sessions.len(),
         "netns": netns,
         "counters": shared.metrics.snapshot(),
+        "ready": crate::metrics::gauges(shared).ready,
+        "audit_lag": shared.audit_log.lag(),
     })
 }
 
