@@ -102,6 +102,15 @@ fn tag_by_container_id_prefix_and_ambiguity() {
     );
     assert_eq!(r.peer_port(), Some(server.addr.port() as u64), "{r:?}");
 
+    // Kubernetes with the cgroupfs driver: a bare id under pod<uid>.
+    let k = container_id("cc");
+    let k_cg = cg.child(&format!(
+        "kubepods/burstable/pod7c1d2e3f-0a1b-4c2d-9e3f-4a5b6c7d8e9f/{k}"
+    ));
+    let said = daemon.cli_ok(&["tag", "--container", &k[..16], "--identity", "one"]);
+    assert!(said.contains(&k_cg), "{said}");
+    daemon.cli_ok(&["untag", "--container", &k]);
+
     // The pod resolves by its uid (underscored as systemd writes it).
     daemon.cli_ok(&[
         "tag",
