@@ -665,10 +665,11 @@ async fn answer(shared: Arc<Shared>, mut stream: TcpStream) {
     let mut buf = vec![0u8; MAX_REQUEST_HEAD];
     let mut len = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    // Read until the end of the head; a request line alone is enough.
+    // Read the whole head: closing with unread request bytes would make the
+    // kernel answer with a reset, and the client could lose the response.
     while !buf
         .get(..len)
-        .is_some_and(|b| b.windows(2).any(|w| w == b"\r\n"))
+        .is_some_and(|b| b.windows(4).any(|w| w == b"\r\n\r\n"))
     {
         let Some(rest) = buf.get_mut(len..) else {
             break;

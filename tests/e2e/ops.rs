@@ -336,6 +336,23 @@ fn metrics_health_and_readiness_of_a_running_daemon() {
     assert!(sample(&text, "portcullis_audit_unsynced_records").is_some());
     assert_eq!(sample(&text, "portcullis_ready"), Some(1.0));
 
+    // A real HTTP client (headers, keep-alive asked for) gets it too.
+    let curl = std::process::Command::new("curl")
+        .args(["-sf", "--max-time", "10", "-H", "Accept: text/plain"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .expect("curl");
+    assert!(curl.status.success(), "{curl:?}");
+    assert!(String::from_utf8_lossy(&curl.stdout).contains("portcullis_ready 1"));
+    let head = std::process::Command::new("curl")
+        .args(["-sfI", "--max-time", "10"])
+        .arg(format!("http://{addr}/readyz"))
+        .output()
+        .expect("curl");
+    assert!(
+        String::from_utf8_lossy(&head.stdout).starts_with("HTTP/1.1 200"),
+        "{head:?}"
+    );
     assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
     let (code, body) = http_get(&addr, "/readyz");
     assert_eq!(code, 200, "{body}");
