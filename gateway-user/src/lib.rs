@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod identity;
 pub mod install;
 pub mod jit;
+pub mod mask;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
