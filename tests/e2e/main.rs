@@ -7,6 +7,7 @@
 
 mod faults;
 mod harness;
+mod ops;
 mod security;
 
 use std::{fs, time::Duration};
