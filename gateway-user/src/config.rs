@@ -8,6 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
+pub use crate::identity::autotag::AutoTagRule;
+
 /// Default locations (DESIGN.md, Admin).
 pub mod defaults {
     /// Config file.
@@ -56,6 +58,9 @@ pub struct DaemonTable {
     /// UDP destinations tagged cgroups may send to (`ADDR:PORT`, `[V6]:PORT`
     /// or `*:PORT`); `[]` allows none. Default [`defaults::UDP_ALLOW`].
     pub udp_allow: Option<Vec<String>>,
+    /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
+    #[serde(default)]
+    pub auto_tag: Vec<AutoTagRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +68,9 @@ pub struct DaemonTable {
 struct ConfigFile {
     #[serde(default)]
     daemon: DaemonTable,
+    /// Top-level `[[auto_tag]]`, the same as `[[daemon.auto_tag]]`.
+    #[serde(default)]
+    auto_tag: Vec<AutoTagRule>,
 }
 
 /// A config file that cannot be used.
@@ -115,7 +123,13 @@ pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
             message: e.message().trim().to_string(),
         }
     })?;
-    Ok(file.daemon)
+    let mut table = file.daemon;
+    table.auto_tag.extend(file.auto_tag);
+    for rule in &table.auto_tag {
+        rule.validate()
+            .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
+    }
+    Ok(table)
 }
 
 /// Where the metrics endpoint listens, if anywhere.
@@ -162,6 +176,8 @@ pub struct DaemonConfig {
     pub webhooks: Vec<String>,
     /// UDP destinations tagged cgroups may still reach.
     pub udp_allow: Vec<UdpDest>,
+    /// Auto-tag rules, in file order (the first match wins).
+    pub auto_tag: Vec<AutoTagRule>,
 }
 
 /// A UDP destination tagged cgroups may send to: one address and port, or a
@@ -276,6 +292,7 @@ impl DaemonConfig {
             fsync,
             webhooks: flags.webhooks.or(file.webhooks).unwrap_or_default(),
             udp_allow,
+            auto_tag: file.auto_tag,
         })
     }
 }
@@ -353,6 +370,26 @@ mod tests {
                 "{junk}"
             );
         }
+    }
+
+    #[test]
+    fn auto_tag_rules_from_both_tables() {
+        let dir = std::env::temp_dir().join(format!("portcullis-cfg-at-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(
+            &p,
+            "[daemon]\nlisten_port = 1\n[[daemon.auto_tag]]\ncgroup = \"a/*\"\nidentity = \"x\"\n\n[[auto_tag]]\ncgroup = \"**/docker-*.scope\"\nidentity = \"y\"\ntoken_file = \"/run/t/{container}\"\n",
+        )
+        .unwrap();
+        let t = read_daemon_table(&p).unwrap();
+        assert_eq!(t.auto_tag.len(), 2);
+        assert_eq!(t.auto_tag[1].identity, "y");
+        let c = DaemonConfig::merge(DaemonTable::default(), t).unwrap();
+        assert_eq!(c.auto_tag[0].cgroup, "a/*");
+        std::fs::write(&p, "[[auto_tag]]\ncgroup = \"../x\"\nidentity = \"y\"\n").unwrap();
+        assert!(read_daemon_table(&p).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -478,6 +478,8 @@ pub struct DaemonFiles {
     pub issuer: TestIssuer,
     /// Extra daemon flags (kept across restarts).
     pub extra_args: Vec<String>,
+    /// Extra environment variables for the daemon (kept across restarts).
+    pub extra_env: Vec<(String, String)>,
     pub dir: PathBuf,
     pub policies: PathBuf,
     pub state: PathBuf,
@@ -495,6 +497,7 @@ impl DaemonFiles {
         Self {
             issuer: TestIssuer::new(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             state: dir.join("state"),
             socket: dir.join("admin.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
@@ -576,6 +579,11 @@ impl DaemonFiles {
         fs::write(self.policies.join("identities.toml"), text).expect("write identities");
     }
 
+    /// The daemon's config file (absent unless a test writes it).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("portcullis.toml")
+    }
+
     /// Writes (or replaces) a Cedar rules file.
     pub fn rules(&self, file: &str, text: &str) {
         fs::write(self.policies.join(file), text).expect("write rules");
@@ -620,7 +628,7 @@ impl Daemon {
         let mut child = Command::new(BIN)
             .arg("daemon")
             .arg("--config")
-            .arg(files.dir.join("absent.toml"))
+            .arg(files.config_file())
             .arg("--policies")
             .arg(&files.policies)
             .arg("--state-dir")
@@ -633,9 +641,14 @@ impl Daemon {
             .arg(&files.cgroup_root)
             .arg("--listen-port")
             .arg(files.port.to_string())
-            .arg("--metrics")
-            .arg("off")
+            .args(
+                (!files.extra_args.iter().any(|a| a == "--metrics"))
+                    .then_some(["--metrics", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&files.extra_args)
+            .envs(files.extra_env.iter().map(|(k, v)| (k, v)))
             .env("PORTCULLIS_LOG", "info,portcullis=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -8,6 +8,7 @@
 mod faults;
 mod harness;
 mod http;
+mod ops;
 mod security;
 
 use std::{fs, time::Duration};

@@ -414,6 +414,46 @@ fn udp_key(d: &UdpDest) -> UdpAllowKey {
     }
 }
 
+/// How full one pinned map is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name (`FLOWS`, `PENDING_CONNECTS`, `TAGGED_CGROUPS`).
+    pub name: &'static str,
+    /// Entries counted by walking its keys.
+    pub entries: u64,
+    /// Its capacity.
+    pub max_entries: u64,
+}
+
+/// Counts the entries of the maps worth watching, through their pins (so
+/// no lock the data path takes is held while walking up to 64 Ki keys).
+/// Costs one syscall per entry: call it every few seconds, not per scrape.
+/// A map whose pin is gone (detached) is left out.
+pub fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
+    use gateway_common::MAP_PENDING_CONNECTS;
+    let dir = pin_dir.join(format!("maps-v{MAP_LAYOUT_VERSION}"));
+    let mut out = Vec::new();
+    out.extend(fill_of::<FlowKey, OrigDst>(&dir, MAP_FLOWS));
+    out.extend(fill_of::<u64, OrigDst>(&dir, MAP_PENDING_CONNECTS));
+    out.extend(fill_of::<u64, TagMark>(&dir, MAP_TAGGED_CGROUPS));
+    out
+}
+
+fn fill_of<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Option<MapFill> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    let max = u64::from(data.info().ok()?.max_entries());
+    let map: HashMap<MapData, K, V> = aya::maps::Map::from_map_data(data).ok()?.try_into().ok()?;
+    // Keys deleted mid-walk make the kernel restart from the first key:
+    // bound the walk so a busy LRU map cannot keep it going.
+    let limit = usize::try_from(max.saturating_mul(2)).unwrap_or(usize::MAX);
+    let entries = map.keys().take(limit).filter(Result::is_ok).count() as u64;
+    Some(MapFill {
+        name,
+        entries: entries.min(max),
+        max_entries: max,
+    })
+}
+
 fn take_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
