@@ -31,7 +31,7 @@ pub use diag::{line_col as diag_line_col, Diagnostic, PolicyError};
 pub use matcher::{Destination, Resolver};
 pub use schema::{
     parse_duration, Credentials, Identity, Issuer, MaskRule, Protocol, RecordMode, Resource,
-    TlsMode, DETECTORS,
+    PgOptions, TlsMode, UpstreamTls, DETECTORS,
 };
 
 /// A validated policy set.
