@@ -4,10 +4,11 @@
 //!
 //! Owns flow setup and refusal, the live-session table and upstream
 //! connection helpers shared by handlers. It must not parse any protocol:
-//! that is each handler's job (`tcp` today; `postgres`, `ssh`, `http` plug into
+//! that is each handler's job (`tcp`, `postgres`; `ssh`, `http` plug into
 //! [`dispatch`] the same way).
 
 pub mod gate;
+pub mod postgres;
 pub mod session;
 pub mod tcp;
 
@@ -344,6 +345,7 @@ async fn dispatch(
 ) -> io::Result<SessionSummary> {
     match flow.resource.protocol {
         Protocol::Tcp => tcp::serve(shared, flow, client).await,
+        Protocol::Postgres => postgres::serve(shared, flow, client).await,
         other => {
             // Resources of protocols this build has no handler for validate
             // (so policies can be written ahead of an upgrade), but their

@@ -11,7 +11,7 @@ use std::{num::NonZeroU32, path::Path, sync::Arc};
 use aws_lc_rs::{digest, hmac, pbkdf2, rand};
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use bytes::{BufMut, BytesMut};
-use rustls::pki_types::{CertificateDer, PemObject, ServerName};
+use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -22,8 +22,8 @@ use crate::{
 };
 
 /// A byte stream to the server (plain TCP or TLS).
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
 /// Largest SCRAM iteration count accepted from a server (PostgreSQL's
 /// default is 4096): a hostile upstream must not pin a core.
