@@ -1,0 +1,303 @@
+//! End-to-end tests of the `postgres` handler: a real PostgreSQL 15 server
+//! (scram-sha-256, password known only to the daemon), real `psql` and
+//! psycopg 3 clients placed in a tagged cgroup, the real daemon between.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+const CLIENT: &str = include_str!("pg_client.py");
+
+struct Pg {
+    cg: TestCgroup,
+    pg: PgServer,
+    files: DaemonFiles,
+    daemon: Daemon,
+    agent: Placement,
+    untagged: Placement,
+}
+
+const RULES: &str = r#"
+@id("pg-read")
+permit(principal, action in [Action::"postgres:select", Action::"postgres:transaction", Action::"postgres:set", Action::"postgres:show", Action::"postgres:copy_out"], resource);
+@id("pg-insert")
+permit(principal, action == Action::"postgres:insert", resource);
+@id("no-delete")
+forbid(principal, action == Action::"postgres:delete", resource);
+"#;
+
+fn setup(name: &str, mask: &str) -> Pg {
+    require_root();
+    let cg = TestCgroup::new(name);
+    let pg = PgServer::start(name);
+    pg.sql(
+        "create table customers(id int primary key, name text, email text, card text, ssn text);
+         insert into customers values
+           (1, 'alice', 'alice@example.com', '4111 1111 1111 1111', '123-45-6789'),
+           (2, 'bob', 'contact: bob@example.org', 'none', '987-65-4321');
+         create table other(id int, ssn text);
+         insert into other values (1, 'plain-ssn');",
+    );
+    let files = DaemonFiles::new(&cg.rel);
+    files.identities(IDENTITIES);
+    files.rules("pg.cedar", RULES);
+    std::fs::write(
+        files.policies.join("pg.toml"),
+        format!(
+            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"prefer\"\nrecord = \"full\"\n\n{mask}",
+            pg.addr(),
+            pg.password_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&files);
+    let agent_cg = cg.child("agent");
+    daemon.tag(&agent_cg, "agent");
+    let other = cg.child("other");
+    Pg {
+        agent: Placement::cgroup(cg.dir(&agent_cg)),
+        untagged: Placement::cgroup(cg.dir(&other)),
+        cg,
+        pg,
+        files,
+        daemon,
+    }
+}
+
+impl Pg {
+    fn conninfo(&self) -> String {
+        format!("host=127.0.0.1 port={} user=agent dbname=postgres sslmode=disable connect_timeout=10", self.pg.port)
+    }
+
+    /// psql as the agent, no password anywhere: (success, stdout, stderr).
+    fn psql(&self, place: &Placement, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::new("psql");
+        cmd.args(["-X", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
+            .arg(self.conninfo())
+            .args(args)
+            .env_remove("PGPASSWORD");
+        place.apply(&mut cmd);
+        let out = cmd.output().expect("psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The psycopg client with `spec` (conninfo filled in).
+    fn client(&self, mut spec: Value) -> Vec<Value> {
+        spec["conninfo"] = json!(self.conninfo());
+        spec["host"] = json!("127.0.0.1");
+        spec["port"] = json!(self.pg.port);
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg("-c").arg(CLIENT).arg(spec.to_string());
+        self.agent.apply(&mut cmd);
+        let out = cmd.output().expect("python3");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "client output ({e}): {text}\nstderr: {}\ndaemon log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.daemon.log_text()
+            )
+        })
+    }
+
+    fn events(&self, kind: &str) -> Vec<Value> {
+        audit_tail(&self.files).into_iter().filter(|e| e["type"] == kind).collect()
+    }
+}
+
+fn detail<'a>(e: &'a Value, key: &str) -> &'a Value {
+    &e["detail"][key]
+}
+
+#[test]
+fn pg_select_allowed_delete_denied_batch_denied_whole_and_no_direct_login() {
+    let s = setup("pgbasic", "");
+    // An agent that knows no password gets in via the daemon.
+    let (ok, out, err) = s.psql(&s.agent, &["-c", "select name from customers order by id"]);
+    assert!(ok, "{err}\n{}", s.daemon.log_text());
+    assert_eq!(out.trim(), "alice\nbob");
+    // The same agent untagged cannot log in directly.
+    let (ok, _, err) = s.psql(&s.untagged, &["-c", "select 1"]);
+    assert!(!ok, "direct login without a password must fail");
+    assert!(err.contains("password"), "{err}");
+
+    // A delete is denied with 42501 naming the rule; the next statement on
+    // the same connection works.
+    let r = s.client(json!({"steps": [
+        {"sql": "delete from customers where id = 2"},
+        {"sql": "select count(*) from customers"},
+    ]}));
+    assert_eq!(r[0]["error"], "42501", "{r:?}");
+    assert!(r[0]["message"].as_str().unwrap().contains("no-delete"), "{r:?}");
+    assert_eq!(r[1]["rows"], json!([["2"]]), "{r:?}");
+
+    // A batch with one forbidden statement is denied whole.
+    let (ok, _, err) = s.psql(&s.agent, &["-c", "insert into customers values (3, 'carol', null, null, null); delete from customers where id = 1"]);
+    assert!(!ok);
+    assert!(err.contains("42501"), "{err}");
+    assert_eq!(s.pg.sql("select count(*) from customers").trim(), "2");
+    // Unparseable SQL is denied, not forwarded.
+    let (ok, _, err) = s.psql(&s.agent, &["-c", "selec nonsense frm"]);
+    assert!(!ok);
+    assert!(err.contains("42501") && err.contains("cannot parse"), "{err}");
+
+    let commands = s.events("command");
+    assert!(commands.iter().any(|e| e["action"] == "postgres:delete" && e["decision"] == "deny"), "{commands:#?}");
+    let ends = s.events("command_end");
+    assert!(
+        ends.iter().any(|e| e["action"] == "postgres:select" && detail(e, "rows") == 2),
+        "{ends:#?}"
+    );
+    let allowed_select = commands
+        .iter()
+        .find(|e| e["action"] == "postgres:select" && e["decision"] == "allow")
+        .expect("an allowed select");
+    assert!(detail(allowed_select, "fingerprint").is_string(), "{allowed_select}");
+    assert!(detail(allowed_select, "normalized").is_string(), "{allowed_select}");
+}
+
+#[test]
+fn pg_extended_protocol_parameters_and_transaction_state() {
+    let s = setup("pgext", "");
+    let r = s.client(json!({"steps": [
+        {"sql": "select name from customers where id = %s", "params": [1]},
+        {"sql": "delete from customers where id = %s", "params": [1]},
+        {"sql": "select name from customers where id = %s", "params": [2], "prepare": true},
+        {"sql": "select name from customers where id = %s", "params": [1], "prepare": true},
+        {"sql": "insert into customers (id, name) values (%s, %s)", "params": [5, "eve"]},
+    ]}));
+    assert_eq!(r[0]["rows"], json!([["alice"]]), "{r:?}");
+    assert_eq!(r[1]["error"], "42501", "{r:?}");
+    assert_eq!(r[2]["rows"], json!([["bob"]]), "{r:?}");
+    assert_eq!(r[3]["rows"], json!([["alice"]]), "{r:?}");
+    assert_eq!(r[4]["rowcount"], 1, "{r:?}");
+    assert_eq!(s.pg.sql("select count(*) from customers").trim(), "3");
+
+    // Inside a transaction a denial fails the transaction exactly as a
+    // server error would; ROLLBACK recovers it.
+    let r = s.client(json!({"autocommit": false, "steps": [
+        {"sql": "select 1"},
+        {"sql": "delete from customers"},
+        {"sql": "select 2"},
+        {"op": "rollback"},
+        {"sql": "select 3"},
+    ]}));
+    // psycopg's TransactionStatus: 0 idle, 2 in transaction, 3 in error.
+    assert_eq!(r[0]["tx"], 2, "{r:?}");
+    assert_eq!(r[1]["error"], "42501", "{r:?}");
+    assert_eq!(r[1]["tx"], 3, "{r:?}");
+    assert_eq!(r[2]["error"], "25P02", "{r:?}");
+    assert_eq!(r[3]["tx"], 0, "{r:?}");
+    assert_eq!(r[4]["rows"], json!([["3"]]), "{r:?}");
+
+    // The same over the simple protocol (psql).
+    let (ok, out, err) = s.psql(&s.agent, &["-v", "ON_ERROR_STOP=0", "-c", "begin", "-c", "delete from customers", "-c", "select 1", "-c", "rollback", "-c", "select 4"]);
+    assert!(ok || !out.is_empty(), "{err}");
+    assert!(err.contains("42501") && err.contains("25P02"), "{err}");
+    assert!(out.trim_end().ends_with('4'), "{out}");
+
+    let ends = s.events("command_end");
+    assert!(
+        ends.iter().any(|e| detail(e, "params") == &json!(["2"]) && detail(e, "rows") == 1),
+        "bound parameters in the completion record: {ends:#?}"
+    );
+}
+
+#[test]
+fn pg_cancel_reaches_the_real_backend() {
+    let s = setup("pgcancel", "");
+    let r = s.client(json!({"steps": [
+        {"op": "cancel", "sql": "select pg_sleep(30)", "after": 1.0},
+        {"sql": "select 'after'"},
+    ]}));
+    assert_eq!(r[0]["error"], "57014", "{r:?}\n{}", s.daemon.log_text());
+    assert!(r[0]["elapsed"].as_f64().unwrap() < 10.0, "{r:?}");
+    assert_eq!(r[1]["rows"], json!([["after"]]), "{r:?}");
+    assert!(s.events("postgres_cancel").iter().any(|e| e["decision"] == "allow"));
+}
+
+#[test]
+fn pg_detectors_mask_text_binary_and_copy_out() {
+    let s = setup(
+        "pgmask",
+        "[[mask]]\nresource = \"pg\"\ndetectors = [\"credit_card\", \"email\"]\nstyle = \"redact\"\n",
+    );
+    let secrets = ["4111 1111 1111 1111", "alice@example.com", "bob@example.org"];
+    let (ok, out, err) = s.psql(&s.agent, &["-c", "select id, name, email, card from customers order by id"]);
+    assert!(ok, "{err}");
+    for secret in secrets {
+        assert!(!out.contains(secret), "text result leaks {secret}: {out}");
+    }
+    assert!(out.contains("alice") && out.contains("contact:"), "{out}");
+    let r = s.client(json!({"steps": [
+        {"sql": "select id, name, email, card from customers where id > %s order by id", "params": [0], "binary": true},
+        {"op": "copy_out", "sql": "copy customers to stdout"},
+        {"op": "copy_out", "sql": "copy (select email from customers) to stdout with (format csv)"},
+    ]}));
+    let all = serde_json::to_string(&r).unwrap();
+    for secret in secrets {
+        assert!(!all.contains(secret), "leak of {secret}: {all}");
+    }
+    assert_eq!(r[0]["rows"][0][0], "1", "{r:?}");
+    assert_eq!(r[0]["rows"][0][1], "alice", "{r:?}");
+    assert!(r[1]["text"].as_str().unwrap().contains("alice\t"), "{r:?}");
+    // The server really holds the values.
+    assert!(s.pg.sql("select email from customers").contains("alice@example.com"));
+    let ends = s.events("command_end");
+    assert!(
+        ends.iter().any(|e| !detail(e, "masked").is_null()),
+        "masked counts in the completion record: {ends:#?}"
+    );
+}
+
+#[test]
+fn pg_columns_masked_by_table_in_text_and_binary_and_copy_refused() {
+    let s = setup(
+        "pgcols",
+        "[[mask]]\nresource = \"pg\"\ncolumns = [\"customers.ssn\", \"customers.id\"]\nstyle = \"redact\"\n",
+    );
+    let (ok, out, err) = s.psql(&s.agent, &["-c", "select c.ssn, o.ssn from customers c, other o where c.id = 1"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("123-45-6789"), "{out}");
+    assert!(out.contains("plain-ssn"), "other.ssn is not masked: {out}");
+    let r = s.client(json!({"steps": [
+        {"sql": "select id, name, ssn from customers where id = %s", "params": [2], "binary": true},
+        {"op": "copy_out", "sql": "copy customers to stdout"},
+        {"sql": "select 'still usable'"},
+    ]}));
+    // A masked int column in binary format cannot be rewritten: NULL.
+    assert_eq!(r[0]["rows"][0][0], Value::Null, "{r:?}");
+    assert_eq!(r[0]["rows"][0][1], "bob", "{r:?}");
+    assert!(r[0]["rows"][0][2].as_str().is_some_and(|v| !v.contains("987-65-4321")), "{r:?}");
+    assert_eq!(r[1]["error"], "42501", "{r:?}");
+    assert_eq!(r[2]["rows"], json!([["still usable"]]), "{r:?}");
+}
+
+#[test]
+fn pg_malformed_frames_get_an_error_and_close() {
+    let s = setup("pgbad", "");
+    let r = s.client(json!({"raw": true, "steps": [
+        // A Query frame with a length below the minimum.
+        {"hex": "5100000002"},
+        // An unknown message type.
+        {"hex": "7a00000004"},
+        // A startup packet with an absurd length.
+        {"startup": false, "hex": "7fffffff00030000"},
+    ]}));
+    for (i, step) in r.iter().enumerate() {
+        let msgs = step["messages"].as_array().unwrap();
+        assert!(msgs.iter().any(|m| m["tag"] == "E"), "step {i}: {step}");
+        assert_eq!(step["closed"], true, "step {i}: {step}");
+    }
+    assert_eq!(r[0]["ready"], true);
+    // The daemon is unaffected.
+    let (ok, out, err) = s.psql(&s.agent, &["-c", "select 42"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "42");
+}
