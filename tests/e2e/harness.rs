@@ -888,12 +888,23 @@ impl PgServer {
         nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).expect("chown pg dir");
         nix::unistd::chown(&init_pw, Some(user.uid), Some(user.gid)).expect("chown pw");
         let as_pg = |cmd: &mut Command| {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).current_dir(&dir);
+            cmd.uid(user.uid.as_raw())
+                .gid(user.gid.as_raw())
+                .current_dir(&dir);
         };
         let mut init = Command::new(format!("{PG_BIN}/initdb"));
         init.arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .arg(format!("--pwfile={}", init_pw.display()));
         as_pg(&mut init);
         run_ok(&mut init);
@@ -909,7 +920,16 @@ impl PgServer {
         let mut cmd = Command::new(format!("{PG_BIN}/postgres"));
         cmd.arg("-D")
             .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=60"])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=60",
+            ])
             .arg("-k")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -925,11 +945,17 @@ impl PgServer {
         };
         let start = Instant::now();
         loop {
-            let ok = s.psql_direct("select 1").map(|o| o.trim() == "1").unwrap_or(false);
+            let ok = s
+                .psql_direct("select 1")
+                .map(|o| o.trim() == "1")
+                .unwrap_or(false);
             if ok {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "postgres did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "postgres did not start"
+            );
             if let Some(c) = s.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
                     panic!("postgres exited: {st}");
@@ -949,7 +975,10 @@ impl PgServer {
     pub fn psql_direct(&self, sql: &str) -> Result<String, String> {
         let out = Command::new("psql")
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-w"])
-            .arg(format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable", self.port))
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
+                self.port
+            ))
             .args(["-c", sql])
             .env("PGPASSWORD", &self.password)
             .output()
@@ -963,7 +992,8 @@ impl PgServer {
 
     /// Like [`PgServer::psql_direct`], panicking on failure.
     pub fn sql(&self, sql: &str) -> String {
-        self.psql_direct(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.psql_direct(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
 
@@ -971,7 +1001,10 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGINT: PostgreSQL's fast shutdown.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGINT);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = c.try_wait() {

@@ -68,16 +68,28 @@ fn setup(name: &str, mask: &str) -> Pg {
 
 impl Pg {
     fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=agent dbname=postgres sslmode=disable connect_timeout=10", self.pg.port)
+        format!(
+            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=disable connect_timeout=10",
+            self.pg.port
+        )
     }
 
     /// psql as the agent, no password anywhere: (success, stdout, stderr).
     fn psql(&self, place: &Placement, args: &[&str]) -> (bool, String, String) {
         let mut cmd = Command::new("psql");
-        cmd.args(["-X", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
-            .arg(self.conninfo())
-            .args(args)
-            .env_remove("PGPASSWORD");
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-w",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "VERBOSITY=verbose",
+        ])
+        .arg(self.conninfo())
+        .args(args)
+        .env_remove("PGPASSWORD");
         place.apply(&mut cmd);
         let out = cmd.output().expect("psql");
         (
@@ -107,7 +119,10 @@ impl Pg {
     }
 
     fn events(&self, kind: &str) -> Vec<Value> {
-        audit_tail(&self.files).into_iter().filter(|e| e["type"] == kind).collect()
+        audit_tail(&self.files)
+            .into_iter()
+            .filter(|e| e["type"] == kind)
+            .collect()
     }
 }
 
@@ -134,7 +149,10 @@ fn pg_select_allowed_delete_denied_batch_denied_whole_and_no_direct_login() {
         {"sql": "select count(*) from customers"},
     ]}));
     assert_eq!(r[0]["error"], "42501", "{r:?}");
-    assert!(r[0]["message"].as_str().unwrap().contains("no-delete"), "{r:?}");
+    assert!(
+        r[0]["message"].as_str().unwrap().contains("no-delete"),
+        "{r:?}"
+    );
     assert_eq!(r[1]["rows"], json!([["2"]]), "{r:?}");
 
     // A batch with one forbidden statement is denied whole.
@@ -145,21 +163,36 @@ fn pg_select_allowed_delete_denied_batch_denied_whole_and_no_direct_login() {
     // Unparseable SQL is denied, not forwarded.
     let (ok, _, err) = s.psql(&s.agent, &["-c", "selec nonsense frm"]);
     assert!(!ok);
-    assert!(err.contains("42501") && err.contains("cannot parse"), "{err}");
+    assert!(
+        err.contains("42501") && err.contains("cannot parse"),
+        "{err}"
+    );
 
     let commands = s.events("command");
-    assert!(commands.iter().any(|e| e["action"] == "postgres:delete" && e["decision"] == "deny"), "{commands:#?}");
+    assert!(
+        commands
+            .iter()
+            .any(|e| e["action"] == "postgres:delete" && e["decision"] == "deny"),
+        "{commands:#?}"
+    );
     let ends = s.events("command_end");
     assert!(
-        ends.iter().any(|e| e["action"] == "postgres:select" && detail(e, "rows") == 2),
+        ends.iter()
+            .any(|e| e["action"] == "postgres:select" && detail(e, "rows") == 2),
         "{ends:#?}"
     );
     let allowed_select = commands
         .iter()
         .find(|e| e["action"] == "postgres:select" && e["decision"] == "allow")
         .expect("an allowed select");
-    assert!(detail(allowed_select, "fingerprint").is_string(), "{allowed_select}");
-    assert!(detail(allowed_select, "normalized").is_string(), "{allowed_select}");
+    assert!(
+        detail(allowed_select, "fingerprint").is_string(),
+        "{allowed_select}"
+    );
+    assert!(
+        detail(allowed_select, "normalized").is_string(),
+        "{allowed_select}"
+    );
 }
 
 #[test]
@@ -197,14 +230,31 @@ fn pg_extended_protocol_parameters_and_transaction_state() {
     assert_eq!(r[4]["rows"], json!([["3"]]), "{r:?}");
 
     // The same over the simple protocol (psql).
-    let (ok, out, err) = s.psql(&s.agent, &["-v", "ON_ERROR_STOP=0", "-c", "begin", "-c", "delete from customers", "-c", "select 1", "-c", "rollback", "-c", "select 4"]);
+    let (ok, out, err) = s.psql(
+        &s.agent,
+        &[
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            "begin",
+            "-c",
+            "delete from customers",
+            "-c",
+            "select 1",
+            "-c",
+            "rollback",
+            "-c",
+            "select 4",
+        ],
+    );
     assert!(ok || !out.is_empty(), "{err}");
     assert!(err.contains("42501") && err.contains("25P02"), "{err}");
     assert!(out.trim_end().ends_with('4'), "{out}");
 
     let ends = s.events("command_end");
     assert!(
-        ends.iter().any(|e| detail(e, "params") == &json!(["2"]) && detail(e, "rows") == 1),
+        ends.iter()
+            .any(|e| detail(e, "params") == &json!(["2"]) && detail(e, "rows") == 1),
         "bound parameters in the completion record: {ends:#?}"
     );
 }
@@ -219,7 +269,10 @@ fn pg_cancel_reaches_the_real_backend() {
     assert_eq!(r[0]["error"], "57014", "{r:?}\n{}", s.daemon.log_text());
     assert!(r[0]["elapsed"].as_f64().unwrap() < 10.0, "{r:?}");
     assert_eq!(r[1]["rows"], json!([["after"]]), "{r:?}");
-    assert!(s.events("postgres_cancel").iter().any(|e| e["decision"] == "allow"));
+    assert!(s
+        .events("postgres_cancel")
+        .iter()
+        .any(|e| e["decision"] == "allow"));
 }
 
 #[test]
@@ -228,8 +281,18 @@ fn pg_detectors_mask_text_binary_and_copy_out() {
         "pgmask",
         "[[mask]]\nresource = \"pg\"\ndetectors = [\"credit_card\", \"email\"]\nstyle = \"redact\"\n",
     );
-    let secrets = ["4111 1111 1111 1111", "alice@example.com", "bob@example.org"];
-    let (ok, out, err) = s.psql(&s.agent, &["-c", "select id, name, email, card from customers order by id"]);
+    let secrets = [
+        "4111 1111 1111 1111",
+        "alice@example.com",
+        "bob@example.org",
+    ];
+    let (ok, out, err) = s.psql(
+        &s.agent,
+        &[
+            "-c",
+            "select id, name, email, card from customers order by id",
+        ],
+    );
     assert!(ok, "{err}");
     for secret in secrets {
         assert!(!out.contains(secret), "text result leaks {secret}: {out}");
@@ -248,7 +311,10 @@ fn pg_detectors_mask_text_binary_and_copy_out() {
     assert_eq!(r[0]["rows"][0][1], "alice", "{r:?}");
     assert!(r[1]["text"].as_str().unwrap().contains("alice\t"), "{r:?}");
     // The server really holds the values.
-    assert!(s.pg.sql("select email from customers").contains("alice@example.com"));
+    assert!(s
+        .pg
+        .sql("select email from customers")
+        .contains("alice@example.com"));
     let ends = s.events("command_end");
     assert!(
         ends.iter().any(|e| !detail(e, "masked").is_null()),
@@ -262,7 +328,13 @@ fn pg_columns_masked_by_table_in_text_and_binary_and_copy_refused() {
         "pgcols",
         "[[mask]]\nresource = \"pg\"\ncolumns = [\"customers.ssn\", \"customers.id\"]\nstyle = \"redact\"\n",
     );
-    let (ok, out, err) = s.psql(&s.agent, &["-c", "select c.ssn, o.ssn from customers c, other o where c.id = 1"]);
+    let (ok, out, err) = s.psql(
+        &s.agent,
+        &[
+            "-c",
+            "select c.ssn, o.ssn from customers c, other o where c.id = 1",
+        ],
+    );
     assert!(ok, "{err}");
     assert!(!out.contains("123-45-6789"), "{out}");
     assert!(out.contains("plain-ssn"), "other.ssn is not masked: {out}");
@@ -274,7 +346,12 @@ fn pg_columns_masked_by_table_in_text_and_binary_and_copy_refused() {
     // A masked int column in binary format cannot be rewritten: NULL.
     assert_eq!(r[0]["rows"][0][0], Value::Null, "{r:?}");
     assert_eq!(r[0]["rows"][0][1], "bob", "{r:?}");
-    assert!(r[0]["rows"][0][2].as_str().is_some_and(|v| !v.contains("987-65-4321")), "{r:?}");
+    assert!(
+        r[0]["rows"][0][2]
+            .as_str()
+            .is_some_and(|v| !v.contains("987-65-4321")),
+        "{r:?}"
+    );
     assert_eq!(r[1]["error"], "42501", "{r:?}");
     assert_eq!(r[2]["rows"], json!([["still usable"]]), "{r:?}");
 }

@@ -651,7 +651,10 @@ pub(super) fn parse_file(
         }
         if let Some(v) = &res.database {
             if v.get_ref().is_empty() || v.get_ref().contains('\0') {
-                diags.push(at(v.span().start, "`database` must be a non-empty name".into()));
+                diags.push(at(
+                    v.span().start,
+                    "`database` must be a non-empty name".into(),
+                ));
             }
             postgres.database = Some(v.get_ref().clone());
         }

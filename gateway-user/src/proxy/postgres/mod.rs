@@ -76,7 +76,11 @@ fn register_cancel(target: CancelTarget) -> Option<CancelKey> {
 }
 
 /// Serves one agent connection to a postgres resource.
-pub async fn serve(shared: &Arc<Shared>, flow: Flow, mut client: TcpStream) -> io::Result<SessionSummary> {
+pub async fn serve(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    mut client: TcpStream,
+) -> io::Result<SessionSummary> {
     let _ = client.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(1024);
     let summary = |reason: &'static str| SessionSummary {
@@ -90,10 +94,15 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, mut client: TcpStream) -> i
                 match codec::decode_startup(&mut buf) {
                     Ok(Some(s)) => return Ok(s),
                     Ok(None) => {}
-                    Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+                    Err(e) => {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+                    }
                 }
                 if client.read_buf(&mut buf).await? == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during startup"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed during startup",
+                    ));
                 }
             }
         })
@@ -102,7 +111,12 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, mut client: TcpStream) -> i
             Ok(Ok(s)) => s,
             Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
                 warn!(session = %flow.info.session, "malformed startup packet: {e}");
-                fatal(&mut client, "08P01", &format!("invalid startup packet: {e}")).await;
+                fatal(
+                    &mut client,
+                    "08P01",
+                    &format!("invalid startup packet: {e}"),
+                )
+                .await;
                 return Ok(summary("malformed startup packet"));
             }
             Ok(Err(_)) => return Ok(summary("closed during startup")),
@@ -129,11 +143,28 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, mut client: TcpStream) -> i
         }
     };
     if version >> 16 != 3 {
-        fatal(&mut client, "0A000", &format!("unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
+        fatal(
+            &mut client,
+            "0A000",
+            &format!(
+                "unsupported frontend protocol {}.{}",
+                version >> 16,
+                version & 0xffff
+            ),
+        )
+        .await;
         return Ok(summary("unsupported protocol version"));
     }
-    if params.iter().any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off") {
-        fatal(&mut client, "42501", "permission denied by Portcullis: replication connections are not allowed").await;
+    if params
+        .iter()
+        .any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off")
+    {
+        fatal(
+            &mut client,
+            "42501",
+            "permission denied by Portcullis: replication connections are not allowed",
+        )
+        .await;
         return Ok(summary("replication refused"));
     }
     let upstream_params = upstream::startup_params(&flow.resource, &params);
@@ -145,12 +176,21 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, mut client: TcpStream) -> i
                 upstream::UpstreamError::Server { code, .. } => code.clone(),
                 _ => "08006".to_string(),
             };
-            fatal(&mut client, &code, &format!("Portcullis could not log into the server: {e}")).await;
+            fatal(
+                &mut client,
+                &code,
+                &format!("Portcullis could not log into the server: {e}"),
+            )
+            .await;
             return Ok(summary("upstream login failed"));
         }
     };
     let mut hello = BytesMut::new();
-    let unknown: Vec<&String> = params.iter().map(|(k, _)| k).filter(|k| k.starts_with("_pq_.")).collect();
+    let unknown: Vec<&String> = params
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
     if version & 0xffff != 0 || !unknown.is_empty() {
         put_msg(&mut hello, b'v', |b| {
             b.put_i32(0);
@@ -189,7 +229,13 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, mut client: TcpStream) -> i
         user = %upstream_params.first().map(|p| p.1.as_str()).unwrap_or_default(),
         "postgres session logged in upstream"
     );
-    let get = |k: &str| upstream_params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        upstream_params
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     let ctx = session::SessionCtx {
         user: get("user"),
         database: get("database"),
@@ -220,16 +266,25 @@ async fn cancel(shared: &Arc<Shared>, flow: &Flow, pid: u32, secret: Vec<u8>) {
     let ev = flow.audit_event("postgres_cancel");
     let Some(t) = target.filter(|t| t.identity == flow.info.identity) else {
         warn!(session = %flow.info.session, "cancel request with an unknown key ignored");
-        let _ = shared.audit(ev.decision("deny").reason("unknown cancel key")).await;
+        let _ = shared
+            .audit(ev.decision("deny").reason("unknown cancel key"))
+            .await;
         return;
     };
-    let _ = shared.audit(ev.decision("allow").detail("backend_pid", t.pid)).await;
+    let _ = shared
+        .audit(ev.decision("allow").detail("backend_pid", t.pid))
+        .await;
     let mut pkt = BytesMut::new();
     pkt.put_i32(12 + t.secret.len() as i32);
     pkt.put_u32(codec::CANCEL_REQUEST);
     pkt.put_u32(t.pid);
     pkt.extend_from_slice(&t.secret);
-    match tokio::time::timeout(super::UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(t.upstream)).await {
+    match tokio::time::timeout(
+        super::UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect(t.upstream),
+    )
+    .await
+    {
         Ok(Ok(mut s)) => {
             let _ = s.write_all(&pkt).await;
             let _ = s.shutdown().await;

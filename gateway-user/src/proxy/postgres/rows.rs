@@ -81,14 +81,21 @@ impl RowPlan {
     /// The plan for `cols`; `tables` maps table OIDs to names (a missing
     /// OID is an unknown table). `None` when nothing in these columns can
     /// need masking.
-    pub fn new(masker: Arc<Masker>, cols: &[Column], tables: &HashMap<u32, Option<String>>) -> Option<Self> {
+    pub fn new(
+        masker: Arc<Masker>,
+        cols: &[Column],
+        tables: &HashMap<u32, Option<String>>,
+    ) -> Option<Self> {
         let detectors = masker.has_detectors();
         let mut any = detectors;
         let plans = cols
             .iter()
             .map(|c| {
                 let table = tables.get(&c.table_oid).and_then(|t| t.as_deref());
-                let style = if c.table_oid != 0 && tables.get(&c.table_oid) == Some(&None) && masker.has_columns() {
+                let style = if c.table_oid != 0
+                    && tables.get(&c.table_oid) == Some(&None)
+                    && masker.has_columns()
+                {
                     // The table could not be named: a table-qualified rule
                     // might apply, so the column is masked (fail closed).
                     Some(masker.column(None, &c.name).unwrap_or(Style::Redact))
@@ -98,7 +105,11 @@ impl RowPlan {
                 any |= style.is_some();
                 Plan {
                     style,
-                    text_at: if c.format == 0 { Some(0) } else { binary_text_offset(c.type_oid) },
+                    text_at: if c.format == 0 {
+                        Some(0)
+                    } else {
+                        binary_text_offset(c.type_oid)
+                    },
                     name: c.name.clone(),
                 }
             })
@@ -129,7 +140,9 @@ impl RowPlan {
         let mut r = Reader::new(body, "DataRow");
         let n = r.i16()?;
         if n < 0 || n as usize != self.cols.len() {
-            return Err(CodecError::Truncated("DataRow (column count differs from RowDescription)"));
+            return Err(CodecError::Truncated(
+                "DataRow (column count differs from RowDescription)",
+            ));
         }
         out.put_u8(b'D');
         let at = out.len();
@@ -175,7 +188,13 @@ impl RowPlan {
 
 /// Masks one COPY TO text/CSV row (a CopyData body) with the detectors and
 /// appends the CopyData frame to `out`; returns the hits.
-pub fn mask_copy_row(masker: &Masker, body: &[u8], out: &mut BytesMut, scratch: &mut Vec<u8>, counts: &mut Counts) -> usize {
+pub fn mask_copy_row(
+    masker: &Masker,
+    body: &[u8],
+    out: &mut BytesMut,
+    scratch: &mut Vec<u8>,
+    counts: &mut Counts,
+) -> usize {
     scratch.clear();
     let hits = masker.mask_detected(body, scratch, counts);
     out.put_u8(b'd');
@@ -218,11 +237,18 @@ mod tests {
     fn values(frame: &[u8]) -> Vec<Option<Vec<u8>>> {
         let mut r = Reader::new(&frame[5..], "DataRow");
         let n = r.i16().unwrap();
-        (0..n).map(|_| r.value().unwrap().map(|v| v.to_vec())).collect()
+        (0..n)
+            .map(|_| r.value().unwrap().map(|v| v.to_vec()))
+            .collect()
     }
 
     fn col(name: &str, table_oid: u32, type_oid: u32, format: i16) -> Column {
-        Column { name: name.into(), table_oid, type_oid, format }
+        Column {
+            name: name.into(),
+            table_oid,
+            type_oid,
+            format,
+        }
     }
 
     #[test]
@@ -230,11 +256,27 @@ mod tests {
         let m = masker(&["customers.ssn"], &["credit_card", "email"]);
         let mut tables = HashMap::new();
         tables.insert(100, Some("public.customers".to_string()));
-        let cols = [col("ssn", 100, 25, 0), col("note", 100, 25, 1), col("n", 100, 23, 1), col("card", 0, 25, 0)];
+        let cols = [
+            col("ssn", 100, 25, 0),
+            col("note", 100, 25, 1),
+            col("n", 100, 23, 1),
+            col("card", 0, 25, 0),
+        ];
         let plan = RowPlan::new(m, &cols, &tables).unwrap();
-        let body = row(&[Some(b"123-45-6789"), Some(b"mail bob@example.com"), Some(&[0, 0, 0, 5]), Some(b"4111 1111 1111 1111")]);
-        let (mut out, mut scratch, mut bc, mut bd) = (BytesMut::new(), Vec::new(), Counts::default(), Counts::default());
-        plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd).unwrap();
+        let body = row(&[
+            Some(b"123-45-6789"),
+            Some(b"mail bob@example.com"),
+            Some(&[0, 0, 0, 5]),
+            Some(b"4111 1111 1111 1111"),
+        ]);
+        let (mut out, mut scratch, mut bc, mut bd) = (
+            BytesMut::new(),
+            Vec::new(),
+            Counts::default(),
+            Counts::default(),
+        );
+        plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd)
+            .unwrap();
         let v = values(&out);
         assert_ne!(v[0].as_deref(), Some(&b"123-45-6789"[..]));
         assert!(!String::from_utf8_lossy(v[1].as_ref().unwrap()).contains("bob@example.com"));
@@ -249,11 +291,21 @@ mod tests {
         let mut tables = HashMap::new();
         tables.insert(7, Some("orders".to_string()));
         tables.insert(8, None);
-        let cols = [col("total", 7, 1700, 1), col("total", 8, 25, 0), col("total", 9, 25, 0)];
+        let cols = [
+            col("total", 7, 1700, 1),
+            col("total", 8, 25, 0),
+            col("total", 9, 25, 0),
+        ];
         let plan = RowPlan::new(m, &cols, &tables).unwrap();
         let body = row(&[Some(&[1, 2, 3]), Some(b"12.50"), Some(b"9.99")]);
-        let (mut out, mut scratch, mut bc, mut bd) = (BytesMut::new(), Vec::new(), Counts::default(), Counts::default());
-        plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd).unwrap();
+        let (mut out, mut scratch, mut bc, mut bd) = (
+            BytesMut::new(),
+            Vec::new(),
+            Counts::default(),
+            Counts::default(),
+        );
+        plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd)
+            .unwrap();
         let v = values(&out);
         assert_eq!(v[0], None);
         assert_ne!(v[1].as_deref(), Some(&b"12.50"[..]));
@@ -267,9 +319,30 @@ mod tests {
         let m = masker(&["ssn"], &[]);
         assert!(RowPlan::new(m.clone(), &[col("name", 0, 25, 0)], &HashMap::new()).is_none());
         let plan = RowPlan::new(m, &[col("ssn", 0, 25, 0)], &HashMap::new()).unwrap();
-        let (mut out, mut scratch, mut bc, mut bd) = (BytesMut::new(), Vec::new(), Counts::default(), Counts::default());
-        assert!(plan.mask_row(&row(&[Some(b"a"), Some(b"b")]), &mut out, &mut scratch, &mut bc, &mut bd).is_err());
-        assert!(plan.mask_row(&[0, 1, 0, 0, 0, 9], &mut out, &mut scratch, &mut bc, &mut bd).is_err());
+        let (mut out, mut scratch, mut bc, mut bd) = (
+            BytesMut::new(),
+            Vec::new(),
+            Counts::default(),
+            Counts::default(),
+        );
+        assert!(plan
+            .mask_row(
+                &row(&[Some(b"a"), Some(b"b")]),
+                &mut out,
+                &mut scratch,
+                &mut bc,
+                &mut bd
+            )
+            .is_err());
+        assert!(plan
+            .mask_row(
+                &[0, 1, 0, 0, 0, 9],
+                &mut out,
+                &mut scratch,
+                &mut bc,
+                &mut bd
+            )
+            .is_err());
     }
 
     #[test]
@@ -283,7 +356,10 @@ mod tests {
         b.put_i16(-1);
         b.put_i32(-1);
         b.put_i16(1);
-        assert_eq!(parse_row_description(&b).unwrap(), vec![col("email", 42, 25, 1)]);
+        assert_eq!(
+            parse_row_description(&b).unwrap(),
+            vec![col("email", 42, 25, 1)]
+        );
         assert!(parse_row_description(&b[..10]).is_err());
     }
 }

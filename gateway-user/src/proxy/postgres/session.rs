@@ -81,6 +81,8 @@ struct Prepared {
     class: &'static str,
     text: String,
     approved: Option<Arc<Approved>>,
+    /// Parameter type OIDs from Parse (0: unspecified).
+    param_types: Vec<u32>,
 }
 
 /// A bound portal.
@@ -191,7 +193,14 @@ pub(super) async fn run(
     };
     match reason {
         Ok(r) => Ok(summary(r)),
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             Ok(summary("connection lost"))
         }
         Err(e) => Err(e),
@@ -220,7 +229,11 @@ enum Refusal {
 }
 
 impl Front<'_> {
-    async fn run(&mut self, mut rd: OwnedReadHalf, counter: &AtomicU64) -> io::Result<&'static str> {
+    async fn run(
+        &mut self,
+        mut rd: OwnedReadHalf,
+        counter: &AtomicU64,
+    ) -> io::Result<&'static str> {
         let mut buf = BytesMut::with_capacity(8192);
         loop {
             loop {
@@ -228,7 +241,8 @@ impl Front<'_> {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
                     Err(e) => {
-                        self.fatal("08P01", &format!("invalid frontend message: {e}")).await;
+                        self.fatal("08P01", &format!("invalid frontend message: {e}"))
+                            .await;
                         return Ok("malformed frame from the agent");
                     }
                 };
@@ -317,6 +331,11 @@ impl Front<'_> {
                 let mut r = Reader::new(body, "Parse");
                 let name = r.cstr().map_err(bad)?.to_string();
                 let sql = r.cstr().map_err(bad)?;
+                let ntypes = r.i16().map_err(bad)?.max(0) as usize;
+                let mut param_types = Vec::with_capacity(ntypes.min(64));
+                for _ in 0..ntypes {
+                    param_types.push(r.u32().map_err(bad)?);
+                }
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
@@ -333,6 +352,7 @@ impl Front<'_> {
                                 class,
                                 text: sql.to_string(),
                                 approved,
+                                param_types,
                             }),
                         );
                         self.up_out.extend_from_slice(&frame);
@@ -360,13 +380,19 @@ impl Front<'_> {
                 }
                 let nparams = r.i16().map_err(bad)?.max(0) as usize;
                 let mut params = Vec::with_capacity(nparams.min(64));
+                let types = self
+                    .statements
+                    .get(&stmt)
+                    .map(|p| p.param_types.clone())
+                    .unwrap_or_default();
                 for i in 0..nparams {
                     let binary = match formats.len() {
                         0 => false,
                         1 => formats.first() == Some(&1),
                         _ => formats.get(i) == Some(&1),
                     };
-                    params.push(r.value().map_err(bad)?.map(|v| param_text(v, binary)));
+                    let oid = types.get(i).copied().unwrap_or(0);
+                    params.push(r.value().map_err(bad)?.map(|v| param_text(v, binary, oid)));
                 }
                 if let Some(p) = self.statements.get(&stmt) {
                     self.portals.insert(
@@ -386,7 +412,10 @@ impl Front<'_> {
                 self.up_out.extend_from_slice(&frame);
             }
             b'E' => {
-                let portal = Reader::new(body, "Execute").cstr().map_err(bad)?.to_string();
+                let portal = Reader::new(body, "Execute")
+                    .cstr()
+                    .map_err(bad)?
+                    .to_string();
                 let masker = self.masker();
                 if masker.is_some() {
                     // Learn the portal's columns and formats before its rows.
@@ -440,8 +469,10 @@ impl Front<'_> {
             }
             b'H' | b'd' | b'c' | b'f' => self.up_out.extend_from_slice(&frame),
             b'F' => {
-                let reason = "function calls over the FunctionCall message are not allowed".to_string();
-                self.refusal("postgres:call", "<FunctionCall message>", &reason).await;
+                let reason =
+                    "function calls over the FunctionCall message are not allowed".to_string();
+                self.refusal("postgres:call", "<FunctionCall message>", &reason)
+                    .await;
                 self.push(Expect::Denial(reason));
                 self.push(Expect::Sync);
                 codec::put_query(&mut self.up_out, &format!("SELECT {}", self.marker));
@@ -450,7 +481,12 @@ impl Front<'_> {
                 self.up_out.extend_from_slice(&frame);
                 return Ok(false);
             }
-            other => return Err(format!("unsupported frontend message type {:?}", other as char)),
+            other => {
+                return Err(format!(
+                    "unsupported frontend message type {:?}",
+                    other as char
+                ))
+            }
         }
         Ok(true)
     }
@@ -552,16 +588,23 @@ impl Front<'_> {
                         "Portcullis: this statement needs approval; access request {id} is waiting (approve with `portcullis approve {id}`)"
                     ))
                     .await;
-                    h.wait(self.shared, self.flow, &cmd, std::future::pending()).await
+                    h.wait(self.shared, self.flow, &cmd, std::future::pending())
+                        .await
                 }
             };
             match waited {
-                Waited::Allowed(allowed) => out.push((c, Some(Arc::new(Approved { cmd, allowed })))),
+                Waited::Allowed(allowed) => {
+                    out.push((c, Some(Arc::new(Approved { cmd, allowed }))))
+                }
                 Waited::Denied(d) => {
                     self.record_denial(&cmd, &d.reason, &d.policies);
                     return Err(Refusal::Denied(d.reason));
                 }
-                Waited::Abandoned => return Err(Refusal::Denied("the session was ended while the statement was held".into())),
+                Waited::Abandoned => {
+                    return Err(Refusal::Denied(
+                        "the session was ended while the statement was held".into(),
+                    ))
+                }
             }
         }
         Ok(out)
@@ -583,7 +626,9 @@ impl Front<'_> {
     /// FunctionCall, uninspectable COPY).
     async fn refusal(&self, action: &str, text: &str, reason: &str) {
         warn!(session = %self.flow.info.session, action, reason, "statement refused");
-        self.shared.metrics.decision(&self.flow.info.resource, action, "deny");
+        self.shared
+            .metrics
+            .decision(&self.flow.info.resource, action, "deny");
         let ev = self
             .flow
             .audit_event("command")
@@ -603,14 +648,35 @@ impl Front<'_> {
     }
 }
 
-/// A bound parameter as audit text (binary values as `\x` hex), cut.
-fn param_text(v: &[u8], binary: bool) -> String {
+/// A bound parameter as audit text, cut: binary integers, floats and
+/// booleans as their text, binary text types as text, anything else as
+/// `\x` hex.
+fn param_text(v: &[u8], binary: bool, type_oid: u32) -> String {
     let v = v.get(..PARAM_MAX).unwrap_or(v);
-    if binary {
-        format!("\\x{}", hex::encode(v))
-    } else {
-        String::from_utf8_lossy(v).into_owned()
+    if !binary {
+        return String::from_utf8_lossy(v).into_owned();
     }
+    let text = match (type_oid, v.len()) {
+        (21, 2) => <[u8; 2]>::try_from(v)
+            .ok()
+            .map(|b| i16::from_be_bytes(b).to_string()),
+        (23, 4) => <[u8; 4]>::try_from(v)
+            .ok()
+            .map(|b| i32::from_be_bytes(b).to_string()),
+        (20, 8) => <[u8; 8]>::try_from(v)
+            .ok()
+            .map(|b| i64::from_be_bytes(b).to_string()),
+        (700, 4) => <[u8; 4]>::try_from(v)
+            .ok()
+            .map(|b| f32::from_be_bytes(b).to_string()),
+        (701, 8) => <[u8; 8]>::try_from(v)
+            .ok()
+            .map(|b| f64::from_be_bytes(b).to_string()),
+        (16, 1) => Some(if v.first() == Some(&1) { "t" } else { "f" }.to_string()),
+        (25 | 1043 | 1042 | 19, _) => std::str::from_utf8(v).ok().map(str::to_string),
+        _ => None,
+    };
+    text.unwrap_or_else(|| format!("\\x{}", hex::encode(v)))
 }
 
 /// A finished statement waiting for its completion record.
@@ -645,7 +711,12 @@ struct Back<'a> {
 }
 
 impl Back<'_> {
-    async fn run(&mut self, mut rd: ReadHalf<Box<dyn Io>>, mut buf: BytesMut, counter: &AtomicU64) -> io::Result<&'static str> {
+    async fn run(
+        &mut self,
+        mut rd: ReadHalf<Box<dyn Io>>,
+        mut buf: BytesMut,
+        counter: &AtomicU64,
+    ) -> io::Result<&'static str> {
         let mut out = BytesMut::with_capacity(FLUSH_AT + 1024);
         loop {
             loop {
@@ -654,7 +725,8 @@ impl Back<'_> {
                     Ok(None) => break,
                     Err(e) => {
                         self.write(&mut out, counter).await?;
-                        self.fatal(&format!("the server sent an invalid message: {e}")).await;
+                        self.fatal(&format!("the server sent an invalid message: {e}"))
+                            .await;
                         return Ok("malformed frame from the server");
                     }
                 };
@@ -699,8 +771,14 @@ impl Back<'_> {
             b'D' => {
                 self.rows_seen += 1;
                 if let Some(plan) = &self.plan {
-                    plan.mask_row(body, out, &mut self.scratch, &mut self.by_column, &mut self.by_detector)
-                        .map_err(|e| format!("cannot mask a result row: {e}"))?;
+                    plan.mask_row(
+                        body,
+                        out,
+                        &mut self.scratch,
+                        &mut self.by_column,
+                        &mut self.by_detector,
+                    )
+                    .map_err(|e| format!("cannot mask a result row: {e}"))?;
                 } else if !self.layout_known && self.front_masker().is_some() {
                     return Err("result rows without a row description on a masked resource".into());
                 } else {
@@ -738,7 +816,10 @@ impl Back<'_> {
             }
             b'C' | b'I' | b's' => {
                 let rows = if tag == b'C' {
-                    Reader::new(body, "CommandComplete").cstr().ok().and_then(codec::tag_rows)
+                    Reader::new(body, "CommandComplete")
+                        .cstr()
+                        .ok()
+                        .and_then(codec::tag_rows)
                 } else if tag == b's' {
                     Some(self.rows_seen)
                 } else {
@@ -762,7 +843,11 @@ impl Back<'_> {
             }
             b'E' => {
                 let fields = codec::error_fields(body);
-                let message = fields.iter().find(|(k, _)| *k == b'M').map(|(_, v)| v.clone()).unwrap_or_default();
+                let message = fields
+                    .iter()
+                    .find(|(k, _)| *k == b'M')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
                 let mut denial = None;
                 let mut failed = Vec::new();
                 {
@@ -773,7 +858,9 @@ impl Back<'_> {
                         }
                         match p.pop_front() {
                             Some(Expect::Run(r)) => failed.push(r),
-                            Some(Expect::Denial(reason)) if denial.is_none() => denial = Some(reason),
+                            Some(Expect::Denial(reason)) if denial.is_none() => {
+                                denial = Some(reason)
+                            }
                             _ => {}
                         }
                     }
@@ -783,7 +870,13 @@ impl Back<'_> {
                 }
                 self.reset_result();
                 match denial.filter(|_| message.contains(self.marker)) {
-                    Some(reason) => put_error(out, b'E', "ERROR", "42501", &format!("permission denied by Portcullis: {reason}")),
+                    Some(reason) => put_error(
+                        out,
+                        b'E',
+                        "ERROR",
+                        "42501",
+                        &format!("permission denied by Portcullis: {reason}"),
+                    ),
                     None => out.extend_from_slice(frame),
                 }
             }
@@ -810,7 +903,10 @@ impl Back<'_> {
                 match self.front_masker() {
                     Some(m) if m.has_detectors() || m.has_columns() => {
                         if binary {
-                            return Err("binary COPY TO output cannot be inspected on a masked resource".into());
+                            return Err(
+                                "binary COPY TO output cannot be inspected on a masked resource"
+                                    .into(),
+                            );
                         }
                         self.copy_mask = Some(m);
                     }
@@ -874,7 +970,12 @@ impl Back<'_> {
     async fn finish_done(&mut self) {
         for d in std::mem::take(&mut self.done) {
             let status = if d.error.is_some() { "error" } else { "ok" };
-            let params: Vec<Value> = d.run.params.iter().map(|p| p.clone().map_or(Value::Null, Value::String)).collect();
+            let params: Vec<Value> = d
+                .run
+                .params
+                .iter()
+                .map(|p| p.clone().map_or(Value::Null, Value::String))
+                .collect();
             if let Some(a) = &d.run.approved {
                 let mut detail = Map::new();
                 detail.insert("status".into(), status.into());
@@ -896,12 +997,18 @@ impl Back<'_> {
                 gate::finished(self.shared, self.flow, &a.cmd, &a.allowed, detail).await;
             }
             self.flow.recording.postgres_statement(PgStatementRecord {
-                time_ms: crate::proxy::session::now_ms().saturating_sub(d.run.started.elapsed().as_millis() as u64),
+                time_ms: crate::proxy::session::now_ms()
+                    .saturating_sub(d.run.started.elapsed().as_millis() as u64),
                 statement: d.run.text,
                 params: d.run.params,
                 action: d.run.class.to_string(),
                 decision: "allow".into(),
-                policy_ids: d.run.approved.as_ref().map(|a| a.allowed.policies.clone()).unwrap_or_default(),
+                policy_ids: d
+                    .run
+                    .approved
+                    .as_ref()
+                    .map(|a| a.allowed.policies.clone())
+                    .unwrap_or_default(),
                 rows: d.rows,
                 columns: d.columns,
                 error: d.error,
@@ -914,7 +1021,11 @@ impl Back<'_> {
     /// server's catalog on a side connection. A lookup that fails leaves
     /// the OIDs unnamed, which masks their columns (fail closed).
     async fn resolve_tables(&mut self, cols: &[rows::Column]) {
-        let mut want: Vec<u32> = cols.iter().map(|c| c.table_oid).filter(|o| *o != 0 && !self.tables.contains_key(o)).collect();
+        let mut want: Vec<u32> = cols
+            .iter()
+            .map(|c| c.table_oid)
+            .filter(|o| *o != 0 && !self.tables.contains_key(o))
+            .collect();
         want.sort_unstable();
         want.dedup();
         if want.is_empty() {
@@ -927,12 +1038,18 @@ impl Back<'_> {
         }
         let found = found.unwrap_or_default();
         for oid in want {
-            let name = found.iter().find(|(o, _)| *o == oid).map(|(_, n)| n.clone());
+            let name = found
+                .iter()
+                .find(|(o, _)| *o == oid)
+                .map(|(_, n)| n.clone());
             self.tables.insert(oid, name);
         }
     }
 
-    async fn catalog(&mut self, oids: &[u32]) -> Result<Vec<(u32, String)>, upstream::UpstreamError> {
+    async fn catalog(
+        &mut self,
+        oids: &[u32],
+    ) -> Result<Vec<(u32, String)>, upstream::UpstreamError> {
         if self.side.is_none() {
             let mut params = self.ctx.params.clone();
             params.retain(|(k, _)| k != "application_name");
@@ -960,7 +1077,9 @@ impl Back<'_> {
                     break h;
                 }
                 if side.io.read_buf(&mut side.buf).await? == 0 {
-                    return Err(upstream::UpstreamError::Protocol("catalog connection closed".into()));
+                    return Err(upstream::UpstreamError::Protocol(
+                        "catalog connection closed".into(),
+                    ));
                 }
             };
             let frame = side.buf.split_to(head.total);
@@ -969,7 +1088,9 @@ impl Back<'_> {
                 b'D' => {
                     let mut r = Reader::new(body, "DataRow");
                     let _n = r.i16()?;
-                    let oid = r.value()?.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
+                    let oid = r
+                        .value()?
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
                     let name = r.value()?.map(|v| String::from_utf8_lossy(v).into_owned());
                     if let (Some(o), Some(n)) = (oid, name) {
                         out.push((o, n));
@@ -982,10 +1103,39 @@ impl Back<'_> {
         }
         match error {
             Some(f) => Err(upstream::UpstreamError::Server {
-                code: f.iter().find(|(k, _)| *k == b'C').map(|(_, v)| v.clone()).unwrap_or_default(),
-                message: f.iter().find(|(k, _)| *k == b'M').map(|(_, v)| v.clone()).unwrap_or_default(),
+                code: f
+                    .iter()
+                    .find(|(k, _)| *k == b'C')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+                message: f
+                    .iter()
+                    .find(|(k, _)| *k == b'M')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
             }),
             None => Ok(out),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_parameters_render_as_text() {
+        assert_eq!(param_text(b"42", false, 0), "42");
+        assert_eq!(param_text(&[0, 5], true, 21), "5");
+        assert_eq!(param_text(&[0xff, 0xff, 0xff, 0xfe], true, 23), "-2");
+        assert_eq!(param_text(&[0, 0, 0, 0, 0, 0, 1, 0], true, 20), "256");
+        assert_eq!(param_text(&[1], true, 16), "t");
+        assert_eq!(param_text(b"eve", true, 25), "eve");
+        assert_eq!(param_text(&[1, 2], true, 0), "\\x0102");
+        assert_eq!(param_text(&[1, 2, 3], true, 23), "\\x010203");
+        assert_eq!(
+            param_text(&vec![b'a'; PARAM_MAX + 10], false, 0).len(),
+            PARAM_MAX
+        );
     }
 }

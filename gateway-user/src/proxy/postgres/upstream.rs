@@ -92,7 +92,10 @@ pub fn startup_params(resource: &Resource, agent: &[(String, String)]) -> Vec<(S
         .clone()
         .or_else(|| get("database"))
         .unwrap_or_else(|| user.clone());
-    let mut out = vec![("user".to_string(), user), ("database".to_string(), database)];
+    let mut out = vec![
+        ("user".to_string(), user),
+        ("database".to_string(), database),
+    ];
     for (k, v) in agent {
         if matches!(k.as_str(), "user" | "database" | "replication") || k.starts_with("_pq_.") {
             continue;
@@ -178,16 +181,16 @@ pub async fn login(flow: &Flow, params: &[(String, String)]) -> Result<Upstream,
                         scram = Some(s);
                     }
                     11 => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| UpstreamError::Protocol("SASLContinue out of order".into()))?;
+                        let s = scram.as_mut().ok_or_else(|| {
+                            UpstreamError::Protocol("SASLContinue out of order".into())
+                        })?;
                         let fin = s.client_final(r.rest())?;
                         put_msg(&mut reply, b'p', |b| b.extend_from_slice(fin.as_bytes()));
                     }
                     12 => {
-                        let s = scram
-                            .as_ref()
-                            .ok_or_else(|| UpstreamError::Protocol("SASLFinal out of order".into()))?;
+                        let s = scram.as_ref().ok_or_else(|| {
+                            UpstreamError::Protocol("SASLFinal out of order".into())
+                        })?;
                         s.verify_server(r.rest())?;
                     }
                     other => {
@@ -236,14 +239,19 @@ pub async fn login(flow: &Flow, params: &[(String, String)]) -> Result<Upstream,
 }
 
 /// Reads one whole frame (tag, body) during login.
-async fn read_frame(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<(u8, Vec<u8>), UpstreamError> {
+async fn read_frame(
+    io: &mut Box<dyn Io>,
+    buf: &mut BytesMut,
+) -> Result<(u8, Vec<u8>), UpstreamError> {
     loop {
         if let Some(h) = codec::peek_frame(buf, MAX_FRAME)? {
             let frame = buf.split_to(h.total);
             return Ok((h.tag, frame.get(5..).unwrap_or_default().to_vec()));
         }
         if io.read_buf(buf).await? == 0 {
-            return Err(UpstreamError::Protocol("the server closed the connection during login".into()));
+            return Err(UpstreamError::Protocol(
+                "the server closed the connection during login".into(),
+            ));
         }
     }
 }
@@ -271,8 +279,9 @@ async fn negotiate_tls(
     }
     let config = tls_config(&flow.resource, mode)?;
     let name = match &flow.resource.upstream {
-        Some(crate::policy::Destination::Host { host, .. }) => ServerName::try_from(host.clone())
-            .map_err(|e| UpstreamError::Tls(e.to_string()))?,
+        Some(crate::policy::Destination::Host { host, .. }) => {
+            ServerName::try_from(host.clone()).map_err(|e| UpstreamError::Tls(e.to_string()))?
+        }
         _ => ServerName::IpAddress(flow.upstream_addr().await?.ip().into()),
     };
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -282,7 +291,10 @@ async fn negotiate_tls(
     Ok(Box::new(tls))
 }
 
-fn tls_config(resource: &Resource, mode: UpstreamTls) -> Result<rustls::ClientConfig, UpstreamError> {
+fn tls_config(
+    resource: &Resource,
+    mode: UpstreamTls,
+) -> Result<rustls::ClientConfig, UpstreamError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -303,7 +315,9 @@ fn tls_config(resource: &Resource, mode: UpstreamTls) -> Result<rustls::ClientCo
         }
     }
     if roots.is_empty() {
-        return Err(UpstreamError::Tls("no CA certificate to verify the server".into()));
+        return Err(UpstreamError::Tls(
+            "no CA certificate to verify the server".into(),
+        ));
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
@@ -339,7 +353,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -347,7 +366,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -432,12 +456,21 @@ impl Scram {
             .and_then(NonZeroU32::new)
             .ok_or_else(|| bad("bad iteration count"))?;
         let mut salted = [0u8; 32];
-        pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iters, &salt, self.password.as_bytes(), &mut salted);
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            iters,
+            &salt,
+            self.password.as_bytes(),
+            &mut salted,
+        );
         let without_proof = format!("c=biws,r={nonce}");
         self.auth_message = format!("{},{sf},{without_proof}", self.first_bare);
         let client_key = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &salted), b"Client Key");
         let stored = digest::digest(&digest::SHA256, client_key.as_ref());
-        let sig = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, stored.as_ref()), self.auth_message.as_bytes());
+        let sig = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, stored.as_ref()),
+            self.auth_message.as_bytes(),
+        );
         let proof: Vec<u8> = client_key
             .as_ref()
             .iter()
@@ -453,9 +486,17 @@ impl Scram {
         let sf = std::str::from_utf8(server_final).unwrap_or_default();
         let v = sf
             .strip_prefix("v=")
-            .and_then(|v| B64.decode(v.trim_end_matches(|c: char| c.is_whitespace())).ok())
-            .ok_or_else(|| UpstreamError::Protocol("SCRAM server-final-message malformed".into()))?;
-        let server_key = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &self.salted), b"Server Key");
+            .and_then(|v| {
+                B64.decode(v.trim_end_matches(|c: char| c.is_whitespace()))
+                    .ok()
+            })
+            .ok_or_else(|| {
+                UpstreamError::Protocol("SCRAM server-final-message malformed".into())
+            })?;
+        let server_key = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &self.salted),
+            b"Server Key",
+        );
         hmac::verify(
             &hmac::Key::new(hmac::HMAC_SHA256, server_key.as_ref()),
             self.auth_message.as_bytes(),
@@ -489,7 +530,8 @@ mod tests {
             fin,
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
         );
-        s.verify_server(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=").unwrap();
+        s.verify_server(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+            .unwrap();
         assert!(s.verify_server(b"v=AAAA").is_err());
     }
 
