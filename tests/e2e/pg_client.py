@@ -57,8 +57,11 @@ def main():
     import psycopg
     results = []
     conn = psycopg.connect(spec["conninfo"], autocommit=spec.get("autocommit", True))
+    notices = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
     for st in spec["steps"]:
         r = {}
+        del notices[:]
         t0 = time.time()
         try:
             op = st.get("op", "exec")
@@ -85,6 +88,7 @@ def main():
             r["error"] = e.sqlstate
             r["message"] = str(e)
         r["tx"] = int(conn.info.transaction_status)
+        r["notices"] = list(notices)
         r["elapsed"] = time.time() - t0
         results.append(r)
     conn.close()

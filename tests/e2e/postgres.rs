@@ -11,7 +11,7 @@ use crate::harness::*;
 const CLIENT: &str = include_str!("pg_client.py");
 
 struct Pg {
-    cg: TestCgroup,
+    _cg: TestCgroup,
     pg: PgServer,
     files: DaemonFiles,
     daemon: Daemon,
@@ -24,6 +24,9 @@ const RULES: &str = r#"
 permit(principal, action in [Action::"postgres:select", Action::"postgres:transaction", Action::"postgres:set", Action::"postgres:show", Action::"postgres:copy_out"], resource);
 @id("pg-insert")
 permit(principal, action == Action::"postgres:insert", resource);
+@id("pg-update-approved")
+@approval("required")
+permit(principal, action == Action::"postgres:update", resource);
 @id("no-delete")
 forbid(principal, action == Action::"postgres:delete", resource);
 "#;
@@ -59,7 +62,7 @@ fn setup(name: &str, mask: &str) -> Pg {
     Pg {
         agent: Placement::cgroup(cg.dir(&agent_cg)),
         untagged: Placement::cgroup(cg.dir(&other)),
-        cg,
+        _cg: cg,
         pg,
         files,
         daemon,
@@ -100,14 +103,27 @@ impl Pg {
     }
 
     /// The psycopg client with `spec` (conninfo filled in).
-    fn client(&self, mut spec: Value) -> Vec<Value> {
+    fn client(&self, spec: Value) -> Vec<Value> {
+        let child = self.spawn_client(spec);
+        self.client_output(child)
+    }
+
+    fn spawn_client(&self, mut spec: Value) -> std::process::Child {
         spec["conninfo"] = json!(self.conninfo());
         spec["host"] = json!("127.0.0.1");
         spec["port"] = json!(self.pg.port);
         let mut cmd = Command::new("/usr/bin/python3");
-        cmd.arg("-c").arg(CLIENT).arg(spec.to_string());
+        cmd.arg("-c")
+            .arg(CLIENT)
+            .arg(spec.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         self.agent.apply(&mut cmd);
-        let out = cmd.output().expect("python3");
+        cmd.spawn().expect("python3")
+    }
+
+    fn client_output(&self, child: std::process::Child) -> Vec<Value> {
+        let out = child.wait_with_output().expect("python3");
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim()).unwrap_or_else(|e| {
             panic!(
@@ -377,4 +393,33 @@ fn pg_malformed_frames_get_an_error_and_close() {
     let (ok, out, err) = s.psql(&s.agent, &["-c", "select 42"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "42");
+}
+
+#[test]
+fn pg_held_statement_is_announced_then_released_by_approval() {
+    let s = setup("pghold", "");
+    let child = s.spawn_client(json!({"steps": [
+        {"sql": "update customers set name = %s where id = %s", "params": ["bobby", 2]},
+        {"sql": "select name from customers where id = 2"},
+    ]}));
+    let pending = s.daemon.wait_pending(1);
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(pending[0]["action"], "postgres:update", "{pending:?}");
+    // Nothing ran before the approval.
+    assert_eq!(
+        s.pg.sql("select name from customers where id = 2").trim(),
+        "bob"
+    );
+    s.daemon.cli_ok(&["approve", &id]);
+    let r = s.client_output(child);
+    assert_eq!(r[0]["rowcount"], 1, "{r:?}");
+    assert!(
+        r[0]["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains(&id)),
+        "the agent was told the request id: {r:?}"
+    );
+    assert_eq!(r[1]["rows"], json!([["bobby"]]), "{r:?}");
 }

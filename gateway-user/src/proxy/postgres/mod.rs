@@ -46,13 +46,16 @@ struct CancelTarget {
     secret: Vec<u8>,
 }
 
-/// Agent-visible (pid, secret) → the real backend. Daemon-wide, because a
+/// A cancel key as the agent saw it: (process id, secret).
+type KeyId = (u32, Vec<u8>);
+
+/// Agent-visible key → the real backend. Daemon-wide, because a
 /// CancelRequest arrives on a new connection.
-static CANCEL_KEYS: LazyLock<Mutex<HashMap<(u32, Vec<u8>), CancelTarget>>> =
+static CANCEL_KEYS: LazyLock<Mutex<HashMap<KeyId, CancelTarget>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Removes a session's cancel key when the session ends.
-struct CancelKey((u32, Vec<u8>));
+struct CancelKey(KeyId);
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
