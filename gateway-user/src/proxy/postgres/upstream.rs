@@ -512,10 +512,15 @@ mod tests {
 
     #[test]
     fn md5_matches_libpq() {
-        // echo -n "secretalice" | md5sum → then with the salt, as libpq does.
-        let a = md5_password("alice", "secret", &[1, 2, 3, 4]);
-        assert!(a.starts_with("md5") && a.len() == 35);
-        assert_ne!(a, md5_password("alice", "secret", &[1, 2, 3, 5]));
+        // md5(hex(md5("secret" + "alice")) + salt), computed independently.
+        assert_eq!(
+            md5_password("alice", "secret", &[1, 2, 3, 4]),
+            "md598a0412b9c31436fc53776e863350083"
+        );
+        assert_ne!(
+            md5_password("alice", "secret", &[1, 2, 3, 5]),
+            md5_password("alice", "secret", &[1, 2, 3, 4])
+        );
     }
 
     #[test]
