@@ -383,6 +383,15 @@ fn pg_malformed_frames_get_an_error_and_close() {
         // A startup packet with an absurd length.
         {"startup": false, "hex": "7fffffff00030000"},
     ]}));
+    // A FunctionCall is refused with 42501 and the session goes on.
+    let f = s.client(json!({"raw": true, "steps": [
+        {"hex": "460000000e00000001000000000000", "then_query": "select 7"},
+    ]}));
+    let msgs = f[0]["messages"].as_array().unwrap();
+    let tags: Vec<&str> = msgs.iter().map(|m| m["tag"].as_str().unwrap()).collect();
+    assert_eq!(tags, ["E", "Z", "T", "D", "C", "Z"], "{f:?}");
+    assert!(msgs[0]["text"].as_str().unwrap().contains("42501"), "{f:?}");
+    assert!(msgs[3]["text"].as_str().unwrap().contains('7'), "{f:?}");
     for (i, step) in r.iter().enumerate() {
         let msgs = step["messages"].as_array().unwrap();
         assert!(msgs.iter().any(|m| m["tag"] == "E"), "step {i}: {step}");

@@ -32,6 +32,167 @@ pub enum CodecError {
     /// A string field is not valid UTF-8.
     #[error("{0} is not valid UTF-8")]
     Utf8(&'static str),
+    /// A message type the protocol does not have (or this proxy refuses
+    /// to relay, such as replication sub-protocol messages).
+    #[error("unsupported frontend message type {0:?}")]
+    UnknownMessage(char),
+    /// Bytes left over after the message's fields.
+    #[error("trailing bytes in {0} message")]
+    Trailing(&'static str),
+}
+
+/// One frontend (agent → server) message after startup, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frontend<'a> {
+    /// Simple query.
+    Query(&'a str),
+    /// Extended protocol: prepare `sql` as `name`.
+    Parse {
+        /// Statement name ("" is the unnamed statement).
+        name: &'a str,
+        /// The SQL text.
+        sql: &'a str,
+        /// Parameter type OIDs (0: unspecified).
+        param_types: Vec<u32>,
+    },
+    /// Bind parameters to a statement, creating a portal.
+    Bind {
+        /// Portal name.
+        portal: &'a str,
+        /// Statement name.
+        statement: &'a str,
+        /// Parameter format codes (0 text, 1 binary; none or one for all).
+        formats: Vec<i16>,
+        /// Parameter values (`None`: NULL).
+        params: Vec<Option<&'a [u8]>>,
+    },
+    /// Describe a statement (`S`) or portal (`P`).
+    Describe {
+        /// `S` or `P`.
+        kind: u8,
+        /// Its name.
+        name: &'a str,
+    },
+    /// Run a portal.
+    Execute {
+        /// Portal name.
+        portal: &'a str,
+        /// Row limit (0: all).
+        max_rows: i32,
+    },
+    /// Close a statement (`S`) or portal (`P`).
+    Close {
+        /// `S` or `P`.
+        kind: u8,
+        /// Its name.
+        name: &'a str,
+    },
+    /// End of an extended-protocol pipeline.
+    Sync,
+    /// Flush.
+    Flush,
+    /// COPY FROM STDIN data.
+    CopyData,
+    /// COPY FROM STDIN end.
+    CopyDone,
+    /// COPY FROM STDIN abort.
+    CopyFail,
+    /// The fast-path FunctionCall message.
+    FunctionCall,
+    /// Terminate.
+    Terminate,
+}
+
+/// Decodes a frontend message body (`tag` is the type byte). Every field
+/// is bounds-checked; nothing here can panic on any input.
+pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<Frontend<'_>, CodecError> {
+    let done = |r: &Reader<'_>, what| {
+        if r.is_empty() {
+            Ok(())
+        } else {
+            Err(CodecError::Trailing(what))
+        }
+    };
+    Ok(match tag {
+        b'Q' => {
+            let mut r = Reader::new(body, "Query");
+            let sql = r.cstr()?;
+            done(&r, "Query")?;
+            Frontend::Query(sql)
+        }
+        b'P' => {
+            let mut r = Reader::new(body, "Parse");
+            let name = r.cstr()?;
+            let sql = r.cstr()?;
+            let n = r.i16()?.max(0) as usize;
+            let mut param_types = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                param_types.push(r.u32()?);
+            }
+            done(&r, "Parse")?;
+            Frontend::Parse {
+                name,
+                sql,
+                param_types,
+            }
+        }
+        b'B' => {
+            let mut r = Reader::new(body, "Bind");
+            let portal = r.cstr()?;
+            let statement = r.cstr()?;
+            let n = r.i16()?.max(0) as usize;
+            let mut formats = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                formats.push(r.i16()?);
+            }
+            let n = r.i16()?.max(0) as usize;
+            let mut params = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                params.push(r.value()?);
+            }
+            let n = r.i16()?.max(0) as usize;
+            for _ in 0..n {
+                r.i16()?;
+            }
+            done(&r, "Bind")?;
+            Frontend::Bind {
+                portal,
+                statement,
+                formats,
+                params,
+            }
+        }
+        b'D' | b'C' => {
+            let what = if tag == b'D' { "Describe" } else { "Close" };
+            let mut r = Reader::new(body, what);
+            let kind = r.bytes(1)?.first().copied().unwrap_or(0);
+            if kind != b'S' && kind != b'P' {
+                return Err(CodecError::Truncated(what));
+            }
+            let name = r.cstr()?;
+            done(&r, what)?;
+            if tag == b'D' {
+                Frontend::Describe { kind, name }
+            } else {
+                Frontend::Close { kind, name }
+            }
+        }
+        b'E' => {
+            let mut r = Reader::new(body, "Execute");
+            let portal = r.cstr()?;
+            let max_rows = r.i32()?;
+            done(&r, "Execute")?;
+            Frontend::Execute { portal, max_rows }
+        }
+        b'S' => Frontend::Sync,
+        b'H' => Frontend::Flush,
+        b'd' => Frontend::CopyData,
+        b'c' => Frontend::CopyDone,
+        b'f' => Frontend::CopyFail,
+        b'F' => Frontend::FunctionCall,
+        b'X' => Frontend::Terminate,
+        other => return Err(CodecError::UnknownMessage(other as char)),
+    })
 }
 
 /// The first packet of a connection (untyped, length first).
@@ -341,6 +502,54 @@ mod tests {
         assert_eq!(tag_rows("INSERT 0 3"), Some(3));
         assert_eq!(tag_rows("SELECT 10"), Some(10));
         assert_eq!(tag_rows("BEGIN"), None);
+    }
+
+    #[test]
+    fn frontend_messages_decode_and_garbage_is_an_error() {
+        let mut b = BytesMut::new();
+        put_msg(&mut b, b'B', |b| {
+            put_cstr(b, "p1");
+            put_cstr(b, "s1");
+            b.put_i16(1);
+            b.put_i16(1);
+            b.put_i16(2);
+            b.put_i32(2);
+            b.extend_from_slice(&[0, 7]);
+            b.put_i32(-1);
+            b.put_i16(0);
+        });
+        assert_eq!(
+            decode_frontend(b'B', &b[5..]),
+            Ok(Frontend::Bind {
+                portal: "p1",
+                statement: "s1",
+                formats: vec![1],
+                params: vec![Some(&[0u8, 7][..]), None],
+            })
+        );
+        assert_eq!(
+            decode_frontend(b'E', b"\0\0\0\0\0"),
+            Ok(Frontend::Execute {
+                portal: "",
+                max_rows: 0
+            })
+        );
+        assert!(decode_frontend(b'E', b"\0\0\0").is_err());
+        assert!(decode_frontend(b'D', b"Xname\0").is_err());
+        assert!(decode_frontend(b'Q', b"select 1\0extra").is_err());
+        assert!(decode_frontend(b'B', &b[5..b.len() - 3]).is_err());
+        assert_eq!(
+            decode_frontend(b'z', b""),
+            Err(CodecError::UnknownMessage('z'))
+        );
+        assert_eq!(
+            decode_frontend(b'P', b"s\0select $1\0\0\x01\0\0\0\x17"),
+            Ok(Frontend::Parse {
+                name: "s",
+                sql: "select $1",
+                param_types: vec![23]
+            })
+        );
     }
 
     #[test]

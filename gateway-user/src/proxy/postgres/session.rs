@@ -37,7 +37,7 @@ use tracing::warn;
 
 use super::{
     classify::{self, Classified},
-    codec::{self, put_cstr, put_error, put_msg, Reader, MAX_FRAME},
+    codec::{self, put_cstr, put_error, put_msg, Frontend, Reader, MAX_FRAME},
     rows::{self, RowPlan},
     upstream::{self, Io, Upstream},
 };
@@ -296,14 +296,12 @@ impl Front<'_> {
     /// Handles one frontend message. `Ok(false)`: the agent said Terminate.
     async fn message(&mut self, tag: u8, frame: Bytes) -> Result<bool, String> {
         let body = frame.get(5..).unwrap_or_default();
-        let bad = |e: codec::CodecError| e.to_string();
         if self.skip_until_sync && tag != b'S' && tag != b'X' {
             // The server would discard these after the error; so do we.
             return Ok(true);
         }
-        match tag {
-            b'Q' => {
-                let sql = Reader::new(body, "Query").cstr().map_err(bad)?;
+        match codec::decode_frontend(tag, body).map_err(|e| e.to_string())? {
+            Frontend::Query(sql) => {
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
@@ -327,27 +325,22 @@ impl Front<'_> {
                     }
                 }
             }
-            b'P' => {
-                let mut r = Reader::new(body, "Parse");
-                let name = r.cstr().map_err(bad)?.to_string();
-                let sql = r.cstr().map_err(bad)?;
-                let ntypes = r.i16().map_err(bad)?.max(0) as usize;
-                let mut param_types = Vec::with_capacity(ntypes.min(64));
-                for _ in 0..ntypes {
-                    param_types.push(r.u32().map_err(bad)?);
-                }
+            Frontend::Parse {
+                name,
+                sql,
+                param_types,
+            } => {
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
                         let (class, approved) = match list.as_slice() {
                             [] => ("empty", None),
-                            [(c, a)] => (c.class, a.clone()),
-                            // Several statements: the server refuses them
-                            // in a prepared statement; let it say so.
+                            // Several statements: every one was allowed; the
+                            // server refuses them in a prepared statement.
                             [(c, a), ..] => (c.class, a.clone()),
                         };
                         self.statements.insert(
-                            name,
+                            name.to_string(),
                             Arc::new(Prepared {
                                 class,
                                 text: sql.to_string(),
@@ -358,10 +351,10 @@ impl Front<'_> {
                         self.up_out.extend_from_slice(&frame);
                     }
                     Err(Refusal::Denied(reason)) => {
-                        self.statements.remove(&name);
+                        self.statements.remove(name);
                         self.push(Expect::Denial(reason));
                         put_msg(&mut self.up_out, b'P', |b| {
-                            put_cstr(b, &name);
+                            put_cstr(b, name);
                             put_cstr(b, &format!("SELECT {}", self.marker));
                             b.put_i16(0);
                         });
@@ -369,63 +362,54 @@ impl Front<'_> {
                     }
                 }
             }
-            b'B' => {
-                let mut r = Reader::new(body, "Bind");
-                let portal = r.cstr().map_err(bad)?.to_string();
-                let stmt = r.cstr().map_err(bad)?.to_string();
-                let nformats = r.i16().map_err(bad)?.max(0) as usize;
-                let mut formats = Vec::with_capacity(nformats.min(64));
-                for _ in 0..nformats {
-                    formats.push(r.i16().map_err(bad)?);
-                }
-                let nparams = r.i16().map_err(bad)?.max(0) as usize;
-                let mut params = Vec::with_capacity(nparams.min(64));
-                let types = self
-                    .statements
-                    .get(&stmt)
-                    .map(|p| p.param_types.clone())
-                    .unwrap_or_default();
-                for i in 0..nparams {
-                    let binary = match formats.len() {
-                        0 => false,
-                        1 => formats.first() == Some(&1),
-                        _ => formats.get(i) == Some(&1),
-                    };
-                    let oid = types.get(i).copied().unwrap_or(0);
-                    params.push(r.value().map_err(bad)?.map(|v| param_text(v, binary, oid)));
-                }
-                if let Some(p) = self.statements.get(&stmt) {
-                    self.portals.insert(
-                        portal,
-                        Portal {
+            Frontend::Bind {
+                portal,
+                statement,
+                formats,
+                params,
+            } => {
+                match self.statements.get(statement) {
+                    Some(p) => {
+                        let text = params
+                            .iter()
+                            .enumerate()
+                            .map(|(i, v)| {
+                                let binary = match formats.len() {
+                                    0 => false,
+                                    1 => formats.first() == Some(&1),
+                                    _ => formats.get(i) == Some(&1),
+                                };
+                                let oid = p.param_types.get(i).copied().unwrap_or(0);
+                                v.map(|v| param_text(v, binary, oid))
+                            })
+                            .collect();
+                        let portal_state = Portal {
                             stmt: p.clone(),
-                            params,
-                        },
-                    );
-                } else {
-                    self.portals.remove(&portal);
+                            params: text,
+                        };
+                        self.portals.insert(portal.to_string(), portal_state);
+                    }
+                    None => {
+                        self.portals.remove(portal);
+                    }
                 }
                 self.up_out.extend_from_slice(&frame);
             }
-            b'D' => {
+            Frontend::Describe { .. } => {
                 self.push(Expect::Describe { swallow: false });
                 self.up_out.extend_from_slice(&frame);
             }
-            b'E' => {
-                let portal = Reader::new(body, "Execute")
-                    .cstr()
-                    .map_err(bad)?
-                    .to_string();
+            Frontend::Execute { portal, .. } => {
                 let masker = self.masker();
                 if masker.is_some() {
                     // Learn the portal's columns and formats before its rows.
                     self.push(Expect::Describe { swallow: true });
                     put_msg(&mut self.up_out, b'D', |b| {
                         b.put_u8(b'P');
-                        put_cstr(b, &portal);
+                        put_cstr(b, portal);
                     });
                 }
-                let run = match self.portals.get(&portal) {
+                let run = match self.portals.get(portal) {
                     Some(p) => Run {
                         approved: p.stmt.approved.clone(),
                         class: p.stmt.class,
@@ -446,29 +430,23 @@ impl Front<'_> {
                 self.push(Expect::Run(Box::new(run)));
                 self.up_out.extend_from_slice(&frame);
             }
-            b'C' => {
-                let mut r = Reader::new(body, "Close");
-                let kind = r.bytes(1).map_err(bad)?[0];
-                let name = r.cstr().map_err(bad)?;
-                match kind {
-                    b'S' => {
-                        self.statements.remove(name);
-                    }
-                    _ => {
-                        self.portals.remove(name);
-                    }
+            Frontend::Close { kind, name } => {
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
                 }
                 self.up_out.extend_from_slice(&frame);
             }
-            b'S' => {
+            Frontend::Sync => {
                 self.skip_until_sync = false;
-                // Unnamed portals end with the transaction's implicit end;
-                // named ones may outlive it, which the server decides.
                 self.push(Expect::Sync);
                 self.up_out.extend_from_slice(&frame);
             }
-            b'H' | b'd' | b'c' | b'f' => self.up_out.extend_from_slice(&frame),
-            b'F' => {
+            Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
+                self.up_out.extend_from_slice(&frame)
+            }
+            Frontend::FunctionCall => {
                 let reason =
                     "function calls over the FunctionCall message are not allowed".to_string();
                 self.refusal("postgres:call", "<FunctionCall message>", &reason)
@@ -477,15 +455,9 @@ impl Front<'_> {
                 self.push(Expect::Sync);
                 codec::put_query(&mut self.up_out, &format!("SELECT {}", self.marker));
             }
-            b'X' => {
+            Frontend::Terminate => {
                 self.up_out.extend_from_slice(&frame);
                 return Ok(false);
-            }
-            other => {
-                return Err(format!(
-                    "unsupported frontend message type {:?}",
-                    other as char
-                ))
             }
         }
         Ok(true)
