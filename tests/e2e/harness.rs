@@ -966,6 +966,51 @@ impl PgServer {
         s
     }
 
+    /// Turns TLS on (a leaf for 127.0.0.1 from a fresh test CA) and returns
+    /// the CA certificate file (in the daemon-only directory).
+    pub fn enable_tls(&self) -> PathBuf {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "portcullis pg test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        leaf.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf cert");
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .expect("postgres user");
+        let data = self.dir.join("data");
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        fs::write(&crt, leaf_cert.pem()).expect("write crt");
+        fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&crt, &key] {
+            nix::unistd::chown(f, Some(user.uid), Some(user.gid)).expect("chown");
+            fs::set_permissions(f, fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        self.sql("alter system set ssl = on");
+        self.sql("select pg_reload_conf()");
+        let ca_file = self.password_file.with_file_name("ca.pem");
+        fs::write(&ca_file, ca_cert.pem()).expect("write ca");
+        // Wait for the reload to take effect.
+        let start = Instant::now();
+        while self.sql("show ssl").trim() != "on" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ssl did not turn on"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        ca_file
+    }
+
     /// The server address.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)

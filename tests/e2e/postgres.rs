@@ -46,15 +46,7 @@ fn setup(name: &str, mask: &str) -> Pg {
     let files = DaemonFiles::new(&cg.rel);
     files.identities(IDENTITIES);
     files.rules("pg.cedar", RULES);
-    std::fs::write(
-        files.policies.join("pg.toml"),
-        format!(
-            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"prefer\"\nrecord = \"full\"\n\n{mask}",
-            pg.addr(),
-            pg.password_file.display().to_string()
-        ),
-    )
-    .unwrap();
+    write_resource(&files, &pg, "upstream_tls = \"prefer\"", mask);
     let daemon = Daemon::start(&files);
     let agent_cg = cg.child("agent");
     daemon.tag(&agent_cg, "agent");
@@ -67,6 +59,19 @@ fn setup(name: &str, mask: &str) -> Pg {
         files,
         daemon,
     }
+}
+
+/// Writes the `pg` resource with `keys` (TLS settings) and `mask` tables.
+fn write_resource(files: &DaemonFiles, pg: &PgServer, keys: &str, mask: &str) {
+    std::fs::write(
+        files.policies.join("pg.toml"),
+        format!(
+            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n{keys}\nrecord = \"full\"\n\n{mask}",
+            pg.addr(),
+            pg.password_file.display().to_string()
+        ),
+    )
+    .unwrap();
 }
 
 impl Pg {
@@ -431,4 +436,46 @@ fn pg_held_statement_is_announced_then_released_by_approval() {
         "the agent was told the request id: {r:?}"
     );
     assert_eq!(r[1]["rows"], json!([["bobby"]]), "{r:?}");
+}
+
+#[test]
+fn pg_upstream_tls_modes() {
+    let s = setup("pgtls", "");
+    let ca = s.pg.enable_tls();
+    let ssl_in_use = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    let set = |keys: String| {
+        write_resource(&s.files, &s.pg, &keys, "");
+        s.daemon.cli_ok(&["policy", "reload"]);
+    };
+    // verify-full with the server's CA: encrypted and authenticated.
+    set(format!(
+        "upstream_tls = \"verify-full\"\nupstream_ca_file = {:?}",
+        ca.display().to_string()
+    ));
+    let (ok, out, err) = s.psql(&s.agent, &["-c", ssl_in_use]);
+    assert!(ok, "{err}\n{}", s.daemon.log_text());
+    assert_eq!(out.trim(), "t");
+    // verify-full with another CA: refused, and the agent is told why.
+    let other = s.pg.password_file.with_file_name("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+    set(format!(
+        "upstream_tls = \"verify-full\"\nupstream_ca_file = {:?}",
+        other.display().to_string()
+    ));
+    let (ok, _, err) = s.psql(&s.agent, &["-c", ssl_in_use]);
+    assert!(!ok);
+    assert!(err.contains("TLS"), "{err}");
+    // require: encrypted, certificate not checked.
+    set("upstream_tls = \"require\"".into());
+    let (ok, out, err) = s.psql(&s.agent, &["-c", ssl_in_use]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "t");
+    // disable: plain.
+    set("upstream_tls = \"disable\"".into());
+    let (ok, out, err) = s.psql(&s.agent, &["-c", ssl_in_use]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "f");
 }
