@@ -1,9 +1,10 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|policy|audit`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|policy|audit`.
 #![warn(missing_docs)]
 
 mod bench;
 mod bench_client;
+mod bench_pg;
 mod ci;
 mod demo;
 mod session;
@@ -77,6 +78,19 @@ enum BenchTarget {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
+    /// PostgreSQL: pgbench -S and TPC-B-like at 1, 8, 32 clients: direct,
+    /// through Portcullis, with masking, through pgbouncer (session mode).
+    Pg {
+        /// Seconds per pgbench run (24 runs).
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// pgbench scale factor.
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Policy decision and reload time: 500 rules vs. 1; lookups.
     ///
     /// Decision time (p50/p99) and reload time of a generated set of 100
@@ -131,6 +145,14 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench::tcp(connections, bytes, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Pg {
+                    seconds,
+                    scale,
+                    binary,
+                },
+        } => bench_pg::run(seconds, scale, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),
