@@ -160,6 +160,7 @@ fn class_of(node: &NodeEnum) -> &'static str {
 /// list (PostgreSQL answers it with EmptyQueryResponse).
 pub fn classify(sql: &str) -> Result<Vec<Classified>, ClassifyError> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+    let single = parsed.protobuf.stmts.len() == 1;
     let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let start = usize::try_from(raw.stmt_location).unwrap_or(0);
@@ -176,18 +177,31 @@ pub fn classify(sql: &str) -> Result<Vec<Classified>, ClassifyError> {
         let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
             continue;
         };
-        out.push(one(node, text)?);
+        // One statement: its parse is the whole string's (no second parse).
+        out.push(one(node, text, single.then_some(&parsed))?);
     }
     Ok(out)
 }
 
-fn one(node: &NodeEnum, text: String) -> Result<Classified, ClassifyError> {
+fn one(
+    node: &NodeEnum,
+    text: String,
+    whole: Option<&pg_query::ParseResult>,
+) -> Result<Classified, ClassifyError> {
     let mut class = class_of(node);
     let rollback = matches!(node, NodeEnum::TransactionStmt(t)
         if matches!(TransactionStmtKind::try_from(t.kind),
             Ok(TransactionStmtKind::TransStmtRollback | TransactionStmtKind::TransStmtRollbackTo)));
     // The statement alone, for its tables and nested statements.
-    let own = pg_query::parse(&text, 0).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+    let parsed_own;
+    let own = match whole {
+        Some(w) => w,
+        None => {
+            parsed_own =
+                pg_query::parse(&text, 0).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+            &parsed_own
+        }
+    };
     let nodes = own.protobuf.nodes();
     // A SELECT (or COPY of a query) whose CTE modifies data is that
     // modification: `WITH d AS (DELETE ...) SELECT` deletes.
