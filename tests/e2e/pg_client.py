@@ -19,7 +19,7 @@ def raw(step):
     out = {"messages": []}
     if step.get("startup", True):
         params = b"user\x00agent\x00database\x00postgres\x00\x00"
-        s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        s.sendall(struct.pack("!ii", 8 + len(params), step.get("version", 196608)) + params)
         buf = b""
         while b"Z\x00\x00\x00\x05" not in buf:
             chunk = s.recv(65536)
@@ -27,6 +27,11 @@ def raw(step):
                 break
             buf += chunk
         out["ready"] = b"Z\x00\x00\x00\x05" in buf
+        tags, i = [], 0
+        while i + 5 <= len(buf):
+            tags.append(chr(buf[i]))
+            i += 1 + struct.unpack("!i", buf[i + 1:i + 5])[0]
+        out["startup_tags"] = tags
     s.sendall(bytes.fromhex(step["hex"]))
     buf = b""
     if step.get("then_query"):

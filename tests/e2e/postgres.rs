@@ -388,6 +388,15 @@ fn pg_malformed_frames_get_an_error_and_close() {
         // A startup packet with an absurd length.
         {"startup": false, "hex": "7fffffff00030000"},
     ]}));
+    // Protocol 3.2 asked: negotiated down to 3.0 before authentication.
+    let v = s.client(json!({"raw": true, "steps": [
+        {"version": 196610, "hex": "5800000004"},
+    ]}));
+    let tags = v[0]["startup_tags"].as_array().unwrap();
+    assert_eq!(tags.first().and_then(|t| t.as_str()), Some("v"), "{v:?}");
+    assert_eq!(tags.get(1).and_then(|t| t.as_str()), Some("R"), "{v:?}");
+    assert_eq!(tags.last().and_then(|t| t.as_str()), Some("Z"), "{v:?}");
+    assert!(tags.iter().any(|t| t == "K"), "BackendKeyData: {v:?}");
     // A FunctionCall is refused with 42501 and the session goes on.
     let f = s.client(json!({"raw": true, "steps": [
         {"hex": "460000000e00000001000000000000", "then_query": "select 7"},
