@@ -341,6 +341,34 @@ fn pg_detectors_mask_text_binary_and_copy_out() {
         ends.iter().any(|e| !detail(e, "masked").is_null()),
         "masked counts in the completion record: {ends:#?}"
     );
+    // The recording (record = "full") keeps the rows as the agent saw them.
+    let mut recorded = String::new();
+    wait_until(
+        std::time::Duration::from_secs(10),
+        || {
+            recorded = find_files(&s.files.state, "postgres.jsonl")
+                .iter()
+                .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                .collect();
+            if std::env::var_os("PG_DEBUG").is_some() {
+                eprintln!(
+                    "{:?} {recorded}",
+                    find_files(&s.files.state, "postgres.jsonl")
+                );
+            }
+            recorded.contains("result_rows") && recorded.contains("contact:")
+        },
+        &format!(
+            "a postgres recording with result rows in {}",
+            s.files.state.display()
+        ),
+    );
+    for secret in secrets {
+        assert!(
+            !recorded.contains(secret),
+            "recording leaks {secret}: {recorded}"
+        );
+    }
 }
 
 #[test]
@@ -487,4 +515,19 @@ fn pg_upstream_tls_modes() {
     let (ok, out, err) = s.psql(&s.agent, &["-c", ssl_in_use]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "f");
+}
+
+fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(find_files(&p, name));
+            } else if p.file_name().is_some_and(|n| n == name) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

@@ -57,6 +57,11 @@ use crate::{
 const FLUSH_AT: usize = 64 * 1024;
 /// Longest bound parameter kept for audit and recording.
 const PARAM_MAX: usize = 4096;
+/// Result rows kept per statement for a `record = "full"` recording (the
+/// recorder caps rows and bytes further).
+const RECORD_ROWS: usize = 100;
+/// How long the server's last answers may take once the agent is done.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Who the session is upstream (Cedar context `user`, `database`).
 pub(super) struct SessionCtx {
@@ -174,10 +179,21 @@ pub(super) async fn run(
         by_detector: Counts::default(),
         copy_mask: None,
         done: Vec::new(),
+        record_rows: flow.resource.record == crate::policy::RecordMode::Full,
+        result_rows: Vec::new(),
     };
+    let front_run = front.run(crd, &from_client);
+    let back_run = back.run(urd, up.buf, &to_client);
+    tokio::pin!(front_run, back_run);
     let reason = tokio::select! {
-        r = front.run(crd, &from_client) => r,
-        r = back.run(urd, up.buf, &to_client) => r,
+        r = &mut front_run => {
+            // The agent is done (its Terminate or end of stream went
+            // upstream): let the server's last answers and the completion
+            // records land, bounded.
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, &mut back_run).await;
+            r
+        }
+        r = &mut back_run => r,
         _ = flow.cancel.cancelled() => {
             let mut b = BytesMut::new();
             put_error(&mut b, b'E', "FATAL", "57P01", "terminating connection: the session was ended by Portcullis");
@@ -229,7 +245,18 @@ enum Refusal {
 }
 
 impl Front<'_> {
-    async fn run(
+    async fn run(&mut self, rd: OwnedReadHalf, counter: &AtomicU64) -> io::Result<&'static str> {
+        let r = self.relay(rd, counter).await;
+        // However the agent left, the server gets a Terminate and an end of
+        // stream, so the server half ends promptly.
+        let mut x = BytesMut::new();
+        put_msg(&mut x, b'X', |_| {});
+        let _ = self.up.write_all(&x).await;
+        let _ = self.up.shutdown().await;
+        r
+    }
+
+    async fn relay(
         &mut self,
         mut rd: OwnedReadHalf,
         counter: &AtomicU64,
@@ -659,6 +686,7 @@ struct Done {
     columns: Option<Vec<String>>,
     by_column: Counts,
     by_detector: Counts,
+    result_rows: Option<Vec<Vec<Option<String>>>>,
 }
 
 /// The server→agent half.
@@ -680,6 +708,9 @@ struct Back<'a> {
     by_detector: Counts,
     copy_mask: Option<Arc<Masker>>,
     done: Vec<Done>,
+    /// `record = "full"`: keep (masked) result rows for the recording.
+    record_rows: bool,
+    result_rows: Vec<Vec<Option<String>>>,
 }
 
 impl Back<'_> {
@@ -743,6 +774,7 @@ impl Back<'_> {
             b'D' => {
                 self.rows_seen += 1;
                 if let Some(plan) = &self.plan {
+                    let at = out.len();
                     plan.mask_row(
                         body,
                         out,
@@ -751,9 +783,17 @@ impl Back<'_> {
                         &mut self.by_detector,
                     )
                     .map_err(|e| format!("cannot mask a result row: {e}"))?;
+                    if self.record_rows && self.result_rows.len() < RECORD_ROWS {
+                        // What the agent saw: the masked row.
+                        let masked = out.get(at + 5..).unwrap_or_default().to_vec();
+                        self.keep_row(&masked);
+                    }
                 } else if !self.layout_known && self.front_masker().is_some() {
                     return Err("result rows without a row description on a masked resource".into());
                 } else {
+                    if self.record_rows && self.result_rows.len() < RECORD_ROWS {
+                        self.keep_row(body);
+                    }
                     out.extend_from_slice(frame);
                 }
             }
@@ -904,6 +944,24 @@ impl Back<'_> {
         Ok(())
     }
 
+    /// Keeps one result row (as the agent got it) for the recording;
+    /// binary values as `\x` hex.
+    fn keep_row(&mut self, body: &[u8]) {
+        let mut r = Reader::new(body, "DataRow");
+        let Ok(n) = r.i16() else { return };
+        let mut row = Vec::with_capacity(n.max(0) as usize);
+        for _ in 0..n.max(0) {
+            match r.value() {
+                Ok(v) => row.push(v.map(|v| match std::str::from_utf8(v) {
+                    Ok(t) => t.to_string(),
+                    Err(_) => format!("\\x{}", hex::encode(v)),
+                })),
+                Err(_) => return,
+            }
+        }
+        self.result_rows.push(row);
+    }
+
     fn reset_result(&mut self) {
         self.plan = None;
         self.layout_known = false;
@@ -935,7 +993,10 @@ impl Back<'_> {
             columns: self.columns.clone(),
             by_column: std::mem::take(&mut self.by_column),
             by_detector: std::mem::take(&mut self.by_detector),
+            result_rows: (self.record_rows && self.columns.is_some())
+                .then(|| std::mem::take(&mut self.result_rows)),
         });
+        self.result_rows.clear();
     }
 
     /// Writes completion records (after the answer reached the agent).
@@ -983,6 +1044,7 @@ impl Back<'_> {
                     .unwrap_or_default(),
                 rows: d.rows,
                 columns: d.columns,
+                result_rows: d.result_rows,
                 error: d.error,
                 ..Default::default()
             });
