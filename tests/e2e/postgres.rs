@@ -181,6 +181,24 @@ fn pg_select_allowed_delete_denied_batch_denied_whole_and_no_direct_login() {
     assert!(!ok);
     assert!(err.contains("42501"), "{err}");
     assert_eq!(s.pg.sql("select count(*) from customers").trim(), "2");
+    // A literal that splits differently with standard_conforming_strings
+    // off cannot smuggle a statement past the decision.
+    let (_, _, err) = s.psql(
+        &s.agent,
+        &[
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            "set standard_conforming_strings = off",
+            "-c",
+            r"select 'a\', ' ; delete from customers; -- '",
+        ],
+    );
+    assert!(
+        err.contains("42501") && err.contains("standard_conforming_strings"),
+        "{err}"
+    );
+    assert_eq!(s.pg.sql("select count(*) from customers").trim(), "2");
     // Unparseable SQL is denied, not forwarded.
     let (ok, _, err) = s.psql(&s.agent, &["-c", "selec nonsense frm"]);
     assert!(!ok);

@@ -6,7 +6,7 @@
 //! Owns the mapping from parse trees to the action catalog in
 //! `policy::actions::POSTGRES`; it must not decide anything.
 
-use pg_query::{protobuf::TransactionStmtKind, NodeEnum, NodeRef};
+use pg_query::{protobuf::TransactionStmtKind, NodeEnum, NodeRef, ParserOptions};
 use serde_json::{json, Value};
 
 /// One classified statement.
@@ -49,6 +49,11 @@ pub enum ClassifyError {
     /// PostgreSQL's parser rejected it.
     #[error("cannot parse the statement: {0}")]
     Parse(String),
+    /// It means different statements depending on the session's
+    /// `standard_conforming_strings` (a backslash in a string literal):
+    /// the server might run what was not decided.
+    #[error("the statement reads differently with standard_conforming_strings off (backslashes in string literals); use E'' strings or dollar quoting")]
+    Ambiguous,
 }
 
 fn strength(class: &str) -> u8 {
@@ -159,7 +164,29 @@ fn class_of(node: &NodeEnum) -> &'static str {
 /// Splits and classifies a query string. An empty string gives an empty
 /// list (PostgreSQL answers it with EmptyQueryResponse).
 pub fn classify(sql: &str) -> Result<Vec<Classified>, ClassifyError> {
-    let parsed = pg_query::parse(sql, 0).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+    let list = classify_with(sql, ParserOptions::DEFAULT)?;
+    // The session may have standard_conforming_strings off (a SET the
+    // policy allows, or a role default), and then `\'` inside a literal
+    // does not end it: the same text splits into other statements. Where
+    // that can matter (a backslash anywhere), both readings must agree.
+    if sql.contains('\\') {
+        let same = |a: &Classified, b: &Classified| {
+            a.class == b.class
+                && a.text == b.text
+                && a.tables == b.tables
+                && a.functions == b.functions
+        };
+        match classify_with(sql, ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS) {
+            Ok(alt)
+                if alt.len() == list.len() && alt.iter().zip(&list).all(|(a, b)| same(a, b)) => {}
+            _ => return Err(ClassifyError::Ambiguous),
+        }
+    }
+    Ok(list)
+}
+
+fn classify_with(sql: &str, options: ParserOptions) -> Result<Vec<Classified>, ClassifyError> {
+    let parsed = pg_query::parse(sql, options).map_err(|e| ClassifyError::Parse(e.to_string()))?;
     let single = parsed.protobuf.stmts.len() == 1;
     let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
@@ -178,7 +205,7 @@ pub fn classify(sql: &str) -> Result<Vec<Classified>, ClassifyError> {
             continue;
         };
         // One statement: its parse is the whole string's (no second parse).
-        out.push(one(node, text, single.then_some(&parsed))?);
+        out.push(one(node, text, single.then_some(&parsed), options)?);
     }
     Ok(out)
 }
@@ -187,6 +214,7 @@ fn one(
     node: &NodeEnum,
     text: String,
     whole: Option<&pg_query::ParseResult>,
+    options: ParserOptions,
 ) -> Result<Classified, ClassifyError> {
     let mut class = class_of(node);
     let rollback = matches!(node, NodeEnum::TransactionStmt(t)
@@ -198,7 +226,7 @@ fn one(
         Some(w) => w,
         None => {
             parsed_own =
-                pg_query::parse(&text, 0).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+                pg_query::parse(&text, options).map_err(|e| ClassifyError::Parse(e.to_string()))?;
             &parsed_own
         }
     };
@@ -232,7 +260,7 @@ fn one(
             has_where = s.where_clause.is_some();
         }
     }
-    let fingerprint = pg_query::fingerprint(&text, 0, 0)
+    let fingerprint = pg_query::fingerprint(&text, options, 0)
         .map(|f| f.hex)
         .map_err(|e| ClassifyError::Parse(e.to_string()))?;
     let normalized = pg_query::normalize(&text).unwrap_or_else(|_| text.clone());
@@ -310,6 +338,19 @@ mod tests {
         assert_eq!(c[0].normalized, "select * from a where x = $1");
         let again = classify("select * from a where x = 2").unwrap();
         assert_eq!(again[0].fingerprint, c[0].fingerprint);
+    }
+
+    #[test]
+    fn backslash_literals_that_split_differently_are_refused() {
+        // With standard_conforming_strings off the server reads
+        // 'a\', ' as one literal and then runs the DELETE.
+        assert_eq!(
+            classify("select 'a\\', ' ; delete from t; -- '"),
+            Err(ClassifyError::Ambiguous)
+        );
+        // A backslash that means the same either way is fine.
+        assert_eq!(classes("select 'C:\\dir', 1"), ["select"]);
+        assert_eq!(classes("select E'it\\'s'"), ["select"]);
     }
 
     #[test]
