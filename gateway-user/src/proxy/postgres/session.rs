@@ -527,7 +527,9 @@ impl Front<'_> {
                 self.refusal("postgres:copy_out", &c.text, &reason).await;
                 return Err(Refusal::Denied(reason));
             }
-            if c.rollback {
+            // A single statement needs no dry run: the gate's own decision
+            // below is the only one.
+            if c.rollback || list.len() == 1 {
                 continue;
             }
             let cmd = self.command(c);
