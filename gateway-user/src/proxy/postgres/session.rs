@@ -182,9 +182,9 @@ pub(super) async fn run(
         record_rows: flow.resource.record == crate::policy::RecordMode::Full,
         result_rows: Vec::new(),
     };
-    let front_run = front.run(crd, &from_client);
-    let back_run = back.run(urd, up.buf, &to_client);
-    tokio::pin!(front_run, back_run);
+    let mut front_run = Box::pin(front.run(crd, &from_client));
+    let mut back_run = Box::pin(back.run(urd, up.buf, &to_client));
+    let mut ended_by_daemon = false;
     let reason = tokio::select! {
         r = &mut front_run => {
             // The agent is done (its Terminate or end of stream went
@@ -195,13 +195,28 @@ pub(super) async fn run(
         }
         r = &mut back_run => r,
         _ = flow.cancel.cancelled() => {
-            let mut b = BytesMut::new();
-            put_error(&mut b, b'E', "FATAL", "57P01", "terminating connection: the session was ended by Portcullis");
-            let _ = cw.lock().await.write_all(&b).await;
+            ended_by_daemon = true;
             Ok("ended by the daemon")
         }
     };
-    let _ = cw.lock().await.shutdown().await;
+    // Dropping both halves releases the agent's writer, whichever was
+    // suspended holding it.
+    drop(front_run);
+    drop(back_run);
+    let mut w = cw.lock().await;
+    if ended_by_daemon {
+        let mut b = BytesMut::new();
+        put_error(
+            &mut b,
+            b'E',
+            "FATAL",
+            "57P01",
+            "terminating connection: the session was ended by Portcullis",
+        );
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, w.write_all(&b)).await;
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, w.shutdown()).await;
+    drop(w);
     let summary = |end_reason| SessionSummary {
         bytes_from_client: from_client.load(Ordering::Relaxed),
         bytes_to_client: to_client.load(Ordering::Relaxed),
