@@ -549,3 +549,37 @@ fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn pg_session_ended_by_the_daemon_gets_a_fatal_error() {
+    let s = setup("pgkill", "");
+    let child = s.spawn_client(json!({"steps": [
+        {"sql": "select pg_sleep(30)"},
+    ]}));
+    let mut flows = Vec::new();
+    wait_until(
+        std::time::Duration::from_secs(15),
+        || {
+            flows = s.daemon.flows();
+            !flows.is_empty()
+        },
+        "a live postgres flow",
+    );
+    let id = flows[0]["session"].as_str().unwrap().to_string();
+    // Let the statement reach the server.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    s.daemon.cli_ok(&["kill", &id]);
+    let r = s.client_output(child);
+    assert!(
+        r[0]["error"].is_string() || r[0]["message"].is_string(),
+        "{r:?}"
+    );
+    assert!(
+        r[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ended by Portcullis"),
+        "{r:?}"
+    );
+    assert!(r[0]["elapsed"].as_f64().unwrap() < 20.0, "{r:?}");
+}
