@@ -9,8 +9,10 @@
 //! of cancel keys. It must not decide anything itself (the gate and Cedar
 //! do) nor write audit records other than its own refusals.
 
+mod backend;
 pub mod classify;
 pub mod codec;
+mod frontend;
 pub mod rows;
 mod session;
 pub mod upstream;
