@@ -25,10 +25,28 @@ pub struct Target {
 }
 
 /// Every fuzz target.
-pub const TARGETS: &[Target] = &[Target {
-    name: "policy_load",
-    run: policy_load,
-}];
+pub const TARGETS: &[Target] = &[
+    Target {
+        name: "policy_load",
+        run: policy_load,
+    },
+    Target {
+        name: "pg_frontend",
+        run: pg_frontend,
+    },
+    Target {
+        name: "http_classify",
+        run: http_classify,
+    },
+    Target {
+        name: "mask_detectors",
+        run: mask_detectors,
+    },
+    Target {
+        name: "mask_json",
+        run: mask_json,
+    },
+];
 
 /// The line that separates the TOML half of a `policy_load` input from its
 /// Cedar half.
@@ -54,6 +72,149 @@ pub fn policy_load(data: &[u8]) {
         }
         Err(e) => {
             let _ = e.to_string();
+        }
+    }
+}
+
+/// The agent-side PostgreSQL decoder, fed exactly as the proxy reads: a
+/// startup packet first (SSLRequest, CancelRequest, StartupMessage), then
+/// typed frames, each decoded into a frontend message.
+pub fn pg_frontend(data: &[u8]) {
+    use crate::proxy::postgres::codec;
+    let mut buf = bytes::BytesMut::from(data);
+    // SSL/GSS requests may precede the startup message.
+    for _ in 0..4 {
+        match codec::decode_startup(&mut buf) {
+            Ok(Some(codec::Startup::Params { .. })) => break,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return,
+        }
+    }
+    // A small frame cap keeps inputs meaningful; the session's is 1 GiB.
+    while let Ok(Some(head)) = codec::peek_frame(&buf, 1 << 20) {
+        let frame = buf.split_to(head.total);
+        let body = frame.get(5..).unwrap_or_default();
+        if codec::decode_frontend(head.tag, body).is_err() {
+            return;
+        }
+    }
+}
+
+/// HTTP and Kubernetes request classification: the input's first line is
+/// `METHOD PATH[?QUERY]`, as a request line would carry them.
+pub fn http_classify(data: &[u8]) {
+    use crate::proxy::http::classify;
+    let text = String::from_utf8_lossy(data);
+    let line = text.lines().next().unwrap_or_default();
+    let (method, target) = line.split_once(' ').unwrap_or((line, "/"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let _ = classify::http(method, "fuzz.example", path, query);
+    if let Ok(c) = classify::kubernetes(method, path, query) {
+        let _ = serde_json::to_string(&c.context);
+    }
+}
+
+/// A masker with every built-in detector, built once.
+fn fuzz_masker() -> std::sync::Arc<crate::mask::Masker> {
+    use std::sync::{Arc, OnceLock};
+    static MASKER: OnceLock<Option<Arc<crate::mask::Masker>>> = OnceLock::new();
+    let m = MASKER.get_or_init(|| {
+        let rule = crate::policy::MaskRule {
+            resource: "fuzz".into(),
+            columns: vec!["secret".into()],
+            json_paths: vec!["data.*".into(), "items.*.token".into()],
+            detectors: crate::policy::DETECTORS
+                .iter()
+                .map(|d| d.to_string())
+                .collect(),
+            // Redact, so that "nothing detectable is left" is a property
+            // the output must have (partial keeps four characters, which
+            // may legitimately form a new match with what follows).
+            style: "redact".into(),
+        };
+        crate::mask::Masker::compile("fuzz", &[rule], [1; 32])
+            .ok()
+            .flatten()
+    });
+    match m {
+        Some(m) => m.clone(),
+        None => panic!("the fuzz masker's rules must compile"),
+    }
+}
+
+/// The value detectors, whole and streamed in chunks cut where the input's
+/// first byte says: the streamed output must equal the whole-value output
+/// for inputs without a private key block (which the stream masks from its
+/// first line on), and no secret may survive either way.
+pub fn mask_detectors(data: &[u8]) {
+    let m = fuzz_masker();
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let mut counts = crate::mask::Counts::default();
+    let mut whole = Vec::new();
+    m.mask_detected(rest, &mut whole, &mut counts);
+    let mut stream = m.stream();
+    let mut streamed = Vec::new();
+    let step = usize::from(cut).max(1);
+    for chunk in rest.chunks(step) {
+        stream.push(chunk, &mut streamed);
+    }
+    stream.finish(&mut streamed);
+    // Masking is idempotent: what comes out has nothing left to find.
+    assert!(
+        !m.detects(&whole),
+        "masked output still holds a secret: {:?}",
+        String::from_utf8_lossy(&whole)
+    );
+    if !rest.windows(11).any(|w| w == b"-----BEGIN ") {
+        assert_eq!(
+            whole, streamed,
+            "streamed masking differs from whole-value masking"
+        );
+    }
+}
+
+/// The streaming JSON masker, fed in chunks cut where the input's first
+/// byte says. Chunking must not change the output or the verdict.
+pub fn mask_json(data: &[u8]) {
+    let m = fuzz_masker();
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let run = |step: usize| {
+        let mut j = m.json(&["object.data.*"]);
+        let mut out = Vec::new();
+        for chunk in rest.chunks(step.max(1)) {
+            if j.push(chunk, &mut out).is_err() {
+                return None;
+            }
+        }
+        j.finish(&mut out).ok().map(|_| out)
+    };
+    let whole = run(rest.len());
+    let chunked = run(usize::from(cut));
+    assert_eq!(whole, chunked, "chunking changed the JSON masker's result");
+    // Input serde_json takes as a sequence of documents must be accepted,
+    // and come out as JSON that serde_json takes too. (The masker is not
+    // stricter than JSON's grammar: it passes lone surrogate escapes, which
+    // serde_json refuses, so only this direction is checked.)
+    let valid = |bytes: &[u8]| {
+        std::str::from_utf8(bytes).is_ok_and(|t| {
+            !t.trim().is_empty()
+                && serde_json::Deserializer::from_str(t)
+                    .into_iter::<serde_json::Value>()
+                    .all(|d| d.is_ok())
+        })
+    };
+    if valid(rest) {
+        match &whole {
+            Some(out) => assert!(
+                valid(out),
+                "masked output is not JSON: {:?}",
+                String::from_utf8_lossy(out)
+            ),
+            None => panic!("valid JSON refused: {:?}", String::from_utf8_lossy(rest)),
         }
     }
 }

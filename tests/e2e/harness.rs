@@ -1143,3 +1143,225 @@ impl Drop for UdpEcho {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Every audit event of a daemon's state dir (`portcullis audit tail --json`).
+pub fn audit_tail(files: &DaemonFiles) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args(["audit", "tail", "--json", "--state-dir"])
+        .arg(&files.state)
+        .output()
+        .expect("audit tail");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A real PostgreSQL server (`initdb` into a temp dir, run as the
+/// `postgres` OS user on its own loopback port, `scram-sha-256` for every
+/// TCP login). The superuser's password is in `password_file`, readable by
+/// root only (the daemon), so an agent cannot log in without the daemon.
+/// Stopped and removed on drop.
+pub struct PgServer {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub password_file: PathBuf,
+    password: String,
+    child: Option<Child>,
+}
+
+/// The Debian PostgreSQL binaries.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl PgServer {
+    pub fn start(name: &str) -> Self {
+        let user = nix::unistd::User::from_name("postgres")
+            .expect("passwd lookup")
+            .expect("a postgres OS user (apt-get install postgresql-15)");
+        let dir = std::env::temp_dir().join(unique(&format!("pg-{name}")));
+        let data = dir.join("data");
+        fs::create_dir_all(&dir).expect("pg dir");
+        let password = format!("pw-{}", unique("secret"));
+        // initdb reads the password from a file the postgres user can read;
+        // the daemon's copy is root-only.
+        let init_pw = dir.join("initpw");
+        fs::write(&init_pw, &password).expect("write init pw");
+        nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).expect("chown pg dir");
+        nix::unistd::chown(&init_pw, Some(user.uid), Some(user.gid)).expect("chown pw");
+        let as_pg = |cmd: &mut Command| {
+            cmd.uid(user.uid.as_raw())
+                .gid(user.gid.as_raw())
+                .current_dir(&dir);
+        };
+        let mut init = Command::new(format!("{PG_BIN}/initdb"));
+        init.arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", init_pw.display()));
+        as_pg(&mut init);
+        run_ok(&mut init);
+        let _ = fs::remove_file(&init_pw);
+        let daemon_dir = dir.join("daemon");
+        fs::create_dir_all(&daemon_dir).expect("daemon dir");
+        let password_file = daemon_dir.join("pg.pw");
+        fs::write(&password_file, format!("{password}\n")).expect("write pw");
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&daemon_dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        fs::set_permissions(&password_file, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let port = free_port();
+        let mut cmd = Command::new(format!("{PG_BIN}/postgres"));
+        cmd.arg("-D")
+            .arg(&data)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=60",
+            ])
+            .arg("-k")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_pg(&mut cmd);
+        let child = cmd.spawn().expect("spawn postgres");
+        let mut s = Self {
+            dir,
+            port,
+            password_file,
+            password,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        loop {
+            let ok = s
+                .psql_direct("select 1")
+                .map(|o| o.trim() == "1")
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "postgres did not start"
+            );
+            if let Some(c) = s.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("postgres exited: {st}");
+                }
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    /// Turns TLS on (a leaf for 127.0.0.1 from a fresh test CA) and returns
+    /// the CA certificate file (in the daemon-only directory).
+    pub fn enable_tls(&self) -> PathBuf {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "portcullis pg test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        leaf.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf cert");
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .expect("postgres user");
+        let data = self.dir.join("data");
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        fs::write(&crt, leaf_cert.pem()).expect("write crt");
+        fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&crt, &key] {
+            nix::unistd::chown(f, Some(user.uid), Some(user.gid)).expect("chown");
+            fs::set_permissions(f, fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        self.sql("alter system set ssl = on");
+        self.sql("select pg_reload_conf()");
+        let ca_file = self.password_file.with_file_name("ca.pem");
+        fs::write(&ca_file, ca_cert.pem()).expect("write ca");
+        // Wait for the reload to take effect.
+        let start = Instant::now();
+        while self.sql("show ssl").trim() != "on" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ssl did not turn on"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        ca_file
+    }
+
+    /// The server address.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Runs SQL as the superuser over TCP from the (untagged) test process.
+    pub fn psql_direct(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-w"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
+                self.port
+            ))
+            .args(["-c", sql])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Like [`PgServer::psql_direct`], panicking on failure.
+    pub fn sql(&self, sql: &str) -> String {
+        self.psql_direct(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGINT: PostgreSQL's fast shutdown.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

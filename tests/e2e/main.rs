@@ -9,6 +9,7 @@ mod faults;
 mod harness;
 mod http;
 mod ops;
+mod postgres;
 mod security;
 
 use std::{fs, time::Duration};

@@ -1,10 +1,11 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|http|policy|audit`, `fuzz`, `soak`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|http|policy|audit`, `fuzz`, `soak`.
 #![warn(missing_docs)]
 
 mod bench;
 mod bench_client;
 mod bench_http;
+mod bench_pg;
 mod ci;
 mod demo;
 mod fuzz;
@@ -114,6 +115,19 @@ enum BenchTarget {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
+    /// PostgreSQL: pgbench -S and TPC-B-like at 1, 8, 32 clients: direct,
+    /// through Portcullis, with masking, through pgbouncer (session mode).
+    Pg {
+        /// Seconds per pgbench run (24 runs).
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// pgbench scale factor.
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Policy decision and reload time: 500 rules vs. 1; lookups.
     ///
     /// Decision time (p50/p99) and reload time of a generated set of 100
@@ -180,6 +194,14 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench_http::http(seconds, connections, threads, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Pg {
+                    seconds,
+                    scale,
+                    binary,
+                },
+        } => bench_pg::run(seconds, scale, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),

@@ -244,25 +244,30 @@ impl DetectorSet {
             let Some(e) = self.entries.get(i) else {
                 continue;
             };
-            for m in e.regex.find_iter(value) {
+            // Not find_iter: a candidate that fails its check, or is cut
+            // short by it, must not hide a secret that starts inside it
+            // (two card numbers in a row), so the search resumes right
+            // after what was actually found.
+            let mut pos = 0;
+            while pos <= value.len() {
+                let Some(m) = e.regex.find_at(value, pos) else {
+                    break;
+                };
                 let (start, end) = (m.start(), m.end());
                 let found = match e.kind {
                     Detector::CreditCard => longest_valid(value, start, end, 13, luhn),
                     Detector::Iban => longest_valid(value, start, end, 15, iban_ok),
                     Detector::UsSsn => ssn_ok(&value[start..end]).then_some(end),
-                    Detector::AwsAccessKey => {
-                        // A secret key matched with its name: mask the key
-                        // itself, keep the name readable.
-                        let bytes = &value[start..end];
-                        if bytes.len() > 20 {
-                            hits.push(Hit {
-                                start: end - 40,
-                                end,
-                                detector: i,
-                            });
-                            continue;
-                        }
-                        Some(end)
+                    // A secret key matched with its name: mask the key
+                    // itself, keep the name readable.
+                    Detector::AwsAccessKey if end - start > 20 => {
+                        hits.push(Hit {
+                            start: end - 40,
+                            end,
+                            detector: i,
+                        });
+                        pos = end;
+                        continue;
                     }
                     Detector::PrivateKey => match self.private_key_end.find_at(value, end) {
                         Some(e) => Some(e.end()),
@@ -271,12 +276,16 @@ impl DetectorSet {
                     },
                     _ => Some(end),
                 };
-                if let Some(end) = found {
-                    hits.push(Hit {
-                        start,
-                        end,
-                        detector: i,
-                    });
+                match found {
+                    Some(end) => {
+                        hits.push(Hit {
+                            start,
+                            end,
+                            detector: i,
+                        });
+                        pos = end.max(start + 1);
+                    }
+                    None => pos = start + 1,
                 }
             }
         }

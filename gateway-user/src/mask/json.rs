@@ -45,8 +45,9 @@ enum Frame {
 enum Lex {
     /// Between tokens.
     Between,
-    /// Inside a string; `escape`: the previous byte was a backslash.
-    Str { escape: bool, key: bool },
+    /// Inside a string. `escape`: 0 outside an escape, 1 right after a
+    /// backslash, 2..=5 inside `\uXXXX` (hex digits still due + 1).
+    Str { escape: u8, key: bool },
     /// Inside a number or `true`/`false`/`null`.
     Literal,
 }
@@ -151,17 +152,23 @@ impl JsonMasker {
                     let rest = &chunk[i..];
                     let mut end = None;
                     for (j, &b) in rest.iter().enumerate() {
-                        if escape {
-                            if !matches!(
-                                b,
-                                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' | b'u'
-                            ) {
+                        if escape == 1 {
+                            escape = match b {
+                                b'u' => 5,
+                                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => 0,
+                                _ => {
+                                    self.offset += j as u64;
+                                    return Err(self.err("bad escape in a string"));
+                                }
+                            };
+                        } else if escape > 1 {
+                            if !b.is_ascii_hexdigit() {
                                 self.offset += j as u64;
-                                return Err(self.err("bad escape in a string"));
+                                return Err(self.err("bad \\u escape in a string"));
                             }
-                            escape = false;
+                            escape = if escape == 2 { 0 } else { escape - 1 };
                         } else if b == b'\\' {
-                            escape = true;
+                            escape = 1;
                         } else if b == b'"' {
                             end = Some(j);
                             break;
@@ -230,7 +237,7 @@ impl JsonMasker {
                 out.push(b);
                 self.token.clear();
                 self.lex = Lex::Str {
-                    escape: false,
+                    escape: 0,
                     key: true,
                 };
             }
@@ -323,7 +330,7 @@ impl JsonMasker {
                 self.token.clear();
                 self.token_mask = mask;
                 self.lex = Lex::Str {
-                    escape: false,
+                    escape: 0,
                     key: false,
                 };
             }

@@ -58,6 +58,13 @@ fn cards_are_luhn_checked_and_other_numbers_left_alone() {
     // A card followed by another digit group is still found.
     let (out, _) = detected(&m, "4111-1111-1111-1111 2024");
     assert_eq!(out, "[MASKED] 2024");
+    // Two cards in a row: the second starts inside the first candidate.
+    let (out, counts) = detected(&m, "4111 1111 1111 1111 5500 0000 0000 0004");
+    assert_eq!(out, "[MASKED] [MASKED]");
+    assert_eq!(counts.total(), 2);
+    // A failed candidate does not hide a card that starts inside it.
+    let (out, _) = detected(&m, "1234 4111 1111 1111 1111");
+    assert_eq!(out, "1234 [MASKED]");
 }
 
 #[test]
@@ -313,6 +320,8 @@ fn json_refuses_what_is_not_json_and_stays_refused() {
         b"{\"a\": \"x\ny\"}",
         b"}",
         b"{\"a\": \"\\q\"}",
+        b"{\"a\": \"\\u12\"}",
+        b"{\"b\": \"\\u00zz\"}",
     ] {
         assert!(
             json_all(&m, &[], &[bad]).is_err(),

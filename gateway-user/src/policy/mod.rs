@@ -30,8 +30,8 @@ pub use cedar::{Decision, DecisionRequest, RuleInfo};
 pub use diag::{line_col as diag_line_col, Diagnostic, PolicyError};
 pub use matcher::{Destination, Resolver};
 pub use schema::{
-    parse_duration, AgentToken, Credentials, Identity, Issuer, MaskRule, Protocol, RecordMode,
-    Resource, TlsMode, DETECTORS,
+    parse_duration, AgentToken, Credentials, Identity, Issuer, MaskRule, PgOptions, Protocol,
+    RecordMode, Resource, TlsMode, UpstreamTls, DETECTORS,
 };
 
 /// A validated policy set.

@@ -38,7 +38,7 @@ impl Protocol {
     /// protocols validate (so a policy set can be written ahead of an
     /// upgrade) but their flows are refused.
     pub fn has_handler(self) -> bool {
-        matches!(self, Self::Tcp | Self::Http)
+        matches!(self, Self::Tcp | Self::Postgres | Self::Http)
     }
 }
 
@@ -100,6 +100,35 @@ pub enum AgentToken {
     Oidc,
 }
 
+/// TLS from the daemon to a PostgreSQL upstream (libpq's `sslmode` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, unauthenticated (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS or fail; the server's certificate is not checked.
+    Require,
+    /// TLS, the certificate checked against `upstream_ca_file` (or the
+    /// system roots) and the upstream's host name or IP.
+    VerifyFull,
+}
+
+/// PostgreSQL settings of a resource (`[resource.X]` keys `ssl`,
+/// `upstream_tls`, `database`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PgOptions {
+    /// Agent side: `ssl = "off"` answers SSLRequest with `N` (the only mode
+    /// this build has: agent-side TLS needs a leaf from the daemon's CA).
+    pub agent_ssl: bool,
+    /// Daemon to server.
+    pub upstream_tls: UpstreamTls,
+    /// The database the daemon logs into; default: the one the agent asked for.
+    pub database: Option<String>,
+}
+
 /// Held credentials (paths only: secrets stay in files the daemon reads).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +186,8 @@ pub struct Resource {
     pub known_hosts: Option<PathBuf>,
     /// Host CA (ssh).
     pub host_ca: Option<PathBuf>,
+    /// PostgreSQL settings (defaults for other protocols).
+    pub postgres: PgOptions,
 }
 
 fn display_list<S: serde::Serializer>(v: &[Destination], s: S) -> Result<S::Ok, S::Error> {
@@ -300,6 +331,12 @@ struct ResourceToml {
     upstream_ca_file: Option<PathBuf>,
     known_hosts: Option<PathBuf>,
     host_ca: Option<PathBuf>,
+    /// postgres: agent-side TLS (`off`).
+    ssl: Option<Spanned<String>>,
+    /// postgres: `disable | prefer | require | verify-full`.
+    upstream_tls: Option<Spanned<String>>,
+    /// postgres: the upstream database.
+    database: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -629,6 +666,61 @@ pub(super) fn parse_file(
                 "`known_hosts` and `host_ca` apply to ssh resources only".into(),
             ));
         }
+        let mut postgres = PgOptions::default();
+        let pg_only = [
+            ("ssl", res.ssl.as_ref()),
+            ("upstream_tls", res.upstream_tls.as_ref()),
+            ("database", res.database.as_ref()),
+        ];
+        for (key, v) in pg_only {
+            if let Some(v) = v {
+                if protocol.is_some() && protocol != Some(Protocol::Postgres) {
+                    diags.push(at(
+                        v.span().start,
+                        format!("`{key}` applies to postgres resources only"),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = &res.ssl {
+            match v.get_ref().as_str() {
+                "off" => postgres.agent_ssl = false,
+                "on" => diags.push(at(
+                    v.span().start,
+                    "ssl \"on\" is not supported by this build yet (agents are answered `N`): use \"off\"".into(),
+                )),
+                other => diags.push(at(
+                    v.span().start,
+                    format!("ssl {other:?} is not one of off, on"),
+                )),
+            }
+        }
+        if let Some(v) = &res.upstream_tls {
+            postgres.upstream_tls = match v.get_ref().as_str() {
+                "disable" => UpstreamTls::Disable,
+                "prefer" => UpstreamTls::Prefer,
+                "require" => UpstreamTls::Require,
+                "verify-full" => UpstreamTls::VerifyFull,
+                other => {
+                    diags.push(at(
+                        v.span().start,
+                        format!(
+                            "upstream_tls {other:?} is not one of disable, prefer, require, verify-full"
+                        ),
+                    ));
+                    UpstreamTls::default()
+                }
+            };
+        }
+        if let Some(v) = &res.database {
+            if v.get_ref().is_empty() || v.get_ref().contains('\0') {
+                diags.push(at(
+                    v.span().start,
+                    "`database` must be a non-empty name".into(),
+                ));
+            }
+            postgres.database = Some(v.get_ref().clone());
+        }
         if config.resources.contains_key(&name) {
             diags.push(at(start, format!("resource `{name}` is defined twice")));
             continue;
@@ -651,6 +743,7 @@ pub(super) fn parse_file(
                         upstream_ca_file: rel(res.upstream_ca_file),
                         known_hosts: rel(res.known_hosts),
                         host_ca: rel(res.host_ca),
+                        postgres,
                     },
                 );
             }

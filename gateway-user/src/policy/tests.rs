@@ -523,3 +523,32 @@ fn agent_token_is_validated() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn postgres_resource_settings_parse_and_are_validated() {
+    let good = dir_with(&[(
+        "pg.toml",
+        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nssl = \"off\"\nupstream_tls = \"verify-full\"\nupstream_ca_file = \"ca.pem\"\ndatabase = \"orders\"\n",
+    )]);
+    let set = PolicySet::load(&good).unwrap();
+    let db = set.resources.get("db").unwrap();
+    assert_eq!(db.postgres.upstream_tls, UpstreamTls::VerifyFull);
+    assert_eq!(db.postgres.database.as_deref(), Some("orders"));
+    assert!(!db.postgres.agent_ssl);
+    fs::remove_dir_all(good).unwrap();
+
+    let bad = dir_with(&[(
+        "pg.toml",
+        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nupstream_tls = \"maybe\"\nssl = \"on\"\ndatabase = \"\"\n\n[resource.t]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\ndatabase = \"x\"\n",
+    )]);
+    let text = PolicySet::load(&bad).unwrap_err().to_string();
+    for needle in [
+        "pg.toml:4:16: upstream_tls \"maybe\" is not one of disable, prefer, require, verify-full",
+        "pg.toml:5:7: ssl \"on\" is not supported",
+        "pg.toml:6:12: `database` must be a non-empty name",
+        "pg.toml:11:12: `database` applies to postgres resources only",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    fs::remove_dir_all(bad).unwrap();
+}

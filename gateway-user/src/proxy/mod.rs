@@ -4,11 +4,12 @@
 //!
 //! Owns flow setup and refusal, the live-session table and upstream
 //! connection helpers shared by handlers. It must not parse any protocol:
-//! that is each handler's job (`tcp`, `http`; `postgres`, `ssh` plug into
+//! that is each handler's job (`tcp`, `postgres`, `http`; `ssh` plugs into
 //! [`dispatch`] the same way).
 
 pub mod gate;
 pub mod http;
+pub mod postgres;
 pub mod session;
 pub mod tcp;
 
@@ -346,6 +347,7 @@ async fn dispatch(
     match flow.resource.protocol {
         Protocol::Tcp => tcp::serve(shared, flow, client).await,
         Protocol::Http => http::serve(shared, flow, client).await,
+        Protocol::Postgres => postgres::serve(shared, flow, client).await,
         other => {
             // Resources of protocols this build has no handler for validate
             // (so policies can be written ahead of an upgrade), but their

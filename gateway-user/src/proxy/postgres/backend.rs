@@ -1,0 +1,540 @@
+//! The server→agent half of a PostgreSQL session: relays answers in
+//! order, masks DataRows and COPY TO rows as they stream, turns the denial
+//! marker's error into SQLSTATE 42501, and writes each statement's
+//! completion record and recording line.
+//!
+//! Owns the backend side of one session; it must not decide statements.
+
+use std::{
+    collections::HashMap,
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bytes::BytesMut;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tracing::warn;
+
+use super::{
+    codec::{self, put_error, Reader, MAX_FRAME},
+    rows::{self, RowPlan},
+    session::{lock, ClientW, Expect, Pipe, Run, SessionCtx, FLUSH_AT, RECORD_ROWS},
+    upstream::{self, Io, Upstream},
+};
+use crate::{
+    daemon::Shared,
+    mask::{Counts, Masker},
+    proxy::{gate, Flow},
+    record::PgStatementRecord,
+};
+
+/// A finished statement waiting for its completion record.
+struct Done {
+    run: Box<Run>,
+    rows: Option<u64>,
+    error: Option<String>,
+    columns: Option<Vec<String>>,
+    by_column: Counts,
+    by_detector: Counts,
+    result_rows: Option<Vec<Vec<Option<String>>>>,
+}
+
+/// The server→agent half.
+pub(super) struct Back<'a> {
+    shared: &'a Arc<Shared>,
+    flow: &'a Flow,
+    ctx: &'a SessionCtx,
+    pipe: Pipe,
+    cw: ClientW,
+    marker: &'a str,
+    plan: Option<RowPlan>,
+    layout_known: bool,
+    columns: Option<Vec<String>>,
+    tables: HashMap<u32, Option<String>>,
+    side: Option<Upstream>,
+    scratch: Vec<u8>,
+    rows_seen: u64,
+    by_column: Counts,
+    by_detector: Counts,
+    copy_mask: Option<Arc<Masker>>,
+    done: Vec<Done>,
+    /// `record = "full"`: keep (masked) result rows for the recording.
+    record_rows: bool,
+    result_rows: Vec<Vec<Option<String>>>,
+}
+
+impl<'a> Back<'a> {
+    /// The backend half of a session.
+    pub(super) fn new(
+        shared: &'a Arc<Shared>,
+        flow: &'a Flow,
+        ctx: &'a SessionCtx,
+        pipe: Pipe,
+        cw: ClientW,
+        marker: &'a str,
+    ) -> Self {
+        Self {
+            shared,
+            flow,
+            ctx,
+            pipe,
+            cw,
+            marker,
+            plan: None,
+            layout_known: false,
+            columns: None,
+            tables: HashMap::new(),
+            side: None,
+            scratch: Vec::new(),
+            rows_seen: 0,
+            by_column: Counts::default(),
+            by_detector: Counts::default(),
+            copy_mask: None,
+            done: Vec::new(),
+            record_rows: flow.resource.record == crate::policy::RecordMode::Full,
+            result_rows: Vec::new(),
+        }
+    }
+
+    pub(super) async fn run(
+        &mut self,
+        mut rd: ReadHalf<Box<dyn Io>>,
+        mut buf: BytesMut,
+        counter: &AtomicU64,
+    ) -> io::Result<&'static str> {
+        let mut out = BytesMut::with_capacity(FLUSH_AT + 1024);
+        loop {
+            loop {
+                let head = match codec::peek_frame(&buf, MAX_FRAME) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.write(&mut out, counter).await?;
+                        self.fatal(&format!("the server sent an invalid message: {e}"))
+                            .await;
+                        return Ok("malformed frame from the server");
+                    }
+                };
+                let frame = buf.split_to(head.total);
+                if let Err(why) = self.message(head.tag, &frame, &mut out).await {
+                    self.write(&mut out, counter).await?;
+                    self.fatal(&why).await;
+                    return Ok("result could not be masked");
+                }
+                if out.len() >= FLUSH_AT {
+                    self.write(&mut out, counter).await?;
+                }
+            }
+            self.write(&mut out, counter).await?;
+            self.finish_done().await;
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Ok("closed by the server");
+            }
+        }
+    }
+
+    async fn write(&mut self, out: &mut BytesMut, counter: &AtomicU64) -> io::Result<()> {
+        if !out.is_empty() {
+            self.cw.lock().await.write_all(out).await?;
+            counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+            out.clear();
+        }
+        Ok(())
+    }
+
+    async fn fatal(&mut self, message: &str) {
+        warn!(session = %self.flow.info.session, "{message}");
+        let mut b = BytesMut::new();
+        put_error(&mut b, b'E', "FATAL", "XX000", message);
+        let _ = self.cw.lock().await.write_all(&b).await;
+    }
+
+    /// Handles one backend message; `Err` ends the session (fail closed).
+    async fn message(&mut self, tag: u8, frame: &[u8], out: &mut BytesMut) -> Result<(), String> {
+        let body = frame.get(5..).unwrap_or_default();
+        match tag {
+            b'D' => {
+                self.rows_seen += 1;
+                if let Some(plan) = &self.plan {
+                    let at = out.len();
+                    plan.mask_row(
+                        body,
+                        out,
+                        &mut self.scratch,
+                        &mut self.by_column,
+                        &mut self.by_detector,
+                    )
+                    .map_err(|e| format!("cannot mask a result row: {e}"))?;
+                    if self.record_rows && self.result_rows.len() < RECORD_ROWS {
+                        // What the agent saw: the masked row.
+                        let masked = out.get(at + 5..).unwrap_or_default().to_vec();
+                        self.keep_row(&masked);
+                    }
+                } else if !self.layout_known && self.front_masker().is_some() {
+                    return Err("result rows without a row description on a masked resource".into());
+                } else {
+                    if self.record_rows && self.result_rows.len() < RECORD_ROWS {
+                        self.keep_row(body);
+                    }
+                    out.extend_from_slice(frame);
+                }
+            }
+            b'T' | b'n' => {
+                let swallow = {
+                    let mut p = lock(&self.pipe);
+                    match p.front() {
+                        Some(Expect::Describe { swallow }) => {
+                            let s = *swallow;
+                            p.pop_front();
+                            s
+                        }
+                        _ => false,
+                    }
+                };
+                self.plan = None;
+                self.layout_known = true;
+                self.columns = None;
+                if tag == b'T' {
+                    let cols = rows::parse_row_description(body).map_err(|e| e.to_string())?;
+                    self.columns = Some(cols.iter().map(|c| c.name.clone()).collect());
+                    if let Some(m) = self.next_run_masker() {
+                        if m.has_columns() {
+                            self.resolve_tables(&cols).await;
+                        }
+                        self.plan = RowPlan::new(m, &cols, &self.tables);
+                    }
+                }
+                if !swallow {
+                    out.extend_from_slice(frame);
+                }
+            }
+            b'C' | b'I' | b's' => {
+                let rows = if tag == b'C' {
+                    Reader::new(body, "CommandComplete")
+                        .cstr()
+                        .ok()
+                        .and_then(codec::tag_rows)
+                } else if tag == b's' {
+                    Some(self.rows_seen)
+                } else {
+                    None
+                };
+                let run = {
+                    let mut p = lock(&self.pipe);
+                    match p.front() {
+                        Some(Expect::Run(_)) => match p.pop_front() {
+                            Some(Expect::Run(r)) => Some(r),
+                            _ => None,
+                        },
+                        _ => None,
+                    }
+                };
+                if let Some(run) = run {
+                    self.complete(run, rows, None);
+                }
+                self.reset_result();
+                out.extend_from_slice(frame);
+            }
+            b'E' => {
+                let fields = codec::error_fields(body);
+                let message = fields
+                    .iter()
+                    .find(|(k, _)| *k == b'M')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                let mut denial = None;
+                let mut failed = Vec::new();
+                {
+                    let mut p = lock(&self.pipe);
+                    while let Some(e) = p.front() {
+                        if matches!(e, Expect::Sync) {
+                            break;
+                        }
+                        match p.pop_front() {
+                            Some(Expect::Run(r)) => failed.push(r),
+                            Some(Expect::Denial(reason)) if denial.is_none() => {
+                                denial = Some(reason)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                for r in failed {
+                    self.complete(r, None, Some(message.clone()));
+                }
+                self.reset_result();
+                match denial.filter(|_| message.contains(self.marker)) {
+                    Some(reason) => put_error(
+                        out,
+                        b'E',
+                        "ERROR",
+                        "42501",
+                        &format!("permission denied by Portcullis: {reason}"),
+                    ),
+                    None => out.extend_from_slice(frame),
+                }
+            }
+            b'Z' => {
+                let mut left = Vec::new();
+                {
+                    let mut p = lock(&self.pipe);
+                    while let Some(e) = p.pop_front() {
+                        match e {
+                            Expect::Sync => break,
+                            Expect::Run(r) => left.push(r),
+                            _ => {}
+                        }
+                    }
+                }
+                for r in left {
+                    self.complete(r, None, Some("not executed".into()));
+                }
+                self.reset_result();
+                out.extend_from_slice(frame);
+            }
+            b'H' => {
+                let binary = body.first() == Some(&1);
+                match self.front_masker() {
+                    Some(m) if m.has_detectors() || m.has_columns() => {
+                        if binary {
+                            return Err(
+                                "binary COPY TO output cannot be inspected on a masked resource"
+                                    .into(),
+                            );
+                        }
+                        self.copy_mask = Some(m);
+                    }
+                    _ => {}
+                }
+                out.extend_from_slice(frame);
+            }
+            b'd' => {
+                self.rows_seen += 1;
+                match &self.copy_mask {
+                    Some(m) => {
+                        rows::mask_copy_row(m, body, out, &mut self.scratch, &mut self.by_detector);
+                    }
+                    None => out.extend_from_slice(frame),
+                }
+            }
+            b'c' => {
+                self.copy_mask = None;
+                out.extend_from_slice(frame);
+            }
+            _ => out.extend_from_slice(frame),
+        }
+        Ok(())
+    }
+
+    /// Keeps one result row (as the agent got it) for the recording;
+    /// binary values as `\x` hex.
+    fn keep_row(&mut self, body: &[u8]) {
+        let mut r = Reader::new(body, "DataRow");
+        let Ok(n) = r.i16() else { return };
+        let mut row = Vec::with_capacity(n.max(0) as usize);
+        for _ in 0..n.max(0) {
+            match r.value() {
+                Ok(v) => row.push(v.map(|v| match std::str::from_utf8(v) {
+                    Ok(t) => t.to_string(),
+                    Err(_) => format!("\\x{}", hex::encode(v)),
+                })),
+                Err(_) => return,
+            }
+        }
+        self.result_rows.push(row);
+    }
+
+    fn reset_result(&mut self) {
+        self.plan = None;
+        self.layout_known = false;
+        self.rows_seen = 0;
+        self.copy_mask = None;
+    }
+
+    fn front_masker(&self) -> Option<Arc<Masker>> {
+        match lock(&self.pipe).front() {
+            Some(Expect::Run(r)) => r.masker.clone(),
+            _ => None,
+        }
+    }
+
+    /// The masker of the first statement run still expected (a Describe's
+    /// columns are for the Execute after it).
+    fn next_run_masker(&self) -> Option<Arc<Masker>> {
+        lock(&self.pipe).iter().find_map(|e| match e {
+            Expect::Run(r) => Some(r.masker.clone()),
+            _ => None,
+        })?
+    }
+
+    fn complete(&mut self, run: Box<Run>, rows: Option<u64>, error: Option<String>) {
+        self.done.push(Done {
+            run,
+            rows,
+            error,
+            columns: self.columns.clone(),
+            by_column: std::mem::take(&mut self.by_column),
+            by_detector: std::mem::take(&mut self.by_detector),
+            result_rows: (self.record_rows && self.columns.is_some())
+                .then(|| std::mem::take(&mut self.result_rows)),
+        });
+        self.result_rows.clear();
+    }
+
+    /// Writes completion records (after the answer reached the agent).
+    async fn finish_done(&mut self) {
+        for d in std::mem::take(&mut self.done) {
+            let status = if d.error.is_some() { "error" } else { "ok" };
+            let params: Vec<Value> = d
+                .run
+                .params
+                .iter()
+                .map(|p| p.clone().map_or(Value::Null, Value::String))
+                .collect();
+            if let Some(a) = &d.run.approved {
+                let mut detail = Map::new();
+                detail.insert("status".into(), status.into());
+                if let Some(r) = d.rows {
+                    detail.insert("rows".into(), r.into());
+                }
+                if let Some(e) = &d.error {
+                    detail.insert("error".into(), e.clone().into());
+                }
+                if !params.is_empty() {
+                    detail.insert("params".into(), Value::Array(params));
+                }
+                if !d.by_column.is_empty() || !d.by_detector.is_empty() {
+                    detail.insert(
+                        "masked".into(),
+                        json!({ "columns": d.by_column.to_json(), "detectors": d.by_detector.to_json() }),
+                    );
+                }
+                gate::finished(self.shared, self.flow, &a.cmd, &a.allowed, detail).await;
+            }
+            self.flow.recording.postgres_statement(PgStatementRecord {
+                time_ms: crate::proxy::session::now_ms()
+                    .saturating_sub(d.run.started.elapsed().as_millis() as u64),
+                statement: d.run.text,
+                params: d.run.params,
+                action: d.run.class.to_string(),
+                decision: "allow".into(),
+                policy_ids: d
+                    .run
+                    .approved
+                    .as_ref()
+                    .map(|a| a.allowed.policies.clone())
+                    .unwrap_or_default(),
+                rows: d.rows,
+                columns: d.columns,
+                result_rows: d.result_rows,
+                error: d.error,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Names the tables behind `cols` (cached per session) by asking the
+    /// server's catalog on a side connection. A lookup that fails leaves
+    /// the OIDs unnamed, which masks their columns (fail closed).
+    async fn resolve_tables(&mut self, cols: &[rows::Column]) {
+        let mut want: Vec<u32> = cols
+            .iter()
+            .map(|c| c.table_oid)
+            .filter(|o| *o != 0 && !self.tables.contains_key(o))
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        if want.is_empty() {
+            return;
+        }
+        let found = self.catalog(&want).await;
+        if let Err(e) = &found {
+            warn!(session = %self.flow.info.session, "table names for masking unavailable: {e}");
+            self.side = None;
+        }
+        let found = found.unwrap_or_default();
+        for oid in want {
+            let name = found
+                .iter()
+                .find(|(o, _)| *o == oid)
+                .map(|(_, n)| n.clone());
+            self.tables.insert(oid, name);
+        }
+    }
+
+    async fn catalog(
+        &mut self,
+        oids: &[u32],
+    ) -> Result<Vec<(u32, String)>, upstream::UpstreamError> {
+        if self.side.is_none() {
+            let mut params = self.ctx.params.clone();
+            params.retain(|(k, _)| k != "application_name");
+            params.push(("application_name".into(), "portcullis-catalog".into()));
+            self.side = Some(upstream::login(self.flow, &params).await?);
+        }
+        let Some(side) = self.side.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+        let mut q = BytesMut::new();
+        codec::put_query(
+            &mut q,
+            &format!(
+                "SELECT c.oid::text, n.nspname || '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY('{{{}}}'::oid[])",
+                list.join(",")
+            ),
+        );
+        side.io.write_all(&q).await?;
+        let mut out = Vec::new();
+        let mut error = None;
+        loop {
+            let head = loop {
+                if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
+                    break h;
+                }
+                if side.io.read_buf(&mut side.buf).await? == 0 {
+                    return Err(upstream::UpstreamError::Protocol(
+                        "catalog connection closed".into(),
+                    ));
+                }
+            };
+            let frame = side.buf.split_to(head.total);
+            let body = frame.get(5..).unwrap_or_default();
+            match head.tag {
+                b'D' => {
+                    let mut r = Reader::new(body, "DataRow");
+                    let _n = r.i16()?;
+                    let oid = r
+                        .value()?
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
+                    let name = r.value()?.map(|v| String::from_utf8_lossy(v).into_owned());
+                    if let (Some(o), Some(n)) = (oid, name) {
+                        out.push((o, n));
+                    }
+                }
+                b'E' => error = Some(codec::error_fields(body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(f) => Err(upstream::UpstreamError::Server {
+                code: f
+                    .iter()
+                    .find(|(k, _)| *k == b'C')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+                message: f
+                    .iter()
+                    .find(|(k, _)| *k == b'M')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+            }),
+            None => Ok(out),
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! The agent→server half of a PostgreSQL session: decodes each frontend
+//! message, decides statements through the gate (simple query, Parse,
+//! FunctionCall), tracks prepared statements and portals, and forwards to
+//! the server what was allowed (a denial goes upstream as the marker).
+//!
+//! Owns the frontend side of one session; it must not write server
+//! answers to the agent (the backend half does) other than notices and a
+//! fatal protocol error.
+
+use std::{
+    collections::HashMap,
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, WriteHalf},
+    net::tcp::OwnedReadHalf,
+};
+use tracing::warn;
+
+use super::{
+    classify::{self, Classified},
+    codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
+    session::{
+        lock, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx, PARAM_MAX,
+    },
+    upstream::Io,
+};
+use crate::{
+    daemon::Shared,
+    mask::Masker,
+    policy::{Decision, DecisionRequest},
+    proxy::{
+        gate::{self, Allowed, Command, Gate, Waited},
+        Flow,
+    },
+    record::PgStatementRecord,
+};
+
+/// The agent→server half.
+pub(super) struct Front<'a> {
+    shared: &'a Arc<Shared>,
+    flow: &'a Flow,
+    ctx: &'a SessionCtx,
+    up: WriteHalf<Box<dyn Io>>,
+    up_out: BytesMut,
+    pipe: Pipe,
+    cw: ClientW,
+    marker: &'a str,
+    statements: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    skip_until_sync: bool,
+}
+
+/// Why a frontend message was refused.
+enum Refusal {
+    /// Denied (by policy, by the parser, by a human): the agent's message.
+    Denied(String),
+}
+
+impl<'a> Front<'a> {
+    /// The frontend half of a session.
+    pub(super) fn new(
+        shared: &'a Arc<Shared>,
+        flow: &'a Flow,
+        ctx: &'a SessionCtx,
+        up: WriteHalf<Box<dyn Io>>,
+        pipe: Pipe,
+        cw: ClientW,
+        marker: &'a str,
+    ) -> Self {
+        Self {
+            shared,
+            flow,
+            ctx,
+            up,
+            up_out: BytesMut::with_capacity(8192),
+            pipe,
+            cw,
+            marker,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            skip_until_sync: false,
+        }
+    }
+
+    pub(super) async fn run(
+        &mut self,
+        rd: OwnedReadHalf,
+        counter: &AtomicU64,
+    ) -> io::Result<&'static str> {
+        let r = self.relay(rd, counter).await;
+        // However the agent left, the server gets a Terminate and an end of
+        // stream, so the server half ends promptly.
+        let mut x = BytesMut::new();
+        put_msg(&mut x, b'X', |_| {});
+        let _ = self.up.write_all(&x).await;
+        let _ = self.up.shutdown().await;
+        r
+    }
+
+    async fn relay(
+        &mut self,
+        mut rd: OwnedReadHalf,
+        counter: &AtomicU64,
+    ) -> io::Result<&'static str> {
+        let mut buf = BytesMut::with_capacity(8192);
+        loop {
+            loop {
+                let head = match codec::peek_frame(&buf, MAX_FRAME) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fatal("08P01", &format!("invalid frontend message: {e}"))
+                            .await;
+                        return Ok("malformed frame from the agent");
+                    }
+                };
+                let frame = buf.split_to(head.total).freeze();
+                match self.message(head.tag, frame).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.flush().await?;
+                        return Ok("closed by the agent");
+                    }
+                    Err(e) => {
+                        self.fatal("08P01", &e).await;
+                        return Ok("protocol violation by the agent");
+                    }
+                }
+            }
+            self.flush().await?;
+            let n = rd.read_buf(&mut buf).await?;
+            if n == 0 {
+                return Ok("closed");
+            }
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.up_out.is_empty() {
+            self.up.write_all(&self.up_out).await?;
+            self.up_out.clear();
+        }
+        Ok(())
+    }
+
+    async fn fatal(&mut self, code: &str, message: &str) {
+        warn!(session = %self.flow.info.session, "{message}");
+        let mut b = BytesMut::new();
+        put_error(&mut b, b'E', "FATAL", code, message);
+        let _ = self.cw.lock().await.write_all(&b).await;
+    }
+
+    async fn notice(&mut self, message: &str) {
+        let mut b = BytesMut::new();
+        put_error(&mut b, b'N', "NOTICE", "00000", message);
+        let _ = self.cw.lock().await.write_all(&b).await;
+    }
+
+    fn push(&self, e: Expect) {
+        lock(&self.pipe).push_back(e);
+    }
+
+    /// Handles one frontend message. `Ok(false)`: the agent said Terminate.
+    async fn message(&mut self, tag: u8, frame: Bytes) -> Result<bool, String> {
+        let body = frame.get(5..).unwrap_or_default();
+        if self.skip_until_sync && tag != b'S' && tag != b'X' {
+            // The server would discard these after the error; so do we.
+            return Ok(true);
+        }
+        match codec::decode_frontend(tag, body).map_err(|e| e.to_string())? {
+            Frontend::Query(sql) => {
+                let masker = self.masker();
+                match self.decide(sql, &masker).await {
+                    Ok(list) => {
+                        for (c, approved) in list {
+                            self.push(Expect::Run(Box::new(Run {
+                                approved,
+                                class: c.class,
+                                text: c.text,
+                                params: Vec::new(),
+                                masker: masker.clone(),
+                                started: Instant::now(),
+                            })));
+                        }
+                        self.push(Expect::Sync);
+                        self.up_out.extend_from_slice(&frame);
+                    }
+                    Err(Refusal::Denied(reason)) => {
+                        self.push(Expect::Denial(reason));
+                        self.push(Expect::Sync);
+                        codec::put_query(&mut self.up_out, &format!("SELECT {}", self.marker));
+                    }
+                }
+            }
+            Frontend::Parse {
+                name,
+                sql,
+                param_types,
+            } => {
+                let masker = self.masker();
+                match self.decide(sql, &masker).await {
+                    Ok(list) => {
+                        let (class, approved) = match list.as_slice() {
+                            [] => ("empty", None),
+                            // Several statements: every one was allowed; the
+                            // server refuses them in a prepared statement.
+                            [(c, a), ..] => (c.class, a.clone()),
+                        };
+                        self.statements.insert(
+                            name.to_string(),
+                            Arc::new(Prepared {
+                                class,
+                                text: sql.to_string(),
+                                approved,
+                                param_types,
+                            }),
+                        );
+                        self.up_out.extend_from_slice(&frame);
+                    }
+                    Err(Refusal::Denied(reason)) => {
+                        self.statements.remove(name);
+                        self.push(Expect::Denial(reason));
+                        put_msg(&mut self.up_out, b'P', |b| {
+                            put_cstr(b, name);
+                            put_cstr(b, &format!("SELECT {}", self.marker));
+                            b.put_i16(0);
+                        });
+                        self.skip_until_sync = true;
+                    }
+                }
+            }
+            Frontend::Bind {
+                portal,
+                statement,
+                formats,
+                params,
+            } => {
+                match self.statements.get(statement) {
+                    Some(p) => {
+                        let text = params
+                            .iter()
+                            .enumerate()
+                            .map(|(i, v)| {
+                                let binary = match formats.len() {
+                                    0 => false,
+                                    1 => formats.first() == Some(&1),
+                                    _ => formats.get(i) == Some(&1),
+                                };
+                                let oid = p.param_types.get(i).copied().unwrap_or(0);
+                                v.map(|v| param_text(v, binary, oid))
+                            })
+                            .collect();
+                        let portal_state = Portal {
+                            stmt: p.clone(),
+                            params: text,
+                        };
+                        self.portals.insert(portal.to_string(), portal_state);
+                    }
+                    None => {
+                        self.portals.remove(portal);
+                    }
+                }
+                self.up_out.extend_from_slice(&frame);
+            }
+            Frontend::Describe { .. } => {
+                self.push(Expect::Describe { swallow: false });
+                self.up_out.extend_from_slice(&frame);
+            }
+            Frontend::Execute { portal, .. } => {
+                let masker = self.masker();
+                if masker.is_some() {
+                    // Learn the portal's columns and formats before its rows.
+                    self.push(Expect::Describe { swallow: true });
+                    put_msg(&mut self.up_out, b'D', |b| {
+                        b.put_u8(b'P');
+                        put_cstr(b, portal);
+                    });
+                }
+                let run = match self.portals.get(portal) {
+                    Some(p) => Run {
+                        approved: p.stmt.approved.clone(),
+                        class: p.stmt.class,
+                        text: p.stmt.text.clone(),
+                        params: p.params.clone(),
+                        masker,
+                        started: Instant::now(),
+                    },
+                    None => Run {
+                        approved: None,
+                        class: "other",
+                        text: String::new(),
+                        params: Vec::new(),
+                        masker,
+                        started: Instant::now(),
+                    },
+                };
+                self.push(Expect::Run(Box::new(run)));
+                self.up_out.extend_from_slice(&frame);
+            }
+            Frontend::Close { kind, name } => {
+                if kind == b'S' {
+                    self.statements.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                self.up_out.extend_from_slice(&frame);
+            }
+            Frontend::Sync => {
+                self.skip_until_sync = false;
+                self.push(Expect::Sync);
+                self.up_out.extend_from_slice(&frame);
+            }
+            Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
+                self.up_out.extend_from_slice(&frame)
+            }
+            Frontend::FunctionCall => {
+                let reason =
+                    "function calls over the FunctionCall message are not allowed".to_string();
+                self.refusal("postgres:call", "<FunctionCall message>", &reason)
+                    .await;
+                self.push(Expect::Denial(reason));
+                self.push(Expect::Sync);
+                codec::put_query(&mut self.up_out, &format!("SELECT {}", self.marker));
+            }
+            Frontend::Terminate => {
+                self.up_out.extend_from_slice(&frame);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn masker(&self) -> Option<Arc<Masker>> {
+        self.shared.policy.load().masker(&self.flow.info.resource)
+    }
+
+    fn command(&self, c: &Classified) -> Command {
+        Command::new(self.flow, format!("postgres:{}", c.class), c.text.clone())
+            .context("database", self.ctx.database.clone())
+            .context("user", self.ctx.user.clone())
+            .context("statement", c.context())
+            .fingerprint(c.fingerprint.clone())
+            .detail("normalized", c.normalized.clone())
+    }
+
+    /// Decides every statement of `sql`: all allowed, or the whole string
+    /// refused. Holds are announced with a NoticeResponse and waited for.
+    async fn decide(
+        &mut self,
+        sql: &str,
+        masker: &Option<Arc<Masker>>,
+    ) -> Result<Vec<(Classified, Option<Arc<Approved>>)>, Refusal> {
+        let list = match classify::classify(sql) {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = e.to_string();
+                self.refusal("postgres:other", sql, &reason).await;
+                return Err(Refusal::Denied(reason));
+            }
+        };
+        // First a dry run without side effects, so a batch with one
+        // forbidden statement is refused before anything is held or
+        // recorded as allowed.
+        for c in &list {
+            if c.class == "copy_out" && masker.as_ref().is_some_and(|m| m.has_columns()) {
+                let reason = "COPY TO is refused on a resource with column masking rules (its columns cannot be inspected)".to_string();
+                self.refusal("postgres:copy_out", &c.text, &reason).await;
+                return Err(Refusal::Denied(reason));
+            }
+            // A single statement needs no dry run: the gate's own decision
+            // below is the only one.
+            if c.rollback || list.len() == 1 {
+                continue;
+            }
+            let cmd = self.command(c);
+            let decision = self.shared.policy.load().decide(&DecisionRequest {
+                identity: &self.flow.info.identity,
+                resource: &self.flow.info.resource,
+                action: &cmd.action,
+                context: Value::Object(cmd.context.clone()),
+                approved: false,
+            });
+            if let Decision::Deny { .. } = decision {
+                // The gate records it and words the reason.
+                return Err(match gate::check(self.shared, self.flow, &cmd).await {
+                    Gate::Denied(d) => {
+                        self.record_denial(&cmd, &d.reason, &d.policies);
+                        Refusal::Denied(d.reason)
+                    }
+                    _ => Refusal::Denied("the policy changed while deciding; retry".into()),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(list.len());
+        let n = list.len();
+        for c in list {
+            let cmd = self.command(&c).detail("batch_size", n as u64);
+            if c.rollback {
+                // ROLLBACK only undoes: always allowed, still audited.
+                let ev = self
+                    .flow
+                    .audit_event("command")
+                    .action(cmd.action.clone())
+                    .decision("allow")
+                    .reason("rollback is always allowed")
+                    .detail("command", cmd.text.clone());
+                let seq = match self.shared.audit(ev).await {
+                    Ok(s) => s,
+                    Err(_) => return Err(Refusal::Denied(gate::AUDIT_UNAVAILABLE.into())),
+                };
+                let allowed = Allowed {
+                    audit_seq: seq,
+                    policies: Vec::new(),
+                    approved_by: None,
+                    grant: None,
+                    at: Instant::now(),
+                };
+                out.push((c, Some(Arc::new(Approved { cmd, allowed }))));
+                continue;
+            }
+            let waited = match gate::check(self.shared, self.flow, &cmd).await {
+                Gate::Allowed(a) => Waited::Allowed(a),
+                Gate::Denied(d) => Waited::Denied(d),
+                Gate::Held(h) => {
+                    let id = h.request().id.clone();
+                    // Let what came before reach the server while we wait.
+                    let _ = self.flush().await;
+                    self.notice(&format!(
+                        "Portcullis: this statement needs approval; access request {id} is waiting (approve with `portcullis approve {id}`)"
+                    ))
+                    .await;
+                    h.wait(self.shared, self.flow, &cmd, std::future::pending())
+                        .await
+                }
+            };
+            match waited {
+                Waited::Allowed(allowed) => {
+                    out.push((c, Some(Arc::new(Approved { cmd, allowed }))))
+                }
+                Waited::Denied(d) => {
+                    self.record_denial(&cmd, &d.reason, &d.policies);
+                    return Err(Refusal::Denied(d.reason));
+                }
+                Waited::Abandoned => {
+                    return Err(Refusal::Denied(
+                        "the session was ended while the statement was held".into(),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn record_denial(&self, cmd: &Command, reason: &str, policies: &[String]) {
+        self.flow.recording.postgres_statement(PgStatementRecord {
+            time_ms: crate::proxy::session::now_ms(),
+            statement: cmd.text.clone(),
+            action: cmd.action.trim_start_matches("postgres:").to_string(),
+            decision: "deny".into(),
+            reason: Some(reason.to_string()),
+            policy_ids: policies.to_vec(),
+            ..Default::default()
+        });
+    }
+
+    /// Audits a refusal the handler makes itself (unparseable statement,
+    /// FunctionCall, uninspectable COPY).
+    async fn refusal(&self, action: &str, text: &str, reason: &str) {
+        warn!(session = %self.flow.info.session, action, reason, "statement refused");
+        self.shared
+            .metrics
+            .decision(&self.flow.info.resource, action, "deny");
+        let ev = self
+            .flow
+            .audit_event("command")
+            .action(action.to_string())
+            .decision("deny")
+            .reason(reason.to_string())
+            .detail("command", text.to_string());
+        let _ = self.shared.audit(ev).await;
+        self.flow.recording.postgres_statement(PgStatementRecord {
+            time_ms: crate::proxy::session::now_ms(),
+            statement: text.to_string(),
+            action: action.trim_start_matches("postgres:").to_string(),
+            decision: "deny".into(),
+            reason: Some(reason.to_string()),
+            ..Default::default()
+        });
+    }
+}
+
+/// A bound parameter as audit text, cut: binary integers, floats and
+/// booleans as their text, binary text types as text, anything else as
+/// `\x` hex.
+fn param_text(v: &[u8], binary: bool, type_oid: u32) -> String {
+    let v = v.get(..PARAM_MAX).unwrap_or(v);
+    if !binary {
+        return String::from_utf8_lossy(v).into_owned();
+    }
+    let text = match (type_oid, v.len()) {
+        (21, 2) => <[u8; 2]>::try_from(v)
+            .ok()
+            .map(|b| i16::from_be_bytes(b).to_string()),
+        (23, 4) => <[u8; 4]>::try_from(v)
+            .ok()
+            .map(|b| i32::from_be_bytes(b).to_string()),
+        (20, 8) => <[u8; 8]>::try_from(v)
+            .ok()
+            .map(|b| i64::from_be_bytes(b).to_string()),
+        (700, 4) => <[u8; 4]>::try_from(v)
+            .ok()
+            .map(|b| f32::from_be_bytes(b).to_string()),
+        (701, 8) => <[u8; 8]>::try_from(v)
+            .ok()
+            .map(|b| f64::from_be_bytes(b).to_string()),
+        (16, 1) => Some(if v.first() == Some(&1) { "t" } else { "f" }.to_string()),
+        (25 | 1043 | 1042 | 19, _) => std::str::from_utf8(v).ok().map(str::to_string),
+        _ => None,
+    };
+    text.unwrap_or_else(|| format!("\\x{}", hex::encode(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_parameters_render_as_text() {
+        assert_eq!(param_text(b"42", false, 0), "42");
+        assert_eq!(param_text(&[0, 5], true, 21), "5");
+        assert_eq!(param_text(&[0xff, 0xff, 0xff, 0xfe], true, 23), "-2");
+        assert_eq!(param_text(&[0, 0, 0, 0, 0, 0, 1, 0], true, 20), "256");
+        assert_eq!(param_text(&[1], true, 16), "t");
+        assert_eq!(param_text(b"eve", true, 25), "eve");
+        assert_eq!(param_text(&[1, 2], true, 0), "\\x0102");
+        assert_eq!(param_text(&[1, 2, 3], true, 23), "\\x010203");
+        assert_eq!(
+            param_text(&vec![b'a'; PARAM_MAX + 10], false, 0).len(),
+            PARAM_MAX
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! The `postgres` protocol handler: terminates the agent's PostgreSQL
+//! connection (SSLRequest answered `N`, GSSENCRequest refused, protocol 3.0,
+//! a newer 3.x minor negotiated down), logs into the upstream with the held
+//! credential, decides every statement through [`crate::proxy::gate`] with
+//! PostgreSQL's own parser, masks result rows as they stream and routes
+//! CancelRequests to the real backend.
+//!
+//! Owns the PostgreSQL wire protocol on both legs and the daemon-wide map
+//! of cancel keys. It must not decide anything itself (the gate and Cedar
+//! do) nor write audit records other than its own refusals.
+
+mod backend;
+pub mod classify;
+pub mod codec;
+mod frontend;
+pub mod rows;
+mod session;
+pub mod upstream;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, LazyLock, Mutex},
+    time::Duration,
+};
+
+use bytes::{BufMut, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::{info, warn};
+
+use self::codec::{put_error, put_msg, Startup};
+use super::{Flow, SessionSummary};
+use crate::daemon::Shared;
+
+/// How long an agent may take to send its startup packet.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a cancel key the agent was given really points.
+#[derive(Debug, Clone)]
+struct CancelTarget {
+    identity: String,
+    upstream: SocketAddr,
+    pid: u32,
+    secret: Vec<u8>,
+}
+
+/// A cancel key as the agent saw it: (process id, secret).
+type KeyId = (u32, Vec<u8>);
+
+/// Agent-visible key → the real backend. Daemon-wide, because a
+/// CancelRequest arrives on a new connection.
+static CANCEL_KEYS: LazyLock<Mutex<HashMap<KeyId, CancelTarget>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Removes a session's cancel key when the session ends.
+struct CancelKey(KeyId);
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        CANCEL_KEYS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+fn register_cancel(target: CancelTarget) -> Option<CancelKey> {
+    let mut raw = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut raw).ok()?;
+    let pid = u32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]).max(1);
+    let key = (pid, raw[4..8].to_vec());
+    CANCEL_KEYS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone(), target);
+    Some(CancelKey(key))
+}
+
+/// Serves one agent connection to a postgres resource.
+pub async fn serve(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    mut client: TcpStream,
+) -> io::Result<SessionSummary> {
+    let _ = client.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(1024);
+    let summary = |reason: &'static str| SessionSummary {
+        end_reason: reason,
+        ..Default::default()
+    };
+    // Startup: SSL/GSS requests may come first, then the real startup.
+    let (version, params) = loop {
+        let next = tokio::time::timeout(STARTUP_TIMEOUT, async {
+            loop {
+                match codec::decode_startup(&mut buf) {
+                    Ok(Some(s)) => return Ok(s),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+                    }
+                }
+                if client.read_buf(&mut buf).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed during startup",
+                    ));
+                }
+            }
+        })
+        .await;
+        let startup = match next {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                warn!(session = %flow.info.session, "malformed startup packet: {e}");
+                fatal(
+                    &mut client,
+                    "08P01",
+                    &format!("invalid startup packet: {e}"),
+                )
+                .await;
+                return Ok(summary("malformed startup packet"));
+            }
+            Ok(Err(_)) => return Ok(summary("closed during startup")),
+            Err(_) => return Ok(summary("startup timed out")),
+        };
+        match startup {
+            // Agent-side TLS is not offered (no leaf from a daemon CA in
+            // this build): the agent continues in plain text on loopback or
+            // fails if it insists (sslmode=require).
+            Startup::Ssl | Startup::GssEnc => {
+                if !buf.is_empty() {
+                    // Bytes after an SSLRequest before our answer: a
+                    // buffer-stuffing attempt (CVE-2021-23214 class).
+                    fatal(&mut client, "08P01", "unexpected data after SSLRequest").await;
+                    return Ok(summary("data after SSLRequest"));
+                }
+                client.write_all(b"N").await?;
+            }
+            Startup::Cancel { pid, secret } => {
+                cancel(shared, &flow, pid, secret).await;
+                return Ok(summary("cancel request"));
+            }
+            Startup::Params { version, params } => break (version, params),
+        }
+    };
+    if version >> 16 != 3 {
+        fatal(
+            &mut client,
+            "0A000",
+            &format!(
+                "unsupported frontend protocol {}.{}",
+                version >> 16,
+                version & 0xffff
+            ),
+        )
+        .await;
+        return Ok(summary("unsupported protocol version"));
+    }
+    if params
+        .iter()
+        .any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off")
+    {
+        fatal(
+            &mut client,
+            "42501",
+            "permission denied by Portcullis: replication connections are not allowed",
+        )
+        .await;
+        return Ok(summary("replication refused"));
+    }
+    let upstream_params = upstream::startup_params(&flow.resource, &params);
+    let up = match upstream::login(&flow, &upstream_params).await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(session = %flow.info.session, "upstream login failed: {e}");
+            let code = match &e {
+                upstream::UpstreamError::Server { code, .. } => code.clone(),
+                _ => "08006".to_string(),
+            };
+            fatal(
+                &mut client,
+                &code,
+                &format!("Portcullis could not log into the server: {e}"),
+            )
+            .await;
+            return Ok(summary("upstream login failed"));
+        }
+    };
+    let mut hello = BytesMut::new();
+    let unknown: Vec<&String> = params
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
+    if version & 0xffff != 0 || !unknown.is_empty() {
+        put_msg(&mut hello, b'v', |b| {
+            b.put_i32(0);
+            b.put_i32(unknown.len() as i32);
+            for k in &unknown {
+                codec::put_cstr(b, k);
+            }
+        });
+    }
+    put_msg(&mut hello, b'R', |b| b.put_i32(0));
+    for (k, v) in &up.params {
+        put_msg(&mut hello, b'S', |b| {
+            codec::put_cstr(b, k);
+            codec::put_cstr(b, v);
+        });
+    }
+    let upstream_addr = flow.upstream_addr().await?;
+    let cancel_key = up.key.as_ref().and_then(|(pid, secret)| {
+        register_cancel(CancelTarget {
+            identity: flow.info.identity.clone(),
+            upstream: upstream_addr,
+            pid: *pid,
+            secret: secret.clone(),
+        })
+    });
+    if let Some(k) = &cancel_key {
+        put_msg(&mut hello, b'K', |b| {
+            b.put_u32(k.0 .0);
+            b.extend_from_slice(&k.0 .1);
+        });
+    }
+    codec::put_ready(&mut hello, up.status);
+    client.write_all(&hello).await?;
+    info!(
+        session = %flow.info.session,
+        user = %upstream_params.first().map(|p| p.1.as_str()).unwrap_or_default(),
+        "postgres session logged in upstream"
+    );
+    let get = |k: &str| {
+        upstream_params
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let ctx = session::SessionCtx {
+        user: get("user"),
+        database: get("database"),
+        params: upstream_params.clone(),
+    };
+    let out = session::run(shared, &flow, client, up, ctx).await;
+    drop(cancel_key);
+    out
+}
+
+/// Sends a FATAL ErrorResponse and lets the connection close.
+async fn fatal(client: &mut TcpStream, code: &str, message: &str) {
+    let mut b = BytesMut::new();
+    put_error(&mut b, b'E', "FATAL", code, message);
+    let _ = client.write_all(&b).await;
+    let _ = client.shutdown().await;
+}
+
+/// Forwards a CancelRequest to the real backend when the key is one this
+/// daemon handed out to the same identity. PostgreSQL never answers a
+/// cancel, and neither does this.
+async fn cancel(shared: &Arc<Shared>, flow: &Flow, pid: u32, secret: Vec<u8>) {
+    let target = CANCEL_KEYS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&(pid, secret))
+        .cloned();
+    let ev = flow.audit_event("postgres_cancel");
+    let Some(t) = target.filter(|t| t.identity == flow.info.identity) else {
+        warn!(session = %flow.info.session, "cancel request with an unknown key ignored");
+        let _ = shared
+            .audit(ev.decision("deny").reason("unknown cancel key"))
+            .await;
+        return;
+    };
+    let _ = shared
+        .audit(ev.decision("allow").detail("backend_pid", t.pid))
+        .await;
+    let mut pkt = BytesMut::new();
+    pkt.put_i32(12 + t.secret.len() as i32);
+    pkt.put_u32(codec::CANCEL_REQUEST);
+    pkt.put_u32(t.pid);
+    pkt.extend_from_slice(&t.secret);
+    match tokio::time::timeout(
+        super::UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect(t.upstream),
+    )
+    .await
+    {
+        Ok(Ok(mut s)) => {
+            let _ = s.write_all(&pkt).await;
+            let _ = s.shutdown().await;
+            info!(session = %flow.info.session, backend_pid = t.pid, "cancel request forwarded");
+        }
+        _ => warn!(session = %flow.info.session, "cancel request: upstream unreachable"),
+    }
+}
