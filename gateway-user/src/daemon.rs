@@ -78,6 +78,9 @@ pub struct Shared {
     pub jit: crate::jit::Jit,
     /// Session recordings.
     pub recorder: crate::record::Recorder,
+    /// The daemon's SSH host key (`<state>/ssh/host_ed25519`): what agents
+    /// see when their SSH is intercepted.
+    pub ssh_host_key: Arc<russh::keys::PrivateKey>,
     /// Webhooks for access requests.
     pub webhooks: crate::jit::Webhooks,
     /// Live sessions.
@@ -245,6 +248,13 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let (jit, failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
     let recorder = crate::record::Recorder::start(cfg.state_dir.join("sessions"))
         .context("starting the session recorder")?;
+    let ssh_host_key = crate::proxy::ssh::hostkey::ensure_daemon_key(&cfg.state_dir)
+        .context("the SSH host key")?;
+    info!(
+        fingerprint = %crate::proxy::ssh::hostkey::fingerprint(ssh_host_key.public_key()),
+        public_key = %cfg.state_dir.join("ssh").join(format!("{}.pub", crate::proxy::ssh::hostkey::HOST_KEY_FILE)).display(),
+        "ssh host key"
+    );
     let webhooks = crate::jit::Webhooks::start(&cfg.webhooks).map_err(|e| anyhow::anyhow!(e))?;
 
     let mut audit_cfg = AuditConfig::new(&cfg.state_dir);
@@ -276,6 +286,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         identities: IdentityBinder::default(),
         jit,
         recorder,
+        ssh_host_key,
         webhooks,
         sessions: Sessions::new(),
         netns: Mutex::new(HashMap::new()),

@@ -6,6 +6,7 @@
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
 mod harness;
+mod ssh;
 
 use std::{fs, time::Duration};
 

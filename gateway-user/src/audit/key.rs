@@ -17,7 +17,7 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use super::AuditError;
 
 /// Reads 32 bytes of key material from the kernel (getrandom(2)).
-fn random_seed() -> io::Result<[u8; 32]> {
+pub(crate) fn random_seed() -> io::Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     let mut filled = 0;
     while filled < seed.len() {

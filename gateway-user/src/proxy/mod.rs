@@ -4,11 +4,12 @@
 //!
 //! Owns flow setup and refusal, the live-session table and upstream
 //! connection helpers shared by handlers. It must not parse any protocol:
-//! that is each handler's job (`tcp` today; `postgres`, `ssh`, `http` plug into
-//! [`dispatch`] the same way).
+//! that is each handler's job (`tcp` and `ssh` today; `postgres`, `http` plug
+//! into [`dispatch`] the same way).
 
 pub mod gate;
 pub mod session;
+pub mod ssh;
 pub mod tcp;
 
 use std::{
@@ -344,6 +345,7 @@ async fn dispatch(
 ) -> io::Result<SessionSummary> {
     match flow.resource.protocol {
         Protocol::Tcp => tcp::serve(shared, flow, client).await,
+        Protocol::Ssh => ssh::serve(shared, flow, client).await,
         other => {
             // Resources of protocols this build has no handler for validate
             // (so policies can be written ahead of an upgrade), but their
