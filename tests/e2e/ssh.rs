@@ -386,10 +386,12 @@ fn pty_shell_session_is_recorded_and_playable() {
         .daemon
         .cli_ok(&["replay", id, "--speed", "0", "--state-dir", &state]);
     assert!(replay.contains("shell-marker-42"), "{replay}");
-    // asciinema itself reads it.
-    let out = Command::new("asciinema")
-        .arg("cat")
-        .arg(&cast)
+    // asciinema itself plays it (`cat` wants a terminal: script(1) gives it one).
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("asciinema cat {}", cast.display()))
+        .arg("/dev/null")
+        .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
