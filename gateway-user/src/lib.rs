@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod jit;
+pub mod mask;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -99,6 +99,7 @@ use tokio::sync::{oneshot, Semaphore};
 pub use ed25519_dalek::VerifyingKey;
 pub use event::{AuditEvent, IdentityRef, RESERVED_KINDS};
 pub use key::load_public_key;
+pub(crate) use key::random_seed;
 pub use read::{follow, read_events, TailFilter, FOLLOW_POLL};
 pub use time::{format_rfc3339_ms, rfc3339_ms_string};
 pub use verify::{verify, VerifyError, VerifyReport};

@@ -51,6 +51,8 @@ pub struct PolicySet {
     pub resources: BTreeMap<String, Arc<Resource>>,
     /// Masking rules.
     pub masks: Vec<MaskRule>,
+    /// The masking rules compiled per resource.
+    maskers: BTreeMap<String, Arc<crate::mask::Masker>>,
     rules: cedar::Rules,
     static_index: HashMap<SocketAddr, Arc<Resource>>,
 }
@@ -148,6 +150,17 @@ impl PolicySet {
         } else {
             None
         };
+        let mut maskers = BTreeMap::new();
+        let compile_masks = diags.is_empty();
+        for name in resources.keys().filter(|_| compile_masks) {
+            match crate::mask::Masker::compile(name, &config.masks, mask_hash_key()) {
+                Ok(Some(m)) => {
+                    maskers.insert(name.clone(), m);
+                }
+                Ok(None) => {}
+                Err(e) => diags.push(Diagnostic::dir(dir, format!("[[mask]] for {name}: {e}"))),
+            }
+        }
         match rules {
             Some(rules) if diags.is_empty() => Ok(Self {
                 version: hex::encode(hasher.finalize())[..16].to_string(),
@@ -157,11 +170,18 @@ impl PolicySet {
                 identities: config.identities,
                 resources,
                 masks: config.masks,
+                maskers,
                 rules,
                 static_index,
             }),
             _ => Err(PolicyError { diagnostics: diags }),
         }
+    }
+
+    /// The compiled masking rules of `resource`, if it has any. Handlers
+    /// take it per command, so a reload applies to the next one.
+    pub fn masker(&self, resource: &str) -> Option<Arc<crate::mask::Masker>> {
+        self.maskers.get(resource).cloned()
     }
 
     /// Decides one command. Pure computation, no I/O: a few microseconds.
@@ -239,3 +259,23 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The key of the `hash` masking style: random per daemon process, so
+/// hashed values join within a run but cannot be brute-forced offline.
+fn mask_hash_key() -> [u8; 32] {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| {
+        crate::audit::random_seed().unwrap_or_else(|_| {
+            // getrandom(2) does not fail after boot; if it ever did, a
+            // time-derived key still keeps hashes unguessable offline.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            let mut h = Sha256::new();
+            h.update(t.to_le_bytes());
+            h.update(std::process::id().to_le_bytes());
+            h.finalize().into()
+        })
+    })
+}

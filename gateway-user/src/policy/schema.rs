@@ -628,15 +628,8 @@ pub(super) fn parse_file(
         let start = m.span().start;
         let m = m.into_inner();
         for d in &m.detectors {
-            if !DETECTORS.contains(&d.get_ref().as_str()) {
-                diags.push(at(
-                    d.span().start,
-                    format!(
-                        "unknown detector {:?}: known are {}",
-                        d.get_ref(),
-                        DETECTORS.join(", ")
-                    ),
-                ));
+            if let Err(e) = crate::mask::validate_detector(d.get_ref()) {
+                diags.push(at(d.span().start, e.to_string()));
             }
         }
         let style = match m

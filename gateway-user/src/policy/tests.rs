@@ -448,3 +448,28 @@ permit(principal, action in Action::"tcp", resource);
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn mask_rules_compile_per_resource_and_bad_detectors_are_located() {
+    let dir = dir_with(&[("a.toml", BASE)]);
+    let set = PolicySet::load(&dir).unwrap();
+    let m = set.masker("orders").expect("orders has masking");
+    assert_eq!(m.column(None, "ssn"), Some(crate::mask::Style::Partial));
+    assert!(m.has_detectors());
+    assert!(set.masker("echo").is_none());
+    fs::remove_dir_all(dir).unwrap();
+
+    let bad = format!(
+        "{BASE}\n[[mask]]\nresource = \"orders\"\ndetectors = [\"email\", \"regex:(unclosed\"]\n"
+    );
+    let dir = dir_with(&[("a.toml", &bad)]);
+    let err = PolicySet::load(&dir).unwrap_err();
+    assert_eq!(err.diagnostics.len(), 1, "{err}");
+    let line = bad.lines().position(|l| l.contains("unclosed")).unwrap() + 1;
+    assert_eq!(err.diagnostics[0].line, Some(line));
+    assert!(
+        err.diagnostics[0].message.contains("regex:(unclosed"),
+        "{err}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,383 @@
+//! Value detectors: patterns for secrets and personal data, each confirmed
+//! by a check where one exists (Luhn for card numbers, mod-97 for IBANs,
+//! the SSA's reserved ranges for SSNs), so masking does not shred every
+//! long number.
+
+use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+
+use super::Style;
+
+/// The longest match a built-in detector (other than a private key block)
+/// can produce; streaming maskers hold back this much.
+pub const MAX_MATCH: usize = 8 * 1024;
+
+/// Compiled-size bound for custom patterns, so a policy cannot make the
+/// daemon build a gigantic automaton.
+const CUSTOM_SIZE_LIMIT: usize = 1 << 20;
+
+/// A detector that cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[error("detector {name:?}: {reason}")]
+pub struct DetectorError {
+    /// The detector as written.
+    pub name: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+/// What a detector looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detector {
+    /// Payment card numbers (13–19 digits, Luhn-checked).
+    CreditCard,
+    /// Email addresses.
+    Email,
+    /// International bank account numbers (mod-97-checked).
+    Iban,
+    /// AWS access key ids and secret access keys.
+    AwsAccessKey,
+    /// JSON Web Tokens.
+    Jwt,
+    /// PEM/OpenSSH/PGP private key blocks.
+    PrivateKey,
+    /// US social security numbers.
+    UsSsn,
+    /// Phone numbers (North American shape, optional country code).
+    Phone,
+    /// A policy-supplied regular expression (`regex:<pattern>`).
+    Custom,
+}
+
+impl Detector {
+    /// The pattern a candidate must match.
+    fn pattern(self) -> &'static str {
+        match self {
+            Self::CreditCard => r"(?-u)\b\d(?:[ -]?\d){12,18}\b",
+            Self::Email => {
+                r"(?-u)[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b"
+            }
+            Self::Iban => r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b",
+            Self::AwsAccessKey => {
+                r#"(?-u)\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA|ASCA)[A-Z0-9]{16}\b|(?i:aws_secret_access_key|secret_access_key|aws_secret_key)["']?\s{0,8}[:=]\s{0,8}["']?[A-Za-z0-9/+=]{40}"#
+            }
+            Self::Jwt => {
+                r"(?-u)\beyJ[A-Za-z0-9_-]{8,1024}\.eyJ[A-Za-z0-9_-]{8,4096}\.[A-Za-z0-9_-]{0,1024}"
+            }
+            Self::PrivateKey => r"(?-u)-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----",
+            Self::UsSsn => r"(?-u)\b\d{3}-\d{2}-\d{4}\b",
+            Self::Phone => {
+                r"(?-u)(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]?\d{4}\b"
+            }
+            Self::Custom => "",
+        }
+    }
+
+    /// Parses a built-in detector name.
+    pub fn builtin(name: &str) -> Option<Self> {
+        Some(match name {
+            "credit_card" => Self::CreditCard,
+            "email" => Self::Email,
+            "iban" => Self::Iban,
+            "aws_access_key" => Self::AwsAccessKey,
+            "jwt" => Self::Jwt,
+            "private_key" => Self::PrivateKey,
+            "us_ssn" => Self::UsSsn,
+            "phone" => Self::Phone,
+            _ => return None,
+        })
+    }
+}
+
+/// Checks a detector name as written in a policy (`regex:` patterns must
+/// compile within the size bound).
+pub fn validate(name: &str) -> Result<(), DetectorError> {
+    compile_one(name).map(|_| ())
+}
+
+fn compile_one(name: &str) -> Result<(Detector, Regex), DetectorError> {
+    let err = |reason: String| DetectorError {
+        name: name.to_string(),
+        reason,
+    };
+    if let Some(pattern) = name.strip_prefix("regex:") {
+        if pattern.is_empty() {
+            return Err(err("empty pattern".into()));
+        }
+        let re = RegexBuilder::new(pattern)
+            .size_limit(CUSTOM_SIZE_LIMIT)
+            .build()
+            // The parser's message spans lines (pattern, caret, reason):
+            // diagnostics are one line each.
+            .map_err(|e| {
+                err(e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "))
+            })?;
+        if re.is_match(b"") {
+            return Err(err("the pattern matches the empty string".into()));
+        }
+        return Ok((Detector::Custom, re));
+    }
+    let d = Detector::builtin(name).ok_or_else(|| {
+        err(format!(
+            "unknown detector: known are {}, or regex:<pattern>",
+            super::super::policy::DETECTORS.join(", ")
+        ))
+    })?;
+    let re = Regex::new(d.pattern()).map_err(|e| err(e.to_string()))?;
+    Ok((d, re))
+}
+
+/// One detector hit in a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// Byte offset of the first masked byte.
+    pub start: usize,
+    /// Byte offset after the last masked byte.
+    pub end: usize,
+    /// Index of the detector in its set.
+    pub detector: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    style: Style,
+    kind: Detector,
+    regex: Regex,
+}
+
+/// A resource's detectors, with a one-pass prefilter.
+#[derive(Debug)]
+pub struct DetectorSet {
+    entries: Vec<Entry>,
+    /// Every pattern at once: most values match none, and this answers
+    /// that in a single pass.
+    any: Option<RegexSet>,
+    private_key_end: Regex,
+}
+
+impl DetectorSet {
+    /// Compiles `(name, style)` pairs.
+    pub fn new(detectors: &[(String, Style)]) -> Result<Self, DetectorError> {
+        let mut entries = Vec::with_capacity(detectors.len());
+        for (name, style) in detectors {
+            let (kind, regex) = compile_one(name)?;
+            entries.push(Entry {
+                name: name.clone(),
+                style: *style,
+                kind,
+                regex,
+            });
+        }
+        let any = if entries.is_empty() {
+            None
+        } else {
+            Some(
+                RegexSetBuilder::new(entries.iter().map(|e| e.regex.as_str()))
+                    .size_limit(CUSTOM_SIZE_LIMIT * 8)
+                    .build()
+                    .map_err(|e| DetectorError {
+                        name: "(all detectors)".into(),
+                        reason: e.to_string(),
+                    })?,
+            )
+        };
+        let private_key_end = Regex::new(
+            r"(?-u)-----END [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----",
+        )
+        .map_err(|e| DetectorError {
+            name: "private_key".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            entries,
+            any,
+            private_key_end,
+        })
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The name and style of detector `i`.
+    pub fn describe(&self, i: usize) -> (&str, Style) {
+        self.entries
+            .get(i)
+            .map(|e| (e.name.as_str(), e.style))
+            .unwrap_or(("unknown", Style::Redact))
+    }
+
+    /// Whether a private-key detector is configured.
+    pub fn has_private_key(&self) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.kind == Detector::PrivateKey)
+    }
+
+    /// The pattern of detector `i`.
+    pub fn regex(&self, i: usize) -> Option<&Regex> {
+        self.entries.get(i).map(|e| &e.regex)
+    }
+
+    /// The end marker of a private key block.
+    pub fn private_key_end(&self) -> &Regex {
+        &self.private_key_end
+    }
+
+    /// Appends the hits in `value` to `hits`: sorted, disjoint (an overlap
+    /// keeps the earlier, then the longer). `complete`: the value ends
+    /// here, so a private key block without its end marker runs to the end
+    /// (when not complete, the streaming masker handles that case).
+    pub fn find(&self, value: &[u8], complete: bool, hits: &mut Vec<Hit>) {
+        let first = hits.len();
+        let Some(any) = &self.any else { return };
+        let matched = any.matches(value);
+        if !matched.matched_any() {
+            return;
+        }
+        for i in matched.iter() {
+            let Some(e) = self.entries.get(i) else {
+                continue;
+            };
+            for m in e.regex.find_iter(value) {
+                let (start, end) = (m.start(), m.end());
+                let found = match e.kind {
+                    Detector::CreditCard => longest_valid(value, start, end, 13, luhn),
+                    Detector::Iban => longest_valid(value, start, end, 15, iban_ok),
+                    Detector::UsSsn => ssn_ok(&value[start..end]).then_some(end),
+                    Detector::AwsAccessKey => {
+                        // A secret key matched with its name: mask the key
+                        // itself, keep the name readable.
+                        let bytes = &value[start..end];
+                        if bytes.len() > 20 {
+                            hits.push(Hit {
+                                start: end - 40,
+                                end,
+                                detector: i,
+                            });
+                            continue;
+                        }
+                        Some(end)
+                    }
+                    Detector::PrivateKey => match self.private_key_end.find_at(value, end) {
+                        Some(e) => Some(e.end()),
+                        None if complete => Some(value.len()),
+                        None => None,
+                    },
+                    _ => Some(end),
+                };
+                if let Some(end) = found {
+                    hits.push(Hit {
+                        start,
+                        end,
+                        detector: i,
+                    });
+                }
+            }
+        }
+        let mine = &mut hits[first..];
+        mine.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+        // Keep disjoint hits: drop any that starts inside the previous kept
+        // one, but extend the kept one when the overlap runs further (fail
+        // closed: every byte some detector flagged stays masked).
+        let mut kept = first;
+        for i in first..hits.len() {
+            if i == first {
+                continue;
+            }
+            let h = hits[i];
+            if h.start < hits[kept].end {
+                if h.end > hits[kept].end {
+                    hits[kept].end = h.end;
+                }
+            } else {
+                kept += 1;
+                hits[kept] = h;
+            }
+        }
+        hits.truncate(kept + 1);
+    }
+}
+
+/// Within a candidate match, the longest prefix (by digits/letters, at
+/// least `min`) that ends at a group boundary and passes `check`. Returns
+/// its end offset.
+fn longest_valid(
+    value: &[u8],
+    start: usize,
+    end: usize,
+    min: usize,
+    check: fn(&[u8]) -> bool,
+) -> Option<usize> {
+    let span = &value[start..end];
+    let mut chars: Vec<u8> = Vec::with_capacity(span.len());
+    let mut ends: Vec<usize> = Vec::with_capacity(span.len());
+    for (i, &b) in span.iter().enumerate() {
+        if b.is_ascii_alphanumeric() {
+            chars.push(b);
+            ends.push(start + i + 1);
+        }
+    }
+    for n in (min..=chars.len()).rev() {
+        let stop = ends[n - 1];
+        // A shorter candidate must end where its next character is a
+        // separator, never in the middle of a digit run.
+        let next_ok = stop == end || !value[stop].is_ascii_alphanumeric();
+        if next_ok && check(&chars[..n]) {
+            return Some(stop);
+        }
+    }
+    None
+}
+
+/// The Luhn checksum over ASCII digits.
+pub fn luhn(digits: &[u8]) -> bool {
+    if !(13..=19).contains(&digits.len()) || !digits.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let mut sum = 0u32;
+    for (i, d) in digits.iter().rev().enumerate() {
+        let mut v = u32::from(d - b'0');
+        if i % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    sum.is_multiple_of(10)
+}
+
+/// The IBAN mod-97 check over letters and digits (no spaces).
+pub fn iban_ok(chars: &[u8]) -> bool {
+    if !(15..=34).contains(&chars.len()) {
+        return false;
+    }
+    let mut rem = 0u32;
+    let rotated = chars[4..].iter().chain(chars[..4].iter());
+    for &c in rotated {
+        match c {
+            b'0'..=b'9' => rem = (rem * 10 + u32::from(c - b'0')) % 97,
+            b'A'..=b'Z' => {
+                let v = u32::from(c - b'A') + 10;
+                rem = (rem * 100 + v) % 97;
+            }
+            _ => return false,
+        }
+    }
+    rem == 1
+}
+
+/// Rejects numbers in the SSA's never-issued ranges.
+fn ssn_ok(s: &[u8]) -> bool {
+    let (Some(area), Some(group), Some(serial)) = (s.get(0..3), s.get(4..6), s.get(7..11)) else {
+        return false;
+    };
+    area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000"
+}
