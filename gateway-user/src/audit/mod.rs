@@ -74,7 +74,6 @@
 mod chain;
 mod event;
 mod key;
-pub(crate) use key::random_seed;
 mod read;
 mod time;
 mod verify;
