@@ -98,29 +98,64 @@ impl Ssh {
     }
 }
 
-/// Runs `cmd` with `stdin`, killing it after `limit`.
+/// Runs `cmd` with `stdin`, killing it after `limit`. Output is read as
+/// it comes (a full pipe must not stall the child).
 fn run_with_input(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
+    use std::io::Read;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
+    let reader = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = reader(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err_t = reader(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
     if let Some(mut i) = child.stdin.take() {
         let _ = i.write_all(stdin);
     }
     let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    match status {
+        Some(status) => Output {
+            status,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "{cmd:?} did not finish in {limit:?}: {}{}",
+            text(&stdout),
+            text(&stderr)
+        ),
     }
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
-    panic!(
-        "{cmd:?} did not finish in {limit:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn text(b: &[u8]) -> String {
@@ -559,4 +594,76 @@ fn garbage_on_the_wire_is_closed_without_a_panic() {
     let out = s.ssh(&agent, &[], &["echo still-fine"], b"");
     assert_eq!(text(&out.stdout), "still-fine\n", "{}", s.log());
     assert!(!s.daemon.log_text().contains("panicked"), "{}", s.log());
+}
+
+#[test]
+fn secrets_in_output_are_masked_across_chunk_boundaries() {
+    let s = ssh_setup(
+        "sshmask",
+        1,
+        "\n[[mask]]\nresource = \"box\"\ndetectors = [\"aws_access_key\"]\nstyle = \"redact\"\n",
+    );
+    let key = "AKIAIOSFODNN7EXAMPLE";
+    // Keys straddling the usual read and packet sizes, so some arrive split
+    // across chunks.
+    let mut body = "lorem ipsum dolor sit amet\n".repeat(8000).into_bytes();
+    let offsets = [4096usize, 8192, 16384, 32768, 65536, 131072, 180_000];
+    for off in offsets {
+        let at = off - 9;
+        body[at..at + key.len() + 2].copy_from_slice(format!(" {key} ").as_bytes());
+    }
+    let file = s.sshd.dir.join("creds.txt");
+    fs::write(&file, &body).unwrap();
+    let expected = String::from_utf8(body.clone())
+        .unwrap()
+        .replace(key, "[MASKED]");
+    let agent = s.agent("agent");
+    let out = s.ssh(
+        &agent,
+        &[],
+        &[&format!(
+            "cat {}; cat {} >&2",
+            file.display(),
+            file.display()
+        )],
+        b"",
+    );
+    assert!(out.status.success(), "{}", s.log());
+    let got = text(&out.stdout);
+    assert!(!got.contains("AKIA"), "a key leaked on stdout");
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "stdout differs from the masked file");
+    let err = text(&out.stderr);
+    assert!(
+        !err.contains("AKIA") && err.contains("[MASKED]"),
+        "stderr not masked"
+    );
+    // The command's completion record counts what was masked.
+    let ends = events(&s, "command_end", "ssh:exec");
+    let masked = &ends.last().unwrap()["detail"]["masked"];
+    assert_eq!(
+        masked["aws_access_key"].as_u64(),
+        Some(2 * offsets.len() as u64),
+        "{ends:#?}"
+    );
+    // The recording holds the masked output only.
+    let state = s.files.state.display().to_string();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            s.daemon
+                .json(&["sessions", "--json", "--state-dir", &state])["sessions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["end_reason"].is_string()))
+        },
+        "session recorded",
+    );
+    let sessions = s.files.state.join("sessions");
+    for d in fs::read_dir(&sessions).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            let f = f.unwrap().path();
+            let t = fs::read_to_string(&f).unwrap_or_default();
+            assert!(!t.contains(key), "{} holds the key", f.display());
+        }
+    }
 }

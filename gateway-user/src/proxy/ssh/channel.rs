@@ -287,6 +287,7 @@ pub async fn run_session(
         id,
         cast.clone(),
         masked,
+        pty.is_some(),
     );
     let (from_client, outcome) = tokio::join!(to_up, to_agent);
     match (&outcome.exit_status, &outcome.exit_signal) {
@@ -484,14 +485,33 @@ async fn upstream_to_agent(
     id: russh::ChannelId,
     cast: AsciicastChannel,
     masked: bool,
+    interactive: bool,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut mask = super::mask::OutputMask::new(conn, masked);
+    let idle = if interactive {
+        super::mask::IDLE_FLUSH_PTY
+    } else {
+        super::mask::IDLE_FLUSH
+    };
     let mut buf = Vec::new();
     let mut early = early.into_iter();
     loop {
         let msg = match early.next() {
             Some(m) => Some(m),
+            None if mask.held() > 0 => match tokio::time::timeout(idle, read.wait()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    // Quiet: let go of what the maskers held back.
+                    let (o, e) = mask.flush(&mut buf);
+                    let sent = send(conn, &write, None, o, &cast, &mut out).await
+                        && send(conn, &write, Some(1), e, &cast, &mut out).await;
+                    if !sent {
+                        break;
+                    }
+                    continue;
+                }
+            },
             None => read.wait().await,
         };
         match msg {
