@@ -859,6 +859,13 @@ pub struct SshServer {
 
 impl SshServer {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, false)
+    }
+
+    /// With `host_cert`, the host key is certified by a fresh host CA
+    /// (`host_ca_pub`, principal `127.0.0.1`) and sshd presents the
+    /// certificate.
+    pub fn start_with(name: &str, host_cert: bool) -> Self {
         let dir = std::env::temp_dir().join(unique(&format!("sshd-{name}")));
         fs::create_dir_all(&dir).expect("sshd dir");
         // sshd's privilege separation directory.
@@ -880,6 +887,22 @@ impl SshServer {
         let host_pub = fs::read_to_string(dir.join("host_ed25519.pub")).expect("host pub");
         let known_hosts = dir.join("known_hosts");
         fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_pub}")).expect("known_hosts");
+        let mut extra = String::new();
+        if host_cert {
+            let ca = dir.join("host_ca");
+            keygen(&ca);
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-s"])
+                    .arg(&ca)
+                    .args(["-I", "test-sshd", "-h", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+                    .arg(dir.join("host_ed25519.pub")),
+            );
+            extra = format!(
+                "HostCertificate {}\n",
+                dir.join("host_ed25519-cert.pub").display()
+            );
+        }
         let config = dir.join("sshd_config");
         fs::write(
             &config,
@@ -888,7 +911,7 @@ impl SshServer {
                  AuthorizedKeysFile {}\nPubkeyAuthentication yes\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n\
                  StrictModes no\nSubsystem sftp internal-sftp\nAcceptEnv LANG LC_*\n\
-                 AllowTcpForwarding yes\nX11Forwarding no\nPrintMotd no\nLogLevel VERBOSE\n",
+                 AllowTcpForwarding yes\nX11Forwarding no\nPrintMotd no\nLogLevel VERBOSE\n{extra}",
                 host_key.display(),
                 dir.join("sshd.pid").display(),
                 dir.join("authorized_keys").display(),
@@ -923,6 +946,11 @@ impl SshServer {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The host CA's public key (servers started with a host certificate).
+    pub fn host_ca_pub(&self) -> PathBuf {
+        self.dir.join("host_ca.pub")
     }
 
     pub fn log_text(&self) -> String {

@@ -43,8 +43,19 @@ fn rules(fwd_port: u16) -> String {
 
 fn ssh_setup(name: &str, fwd_port: u16, extra: &str) -> Ssh {
     require_root();
-    let cg = TestCgroup::new(name);
     let sshd = SshServer::start(name);
+    let trust = format!(
+        "known_hosts = {:?}\n{extra}",
+        sshd.known_hosts.display().to_string()
+    );
+    setup_on(sshd, name, fwd_port, &trust)
+}
+
+/// A daemon with resource `box` for `sshd`; `trust` holds the resource's
+/// trust keys (and any other extra keys).
+fn setup_on(sshd: SshServer, name: &str, fwd_port: u16, trust: &str) -> Ssh {
+    require_root();
+    let cg = TestCgroup::new(name);
     let files = DaemonFiles::new(&cg.rel);
     files.identities(IDENTITIES);
     files.rules("ssh.cedar", &rules(fwd_port));
@@ -53,10 +64,9 @@ fn ssh_setup(name: &str, fwd_port: u16, extra: &str) -> Ssh {
         format!(
             "[resource.box]\nprotocol = \"ssh\"\nmatch = [\"127.0.0.1:{}\"]\n\
              credentials = {{ user = \"root\", private_key_file = {:?} }}\n\
-             known_hosts = {:?}\nrecord = \"full\"\napproval_timeout = \"30s\"\n{extra}",
+             record = \"full\"\napproval_timeout = \"30s\"\n{trust}",
             sshd.port,
             sshd.upstream_key.display().to_string(),
-            sshd.known_hosts.display().to_string(),
         ),
     )
     .expect("write resource");
@@ -69,6 +79,15 @@ fn ssh_setup(name: &str, fwd_port: u16, extra: &str) -> Ssh {
         daemon,
         agent_kh,
     }
+}
+
+/// `ssh-keygen` an unencrypted ed25519 key at `path`.
+fn keygen(path: &std::path::Path) {
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path),
+    );
 }
 
 impl Ssh {
@@ -666,4 +685,92 @@ fn secrets_in_output_are_masked_across_chunk_boundaries() {
             assert!(!t.contains(key), "{} holds the key", f.display());
         }
     }
+}
+
+#[test]
+fn host_certificates_on_both_legs() {
+    require_root();
+    // Upstream: sshd presents a host certificate; the resource trusts its
+    // CA only (no known_hosts).
+    let sshd = SshServer::start_with("sshca", true);
+    // Agent side: the resource's own host key, certified by a CA agents
+    // trust with @cert-authority.
+    let dir = sshd.dir.clone();
+    let (key, ca) = (dir.join("agent_side"), dir.join("agent_ca"));
+    keygen(&key);
+    keygen(&ca);
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", "portcullis", "-h", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+            .arg(dir.join("agent_side.pub")),
+    );
+    let trust = format!(
+        "host_ca = {:?}\nhost_key_file = {:?}\nhost_certificate_file = {:?}\n",
+        sshd.host_ca_pub().display().to_string(),
+        key.display().to_string(),
+        dir.join("agent_side-cert.pub").display().to_string(),
+    );
+    let s = setup_on(sshd, "sshca", 1, &trust);
+    let kh = dir.join("ca_known_hosts");
+    fs::write(
+        &kh,
+        format!(
+            "@cert-authority [127.0.0.1]:{} {}",
+            s.sshd.port,
+            fs::read_to_string(dir.join("agent_ca.pub")).unwrap()
+        ),
+    )
+    .unwrap();
+    let agent = s.agent("agent");
+    let mut cmd = Command::new("ssh");
+    cmd.args(s.sshd.ssh_opts(&kh)).args([
+        "-p",
+        &s.sshd.port.to_string(),
+        "root@127.0.0.1",
+        "echo via-certificates",
+    ]);
+    agent.apply(&mut cmd);
+    let out = run_with_input(cmd, b"", Duration::from_secs(60));
+    assert_eq!(
+        text(&out.stdout),
+        "via-certificates\n",
+        "{}\n{}",
+        text(&out.stderr),
+        s.log()
+    );
+    // The daemon's plain key is not what this resource shows.
+    let out = s.ssh(&agent, &[], &["true"], b"");
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn an_upstream_whose_host_key_is_not_known_is_refused() {
+    let s = ssh_setup("sshhostkey", 1, "");
+    let agent = s.agent("agent");
+    let other = s.sshd.dir.join("impostor");
+    keygen(&other);
+    fs::write(
+        &s.sshd.known_hosts,
+        format!(
+            "[127.0.0.1]:{} {}",
+            s.sshd.port,
+            fs::read_to_string(s.sshd.dir.join("impostor.pub")).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = s.ssh(&agent, &[], &["echo should-not-run"], b"");
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("not trusted"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !s.sshd.log_text().contains("Accepted publickey"),
+        "{}",
+        s.log()
+    );
 }
