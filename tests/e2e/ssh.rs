@@ -774,3 +774,130 @@ fn an_upstream_whose_host_key_is_not_known_is_refused() {
         s.log()
     );
 }
+
+/// paramiko: a pty shell resized midway, a signal sent to an exec, and an
+/// exec killed by a signal.
+const PARAMIKO_TTY: &str = r#"
+import json, sys, time, paramiko
+from paramiko.message import Message
+from paramiko.common import cMSG_CHANNEL_REQUEST
+a = json.loads(sys.argv[1])
+c = paramiko.SSHClient()
+c.load_host_keys(a["known_hosts"])
+c.set_missing_host_key_policy(paramiko.RejectPolicy())
+c.connect("127.0.0.1", port=a["port"], username="u", password="p", look_for_keys=False, allow_agent=False, timeout=15)
+t = c.get_transport()
+def read_until(ch, want, limit=20):
+    buf = b""
+    end = time.time() + limit
+    while time.time() < end and want.encode() not in buf:
+        if ch.recv_ready():
+            buf += ch.recv(65536)
+        elif ch.exit_status_ready() or ch.closed:
+            break
+        else:
+            time.sleep(0.02)
+    return buf.decode(errors="replace")
+out = {}
+ch = t.open_session()
+ch.get_pty(term="xterm", width=80, height=24)
+ch.invoke_shell()
+ch.send("stty size\n")
+out["before"] = read_until(ch, "24 80")
+ch.resize_pty(width=100, height=40)
+time.sleep(0.3)
+ch.send("stty size; exit\n")
+out["after"] = read_until(ch, "40 100")
+ch.close()
+ch2 = t.open_session()
+ch2.exec_command("echo started; sleep 2; echo slept")
+out["sig_before"] = read_until(ch2, "started")
+m = Message()
+m.add_byte(cMSG_CHANNEL_REQUEST)
+m.add_int(ch2.remote_chanid)
+m.add_string("signal")
+m.add_boolean(False)
+m.add_string("TERM")
+t._send_user_message(m)
+out["sig_after"] = read_until(ch2, "slept")
+ch3 = t.open_session()
+ch3.exec_command("echo dying; kill -TERM $$")
+out["killed"] = read_until(ch3, "never-printed", 15)
+out["killed_status"] = ch3.recv_exit_status()
+c.close()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn window_changes_signals_and_exit_signals_are_relayed() {
+    let s = ssh_setup("sshsig", 1, "");
+    let agent = s.agent("agent");
+    let args = json!({"known_hosts": s.agent_kh, "port": s.sshd.port});
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", PARAMIKO_TTY, &args.to_string()]);
+    agent.apply(&mut cmd);
+    let out = run_with_input(cmd, b"", Duration::from_secs(90));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            s.log()
+        )
+    });
+    assert!(v["before"].as_str().unwrap().contains("24 80"), "{v}");
+    assert!(
+        v["after"].as_str().unwrap().contains("40 100"),
+        "window change relayed: {v}"
+    );
+    assert!(v["sig_before"].as_str().unwrap().contains("started"), "{v}");
+    // The signal request reached sshd (which delivers signals only to
+    // non-root sessions: root logins run without privilege separation).
+    assert!(
+        s.sshd.log_text().contains("session_signal_req"),
+        "signal relayed upstream: {}",
+        s.log()
+    );
+    // A command killed by a signal: exit-signal, no exit status.
+    assert!(v["killed"].as_str().unwrap().contains("dying"), "{v}");
+    assert_eq!(v["killed_status"], -1, "{v}");
+    let ends = events(&s, "command_end", "ssh:exec");
+    assert!(
+        ends.iter().any(|e| e["detail"]["exit_signal"] == "TERM"),
+        "exit-signal relayed and audited: {ends:#?}"
+    );
+    // The resize is in the shell's recording.
+    let state = s.files.state.display().to_string();
+    let sessions_dir = s.files.state.join("sessions");
+    let mut cast_text = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let sessions = s
+                .daemon
+                .json(&["sessions", "--json", "--state-dir", &state])["sessions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            cast_text = sessions
+                .iter()
+                .flat_map(|i| {
+                    let id = i["id"].as_str().unwrap_or_default().to_string();
+                    i["channels"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|c| c["kind"] == "shell")
+                        .map({
+                            let dir = sessions_dir.join(&id);
+                            move |c| dir.join(c["file"].as_str().unwrap_or_default())
+                        })
+                })
+                .map(|p| fs::read_to_string(p).unwrap_or_default())
+                .collect();
+            cast_text.contains("\"r\", \"100x40\"") || cast_text.contains("\"r\",\"100x40\"")
+        },
+        "resize event recorded",
+    );
+}
