@@ -859,13 +859,15 @@ pub struct SshServer {
 
 impl SshServer {
     pub fn start(name: &str) -> Self {
-        Self::start_with(name, false)
+        Self::start_with(name, false, false)
     }
 
     /// With `host_cert`, the host key is certified by a fresh host CA
     /// (`host_ca_pub`, principal `127.0.0.1`) and sshd presents the
-    /// certificate.
-    pub fn start_with(name: &str, host_cert: bool) -> Self {
+    /// certificate. With `user_cert`, `authorized_keys` is empty and sshd
+    /// trusts a user CA that certified the daemon's key for root instead
+    /// (`upstream_cert`).
+    pub fn start_with(name: &str, host_cert: bool, user_cert: bool) -> Self {
         let dir = std::env::temp_dir().join(unique(&format!("sshd-{name}")));
         fs::create_dir_all(&dir).expect("sshd dir");
         // sshd's privilege separation directory.
@@ -881,13 +883,30 @@ impl SshServer {
         let upstream_key = dir.join("portcullis_id");
         keygen(&host_key);
         keygen(&upstream_key);
-        fs::copy(dir.join("portcullis_id.pub"), dir.join("authorized_keys"))
-            .expect("authorized_keys");
+        let mut extra = String::new();
+        if user_cert {
+            let ca = dir.join("user_ca");
+            keygen(&ca);
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-s"])
+                    .arg(&ca)
+                    .args(["-I", "portcullis-user", "-n", "root", "-V", "-5m:+1h"])
+                    .arg(dir.join("portcullis_id.pub")),
+            );
+            fs::write(dir.join("authorized_keys"), "").expect("authorized_keys");
+            extra.push_str(&format!(
+                "TrustedUserCAKeys {}\n",
+                dir.join("user_ca.pub").display()
+            ));
+        } else {
+            fs::copy(dir.join("portcullis_id.pub"), dir.join("authorized_keys"))
+                .expect("authorized_keys");
+        }
         let port = free_port();
         let host_pub = fs::read_to_string(dir.join("host_ed25519.pub")).expect("host pub");
         let known_hosts = dir.join("known_hosts");
         fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_pub}")).expect("known_hosts");
-        let mut extra = String::new();
         if host_cert {
             let ca = dir.join("host_ca");
             keygen(&ca);
@@ -898,10 +917,10 @@ impl SshServer {
                     .args(["-I", "test-sshd", "-h", "-n", "127.0.0.1", "-V", "-5m:+1h"])
                     .arg(dir.join("host_ed25519.pub")),
             );
-            extra = format!(
+            extra.push_str(&format!(
                 "HostCertificate {}\n",
                 dir.join("host_ed25519-cert.pub").display()
-            );
+            ));
         }
         let config = dir.join("sshd_config");
         fs::write(
@@ -946,6 +965,11 @@ impl SshServer {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The daemon key's user certificate (servers started with `user_cert`).
+    pub fn upstream_cert(&self) -> PathBuf {
+        self.dir.join("portcullis_id-cert.pub")
     }
 
     /// The host CA's public key (servers started with a host certificate).

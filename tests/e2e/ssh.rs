@@ -55,6 +55,15 @@ fn ssh_setup(name: &str, fwd_port: u16, extra: &str) -> Ssh {
 /// trust keys (and any other extra keys).
 fn setup_on(sshd: SshServer, name: &str, fwd_port: u16, trust: &str) -> Ssh {
     require_root();
+    // A server trusting a user CA gets the certificate too.
+    let cert = if sshd.upstream_cert().exists() {
+        format!(
+            ", certificate_file = {:?}",
+            sshd.upstream_cert().display().to_string()
+        )
+    } else {
+        String::new()
+    };
     let cg = TestCgroup::new(name);
     let files = DaemonFiles::new(&cg.rel);
     files.identities(IDENTITIES);
@@ -63,7 +72,7 @@ fn setup_on(sshd: SshServer, name: &str, fwd_port: u16, trust: &str) -> Ssh {
         files.policies.join("box.toml"),
         format!(
             "[resource.box]\nprotocol = \"ssh\"\nmatch = [\"127.0.0.1:{}\"]\n\
-             credentials = {{ user = \"root\", private_key_file = {:?} }}\n\
+             credentials = {{ user = \"root\", private_key_file = {:?}{cert} }}\n\
              record = \"full\"\napproval_timeout = \"30s\"\n{trust}",
             sshd.port,
             sshd.upstream_key.display().to_string(),
@@ -692,7 +701,7 @@ fn host_certificates_on_both_legs() {
     require_root();
     // Upstream: sshd presents a host certificate; the resource trusts its
     // CA only (no known_hosts).
-    let sshd = SshServer::start_with("sshca", true);
+    let sshd = SshServer::start_with("sshca", true, false);
     // Agent side: the resource's own host key, certified by a CA agents
     // trust with @cert-authority.
     let dir = sshd.dir.clone();
@@ -899,5 +908,31 @@ fn window_changes_signals_and_exit_signals_are_relayed() {
             cast_text.contains("\"r\", \"100x40\"") || cast_text.contains("\"r\",\"100x40\"")
         },
         "resize event recorded",
+    );
+}
+
+#[test]
+fn the_daemon_logs_in_with_a_held_user_certificate() {
+    require_root();
+    // sshd's authorized_keys is empty: only the certificate gets in.
+    let sshd = SshServer::start_with("sshusercert", false, true);
+    let trust = format!(
+        "known_hosts = {:?}\n",
+        sshd.known_hosts.display().to_string()
+    );
+    let s = setup_on(sshd, "sshusercert", 1, &trust);
+    let agent = s.agent("agent");
+    let out = s.ssh(&agent, &[], &["echo certified"], b"");
+    assert_eq!(
+        text(&out.stdout),
+        "certified\n",
+        "{}\n{}",
+        text(&out.stderr),
+        s.log()
+    );
+    assert!(
+        s.sshd.log_text().contains("portcullis-user"),
+        "sshd accepted the certificate: {}",
+        s.log()
     );
 }
