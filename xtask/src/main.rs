@@ -1,9 +1,10 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|policy|audit`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|ssh|policy|audit`.
 #![warn(missing_docs)]
 
 mod bench;
 mod bench_client;
+mod bench_ssh;
 mod ci;
 mod demo;
 mod session;
@@ -51,7 +52,7 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
-    /// Benchmarks: `tcp` (direct vs. through Portcullis), `policy`, `audit`.
+    /// Benchmarks: `tcp` and `ssh` (direct vs. through Portcullis), `policy`, `audit`.
     Bench {
         /// What to benchmark.
         #[command(subcommand)]
@@ -73,6 +74,22 @@ enum BenchTarget {
         /// Bytes for the bulk run (bounded by 30 s).
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// SSH: download and upload throughput, exec round trips, connect+exec.
+    ///
+    /// OpenSSH `ssh` and paramiko against a local OpenSSH sshd, direct and
+    /// through Portcullis (the daemon holding the key; policy, audit,
+    /// recording and masking on).
+    Ssh {
+        /// Bytes each way for the transfers.
+        #[arg(long, default_value_t = 200 << 20)]
+        bytes: u64,
+        /// Exec round trips on one connection.
+        #[arg(long, default_value_t = 200)]
+        execs: u64,
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
@@ -131,6 +148,14 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench::tcp(connections, bytes, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Ssh {
+                    bytes,
+                    execs,
+                    binary,
+                },
+        } => bench_ssh::ssh(bytes, execs, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),
