@@ -155,9 +155,14 @@ fn run_with_input(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
             .take()
             .map(|r| Box::new(r) as Box<dyn Read + Send>),
     );
-    if let Some(mut i) = child.stdin.take() {
-        let _ = i.write_all(stdin);
-    }
+    // Fed from a thread: a child that stops reading must not block the
+    // time limit.
+    let feed = child.stdin.take().map(|mut i| {
+        let data = stdin.to_vec();
+        std::thread::spawn(move || {
+            let _ = i.write_all(&data);
+        })
+    });
     let start = Instant::now();
     let status = loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -170,6 +175,9 @@ fn run_with_input(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    if let Some(f) = feed {
+        let _ = f.join();
+    }
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
     match status {
@@ -935,4 +943,67 @@ fn the_daemon_logs_in_with_a_held_user_certificate() {
         "sshd accepted the certificate: {}",
         s.log()
     );
+}
+
+#[test]
+fn bulk_both_ways_at_once_and_a_killed_session() {
+    let s = ssh_setup("sshbulk", 1, "");
+    let agent = s.agent("agent");
+    // 24 MiB through `cat`: input and output flow at the same time.
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let out = s.ssh(&agent, &[], &["cat"], &data);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), s.log());
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "cat returned other bytes");
+
+    // `portcullis kill` ends a live ssh session at once.
+    let mut cmd = Command::new("ssh");
+    cmd.args(s.sshd.ssh_opts(&s.agent_kh))
+        .args(["-p", &s.sshd.port.to_string(), "root@127.0.0.1", "sleep 60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    agent.apply(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let state = s.files.state.display().to_string();
+    let mut id = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let active = s
+                .daemon
+                .json(&["sessions", "--active", "--json", "--state-dir", &state]);
+            match active["sessions"].as_array().and_then(|a| a.first()) {
+                Some(v) if v["protocol"] == "ssh" => {
+                    id = v["id"].as_str().unwrap_or_default().to_string();
+                    true
+                }
+                _ => false,
+            }
+        },
+        "the ssh session is live",
+    );
+    // Let the exec start (the kill must end a running command too).
+    wait_until(
+        Duration::from_secs(10),
+        || s.sshd.log_text().matches("Accepted publickey").count() >= 2,
+        "the upstream login of the second session",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    s.daemon.cli_ok(&["kill", &id]);
+    let mut status = None;
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(st)) = child.try_wait() {
+            status = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.expect("ssh ended after the kill");
+    assert!(!status.success());
 }

@@ -10,6 +10,7 @@
 //! speak to the agent outside its channels, nor parse command lines.
 
 use std::{
+    collections::VecDeque,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -277,19 +278,27 @@ pub async fn run_session(
         }),
     };
     let masked = !matches!(req, Request::Subsystem(_));
-    let to_up = agent_to_upstream(&conn, a_read, kept, u_write, cast.clone());
-    let to_agent = upstream_to_agent(
-        &conn,
-        u_read,
-        early,
-        a_write,
-        handle,
-        id,
-        cast.clone(),
-        masked,
-        pty.is_some(),
-    );
-    let (from_client, outcome) = tokio::join!(to_up, to_agent);
+    let to_up = ToUpstream {
+        conn: &conn,
+        write: u_write,
+        cast: cast.clone(),
+        total: 0,
+    };
+    let to_agent = ToAgent {
+        conn: &conn,
+        write: a_write,
+        handle: Some((handle, id)),
+        cast: cast.clone(),
+        mask: super::mask::OutputMask::new(&conn, masked),
+        idle: if pty.is_some() {
+            super::mask::IDLE_FLUSH_PTY
+        } else {
+            super::mask::IDLE_FLUSH
+        },
+        buf: Vec::new(),
+        out: Outcome::default(),
+    };
+    let (from_client, outcome) = relay(a_read, kept, to_up, u_read, early, to_agent).await;
     match (&outcome.exit_status, &outcome.exit_signal) {
         (Some(s), _) => cast.exit(*s as i32),
         (None, Some(sig)) => cast.exit_signal(sig),
@@ -408,58 +417,138 @@ async fn open_upstream(
     Ok((read, write, early))
 }
 
-/// Agent → upstream: input, EOF, window changes, signals, close. Returns
-/// the bytes of input relayed.
-async fn agent_to_upstream(
-    conn: &Conn,
-    mut read: ChannelReadHalf,
-    kept: Vec<ChannelMsg>,
+/// Most bytes of channel data queued per direction of a channel between
+/// reading one side and writing the other. Reading never waits on the other
+/// side's window until this is full: a relay that did would stall the
+/// russh session loop it reads from, and with data flowing both ways (e.g.
+/// `ssh host cat < big`) the two session loops would wait on each other's
+/// window adjustments for ever.
+pub const RELAY_QUEUE_MAX: usize = 4 * 1024 * 1024;
+
+/// One direction of a channel relay: what to do with each message.
+trait Direction {
+    /// Handles one message (`None`: the source channel is gone); `false`
+    /// ends the direction.
+    async fn handle(&mut self, msg: Option<ChannelMsg>) -> bool;
+
+    /// How long the source may be quiet before [`Direction::flush_idle`]
+    /// (`None`: nothing is held back).
+    fn idle_flush(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The source went quiet; `false` ends the direction.
+    async fn flush_idle(&mut self) -> bool {
+        true
+    }
+}
+
+fn msg_len(m: &Option<ChannelMsg>) -> usize {
+    match m {
+        Some(ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }) => data.len(),
+        _ => 0,
+    }
+}
+
+/// Drives one direction: handles messages in order while reading ahead
+/// into a queue of at most [`RELAY_QUEUE_MAX`] bytes, so the source's
+/// session loop keeps going while the destination waits for its window.
+async fn pump<D: Direction>(read: &mut ChannelReadHalf, first: Vec<ChannelMsg>, d: &mut D) {
+    let mut queue: VecDeque<Option<ChannelMsg>> = first.into_iter().map(Some).collect();
+    let mut queued: usize = queue.iter().map(msg_len).sum();
+    let mut source_done = false;
+    loop {
+        let next = match queue.pop_front() {
+            Some(m) => m,
+            None if source_done => return,
+            None => {
+                let m = match d.idle_flush() {
+                    Some(t) => match tokio::time::timeout(t, read.wait()).await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            if !d.flush_idle().await {
+                                return;
+                            }
+                            continue;
+                        }
+                    },
+                    None => read.wait().await,
+                };
+                source_done = m.is_none();
+                queued += msg_len(&m);
+                m
+            }
+        };
+        let n = msg_len(&next);
+        {
+            let fut = d.handle(next);
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    biased;
+                    go = &mut fut => {
+                        if !go {
+                            return;
+                        }
+                        break;
+                    }
+                    m = read.wait(), if !source_done && queued < RELAY_QUEUE_MAX => {
+                        source_done = m.is_none();
+                        queued += msg_len(&m);
+                        queue.push_back(m);
+                    }
+                }
+            }
+        }
+        queued -= n;
+    }
+}
+
+/// Agent → upstream: input, EOF, window changes, signals, close.
+struct ToUpstream<'a> {
+    conn: &'a Conn,
     write: ChannelWriteHalf<russh::client::Msg>,
     cast: AsciicastChannel,
-) -> u64 {
-    let mut total = 0u64;
-    let mut kept = kept.into_iter();
-    loop {
-        let msg = match kept.next() {
-            Some(m) => Some(m),
-            None => read.wait().await,
-        };
-        let ok = match msg {
+    /// Bytes of input relayed.
+    total: u64,
+}
+
+impl Direction for ToUpstream<'_> {
+    async fn handle(&mut self, msg: Option<ChannelMsg>) -> bool {
+        let w = &self.write;
+        match msg {
             Some(ChannelMsg::Data { data }) => {
-                total += data.len() as u64;
-                conn.bytes_from_client
+                self.total += data.len() as u64;
+                self.conn
+                    .bytes_from_client
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                cast.input(&data);
-                write.data_bytes(data).await.is_ok()
+                self.cast.input(&data);
+                w.data_bytes(data).await.is_ok()
             }
             Some(ChannelMsg::ExtendedData { data, ext }) => {
-                total += data.len() as u64;
-                write.extended_data_bytes(ext, data).await.is_ok()
+                self.total += data.len() as u64;
+                w.extended_data_bytes(ext, data).await.is_ok()
             }
-            Some(ChannelMsg::Eof) => write.eof().await.is_ok(),
+            Some(ChannelMsg::Eof) => w.eof().await.is_ok(),
             Some(ChannelMsg::WindowChange {
                 col_width,
                 row_height,
                 pix_width,
                 pix_height,
             }) => {
-                cast.resize(clamp16(col_width), clamp16(row_height));
-                write
-                    .window_change(col_width, row_height, pix_width, pix_height)
+                self.cast.resize(clamp16(col_width), clamp16(row_height));
+                w.window_change(col_width, row_height, pix_width, pix_height)
                     .await
                     .is_ok()
             }
-            Some(ChannelMsg::Signal { signal }) => write.signal(signal).await.is_ok(),
+            Some(ChannelMsg::Signal { signal }) => w.signal(signal).await.is_ok(),
             None | Some(ChannelMsg::Close) => {
-                let _ = write.close().await;
-                return total;
+                let _ = w.close().await;
+                false
             }
             // Other requests on a running channel are answered by the
             // server handler and not relayed.
             Some(_) => true,
-        };
-        if !ok {
-            return total;
         }
     }
 }
@@ -475,69 +564,41 @@ struct Outcome {
 
 /// Upstream → agent: output (masked) and stderr, EOF, exit status or
 /// signal, close.
-#[allow(clippy::too_many_arguments)]
-async fn upstream_to_agent(
-    conn: &Conn,
-    mut read: ChannelReadHalf,
-    early: Vec<ChannelMsg>,
+struct ToAgent<'a> {
+    conn: &'a Conn,
     write: ChannelWriteHalf<server::Msg>,
-    handle: server::Handle,
-    id: russh::ChannelId,
+    handle: Option<(server::Handle, russh::ChannelId)>,
     cast: AsciicastChannel,
-    masked: bool,
-    interactive: bool,
-) -> Outcome {
-    let mut out = Outcome::default();
-    let mut mask = super::mask::OutputMask::new(conn, masked);
-    let idle = if interactive {
-        super::mask::IDLE_FLUSH_PTY
-    } else {
-        super::mask::IDLE_FLUSH
-    };
-    let mut buf = Vec::new();
-    let mut early = early.into_iter();
-    loop {
-        let msg = match early.next() {
-            Some(m) => Some(m),
-            None if mask.held() > 0 => match tokio::time::timeout(idle, read.wait()).await {
-                Ok(m) => m,
-                Err(_) => {
-                    // Quiet: let go of what the maskers held back.
-                    let (o, e) = mask.flush(&mut buf);
-                    let sent = send(conn, &write, None, o, &cast, &mut out).await
-                        && send(conn, &write, Some(1), e, &cast, &mut out).await;
-                    if !sent {
-                        break;
-                    }
-                    continue;
-                }
-            },
-            None => read.wait().await,
-        };
+    mask: super::mask::OutputMask,
+    idle: Duration,
+    buf: Vec<u8>,
+    out: Outcome,
+}
+
+impl Direction for ToAgent<'_> {
+    async fn handle(&mut self, msg: Option<ChannelMsg>) -> bool {
         match msg {
             Some(ChannelMsg::Data { data }) => {
-                let data = mask.stdout(data, &mut buf);
-                if !send(conn, &write, None, data, &cast, &mut out).await {
-                    break;
-                }
+                let data = self.mask.stdout(data, &mut self.buf);
+                self.send(None, data).await
             }
             Some(ChannelMsg::ExtendedData { data, ext }) => {
                 let data = if ext == 1 {
-                    mask.stderr(data, &mut buf)
+                    self.mask.stderr(data, &mut self.buf)
                 } else {
                     data
                 };
-                if !send(conn, &write, Some(ext), data, &cast, &mut out).await {
-                    break;
-                }
+                self.send(Some(ext), data).await
             }
             Some(ChannelMsg::Eof) => {
-                flush(conn, &mut mask, &write, &cast, &mut out, &mut buf).await;
-                let _ = write.eof().await;
+                self.finish_mask().await;
+                let _ = self.write.eof().await;
+                true
             }
             Some(ChannelMsg::ExitStatus { exit_status }) => {
-                out.exit_status = Some(exit_status);
-                let _ = write.exit_status(exit_status).await;
+                self.out.exit_status = Some(exit_status);
+                let _ = self.write.exit_status(exit_status).await;
+                true
             }
             Some(ChannelMsg::ExitSignal {
                 signal_name,
@@ -545,59 +606,80 @@ async fn upstream_to_agent(
                 error_message,
                 lang_tag,
             }) => {
-                out.exit_signal = Some(sig_name(&signal_name));
-                let _ = handle
-                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                    .await;
+                self.out.exit_signal = Some(sig_name(&signal_name));
+                if let Some((h, id)) = &self.handle {
+                    let _ = h
+                        .exit_signal_request(*id, signal_name, core_dumped, error_message, lang_tag)
+                        .await;
+                }
+                true
             }
             Some(ChannelMsg::XonXoff { client_can_do }) => {
-                let _ = handle.xon_xoff_request(id, client_can_do).await;
+                if let Some((h, id)) = &self.handle {
+                    let _ = h.xon_xoff_request(*id, client_can_do).await;
+                }
+                true
             }
             None | Some(ChannelMsg::Close) => {
-                flush(conn, &mut mask, &write, &cast, &mut out, &mut buf).await;
-                let _ = write.close().await;
-                break;
+                self.finish_mask().await;
+                let _ = self.write.close().await;
+                false
             }
-            Some(_) => {}
+            Some(_) => true,
         }
     }
-    out.masked = mask.counts();
-    out
-}
 
-async fn send(
-    conn: &Conn,
-    write: &ChannelWriteHalf<server::Msg>,
-    ext: Option<u32>,
-    data: Bytes,
-    cast: &AsciicastChannel,
-    out: &mut Outcome,
-) -> bool {
-    if data.is_empty() {
-        return true;
+    fn idle_flush(&self) -> Option<Duration> {
+        (self.mask.held() > 0).then_some(self.idle)
     }
-    cast.output(&data);
-    let n = data.len() as u64;
-    out.to_client += n;
-    conn.bytes_to_client.fetch_add(n, Ordering::Relaxed);
-    match ext {
-        None => write.data_bytes(data).await.is_ok(),
-        Some(e) => write.extended_data_bytes(e, data).await.is_ok(),
+
+    async fn flush_idle(&mut self) -> bool {
+        // Quiet: let go of what the maskers held back.
+        let (o, e) = self.mask.flush(&mut self.buf);
+        self.send(None, o).await && self.send(Some(1), e).await
     }
 }
 
-/// Writes what the maskers held back (end of output).
-async fn flush(
-    conn: &Conn,
-    mask: &mut super::mask::OutputMask,
-    write: &ChannelWriteHalf<server::Msg>,
-    cast: &AsciicastChannel,
-    out: &mut Outcome,
-    buf: &mut Vec<u8>,
-) {
-    let (o, e) = mask.finish(buf);
-    let _ = send(conn, write, None, o, cast, out).await;
-    let _ = send(conn, write, Some(1), e, cast, out).await;
+impl ToAgent<'_> {
+    async fn send(&mut self, ext: Option<u32>, data: Bytes) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        self.cast.output(&data);
+        let n = data.len() as u64;
+        self.out.to_client += n;
+        self.conn.bytes_to_client.fetch_add(n, Ordering::Relaxed);
+        match ext {
+            None => self.write.data_bytes(data).await.is_ok(),
+            Some(e) => self.write.extended_data_bytes(e, data).await.is_ok(),
+        }
+    }
+
+    /// Writes what the maskers held back (end of output).
+    async fn finish_mask(&mut self) {
+        let (o, e) = self.mask.finish(&mut self.buf);
+        let _ = self.send(None, o).await;
+        let _ = self.send(Some(1), e).await;
+    }
+}
+
+/// Relays a channel both ways until both directions are done; returns
+/// the input bytes and the outcome.
+async fn relay(
+    mut a_read: ChannelReadHalf,
+    kept: Vec<ChannelMsg>,
+    mut to_up: ToUpstream<'_>,
+    mut u_read: ChannelReadHalf,
+    early: Vec<ChannelMsg>,
+    mut to_agent: ToAgent<'_>,
+) -> (u64, Outcome) {
+    tokio::join!(
+        pump(&mut a_read, kept, &mut to_up),
+        pump(&mut u_read, early, &mut to_agent)
+    );
+    let mut out = to_agent.out;
+    out.masked = to_agent.mask.counts();
+    (to_up.total, out)
 }
 
 /// The signal's name without `SIG` (as in exit-signal).
@@ -669,29 +751,24 @@ pub async fn run_forward(
     let (a_read, a_write) = chan.split();
     let (u_read, u_write) = up.split();
     let cast = no_cast();
-    let to_up = agent_to_upstream(&conn, a_read, Vec::new(), u_write, cast.clone());
-    let to_agent = async {
-        let mut out = Outcome::default();
-        let mut read = u_read;
-        loop {
-            match read.wait().await {
-                Some(ChannelMsg::Data { data }) => {
-                    if !send(&conn, &a_write, None, data, &cast, &mut out).await {
-                        break;
-                    }
-                }
-                Some(ChannelMsg::Eof) => {
-                    let _ = a_write.eof().await;
-                }
-                None | Some(ChannelMsg::Close) => {
-                    let _ = a_write.close().await;
-                    break;
-                }
-                Some(_) => {}
-            }
-        }
-        out
+    let to_up = ToUpstream {
+        conn: &conn,
+        write: u_write,
+        cast: cast.clone(),
+        total: 0,
     };
-    let (from_client, outcome) = tokio::join!(to_up, to_agent);
+    // Forwarded bytes are a protocol of their own: relayed as they are.
+    let to_agent = ToAgent {
+        conn: &conn,
+        write: a_write,
+        handle: None,
+        cast,
+        mask: super::mask::OutputMask::new(&conn, false),
+        idle: super::mask::IDLE_FLUSH,
+        buf: Vec::new(),
+        out: Outcome::default(),
+    };
+    let (from_client, outcome) =
+        relay(a_read, Vec::new(), to_up, u_read, Vec::new(), to_agent).await;
     finish(shared, flow, &cmd, &allowed, from_client, &outcome).await;
 }
