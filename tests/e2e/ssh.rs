@@ -511,6 +511,23 @@ fn sftp_put_and_get_allowed_and_denied_by_policy() {
     assert_eq!(fs::read(&remote).unwrap(), data);
     assert_eq!(fs::read(&back).unwrap(), data);
     assert_eq!(events(&s, "command", "ssh:sftp")[0]["decision"], "allow");
+    // The file operations are in the command's completion record.
+    let ops = events(&s, "command_end", "ssh:sftp")[0]["detail"]["sftp"]["ops"].clone();
+    let ops: Vec<&str> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        ops.iter()
+            .any(|o| o.starts_with(&format!("open {} write", remote.display()))),
+        "{ops:?}"
+    );
+    assert!(
+        ops.contains(&format!("open {} read", remote.display()).as_str()),
+        "{ops:?}"
+    );
 
     // Another identity has no sftp rule.
     let other = s.agent("x");

@@ -283,6 +283,7 @@ pub async fn run_session(
         write: u_write,
         cast: cast.clone(),
         total: 0,
+        sftp: (!masked).then(super::sftp::SftpLog::default),
     };
     let to_agent = ToAgent {
         conn: &conn,
@@ -335,6 +336,9 @@ async fn finish(
     detail.insert("bytes_to_client".into(), outcome.to_client.into());
     if let Some(m) = &outcome.masked {
         detail.insert("masked".into(), m.clone());
+    }
+    if let Some(f) = &outcome.sftp {
+        detail.insert("sftp".into(), f.clone());
     }
     gate::finished(shared, flow, cmd, allowed, detail).await;
 }
@@ -511,6 +515,8 @@ struct ToUpstream<'a> {
     cast: AsciicastChannel,
     /// Bytes of input relayed.
     total: u64,
+    /// File operations, on an sftp channel.
+    sftp: Option<super::sftp::SftpLog>,
 }
 
 impl Direction for ToUpstream<'_> {
@@ -523,6 +529,9 @@ impl Direction for ToUpstream<'_> {
                     .bytes_from_client
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 self.cast.input(&data);
+                if let Some(log) = &mut self.sftp {
+                    log.push(&data);
+                }
                 w.data_bytes(data).await.is_ok()
             }
             Some(ChannelMsg::ExtendedData { data, ext }) => {
@@ -560,6 +569,7 @@ struct Outcome {
     exit_signal: Option<String>,
     to_client: u64,
     masked: Option<Value>,
+    sftp: Option<Value>,
 }
 
 /// Upstream → agent: output (masked) and stderr, EOF, exit status or
@@ -679,6 +689,7 @@ async fn relay(
     );
     let mut out = to_agent.out;
     out.masked = to_agent.mask.counts();
+    out.sftp = to_up.sftp.as_ref().map(super::sftp::SftpLog::to_json);
     (to_up.total, out)
 }
 
@@ -756,6 +767,7 @@ pub async fn run_forward(
         write: u_write,
         cast: cast.clone(),
         total: 0,
+        sftp: None,
     };
     // Forwarded bytes are a protocol of their own: relayed as they are.
     let to_agent = ToAgent {

@@ -34,7 +34,9 @@
 //! channel-open failure. Window changes, signals, EOF, exit-status,
 //! exit-signal and close are relayed as they come. Output of exec and shell
 //! channels (stdout and stderr) is masked when the resource has `[[mask]]`
-//! detectors, and recorded as asciicast v2 per channel.
+//! detectors, and recorded as asciicast v2 per channel. An sftp channel's
+//! file operations (open with mode, remove, rename, mkdir, rmdir, setstat,
+//! opendir, symlink) go into its `command_end` audit record.
 //!
 //! # Logging in upstream
 //!
@@ -73,6 +75,7 @@ pub mod channel;
 pub mod hostkey;
 pub mod mask;
 pub mod server;
+pub mod sftp;
 pub mod upstream;
 
 use std::{
