@@ -205,7 +205,7 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
         policies.join("bench.toml"),
         format!(
             "[resource.bench-ssh]\nprotocol = \"ssh\"\nmatch = [\"127.0.0.1:{}\"]\n\
-             credentials = {{ user = \"root\", private_key_file = {:?} }}\nknown_hosts = {:?}\n\n\
+             credentials = {{ user = \"root\", private_key_file = {:?} }}\nknown_hosts = {:?}\nrecord = \"off\"\n\n\
              [[mask]]\nresource = \"bench-ssh\"\ndetectors = [\"aws_access_key\", \"private_key\"]\n\n\
              [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
              [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
