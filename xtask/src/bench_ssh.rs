@@ -187,9 +187,13 @@ fn exec_rtt(session: &Session, sshd: &Sshd, p: &Route, n: u64) -> Result<Value> 
     serde_json::from_slice(&out.stdout).context("paramiko printed no JSON")
 }
 
-/// Runs the SSH benchmark: `bytes` each way, `execs` exec round trips.
-pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
+/// Runs the SSH benchmark: `bytes` each way, `execs` exec round trips,
+/// the resource recording at level `record` (`off`, `metadata`, `full`).
+pub fn ssh(bytes: u64, execs: u64, record: &str, binary: Option<PathBuf>) -> Result<()> {
     require_root()?;
+    if !matches!(record, "off" | "metadata" | "full") {
+        bail!("--record must be off, metadata or full");
+    }
     let bin = ci::daemon_binary(binary)?;
     let work = PathBuf::from("/tmp").join(NAME);
     let sshd = start_sshd(&work.join("sshd"))?;
@@ -205,7 +209,7 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
         policies.join("bench.toml"),
         format!(
             "[resource.bench-ssh]\nprotocol = \"ssh\"\nmatch = [\"127.0.0.1:{}\"]\n\
-             credentials = {{ user = \"root\", private_key_file = {:?} }}\nknown_hosts = {:?}\nrecord = \"off\"\n\n\
+             credentials = {{ user = \"root\", private_key_file = {:?} }}\nknown_hosts = {:?}\nrecord = \"{record}\"\n\n\
              [[mask]]\nresource = \"bench-ssh\"\ndetectors = [\"aws_access_key\", \"private_key\"]\n\n\
              [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
              [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
@@ -267,7 +271,8 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
         },
     ];
     let mut rows: Vec<(String, Vec<Option<f64>>)> = Vec::new();
-    let mut record = |label: &str, values: Vec<Option<f64>>| rows.push((label.to_string(), values));
+    let mut add_row =
+        |label: &str, values: Vec<Option<f64>>| rows.push((label.to_string(), values));
     let mut failures = Vec::new();
     let mb = bytes as f64 / (1024.0 * 1024.0);
     let download = |p: &Route, s: &Sshd, n: u64| {
@@ -302,7 +307,7 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
                 }
             }
         }
-        record(what, vals);
+        add_row(what, vals);
     }
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
@@ -324,8 +329,8 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
             }
         }
     }
-    record("exec round trip p50 (ms)", p50);
-    record("exec round trip p99 (ms)", p99);
+    add_row("exec round trip p50 (ms)", p50);
+    add_row("exec round trip p99 (ms)", p99);
     let mut connect = Vec::new();
     for p in &paths {
         let script = ssh_command(&sshd, p, "true");
@@ -343,7 +348,7 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
         times.sort_by(f64::total_cmp);
         connect.push(times.get(times.len() / 2).copied());
     }
-    record("ssh connect+exec p50 (ms)", connect);
+    add_row("ssh connect+exec p50 (ms)", connect);
 
     println!();
     println!(
@@ -360,7 +365,7 @@ pub fn ssh(bytes: u64, execs: u64, binary: Option<PathBuf>) -> Result<()> {
         println!("{label:<30} {:>14} {:>14} {ratio:>18}", cell(d), cell(t));
     }
     println!(
-        "  transfers: {mb:.0} MiB each way; exec: {execs} round trips; connect+exec: median of 10"
+        "  transfers: {mb:.0} MiB each way; exec: {execs} round trips; connect+exec: median of 10; record = {record}, masking on"
     );
     if !failures.is_empty() {
         eprintln!("daemon log ends with:\n{}", session.log_tail(20));

@@ -90,6 +90,9 @@ enum BenchTarget {
         /// Exec round trips on one connection.
         #[arg(long, default_value_t = 200)]
         execs: u64,
+        /// The resource's `record` level (`metadata` records SSH output).
+        #[arg(long, default_value = "metadata")]
+        record: String,
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
@@ -153,9 +156,10 @@ fn run(task: Task) -> Result<()> {
                 BenchTarget::Ssh {
                     bytes,
                     execs,
+                    record,
                     binary,
                 },
-        } => bench_ssh::ssh(bytes, execs, binary),
+        } => bench_ssh::ssh(bytes, execs, &record, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),
