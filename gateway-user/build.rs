@@ -2,7 +2,13 @@
 //! nightly toolchain and leaves the object in OUT_DIR for `include_bytes_aligned!`.
 //! Needs `bpf-linker` and nightly `rust-src`: `cargo xtask setup` installs both.
 
+//!
+//! Also embeds the example policies (`../policies`, recursively) for
+//! `portcullis install`: `$OUT_DIR/example_policies.rs` is a list of
+//! (relative path, bytes).
+
 fn main() -> anyhow::Result<()> {
+    embed_example_policies()?;
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway-ebpf");
     let common_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway-common");
     println!("cargo:rerun-if-changed={common_dir}");
@@ -14,4 +20,39 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+fn embed_example_policies() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                stack.push(p);
+            } else if e.file_type()?.is_file() {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut out = String::from("&[\n");
+    for f in files {
+        let rel = f.strip_prefix(dir)?.to_string_lossy().into_owned();
+        let abs = std::fs::canonicalize(&f)?;
+        out.push_str(&format!(
+            "    ({rel:?}, include_bytes!({:?}) as &[u8]),\n",
+            abs.display().to_string()
+        ));
+    }
+    out.push_str("]\n");
+    let out_dir = std::env::var("OUT_DIR")?;
+    std::fs::write(
+        std::path::Path::new(&out_dir).join("example_policies.rs"),
+        out,
+    )?;
+    Ok(())
 }

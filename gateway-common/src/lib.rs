@@ -22,6 +22,11 @@ pub const MAP_CONFIG: &str = "CONFIG";
 /// Name of the ring buffer of [`KernelEvent`]s.
 pub const MAP_EVENTS: &str = "EVENTS";
 
+/// Name of the map of UDP destinations tagged cgroups may still reach:
+/// [`UdpAllowKey`] → [`UdpAllowMark`]. Every other UDP datagram or UDP
+/// connect from a tagged cgroup is refused in the kernel.
+pub const MAP_UDP_ALLOW: &str = "UDP_ALLOW";
+
 /// Layout version of the maps above. The daemon refuses to reuse pinned maps
 /// made by a different layout version and replaces them instead.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
@@ -101,6 +106,29 @@ pub struct OrigDst {
     pub pid: u32,
 }
 
+/// Key of [`MAP_UDP_ALLOW`]: a UDP destination a tagged cgroup may send to.
+/// An all-zero `addr` means "any address" on that port (looked up after the
+/// exact address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpAllowKey {
+    /// Destination address, network byte order, IPv4-mapped for IPv4; all
+    /// zero for any address.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Explicit padding so the key has no uninitialised bytes.
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`MAP_UDP_ALLOW`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpAllowMark {
+    /// Reserved; only presence matters.
+    pub flags: u32,
+}
+
 /// Kinds of [`KernelEvent`].
 pub const EVENT_UNSERVED_NETNS: u32 = 1;
 
@@ -128,6 +156,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::KernelEvent {}
+    unsafe impl aya::Pod for super::UdpAllowKey {}
+    unsafe impl aya::Pod for super::UdpAllowMark {}
 }
 
 /// Returns `addr` (4 bytes, network order) as an IPv4-mapped IPv6 address.
@@ -152,6 +182,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(core::mem::size_of::<RedirectConfig>(), 8);
         assert_eq!(core::mem::size_of::<KernelEvent>(), 24);
+        assert_eq!(core::mem::size_of::<UdpAllowKey>(), 16 + 2 + 6);
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! namespace, and remembering where each one was going so the daemon can look
 //! the flow up by the client's address when it accepts it.
 //!
+//! It also closes the other ways out of a tagged cgroup that the proxy cannot
+//! govern: UDP is refused except to the destinations the daemon put in
+//! `UDP_ALLOW` (DNS by default), and sockets other than plain TCP and UDP
+//! (raw, ICMP, SCTP, MPTCP, ...) cannot be created at all.
+//!
 //! It must not make policy decisions: a tagged connect is always redirected
 //! (or refused when there is nowhere safe to send it); what is allowed is the
 //! daemon's business.
@@ -24,15 +29,15 @@ use aya_ebpf::{
             bpf_get_socket_cookie,
         },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
-    ipv4_mapped, FlowKey, KernelEvent, NetnsMark, OrigDst, RedirectConfig, TagMark,
-    EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
+    ipv4_mapped, FlowKey, KernelEvent, NetnsMark, OrigDst, RedirectConfig, TagMark, UdpAllowKey,
+    UdpAllowMark, EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
 };
 
 /// Allow the syscall to proceed (with whatever we rewrote).
@@ -40,6 +45,9 @@ const ALLOW: i32 = 1;
 /// Fail the connect with EPERM.
 const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 #[map]
 static TAGGED_CGROUPS: HashMap<u64, TagMark> = HashMap::pinned(16384, 0);
@@ -55,6 +63,9 @@ static SERVED_NETNS: HashMap<u64, NetnsMark> = HashMap::pinned(4096, 0);
 
 #[map]
 static CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
+
+#[map]
+static UDP_ALLOW: HashMap<UdpAllowKey, UdpAllowMark> = HashMap::pinned(1024, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(64 * 1024, 0);
@@ -87,11 +98,62 @@ fn is_tagged() -> bool {
 }
 
 #[inline(always)]
-fn verdict(ctx: &SockAddrContext) -> Verdict {
+fn sock_type(ctx: &SockAddrContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
-    let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    if sock_type != SOCK_STREAM || !is_tagged() {
+    unsafe { (*ctx.sock_addr).type_ }
+}
+
+/// Whether a tagged cgroup may send UDP to `addr` (IPv4-mapped for IPv4):
+/// the exact destination or the port on any address is in `UDP_ALLOW`.
+#[inline(always)]
+fn udp_allowed(addr: [u8; 16], port: u16) -> bool {
+    let mut key = UdpAllowKey {
+        addr,
+        port,
+        _pad: [0; 6],
+    };
+    if UDP_ALLOW.get_ptr(&key).is_some() {
+        return true;
+    }
+    key.addr = [0; 16];
+    UDP_ALLOW.get_ptr(&key).is_some()
+}
+
+/// Verdict on a UDP connect or an addressed UDP send: untagged cgroups are
+/// left alone, tagged ones reach only allowed destinations (no proxy can
+/// govern datagrams, so everything else fails with EPERM).
+#[inline(always)]
+fn udp_verdict(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> i32 {
+    if !is_tagged() {
+        return ALLOW;
+    }
+    if let Some(config) = CONFIG.get(0) {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if config.enabled != 0 && tgid == config.daemon_tgid {
+            return ALLOW;
+        }
+    }
+    if udp_allowed(addr, port) {
+        return ALLOW;
+    }
+    debug!(
+        ctx,
+        "portcullis: refused UDP to port {} from pid {}",
+        port,
+        (bpf_get_current_pid_tgid() >> 32) as u32
+    );
+    REFUSE
+}
+
+#[inline(always)]
+fn verdict(ctx: &SockAddrContext) -> Verdict {
+    if !is_tagged() {
         return Verdict::Untouched;
+    }
+    if sock_type(ctx) != SOCK_STREAM {
+        // Neither TCP nor UDP (those are handled before): nothing the proxy
+        // can govern, and sock_create should not have let it exist.
+        return Verdict::Refuse;
     }
     let Some(config) = CONFIG.get(0) else {
         return Verdict::Refuse;
@@ -163,8 +225,41 @@ fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
 
 const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
 
+#[inline(always)]
+fn ip4_of(ctx: &SockAddrContext) -> ([u8; 4], u16) {
+    // SAFETY: valid context pointer; user_ip4/user_port are readable with
+    // 4-byte accesses in connect4 and sendmsg4.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (
+            (*sa).user_ip4.to_ne_bytes(),
+            u16::from_be((*sa).user_port as u16),
+        )
+    }
+}
+
+#[inline(always)]
+fn ip6_of(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    // SAFETY: valid context pointer; user_ip6 words and user_port are
+    // readable with 4-byte accesses in connect6 and sendmsg6.
+    unsafe {
+        let sa = ctx.sock_addr;
+        let words = [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ];
+        (words_to_bytes(words), u16::from_be((*sa).user_port as u16))
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    if sock_type(&ctx) == SOCK_DGRAM {
+        let (ip, port) = ip4_of(&ctx);
+        return udp_verdict(&ctx, ipv4_mapped(ip), port);
+    }
     match verdict(&ctx) {
         Verdict::Untouched => ALLOW,
         Verdict::Refuse => REFUSE,
@@ -188,6 +283,10 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    if sock_type(&ctx) == SOCK_DGRAM {
+        let (addr, port) = ip6_of(&ctx);
+        return udp_verdict(&ctx, addr, port);
+    }
     match verdict(&ctx) {
         Verdict::Untouched => ALLOW,
         Verdict::Refuse => REFUSE,
@@ -232,6 +331,49 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             }
             ALLOW
         }
+    }
+}
+
+/// Addressed UDP sends (`sendto`, `sendmsg` with a name) from tagged
+/// cgroups: allowed destinations only. Connected UDP sockets were checked by
+/// connect4 when they connected.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn restrict_udp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let (ip, port) = ip4_of(&ctx);
+    udp_verdict(&ctx, ipv4_mapped(ip), port)
+}
+
+/// See [`restrict_udp_sendmsg4`]; IPv4 targets arrive IPv4-mapped.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn restrict_udp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = ip6_of(&ctx);
+    udp_verdict(&ctx, addr, port)
+}
+
+/// In tagged cgroups only plain TCP and UDP sockets may be created: raw,
+/// ICMP (ping), SCTP, MPTCP and other protocols would leave the cgroup
+/// without passing a hook the proxy governs. Fails with EPERM.
+#[cgroup_sock(sock_create)]
+pub fn restrict_socket_types(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run and
+    // type/protocol are readable in sock_create.
+    let (ty, proto) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    if !is_tagged() {
+        return ALLOW;
+    }
+    let plain = match ty {
+        SOCK_STREAM => proto == 0 || proto == IPPROTO_TCP,
+        SOCK_DGRAM => proto == 0 || proto == IPPROTO_UDP,
+        _ => false,
+    };
+    if plain {
+        ALLOW
+    } else {
+        debug!(
+            ctx,
+            "portcullis: refused socket type {} protocol {}", ty, proto
+        );
+        REFUSE
     }
 }
 

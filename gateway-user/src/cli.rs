@@ -39,11 +39,16 @@ pub enum Command {
     /// Tag a cgroup (and its descendants) with an identity.
     Tag {
         /// The cgroup: absolute path under the cgroup2 mount, or relative to it.
-        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        #[arg(required_unless_present_any = ["pid", "container"], conflicts_with_all = ["pid", "container"])]
         cgroup: Option<String>,
         /// Tag the cgroup this process is in.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "container")]
         pid: Option<u32>,
+        /// Tag a container's cgroup: a Docker, containerd, CRI-O or Podman
+        /// container id (full, or a unique prefix of at least 12 hex digits)
+        /// or a Kubernetes pod uid, searched in the governed subtree.
+        #[arg(long)]
+        container: Option<String>,
         /// Identity name the cgroup's flows act as.
         #[arg(long)]
         identity: String,
@@ -54,11 +59,14 @@ pub enum Command {
     /// Remove a cgroup's tag.
     Untag {
         /// The cgroup.
-        #[arg(required_unless_present = "pid", conflicts_with = "pid")]
+        #[arg(required_unless_present_any = ["pid", "container"], conflicts_with_all = ["pid", "container"])]
         cgroup: Option<String>,
         /// Untag the cgroup this process is in.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "container")]
         pid: Option<u32>,
+        /// Untag a container's cgroup (id, unique prefix, or pod uid).
+        #[arg(long)]
+        container: Option<String>,
     },
     /// List tags.
     Tags {
@@ -174,6 +182,32 @@ pub enum Command {
     /// Policy set: check offline, reload, show.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Install the binary, config, example policies and systemd unit.
+    ///
+    /// Binary to /usr/local/bin, /etc/portcullis (config and the example
+    /// policies; existing files are never overwritten), the systemd unit,
+    /// the state dir. Run it again to upgrade the binary and unit.
+    Install {
+        /// Root to install under (a temp dir to try it out).
+        #[arg(long, default_value = "/")]
+        prefix: PathBuf,
+        /// The binary to install (default: this one).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// Stop the daemon, detach, and remove what install laid out.
+    ///
+    /// Detaching opens the gate (agents connect directly afterwards).
+    /// Changed config and policy files and the state dir (audit log,
+    /// recordings, keys) stay unless --purge.
+    Uninstall {
+        /// Root installed under.
+        #[arg(long, default_value = "/")]
+        prefix: PathBuf,
+        /// Also remove changed config and policies and the state dir.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Break-glass: detach the programs and remove the pins. With a daemon
     /// running it asks the daemon; with none it removes the pins itself.
     Detach {
@@ -284,6 +318,10 @@ pub struct DaemonArgs {
     /// Webhook URL told about access requests (repeatable).
     #[arg(long = "webhook")]
     pub webhooks: Vec<String>,
+    /// UDP destination tagged cgroups may reach (repeatable): ADDR:PORT,
+    /// [IPV6]:PORT or *:PORT; "none" for no UDP at all. Default *:53 (DNS).
+    #[arg(long = "udp-allow")]
+    pub udp_allow: Vec<String>,
 }
 
 impl Cli {
@@ -310,6 +348,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: args.metrics,
                 fsync: args.fsync,
                 webhooks: (!args.webhooks.is_empty()).then_some(args.webhooks),
+                udp_allow: (!args.udp_allow.is_empty()).then_some(args.udp_allow),
+                auto_tag: Vec::new(),
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -331,6 +371,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 g("uptime_secs")
             );
             println!("  attached:       {}", g("attached"));
+            let ready = g("ready");
+            let checks: Vec<String> = ready
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| v.as_bool() != Some(true))
+                .map(|(k, _)| k.clone())
+                .collect();
+            println!(
+                "  ready:          {}",
+                if checks.is_empty() {
+                    "yes".to_string()
+                } else {
+                    format!("no ({} failing)", checks.join(", "))
+                }
+            );
             println!(
                 "  policy version: {} ({})",
                 s(&g("policy_version")),
@@ -354,6 +410,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tag {
             cgroup,
             pid,
+            container,
             identity,
             token_file,
         } => {
@@ -367,6 +424,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &Request::Tag {
                     cgroup,
                     pid,
+                    container,
                     identity,
                     token_file,
                 },
@@ -381,8 +439,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Untag { cgroup, pid } => {
-            let data = request(&socket, &Request::Untag { cgroup, pid })?;
+        Command::Untag {
+            cgroup,
+            pid,
+            container,
+        } => {
+            let data = request(
+                &socket,
+                &Request::Untag {
+                    cgroup,
+                    pid,
+                    container,
+                },
+            )?;
             println!("untagged {}", s(&data["untagged"]["cgroup"]));
             Ok(())
         }
@@ -396,8 +465,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 "CGROUP", "IDENTITY", "EXISTS"
             );
             for t in data["tags"].as_array().into_iter().flatten() {
+                let auto = t["auto"]
+                    .as_str()
+                    .map(|g| format!("  (auto: {g})"))
+                    .unwrap_or_default();
                 println!(
-                    "{:<40} {:<24} {:<10} {}",
+                    "{:<40} {:<24} {:<10} {}{auto}",
                     s(&t["cgroup"]),
                     s(&t["identity"]),
                     t["exists"],
@@ -702,6 +775,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Install { prefix, bin } => install_command(&prefix, bin),
+        Command::Uninstall { prefix, purge } => uninstall_command(&socket, &prefix, purge),
         Command::Detach { pin_dir } => {
             if socket.exists() {
                 if let Ok(resp) = admin::call(&socket, &Request::Detach) {
@@ -723,6 +798,121 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn systemd_booted() -> bool {
+    std::path::Path::new("/run/systemd/system").is_dir()
+}
+
+fn systemctl(args: &[&str]) -> bool {
+    std::process::Command::new("systemctl")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn print_report(r: &crate::install::Report) {
+    for (label, list) in [
+        ("created", &r.created),
+        ("replaced", &r.replaced),
+        ("kept", &r.kept),
+        ("removed", &r.removed),
+    ] {
+        for p in list {
+            println!("{label:>9} {}", p.display());
+        }
+    }
+}
+
+fn install_command(prefix: &std::path::Path, bin: Option<PathBuf>) -> anyhow::Result<()> {
+    use crate::install::{install, Layout};
+    let layout = Layout::new(prefix);
+    let bin = match bin {
+        Some(b) => b,
+        None => std::env::current_exe().context("finding this binary")?,
+    };
+    let report = install(&layout, &bin)?;
+    print_report(&report);
+    println!(
+        "note: the example policies trust the demo issuer (policies/demo); remove it and its identities before production use"
+    );
+    if layout.is_root() {
+        if systemd_booted() {
+            systemctl(&["daemon-reload"]);
+            println!("next: systemctl enable --now portcullis   (status: portcullis status)");
+        } else {
+            println!("systemd is not running: start the daemon with `portcullis daemon &` (it reads /etc/portcullis/portcullis.toml)");
+        }
+    }
+    Ok(())
+}
+
+fn uninstall_command(
+    socket: &std::path::Path,
+    prefix: &std::path::Path,
+    purge: bool,
+) -> anyhow::Result<()> {
+    use crate::install::{uninstall, Layout};
+    let layout = Layout::new(prefix);
+    if layout.is_root() {
+        crate::sys::require_root()?;
+        // Read the pin dir before the config goes.
+        let table =
+            config::read_daemon_table(std::path::Path::new(defaults::CONFIG)).unwrap_or_default();
+        let pin_dir = table.pin_dir.unwrap_or_else(|| defaults::PIN_DIR.into());
+        if systemd_booted() {
+            systemctl(&["disable", "--now", "portcullis"]);
+        }
+        stop_daemon(socket);
+        // A stopped daemon leaves its pins (fail-closed): uninstalling must
+        // open the gate, or tagged agents stay cut off for good.
+        crate::redirect::remove_pins(&pin_dir)
+            .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+        println!("detached: removed pins under {}", pin_dir.display());
+    }
+    let report = uninstall(&layout, purge)?;
+    print_report(&report);
+    if !report.kept.is_empty() {
+        println!("kept files changed since install (remove them by hand, or use --purge)");
+    }
+    if !purge {
+        println!(
+            "the state dir ({}) stays: audit log, recordings, keys; --purge removes it",
+            layout.at(defaults::STATE_DIR).display()
+        );
+    }
+    if layout.is_root() && systemd_booted() {
+        systemctl(&["daemon-reload"]);
+    }
+    Ok(())
+}
+
+/// Stops a daemon that answers on `socket` (one started without systemd):
+/// SIGTERM, then wait up to 15 s for it to go.
+fn stop_daemon(socket: &std::path::Path) {
+    let Ok(resp) = admin::call(socket, &Request::Status) else {
+        return;
+    };
+    let Some(pid) = resp
+        .data
+        .as_ref()
+        .and_then(|d| d["pid"].as_u64())
+        .and_then(|p| i32::try_from(p).ok())
+    else {
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+        return;
+    }
+    println!("stopping the daemon (pid {pid})");
+    for _ in 0..150 {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("warning: daemon pid {pid} did not stop within 15 s");
 }
 
 fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {

@@ -8,6 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
+pub use crate::identity::autotag::AutoTagRule;
+
 /// Default locations (DESIGN.md, Admin).
 pub mod defaults {
     /// Config file.
@@ -26,6 +28,9 @@ pub mod defaults {
     pub const LISTEN_PORT: u16 = 15001;
     /// Metrics listener.
     pub const METRICS: &str = "127.0.0.1:15020";
+    /// UDP destinations tagged cgroups may reach: DNS on any address. Every
+    /// other datagram from a tagged cgroup is refused in the kernel.
+    pub const UDP_ALLOW: &[&str] = &["*:53"];
 }
 
 /// The `[daemon]` table; every key mirrors a daemon flag.
@@ -50,6 +55,12 @@ pub struct DaemonTable {
     pub fsync: Option<String>,
     /// URLs POSTed a JSON event when an access request is created or decided.
     pub webhooks: Option<Vec<String>>,
+    /// UDP destinations tagged cgroups may send to (`ADDR:PORT`, `[V6]:PORT`
+    /// or `*:PORT`); `[]` allows none. Default [`defaults::UDP_ALLOW`].
+    pub udp_allow: Option<Vec<String>>,
+    /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
+    #[serde(default)]
+    pub auto_tag: Vec<AutoTagRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +68,9 @@ pub struct DaemonTable {
 struct ConfigFile {
     #[serde(default)]
     daemon: DaemonTable,
+    /// Top-level `[[auto_tag]]`, the same as `[[daemon.auto_tag]]`.
+    #[serde(default)]
+    auto_tag: Vec<AutoTagRule>,
 }
 
 /// A config file that cannot be used.
@@ -109,7 +123,13 @@ pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
             message: e.message().trim().to_string(),
         }
     })?;
-    Ok(file.daemon)
+    let mut table = file.daemon;
+    table.auto_tag.extend(file.auto_tag);
+    for rule in &table.auto_tag {
+        rule.validate()
+            .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
+    }
+    Ok(table)
 }
 
 /// Where the metrics endpoint listens, if anywhere.
@@ -154,6 +174,60 @@ pub struct DaemonConfig {
     pub fsync: crate::audit::FsyncMode,
     /// Webhook URLs for access requests.
     pub webhooks: Vec<String>,
+    /// UDP destinations tagged cgroups may still reach.
+    pub udp_allow: Vec<UdpDest>,
+    /// Auto-tag rules, in file order (the first match wins).
+    pub auto_tag: Vec<AutoTagRule>,
+}
+
+/// A UDP destination tagged cgroups may send to: one address and port, or a
+/// port on any address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpDest {
+    /// The address; `None` for any address.
+    pub addr: Option<std::net::IpAddr>,
+    /// The port (never 0).
+    pub port: u16,
+}
+
+impl std::str::FromStr for UdpDest {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "udp_allow entry {s:?}: expected ADDR:PORT, [IPV6]:PORT or *:PORT with a port 1-65535"
+            ))
+        };
+        let (addr, port) = match s.strip_prefix("*:") {
+            Some(port) => (None, port),
+            None => {
+                let sa: std::net::SocketAddr = s.parse().map_err(|_| bad())?;
+                return if sa.port() == 0 {
+                    Err(bad())
+                } else {
+                    Ok(Self {
+                        addr: Some(sa.ip()),
+                        port: sa.port(),
+                    })
+                };
+            }
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(Self { addr, port })
+    }
+}
+
+impl std::fmt::Display for UdpDest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            None => write!(f, "*:{}", self.port),
+            Some(ip) => write!(f, "{}", std::net::SocketAddr::new(ip, self.port)),
+        }
+    }
 }
 
 impl DaemonConfig {
@@ -176,6 +250,18 @@ impl DaemonConfig {
                     "fsync must be \"interval\" or \"always\", not {other:?}"
                 )))
             }
+        };
+        let udp_allow = match flags.udp_allow.or(file.udp_allow) {
+            None => defaults::UDP_ALLOW
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<Vec<UdpDest>, _>>()?,
+            // "none" lets the command line say "[]".
+            Some(list) => list
+                .iter()
+                .filter(|d| d.as_str() != "none")
+                .map(|d| d.parse())
+                .collect::<Result<Vec<UdpDest>, _>>()?,
         };
         if listen_port == 0 {
             return Err(ConfigError::Invalid("listen_port must not be 0".into()));
@@ -205,6 +291,8 @@ impl DaemonConfig {
             metrics,
             fsync,
             webhooks: flags.webhooks.or(file.webhooks).unwrap_or_default(),
+            udp_allow,
+            auto_tag: file.auto_tag,
         })
     }
 }
@@ -244,6 +332,63 @@ mod tests {
         assert!(err.contains(":3:1: "), "{err}");
         std::fs::write(&p, "").unwrap();
         assert_eq!(read_daemon_table(&p).unwrap(), DaemonTable::default());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn udp_allow_parses_defaults_exact_and_wildcard_and_rejects_junk() {
+        let cfg = DaemonConfig::merge(DaemonTable::default(), DaemonTable::default()).unwrap();
+        assert_eq!(
+            cfg.udp_allow,
+            vec![UdpDest {
+                addr: None,
+                port: 53
+            }]
+        );
+        let flags = DaemonTable {
+            udp_allow: Some(vec!["127.0.0.53:53".into(), "[::1]:5353".into()]),
+            ..Default::default()
+        };
+        let cfg = DaemonConfig::merge(flags, DaemonTable::default()).unwrap();
+        assert_eq!(cfg.udp_allow[0].to_string(), "127.0.0.53:53");
+        assert_eq!(cfg.udp_allow[1].to_string(), "[::1]:5353");
+        let none = DaemonTable {
+            udp_allow: Some(vec!["none".into()]),
+            ..Default::default()
+        };
+        assert!(DaemonConfig::merge(none, DaemonTable::default())
+            .unwrap()
+            .udp_allow
+            .is_empty());
+        for junk in ["53", "*:0", "*:x", "1.2.3.4:0", "host:53", "*:70000"] {
+            let t = DaemonTable {
+                udp_allow: Some(vec![junk.into()]),
+                ..Default::default()
+            };
+            assert!(
+                DaemonConfig::merge(t, DaemonTable::default()).is_err(),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn auto_tag_rules_from_both_tables() {
+        let dir = std::env::temp_dir().join(format!("portcullis-cfg-at-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(
+            &p,
+            "[daemon]\nlisten_port = 1\n[[daemon.auto_tag]]\ncgroup = \"a/*\"\nidentity = \"x\"\n\n[[auto_tag]]\ncgroup = \"**/docker-*.scope\"\nidentity = \"y\"\ntoken_file = \"/run/t/{container}\"\n",
+        )
+        .unwrap();
+        let t = read_daemon_table(&p).unwrap();
+        assert_eq!(t.auto_tag.len(), 2);
+        assert_eq!(t.auto_tag[1].identity, "y");
+        let c = DaemonConfig::merge(DaemonTable::default(), t).unwrap();
+        assert_eq!(c.auto_tag[0].cgroup, "a/*");
+        std::fs::write(&p, "[[auto_tag]]\ncgroup = \"../x\"\nidentity = \"y\"\n").unwrap();
+        assert!(read_daemon_table(&p).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -265,11 +265,16 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     info!(file = %report.file.display(), next_seq = report.next_seq, public_key = %report.public_key_hex, "audit log open");
 
+    match sys::raise_nofile_limit() {
+        Ok(n) => info!(limit = n, "open-file limit"),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
     sys::ensure_bpffs(&cfg.pin_dir)?;
     let mut redirector = Redirector::attach(&AttachSettings {
         pin_dir: cfg.pin_dir.clone(),
         cgroup_dir: cgroups.root_dir(),
         listen_port: cfg.listen_port,
+        udp_allow: cfg.udp_allow.clone(),
     })
     .context("attaching eBPF programs")?;
     let events = redirector.take_events();
@@ -344,6 +349,11 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     tasks.spawn(watch_policies(shared.clone()));
     tasks.spawn(identity_loop(shared.clone()));
     tasks.spawn(grant_expiry_loop(shared.clone()));
+    if !cfg.auto_tag.is_empty() {
+        // Existing cgroups are tagged before the daemon says it is ready.
+        auto_tag_scan(&shared).await;
+        tasks.spawn(auto_tag_loop(shared.clone()));
+    }
     if let Some(events) = events {
         tasks.spawn(kernel_events(shared.clone(), events));
     }
@@ -359,6 +369,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             Err(e) => error!("metrics endpoint {addr} unavailable: {e} (use --metrics ADDR|off)"),
         }
     }
+    tasks.spawn(map_fill_loop(shared.clone()));
     info!(
         pid = std::process::id(),
         listen_port = cfg.listen_port,
@@ -366,8 +377,22 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         admin_socket = %cfg.admin_socket.display(),
         "portcullis daemon ready"
     );
+    // systemd (Type=notify): ready once programs are attached and every
+    // listener is up. Without NOTIFY_SOCKET these are no-ops.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "governing {} on port {}",
+            shared.cgroups.root(),
+            cfg.listen_port
+        )),
+    ]);
+    if let Some(timeout) = sd_notify::watchdog_enabled().filter(|t| !t.is_zero()) {
+        tasks.spawn(watchdog_loop(timeout / 2));
+    }
 
     wait_for_signal(&shared).await?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("shutting down; pinned programs stay attached, so tagged agents are refused until a daemon runs again");
     shared.shutdown.cancel();
     tasks.abort_all();
@@ -656,6 +681,177 @@ async fn identity_loop(shared: Arc<Shared>) {
                 warn!("audit record of a revoked session failed: {e}");
             }
         }
+    }
+}
+
+/// How often the auto-tagger rescans without a cgroup event (inotify can
+/// miss a directory made in the instant before its parent's watch exists).
+const AUTO_TAG_RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// Applies `[[auto_tag]]` rules as cgroups appear and go: inotify on the
+/// governed tree (recursively) wakes a rescan of the whole tree, so events
+/// only say "look now" and nothing depends on their order.
+async fn auto_tag_loop(shared: Arc<Shared>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if matches!(
+                ev.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Remove(_)
+            ) {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .and_then(|mut w| {
+        notify::Watcher::watch(
+            &mut w,
+            &shared.cgroups.root_dir(),
+            notify::RecursiveMode::Recursive,
+        )
+        .map(|()| w)
+    });
+    let _watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "cannot watch the cgroup tree for auto-tagging ({e}); rescanning every {}s instead",
+                AUTO_TAG_RESCAN_EVERY.as_secs()
+            );
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(AUTO_TAG_RESCAN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = rx.recv() => {
+                // A container start makes a burst of directories: one scan.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        auto_tag_scan(&shared).await;
+    }
+}
+
+/// One auto-tag pass: plan against the tree as it is, apply, tell the
+/// kernel, end sessions whose cgroup went, audit each change.
+async fn auto_tag_scan(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        let existing: Vec<String> = s
+            .cgroups
+            .walk(s.cgroups.root())
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let own = s.cgroups.cgroup_of_pid(std::process::id()).ok();
+        let mut tags = s.tags.write().unwrap_or_else(|p| p.into_inner());
+        let plan = crate::identity::autotag::plan(
+            &s.cfg.auto_tag,
+            s.cgroups.root(),
+            &existing,
+            &tags,
+            own.as_deref(),
+        );
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for a in plan.add {
+            match tags.insert_auto(a.cgroup.clone(), a.identity, a.token_file, a.rule) {
+                Ok(t) => added.push(t),
+                Err(e) => warn!(cgroup = %a.cgroup, "auto-tag failed: {e}"),
+            }
+        }
+        for cg in plan.remove {
+            match tags.remove(&cg) {
+                Ok(Some(t)) => removed.push(t),
+                Ok(None) => {}
+                Err(e) => warn!(cgroup = %cg, "auto-untag failed: {e}"),
+            }
+        }
+        (added, removed, plan.skipped)
+    })
+    .await;
+    let Ok((added, removed, skipped)) = applied else {
+        return;
+    };
+    for why in skipped {
+        debug!("auto-tag skipped {why}");
+    }
+    if added.is_empty() && removed.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.sync_tags() {
+        warn!("syncing auto-tags into the kernel: {e:#}");
+    }
+    let ended = shared.end_untagged_sessions();
+    shared.reconcile_now.notify_one();
+    for (t, kind) in added
+        .iter()
+        .map(|t| (t, "tag"))
+        .chain(removed.iter().map(|t| (t, "untag")))
+    {
+        info!(cgroup = %t.cgroup, identity = %t.identity, rule = ?t.auto, "auto-{kind}");
+        let ev = AuditEvent::new(kind)
+            .cgroup(t.cgroup.clone())
+            .identity(crate::audit::IdentityRef::named(&t.identity))
+            .approver(format!("auto_tag:{}", t.auto.as_deref().unwrap_or("")))
+            .detail(
+                "token_file",
+                t.token_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            );
+        if let Err(e) = shared.audit(ev).await {
+            warn!("audit record of an auto-{kind} failed: {e}");
+        }
+    }
+    if !ended.is_empty() {
+        info!(sessions = ?ended, "sessions ended: their auto-tagged cgroup is gone");
+    }
+}
+
+/// How often eBPF map fill is sampled for metrics (a walk costs one
+/// syscall per entry).
+const MAP_FILL_EVERY: Duration = Duration::from_secs(10);
+
+async fn map_fill_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(MAP_FILL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let pin_dir = shared.cfg.pin_dir.clone();
+        let fills = tokio::task::spawn_blocking(move || crate::redirect::map_fill(&pin_dir))
+            .await
+            .unwrap_or_default();
+        for f in fills {
+            shared
+                .metrics
+                .set_map_fill(f.name, f.entries, f.max_entries);
+            if f.entries.saturating_mul(10) >= f.max_entries.saturating_mul(9) {
+                warn!(
+                    map = f.name,
+                    entries = f.entries,
+                    max = f.max_entries,
+                    "eBPF map is over 90% full"
+                );
+            }
+        }
+    }
+}
+
+/// Pings systemd's watchdog while the runtime still schedules tasks: a
+/// wedged runtime stops the pings and systemd restarts the service.
+async fn watchdog_loop(every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        // Only a hung runtime is a reason to restart: an unwritable audit
+        // log is not (commands are denied meanwhile, and /readyz says so).
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
     }
 }
 

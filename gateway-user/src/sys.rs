@@ -2,7 +2,8 @@
 //! privileges, the cgroup v2 mount, BTF, bpffs and the kernel version.
 //!
 //! Owns the preflight checks and their error messages. It must not change
-//! anything on the host except mounting bpffs where it is absent.
+//! anything on the host except mounting bpffs where it is absent (and the
+//! daemon's own open-file limit).
 
 use std::{
     fs,
@@ -155,6 +156,29 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
         what: "mounting bpffs at /sys/fs/bpf".into(),
         source: e.into(),
     })
+}
+
+/// Raises the daemon's soft open-file limit to its hard limit: every relayed
+/// session holds two sockets, and the common default soft limit (1024)
+/// would refuse new sessions at about 500. Returns the limit now in force.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 #[cfg(test)]

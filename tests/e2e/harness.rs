@@ -449,6 +449,11 @@ impl TestIssuer {
 
     /// A token for `identity` (subject `sub-IDENTITY`) valid for `ttl_secs`.
     pub fn token(&self, subject: &str, ttl_secs: i64) -> String {
+        self.token_with_kid(subject, ttl_secs, "test-key")
+    }
+
+    /// Like [`TestIssuer::token`] with another key id in the header.
+    pub fn token_with_kid(&self, subject: &str, ttl_secs: i64, kid: &str) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("time")
@@ -458,7 +463,7 @@ impl TestIssuer {
             "iat": now, "nbf": now - 5, "exp": now + ttl_secs, "jti": unique("jti"),
         });
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("test-key".into());
+        header.kid = Some(kid.into());
         jsonwebtoken::encode(
             &header,
             &claims,
@@ -473,6 +478,8 @@ pub struct DaemonFiles {
     pub issuer: TestIssuer,
     /// Extra daemon flags (kept across restarts).
     pub extra_args: Vec<String>,
+    /// Extra environment variables for the daemon (kept across restarts).
+    pub extra_env: Vec<(String, String)>,
     pub dir: PathBuf,
     pub policies: PathBuf,
     pub state: PathBuf,
@@ -490,6 +497,7 @@ impl DaemonFiles {
         Self {
             issuer: TestIssuer::new(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             state: dir.join("state"),
             socket: dir.join("admin.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique("pins")),
@@ -571,6 +579,11 @@ impl DaemonFiles {
         fs::write(self.policies.join("identities.toml"), text).expect("write identities");
     }
 
+    /// The daemon's config file (absent unless a test writes it).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("portcullis.toml")
+    }
+
     /// Writes (or replaces) a Cedar rules file.
     pub fn rules(&self, file: &str, text: &str) {
         fs::write(self.policies.join(file), text).expect("write rules");
@@ -615,7 +628,7 @@ impl Daemon {
         let mut child = Command::new(BIN)
             .arg("daemon")
             .arg("--config")
-            .arg(files.dir.join("absent.toml"))
+            .arg(files.config_file())
             .arg("--policies")
             .arg(&files.policies)
             .arg("--state-dir")
@@ -628,9 +641,14 @@ impl Daemon {
             .arg(&files.cgroup_root)
             .arg("--listen-port")
             .arg(files.port.to_string())
-            .arg("--metrics")
-            .arg("off")
+            .args(
+                (!files.extra_args.iter().any(|a| a == "--metrics"))
+                    .then_some(["--metrics", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&files.extra_args)
+            .envs(files.extra_env.iter().map(|(k, v)| (k, v)))
             .env("PORTCULLIS_LOG", "info,portcullis=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -1013,5 +1031,70 @@ impl Drop for SshServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a Python `script` (which reads its JSON arguments from `sys.argv[1]`
+/// and prints one JSON object) placed in `place`, optionally as `uid`.
+pub fn python_json(place: &Placement, uid: Option<u32>, script: &str, args: Value) -> Value {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script, &args.to_string()]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    place.apply(&mut cmd);
+    if let Some(uid) = uid {
+        // Applied by std before the placement's pre_exec; the cgroup.procs
+        // file was opened by root, and cgroup v2 checks the opener's rights.
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("spawn python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "script printed no JSON ({e}): {text} / {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A UDP echo server on `bind` counting the datagrams it received.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    pub received: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEcho {
+    pub fn start(bind: &str) -> Self {
+        let sock = std::net::UdpSocket::bind(bind).expect("bind udp");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("udp timeout");
+        let addr = sock.local_addr().expect("udp addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU32::new(0));
+        let (s, r) = (stop.clone(), received.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Self {
+            addr,
+            received,
+            stop,
+        }
+    }
+
+    pub fn received(&self) -> u32 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

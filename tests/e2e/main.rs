@@ -5,7 +5,10 @@
 //! Run as root (`cargo xtask test` does). Every test owns its cgroup subtree,
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
+mod faults;
 mod harness;
+mod ops;
+mod security;
 mod ssh;
 
 use std::{fs, time::Duration};
@@ -1288,9 +1291,18 @@ fn deny_and_timeout_refuse_with_the_reason() {
         || !s.daemon.requests("timed_out").is_empty(),
         "request timed out",
     );
-    assert!(audit_events(&s.files, &[])
-        .iter()
-        .any(|e| e["type"] == "command" && e["reason"] == "approval timed out"));
+    // The denial names the request that timed out.
+    let timed_out = s.daemon.requests("timed_out");
+    let timed_out_id = timed_out[0]["id"].as_str().unwrap().to_string();
+    let expected = format!("access request {timed_out_id} timed out waiting for approval");
+    assert!(
+        audit_events(&s.files, &[])
+            .iter()
+            .any(|e| e["type"] == "command"
+                && e["decision"] == "deny"
+                && e["reason"] == expected.as_str()),
+        "no deny record with reason {expected:?}"
+    );
     assert_eq!(accepted(&s.server), 0);
     // An agent that hangs up while held: the request is abandoned.
     let s2 = jit_setup("abandon", "60s", &[]);

@@ -1,5 +1,5 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|ssh|policy|audit`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|ssh|policy|audit`, `fuzz`, `soak`.
 #![warn(missing_docs)]
 
 mod bench;
@@ -7,8 +7,10 @@ mod bench_client;
 mod bench_ssh;
 mod ci;
 mod demo;
+mod fuzz;
 mod session;
 mod setup;
+mod soak;
 mod util;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -61,6 +63,24 @@ enum Task {
     /// The benchmark's load generator (used by `bench`).
     #[command(hide = true)]
     BenchClient(bench_client::ClientArgs),
+    /// Fuzz on nightly with cargo-fuzz (installed when missing): one
+    /// target or all of them (`fuzz/fuzz_targets/`), `--time` seconds each.
+    Fuzz {
+        /// Target name (default: every target).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Extra libFuzzer arguments (after `--`), e.g. a crash file.
+        #[arg(last = true)]
+        libfuzzer_args: Vec<String>,
+    },
+    /// Load: 1,000 concurrent sessions across 20 tagged cgroups for 60 s
+    /// (allowed, denied and held commands); fds, RSS, p99. Root only.
+    Soak(soak::SoakArgs),
+    /// The soak's load generator (used by `soak`).
+    #[command(hide = true)]
+    SoakClient(soak::SoakClientArgs),
 }
 
 /// Benchmark targets.
@@ -137,6 +157,9 @@ fn run(task: Task) -> Result<()> {
     if let Task::BenchClient(args) = &task {
         return bench_client::run(args);
     }
+    if let Task::SoakClient(args) = &task {
+        return soak::client(args);
+    }
     util::ensure_cargo_bin_on_path()?;
     match task {
         Task::Setup => setup::run_setup(),
@@ -166,6 +189,12 @@ fn run(task: Task) -> Result<()> {
         Task::Bench {
             target: BenchTarget::Audit { args },
         } => bench::example("audit_bench", &args),
-        Task::BenchClient(_) => Ok(()),
+        Task::Fuzz {
+            target,
+            time,
+            libfuzzer_args,
+        } => fuzz::run_fuzz(target, time, &libfuzzer_args),
+        Task::Soak(args) => soak::run(&args),
+        Task::BenchClient(_) | Task::SoakClient(_) => Ok(()),
     }
 }

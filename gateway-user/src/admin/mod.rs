@@ -94,6 +94,8 @@ struct TagView {
     identity: String,
     token_file: Option<std::path::PathBuf>,
     created: u64,
+    /// The auto-tag glob that made it, if an `[[auto_tag]]` rule did.
+    auto: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -112,10 +114,11 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
         Request::Tag {
             cgroup,
             pid,
+            container,
             identity,
             token_file,
         } => {
-            let rel = match target(shared, cgroup.as_deref(), pid) {
+            let rel = match target(shared, cgroup.as_deref(), pid, container.as_deref()) {
                 Ok(r) => r,
                 Err(e) => return Response::err(e),
             };
@@ -166,14 +169,18 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
                 serde_json::json!({ "tag": tag, "warnings": warnings, "ended_sessions": ended }),
             )
         }
-        Request::Untag { cgroup, pid } => {
-            let rel = match (cgroup.as_deref(), pid) {
+        Request::Untag {
+            cgroup,
+            pid,
+            container,
+        } => {
+            let rel = match (cgroup.as_deref(), pid, container.as_deref()) {
                 // An untag must work for a cgroup that no longer exists.
-                (Some(c), None) => match shared.cgroups.normalize(c) {
+                (Some(c), None, None) => match shared.cgroups.normalize(c) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e.to_string()),
                 },
-                _ => match target(shared, cgroup.as_deref(), pid) {
+                _ => match target(shared, cgroup.as_deref(), pid, container.as_deref()) {
                     Ok(r) => r,
                     Err(e) => return Response::err(e),
                 },
@@ -431,17 +438,25 @@ fn caller_name(uid: Option<u32>) -> String {
     }
 }
 
-fn target(shared: &Shared, cgroup: Option<&str>, pid: Option<u32>) -> Result<String, String> {
-    match (cgroup, pid) {
-        (Some(c), None) => shared.cgroups.resolve(c).map_err(|e| e.to_string()),
-        (None, Some(pid)) => {
+fn target(
+    shared: &Shared,
+    cgroup: Option<&str>,
+    pid: Option<u32>,
+    container: Option<&str>,
+) -> Result<String, String> {
+    match (cgroup, pid, container) {
+        (Some(c), None, None) => shared.cgroups.resolve(c).map_err(|e| e.to_string()),
+        (None, None, Some(id)) => crate::identity::container::resolve(&shared.cgroups, id)
+            .map(|f| f.cgroup)
+            .map_err(|e| e.to_string()),
+        (None, Some(pid), None) => {
             let rel = shared
                 .cgroups
                 .cgroup_of_pid(pid)
                 .map_err(|e| e.to_string())?;
             shared.cgroups.resolve(&rel).map_err(|e| e.to_string())
         }
-        _ => Err("name exactly one of a cgroup path or --pid".into()),
+        _ => Err("name exactly one of a cgroup path, --pid or --container".into()),
     }
 }
 
@@ -457,6 +472,7 @@ fn tag_views(shared: &Shared) -> Vec<TagView> {
                 identity: t.identity.clone(),
                 token_file: t.token_file.clone(),
                 created: t.created,
+                auto: t.auto.clone(),
             }
         })
         .collect()
@@ -507,6 +523,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "flows": shared.sessions.len(),
         "netns": netns,
         "counters": shared.metrics.snapshot(),
+        "ready": crate::metrics::gauges(shared).ready,
+        "audit_lag": shared.audit_log.lag(),
     })
 }
 

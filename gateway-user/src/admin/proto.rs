@@ -18,6 +18,10 @@ pub enum Request {
         /// A process whose cgroup is tagged.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pid: Option<u32>,
+        /// A container id (or unique prefix) or pod uid, searched in the
+        /// governed subtree.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<String>,
         /// Identity name.
         identity: String,
         /// Token file.
@@ -32,6 +36,9 @@ pub enum Request {
         /// A process whose cgroup's tag is removed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pid: Option<u32>,
+        /// A container id (or unique prefix) or pod uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<String>,
     },
     /// List tags.
     Tags,

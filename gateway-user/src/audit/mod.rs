@@ -86,10 +86,10 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -102,6 +102,93 @@ pub(crate) use key::random_seed;
 pub use read::{follow, read_events, TailFilter, FOLLOW_POLL};
 pub use time::{format_rfc3339_ms, rfc3339_ms_string};
 pub use verify::{verify, VerifyError, VerifyReport};
+
+/// How far durable writes trail appended ones (group commit lag), for
+/// metrics. Written by the writer and the group-commit thread with plain
+/// atomics; read by anyone. Approximate by nature: the two sides are not
+/// read in one step.
+#[derive(Debug)]
+pub struct Durability {
+    base: Instant,
+    written: AtomicU64,
+    durable: AtomicU64,
+    /// Microseconds since `base` (+1) of the oldest write not yet synced;
+    /// 0 when everything written is synced.
+    oldest_unsynced: AtomicU64,
+}
+
+/// A reading of [`Durability`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AuditLag {
+    /// Highest seq written to the file.
+    pub written_seq: u64,
+    /// Highest seq known synced to disk.
+    pub durable_seq: u64,
+    /// Records written but not yet synced.
+    pub records: u64,
+    /// Age of the oldest write not yet synced.
+    pub age: Duration,
+}
+
+impl Durability {
+    fn new(seq: u64) -> Self {
+        Self {
+            base: Instant::now(),
+            written: AtomicU64::new(seq),
+            durable: AtomicU64::new(seq),
+            oldest_unsynced: AtomicU64::new(0),
+        }
+    }
+
+    fn us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_micros() as u64 + 1
+    }
+
+    /// Lines up to `seq` are in the file (not necessarily on disk).
+    pub(crate) fn wrote(&self, seq: u64) {
+        self.written.fetch_max(seq, Ordering::Relaxed);
+        let now = self.us(Instant::now());
+        let _ = self
+            .oldest_unsynced
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// An fdatasync that started at `started`, when the file held lines up
+    /// to `upto`, succeeded.
+    pub(crate) fn synced(&self, upto: u64, started: Instant) {
+        self.durable.fetch_max(upto, Ordering::Relaxed);
+        if self.written.load(Ordering::Relaxed) <= upto {
+            self.oldest_unsynced.store(0, Ordering::Relaxed);
+        } else {
+            // Whatever is still unsynced was written after the sync began.
+            self.oldest_unsynced
+                .store(self.us(started), Ordering::Relaxed);
+        }
+    }
+
+    /// The highest seq in the file.
+    pub(crate) fn written_seq(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// The current lag.
+    pub fn lag(&self) -> AuditLag {
+        let written_seq = self.written.load(Ordering::Relaxed);
+        let durable_seq = self.durable.load(Ordering::Relaxed).min(written_seq);
+        let oldest = self.oldest_unsynced.load(Ordering::Relaxed);
+        let age = if oldest == 0 || written_seq == durable_seq {
+            Duration::ZERO
+        } else {
+            Duration::from_micros(self.us(Instant::now()).saturating_sub(oldest))
+        };
+        AuditLag {
+            written_seq,
+            durable_seq,
+            records: written_seq - durable_seq,
+            age,
+        }
+    }
+}
 
 /// When the writer calls fdatasync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +368,7 @@ struct Inner {
     slots: Arc<Semaphore>,
     public_key_hex: String,
     healthy: Arc<AtomicBool>,
+    durability: Arc<Durability>,
     enqueue_timeout: Duration,
     reply_timeout: Duration,
 }
@@ -289,13 +377,15 @@ impl AuditLog {
     /// Opens (creating) the log, recovers after a crash, starts the writer.
     pub fn open(cfg: AuditConfig) -> Result<(AuditLog, OpenReport), AuditError> {
         let healthy = Arc::new(AtomicBool::new(true));
-        let (started, report) = writer::start(&cfg, healthy.clone())?;
+        let durability = Arc::new(Durability::new(0));
+        let (started, report) = writer::start(&cfg, healthy.clone(), durability.clone())?;
         let log = AuditLog {
             inner: Arc::new(Inner {
                 tx: started.tx,
                 slots: Arc::new(Semaphore::new(cfg.queue_capacity.max(1))),
                 public_key_hex: report.public_key_hex.clone(),
                 healthy,
+                durability,
                 enqueue_timeout: cfg.enqueue_timeout,
                 reply_timeout: cfg.reply_timeout,
             }),
@@ -358,6 +448,11 @@ impl AuditLog {
     /// The checkpoint public key, hex (the content of `audit.pub`).
     pub fn public_key_hex(&self) -> String {
         self.inner.public_key_hex.clone()
+    }
+
+    /// How far durable (fdatasync'd) writes trail the file (metrics).
+    pub fn lag(&self) -> AuditLag {
+        self.inner.durability.lag()
     }
 
     /// Whether the last write succeeded (for status and metrics).

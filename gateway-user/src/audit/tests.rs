@@ -900,3 +900,40 @@ async fn full_disk_scenario(pad: usize) {
     let report = verify(&dir, &pubkey(&mnt));
     assert!(report.is_ok() && report.warnings.is_empty(), "{report}");
 }
+
+#[tokio::test]
+async fn durability_lag_follows_group_commit_and_always() {
+    // Group commit with a long interval: the first write is synced at
+    // once, later ones wait for the next interval.
+    let tmp = TempDir::new("lag-interval");
+    let mut cfg = config(tmp.path(), 1 << 20);
+    cfg.fsync = FsyncMode::Interval(Duration::from_secs(3600));
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let first = log.record(event(0)).await.unwrap();
+    for _ in 0..200 {
+        if log.lag().durable_seq >= first {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(log.lag().durable_seq, first);
+    let last = *record_n(&log, 1, 3).await.last().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let lag = log.lag();
+    assert_eq!(lag.written_seq, last);
+    assert_eq!(lag.records, last - first, "{lag:?}");
+    assert!(lag.age >= Duration::from_millis(20), "{lag:?}");
+    drop(log);
+
+    // fsync = always: nothing is ever left unsynced after record returns.
+    let tmp = TempDir::new("lag-always");
+    let mut cfg = config(tmp.path(), 1 << 20);
+    cfg.fsync = FsyncMode::Always;
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let last = *record_n(&log, 0, 5).await.last().unwrap();
+    let lag = log.lag();
+    assert_eq!(
+        (lag.written_seq, lag.records, lag.age),
+        (last, 0, Duration::ZERO)
+    );
+}

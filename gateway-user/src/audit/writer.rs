@@ -116,6 +116,7 @@ struct Writer {
     checkpoint_every: Duration,
     buf: Vec<u8>,
     healthy: Arc<AtomicBool>,
+    durability: Arc<super::Durability>,
     syncer: Option<Syncer>,
     _lock: DirLock,
 }
@@ -136,6 +137,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
 pub(crate) fn start(
     cfg: &AuditConfig,
     healthy: Arc<AtomicBool>,
+    durability: Arc<super::Durability>,
 ) -> Result<(Started, OpenReport), AuditError> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -180,7 +182,11 @@ pub(crate) fn start(
 
     let found = recover(&cfg.dir, &files)?;
     let syncer = match cfg.fsync {
-        FsyncMode::Interval(every) => Some(Syncer::start(found.file.clone(), every)?),
+        FsyncMode::Interval(every) => Some(Syncer::start(
+            found.file.clone(),
+            every,
+            durability.clone(),
+        )?),
         FsyncMode::Always => None,
     };
     let head = Head {
@@ -207,6 +213,7 @@ pub(crate) fn start(
         checkpoint_every: cfg.checkpoint_every,
         buf: Vec::with_capacity(64 * 1024),
         healthy,
+        durability,
         syncer,
         _lock: lock,
     };
@@ -231,6 +238,11 @@ pub(crate) fn start(
             seq,
         });
     }
+
+    // What recovery found is on disk already.
+    let on_disk = writer.committed.next_seq.saturating_sub(1);
+    writer.durability.wrote(on_disk);
+    writer.durability.synced(on_disk, Instant::now());
 
     let report = OpenReport {
         public_key_hex: hex::encode(verifying.as_bytes()),
@@ -696,6 +708,8 @@ impl Writer {
             Ok(()) => {
                 self.file_len += len;
                 self.committed = self.pending;
+                self.durability
+                    .wrote(self.committed.next_seq.saturating_sub(1));
                 if self.committed.uncovered == 0 {
                     self.uncovered_since = None;
                 } else if self.uncovered_since.is_none() || checkpointed {
@@ -731,10 +745,14 @@ impl Writer {
     }
 
     fn sync(&self) -> Result<(), Failure> {
+        let started = Instant::now();
+        let upto = self.durability.written_seq();
         self.file.sync_data().map_err(|e| {
             self.healthy.store(false, Ordering::Relaxed);
             Failure::new("syncing", &self.path, &e)
-        })
+        })?;
+        self.durability.synced(upto, started);
+        Ok(())
     }
 
     /// Ends the current file with a checkpoint and starts the next one.
@@ -808,7 +826,11 @@ fn lock_state(m: &Mutex<SyncState>) -> MutexGuard<'_, SyncState> {
 }
 
 impl Syncer {
-    fn start(file: Arc<File>, every: Duration) -> Result<Self, AuditError> {
+    fn start(
+        file: Arc<File>,
+        every: Duration,
+        durability: Arc<super::Durability>,
+    ) -> Result<Self, AuditError> {
         let shared = Arc::new((
             Mutex::new(SyncState {
                 file,
@@ -818,9 +840,10 @@ impl Syncer {
             Condvar::new(),
         ));
         let theirs = shared.clone();
+        let lag = durability;
         let thread = thread::Builder::new()
             .name("audit-sync".into())
-            .spawn(move || Self::run(&theirs, every))
+            .spawn(move || Self::run(&theirs, every, &lag))
             .map_err(|source| AuditError::Io {
                 path: PathBuf::from("audit-sync thread"),
                 source,
@@ -831,7 +854,7 @@ impl Syncer {
         })
     }
 
-    fn run(shared: &(Mutex<SyncState>, Condvar), every: Duration) {
+    fn run(shared: &(Mutex<SyncState>, Condvar), every: Duration, lag: &super::Durability) {
         let (state, cv) = shared;
         loop {
             let file = {
@@ -845,9 +868,16 @@ impl Syncer {
                 g.dirty = false;
                 g.file.clone()
             };
-            if let Err(e) = file.sync_data() {
-                error!("audit: group-commit fdatasync failed: {e}");
-                lock_state(state).dirty = true;
+            // Read after taking the file: every line counted here was
+            // written to this file (rotation syncs the old one itself).
+            let started = Instant::now();
+            let upto = lag.written_seq();
+            match file.sync_data() {
+                Ok(()) => lag.synced(upto, started),
+                Err(e) => {
+                    error!("audit: group-commit fdatasync failed: {e}");
+                    lock_state(state).dirty = true;
+                }
             }
             let until = Instant::now() + every;
             let mut g = lock_state(state);

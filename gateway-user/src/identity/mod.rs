@@ -7,8 +7,10 @@
 //! (the redirect module mirrors tags into the kernel) and does not decide
 //! access (policy does).
 
+pub mod autotag;
 pub mod binding;
 pub mod cgroup;
+pub mod container;
 pub mod oidc;
 pub mod tags;
 

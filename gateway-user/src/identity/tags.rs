@@ -52,6 +52,10 @@ pub struct Tag {
     pub token_file: Option<PathBuf>,
     /// When the tag was made (seconds since the Unix epoch).
     pub created: u64,
+    /// The `[[auto_tag]]` glob that made this tag; `None` for a tag an
+    /// operator made. Only auto-made tags are removed when their cgroup goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<String>,
 }
 
 /// The persisted set of tags.
@@ -95,6 +99,27 @@ impl TagStore {
         identity: String,
         token_file: Option<PathBuf>,
     ) -> Result<Tag, TagError> {
+        self.insert_with(cgroup, identity, token_file, None)
+    }
+
+    /// Like [`TagStore::insert`] for a tag made by the auto-tag rule `rule`.
+    pub fn insert_auto(
+        &mut self,
+        cgroup: String,
+        identity: String,
+        token_file: Option<PathBuf>,
+        rule: String,
+    ) -> Result<Tag, TagError> {
+        self.insert_with(cgroup, identity, token_file, Some(rule))
+    }
+
+    fn insert_with(
+        &mut self,
+        cgroup: String,
+        identity: String,
+        token_file: Option<PathBuf>,
+        auto: Option<String>,
+    ) -> Result<Tag, TagError> {
         validate_identity(&identity)?;
         let tag = Tag {
             cgroup: cgroup.clone(),
@@ -104,6 +129,7 @@ impl TagStore {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            auto,
         };
         let previous = self.tags.insert(cgroup.clone(), tag.clone());
         if let Err(e) = self.save() {

@@ -126,6 +126,20 @@ pub struct EntitySpec<'a> {
     pub attrs: serde_json::Value,
 }
 
+/// The schema generated from the action catalog, parsed once per process:
+/// it depends only on the catalog compiled in, and parsing it costs far more
+/// than validating a typical rule set (it dominated reloads and fuzzing).
+fn generated_schema() -> Result<Schema, String> {
+    static SCHEMA: std::sync::OnceLock<Result<Schema, String>> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Schema::from_cedarschema_str(&actions::cedar_schema())
+                .map(|(s, _)| s)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
 impl Rules {
     /// Parses and validates `files` (path, text). Every problem goes to
     /// `diags`; `None` when there was any.
@@ -135,13 +149,10 @@ impl Rules {
         diags: &mut Vec<Diagnostic>,
     ) -> Option<Self> {
         let before = diags.len();
-        let schema = match Schema::from_cedarschema_str(&actions::cedar_schema()) {
-            Ok((s, _)) => s,
+        let schema = match generated_schema() {
+            Ok(s) => s,
             Err(e) => {
-                diags.push(Diagnostic::dir(
-                    Path::new("<generated schema>"),
-                    e.to_string(),
-                ));
+                diags.push(Diagnostic::dir(Path::new("<generated schema>"), e));
                 return None;
             }
         };

@@ -83,19 +83,38 @@ impl PolicySet {
     /// is refused whole, with every problem found.
     pub fn load(dir: &Path) -> Result<Self, PolicyError> {
         let files = policy_files(dir)?;
-        let mut hasher = Sha256::new();
         let mut diags = Vec::new();
+        let mut texts = Vec::with_capacity(files.len());
+        for file in &files {
+            match fs::read_to_string(file) {
+                Ok(t) => texts.push((file.clone(), t)),
+                Err(e) => diags.push(Diagnostic::file(file, format!("cannot read: {e}"))),
+            }
+        }
+        Self::build(dir, files, texts, diags)
+    }
+
+    /// Validates policy texts as if they were the files of `dir`, without
+    /// touching the file system: the loader's whole core (TOML, cross
+    /// checks, Cedar against the generated schema). Files ending `.cedar`
+    /// are rules, the others TOML. Used by the fuzz targets.
+    pub fn from_texts(dir: &Path, texts: Vec<(PathBuf, String)>) -> Result<Self, PolicyError> {
+        let files = texts.iter().map(|(p, _)| p.clone()).collect();
+        Self::build(dir, files, texts, Vec::new())
+    }
+
+    fn build(
+        dir: &Path,
+        files: Vec<PathBuf>,
+        texts: Vec<(PathBuf, String)>,
+        mut diags: Vec<Diagnostic>,
+    ) -> Result<Self, PolicyError> {
+        let mut hasher = Sha256::new();
         let mut config = schema::Config::default();
         let mut spans = schema::Spans::default();
         let mut cedar_files = Vec::new();
-        for file in &files {
-            let text = match fs::read_to_string(file) {
-                Ok(t) => t,
-                Err(e) => {
-                    diags.push(Diagnostic::file(file, format!("cannot read: {e}")));
-                    continue;
-                }
-            };
+        for (file, text) in texts {
+            let file = &file;
             hasher.update(
                 file.file_name()
                     .map(|n| n.as_encoded_bytes())

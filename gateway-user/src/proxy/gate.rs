@@ -287,7 +287,8 @@ fn unreachable_hold() -> Waited {
 }
 
 /// Writes the command's completion record (rows, status, duration, bytes:
-/// whatever the handler adds to `detail`). Best effort: the command already
+/// whatever the handler adds to `detail`) and observes the command's
+/// latency (from the gate's release to now) in the metrics. Best effort: the command already
 /// ran, so a failure here is logged, not turned into a denial.
 pub async fn finished(
     shared: &Arc<Shared>,
@@ -296,11 +297,12 @@ pub async fn finished(
     allowed: &Allowed,
     mut detail: Map<String, Value>,
 ) {
+    let took = allowed.at.elapsed();
+    shared
+        .metrics
+        .command_latency(flow.info.protocol.as_str(), &cmd.action, took);
     detail.insert("command_seq".into(), allowed.audit_seq.into());
-    detail.insert(
-        "duration_us".into(),
-        (allowed.at.elapsed().as_micros() as u64).into(),
-    );
+    detail.insert("duration_us".into(), (took.as_micros() as u64).into());
     let mut ev = flow.audit_event("command_end").action(cmd.action.clone());
     for (k, v) in detail {
         ev = ev.detail(k, v);

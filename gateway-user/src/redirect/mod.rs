@@ -18,21 +18,33 @@ use aya::{
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps,
     },
     Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    FlowKey, NetnsMark, OrigDst, RedirectConfig, TagMark, MAP_CONFIG, MAP_EVENTS, MAP_FLOWS,
-    MAP_LAYOUT_VERSION, MAP_SERVED_NETNS, MAP_TAGGED_CGROUPS,
+    ipv4_mapped, FlowKey, NetnsMark, OrigDst, RedirectConfig, TagMark, UdpAllowKey, UdpAllowMark,
+    MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_LAYOUT_VERSION, MAP_SERVED_NETNS, MAP_TAGGED_CGROUPS,
+    MAP_UDP_ALLOW,
 };
+
+use crate::config::UdpDest;
 use tracing::{info, warn};
 
 /// The kernel object built from `gateway-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
 
-/// Program names in the object, and the pin names of their links.
-const PROGRAMS: [&str; 3] = ["redirect_connect4", "redirect_connect6", "track_flows"];
+/// Program names in the object, and the pin names of their links. The
+/// socket-creation and UDP programs come first so that a tagged cgroup is
+/// never redirected for TCP while it can still open raw sockets or send UDP.
+const PROGRAMS: [&str; 6] = [
+    "restrict_socket_types",
+    "restrict_udp_sendmsg4",
+    "restrict_udp_sendmsg6",
+    "redirect_connect4",
+    "redirect_connect6",
+    "track_flows",
+];
 
 /// A failure to set up or drive interception.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +92,8 @@ pub struct AttachSettings {
     pub cgroup_dir: PathBuf,
     /// Port of the proxy listeners.
     pub listen_port: u16,
+    /// UDP destinations tagged cgroups may still reach.
+    pub udp_allow: Vec<UdpDest>,
 }
 
 /// Loaded, attached and pinned programs, and handles on their maps.
@@ -88,6 +102,7 @@ pub struct Redirector {
     tagged: HashMap<MapData, u64, TagMark>,
     flows: HashMap<MapData, FlowKey, OrigDst>,
     served: HashMap<MapData, u64, NetnsMark>,
+    udp_allow: HashMap<MapData, UdpAllowKey, UdpAllowMark>,
     config: Array<MapData, RedirectConfig>,
     events: Option<RingBuf<MapData>>,
     links: Vec<PinnedLink>,
@@ -119,6 +134,7 @@ impl Redirector {
         let tagged = take_hash(&mut ebpf, MAP_TAGGED_CGROUPS)?;
         let flows = take_hash(&mut ebpf, MAP_FLOWS)?;
         let served = take_hash(&mut ebpf, MAP_SERVED_NETNS)?;
+        let udp_allow = take_hash(&mut ebpf, MAP_UDP_ALLOW)?;
         let config: Array<MapData, RedirectConfig> = ebpf
             .take_map(MAP_CONFIG)
             .ok_or(RedirectError::MissingMap(MAP_CONFIG))?
@@ -141,6 +157,7 @@ impl Redirector {
             tagged,
             flows,
             served,
+            udp_allow,
             config,
             events: Some(events),
             links: Vec::new(),
@@ -149,6 +166,7 @@ impl Redirector {
         };
         // Configure before attaching so new programs never see a stale port.
         me.configure(settings.listen_port)?;
+        me.sync_udp_allow(&settings.udp_allow)?;
         // Namespaces served by an earlier process have no listener any more.
         me.clear_served()?;
 
@@ -217,6 +235,20 @@ impl Redirector {
                     },
                 )?
             }
+            aya::programs::Program::CgroupSock(p) => {
+                let p: &mut CgroupSock = p;
+                p.load().map_err(perr)?;
+                let id = p
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(perr)?;
+                p.take_link(id).map_err(perr)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| RedirectError::Pin {
+                        what: "converting link",
+                        path: PathBuf::from(name),
+                        source: io::Error::other(e),
+                    },
+                )?
+            }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
                 p.load().map_err(perr)?;
@@ -269,6 +301,26 @@ impl Redirector {
                 name: MAP_CONFIG,
                 source,
             })
+    }
+
+    /// Makes the kernel's UDP allow list exactly `allow`.
+    fn sync_udp_allow(&mut self, allow: &[UdpDest]) -> Result<(), RedirectError> {
+        let wanted: Vec<UdpAllowKey> = allow.iter().map(udp_key).collect();
+        let present: Vec<UdpAllowKey> = self.udp_allow.keys().filter_map(Result::ok).collect();
+        for k in present {
+            if !wanted.contains(&k) {
+                let _ = self.udp_allow.remove(&k);
+            }
+        }
+        for k in wanted {
+            self.udp_allow
+                .insert(k, UdpAllowMark::default(), 0)
+                .map_err(|source| RedirectError::Map {
+                    name: MAP_UDP_ALLOW,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     fn clear_served(&mut self) -> Result<(), RedirectError> {
@@ -346,6 +398,60 @@ impl Redirector {
             source,
         })
     }
+}
+
+/// The kernel key of an allowed UDP destination (IPv4 mapped, any = zero).
+fn udp_key(d: &UdpDest) -> UdpAllowKey {
+    let addr = match d.addr {
+        None => [0; 16],
+        Some(std::net::IpAddr::V4(v4)) => ipv4_mapped(v4.octets()),
+        Some(std::net::IpAddr::V6(v6)) => v6.octets(),
+    };
+    UdpAllowKey {
+        addr,
+        port: d.port,
+        _pad: [0; 6],
+    }
+}
+
+/// How full one pinned map is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name (`FLOWS`, `PENDING_CONNECTS`, `TAGGED_CGROUPS`).
+    pub name: &'static str,
+    /// Entries counted by walking its keys.
+    pub entries: u64,
+    /// Its capacity.
+    pub max_entries: u64,
+}
+
+/// Counts the entries of the maps worth watching, through their pins (so
+/// no lock the data path takes is held while walking up to 64 Ki keys).
+/// Costs one syscall per entry: call it every few seconds, not per scrape.
+/// A map whose pin is gone (detached) is left out.
+pub fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
+    use gateway_common::MAP_PENDING_CONNECTS;
+    let dir = pin_dir.join(format!("maps-v{MAP_LAYOUT_VERSION}"));
+    let mut out = Vec::new();
+    out.extend(fill_of::<FlowKey, OrigDst>(&dir, MAP_FLOWS));
+    out.extend(fill_of::<u64, OrigDst>(&dir, MAP_PENDING_CONNECTS));
+    out.extend(fill_of::<u64, TagMark>(&dir, MAP_TAGGED_CGROUPS));
+    out
+}
+
+fn fill_of<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Option<MapFill> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    let max = u64::from(data.info().ok()?.max_entries());
+    let map: HashMap<MapData, K, V> = aya::maps::Map::from_map_data(data).ok()?.try_into().ok()?;
+    // Keys deleted mid-walk make the kernel restart from the first key:
+    // bound the walk so a busy LRU map cannot keep it going.
+    let limit = usize::try_from(max.saturating_mul(2)).unwrap_or(usize::MAX);
+    let entries = map.keys().take(limit).filter(Result::is_ok).count() as u64;
+    Some(MapFill {
+        name,
+        entries: entries.min(max),
+        max_entries: max,
+    })
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(
