@@ -204,7 +204,11 @@ fn generated_toml() -> (String, String) {
                  record = \"full\"\napproval_timeout = \"5m\"\n",
             ),
             Kind::Http | Kind::Kubernetes => resources.push_str("tls = \"intercept\"\n"),
-            Kind::Tcp | Kind::Ssh => {}
+            Kind::Ssh => resources.push_str(
+                "credentials = { user = \"deploy\", private_key_file = \"/etc/deploy_ed25519\" }\n\
+                 known_hosts = \"/etc/known_hosts\"\n",
+            ),
+            Kind::Tcp => {}
         }
         if kind == Kind::Postgres && i % 20 == 0 {
             resources.push_str(&format!(

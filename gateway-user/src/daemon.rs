@@ -78,6 +78,9 @@ pub struct Shared {
     pub jit: crate::jit::Jit,
     /// Session recordings.
     pub recorder: crate::record::Recorder,
+    /// The daemon's SSH host key (`<state>/ssh/host_ed25519`): what agents
+    /// see when their SSH is intercepted.
+    pub ssh_host_key: Arc<russh::keys::PrivateKey>,
     /// Webhooks for access requests.
     pub webhooks: crate::jit::Webhooks,
     /// Live sessions.
@@ -250,6 +253,13 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let ca = crate::proxy::http::ca::LocalCa::load_or_create(&cfg.state_dir.join("ca"))
         .context("the local CA for TLS interception")?;
     info!(cert = %ca.cert_path().display(), "local CA ready");
+    let ssh_host_key = crate::proxy::ssh::hostkey::ensure_daemon_key(&cfg.state_dir)
+        .context("the SSH host key")?;
+    info!(
+        fingerprint = %crate::proxy::ssh::hostkey::fingerprint(ssh_host_key.public_key()),
+        public_key = %cfg.state_dir.join("ssh").join(format!("{}.pub", crate::proxy::ssh::hostkey::HOST_KEY_FILE)).display(),
+        "ssh host key"
+    );
     let webhooks = crate::jit::Webhooks::start(&cfg.webhooks).map_err(|e| anyhow::anyhow!(e))?;
 
     let mut audit_cfg = AuditConfig::new(&cfg.state_dir);
@@ -286,6 +296,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         identities: IdentityBinder::default(),
         jit,
         recorder,
+        ssh_host_key,
         webhooks,
         sessions: Sessions::new(),
         ca: Arc::new(ca),

@@ -1365,3 +1365,177 @@ impl Drop for PgServer {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real OpenSSH server (`/usr/sbin/sshd -D`) on a free loopback port
+/// with its own config and host key. Its `authorized_keys` holds only the
+/// key Portcullis logs in with (`upstream_key`), for root. Stopped on drop.
+pub struct SshServer {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// The private key the daemon holds (the resource's `private_key_file`).
+    pub upstream_key: PathBuf,
+    /// A known_hosts file with this server's host key (for the resource).
+    pub known_hosts: PathBuf,
+    /// sshd's own log.
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl SshServer {
+    pub fn start(name: &str) -> Self {
+        Self::start_with(name, false, false)
+    }
+
+    /// With `host_cert`, the host key is certified by a fresh host CA
+    /// (`host_ca_pub`, principal `127.0.0.1`) and sshd presents the
+    /// certificate. With `user_cert`, `authorized_keys` is empty and sshd
+    /// trusts a user CA that certified the daemon's key for root instead
+    /// (`upstream_cert`).
+    pub fn start_with(name: &str, host_cert: bool, user_cert: bool) -> Self {
+        let dir = std::env::temp_dir().join(unique(&format!("sshd-{name}")));
+        fs::create_dir_all(&dir).expect("sshd dir");
+        // sshd's privilege separation directory.
+        fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        let keygen = |file: &Path| {
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+                    .arg(file),
+            );
+        };
+        let host_key = dir.join("host_ed25519");
+        let upstream_key = dir.join("portcullis_id");
+        keygen(&host_key);
+        keygen(&upstream_key);
+        let mut extra = String::new();
+        if user_cert {
+            let ca = dir.join("user_ca");
+            keygen(&ca);
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-s"])
+                    .arg(&ca)
+                    .args(["-I", "portcullis-user", "-n", "root", "-V", "-5m:+1h"])
+                    .arg(dir.join("portcullis_id.pub")),
+            );
+            fs::write(dir.join("authorized_keys"), "").expect("authorized_keys");
+            extra.push_str(&format!(
+                "TrustedUserCAKeys {}\n",
+                dir.join("user_ca.pub").display()
+            ));
+        } else {
+            fs::copy(dir.join("portcullis_id.pub"), dir.join("authorized_keys"))
+                .expect("authorized_keys");
+        }
+        let port = free_port();
+        let host_pub = fs::read_to_string(dir.join("host_ed25519.pub")).expect("host pub");
+        let known_hosts = dir.join("known_hosts");
+        fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_pub}")).expect("known_hosts");
+        if host_cert {
+            let ca = dir.join("host_ca");
+            keygen(&ca);
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-s"])
+                    .arg(&ca)
+                    .args(["-I", "test-sshd", "-h", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+                    .arg(dir.join("host_ed25519.pub")),
+            );
+            extra.push_str(&format!(
+                "HostCertificate {}\n",
+                dir.join("host_ed25519-cert.pub").display()
+            ));
+        }
+        let config = dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+                 AuthorizedKeysFile {}\nPubkeyAuthentication yes\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n\
+                 StrictModes no\nSubsystem sftp internal-sftp\nAcceptEnv LANG LC_*\n\
+                 AllowTcpForwarding yes\nX11Forwarding no\nPrintMotd no\nLogLevel VERBOSE\n{extra}",
+                host_key.display(),
+                dir.join("sshd.pid").display(),
+                dir.join("authorized_keys").display(),
+            ),
+        )
+        .expect("sshd_config");
+        let log = dir.join("sshd.log");
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("sshd log"))
+            .spawn()
+            .expect("spawn sshd");
+        let me = Self {
+            dir,
+            port,
+            upstream_key,
+            known_hosts,
+            log,
+            child,
+        };
+        wait_until(
+            Duration::from_secs(10),
+            || direct_greeting(me.addr()).is_some_and(|g| g.starts_with("SSH-2.0-OpenSSH")),
+            "sshd listening",
+        );
+        me
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The daemon key's user certificate (servers started with `user_cert`).
+    pub fn upstream_cert(&self) -> PathBuf {
+        self.dir.join("portcullis_id-cert.pub")
+    }
+
+    /// The host CA's public key (servers started with a host certificate).
+    pub fn host_ca_pub(&self) -> PathBuf {
+        self.dir.join("host_ca.pub")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A known_hosts file that trusts `daemon_pub` (the daemon's host key)
+    /// for this server's address: what an agent container is given.
+    pub fn agent_known_hosts(&self, daemon_pub: &Path) -> PathBuf {
+        let key = fs::read_to_string(daemon_pub).expect("daemon host key .pub");
+        let path = self.dir.join(unique("agent_known_hosts"));
+        fs::write(&path, format!("[127.0.0.1]:{} {key}", self.port)).expect("agent known_hosts");
+        path
+    }
+
+    /// OpenSSH client options: strict host key checking against
+    /// `known_hosts`, no user config, no prompts.
+    pub fn ssh_opts(&self, known_hosts: &Path) -> Vec<String> {
+        vec![
+            "-F".into(),
+            "/dev/null".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", known_hosts.display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+        ]
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

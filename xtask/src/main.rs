@@ -1,11 +1,12 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|http|policy|audit`, `fuzz`, `soak`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|policy|audit`, `fuzz`, `soak`.
 #![warn(missing_docs)]
 
 mod bench;
 mod bench_client;
 mod bench_http;
 mod bench_pg;
+mod bench_ssh;
 mod ci;
 mod demo;
 mod fuzz;
@@ -55,7 +56,7 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
-    /// Benchmarks: `tcp`, `http` (direct vs. through Portcullis), `policy`, `audit`.
+    /// Benchmarks: `tcp`, `pg`, `ssh`, `http` (direct vs. through Portcullis), `policy`, `audit`.
     Bench {
         /// What to benchmark.
         #[command(subcommand)]
@@ -124,6 +125,25 @@ enum BenchTarget {
         /// pgbench scale factor.
         #[arg(long, default_value_t = 10)]
         scale: u32,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
+    /// SSH: download and upload throughput, exec round trips, connect+exec.
+    ///
+    /// OpenSSH `ssh` and paramiko against a local OpenSSH sshd, direct and
+    /// through Portcullis (the daemon holding the key; policy, audit,
+    /// recording and masking on).
+    Ssh {
+        /// Bytes each way for the transfers.
+        #[arg(long, default_value_t = 200 << 20)]
+        bytes: u64,
+        /// Exec round trips on one connection.
+        #[arg(long, default_value_t = 200)]
+        execs: u64,
+        /// The resource's `record` level (`metadata` records SSH output).
+        #[arg(long, default_value = "metadata")]
+        record: String,
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
@@ -202,6 +222,15 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench_pg::run(seconds, scale, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Ssh {
+                    bytes,
+                    execs,
+                    record,
+                    binary,
+                },
+        } => bench_ssh::ssh(bytes, execs, &record, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),

@@ -33,13 +33,6 @@ impl Protocol {
             Self::Http => "http",
         }
     }
-
-    /// Whether this build has a protocol handler for it. Resources of other
-    /// protocols validate (so a policy set can be written ahead of an
-    /// upgrade) but their flows are refused.
-    pub fn has_handler(self) -> bool {
-        matches!(self, Self::Tcp | Self::Postgres | Self::Http)
-    }
 }
 
 impl fmt::Display for Protocol {
@@ -188,6 +181,12 @@ pub struct Resource {
     pub host_ca: Option<PathBuf>,
     /// PostgreSQL settings (defaults for other protocols).
     pub postgres: PgOptions,
+    /// The host key agents see for this resource (ssh; default: the
+    /// daemon's `<state>/ssh/host_ed25519`).
+    pub host_key_file: Option<PathBuf>,
+    /// An OpenSSH host certificate for that key, signed by a CA agents
+    /// trust with `@cert-authority` (ssh).
+    pub host_certificate_file: Option<PathBuf>,
 }
 
 fn display_list<S: serde::Serializer>(v: &[Destination], s: S) -> Result<S::Ok, S::Error> {
@@ -337,6 +336,8 @@ struct ResourceToml {
     upstream_tls: Option<Spanned<String>>,
     /// postgres: the upstream database.
     database: Option<Spanned<String>>,
+    host_key_file: Option<PathBuf>,
+    host_certificate_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -660,10 +661,15 @@ pub(super) fn parse_file(
                 ));
             }
         }
-        if protocol != Some(Protocol::Ssh) && (res.known_hosts.is_some() || res.host_ca.is_some()) {
+        if protocol != Some(Protocol::Ssh)
+            && (res.known_hosts.is_some()
+                || res.host_ca.is_some()
+                || res.host_key_file.is_some()
+                || res.host_certificate_file.is_some())
+        {
             diags.push(at(
                 start,
-                "`known_hosts` and `host_ca` apply to ssh resources only".into(),
+                "`known_hosts`, `host_ca`, `host_key_file` and `host_certificate_file` apply to ssh resources only".into(),
             ));
         }
         let mut postgres = PgOptions::default();
@@ -721,6 +727,22 @@ pub(super) fn parse_file(
             }
             postgres.database = Some(v.get_ref().clone());
         }
+        if protocol == Some(Protocol::Ssh) {
+            // Strict by default: the daemon never logs in to a host whose
+            // key it cannot check, and it logs in only with a held key.
+            if res.known_hosts.is_none() && res.host_ca.is_none() {
+                diags.push(at(
+                    start,
+                    format!("ssh resource `{name}` needs `known_hosts` or `host_ca` to verify the upstream host key"),
+                ));
+            }
+            if credentials.private_key_file.is_none() {
+                diags.push(at(
+                    res.credentials.as_ref().map_or(start, |c| c.span().start),
+                    format!("ssh resource `{name}` needs `credentials.private_key_file` (the key the daemon logs in with)"),
+                ));
+            }
+        }
         if config.resources.contains_key(&name) {
             diags.push(at(start, format!("resource `{name}` is defined twice")));
             continue;
@@ -744,6 +766,8 @@ pub(super) fn parse_file(
                         known_hosts: rel(res.known_hosts),
                         host_ca: rel(res.host_ca),
                         postgres,
+                        host_key_file: rel(res.host_key_file),
+                        host_certificate_file: rel(res.host_certificate_file),
                     },
                 );
             }

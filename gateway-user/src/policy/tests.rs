@@ -329,6 +329,42 @@ fn resource_keys_are_checked_per_protocol() {
 }
 
 #[test]
+fn ssh_resources_need_a_held_key_and_host_key_trust() {
+    let dir = dir_with(&[(
+        "s.toml",
+        "[resource.s]\nprotocol = \"ssh\"\nmatch = [\"10.0.0.7:22\"]\n\n\
+         [resource.t]\nprotocol = \"tcp\"\nmatch = [\"10.0.0.8:22\"]\nhost_key_file = \"k\"\n",
+    )]);
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    for needle in [
+        "s.toml:1:11: ssh resource `s` needs `known_hosts` or `host_ca`",
+        "ssh resource `s` needs `credentials.private_key_file`",
+        "s.toml:5:11: `known_hosts`, `host_ca`, `host_key_file` and `host_certificate_file` apply to ssh resources only",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    fs::remove_dir_all(dir).unwrap();
+    let dir = dir_with(&[(
+        "s.toml",
+        "[resource.s]\nprotocol = \"ssh\"\nmatch = [\"10.0.0.7:22\"]\n\
+         credentials = { user = \"deploy\", private_key_file = \"id\" }\nhost_ca = \"ca.pub\"\n\
+         host_key_file = \"hk\"\nhost_certificate_file = \"hk-cert.pub\"\n",
+    )]);
+    let set = PolicySet::load(&dir).unwrap();
+    let r = &set.resources["s"];
+    assert_eq!(r.host_key_file.as_deref(), Some(dir.join("hk").as_path()));
+    assert_eq!(
+        r.host_certificate_file.as_deref(),
+        Some(dir.join("hk-cert.pub").as_path())
+    );
+    assert_eq!(
+        r.credentials.private_key_file.as_deref(),
+        Some(dir.join("id").as_path())
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn two_resources_may_not_claim_one_address() {
     let dir = dir_with(&[
         (

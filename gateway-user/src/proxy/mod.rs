@@ -4,13 +4,14 @@
 //!
 //! Owns flow setup and refusal, the live-session table and upstream
 //! connection helpers shared by handlers. It must not parse any protocol:
-//! that is each handler's job (`tcp`, `postgres`, `http`; `ssh` plugs into
-//! [`dispatch`] the same way).
+//! that is each handler's job (`tcp`, `postgres`, `ssh`, `http`, each
+//! plugged into [`dispatch`] the same way).
 
 pub mod gate;
 pub mod http;
 pub mod postgres;
 pub mod session;
+pub mod ssh;
 pub mod tcp;
 
 use std::{
@@ -348,22 +349,7 @@ async fn dispatch(
         Protocol::Tcp => tcp::serve(shared, flow, client).await,
         Protocol::Http => http::serve(shared, flow, client).await,
         Protocol::Postgres => postgres::serve(shared, flow, client).await,
-        other => {
-            // Resources of protocols this build has no handler for validate
-            // (so policies can be written ahead of an upgrade), but their
-            // flows are refused, never relayed blindly.
-            refuse(client);
-            warn!(
-                session = %flow.info.session,
-                reason = "no handler for this protocol in this build",
-                protocol = %other,
-                "flow refused"
-            );
-            Ok(SessionSummary {
-                end_reason: "refused: no handler for this protocol in this build",
-                ..Default::default()
-            })
-        }
+        Protocol::Ssh => ssh::serve(shared, flow, client).await,
     }
 }
 

@@ -1,0 +1,112 @@
+//! From SSH channel requests to gate commands: the action, its Cedar
+//! context (`SshContext` in `policy/actions.rs`) and the audit text.
+//! Also the `env` allow list. Pure functions: no I/O, no decisions.
+
+use crate::proxy::{gate::Command, Flow};
+
+/// What an agent asked a session channel to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `exec` with its command line.
+    Exec(String),
+    /// `shell`.
+    Shell,
+    /// `subsystem` (only `sftp` gets this far).
+    Subsystem(String),
+}
+
+impl Request {
+    /// The action name.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::Exec(_) => "ssh:exec",
+            Self::Shell => "ssh:shell",
+            Self::Subsystem(_) => "ssh:sftp",
+        }
+    }
+
+    /// The recording's channel kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Exec(_) => "exec",
+            Self::Shell => "shell",
+            Self::Subsystem(_) => "sftp",
+        }
+    }
+}
+
+/// The gate command for a session channel request.
+pub fn session_command(flow: &Flow, req: &Request, pty: Option<&str>) -> Command {
+    let (text, command, subsystem) = match req {
+        Request::Exec(c) => (c.clone(), c.as_str(), ""),
+        Request::Shell => (
+            match pty {
+                Some(term) => format!("shell (pty {term})"),
+                None => "shell".to_string(),
+            },
+            "",
+            "",
+        ),
+        Request::Subsystem(s) => (format!("subsystem {s}"), "", s.as_str()),
+    };
+    let mut cmd = Command::new(flow, req.action(), text)
+        .context("command", command)
+        .context("subsystem", subsystem)
+        .context("host", "")
+        .context("port", 0);
+    if let Some(term) = pty {
+        cmd = cmd.detail("pty", term);
+    }
+    cmd
+}
+
+/// The gate command for a `direct-tcpip` channel.
+pub fn forward_command(flow: &Flow, host: &str, port: u32, originator: &str) -> Command {
+    Command::new(flow, "ssh:forward", format!("forward to {host}:{port}"))
+        .context("command", "")
+        .context("subsystem", "")
+        .context("host", host)
+        .context("port", i64::from(port))
+        .detail("originator", originator)
+}
+
+/// Whether an `env` request may pass to the upstream: locale and time
+/// zone only (anything else could change what the command does, e.g.
+/// `LD_PRELOAD`, `PATH`, `BASH_ENV`).
+pub fn env_allowed(name: &str) -> bool {
+    matches!(name, "LANG" | "LANGUAGE" | "TZ")
+        || name.strip_prefix("LC_").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_allow_list() {
+        for ok in ["LANG", "LC_ALL", "LC_CTYPE", "TZ", "LANGUAGE"] {
+            assert!(env_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "LD_PRELOAD",
+            "PATH",
+            "BASH_ENV",
+            "LC_",
+            "lc_all",
+            "LANGX",
+            "",
+        ] {
+            assert!(!env_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn actions_and_kinds() {
+        assert_eq!(Request::Exec("ls".into()).action(), "ssh:exec");
+        assert_eq!(Request::Shell.action(), "ssh:shell");
+        assert_eq!(Request::Subsystem("sftp".into()).action(), "ssh:sftp");
+        assert_eq!(Request::Subsystem("sftp".into()).kind(), "sftp");
+    }
+}

@@ -1,0 +1,282 @@
+//! The `ssh` protocol handler: an intercepting SSH proxy that holds the
+//! keys. The agent's SSH client talks to a russh server here (with the
+//! daemon's host key); the daemon logs in to the real server with the
+//! resource's held key and relays channel by channel, deciding each
+//! channel request through [`super::gate`].
+//!
+//! Owns both SSH legs of a flow: the agent-side server ([`server`]), the
+//! upstream client ([`upstream`]), the channel relays ([`channel`]), the
+//! mapping of channel requests to actions ([`actions`]) and host keys
+//! ([`hostkey`]). It must not decide anything itself (the gate does), nor
+//! write recordings other than through `flow.recording`.
+//!
+//! # Actions
+//!
+//! | channel request | action | context |
+//! |---|---|---|
+//! | `exec` (including `scp -t/-f`, `rsync --server`) | `ssh:exec` | `command` = the command line |
+//! | `shell` (with or without a pty) | `ssh:shell` | |
+//! | `subsystem sftp` | `ssh:sftp` | `subsystem` = `sftp` |
+//! | `direct-tcpip` (`ssh -L`, `-W`, `-J`) | `ssh:forward` | `host`, `port` |
+//!
+//! Every context carries all four attributes (`command`, `subsystem`,
+//! `host`, `port`; empty or 0 when not applicable). Refused without a
+//! decision: agent forwarding (the daemon holds the keys; an agent must not
+//! reach them), X11, remote forwarding (`ssh -R`), Unix socket forwarding,
+//! subsystems other than sftp. `env` requests pass only for `LANG`,
+//! `LANGUAGE`, `TZ` and `LC_*`.
+//!
+//! A denied command gets the reason on the channel's stderr, exit status
+//! [`DENIED_EXIT_STATUS`] and a closed channel; the connection stays
+//! usable. A held command gets a line on stderr naming the access request
+//! and waits; its input is buffered up to [`channel::HELD_INPUT_MAX`]
+//! meanwhile. A denied forward is an `administratively prohibited`
+//! channel-open failure. Window changes, signals, EOF, exit-status,
+//! exit-signal and close are relayed as they come. Output of exec and shell
+//! channels (stdout and stderr) is masked when the resource has `[[mask]]`
+//! detectors, and recorded as asciicast v2 per channel. An sftp channel's
+//! file operations (open with mode, remove, rename, mkdir, rmdir, setstat,
+//! opendir, symlink) go into its `command_end` audit record.
+//!
+//! # Logging in upstream
+//!
+//! The daemon logs in as `credentials.user`; when the resource names no
+//! user, as the user the agent asked for (`ssh deploy@host`). It signs with
+//! `credentials.private_key_file`, presenting `credentials.certificate_file`
+//! when set. The upstream host key must match the resource's `known_hosts`
+//! (names `host` or `[host]:port`, hashed entries, `@revoked`,
+//! `@cert-authority`) or be a host certificate signed by a key in
+//! `host_ca` whose principals name the host; with neither file the resource
+//! does not load (strict).
+//!
+//! # What an agent container needs to trust the daemon
+//!
+//! The agent keeps dialing the real host (say `10.0.0.7:22`); interception
+//! sends it to the daemon, which answers with its own host key, so the
+//! agent's `known_hosts` must hold that key for the real host's name. One of:
+//!
+//! 1. The daemon's key: `<state>/ssh/host_ed25519.pub` (generated at the
+//!    first start, mode 0600 for the private half; the daemon logs its
+//!    fingerprint). Put `10.0.0.7 ssh-ed25519 AAAA…` (or `[host]:port` for a
+//!    port other than 22) in the agent's `~/.ssh/known_hosts`, or pass
+//!    `-o UserKnownHostsFile=<file>`; keep `StrictHostKeyChecking=yes`. A
+//!    resource may use a key of its own with `host_key_file`.
+//! 2. A host CA: sign the daemon's (or the resource's) host key, e.g.
+//!    `ssh-keygen -s host_ca -h -I portcullis -n 10.0.0.7,build.internal
+//!    host_ed25519.pub`, set `host_certificate_file` on the resource, and give
+//!    agents `@cert-authority 10.0.0.7,*.internal ssh-ed25519 AAAA…(CA key)`.
+//!
+//! The agent needs no key of its own: whatever client authentication it
+//! offers (`none`, `password`, `publickey`, `keyboard-interactive`) is
+//! accepted and is not a credential; its identity is the flow's.
+
+pub mod actions;
+pub mod channel;
+pub mod hostkey;
+pub mod mask;
+pub mod server;
+pub mod sftp;
+pub mod upstream;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use russh::keys::PrivateKey;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::{Flow, SessionSummary};
+use crate::daemon::Shared;
+
+/// Exit status of a denied (or refused-after-hold) command.
+pub const DENIED_EXIT_STATUS: u32 = 126;
+
+/// Exit status when the upstream cannot run the command (unreachable,
+/// login failed, request refused): what OpenSSH's `ssh` itself uses.
+pub const UPSTREAM_EXIT_STATUS: u32 = 255;
+
+/// How long the agent has to send its SSH identification line.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An SSH handler problem.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// A key, certificate or trust file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+    /// A key or certificate did not parse.
+    #[error("{}: {msg}", path.display())]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// The resource's SSH settings cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// The upstream could not be reached, verified or logged in to.
+    #[error("upstream: {0}")]
+    Upstream(String),
+}
+
+impl SshError {
+    pub(crate) fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn key(path: &Path, e: impl std::fmt::Display) -> Self {
+        Self::Key {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// The agent-side server settings for a flow: the resource's own host key
+/// (or the daemon's) and its host certificate, if any.
+fn server_config(
+    flow: &Flow,
+    daemon_key: &Arc<PrivateKey>,
+) -> Result<russh::server::Config, SshError> {
+    use russh::{MethodKind, MethodSet};
+    let key = match &flow.resource.host_key_file {
+        Some(p) => hostkey::load_private(p)?,
+        None => PrivateKey::clone(daemon_key),
+    };
+    let mut certificates = Vec::new();
+    if let Some(p) = &flow.resource.host_certificate_file {
+        let cert = hostkey::load_certificate(p)?;
+        if cert.public_key() != key.public_key().key_data() {
+            return Err(SshError::Config(format!(
+                "{} certifies another key than the host key",
+                p.display()
+            )));
+        }
+        certificates.push(cert);
+    }
+    Ok(russh::server::Config {
+        server_id: russh::SshId::Standard("SSH-2.0-Portcullis".into()),
+        methods: MethodSet::from(
+            &[
+                MethodKind::None,
+                MethodKind::PublicKey,
+                MethodKind::Password,
+                MethodKind::KeyboardInteractive,
+            ][..],
+        ),
+        // Nothing is ever rejected on purpose (the agent's credentials are
+        // not checked), so there is no timing to hide.
+        auth_rejection_time: Duration::from_millis(10),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        certificates,
+        // Idle shells are legitimate; dead peers are found by keepalives.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Runs an SSH flow: the agent-side server until the agent disconnects,
+/// the session is ended, or the connection fails.
+pub async fn serve(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    client: TcpStream,
+) -> io::Result<SessionSummary> {
+    let config = match server_config(&flow, &shared.ssh_host_key) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            warn!(session = %flow.info.session, "ssh flow refused: {e}");
+            super::refuse(client);
+            return Err(io::Error::other(e.to_string()));
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let cancel = flow.cancel.clone();
+    let session = flow.info.session.clone();
+    let conn = Arc::new(channel::Conn::new(shared.clone(), flow));
+    let handler = server::AgentHandler::new(conn.clone());
+    let started = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        russh::server::run_stream(config, client, handler),
+    )
+    .await;
+    let running = match started {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            conn.gone.cancel();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("ssh handshake: {e}"),
+            ));
+        }
+        Err(_) => {
+            conn.gone.cancel();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "ssh handshake: no identification from the agent",
+            ));
+        }
+    };
+    let handle = running.handle();
+    tokio::pin!(running);
+    let (result, reason) = tokio::select! {
+        r = &mut running => (r, "closed"),
+        _ = cancel.cancelled() => {
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "session ended by portcullis".into(),
+                    "en".into(),
+                )
+                .await;
+            // Give the disconnect a moment to reach the agent.
+            let r = tokio::time::timeout(Duration::from_secs(2), &mut running)
+                .await
+                .unwrap_or(Ok(()));
+            (r, "ended by the daemon")
+        }
+    };
+    conn.gone.cancel();
+    conn.close_upstream().await;
+    let summary = SessionSummary {
+        bytes_from_client: conn.bytes_from_client.load(Ordering::Relaxed),
+        bytes_to_client: conn.bytes_to_client.load(Ordering::Relaxed),
+        end_reason: reason,
+    };
+    match result {
+        Ok(()) => Ok(summary),
+        Err(e) if is_disconnect(&e) => Ok(summary),
+        Err(e) => {
+            info!(session = %session, "ssh session ended: {e}");
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("ssh: {e}"),
+            ))
+        }
+    }
+}
+
+/// Errors that are just the peer going away.
+fn is_disconnect(e: &russh::Error) -> bool {
+    matches!(
+        e,
+        russh::Error::Disconnect | russh::Error::HUP | russh::Error::ConnectionTimeout
+    ) || matches!(e, russh::Error::IO(io) if matches!(io.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+}
