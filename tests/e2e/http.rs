@@ -639,6 +639,107 @@ fn kubectl_get_allowed_delete_denied_with_status_and_secrets_masked() {
             .contains("/secrets/db")));
 }
 
+/// The Python kubernetes client (Debian's python3-kubernetes) as a second
+/// real Kubernetes client: `http_k8s_client.py` prints what it saw as JSON.
+#[test]
+fn python_kubernetes_client_list_allowed_delete_denied_with_status_and_secret_masked() {
+    let h = http_setup(
+        "http-k8s-py",
+        "intercept",
+        "kind = \"kubernetes\"",
+        K8S_RULES,
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/e2e/http_k8s_client.py"
+    );
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.arg(script)
+        .arg(format!("https://127.0.0.1:{}", h.upstream.port))
+        .arg(&h.ca)
+        .env("HOME", &h.files.dir);
+    h.place.apply(&mut cmd);
+    let out = cmd.output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("kubernetes client: {e}: {out:?}"));
+
+    // list_namespaced_pod: allowed, the pods deserialized, values unmasked.
+    assert_eq!(v["pods"], json!(["web-1", "web-2"]), "{v}");
+    assert_eq!(v["pod_env"], "ops@example.com");
+
+    // delete_namespaced_pod: ApiException 403 with a Kubernetes Status.
+    let del = &v["delete"];
+    assert_eq!(del["raised"], true, "{v}");
+    assert_eq!(del["status"], 403, "{v}");
+    let status: Value = serde_json::from_str(del["body"].as_str().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("Status body: {e}: {del}"));
+    assert_eq!(status["kind"], "Status", "{status}");
+    assert_eq!(status["apiVersion"], "v1");
+    assert_eq!(status["status"], "Failure");
+    assert_eq!(status["reason"], "Forbidden");
+    assert_eq!(status["code"], 403);
+    assert_eq!(status["details"]["name"], "web-1");
+    assert_eq!(status["details"]["kind"], "pods");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("k8s:delete"),
+        "{status}"
+    );
+    assert!(h
+        .upstream
+        .requests()
+        .iter()
+        .all(|r| r["method"] != "DELETE"));
+
+    // read_namespaced_secret: masked, deserialized and raw alike.
+    let s = &v["secret"];
+    assert_eq!(s["kind"], "Secret", "{v}");
+    assert_eq!(s["metadata"]["name"], "db");
+    assert_eq!(s["data"]["password"], "[MASKED]");
+    assert_eq!(s["data"]["username"], "[MASKED]");
+    assert_eq!(s["stringData"]["note"], "[MASKED]");
+    let raw = v["secret_raw"].as_str().unwrap_or("");
+    assert!(raw.contains("\"Secret\""), "{raw}");
+    let whole = v.to_string();
+    for original in [
+        "aHVudGVyMi1kYi1wYXNzd29yZA", // base64("hunter2-db-password")
+        "hunter2-db-password",
+        "YWRtaW4=", // base64("admin")
+        "plaintext-note-value",
+    ] {
+        assert!(
+            !whole.contains(original),
+            "{original} reached the client: {whole}"
+        );
+    }
+
+    // The daemon's token went upstream, never the agent's.
+    let reqs = h.upstream.requests();
+    assert_eq!(reqs.len(), 3, "{reqs:#?}");
+    for r in &reqs {
+        assert_eq!(
+            r["authorization"],
+            format!("Bearer {UPSTREAM_TOKEN}"),
+            "{r}"
+        );
+    }
+    let cmds = h.events("command");
+    assert!(cmds
+        .iter()
+        .any(|e| e["action"] == "k8s:delete" && e["decision"] == "deny"));
+    assert!(cmds
+        .iter()
+        .any(|e| e["action"] == "k8s:list" && e["decision"] == "allow"));
+    assert_eq!(
+        cmds.iter()
+            .filter(|e| e["action"] == "k8s:get" && e["decision"] == "allow")
+            .count(),
+        2
+    );
+}
+
 #[test]
 fn a_watch_stream_is_masked_event_by_event() {
     let h = http_setup(

@@ -41,6 +41,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-paramiko",
     // HTTP client of the http e2e tests (streaming watch reads).
     "python3-httpx",
+    // Second real Kubernetes client of the http e2e tests (beside kubectl).
+    "python3-kubernetes",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",
