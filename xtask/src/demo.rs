@@ -318,7 +318,6 @@ fn agent_psql(psql: &Path) -> Command {
     cmd.args(["-X", "-w", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1"])
         .args(["-p", &PG_PORT.to_string(), "-U", AGENT_USER, DATABASE])
         .env_remove("PGPASSWORD")
-        .env_remove("PGPASSFILE")
         // No ~/.pgpass either: the agent knows no password.
         .env("PGPASSFILE", "/dev/null");
     cmd
