@@ -56,6 +56,8 @@ const APPROVE_AFTER: Duration = Duration::from_secs(4);
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long offline commands (`audit verify`, `replay`) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the demo waits for the agent's recording to be complete.
+const RECORDING_TIMEOUT: Duration = Duration::from_secs(10);
 /// What psql echoes after each statement, so the demo knows it finished.
 const DONE: &str = "--portcullis-demo-done--";
 
@@ -318,8 +320,9 @@ fn agent_psql(psql: &Path) -> Command {
     cmd.args(["-X", "-w", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1"])
         .args(["-p", &PG_PORT.to_string(), "-U", AGENT_USER, DATABASE])
         .env_remove("PGPASSWORD")
-        // No ~/.pgpass either: the agent knows no password.
-        .env("PGPASSFILE", "/dev/null");
+        // No ~/.pgpass either (a missing file is silently skipped): the
+        // agent knows no password.
+        .env("PGPASSFILE", "/nonexistent/portcullis-demo-pgpass");
     cmd
 }
 
@@ -490,21 +493,42 @@ fn offline(session: &Session, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The id of the newest recorded postgres session of the demo agent.
+/// The id of the newest recorded postgres session of the demo agent, once
+/// its recording is complete (the files lag the session's end by up to the
+/// recorder's flush interval).
 fn last_pg_session(session: &Session) -> Result<String> {
     let state = session.state_dir().display().to_string();
-    let text = offline(session, &["sessions", "--json", "--state-dir", &state])?;
-    let data: serde_json::Value =
-        serde_json::from_str(&text).context("`sessions --json` printed no JSON")?;
-    data["sessions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["protocol"] == "postgres" && s["identity"] == IDENTITY)
-        .filter_map(|s| s["id"].as_str())
-        .next_back()
-        .map(str::to_owned)
-        .context("no recorded postgres session of the demo agent")
+    let deadline = Instant::now() + RECORDING_TIMEOUT;
+    loop {
+        let text = offline(session, &["sessions", "--json", "--state-dir", &state])?;
+        let data: serde_json::Value =
+            serde_json::from_str(&text).context("`sessions --json` printed no JSON")?;
+        let newest = data["sessions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rfind(|s| s["protocol"] == "postgres" && s["identity"] == IDENTITY)
+            .cloned();
+        match newest {
+            Some(s) if !s["ended_ms"].is_null() => {
+                return s["id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("a session without an id");
+            }
+            Some(s) if Instant::now() >= deadline => {
+                println!("    (the recording of {} is not complete yet)", s["id"]);
+                return s["id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("a session without an id");
+            }
+            None if Instant::now() >= deadline => {
+                bail!("no recorded postgres session of the demo agent")
+            }
+            _ => thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// Keeps the daemon and PostgreSQL running until Ctrl-C (or until the
