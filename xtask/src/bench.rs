@@ -74,7 +74,7 @@ pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> 
     .context("cannot write bench.cedar")?;
 
     catch_interrupts();
-    let session = Session::start(
+    let mut session = Session::start(
         &bin,
         &SessionConfig {
             name: NAME,

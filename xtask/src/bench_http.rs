@@ -79,7 +79,7 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
     .context("cannot write bench.cedar")?;
 
     catch_interrupts();
-    let session = Session::start(
+    let mut session = Session::start(
         &bin,
         &SessionConfig {
             name: NAME,

@@ -28,7 +28,6 @@ use crate::{
 
 const NAME: &str = "portcullis-bench-pg";
 const LISTEN_PORT: u16 = 15003;
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const CLIENTS: [u32; 3] = [1, 8, 32];
 
 /// One measurement.
@@ -90,7 +89,7 @@ pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
         "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action in Action::\"postgres\", resource == Resource::\"bench-pg\");\n",
     )?;
     catch_interrupts();
-    let session = Session::start(
+    let mut session = Session::start(
         &bin,
         &SessionConfig {
             name: NAME,
@@ -269,7 +268,12 @@ fn print_table(runs: &[Run]) {
 }
 
 fn pgbench(port: u16, password: Option<&str>) -> Command {
-    let mut cmd = Command::new(format!("{PG_BIN}/pgbench"));
+    // pgbench ships with the client package, on PATH; the server's bin dir
+    // has it too.
+    let program = pg_bin()
+        .map(|b| b.join("pgbench"))
+        .unwrap_or_else(|_| PathBuf::from("pgbench"));
+    let mut cmd = Command::new(program);
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .env_remove("PGPASSWORD")
         .stdin(Stdio::null());
@@ -277,6 +281,30 @@ fn pgbench(port: u16, password: Option<&str>) -> Command {
         cmd.env("PGPASSWORD", pw);
     }
     cmd
+}
+
+/// The newest installed PostgreSQL's `bin` directory
+/// (`/usr/lib/postgresql/<version>/bin`).
+pub(crate) fn pg_bin() -> Result<PathBuf> {
+    let root = Path::new("/usr/lib/postgresql");
+    let newest = fs::read_dir(root)
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((version, bin))
+        })
+        .max_by_key(|(version, _)| *version);
+    match newest {
+        Some((_, bin)) => Ok(bin),
+        None => bail!(
+            "no PostgreSQL server under {}: run `cargo xtask setup` (postgresql)",
+            root.display()
+        ),
+    }
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -294,7 +322,8 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn postgres_ids() -> Result<(u32, u32)> {
+/// The `postgres` OS user's uid and gid.
+pub(crate) fn postgres_ids() -> Result<(u32, u32)> {
     let passwd = fs::read_to_string("/etc/passwd")?;
     let line = passwd
         .lines()
@@ -312,7 +341,8 @@ fn postgres_ids() -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
+/// chown(2) with a path in the error.
+pub(crate) fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
         .with_context(|| format!("chown {}", path.display()))
 }
@@ -329,12 +359,22 @@ fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn start_postgres(work: &Path, port: u16, password: &str, uid: u32, gid: u32) -> Result<Child> {
+/// initdb (scram-sha-256 over TCP, trust on the socket in `work`) and
+/// starts PostgreSQL on 127.0.0.1:`port` as `uid`:`gid`; returns when it
+/// accepts connections.
+pub(crate) fn start_postgres(
+    work: &Path,
+    port: u16,
+    password: &str,
+    uid: u32,
+    gid: u32,
+) -> Result<Child> {
+    let pg_bin = pg_bin()?;
     let data = work.join("data");
     let pwfile = work.join("initpw");
     fs::write(&pwfile, password)?;
     chown(&pwfile, uid, gid)?;
-    let mut init = Command::new(format!("{PG_BIN}/initdb"));
+    let mut init = Command::new(pg_bin.join("initdb"));
     init.arg("-D")
         .arg(&data)
         .args([
@@ -350,7 +390,7 @@ fn start_postgres(work: &Path, port: u16, password: &str, uid: u32, gid: u32) ->
         .current_dir(work);
     run_ok(&mut init, "initdb")?;
     let _ = fs::remove_file(&pwfile);
-    let mut cmd = Command::new(format!("{PG_BIN}/postgres"));
+    let mut cmd = Command::new(pg_bin.join("postgres"));
     cmd.arg("-D")
         .arg(&data)
         .args([
@@ -373,7 +413,7 @@ fn start_postgres(work: &Path, port: u16, password: &str, uid: u32, gid: u32) ->
     let mut child = cmd.spawn().context("spawn postgres")?;
     let start = Instant::now();
     loop {
-        let ok = Command::new(format!("{PG_BIN}/pg_isready"))
+        let ok = Command::new(pg_bin.join("pg_isready"))
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
             .status()
             .map(|s| s.success())
@@ -434,7 +474,7 @@ fn start_pgbouncer(
 }
 
 /// Stops a child process on drop.
-struct Guard(Option<Child>);
+pub(crate) struct Guard(pub(crate) Option<Child>);
 
 impl Drop for Guard {
     fn drop(&mut self) {

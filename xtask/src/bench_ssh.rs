@@ -224,7 +224,7 @@ pub fn ssh(bytes: u64, execs: u64, record: &str, binary: Option<PathBuf>) -> Res
         "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"ssh:exec\", resource == Resource::\"bench-ssh\");\n",
     )?;
     catch_interrupts();
-    let session = Session::start(
+    let mut session = Session::start(
         &bin,
         &SessionConfig {
             name: NAME,

@@ -50,6 +50,10 @@ pub struct Session {
     agent_cgroup: PathBuf,
     /// The daemon's stdout and stderr.
     log_path: PathBuf,
+    /// The daemon's state directory (audit log, recordings).
+    state_dir: PathBuf,
+    /// Whether the agent cgroup was tagged (teardown untags it).
+    tagged: bool,
     /// The daemon process, while running.
     daemon: Option<Child>,
 }
@@ -75,6 +79,8 @@ impl Session {
             cgroup_root,
             cgroup_mount,
             log_path: work_dir.join("daemon.log"),
+            state_dir: state_dir.clone(),
+            tagged: false,
             daemon: None,
         };
         session.clear_leftovers();
@@ -204,13 +210,8 @@ impl Session {
 
     /// Tags `<name>/agent` with `identity`, proven by the token in
     /// `token_file` when given.
-    pub fn tag_agent(&self, identity: &str, token_file: Option<&Path>) -> Result<()> {
-        let relative = self
-            .agent_cgroup
-            .strip_prefix(&self.cgroup_mount)
-            .context("the agent cgroup is not under the cgroup2 mount")?
-            .to_string_lossy()
-            .into_owned();
+    pub fn tag_agent(&mut self, identity: &str, token_file: Option<&Path>) -> Result<()> {
+        let relative = self.agent_cgroup_relative()?;
         let mut args = vec![
             "tag".to_owned(),
             relative,
@@ -228,8 +229,24 @@ impl Session {
         ));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.client_output(&args)?;
+        self.tagged = true;
         print_indented(&out);
         Ok(())
+    }
+
+    /// The agent cgroup relative to the cgroup2 mount, as `tag` takes it.
+    fn agent_cgroup_relative(&self) -> Result<String> {
+        Ok(self
+            .agent_cgroup
+            .strip_prefix(&self.cgroup_mount)
+            .context("the agent cgroup is not under the cgroup2 mount")?
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// The daemon's state directory (`--state-dir` for offline commands).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// The `portcullis` binary.
@@ -304,6 +321,15 @@ impl Session {
     /// Stops the daemon, detaches, removes the cgroups.
     fn teardown(&mut self) {
         step("teardown");
+        if self.tagged && self.daemon.is_some() {
+            self.tagged = false;
+            if let Ok(relative) = self.agent_cgroup_relative() {
+                println!("    untagging {relative}");
+                if let Err(e) = self.client_output(&["untag", &relative]) {
+                    eprintln!("warning: {e:#}");
+                }
+            }
+        }
         if let Some(mut daemon) = self.daemon.take() {
             println!("    stopping the daemon (pid {})", daemon.id());
             stop_child(&mut daemon, Duration::from_secs(5));
