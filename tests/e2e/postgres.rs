@@ -341,6 +341,8 @@ fn pg_detectors_mask_text_binary_and_copy_out() {
         {"sql": "select id, name, email, card from customers where id > %s order by id", "params": [0], "binary": true},
         {"op": "copy_out", "sql": "copy customers to stdout"},
         {"op": "copy_out", "sql": "copy (select email from customers) to stdout with (format csv)"},
+        {"sql": "select name from customers where id = 1"},
+        {"sql": "insert into other values (9, 'x')"},
     ]}));
     let all = serde_json::to_string(&r).unwrap();
     for secret in secrets {
@@ -387,6 +389,35 @@ fn pg_detectors_mask_text_binary_and_copy_out() {
             "recording leaks {secret}: {recorded}"
         );
     }
+    // A statement that returns no rows is recorded without the columns of
+    // the select before it.
+    let mut insert = None;
+    wait_until(
+        std::time::Duration::from_secs(10),
+        || {
+            insert = find_files(&s.files.state, "postgres.jsonl")
+                .iter()
+                .flat_map(|p| {
+                    std::fs::read_to_string(p)
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .collect::<Vec<_>>()
+                })
+                .find(|v| {
+                    v["statement"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("insert into other"))
+                });
+            insert.is_some()
+        },
+        "the insert's recording line",
+    );
+    let insert = insert.unwrap();
+    assert!(
+        insert.get("columns").is_none_or(|c| c.is_null()),
+        "{insert}"
+    );
 }
 
 #[test]

@@ -372,15 +372,18 @@ impl<'a> Back<'a> {
     }
 
     fn complete(&mut self, run: Box<Run>, rows: Option<u64>, error: Option<String>) {
+        // A statement's columns are its own: one that returns no rows (an
+        // UPDATE after a SELECT) must not be recorded under the last one's.
+        let columns = self.columns.take();
         self.done.push(Done {
             run,
             rows,
             error,
-            columns: self.columns.clone(),
+            result_rows: (self.record_rows && columns.is_some())
+                .then(|| std::mem::take(&mut self.result_rows)),
+            columns,
             by_column: std::mem::take(&mut self.by_column),
             by_detector: std::mem::take(&mut self.by_detector),
-            result_rows: (self.record_rows && self.columns.is_some())
-                .then(|| std::mem::take(&mut self.result_rows)),
         });
         self.result_rows.clear();
     }
