@@ -84,6 +84,16 @@ impl Pg {
 
     /// psql as the agent, no password anywhere: (success, stdout, stderr).
     fn psql(&self, place: &Placement, args: &[&str]) -> (bool, String, String) {
+        self.psql_with(place, &self.conninfo(), args)
+    }
+
+    /// psql with its own conninfo (TLS settings).
+    fn psql_with(
+        &self,
+        place: &Placement,
+        conninfo: &str,
+        args: &[&str],
+    ) -> (bool, String, String) {
         let mut cmd = Command::new("psql");
         cmd.args([
             "-X",
@@ -95,7 +105,7 @@ impl Pg {
             "-v",
             "VERBOSITY=verbose",
         ])
-        .arg(self.conninfo())
+        .arg(conninfo)
         .args(args)
         .env_remove("PGPASSWORD");
         place.apply(&mut cmd);
@@ -564,6 +574,105 @@ fn pg_upstream_tls_modes() {
     let (ok, out, err) = s.psql(&s.agent, &["-c", ssl_in_use]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "f");
+}
+
+#[test]
+fn pg_agent_tls_verified_against_the_daemon_ca_and_plain_still_served() {
+    let s = setup("pgagtls", "");
+    let ca = s.daemon.status()["ca_cert"]
+        .as_str()
+        .expect("ca_cert in status")
+        .to_string();
+    let port = s.pg.port;
+    let conn = |mode: &str| {
+        format!("host=127.0.0.1 port={port} user=agent dbname=postgres connect_timeout=10 {mode}")
+    };
+    let verify = format!("sslmode=verify-full sslrootcert={ca}");
+    // Default `ssl = "off"`: the SSLRequest is answered `N`.
+    let (ok, _, err) = s.psql_with(&s.agent, &conn("sslmode=require"), &["-c", "select 1"]);
+    assert!(!ok, "TLS must not be offered with ssl off");
+    assert!(err.contains("does not support SSL"), "{err}");
+
+    write_resource(
+        &s.files,
+        &s.pg,
+        "upstream_tls = \"prefer\"\nssl = \"on\"",
+        "",
+    );
+    s.daemon.cli_ok(&["policy", "reload"]);
+    // No SNI (an IP was dialed): the leaf carries the IP SAN, and libpq's
+    // verify-full checks it against the daemon CA.
+    let (ok, out, err) = s.psql_with(
+        &s.agent,
+        &conn(&verify),
+        &[
+            "-c",
+            "select name from customers order by id",
+            "-c",
+            "\\conninfo",
+        ],
+    );
+    assert!(ok, "{err}\n{}", s.daemon.log_text());
+    assert!(out.starts_with("alice\nbob\n"), "{out}");
+    assert!(out.contains("SSL connection (protocol: TLSv1.3"), "{out}");
+    // A delete over TLS is still decided and denied.
+    let (ok, _, err) = s.psql_with(
+        &s.agent,
+        &conn(&verify),
+        &["-c", "delete from customers where id = 2"],
+    );
+    assert!(!ok);
+    assert!(err.contains("42501") && err.contains("no-delete"), "{err}");
+    assert_eq!(s.pg.sql("select count(*) from customers").trim(), "2");
+    // With SNI (a host name): the leaf is minted for that name.
+    let (ok, out, err) = s.psql_with(
+        &s.agent,
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=agent dbname=postgres connect_timeout=10 {verify}"
+        ),
+        &["-c", "select count(*) from customers"],
+    );
+    assert!(ok, "{err}\n{}", s.daemon.log_text());
+    assert_eq!(out.trim(), "2");
+    // Another root is not trusted: the verification is real.
+    let other = s.pg.password_file.with_file_name("other-root.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+    let (ok, _, err) = s.psql_with(
+        &s.agent,
+        &conn(&format!(
+            "sslmode=verify-full sslrootcert={}",
+            other.display()
+        )),
+        &["-c", "select 1"],
+    );
+    assert!(!ok, "a foreign root must not verify the daemon's leaf");
+    assert!(err.contains("certificate verify failed"), "{err}");
+    // `on` offers TLS, it does not require it: plain text still works.
+    let (ok, out, err) = s.psql_with(
+        &s.agent,
+        &conn("sslmode=disable"),
+        &["-c", "select count(*) from customers", "-c", "\\conninfo"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("2\n"), "{out}");
+    assert!(!out.contains("SSL connection"), "{out}");
+
+    let commands = s.events("command");
+    assert!(
+        commands
+            .iter()
+            .any(|e| e["action"] == "postgres:delete" && e["decision"] == "deny"),
+        "{commands:#?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|e| e["action"] == "postgres:select" && e["decision"] == "allow"),
+        "{commands:#?}"
+    );
 }
 
 fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {

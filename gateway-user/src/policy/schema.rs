@@ -113,8 +113,10 @@ pub enum UpstreamTls {
 /// `upstream_tls`, `database`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PgOptions {
-    /// Agent side: `ssl = "off"` answers SSLRequest with `N` (the only mode
-    /// this build has: agent-side TLS needs a leaf from the daemon's CA).
+    /// Agent side: `ssl = "off"` (default) answers SSLRequest with `N`;
+    /// `ssl = "on"` answers `S` and terminates TLS with a leaf from the
+    /// daemon CA (for the SNI, or the dialed IP). `on` offers TLS, it does
+    /// not require it: a plain StartupMessage is still served.
     pub agent_ssl: bool,
     /// Daemon to server.
     pub upstream_tls: UpstreamTls,
@@ -691,10 +693,7 @@ pub(super) fn parse_file(
         if let Some(v) = &res.ssl {
             match v.get_ref().as_str() {
                 "off" => postgres.agent_ssl = false,
-                "on" => diags.push(at(
-                    v.span().start,
-                    "ssl \"on\" is not supported by this build yet (agents are answered `N`): use \"off\"".into(),
-                )),
+                "on" => postgres.agent_ssl = true,
                 other => diags.push(at(
                     v.span().start,
                     format!("ssl {other:?} is not one of off, on"),

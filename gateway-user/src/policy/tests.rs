@@ -573,14 +573,24 @@ fn postgres_resource_settings_parse_and_are_validated() {
     assert!(!db.postgres.agent_ssl);
     fs::remove_dir_all(good).unwrap();
 
+    // `ssl = "on"`: the daemon offers TLS to agents; default is off.
+    let on = dir_with(&[(
+        "pg.toml",
+        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nssl = \"on\"\n\n[resource.plain]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5433\"]\n",
+    )]);
+    let set = PolicySet::load(&on).unwrap();
+    assert!(set.resources.get("db").unwrap().postgres.agent_ssl);
+    assert!(!set.resources.get("plain").unwrap().postgres.agent_ssl);
+    fs::remove_dir_all(on).unwrap();
+
     let bad = dir_with(&[(
         "pg.toml",
-        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nupstream_tls = \"maybe\"\nssl = \"on\"\ndatabase = \"\"\n\n[resource.t]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\ndatabase = \"x\"\n",
+        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nupstream_tls = \"maybe\"\nssl = \"yes\"\ndatabase = \"\"\n\n[resource.t]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\ndatabase = \"x\"\n",
     )]);
     let text = PolicySet::load(&bad).unwrap_err().to_string();
     for needle in [
         "pg.toml:4:16: upstream_tls \"maybe\" is not one of disable, prefer, require, verify-full",
-        "pg.toml:5:7: ssl \"on\" is not supported",
+        "pg.toml:5:7: ssl \"yes\" is not one of off, on",
         "pg.toml:6:12: `database` must be a non-empty name",
         "pg.toml:11:12: `database` applies to postgres resources only",
     ] {

@@ -139,7 +139,7 @@ pub async fn serve(
         TlsMode::Passthrough => passthrough::serve(shared, flow, client).await?,
         TlsMode::Intercept => {
             let dst = flow.info.original_dst.ip();
-            let (tls, sni) = tls::intercept(&shared.ca, client, dst)
+            let (tls, sni) = tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP)
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("agent TLS handshake: {e}")))?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");

@@ -1,6 +1,7 @@
 //! The agent side of TLS: interception (terminate with a leaf from the
-//! local CA for the SNI, or an IP SAN when there is none; ALPN h2 and
-//! http/1.1) and passthrough (read the ClientHello for its SNI without
+//! local CA for the SNI, or an IP SAN when there is none; ALPN chosen by
+//! the caller: h2 and http/1.1 for HTTP, `postgresql` for the PostgreSQL
+//! handler's `ssl = "on"`) and passthrough (read the ClientHello for its SNI without
 //! answering it, so the bytes can be replayed to the upstream).
 //!
 //! Owns the handshake with the agent only. It must not decide anything.
@@ -35,12 +36,20 @@ fn timeout_err() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
 }
 
+/// ALPN offered by HTTP interception, best first.
+pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// ALPN of PostgreSQL over TLS (what PostgreSQL 17+ servers and clients use).
+pub const ALPN_POSTGRES: &[&[u8]] = &[b"postgresql"];
+
 /// Terminates the agent's TLS. Returns the stream and the SNI it sent.
-/// `dst` names the leaf when the agent sent no SNI (it dialed an address).
+/// `dst` names the leaf when the agent sent no SNI (it dialed an address);
+/// `alpn` is what the daemon accepts (a client offering ALPN with none of
+/// them is refused, as a real server would).
 pub async fn intercept<IO>(
     ca: &LocalCa,
     io: IO,
     dst: IpAddr,
+    alpn: &[&[u8]],
 ) -> io::Result<(TlsStream<IO>, Option<String>)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -59,7 +68,7 @@ where
         .map_err(io::Error::other)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(OneCert(leaf)));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let stream = start.into_stream(Arc::new(config)).await?;
         Ok((stream, sni))
     };

@@ -22,7 +22,7 @@ use tracing::warn;
 use super::{
     codec::{self, put_error, Reader, MAX_FRAME},
     rows::{self, RowPlan},
-    session::{lock, ClientW, Expect, Pipe, Run, SessionCtx, FLUSH_AT, RECORD_ROWS},
+    session::{self, lock, ClientW, Expect, Pipe, Run, SessionCtx, FLUSH_AT, RECORD_ROWS},
     upstream::{self, Io, Upstream},
 };
 use crate::{
@@ -139,7 +139,7 @@ impl<'a> Back<'a> {
 
     async fn write(&mut self, out: &mut BytesMut, counter: &AtomicU64) -> io::Result<()> {
         if !out.is_empty() {
-            self.cw.lock().await.write_all(out).await?;
+            session::send(&self.cw, out).await?;
             counter.fetch_add(out.len() as u64, Ordering::Relaxed);
             out.clear();
         }
@@ -150,7 +150,7 @@ impl<'a> Back<'a> {
         warn!(session = %self.flow.info.session, "{message}");
         let mut b = BytesMut::new();
         put_error(&mut b, b'E', "FATAL", "XX000", message);
-        let _ = self.cw.lock().await.write_all(&b).await;
+        let _ = session::send(&self.cw, &b).await;
     }
 
     /// Handles one backend message; `Err` ends the session (fail closed).

@@ -19,17 +19,15 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::Value;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, WriteHalf},
-    net::tcp::OwnedReadHalf,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tracing::warn;
 
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
     session::{
-        lock, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx, PARAM_MAX,
+        self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
+        PARAM_MAX,
     },
     upstream::Io,
 };
@@ -93,7 +91,7 @@ impl<'a> Front<'a> {
 
     pub(super) async fn run(
         &mut self,
-        rd: OwnedReadHalf,
+        rd: AgentR,
         counter: &AtomicU64,
     ) -> io::Result<&'static str> {
         let r = self.relay(rd, counter).await;
@@ -106,11 +104,7 @@ impl<'a> Front<'a> {
         r
     }
 
-    async fn relay(
-        &mut self,
-        mut rd: OwnedReadHalf,
-        counter: &AtomicU64,
-    ) -> io::Result<&'static str> {
+    async fn relay(&mut self, mut rd: AgentR, counter: &AtomicU64) -> io::Result<&'static str> {
         let mut buf = BytesMut::with_capacity(8192);
         loop {
             loop {
@@ -157,13 +151,13 @@ impl<'a> Front<'a> {
         warn!(session = %self.flow.info.session, "{message}");
         let mut b = BytesMut::new();
         put_error(&mut b, b'E', "FATAL", code, message);
-        let _ = self.cw.lock().await.write_all(&b).await;
+        let _ = session::send(&self.cw, &b).await;
     }
 
     async fn notice(&mut self, message: &str) {
         let mut b = BytesMut::new();
         put_error(&mut b, b'N', "NOTICE", "00000", message);
-        let _ = self.cw.lock().await.write_all(&b).await;
+        let _ = session::send(&self.cw, &b).await;
     }
 
     fn push(&self, e: Expect) {

@@ -1,5 +1,7 @@
 //! The `postgres` protocol handler: terminates the agent's PostgreSQL
-//! connection (SSLRequest answered `N`, GSSENCRequest refused, protocol 3.0,
+//! connection (SSLRequest answered `N`, or with `ssl = "on"` answered `S`
+//! and TLS terminated with a leaf from the daemon CA for the agent's SNI or
+//! the dialed IP; GSSENCRequest refused, protocol 3.0,
 //! a newer 3.x minor negotiated down), logs into the upstream with the held
 //! credential, decides every statement through [`crate::proxy::gate`] with
 //! PostgreSQL's own parser, masks result rows as they stream and routes
@@ -27,13 +29,17 @@ use std::{
 
 use bytes::{BufMut, BytesMut};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
+use tokio_util::either::Either;
 use tracing::{info, warn};
 
-use self::codec::{put_error, put_msg, Startup};
-use super::{Flow, SessionSummary};
+use self::{
+    codec::{put_error, put_msg, Startup},
+    session::Agent,
+};
+use super::{http::tls, Flow, SessionSummary};
 use crate::daemon::Shared;
 
 /// How long an agent may take to send its startup packet.
@@ -81,12 +87,9 @@ fn register_cancel(target: CancelTarget) -> Option<CancelKey> {
 }
 
 /// Serves one agent connection to a postgres resource.
-pub async fn serve(
-    shared: &Arc<Shared>,
-    flow: Flow,
-    mut client: TcpStream,
-) -> io::Result<SessionSummary> {
-    let _ = client.set_nodelay(true);
+pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Result<SessionSummary> {
+    let _ = tcp.set_nodelay(true);
+    let mut client: Agent = Either::Left(tcp);
     let mut buf = BytesMut::with_capacity(1024);
     let summary = |reason: &'static str| SessionSummary {
         end_reason: reason,
@@ -128,18 +131,41 @@ pub async fn serve(
             Err(_) => return Ok(summary("startup timed out")),
         };
         match startup {
-            // Agent-side TLS is not offered (no leaf from a daemon CA in
-            // this build): the agent continues in plain text on loopback or
-            // fails if it insists (sslmode=require).
-            Startup::Ssl | Startup::GssEnc => {
-                if !buf.is_empty() {
-                    // Bytes after an SSLRequest before our answer: a
-                    // buffer-stuffing attempt (CVE-2021-23214 class).
-                    fatal(&mut client, "08P01", "unexpected data after SSLRequest").await;
-                    return Ok(summary("data after SSLRequest"));
-                }
-                client.write_all(b"N").await?;
+            Startup::Ssl | Startup::GssEnc if !buf.is_empty() => {
+                // Bytes after an SSLRequest before our answer: a
+                // buffer-stuffing attempt (CVE-2021-23214 class); with TLS
+                // they would be read as if they came through it.
+                fatal(&mut client, "08P01", "unexpected data after SSLRequest").await;
+                return Ok(summary("data after SSLRequest"));
             }
+            Startup::Ssl if matches!(client, Either::Right(_)) => {
+                // A server refuses a second negotiation too.
+                fatal(&mut client, "08P01", "SSLRequest inside TLS").await;
+                return Ok(summary("SSLRequest inside TLS"));
+            }
+            Startup::Ssl if flow.resource.postgres.agent_ssl => {
+                client.write_all(b"S").await?;
+                let Either::Left(tcp) = client else {
+                    return Ok(summary("SSLRequest inside TLS"));
+                };
+                let dst = flow.info.original_dst.ip();
+                match tls::intercept(&shared.ca, tcp, dst, tls::ALPN_POSTGRES).await {
+                    Ok((stream, sni)) => {
+                        info!(session = %flow.info.session, sni = ?sni, "agent TLS established");
+                        client = Either::Right(Box::new(stream));
+                    }
+                    Err(e) => {
+                        // No PostgreSQL error can reach the agent now: the
+                        // TLS state is broken. The log says why.
+                        warn!(session = %flow.info.session, "agent TLS handshake failed: {e}");
+                        return Ok(summary("agent TLS handshake failed"));
+                    }
+                }
+            }
+            // `ssl = "off"` (and GSSAPI encryption, never offered): the
+            // agent continues in plain text, or fails if it insists
+            // (sslmode=require).
+            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
             Startup::Cancel { pid, secret } => {
                 cancel(shared, &flow, pid, secret).await;
                 return Ok(summary("cancel request"));
@@ -229,6 +255,7 @@ pub async fn serve(
     }
     codec::put_ready(&mut hello, up.status);
     client.write_all(&hello).await?;
+    client.flush().await?;
     info!(
         session = %flow.info.session,
         user = %upstream_params.first().map(|p| p.1.as_str()).unwrap_or_default(),
@@ -252,10 +279,11 @@ pub async fn serve(
 }
 
 /// Sends a FATAL ErrorResponse and lets the connection close.
-async fn fatal(client: &mut TcpStream, code: &str, message: &str) {
+async fn fatal<W: AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str) {
     let mut b = BytesMut::new();
     put_error(&mut b, b'E', "FATAL", code, message);
     let _ = client.write_all(&b).await;
+    let _ = client.flush().await;
     let _ = client.shutdown().await;
 }
 

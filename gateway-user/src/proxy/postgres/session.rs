@@ -26,10 +26,15 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt,
-    net::{tcp::OwnedWriteHalf, TcpStream},
+    io::{AsyncWriteExt, ReadHalf, WriteHalf},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
     sync::Mutex as AsyncMutex,
 };
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 use super::{backend::Back, codec::put_error, frontend::Front, upstream::Upstream};
 use crate::{
@@ -113,7 +118,39 @@ pub(super) enum Expect {
 }
 
 pub(super) type Pipe = Arc<Mutex<VecDeque<Expect>>>;
-pub(super) type ClientW = Arc<AsyncMutex<OwnedWriteHalf>>;
+pub(super) type ClientW = Arc<AsyncMutex<AgentW>>;
+
+/// The agent's connection: plain TCP, or TLS over it once an SSLRequest
+/// was answered `S` (`ssl = "on"`). An enum rather than a boxed trait
+/// object so the plain path keeps TcpStream's lock-free `into_split` and
+/// static dispatch.
+pub(super) type Agent = Either<TcpStream, Box<TlsStream<TcpStream>>>;
+/// The agent's read half.
+pub(super) type AgentR = Either<OwnedReadHalf, ReadHalf<Box<TlsStream<TcpStream>>>>;
+/// The agent's write half (TLS writes must be flushed: see [`send`]).
+pub(super) type AgentW = Either<OwnedWriteHalf, WriteHalf<Box<TlsStream<TcpStream>>>>;
+
+/// Splits the agent's connection into halves for the two session tasks.
+fn split(agent: Agent) -> (AgentR, AgentW) {
+    match agent {
+        Either::Left(tcp) => {
+            let (r, w) = tcp.into_split();
+            (Either::Left(r), Either::Left(w))
+        }
+        Either::Right(tls) => {
+            let (r, w) = tokio::io::split(tls);
+            (Either::Right(r), Either::Right(w))
+        }
+    }
+}
+
+/// Writes `bytes` to the agent and flushes them (a no-op on TCP; on TLS it
+/// makes sure the records leave rather than wait in the session buffer).
+pub(super) async fn send(cw: &ClientW, bytes: &[u8]) -> io::Result<()> {
+    let mut w = cw.lock().await;
+    w.write_all(bytes).await?;
+    w.flush().await
+}
 
 pub(super) fn lock(p: &Pipe) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
     p.lock().unwrap_or_else(|e| e.into_inner())
@@ -124,14 +161,14 @@ pub(super) fn lock(p: &Pipe) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
 pub(super) async fn run(
     shared: &Arc<Shared>,
     flow: &Flow,
-    client: TcpStream,
+    client: Agent,
     up: Upstream,
     ctx: SessionCtx,
 ) -> io::Result<SessionSummary> {
     let mut raw = [0u8; 8];
     let _ = aws_lc_rs::rand::fill(&mut raw);
     let marker = format!("pcx_denied_{}", hex::encode(raw));
-    let (crd, cwr) = client.into_split();
+    let (crd, cwr) = split(client);
     let cw: ClientW = Arc::new(AsyncMutex::new(cwr));
     let (urd, uwr) = tokio::io::split(up.io);
     let pipe: Pipe = Arc::new(Mutex::new(VecDeque::new()));
@@ -170,7 +207,11 @@ pub(super) async fn run(
             "57P01",
             "terminating connection: the session was ended by Portcullis",
         );
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, w.write_all(&b)).await;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            w.write_all(&b).await?;
+            w.flush().await
+        })
+        .await;
     }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, w.shutdown()).await;
     drop(w);
