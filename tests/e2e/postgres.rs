@@ -723,3 +723,58 @@ fn pg_session_ended_by_the_daemon_gets_a_fatal_error() {
     );
     assert!(r[0]["elapsed"].as_f64().unwrap() < 20.0, "{r:?}");
 }
+
+#[test]
+fn pg_agent_auth_token_requires_the_agents_own_oidc_token_as_password() {
+    let s = setup("pgagtok", "");
+    write_resource(
+        &s.files,
+        &s.pg,
+        "upstream_tls = \"prefer\"\nagent_auth = \"token\"",
+        "",
+    );
+    s.daemon.cli_ok(&["policy", "reload"]);
+    let port = s.pg.port;
+    let conn = |extra: &str| {
+        format!("host=127.0.0.1 port={port} user=agent dbname=postgres connect_timeout=10 {extra}")
+    };
+    // No password: the daemon asks for one, psql -w cannot give it.
+    let (ok, _, err) = s.psql_with(&s.agent, &conn(""), &["-c", "select 1"]);
+    assert!(!ok, "no token, no session");
+    assert!(err.contains("no password supplied"), "{err}");
+    // A token of another subject (another identity's) is refused in-protocol.
+    let foreign = s.files.issuer.token("sub-someone-else", 600);
+    let (ok, _, err) = s.psql_with(
+        &s.agent,
+        &conn(&format!("password={foreign}")),
+        &["-c", "select 1"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("password authentication failed for Portcullis")
+            && err.contains("not a valid OIDC token for agent"),
+        "{err}"
+    );
+    // Garbage is refused the same way.
+    let (ok, _, err) = s.psql_with(&s.agent, &conn("password=not-a-jwt"), &["-c", "select 1"]);
+    assert!(!ok);
+    assert!(
+        err.contains("password authentication failed for Portcullis"),
+        "{err}"
+    );
+    // The agent's own token lets it in; statements are decided as always.
+    let own = s.files.issuer.token("sub-agent", 600);
+    let (ok, out, err) = s.psql_with(
+        &s.agent,
+        &conn(&format!("password={own}")),
+        &["-c", "select name from customers order by id"],
+    );
+    assert!(ok, "{err}\n{}", s.daemon.log_text());
+    assert_eq!(out, "alice\nbob\n");
+    let refused = audit_tail(&s.files)
+        .into_iter()
+        .filter(|e| e["type"] == "agent_auth" && e["decision"] == "deny")
+        .count();
+    // No password (psql hangs up when asked), a foreign token, garbage.
+    assert_eq!(refused, 3, "every refused login is audited");
+}

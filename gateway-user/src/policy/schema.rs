@@ -122,6 +122,9 @@ pub struct PgOptions {
     pub upstream_tls: UpstreamTls,
     /// The database the daemon logs into; default: the one the agent asked for.
     pub database: Option<String>,
+    /// Agent side: `agent_auth = "token"` asks the agent for a password and
+    /// requires its OIDC token there (`"none"`, the default: never asks).
+    pub agent_token: bool,
 }
 
 /// Held credentials (paths only: secrets stay in files the daemon reads).
@@ -338,6 +341,8 @@ struct ResourceToml {
     upstream_tls: Option<Spanned<String>>,
     /// postgres: the upstream database.
     database: Option<Spanned<String>>,
+    /// postgres: `none | token` (the agent's password must be its token).
+    agent_auth: Option<Spanned<String>>,
     host_key_file: Option<PathBuf>,
     host_certificate_file: Option<PathBuf>,
 }
@@ -679,6 +684,7 @@ pub(super) fn parse_file(
             ("ssl", res.ssl.as_ref()),
             ("upstream_tls", res.upstream_tls.as_ref()),
             ("database", res.database.as_ref()),
+            ("agent_auth", res.agent_auth.as_ref()),
         ];
         for (key, v) in pg_only {
             if let Some(v) = v {
@@ -716,6 +722,16 @@ pub(super) fn parse_file(
                     UpstreamTls::default()
                 }
             };
+        }
+        if let Some(v) = &res.agent_auth {
+            match v.get_ref().as_str() {
+                "none" => postgres.agent_token = false,
+                "token" => postgres.agent_token = true,
+                other => diags.push(at(
+                    v.span().start,
+                    format!("agent_auth {other:?} is not one of none, token"),
+                )),
+            }
         }
         if let Some(v) = &res.database {
             if v.get_ref().is_empty() || v.get_ref().contains('\0') {

@@ -598,3 +598,29 @@ fn postgres_resource_settings_parse_and_are_validated() {
     }
     fs::remove_dir_all(bad).unwrap();
 }
+
+#[test]
+fn postgres_agent_auth_is_validated() {
+    let good = dir_with(&[(
+        "pg.toml",
+        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nagent_auth = \"token\"\n",
+    )]);
+    assert!(
+        PolicySet::load(&good).unwrap().resources["db"]
+            .postgres
+            .agent_token
+    );
+    fs::remove_dir_all(good).unwrap();
+    let bad = dir_with(&[(
+        "pg.toml",
+        "[resource.db]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:5432\"]\nagent_auth = \"maybe\"\n\n[resource.t]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\nagent_auth = \"token\"\n",
+    )]);
+    let text = PolicySet::load(&bad).unwrap_err().to_string();
+    for needle in [
+        "pg.toml:4:14: agent_auth \"maybe\" is not one of none, token",
+        "pg.toml:9:14: `agent_auth` applies to postgres resources only",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    fs::remove_dir_all(bad).unwrap();
+}

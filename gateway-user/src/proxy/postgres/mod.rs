@@ -198,6 +198,23 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
         .await;
         return Ok(summary("replication refused"));
     }
+    if flow.resource.postgres.agent_token {
+        if let Err(why) = check_agent_token(shared, &flow, &mut client, &mut buf).await {
+            warn!(session = %flow.info.session, "agent authentication refused: {why}");
+            let ev = flow
+                .audit_event("agent_auth")
+                .decision("deny")
+                .reason(why.clone());
+            let _ = shared.audit(ev).await;
+            fatal(
+                &mut client,
+                "28P01",
+                &format!("password authentication failed for Portcullis: {why}"),
+            )
+            .await;
+            return Ok(summary("agent token refused"));
+        }
+    }
     let upstream_params = upstream::startup_params(&flow.resource, &params);
     let up = match upstream::login(&flow, &upstream_params).await {
         Ok(u) => u,
@@ -279,6 +296,66 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
 }
 
 /// Sends a FATAL ErrorResponse and lets the connection close.
+/// `agent_auth = "token"`: asks the agent for a cleartext password (over
+/// TLS when `ssl = "on"`) and requires it to be a valid OIDC token of the
+/// identity the flow's tag proves. The token only proves the agent; the
+/// server still sees the daemon's credential.
+async fn check_agent_token(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    client: &mut Agent,
+    buf: &mut BytesMut,
+) -> Result<(), String> {
+    let mut ask = BytesMut::new();
+    // AuthenticationCleartextPassword.
+    put_msg(&mut ask, b'R', |b| b.put_i32(3));
+    client
+        .write_all(&ask)
+        .await
+        .map_err(|e| format!("cannot ask for the token: {e}"))?;
+    let _ = client.flush().await;
+    let body = tokio::time::timeout(STARTUP_TIMEOUT, async {
+        loop {
+            // A token is a few KiB; anything near the cap is not one.
+            match codec::peek_frame(buf, 64 * 1024) {
+                Ok(Some(head)) => {
+                    let frame = buf.split_to(head.total);
+                    if head.tag != b'p' {
+                        return Err("expected a password message".to_string());
+                    }
+                    return Ok(frame.get(5..).unwrap_or_default().to_vec());
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match client.read_buf(buf).await {
+                Ok(0) => return Err("closed during authentication".to_string()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no password message in time".to_string())??;
+    let token = body
+        .strip_suffix(&[0])
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or("the password must be the agent's OIDC token")?;
+    let policy = shared.policy.load();
+    shared
+        .identities
+        .validate_token(&policy, &flow.info.identity, token)
+        .await
+        .map_err(|e| {
+            format!(
+                "the password is not a valid OIDC token for {}: {e}",
+                flow.info.identity
+            )
+        })
+}
+
 async fn fatal<W: AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str) {
     let mut b = BytesMut::new();
     put_error(&mut b, b'E', "FATAL", code, message);
