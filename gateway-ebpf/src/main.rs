@@ -112,11 +112,11 @@ fn udp_allowed(addr: [u8; 16], port: u16) -> bool {
         port,
         _pad: [0; 6],
     };
-    if UDP_ALLOW.get_ptr(&key).is_some() {
+    if UDP_ALLOW.get_ptr(key).is_some() {
         return true;
     }
     key.addr = [0; 16];
-    UDP_ALLOW.get_ptr(&key).is_some()
+    UDP_ALLOW.get_ptr(key).is_some()
 }
 
 /// Verdict on a UDP connect or an addressed UDP send: untagged cgroups are
