@@ -236,6 +236,10 @@ impl DetectorSet {
     pub fn find(&self, value: &[u8], complete: bool, hits: &mut Vec<Hit>) {
         let first = hits.len();
         let Some(any) = &self.any else { return };
+        // Most values hold nothing: answer that without allocating.
+        if !any.is_match(value) {
+            return;
+        }
         let matched = any.matches(value);
         if !matched.matched_any() {
             return;

@@ -68,6 +68,8 @@ pub struct JsonMasker {
     /// masked with that style.
     masked_below: Option<(usize, Style, usize)>,
     scratch: Vec<u8>,
+    /// Reused buffer for a rewritten value.
+    masked: Vec<u8>,
     offset: u64,
     counts: Counts,
     documents: u64,
@@ -86,6 +88,7 @@ impl JsonMasker {
             token_mask: None,
             masked_below: None,
             scratch: Vec::new(),
+            masked: Vec::new(),
             offset: 0,
             counts: Counts::default(),
             documents: 0,
@@ -395,19 +398,24 @@ impl JsonMasker {
         }
         match mask {
             Some((style, path)) => {
-                let mut masked = Vec::new();
-                apply_style(style, self.masker.hash_key(), &self.scratch, &mut masked);
-                write_json_string(&masked, out);
+                self.masked.clear();
+                apply_style(
+                    style,
+                    self.masker.hash_key(),
+                    &self.scratch,
+                    &mut self.masked,
+                );
+                write_json_string(&self.masked, out);
                 let name = self.path_name(path);
                 self.counts.add(&name, 1);
             }
             None => {
-                let mut masked = Vec::new();
-                let hits = self
-                    .masker
-                    .mask_detected(&self.scratch, &mut masked, &mut self.counts);
+                self.masked.clear();
+                let hits =
+                    self.masker
+                        .mask_detected(&self.scratch, &mut self.masked, &mut self.counts);
                 if hits > 0 {
-                    write_json_string(&masked, out);
+                    write_json_string(&self.masked, out);
                 } else {
                     out.push(b'"');
                     out.extend_from_slice(&self.token);
@@ -432,23 +440,23 @@ impl JsonMasker {
             // A null hides nothing; keep it so clients' types hold.
             Some(_) if tok == b"null" => out.extend_from_slice(tok),
             Some((style, path)) => {
-                let mut masked = Vec::new();
-                apply_style(style, self.masker.hash_key(), tok, &mut masked);
-                write_json_string(&masked, out);
+                self.masked.clear();
+                apply_style(style, self.masker.hash_key(), tok, &mut self.masked);
+                write_json_string(&self.masked, out);
                 let name = self.path_name(path);
                 self.counts.add(&name, 1);
             }
             None => {
-                let mut masked = Vec::new();
+                self.masked.clear();
                 let hits = if is_number(tok) {
                     self.masker
-                        .mask_detected(tok, &mut masked, &mut self.counts)
+                        .mask_detected(tok, &mut self.masked, &mut self.counts)
                 } else {
                     0
                 };
                 if hits > 0 {
                     // A card number sent as a JSON number becomes a string.
-                    write_json_string(&masked, out);
+                    write_json_string(&self.masked, out);
                 } else {
                     out.extend_from_slice(tok);
                 }

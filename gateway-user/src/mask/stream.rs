@@ -152,14 +152,9 @@ impl StreamMasker {
             if boundary == 0 {
                 return;
             }
-            let hits: Vec<Hit> = self
-                .hits
-                .iter()
-                .copied()
-                .filter(|h| h.end <= boundary)
-                .collect();
+            self.hits.retain(|h| h.end <= boundary);
             self.masker
-                .rewrite(&self.held[..boundary], &hits, out, &mut self.counts);
+                .rewrite(&self.held[..boundary], &self.hits, out, &mut self.counts);
             self.held.drain(..boundary);
             if !all || self.held.is_empty() {
                 return;

@@ -216,6 +216,11 @@ impl Redirector {
         cgroup: &fs::File,
     ) -> Result<FdLink, RedirectError> {
         let perr = |source| RedirectError::Program { name, source };
+        let link_err = |e: aya::programs::links::LinkError| RedirectError::Pin {
+            what: "converting link",
+            path: PathBuf::from(name),
+            source: io::Error::other(e),
+        };
         let program = self.ebpf.program_mut(name).ok_or(RedirectError::Program {
             name,
             source: aya::programs::ProgramError::UnexpectedProgramType,
@@ -227,13 +232,10 @@ impl Redirector {
                 let id = p
                     .attach(cgroup.as_fd(), CgroupAttachMode::Single)
                     .map_err(perr)?;
-                p.take_link(id).map_err(perr)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| RedirectError::Pin {
-                        what: "converting link",
-                        path: PathBuf::from(name),
-                        source: io::Error::other(e),
-                    },
-                )?
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(link_err)?
             }
             aya::programs::Program::CgroupSock(p) => {
                 let p: &mut CgroupSock = p;
@@ -241,13 +243,10 @@ impl Redirector {
                 let id = p
                     .attach(cgroup.as_fd(), CgroupAttachMode::Single)
                     .map_err(perr)?;
-                p.take_link(id).map_err(perr)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| RedirectError::Pin {
-                        what: "converting link",
-                        path: PathBuf::from(name),
-                        source: io::Error::other(e),
-                    },
-                )?
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(link_err)?
             }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
@@ -255,13 +254,10 @@ impl Redirector {
                 let id = p
                     .attach(cgroup.as_fd(), CgroupAttachMode::Single)
                     .map_err(perr)?;
-                p.take_link(id).map_err(perr)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| RedirectError::Pin {
-                        what: "converting link",
-                        path: PathBuf::from(name),
-                        source: io::Error::other(e),
-                    },
-                )?
+                p.take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(link_err)?
             }
             _ => {
                 return Err(RedirectError::Program {
