@@ -35,6 +35,10 @@ pub const TARGETS: &[Target] = &[
         run: pg_frontend,
     },
     Target {
+        name: "pg_split",
+        run: pg_split,
+    },
+    Target {
         name: "http_classify",
         run: http_classify,
     },
@@ -97,6 +101,54 @@ pub fn pg_frontend(data: &[u8]) {
         if codec::decode_frontend(head.tag, body).is_err() {
             return;
         }
+    }
+}
+
+/// The statement split a decision is made on, checked against itself the
+/// way the differential e2e tests check it against the real server: every
+/// statement of an accepted query string, read again on its own (as the
+/// server reads it when it runs it), is one statement of the same class
+/// with the same tables and functions. A string whose pieces read
+/// differently alone would let a rule be decided on one reading and run on
+/// another, so a difference panics (a finding, not a crash of the daemon:
+/// the daemon never calls this).
+pub fn pg_split(data: &[u8]) {
+    use crate::proxy::postgres::classify::classify;
+    // Queries reach the classifier only as UTF-8 (the frontend refuses
+    // anything else), so other bytes are not inputs here.
+    let Ok(sql) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(list) = classify(sql) else {
+        return;
+    };
+    for c in &list {
+        let again = match classify(&c.text) {
+            Ok(again) => again,
+            Err(e) => panic!(
+                "{sql:?}: statement {:?} no longer parses alone: {e}",
+                c.text
+            ),
+        };
+        let [one] = again.as_slice() else {
+            panic!(
+                "{sql:?}: statement {:?} reads as {} alone",
+                c.text,
+                again.len()
+            );
+        };
+        let key = |c: &crate::proxy::postgres::classify::Classified| {
+            let (mut t, mut f) = (c.tables.clone(), c.functions.clone());
+            t.sort();
+            f.sort();
+            (c.class, t, f)
+        };
+        assert_eq!(
+            key(one),
+            key(c),
+            "{sql:?}: statement {:?} reads differently alone",
+            c.text
+        );
     }
 }
 

@@ -1176,6 +1176,12 @@ pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 impl PgServer {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Like [`PgServer::start`], with extra server settings (`-c k=v`);
+    /// the server's own log (its stderr) goes to [`PgServer::log_file`].
+    pub fn start_with(name: &str, settings: &[(&str, &str)]) -> Self {
         let user = nix::unistd::User::from_name("postgres")
             .expect("passwd lookup")
             .expect("a postgres OS user (apt-get install postgresql-15)");
@@ -1232,10 +1238,15 @@ impl PgServer {
                 "-c",
                 "max_connections=60",
             ])
+            .args(
+                settings
+                    .iter()
+                    .flat_map(|(k, v)| ["-c".to_string(), format!("{k}={v}")]),
+            )
             .arg("-k")
             .arg(&dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(fs::File::create(dir.join("server.log")).expect("server log"));
         as_pg(&mut cmd);
         let child = cmd.spawn().expect("spawn postgres");
         let mut s = Self {
@@ -1316,6 +1327,28 @@ impl PgServer {
     /// The server address.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The server's own log (what it says it executed, with
+    /// `log_statement = 'all'`).
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// Runs SQL as the superuser in database `db` (see [`PgServer::sql`]).
+    pub fn sql_in(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-w"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable",
+                self.port
+            ))
+            .args(["-c", sql])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "{sql}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs SQL as the superuser over TCP from the (untagged) test process.

@@ -1,0 +1,1 @@
+select $$ ; delete from orders; $$; select 2

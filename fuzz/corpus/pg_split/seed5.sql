@@ -1,0 +1,1 @@
+select $a$ $$ ; x $$ $a$, 'it''s', E'\' ; delete from t; --'

@@ -1,0 +1,1 @@
+with d as (delete from t returning 1) delete from t where id = -1

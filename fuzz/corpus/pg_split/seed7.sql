@@ -1,0 +1,1 @@
+select U&'\0041' uescape '!'; select 1

@@ -1,0 +1,1 @@
+copy (delete from t returning *) to stdout; explain analyze update t set a = 1
