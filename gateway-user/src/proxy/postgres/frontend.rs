@@ -25,6 +25,7 @@ use tracing::warn;
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
+    functions,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
@@ -55,6 +56,8 @@ pub(super) struct Front<'a> {
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
+    /// Side-effect verdicts for the routines statements name.
+    functions: functions::Catalog,
 }
 
 /// Why a frontend message was refused.
@@ -86,6 +89,7 @@ impl<'a> Front<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             skip_until_sync: false,
+            functions: functions::Catalog::new(&flow.info.resource, &ctx.database, &ctx.params),
         }
     }
 
@@ -354,7 +358,7 @@ impl<'a> Front<'a> {
         sql: &str,
         masker: &Option<Arc<Masker>>,
     ) -> Result<Vec<(Classified, Option<Arc<Approved>>)>, Refusal> {
-        let list = match classify::classify(sql) {
+        let mut list = match classify::classify(sql) {
             Ok(l) => l,
             Err(e) => {
                 let reason = e.to_string();
@@ -362,6 +366,9 @@ impl<'a> Front<'a> {
                 return Err(Refusal::Denied(reason));
             }
         };
+        // A read that may run a routine with side effects is its own
+        // class (`function`), from the server's catalog.
+        self.functions.refine(self.flow, &mut list).await;
         // First a dry run without side effects, so a batch with one
         // forbidden statement is refused before anything is held or
         // recorded as allowed.
@@ -439,6 +446,11 @@ impl<'a> Front<'a> {
             };
             match waited {
                 Waited::Allowed(allowed) => {
+                    if functions::may_change_catalog(c.class) {
+                        // It may create or replace a routine: verdicts
+                        // cached for this database are stale.
+                        functions::invalidate(&self.flow.info.resource, &self.ctx.database);
+                    }
                     out.push((c, Some(Arc::new(Approved { cmd, allowed }))))
                 }
                 Waited::Denied(d) => {
