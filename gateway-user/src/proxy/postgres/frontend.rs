@@ -343,12 +343,18 @@ impl<'a> Front<'a> {
     }
 
     fn command(&self, c: &Classified) -> Command {
-        Command::new(self.flow, format!("postgres:{}", c.class), c.text.clone())
+        let cmd = Command::new(self.flow, format!("postgres:{}", c.class), c.text.clone())
             .context("database", self.ctx.database.clone())
             .context("user", self.ctx.user.clone())
             .context("statement", c.context())
             .fingerprint(c.fingerprint.clone())
-            .detail("normalized", c.normalized.clone())
+            .detail("normalized", c.normalized.clone());
+        if c.volatile_functions.is_empty() {
+            cmd
+        } else {
+            // Why a read was decided as `function` (or what a write runs).
+            cmd.detail("volatile_functions", c.volatile_functions.clone())
+        }
     }
 
     /// Decides every statement of `sql`: all allowed, or the whole string
