@@ -449,6 +449,7 @@ fn context(kind: Kind, action: &str, identity: &str, res_i: usize, variant: usiz
                     "tables": tables,
                     "functions": [],
                     "has_where": variant.is_multiple_of(2),
+                    "volatile_functions": [],
                 },
             })
         }

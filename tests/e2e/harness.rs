@@ -1237,6 +1237,10 @@ impl PgServer {
                 "fsync=off",
                 "-c",
                 "max_connections=60",
+                // What the server actually ran, for differential checks
+                // (`PgServer::server_log`).
+                "-c",
+                "log_statement=all",
             ])
             .args(
                 settings
@@ -1322,6 +1326,23 @@ impl PgServer {
             thread::sleep(Duration::from_millis(50));
         }
         ca_file
+    }
+
+    /// The server's own log (`log_statement = all`): every statement it
+    /// received, as it read them.
+    pub fn server_log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The statements the server logged (`LOG:  statement: ...`), in order.
+    pub fn logged_statements(&self) -> Vec<String> {
+        self.server_log()
+            .lines()
+            .filter_map(|l| {
+                l.split_once("LOG:  statement: ")
+                    .map(|(_, s)| s.to_string())
+            })
+            .collect()
     }
 
     /// The server address.

@@ -12,6 +12,7 @@ mod http;
 mod ops;
 mod postgres;
 mod security;
+mod sound_pg;
 mod ssh;
 
 use std::{fs, time::Duration};

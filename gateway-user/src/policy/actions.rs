@@ -49,6 +49,9 @@ pub const POSTGRES: &[&str] = &[
     "show",
     "explain",
     "call",
+    // A read (select, copy_out, explain, show) that may run a function,
+    // operator or cast not known to be free of side effects.
+    "function",
     "other",
 ];
 /// SSH channel requests.
@@ -123,6 +126,7 @@ type Statement = {
   "tables": Set<String>,
   "functions": Set<String>,
   "has_where": Bool,
+  "volatile_functions": Set<String>,
 };
 type TcpContext = { "client": Client, "time": Time, "destination": String };
 type PostgresContext = {

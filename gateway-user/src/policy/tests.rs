@@ -64,7 +64,7 @@ fn pg_ctx(has_where: bool) -> serde_json::Value {
         "time": {"unix": 0, "hour": 0, "weekday": 0},
         "destination": "10.0.0.5:5432",
         "database": "orders", "user": "agent_ro",
-        "statement": {"text": "x", "fingerprint": "f", "tables": ["orders"], "functions": [], "has_where": has_where},
+        "statement": {"text": "x", "fingerprint": "f", "tables": ["orders"], "functions": [], "has_where": has_where, "volatile_functions": []},
     })
 }
 

@@ -325,6 +325,29 @@ impl<'a> Back<'a> {
                 self.copy_mask = None;
                 out.extend_from_slice(frame);
             }
+            b'S' => {
+                // The session is pinned to UTF-8 (statements are decided as
+                // UTF-8); a server that now decodes otherwise (a function
+                // that ran set_config, a SET this parser missed) would read
+                // the next statements differently: end the session.
+                let mut r = Reader::new(body, "ParameterStatus");
+                let key = r.cstr().map_err(|e| e.to_string())?;
+                let value = r.cstr().map_err(|e| e.to_string())?;
+                if super::encoding::is_client_encoding_key(key) && !super::encoding::is_utf8(value)
+                {
+                    let why = format!(
+                        "the server switched client_encoding to {value:?}; the session is pinned to UTF8 and is ended"
+                    );
+                    let ev = self
+                        .flow
+                        .audit_event("postgres_encoding")
+                        .decision("deny")
+                        .reason(why.clone());
+                    let _ = self.shared.audit(ev).await;
+                    return Err(why);
+                }
+                out.extend_from_slice(frame);
+            }
             _ => out.extend_from_slice(frame),
         }
         Ok(())

@@ -6,7 +6,7 @@
 //! Owns the mapping from parse trees to the action catalog in
 //! `policy::actions::POSTGRES`; it must not decide anything.
 
-use pg_query::{protobuf::TransactionStmtKind, NodeEnum, NodeRef, ParserOptions};
+use pg_query::{protobuf::TransactionStmtKind, NodeEnum, ParserOptions};
 use serde_json::{json, Value};
 
 /// One classified statement.
@@ -24,11 +24,53 @@ pub struct Classified {
     pub tables: Vec<String>,
     /// Functions called.
     pub functions: Vec<String>,
-    /// Whether the deciding statement has a WHERE clause.
+    /// Whether the deciding statement has a WHERE clause: for a data
+    /// modification, every UPDATE and DELETE anywhere in the statement
+    /// (CTEs, EXPLAIN ANALYZE, PREPARE, COPY) has one, and so does every
+    /// node of the deciding class (an INSERT or MERGE never has).
     pub has_where: bool,
     /// ROLLBACK / ABORT / ROLLBACK TO: only undoes, always allowed.
     pub rollback: bool,
+    /// Every function, operator and cast target type the statement names,
+    /// for the catalog's verdict on side effects
+    /// ([`super::functions`]).
+    pub refs: Refs,
+    /// The functions (operators, types) not known to be free of side
+    /// effects; filled in by [`super::functions`]. A read class (select,
+    /// copy_out, explain, show) with any becomes `function`.
+    pub volatile_functions: Vec<String>,
 }
+
+/// A possibly schema-qualified name as written (`None`: unqualified; any
+/// schema on the search path may supply it).
+pub type QualName = (Option<String>, String);
+
+/// The routines a statement may run, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refs {
+    /// Function calls (`f(..)`, aggregates, table functions).
+    pub functions: Vec<QualName>,
+    /// Operators (`a + b`, `OPERATOR(s.+)`, `x = ANY(..)`, `ORDER BY USING`).
+    pub operators: Vec<QualName>,
+    /// Types cast to (`'x'::t`: its input function, a domain's checks).
+    pub types: Vec<QualName>,
+    /// A name that cannot be qualified as `schema.name` (three parts).
+    pub unresolvable: Vec<String>,
+}
+
+impl Refs {
+    /// Whether the statement names no routine at all.
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+            && self.operators.is_empty()
+            && self.types.is_empty()
+            && self.unresolvable.is_empty()
+    }
+}
+
+/// Statement classes that only read: one that may run a routine with side
+/// effects is decided as `postgres:function` instead.
+pub const READ_CLASSES: &[&str] = &["select", "copy_out", "explain", "show"];
 
 impl Classified {
     /// The Cedar `Statement` record.
@@ -39,7 +81,21 @@ impl Classified {
             "tables": self.tables,
             "functions": self.functions,
             "has_where": self.has_where,
+            "volatile_functions": self.volatile_functions,
         })
+    }
+
+    /// Applies the catalog's verdict: `unsafe_names` are the routines this
+    /// statement names that are not known to be free of side effects. A
+    /// read class that runs any becomes `function`; other classes keep
+    /// theirs and carry the list.
+    pub fn set_volatile(&mut self, mut unsafe_names: Vec<String>) {
+        unsafe_names.sort();
+        unsafe_names.dedup();
+        if !unsafe_names.is_empty() && READ_CLASSES.contains(&self.class) {
+            self.class = "function";
+        }
+        self.volatile_functions = unsafe_names;
     }
 }
 
@@ -54,6 +110,10 @@ pub enum ClassifyError {
     /// the server might run what was not decided.
     #[error("the statement reads differently with standard_conforming_strings off (backslashes in string literals); use E'' strings or dollar quoting")]
     Ambiguous,
+    /// It would change the session's client encoding, which is pinned to
+    /// UTF8 so the server reads statements as they are decided here.
+    #[error("{0}: the session's client_encoding is pinned to UTF8 by Portcullis (statements are decided as UTF-8)")]
+    Encoding(&'static str),
 }
 
 fn strength(class: &str) -> u8 {
@@ -64,16 +124,6 @@ fn strength(class: &str) -> u8 {
         "delete" => 4,
         _ => 0,
     }
-}
-
-fn dml_class(node: &NodeRef<'_>) -> Option<&'static str> {
-    Some(match node {
-        NodeRef::InsertStmt(_) => "insert",
-        NodeRef::UpdateStmt(_) => "update",
-        NodeRef::DeleteStmt(_) => "delete",
-        NodeRef::MergeStmt(_) => "merge",
-        _ => return None,
-    })
 }
 
 /// The class of a top-level statement node (EXPLAIN ANALYZE, PREPARE and
@@ -170,11 +220,14 @@ pub fn classify(sql: &str) -> Result<Vec<Classified>, ClassifyError> {
     // does not end it: the same text splits into other statements. Where
     // that can matter (a backslash anywhere), both readings must agree.
     if sql.contains('\\') {
+        // Lists compare as sets (`one` sorts them): pg_query hands them
+        // out in hash order, which differs between two parses.
         let same = |a: &Classified, b: &Classified| {
             a.class == b.class
                 && a.text == b.text
                 && a.tables == b.tables
                 && a.functions == b.functions
+                && a.refs == b.refs
         };
         match classify_with(sql, ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS) {
             Ok(alt)
@@ -230,50 +283,261 @@ fn one(
             &parsed_own
         }
     };
-    let nodes = own.protobuf.nodes();
+    // pg_query's own walker skips parts of the tree (PREPARE's query,
+    // FROM functions, ARRAY[...], FILTER, ...): walk the whole tree.
+    let mut tree = Tree::default();
+    for raw in &own.protobuf.stmts {
+        if let Some(n) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+            let v = serde_json::to_value(n).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+            tree.walk(&v, 0);
+        }
+    }
+    if let Some(why) = tree.encoding_change {
+        return Err(ClassifyError::Encoding(why));
+    }
     // A SELECT (or COPY of a query) whose CTE modifies data is that
     // modification: `WITH d AS (DELETE ...) SELECT` deletes.
-    if matches!(class, "select" | "copy_out") || strength(class) > 0 {
-        for (n, _, _, _) in &nodes {
-            if let Some(dml) = dml_class(n) {
-                if strength(dml) > strength(class) {
-                    class = dml;
-                }
+    if matches!(class, "select" | "copy_out" | "explain") || strength(class) > 0 {
+        for (dml, _) in &tree.dml {
+            if strength(dml) > strength(class) && (class != "explain" || tree.analyze) {
+                class = dml;
             }
         }
     }
-    let mut has_where = false;
-    let mut where_from: Option<&'static str> = None;
-    for (n, _, _, _) in &nodes {
-        if dml_class(n) == Some(class) {
-            where_from = Some(class);
-            has_where = match n {
-                NodeRef::UpdateStmt(u) => u.where_clause.is_some(),
-                NodeRef::DeleteStmt(d) => d.where_clause.is_some(),
-                _ => false,
-            };
-            break;
+    let has_where = if strength(class) > 0 {
+        // Every UPDATE/DELETE anywhere has a WHERE, and at least one node
+        // of the deciding class exists and all of those have one (an
+        // INSERT or MERGE has none): `WITH d AS (DELETE FROM t) DELETE
+        // FROM t WHERE false` has no WHERE that bounds what it deletes.
+        let of_class: Vec<bool> = tree
+            .dml
+            .iter()
+            .filter(|(k, _)| *k == class)
+            .map(|(_, w)| *w)
+            .collect();
+        !of_class.is_empty()
+            && of_class.iter().all(|w| *w)
+            && tree
+                .dml
+                .iter()
+                .filter(|(k, _)| matches!(*k, "update" | "delete" | "merge"))
+                .all(|(_, w)| *w)
+    } else {
+        match node {
+            NodeEnum::SelectStmt(s) => s.where_clause.is_some(),
+            _ => false,
         }
-    }
-    if where_from.is_none() {
-        if let Some((NodeRef::SelectStmt(s), _, _, _)) = nodes.first() {
-            has_where = s.where_clause.is_some();
-        }
-    }
+    };
     let fingerprint = pg_query::fingerprint(&text, options, 0)
         .map(|f| f.hex)
         .map_err(|e| ClassifyError::Parse(e.to_string()))?;
     let normalized = pg_query::normalize(&text).unwrap_or_else(|_| text.clone());
+    let mut tables = own.tables();
+    tables.sort();
+    let mut functions = own.functions();
+    functions.sort();
     Ok(Classified {
         class,
         fingerprint,
         normalized,
-        tables: own.tables(),
-        functions: own.functions(),
+        tables,
+        functions,
         has_where,
         rollback,
+        refs: tree.refs(),
+        volatile_functions: Vec::new(),
         text,
     })
+}
+
+/// What a full walk of one statement's tree found.
+#[derive(Default)]
+struct Tree {
+    /// Every data-modifying node: (class, has a WHERE).
+    dml: Vec<(&'static str, bool)>,
+    functions: Vec<QualName>,
+    operators: Vec<QualName>,
+    types: Vec<QualName>,
+    unresolvable: Vec<String>,
+    /// Why the statement would change the client encoding.
+    encoding_change: Option<&'static str>,
+    /// An EXPLAIN with ANALYZE (it runs what it explains).
+    analyze: bool,
+}
+
+/// Most nesting walked (the server's own parser limits depth far lower).
+const MAX_DEPTH: usize = 10_000;
+
+fn guc(name: &str) -> String {
+    name.to_ascii_lowercase().replace('-', "_")
+}
+
+/// The strings of a name list (`[{"node": {"String": {"sval": ..}}}, ..]`).
+fn names(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| {
+                    n.get("node")?
+                        .get("String")?
+                        .get("sval")?
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Tree {
+    fn refs(&self) -> Refs {
+        let sorted = |mut v: Vec<QualName>| {
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut unresolvable = self.unresolvable.clone();
+        unresolvable.sort();
+        unresolvable.dedup();
+        Refs {
+            functions: sorted(self.functions.clone()),
+            operators: sorted(self.operators.clone()),
+            types: sorted(self.types.clone()),
+            unresolvable,
+        }
+    }
+
+    fn qualified(&mut self, parts: Vec<String>) -> Option<QualName> {
+        match parts.as_slice() {
+            [name] => Some((None, name.clone())),
+            [schema, name] => Some((Some(schema.clone()), name.clone())),
+            [] => None,
+            _ => {
+                self.unresolvable.push(parts.join("."));
+                None
+            }
+        }
+    }
+
+    fn walk(&mut self, v: &Value, depth: usize) {
+        if depth > MAX_DEPTH {
+            self.unresolvable.push("<nested too deep>".into());
+            return;
+        }
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| self.walk(x, depth + 1)),
+            Value::Object(o) => {
+                for (k, x) in o {
+                    self.node(k, x);
+                    self.walk(x, depth + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Looks at one node (`kind` is its NodeEnum variant name).
+    fn node(&mut self, kind: &str, x: &Value) {
+        let where_of = |x: &Value| !x.get("where_clause").is_none_or(Value::is_null);
+        if matches!(
+            kind,
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt"
+        ) && x
+            .get("relation")
+            .and_then(|r| r.get("relname"))
+            .and_then(Value::as_str)
+            == Some("pg_settings")
+        {
+            // pg_settings' update rule calls set_config (client_encoding
+            // among the rest).
+            self.encoding_change = Some("modifying pg_settings (its rule runs set_config)");
+        }
+        match kind {
+            "InsertStmt" => self.dml.push(("insert", false)),
+            "UpdateStmt" => self.dml.push(("update", where_of(x))),
+            "DeleteStmt" => self.dml.push(("delete", where_of(x))),
+            // MERGE's join condition is not a WHERE bounding it.
+            "MergeStmt" => self.dml.push(("merge", false)),
+            "ExplainStmt" => {
+                let analyze = x.get("options").and_then(Value::as_array).is_some_and(|o| {
+                    o.iter().any(|d| {
+                        d.get("DefElem")
+                            .and_then(|d| d.get("defname"))
+                            .and_then(Value::as_str)
+                            == Some("analyze")
+                    })
+                });
+                self.analyze |= analyze;
+            }
+            "FuncCall" => {
+                let parts = names(x.get("funcname").unwrap_or(&Value::Null));
+                if parts.last().map(String::as_str) == Some("set_config") {
+                    // set_config(name, ..): a constant name other than
+                    // client_encoding is fine; anything else may be it.
+                    let first = x
+                        .get("args")
+                        .and_then(|a| a.get(0))
+                        .and_then(|a| a.get("node"))
+                        .and_then(|a| a.get("AConst"))
+                        .and_then(|c| c.get("val"))
+                        .and_then(|v| v.get("Sval"))
+                        .and_then(|v| v.get("sval"))
+                        .and_then(Value::as_str);
+                    match first {
+                        Some(n) if guc(n.trim()) != "client_encoding" => {}
+                        Some(_) => self.encoding_change = Some("set_config('client_encoding', ..)"),
+                        None => {
+                            self.encoding_change =
+                                Some("set_config with a setting name that is not a constant")
+                        }
+                    }
+                }
+                if let Some(q) = self.qualified(parts) {
+                    self.functions.push(q);
+                }
+            }
+            "AExpr" => {
+                // BETWEEN is written with a keyword but runs comparisons.
+                let kind = x.get("kind").and_then(Value::as_i64).unwrap_or(0);
+                if (11..=14).contains(&kind) {
+                    for op in [">=", "<=", ">", "<"] {
+                        self.operators.push((None, op.to_string()));
+                    }
+                } else if let Some(q) = self.qualified(names(x.get("name").unwrap_or(&Value::Null)))
+                {
+                    self.operators.push(q);
+                }
+            }
+            "SubLink" => {
+                if let Some(q) = self.qualified(names(x.get("oper_name").unwrap_or(&Value::Null))) {
+                    self.operators.push(q);
+                }
+            }
+            "SortBy" => {
+                if let Some(q) = self.qualified(names(x.get("use_op").unwrap_or(&Value::Null))) {
+                    self.operators.push(q);
+                }
+            }
+            "TypeCast" => {
+                let parts = names(
+                    x.get("type_name")
+                        .and_then(|t| t.get("names"))
+                        .unwrap_or(&Value::Null),
+                );
+                if let Some(q) = self.qualified(parts) {
+                    self.types.push(q);
+                }
+            }
+            // ALTER SYSTEM / ROLE / DATABASE hold theirs as `setstmt`.
+            "VariableSetStmt" | "setstmt" => {
+                let name = x.get("name").and_then(Value::as_str).unwrap_or_default();
+                if guc(name) == "client_encoding" {
+                    self.encoding_change = Some("SET/RESET client_encoding (or SET NAMES)");
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -351,6 +615,163 @@ mod tests {
         // A backslash that means the same either way is fine.
         assert_eq!(classes("select 'C:\\dir', 1"), ["select"]);
         assert_eq!(classes("select E'it\\'s'"), ["select"]);
+    }
+
+    #[test]
+    fn has_where_needs_every_modifying_node_bounded() {
+        let one = |sql: &str| {
+            let c = classify(sql).unwrap();
+            assert_eq!(c.len(), 1, "{sql}");
+            (c[0].class, c[0].has_where)
+        };
+        // Issue 14: the outer WHERE does not bound the CTE's DELETE.
+        assert_eq!(
+            one("with d as (delete from orders returning 1) delete from orders where id = -1"),
+            ("delete", false)
+        );
+        assert_eq!(one("delete from orders where id = 1"), ("delete", true));
+        assert_eq!(
+            one("with d as (delete from o where id = 1 returning 1) delete from o where id = 2"),
+            ("delete", true)
+        );
+        // A DELETE inside an UPDATE: conservative, any unbounded one counts.
+        assert_eq!(
+            one("with d as (delete from o returning id) update o set a = 1 where id = 3"),
+            ("delete", false)
+        );
+        assert_eq!(
+            one("with u as (update o set a = 1 returning id) delete from o where id = 3"),
+            ("delete", false)
+        );
+        assert_eq!(one("explain analyze delete from o"), ("delete", false));
+        assert_eq!(
+            one("prepare p as with d as (delete from o returning 1) select * from d"),
+            ("delete", false)
+        );
+        assert_eq!(
+            one("copy (with d as (delete from o returning 1) select * from d) to stdout"),
+            ("delete", false)
+        );
+        assert_eq!(
+            one("insert into o select * from o where id = 1"),
+            ("insert", false)
+        );
+        assert_eq!(one("select * from o where id = 1"), ("select", true));
+        assert_eq!(one("update o set a = 1 where id = 1"), ("update", true));
+        assert_eq!(one("update o set a = 1"), ("update", false));
+    }
+
+    #[test]
+    fn encoding_changes_are_refused() {
+        for sql in [
+            "set client_encoding = 'GBK'",
+            "set client_encoding to default",
+            "SET CLIENT_ENCODING TO 'SJIS'",
+            "set local client_encoding = 'BIG5'",
+            "set session client_encoding = 'BIG5'",
+            "set names 'GBK'",
+            "reset client_encoding",
+            "select set_config('client_encoding', 'GBK', false)",
+            "select pg_catalog.set_config('CLIENT_ENCODING', 'GBK', false)",
+            "select set_config(x, 'GBK', false) from (select 'client_encoding' x) s",
+            "select * from pg_catalog.set_config('client_encoding', 'GBK', false)",
+            "select 1; set client_encoding = 'GBK'",
+            "update pg_settings set setting = 'GBK' where name = 'client_encoding'",
+            "alter system set client_encoding = 'GBK'",
+            "alter role r set client_encoding = 'GBK'",
+        ] {
+            assert!(
+                matches!(classify(sql), Err(ClassifyError::Encoding(_))),
+                "{sql}: {:?}",
+                classify(sql)
+            );
+        }
+        // RESET ALL / DISCARD ALL return to the startup value (UTF8).
+        assert_eq!(classes("reset all"), ["set"]);
+        assert_eq!(classes("discard all"), ["other"]);
+        assert_eq!(classes("set search_path = x"), ["set"]);
+        assert_eq!(
+            classes("select set_config('search_path', 'x', false)"),
+            ["select"]
+        );
+        assert_eq!(classes("select * from pg_settings"), ["select"]);
+    }
+
+    #[test]
+    fn routines_are_collected_from_the_whole_tree() {
+        let r = |sql: &str| classify(sql).unwrap().remove(0).refs;
+        let q = |s: Option<&str>, n: &str| (s.map(str::to_string), n.to_string());
+        let refs = r("select upper(a), pg_catalog.now(), count(*) from t where b = 1 and c between 1 and 2 order by a using <");
+        assert_eq!(
+            refs.functions,
+            [
+                q(None, "count"),
+                q(None, "upper"),
+                q(Some("pg_catalog"), "now")
+            ]
+        );
+        assert!(refs.operators.contains(&q(None, "=")));
+        assert!(refs.operators.contains(&q(None, ">=")));
+        // Places pg_query's own walker does not look.
+        assert_eq!(
+            r("select * from pg_read_file('/etc/hostname')").functions,
+            [q(None, "pg_read_file")]
+        );
+        assert_eq!(r("select array[f()]").functions, [q(None, "f")]);
+        assert_eq!(
+            r("select count(*) filter (where g()) from t")
+                .functions
+                .len(),
+            2
+        );
+        assert_eq!(r("prepare p as select h()").functions, [q(None, "h")]);
+        assert_eq!(r("select * from (select k()) s").functions, [q(None, "k")]);
+        assert_eq!(
+            r("select 1 OPERATOR(public.===) 2").operators,
+            [q(Some("public"), "===")]
+        );
+        assert_eq!(
+            r("select 'x'::public.dom").types,
+            [q(Some("public"), "dom")]
+        );
+        // A quoted name with a dot is one name, not schema.name.
+        assert_eq!(
+            r("select \"pg_catalog.upper\"('a')").functions,
+            [q(None, "pg_catalog.upper")]
+        );
+        assert_eq!(r("select a.b.c()").unresolvable, ["a.b.c"]);
+        assert!(r("select 1").is_empty());
+    }
+
+    #[test]
+    fn a_read_with_a_volatile_routine_is_function() {
+        let mut c = classify("select nextval('s')").unwrap().remove(0);
+        c.set_volatile(vec!["nextval".into()]);
+        assert_eq!(c.class, "function");
+        assert_eq!(c.context()["volatile_functions"], json!(["nextval"]));
+        let mut c = classify("insert into t values (nextval('s'))")
+            .unwrap()
+            .remove(0);
+        c.set_volatile(vec!["nextval".into()]);
+        assert_eq!(c.class, "insert");
+        assert_eq!(c.context()["volatile_functions"], json!(["nextval"]));
+        let mut c = classify("select upper('a')").unwrap().remove(0);
+        c.set_volatile(Vec::new());
+        assert_eq!(c.class, "select");
+    }
+
+    #[test]
+    fn dual_parse_compares_lists_as_sets() {
+        // Issue 19: several tables and functions with a backslash: the two
+        // parses' hash orders differ, the readings do not.
+        for _ in 0..20 {
+            assert_eq!(
+                classes(
+                    "select f1(a), f2(b), f3(c), f4(d) from t1, t2, t3, t4, t5 where x = E'\\n'"
+                ),
+                ["select"]
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tracing::warn;
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
+    functions,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
@@ -55,6 +56,8 @@ pub(super) struct Front<'a> {
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
+    /// Side-effect verdicts for the routines statements name.
+    functions: functions::Catalog,
 }
 
 /// Why a frontend message was refused.
@@ -86,6 +89,7 @@ impl<'a> Front<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             skip_until_sync: false,
+            functions: functions::Catalog::new(&flow.info.resource, &ctx.database, &ctx.params),
         }
     }
 
@@ -339,12 +343,18 @@ impl<'a> Front<'a> {
     }
 
     fn command(&self, c: &Classified) -> Command {
-        Command::new(self.flow, format!("postgres:{}", c.class), c.text.clone())
+        let cmd = Command::new(self.flow, format!("postgres:{}", c.class), c.text.clone())
             .context("database", self.ctx.database.clone())
             .context("user", self.ctx.user.clone())
             .context("statement", c.context())
             .fingerprint(c.fingerprint.clone())
-            .detail("normalized", c.normalized.clone())
+            .detail("normalized", c.normalized.clone());
+        if c.volatile_functions.is_empty() {
+            cmd
+        } else {
+            // Why a read was decided as `function` (or what a write runs).
+            cmd.detail("volatile_functions", c.volatile_functions.clone())
+        }
     }
 
     /// Decides every statement of `sql`: all allowed, or the whole string
@@ -354,7 +364,7 @@ impl<'a> Front<'a> {
         sql: &str,
         masker: &Option<Arc<Masker>>,
     ) -> Result<Vec<(Classified, Option<Arc<Approved>>)>, Refusal> {
-        let list = match classify::classify(sql) {
+        let mut list = match classify::classify(sql) {
             Ok(l) => l,
             Err(e) => {
                 let reason = e.to_string();
@@ -362,6 +372,9 @@ impl<'a> Front<'a> {
                 return Err(Refusal::Denied(reason));
             }
         };
+        // A read that may run a routine with side effects is its own
+        // class (`function`), from the server's catalog.
+        self.functions.refine(self.flow, &mut list).await;
         // First a dry run without side effects, so a batch with one
         // forbidden statement is refused before anything is held or
         // recorded as allowed.
@@ -439,6 +452,11 @@ impl<'a> Front<'a> {
             };
             match waited {
                 Waited::Allowed(allowed) => {
+                    if functions::may_change_catalog(c.class) {
+                        // It may create or replace a routine: verdicts
+                        // cached for this database are stale.
+                        functions::invalidate(&self.flow.info.resource, &self.ctx.database);
+                    }
                     out.push((c, Some(Arc::new(Approved { cmd, allowed }))))
                 }
                 Waited::Denied(d) => {

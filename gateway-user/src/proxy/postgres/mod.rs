@@ -14,7 +14,9 @@
 mod backend;
 pub mod classify;
 pub mod codec;
+pub mod encoding;
 mod frontend;
+mod functions;
 pub mod rows;
 mod session;
 pub mod upstream;
@@ -198,6 +200,16 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
         .await;
         return Ok(summary("replication refused"));
     }
+    if let Err(why) = encoding::check_startup(&params) {
+        warn!(session = %flow.info.session, "startup refused: {why}");
+        let ev = flow
+            .audit_event("postgres_startup")
+            .decision("deny")
+            .reason(why.to_string());
+        let _ = shared.audit(ev).await;
+        fatal(&mut client, "22023", &format!("Portcullis: {why}")).await;
+        return Ok(summary("client encoding refused"));
+    }
     if flow.resource.postgres.agent_token {
         if let Err(why) = check_agent_token(shared, &flow, &mut client, &mut buf).await {
             warn!(session = %flow.info.session, "agent authentication refused: {why}");
@@ -233,6 +245,23 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
             return Ok(summary("upstream login failed"));
         }
     };
+    if let Some((_, v)) = up
+        .params
+        .iter()
+        .find(|(k, v)| encoding::is_client_encoding_key(k) && !encoding::is_utf8(v))
+    {
+        // The startup packet pinned UTF8; a server that reports otherwise
+        // would not read statements as they are decided.
+        let why = format!("the server reports client_encoding {v:?}, not UTF8");
+        warn!(session = %flow.info.session, "{why}");
+        let ev = flow
+            .audit_event("postgres_encoding")
+            .decision("deny")
+            .reason(why.clone());
+        let _ = shared.audit(ev).await;
+        fatal(&mut client, "08P01", &format!("Portcullis: {why}")).await;
+        return Ok(summary("server client_encoding not UTF8"));
+    }
     let mut hello = BytesMut::new();
     let unknown: Vec<&String> = params
         .iter()

@@ -75,9 +75,10 @@ pub struct Upstream {
 }
 
 /// Startup parameters for the upstream: the held user, the mapped
-/// database, and the agent's other settings (application_name,
-/// client_encoding, DateStyle, options...). Replication and protocol
-/// extensions are not passed.
+/// database, and the agent's other settings (application_name, DateStyle,
+/// options...), with `client_encoding` always `UTF8` (see
+/// [`super::encoding`]). Replication and protocol extensions are not
+/// passed.
 pub fn startup_params(resource: &Resource, agent: &[(String, String)]) -> Vec<(String, String)> {
     let get = |k: &str| agent.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let user = resource
@@ -97,11 +98,21 @@ pub fn startup_params(resource: &Resource, agent: &[(String, String)]) -> Vec<(S
         ("database".to_string(), database),
     ];
     for (k, v) in agent {
-        if matches!(k.as_str(), "user" | "database" | "replication") || k.starts_with("_pq_.") {
+        if matches!(k.as_str(), "user" | "database" | "replication")
+            || k.starts_with("_pq_.")
+            || super::encoding::is_client_encoding_key(k)
+        {
             continue;
         }
         out.push((k.clone(), v.clone()));
     }
+    // Whatever the agent asked for (it was checked to be UTF-8, or
+    // absent): the server must decode statements as they were parsed here,
+    // and a startup value outranks role and database defaults.
+    out.push((
+        "client_encoding".to_string(),
+        super::encoding::PINNED.to_string(),
+    ));
     out
 }
 

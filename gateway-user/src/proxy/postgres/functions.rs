@@ -1,0 +1,408 @@
+//! Which functions, operators and cast types a statement names are free of
+//! side effects, from what the server's catalog says about them: a read
+//! (`select`, `copy_out`, `explain`, `show`) that may run anything else is
+//! decided as `postgres:function`, so permitting `postgres:select` never
+//! permits `pg_read_file`, `set_config`, `nextval`, `lo_import` or a user
+//! function that writes.
+//!
+//! A name is read-only only if EVERY catalog row with that name (in the
+//! named schema if it is qualified, in any schema if not, so neither
+//! overloads nor search_path shadowing can pick another) is built in
+//! (oid below 16384) and, for functions, declared immutable or stable; a
+//! short deny-list removes built-ins that are stable yet still have an
+//! effect or read tables the statement does not name, and a short
+//! allow-list admits volatile built-ins without effects (`random()`).
+//! A name the catalog does not know, or a lookup that fails, is not
+//! read-only (fail closed).
+//!
+//! Verdicts are cached per resource and database for [`TTL`], and dropped
+//! when a session runs anything that could create or replace a routine.
+//! Owns its own side connection; it must not decide anything.
+
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::warn;
+
+use super::{
+    classify::{Classified, QualName},
+    codec::{self, Reader, MAX_FRAME},
+    upstream::{self, Upstream},
+};
+use crate::proxy::Flow;
+
+/// How long a verdict is trusted (routines created outside Portcullis
+/// are seen after this).
+pub const TTL: Duration = Duration::from_secs(30);
+
+/// OIDs below this are the server's own (`FirstNormalObjectId`).
+const FIRST_USER_OID: u32 = 16384;
+
+/// Volatile built-ins with no effect beyond their result.
+const ALLOW_VOLATILE: &[&str] = &["random", "clock_timestamp", "timeofday", "gen_random_uuid"];
+
+/// Stable built-ins that still have an effect (assign a transaction id) or
+/// run a query text / read tables the statement does not name.
+const DENY_PREFIXES: &[&str] = &[
+    "query_to_xml",
+    "cursor_to_xml",
+    "table_to_xml",
+    "schema_to_xml",
+    "database_to_xml",
+];
+const DENY: &[&str] = &["txid_current", "pg_current_xact_id", "ts_stat"];
+
+/// Classes after which, in the same batch, the catalog may no longer be
+/// what it was when the batch was decided (a CREATE FUNCTION, a DO block,
+/// a function that runs DDL): later statements get no verdict from it.
+const CATALOG_STABLE: &[&str] = &[
+    "select",
+    "copy_out",
+    "explain",
+    "show",
+    "transaction",
+    "set",
+];
+
+/// A catalog name: kind (`f` function, `o` operator, `t` type), schema if
+/// qualified, name.
+type Key = (char, Option<String>, String);
+
+type Verdicts = HashMap<Key, (bool, Instant)>;
+
+/// Verdicts per (resource, database).
+static CACHE: LazyLock<Mutex<HashMap<(String, String), Verdicts>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn cache() -> std::sync::MutexGuard<'static, HashMap<(String, String), Verdicts>> {
+    CACHE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forgets every verdict for a resource's database (after a statement that
+/// could change routines was allowed).
+pub fn invalidate(resource: &str, database: &str) {
+    cache().remove(&(resource.to_string(), database.to_string()));
+}
+
+/// Whether an allowed statement of `class` may change which routines exist.
+pub fn may_change_catalog(class: &str) -> bool {
+    !CATALOG_STABLE.contains(&class)
+}
+
+/// One catalog row: kind, schema, name, built in, volatility.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    kind: char,
+    schema: String,
+    name: String,
+    builtin: bool,
+    volatility: char,
+}
+
+/// The verdict for one name from the rows the catalog returned.
+fn verdict(key: &Key, rows: &[Row]) -> bool {
+    let (kind, schema, name) = key;
+    let mine: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.kind == *kind && r.name == *name)
+        .filter(|r| schema.as_ref().is_none_or(|s| *s == r.schema))
+        .collect();
+    if mine.is_empty() {
+        return false;
+    }
+    if *kind == 'f'
+        && (DENY.contains(&name.as_str()) || DENY_PREFIXES.iter().any(|p| name.starts_with(p)))
+    {
+        return false;
+    }
+    mine.iter().all(|r| {
+        r.builtin
+            && (*kind != 'f'
+                || matches!(r.volatility, 'i' | 's')
+                || ALLOW_VOLATILE.contains(&name.as_str()))
+    })
+}
+
+fn display((kind, schema, name): &Key) -> String {
+    let q = match schema {
+        Some(s) => format!("{s}.{name}"),
+        None => name.clone(),
+    };
+    match kind {
+        'o' => format!("operator {q}"),
+        't' => format!("type {q}"),
+        _ => q,
+    }
+}
+
+fn keys(c: &Classified) -> Vec<Key> {
+    let k = |kind: char, v: &[QualName]| -> Vec<Key> {
+        v.iter()
+            .map(|(s, n)| (kind, s.clone(), n.clone()))
+            .collect()
+    };
+    let mut out = k('f', &c.refs.functions);
+    out.extend(k('o', &c.refs.operators));
+    out.extend(k('t', &c.refs.types));
+    out
+}
+
+/// The catalog lookups of one session (its own side connection).
+pub(super) struct Catalog {
+    side: Option<Upstream>,
+    resource: String,
+    database: String,
+    params: Vec<(String, String)>,
+}
+
+impl Catalog {
+    /// A session's catalog; `params` are its upstream startup parameters.
+    pub(super) fn new(resource: &str, database: &str, params: &[(String, String)]) -> Self {
+        let mut params: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| k != "application_name" && k != "options")
+            .cloned()
+            .collect();
+        params.push(("application_name".into(), "portcullis-functions".into()));
+        Self {
+            side: None,
+            resource: resource.to_string(),
+            database: database.to_string(),
+            params,
+        }
+    }
+
+    /// Fills in each statement's `volatile_functions` (and turns a read
+    /// that names any into `function`).
+    pub(super) async fn refine(&mut self, flow: &Flow, list: &mut [Classified]) {
+        let key = (self.resource.clone(), self.database.clone());
+        // Which statements may trust the catalog as it is now.
+        let mut trusted = Vec::with_capacity(list.len());
+        let mut stable = true;
+        for c in list.iter() {
+            trusted.push(stable);
+            stable &= !may_change_catalog(c.class);
+        }
+        let mut want: Vec<Key> = Vec::new();
+        {
+            let now = Instant::now();
+            let mut all = cache();
+            let known = all.entry(key.clone()).or_default();
+            known.retain(|_, (_, at)| now.duration_since(*at) < TTL);
+            for (c, t) in list.iter().zip(&trusted) {
+                if !*t {
+                    continue;
+                }
+                for k in keys(c) {
+                    if !known.contains_key(&k) && !want.contains(&k) {
+                        want.push(k);
+                    }
+                }
+            }
+        }
+        if !want.is_empty() {
+            let found = match self.lookup(flow, &want).await {
+                Ok(rows) => Some(rows),
+                Err(e) => {
+                    warn!(session = %flow.info.session, "function catalog unavailable (treating every routine as having side effects): {e}");
+                    self.side = None;
+                    None
+                }
+            };
+            if let Some(rows) = found {
+                let now = Instant::now();
+                let mut all = cache();
+                let known = all.entry(key.clone()).or_default();
+                for k in &want {
+                    known.insert(k.clone(), (verdict(k, &rows), now));
+                }
+            }
+        }
+        let all = cache();
+        let known = all.get(&key);
+        for (c, t) in list.iter_mut().zip(&trusted) {
+            let mut bad: Vec<String> = c.refs.unresolvable.clone();
+            for k in keys(c) {
+                let safe = *t && known.and_then(|m| m.get(&k)).is_some_and(|(ok, _)| *ok);
+                if !safe {
+                    bad.push(display(&k));
+                }
+            }
+            c.set_volatile(bad);
+        }
+    }
+
+    async fn lookup(
+        &mut self,
+        flow: &Flow,
+        want: &[Key],
+    ) -> Result<Vec<Row>, upstream::UpstreamError> {
+        if self.side.is_none() {
+            self.side = Some(upstream::login(flow, &self.params).await?);
+        }
+        let Some(side) = self.side.as_mut() else {
+            return Ok(Vec::new());
+        };
+        // Names travel hex-encoded: no quoting that a session setting
+        // (standard_conforming_strings) could read differently.
+        let arr = |kind: char| -> String {
+            let hex: Vec<String> = want
+                .iter()
+                .filter(|(k, _, _)| *k == kind)
+                .map(|(_, _, n)| hex::encode(n.as_bytes()))
+                .collect();
+            format!(
+                "ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(x, 'hex'), 'UTF8') FROM pg_catalog.unnest('{{{}}}'::pg_catalog.text[]) x)::pg_catalog.name[]",
+                hex.join(",")
+            )
+        };
+        let sql = format!(
+            "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
+             UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
+             UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
+            f = arr('f'),
+            o = arr('o'),
+            t = arr('t'),
+        );
+        let mut q = BytesMut::new();
+        codec::put_query(&mut q, &sql);
+        side.io.write_all(&q).await?;
+        let mut out = Vec::new();
+        let mut error = None;
+        loop {
+            let head = loop {
+                if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
+                    break h;
+                }
+                if side.io.read_buf(&mut side.buf).await? == 0 {
+                    return Err(upstream::UpstreamError::Protocol(
+                        "function catalog connection closed".into(),
+                    ));
+                }
+            };
+            let frame = side.buf.split_to(head.total);
+            let body = frame.get(5..).unwrap_or_default();
+            match head.tag {
+                b'D' => {
+                    let mut r = Reader::new(body, "DataRow");
+                    let _n = r.i16()?;
+                    let mut cols = Vec::with_capacity(5);
+                    for _ in 0..5 {
+                        cols.push(
+                            r.value()?
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                                .unwrap_or_default(),
+                        );
+                    }
+                    let ch = |s: &str| s.chars().next().unwrap_or('?');
+                    out.push(Row {
+                        kind: ch(&cols[0]),
+                        schema: cols[1].clone(),
+                        name: cols[2].clone(),
+                        builtin: cols[3] == "true",
+                        volatility: ch(&cols[4]),
+                    });
+                }
+                b'E' => {
+                    let f = codec::error_fields(body);
+                    let get = |c: u8| {
+                        f.iter()
+                            .find(|(k, _)| *k == c)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default()
+                    };
+                    error = Some(upstream::UpstreamError::Server {
+                        code: get(b'C'),
+                        message: get(b'M'),
+                    });
+                }
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: char, schema: &str, name: &str, builtin: bool, vol: char) -> Row {
+        Row {
+            kind,
+            schema: schema.into(),
+            name: name.into(),
+            builtin,
+            volatility: vol,
+        }
+    }
+
+    fn f(schema: Option<&str>, name: &str) -> Key {
+        ('f', schema.map(str::to_string), name.to_string())
+    }
+
+    #[test]
+    fn every_row_of_a_name_must_be_a_safe_builtin() {
+        let rows = vec![
+            row('f', "pg_catalog", "upper", true, 'i'),
+            row('f', "pg_catalog", "now", true, 's'),
+            row('f', "pg_catalog", "nextval", true, 'v'),
+            row('f', "pg_catalog", "random", true, 'v'),
+            row('f', "pg_catalog", "lower", true, 'i'),
+            // A user overload (or a shadowing function in public).
+            row('f', "public", "lower", false, 'i'),
+            row('f', "pg_catalog", "txid_current", true, 's'),
+            row('f', "pg_catalog", "query_to_xml", true, 'v'),
+            row('f', "pg_catalog", "table_to_xmlschema", true, 's'),
+            row('o', "pg_catalog", "+", true, 'i'),
+            row('o', "public", "===", false, 'i'),
+            row('t', "pg_catalog", "text", true, 'i'),
+            row('t', "public", "mydomain", false, 'i'),
+        ];
+        assert!(verdict(&f(None, "upper"), &rows));
+        assert!(verdict(&f(Some("pg_catalog"), "upper"), &rows));
+        assert!(verdict(&f(None, "now"), &rows));
+        assert!(verdict(&f(None, "random"), &rows));
+        assert!(!verdict(&f(None, "nextval"), &rows));
+        assert!(!verdict(&f(None, "lower"), &rows));
+        // Qualified to the built-in schema: only that row counts.
+        assert!(verdict(&f(Some("pg_catalog"), "lower"), &rows));
+        assert!(!verdict(&f(Some("public"), "lower"), &rows));
+        assert!(!verdict(&f(None, "txid_current"), &rows));
+        assert!(!verdict(&f(None, "query_to_xml"), &rows));
+        assert!(!verdict(&f(None, "table_to_xmlschema"), &rows));
+        // Unknown to the catalog: not read-only.
+        assert!(!verdict(&f(None, "no_such_fn"), &rows));
+        assert!(!verdict(&f(Some("public"), "upper"), &rows));
+        assert!(verdict(&('o', None, "+".into()), &rows));
+        assert!(!verdict(&('o', None, "===".into()), &rows));
+        assert!(verdict(&('t', None, "text".into()), &rows));
+        assert!(!verdict(&('t', None, "mydomain".into()), &rows));
+    }
+
+    #[test]
+    fn catalog_changing_classes() {
+        for c in [
+            "select",
+            "show",
+            "set",
+            "transaction",
+            "copy_out",
+            "explain",
+        ] {
+            assert!(!may_change_catalog(c), "{c}");
+        }
+        for c in ["ddl", "other", "call", "function", "insert", "update"] {
+            assert!(may_change_catalog(c), "{c}");
+        }
+    }
+}
