@@ -25,11 +25,12 @@ use tracing::warn;
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
+    maskcheck,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
     },
-    upstream::Io,
+    upstream::{Io, Upstream},
 };
 use crate::{
     daemon::Shared,
@@ -55,6 +56,8 @@ pub(super) struct Front<'a> {
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
+    /// Catalog connection for the column-masking checks (`maskcheck`).
+    side: Option<Upstream>,
 }
 
 /// Why a frontend message was refused.
@@ -86,6 +89,7 @@ impl<'a> Front<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             skip_until_sync: false,
+            side: None,
         }
     }
 
@@ -362,6 +366,25 @@ impl<'a> Front<'a> {
                 return Err(Refusal::Denied(reason));
             }
         };
+        // Column masking holds only for plain output columns: any other
+        // use of a masked column is refused (maskcheck).
+        if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
+            for c in &list {
+                let checked = maskcheck::check_statement(
+                    &mut self.side,
+                    self.flow,
+                    &self.ctx.params,
+                    &c.text,
+                    m,
+                )
+                .await;
+                if let Err(reason) = checked {
+                    self.refusal(&format!("postgres:{}", c.class), &c.text, &reason)
+                        .await;
+                    return Err(Refusal::Denied(reason));
+                }
+            }
+        }
         // First a dry run without side effects, so a batch with one
         // forbidden statement is refused before anything is held or
         // recorded as allowed.

@@ -15,6 +15,7 @@ mod backend;
 pub mod classify;
 pub mod codec;
 mod frontend;
+pub mod maskcheck;
 pub mod rows;
 mod session;
 pub mod upstream;
