@@ -13,6 +13,7 @@ mod ops;
 mod postgres;
 mod security;
 mod sound_pg;
+mod sound_mask;
 mod ssh;
 
 use std::{fs, time::Duration};

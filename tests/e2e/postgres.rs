@@ -440,14 +440,16 @@ fn pg_columns_masked_by_table_in_text_and_binary_and_copy_refused() {
         &s.agent,
         &[
             "-c",
-            "select c.ssn, o.ssn from customers c, other o where c.id = 1",
+            // (The predicate is on an unmasked column: one on a masked
+            // column is refused, see sound_mask.rs.)
+            "select c.ssn, o.ssn from customers c, other o where c.name = 'alice'",
         ],
     );
     assert!(ok, "{err}");
     assert!(!out.contains("123-45-6789"), "{out}");
     assert!(out.contains("plain-ssn"), "other.ssn is not masked: {out}");
     let r = s.client(json!({"steps": [
-        {"sql": "select id, name, ssn from customers where id = %s", "params": [2], "binary": true},
+        {"sql": "select id, name, ssn from customers where name = %s", "params": ["bob"], "binary": true},
         {"op": "copy_out", "sql": "copy customers to stdout"},
         {"sql": "select 'still usable'"},
     ]}));

@@ -241,6 +241,13 @@ impl Masker {
         self.columns.get(&col).copied()
     }
 
+    /// The column rules as written (`col`, `table.col`, `schema.table.col`),
+    /// lowercased: for the statement analysis that keeps masked columns
+    /// out of expressions.
+    pub fn column_rules(&self) -> impl Iterator<Item = &str> {
+        self.columns.keys().map(String::as_str)
+    }
+
     /// Whether any column rules exist.
     pub fn has_columns(&self) -> bool {
         !self.columns.is_empty()

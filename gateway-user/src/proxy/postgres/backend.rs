@@ -16,11 +16,12 @@ use std::{
 
 use bytes::BytesMut;
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::io::{AsyncReadExt, ReadHalf};
 use tracing::warn;
 
 use super::{
     codec::{self, put_error, Reader, MAX_FRAME},
+    maskcheck,
     rows::{self, RowPlan},
     session::{self, lock, ClientW, Expect, Pipe, Run, SessionCtx, FLUSH_AT, RECORD_ROWS},
     upstream::{self, Io, Upstream},
@@ -54,7 +55,7 @@ pub(super) struct Back<'a> {
     plan: Option<RowPlan>,
     layout_known: bool,
     columns: Option<Vec<String>>,
-    tables: HashMap<u32, Option<String>>,
+    tables: HashMap<u32, Option<rows::Table>>,
     side: Option<Upstream>,
     scratch: Vec<u8>,
     rows_seen: u64,
@@ -275,6 +276,9 @@ impl<'a> Back<'a> {
                         "42501",
                         &format!("permission denied by Portcullis: {reason}"),
                     ),
+                    // A DETAIL can quote a row (`Failing row contains
+                    // (...)`): not on a resource with column rules.
+                    None if self.column_rules() => maskcheck::put_without_detail(out, b'E', body),
                     None => out.extend_from_slice(frame),
                 }
             }
@@ -378,6 +382,15 @@ impl<'a> Back<'a> {
         self.copy_mask = None;
     }
 
+    /// Whether the resource has column masking rules (now).
+    fn column_rules(&self) -> bool {
+        self.shared
+            .policy
+            .load()
+            .masker(&self.flow.info.resource)
+            .is_some_and(|m| m.has_columns())
+    }
+
     fn front_masker(&self) -> Option<Arc<Masker>> {
         match lock(&self.pipe).front() {
             Some(Expect::Run(r)) => r.masker.clone(),
@@ -463,9 +476,10 @@ impl<'a> Back<'a> {
         }
     }
 
-    /// Names the tables behind `cols` (cached per session) by asking the
-    /// server's catalog on a side connection. A lookup that fails leaves
-    /// the OIDs unnamed, which masks their columns (fail closed).
+    /// Names the tables behind `cols` and their columns by attribute
+    /// number (cached per session) by asking the server's catalog on a
+    /// side connection. A lookup that fails leaves the OIDs unnamed, which
+    /// masks their columns (fail closed).
     async fn resolve_tables(&mut self, cols: &[rows::Column]) {
         let mut want: Vec<u32> = cols
             .iter()
@@ -482,20 +496,16 @@ impl<'a> Back<'a> {
             warn!(session = %self.flow.info.session, "table names for masking unavailable: {e}");
             self.side = None;
         }
-        let found = found.unwrap_or_default();
+        let mut found = found.unwrap_or_default();
         for oid in want {
-            let name = found
-                .iter()
-                .find(|(o, _)| *o == oid)
-                .map(|(_, n)| n.clone());
-            self.tables.insert(oid, name);
+            self.tables.insert(oid, found.remove(&oid));
         }
     }
 
     async fn catalog(
         &mut self,
         oids: &[u32],
-    ) -> Result<Vec<(u32, String)>, upstream::UpstreamError> {
+    ) -> Result<HashMap<u32, rows::Table>, upstream::UpstreamError> {
         if self.side.is_none() {
             let mut params = self.ctx.params.clone();
             params.retain(|(k, _)| k != "application_name");
@@ -503,64 +513,35 @@ impl<'a> Back<'a> {
             self.side = Some(upstream::login(self.flow, &params).await?);
         }
         let Some(side) = self.side.as_mut() else {
-            return Ok(Vec::new());
+            return Ok(HashMap::new());
         };
         let list: Vec<String> = oids.iter().map(u32::to_string).collect();
-        let mut q = BytesMut::new();
-        codec::put_query(
-            &mut q,
+        let rows = maskcheck::side_query(
+            side,
             &format!(
-                "SELECT c.oid::text, n.nspname || '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY('{{{}}}'::oid[])",
+                "SELECT c.oid::text, n.nspname || '.' || c.relname, a.attnum::text, a.attname::text \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 WHERE c.oid = ANY('{{{}}}'::pg_catalog.oid[])",
                 list.join(",")
             ),
-        );
-        side.io.write_all(&q).await?;
-        let mut out = Vec::new();
-        let mut error = None;
-        loop {
-            let head = loop {
-                if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
-                    break h;
-                }
-                if side.io.read_buf(&mut side.buf).await? == 0 {
-                    return Err(upstream::UpstreamError::Protocol(
-                        "catalog connection closed".into(),
-                    ));
-                }
+        )
+        .await?;
+        let mut out: HashMap<u32, rows::Table> = HashMap::new();
+        for r in rows {
+            let cell = |i: usize| r.get(i).cloned().flatten();
+            let (Some(oid), Some(name)) = (cell(0).and_then(|o| o.parse::<u32>().ok()), cell(1))
+            else {
+                continue;
             };
-            let frame = side.buf.split_to(head.total);
-            let body = frame.get(5..).unwrap_or_default();
-            match head.tag {
-                b'D' => {
-                    let mut r = Reader::new(body, "DataRow");
-                    let _n = r.i16()?;
-                    let oid = r
-                        .value()?
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
-                    let name = r.value()?.map(|v| String::from_utf8_lossy(v).into_owned());
-                    if let (Some(o), Some(n)) = (oid, name) {
-                        out.push((o, n));
-                    }
-                }
-                b'E' => error = Some(codec::error_fields(body)),
-                b'Z' => break,
-                _ => {}
+            let t = out.entry(oid).or_insert_with(|| rows::Table {
+                name,
+                columns: HashMap::new(),
+            });
+            if let (Some(num), Some(att)) = (cell(2).and_then(|n| n.parse::<i16>().ok()), cell(3)) {
+                t.columns.insert(num, att);
             }
         }
-        match error {
-            Some(f) => Err(upstream::UpstreamError::Server {
-                code: f
-                    .iter()
-                    .find(|(k, _)| *k == b'C')
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default(),
-                message: f
-                    .iter()
-                    .find(|(k, _)| *k == b'M')
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default(),
-            }),
-            None => Ok(out),
-        }
+        Ok(out)
     }
 }

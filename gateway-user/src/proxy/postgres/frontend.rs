@@ -26,11 +26,12 @@ use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
     functions,
+    maskcheck,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
     },
-    upstream::Io,
+    upstream::{Io, Upstream},
 };
 use crate::{
     daemon::Shared,
@@ -58,6 +59,8 @@ pub(super) struct Front<'a> {
     skip_until_sync: bool,
     /// Side-effect verdicts for the routines statements name.
     functions: functions::Catalog,
+    /// Catalog connection for the column-masking checks (`maskcheck`).
+    side: Option<Upstream>,
 }
 
 /// Why a frontend message was refused.
@@ -90,6 +93,7 @@ impl<'a> Front<'a> {
             portals: HashMap::new(),
             skip_until_sync: false,
             functions: functions::Catalog::new(&flow.info.resource, &ctx.database, &ctx.params),
+            side: None,
         }
     }
 
@@ -375,6 +379,25 @@ impl<'a> Front<'a> {
         // A read that may run a routine with side effects is its own
         // class (`function`), from the server's catalog.
         self.functions.refine(self.flow, &mut list).await;
+        // Column masking holds only for plain output columns: any other
+        // use of a masked column is refused (maskcheck).
+        if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
+            for c in &list {
+                let checked = maskcheck::check_statement(
+                    &mut self.side,
+                    self.flow,
+                    &self.ctx.params,
+                    &c.text,
+                    m,
+                )
+                .await;
+                if let Err(reason) = checked {
+                    self.refusal(&format!("postgres:{}", c.class), &c.text, &reason)
+                        .await;
+                    return Err(Refusal::Denied(reason));
+                }
+            }
+        }
         // First a dry run without side effects, so a batch with one
         // forbidden statement is refused before anything is held or
         // recorded as allowed.

@@ -17,6 +17,7 @@ pub mod codec;
 pub mod encoding;
 mod frontend;
 mod functions;
+pub mod maskcheck;
 pub mod rows;
 mod session;
 pub mod upstream;

@@ -20,6 +20,8 @@ pub struct Column {
     pub name: String,
     /// Table OID (0 when not a plain table column).
     pub table_oid: u32,
+    /// The column's attribute number in that table (0 when none).
+    pub attnum: i16,
     /// Type OID.
     pub type_oid: u32,
     /// 0 text, 1 binary.
@@ -34,7 +36,7 @@ pub fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, CodecError> {
     for _ in 0..n.max(0) {
         let name = r.cstr()?.to_string();
         let table_oid = r.u32()?;
-        let _attnum = r.i16()?;
+        let attnum = r.i16()?;
         let type_oid = r.u32()?;
         let _typlen = r.i16()?;
         let _typmod = r.i32()?;
@@ -42,6 +44,7 @@ pub fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, CodecError> {
         cols.push(Column {
             name,
             table_oid,
+            attnum,
             type_oid,
             format,
         });
@@ -58,6 +61,16 @@ fn binary_text_offset(type_oid: u32) -> Option<usize> {
         3802 => Some(1),
         _ => None,
     }
+}
+
+/// A table (or view) as the catalog names it: `schema.table`, and its
+/// columns by attribute number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    /// `schema.table`.
+    pub name: String,
+    /// Column names by attribute number.
+    pub columns: HashMap<i16, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,29 +91,39 @@ pub struct RowPlan {
 }
 
 impl RowPlan {
-    /// The plan for `cols`; `tables` maps table OIDs to names (a missing
-    /// OID is an unknown table). `None` when nothing in these columns can
-    /// need masking.
+    /// The plan for `cols`; `tables` maps table OIDs to their catalog
+    /// entry (`None`: the catalog did not name it). `None` when nothing in
+    /// these columns can need masking.
+    ///
+    /// A column rule matches a column of a table by the table and the
+    /// column's own name in the catalog (RowDescription's table OID and
+    /// attribute number), never by the output name: `ssn AS x` is still
+    /// `customers.ssn`. A computed column (table OID 0) matches only an
+    /// unqualified rule by its output name; the statement analysis
+    /// (`maskcheck`) keeps masked columns out of computed ones.
     pub fn new(
         masker: Arc<Masker>,
         cols: &[Column],
-        tables: &HashMap<u32, Option<String>>,
+        tables: &HashMap<u32, Option<Table>>,
     ) -> Option<Self> {
         let detectors = masker.has_detectors();
         let mut any = detectors;
         let plans = cols
             .iter()
             .map(|c| {
-                let table = tables.get(&c.table_oid).and_then(|t| t.as_deref());
-                let style = if c.table_oid != 0
-                    && tables.get(&c.table_oid) == Some(&None)
-                    && masker.has_columns()
-                {
-                    // The table could not be named: a table-qualified rule
-                    // might apply, so the column is masked (fail closed).
-                    Some(masker.column(None, &c.name).unwrap_or(Style::Redact))
+                let style = if c.table_oid == 0 {
+                    masker.column(None, &c.name)
                 } else {
-                    masker.column(table, &c.name)
+                    let known = tables.get(&c.table_oid).and_then(|t| t.as_ref());
+                    match known.and_then(|t| Some((t, t.columns.get(&c.attnum)?))) {
+                        Some((t, attname)) => masker.column(Some(&t.name), attname),
+                        // The table or column could not be named: a rule
+                        // might apply, so the column is masked (fail closed).
+                        None if masker.has_columns() => {
+                            Some(masker.column(None, &c.name).unwrap_or(Style::Redact))
+                        }
+                        None => None,
+                    }
                 };
                 any |= style.is_some();
                 Plan {
@@ -243,9 +266,14 @@ mod tests {
     }
 
     fn col(name: &str, table_oid: u32, type_oid: u32, format: i16) -> Column {
+        at(name, table_oid, 0, type_oid, format)
+    }
+
+    fn at(name: &str, table_oid: u32, attnum: i16, type_oid: u32, format: i16) -> Column {
         Column {
             name: name.into(),
             table_oid,
+            attnum,
             type_oid,
             format,
         }
@@ -255,11 +283,11 @@ mod tests {
     fn columns_by_table_and_detectors_in_text_and_binary() {
         let m = masker(&["customers.ssn"], &["credit_card", "email"]);
         let mut tables = HashMap::new();
-        tables.insert(100, Some("public.customers".to_string()));
+        tables.insert(100, Some(table("public.customers", &["ssn", "note", "n"])));
         let cols = [
-            col("ssn", 100, 25, 0),
-            col("note", 100, 25, 1),
-            col("n", 100, 23, 1),
+            at("ssn", 100, 1, 25, 0),
+            at("note", 100, 2, 25, 1),
+            at("n", 100, 3, 23, 1),
             col("card", 0, 25, 0),
         ];
         let plan = RowPlan::new(m, &cols, &tables).unwrap();
@@ -289,12 +317,13 @@ mod tests {
     fn masked_binary_non_text_becomes_null_and_unknown_tables_fail_closed() {
         let m = masker(&["orders.total"], &[]);
         let mut tables = HashMap::new();
-        tables.insert(7, Some("orders".to_string()));
+        tables.insert(7, Some(table("public.orders", &["id", "total"])));
         tables.insert(8, None);
+        tables.insert(9, Some(table("public.other", &["id", "total"])));
         let cols = [
-            col("total", 7, 1700, 1),
-            col("total", 8, 25, 0),
-            col("total", 9, 25, 0),
+            at("total", 7, 2, 1700, 1),
+            at("total", 8, 2, 25, 0),
+            at("total", 9, 2, 25, 0),
         ];
         let plan = RowPlan::new(m, &cols, &tables).unwrap();
         let body = row(&[Some(&[1, 2, 3]), Some(b"12.50"), Some(b"9.99")]);
@@ -309,9 +338,58 @@ mod tests {
         let v = values(&out);
         assert_eq!(v[0], None);
         assert_ne!(v[1].as_deref(), Some(&b"12.50"[..]));
-        // Table 9 is known not to be "orders" (it resolved to nothing in
-        // the map: unknown OIDs are looked up before a plan is built).
+        // Table 9 is known not to be "orders".
         assert_eq!(v[2].as_deref(), Some(&b"9.99"[..]));
+    }
+
+    fn table(name: &str, cols: &[&str]) -> Table {
+        Table {
+            name: name.into(),
+            columns: cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as i16 + 1, c.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn columns_match_by_table_and_attribute_not_by_output_name() {
+        let m = masker(&["customers.ssn"], &[]);
+        let mut tables = HashMap::new();
+        tables.insert(100, Some(table("public.customers", &["id", "name", "ssn"])));
+        let cols = [
+            // select ssn as x, name as ssn, id from customers
+            at("x", 100, 3, 25, 0),
+            at("ssn", 100, 2, 25, 0),
+            at("id", 100, 1, 25, 0),
+            // a table the catalog did not know, and an attribute it did
+            // not list: masked (fail closed)
+            at("id", 101, 1, 25, 0),
+            at("ctid", 100, -1, 25, 0),
+        ];
+        let plan = RowPlan::new(m, &cols, &tables).unwrap();
+        let body = row(&[
+            Some(b"123-45-6789"),
+            Some(b"Alice"),
+            Some(b"1"),
+            Some(b"2"),
+            Some(b"(0,1)"),
+        ]);
+        let (mut out, mut scratch, mut bc, mut bd) = (
+            BytesMut::new(),
+            Vec::new(),
+            Counts::default(),
+            Counts::default(),
+        );
+        plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd)
+            .unwrap();
+        let v = values(&out);
+        assert_eq!(v[0].as_deref(), Some(crate::mask::MASKED.as_bytes()));
+        assert_eq!(v[1].as_deref(), Some(&b"Alice"[..]));
+        assert_eq!(v[2].as_deref(), Some(&b"1"[..]));
+        assert_eq!(v[3].as_deref(), Some(crate::mask::MASKED.as_bytes()));
+        assert_eq!(v[4].as_deref(), Some(crate::mask::MASKED.as_bytes()));
     }
 
     #[test]
@@ -358,7 +436,7 @@ mod tests {
         b.put_i16(1);
         assert_eq!(
             parse_row_description(&b).unwrap(),
-            vec![col("email", 42, 25, 1)]
+            vec![at("email", 42, 2, 25, 1)]
         );
         assert!(parse_row_description(&b[..10]).is_err());
     }

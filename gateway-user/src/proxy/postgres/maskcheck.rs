@@ -1,0 +1,935 @@
+//! Sound column masking for PostgreSQL: the statement analysis that keeps
+//! masked columns out of everything but a plain output column, and the
+//! catalog checks (views, user functions) that back it.
+//!
+//! Result masking (`rows.rs`) can only rewrite a value the server reports
+//! as a column of a table (RowDescription's table OID and attribute
+//! number). A masked column that goes through anything else (an
+//! expression, a function, an aggregate, a cast, a subquery, a CTE, a set
+//! operation, a whole-row reference, a view) comes back as a computed
+//! value, which the server does not tie to the column. So on a resource
+//! with column rules a statement may name a masked column only as a bare
+//! top-level output column of the outermost SELECT or RETURNING; every
+//! other reference, predicates included (`WHERE ssn LIKE '1%'` reads a
+//! value bit by bit), is refused before it reaches the server.
+//!
+//! The analysis is conservative where names cannot be resolved without the
+//! server: a table-qualified rule (`customers.ssn`) counts for a column
+//! named `ssn` anywhere in a statement that names a table `customers`;
+//! with an unqualified rule (`ssn`) every table may hold the column.
+//!
+//! Owns the analysis and its catalog queries; it must not decide policy or
+//! write to the agent.
+
+use std::collections::BTreeSet;
+
+use bytes::BytesMut;
+use pg_query::{
+    protobuf::{a_const, node::Node as N, SetOperation},
+    NodeEnum,
+};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{
+    codec::{self, Reader, MAX_FRAME},
+    upstream::{Upstream, UpstreamError},
+};
+use crate::mask::Masker;
+
+/// OIDs below this are the server's own (built-in) objects.
+pub const FIRST_NORMAL_OID: u32 = 16384;
+
+/// Built-in functions that run SQL given as text or dump whole tables,
+/// out of sight of the parse tree: refused on a resource with column rules.
+const DENIED_FUNCTIONS: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "schema_to_xml",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_logical_slot_get_changes",
+    "pg_logical_slot_peek_changes",
+    "pg_logical_slot_get_binary_changes",
+    "pg_logical_slot_peek_binary_changes",
+];
+
+/// Catalog relations that hold sampled column values (most common values,
+/// histogram bounds): refused on a resource with column rules.
+const DENIED_RELATIONS: &[&str] = &[
+    "pg_stats",
+    "pg_statistic",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic_ext_data",
+];
+
+/// Statements that create or run server-side code (or reach the data from
+/// another side: extensions, foreign servers, publications), which would
+/// read masked columns where no parse tree shows it.
+const DENIED_STATEMENTS: &[(&str, &str)] = &[
+    ("DoStmt", "DO"),
+    ("CreateFunctionStmt", "CREATE FUNCTION/PROCEDURE"),
+    ("CreateTrigStmt", "CREATE TRIGGER"),
+    ("CreateEventTrigStmt", "CREATE EVENT TRIGGER"),
+    ("RuleStmt", "CREATE RULE"),
+    ("CreatePlangStmt", "CREATE LANGUAGE"),
+    ("CreateCastStmt", "CREATE CAST"),
+    ("DefineStmt", "CREATE AGGREGATE/OPERATOR/TYPE"),
+    ("CreateTransformStmt", "CREATE TRANSFORM"),
+    ("CreateConversionStmt", "CREATE CONVERSION"),
+    ("CreateExtensionStmt", "CREATE EXTENSION"),
+    ("AlterExtensionStmt", "ALTER EXTENSION"),
+    ("AlterExtensionContentsStmt", "ALTER EXTENSION"),
+    ("CreateFdwStmt", "CREATE FOREIGN DATA WRAPPER"),
+    ("CreateForeignServerStmt", "CREATE SERVER"),
+    ("CreateForeignTableStmt", "CREATE FOREIGN TABLE"),
+    ("CreateUserMappingStmt", "CREATE USER MAPPING"),
+    ("ImportForeignSchemaStmt", "IMPORT FOREIGN SCHEMA"),
+    ("CreatePublicationStmt", "CREATE PUBLICATION"),
+    ("AlterPublicationStmt", "ALTER PUBLICATION"),
+    ("CreateSubscriptionStmt", "CREATE SUBSCRIPTION"),
+];
+
+/// A resource's column rules, in the form the analysis needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// `col` rules: the column of any table.
+    unqualified: BTreeSet<String>,
+    /// `table.col` / `schema.table.col` rules as (bare table, column).
+    qualified: BTreeSet<(String, String)>,
+}
+
+impl Rules {
+    /// The rules of `masker` (lowercased, as the masker keeps them).
+    pub fn from_masker(masker: &Masker) -> Self {
+        Self::from_names(masker.column_rules())
+    }
+
+    /// Rules from their written names.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut r = Self::default();
+        for n in names {
+            let n = n.to_lowercase();
+            let mut parts = n.rsplit('.');
+            let col = parts.next().unwrap_or_default().to_string();
+            match parts.next() {
+                Some(table) => {
+                    r.qualified.insert((table.to_string(), col));
+                }
+                None => {
+                    r.unqualified.insert(col);
+                }
+            }
+        }
+        r
+    }
+
+    /// Whether no column rules exist (nothing to check).
+    pub fn is_empty(&self) -> bool {
+        self.unqualified.is_empty() && self.qualified.is_empty()
+    }
+
+    /// Whether a view or table named `relname` is itself named in a rule.
+    pub fn names_relation(&self, relname: &str) -> bool {
+        let r = relname.to_lowercase();
+        self.qualified.iter().any(|(t, _)| *t == r)
+    }
+}
+
+/// What the server's catalog must still answer before a statement that
+/// passed [`analyze`] may run (see [`catalog_check`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lookups {
+    /// Relations read (lowercased names): views over masked tables?
+    pub relations: BTreeSet<String>,
+    /// Functions called: user-defined ones are refused.
+    pub functions: BTreeSet<String>,
+    /// `alias.name` on a masked table where `name` is not a known masked
+    /// column: `name` may be a function applied to the whole row
+    /// (`c.row_to_json` is `row_to_json(c)`).
+    pub row_functions: BTreeSet<String>,
+    /// Operators used: user-defined ones run user functions.
+    pub operators: BTreeSet<String>,
+}
+
+impl Lookups {
+    /// Whether nothing needs the catalog.
+    pub fn is_empty(&self) -> bool {
+        self.relations.is_empty()
+            && self.functions.is_empty()
+            && self.row_functions.is_empty()
+            && self.operators.is_empty()
+    }
+}
+
+/// Analyzes one statement (`sql` holds exactly one) against `rules`:
+/// `Err` with the reason when it would let a masked column out unmasked,
+/// else what the catalog must still check.
+pub fn analyze(sql: &str, rules: &Rules) -> Result<Lookups, String> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
+        .map_err(|e| format!("cannot parse the statement: {e}"))?;
+    let mut walk = Walk {
+        rules,
+        referenced: BTreeSet::new(),
+        rowish: BTreeSet::new(),
+        aliases: BTreeSet::new(),
+        lookups: Lookups::default(),
+    };
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+            continue;
+        };
+        let tree =
+            serde_json::to_value(node).map_err(|e| format!("cannot inspect the statement: {e}"))?;
+        walk.collect(&tree)?;
+        if !walk.rowish.is_empty() {
+            let aliases = std::mem::take(&mut walk.aliases);
+            walk.rowish.extend(aliases);
+        }
+        walk.statement(node, &tree)?;
+    }
+    Ok(walk.lookups)
+}
+
+/// Where in the statement a reference sits (for the refusal's words).
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    clause: &'static str,
+    /// Directly in the target list of an EXISTS subquery, whose values
+    /// are never returned.
+    exists_targets: bool,
+}
+
+impl Ctx {
+    const TOP: Self = Self {
+        clause: "an expression",
+        exists_targets: false,
+    };
+
+    fn field(self, key: &str) -> Self {
+        let clause = match key {
+            "where_clause" => "a WHERE clause",
+            "having_clause" => "a HAVING clause",
+            "sort_clause" => "ORDER BY",
+            "group_clause" => "GROUP BY",
+            "distinct_clause" => "DISTINCT ON",
+            "quals" | "join_condition" => "a join condition",
+            "window_clause" | "over" => "a window definition",
+            "limit_count" | "limit_offset" => "LIMIT/OFFSET",
+            "with_clause" | "ctes" => "a WITH query (CTE)",
+            "larg" | "rarg" => "a set operation (UNION/INTERSECT/EXCEPT)",
+            "values_lists" => "VALUES",
+            "subselect" | "subquery" => "a subquery",
+            // Inside a predicate it stays a predicate.
+            "args" | "lexpr" | "rexpr" | "arg" if self.clause == Ctx::TOP.clause => {
+                "an expression or function call"
+            }
+            "select_stmt" => "INSERT ... SELECT",
+            "query" => "a statement that stores or copies a query's result",
+            _ => self.clause,
+        };
+        Self {
+            clause,
+            exists_targets: false,
+        }
+    }
+}
+
+struct Walk<'a> {
+    rules: &'a Rules,
+    /// Relation names the statement names (lowercased).
+    referenced: BTreeSet<String>,
+    /// Names (relation names and aliases) of relations that may hold a
+    /// masked column: a bare reference to one is its whole row.
+    rowish: BTreeSet<String>,
+    /// Aliases of subqueries, joins and functions in FROM: whole rows that
+    /// may carry a masked table's columns.
+    aliases: BTreeSet<String>,
+    lookups: Lookups,
+}
+
+fn lower(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_lowercase)
+}
+
+/// The name of a `String` node (`{"node": {"String": {"sval": ..}}}` or
+/// `{"String": ..}`).
+fn string_node(v: &Value) -> Option<String> {
+    let v = v.get("node").unwrap_or(v);
+    lower(v.get("String")?.get("sval"))
+}
+
+/// The last name of a list of `String` nodes (a qualified function or
+/// operator name).
+fn last_name(list: Option<&Value>) -> Option<String> {
+    list?.as_array()?.iter().rev().find_map(string_node)
+}
+
+/// The variant and payload of a node (`{"node": {"X": {...}}}` or `{"X":
+/// {...}}`).
+fn variant(v: &Value) -> Option<(&str, &Value)> {
+    let v = v.get("node").unwrap_or(v);
+    let o = v.as_object()?;
+    if o.len() != 1 {
+        return None;
+    }
+    let (k, x) = o.iter().next()?;
+    k.starts_with(|c: char| c.is_ascii_uppercase())
+        .then_some((k.as_str(), x))
+}
+
+/// One field of a ColumnRef.
+enum Field {
+    Name(String),
+    Star,
+}
+
+fn colref_fields(payload: &Value) -> Vec<Field> {
+    payload
+        .get("fields")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|f| match variant(f) {
+                    Some(("AStar", _)) => Field::Star,
+                    _ => Field::Name(string_node(f).unwrap_or_default()),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Walk<'_> {
+    /// Whether a column named `name` may be a masked column here.
+    fn masked(&self, name: &str) -> bool {
+        self.rules.unqualified.contains(name)
+            || self
+                .rules
+                .qualified
+                .iter()
+                .any(|(t, c)| c == name && self.referenced.contains(t))
+    }
+
+    /// Whether a relation named `relname` may hold a masked column.
+    fn maskable(&self, relname: &str) -> bool {
+        !self.rules.unqualified.is_empty() || self.rules.qualified.iter().any(|(t, _)| t == relname)
+    }
+
+    /// First pass: relations, functions, operators, refused statements.
+    fn collect(&mut self, v: &Value) -> Result<(), String> {
+        match v {
+            Value::Array(a) => a.iter().try_for_each(|x| self.collect(x)),
+            Value::Object(o) => {
+                // A RangeVar, wrapped in a node or not.
+                if o.contains_key("relname") && o.contains_key("relpersistence") {
+                    if let Some(rel) = lower(o.get("relname")) {
+                        if DENIED_RELATIONS.contains(&rel.as_str()) {
+                            return Err(format!(
+                                "{rel} holds sampled values of table columns and is not readable on a resource with column masking rules"
+                            ));
+                        }
+                        if self.maskable(&rel) {
+                            self.rowish.insert(rel.clone());
+                            if let Some(a) = lower(o.get("alias").and_then(|a| a.get("aliasname")))
+                            {
+                                self.rowish.insert(a);
+                            }
+                        }
+                        self.referenced.insert(rel.clone());
+                        self.lookups.relations.insert(rel);
+                    }
+                } else {
+                    for key in ["alias", "join_using_alias"] {
+                        if let Some(a) = lower(o.get(key).and_then(|a| a.get("aliasname"))) {
+                            self.aliases.insert(a);
+                        }
+                    }
+                }
+                // A FuncCall, wrapped in a node or not (CALL's is not).
+                if o.contains_key("funcname") && o.contains_key("agg_star") {
+                    if let Some(f) = last_name(o.get("funcname")) {
+                        if DENIED_FUNCTIONS.contains(&f.as_str()) {
+                            return Err(format!(
+                                "function {f} runs SQL text or reads whole tables out of sight and is not allowed on a resource with column masking rules"
+                            ));
+                        }
+                        self.lookups.functions.insert(f);
+                    }
+                }
+                for (k, x) in o {
+                    if let Some((_, what)) = DENIED_STATEMENTS.iter().find(|(n, _)| n == k) {
+                        return Err(format!(
+                            "{what} is not allowed on a resource with column masking rules: server-side code could read masked columns where Portcullis cannot see it"
+                        ));
+                    }
+                    if k == "AExpr" {
+                        if let Some(op) = x
+                            .get("name")
+                            .and_then(Value::as_array)
+                            .and_then(|a| a.iter().rev().find_map(string_node))
+                        {
+                            self.lookups.operators.insert(op);
+                        }
+                    }
+                    self.collect(x)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Second pass over one top-level statement: the outermost SELECT's
+    /// target list and DML's RETURNING may name masked columns bare.
+    fn statement(&mut self, node: &NodeEnum, tree: &Value) -> Result<(), String> {
+        let top_key = match node {
+            NodeEnum::SelectStmt(s)
+                if s.op == SetOperation::SetopNone as i32 && s.into_clause.is_none() =>
+            {
+                self.positional(s)?;
+                Some("target_list")
+            }
+            NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::MergeStmt(_) => Some("returning_clause"),
+            _ => None,
+        };
+        let Some((kind, payload)) = variant(tree) else {
+            return self.walk(tree, Ctx::TOP);
+        };
+        let (Some(top_key), Some(fields)) = (top_key, payload.as_object()) else {
+            return self.node(kind, payload, Ctx::TOP);
+        };
+        for (k, x) in fields {
+            if k != top_key {
+                self.walk(x, Ctx::TOP.field(k))?;
+                continue;
+            }
+            let list = if k == "returning_clause" {
+                // ReturningClause { options, exprs }
+                self.walk(x.get("options").unwrap_or(&Value::Null), Ctx::TOP)?;
+                x.get("exprs")
+            } else {
+                Some(x)
+            };
+            for item in list.and_then(Value::as_array).into_iter().flatten() {
+                self.target(item, true, Ctx::TOP)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One ResTarget of a target list; `top`: the outermost one.
+    fn target(&mut self, item: &Value, top: bool, ctx: Ctx) -> Result<(), String> {
+        let Some(("ResTarget", t)) = variant(item) else {
+            return self.walk(item, ctx);
+        };
+        if let Some(o) = t.as_object() {
+            for (k, x) in o {
+                if k == "val" {
+                    match variant(x) {
+                        Some(("ColumnRef", c)) => self.colref(c, top, ctx)?,
+                        _ => self.walk(x, ctx.field("args"))?,
+                    }
+                } else {
+                    self.walk(x, ctx)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ORDER BY / GROUP BY / DISTINCT ON by position (`ORDER BY 1`) or by
+    /// output name (`ssn AS x ... ORDER BY x`) on a masked output column
+    /// sorts or groups by its value: refused like a predicate.
+    fn positional(&self, s: &pg_query::protobuf::SelectStmt) -> Result<(), String> {
+        // Per output column: its alias, and whether it is (or may be,
+        // for `*`) a masked column.
+        let targets: Vec<(Option<String>, bool, bool)> = s
+            .target_list
+            .iter()
+            .map(|n| match &n.node {
+                Some(N::ResTarget(t)) => {
+                    let (masked, star) = match t.val.as_ref().and_then(|v| v.node.as_ref()) {
+                        Some(N::ColumnRef(c)) => {
+                            match c.fields.last().and_then(|f| f.node.as_ref()) {
+                                Some(N::AStar(_)) => (false, true),
+                                Some(N::String(name)) => {
+                                    (self.masked(&name.sval.to_lowercase()), false)
+                                }
+                                _ => (false, false),
+                            }
+                        }
+                        _ => (false, false),
+                    };
+                    let alias = (!t.name.is_empty()).then(|| t.name.to_lowercase());
+                    (alias, masked, star)
+                }
+                _ => (None, false, false),
+            })
+            .collect();
+        let sort = s.sort_clause.iter().filter_map(|n| match &n.node {
+            Some(N::SortBy(b)) => b.node.as_deref(),
+            _ => None,
+        });
+        let items = sort
+            .chain(s.group_clause.iter())
+            .chain(s.distinct_clause.iter());
+        for item in items {
+            match &item.node {
+                Some(N::AConst(c)) => {
+                    if let Some(a_const::Val::Ival(i)) = &c.val {
+                        let n = usize::try_from(i.ival).unwrap_or(0);
+                        let upto = targets.iter().take(n);
+                        if upto.clone().any(|t| t.2)
+                            || targets.get(n.wrapping_sub(1)).is_some_and(|t| t.1)
+                        {
+                            return Err(format!(
+                                "ORDER BY/GROUP BY/DISTINCT ON position {n} may be a masked column (or lies within `*`): sorting or grouping by a masked column reveals its value; name an unmasked column instead"
+                            ));
+                        }
+                    }
+                }
+                Some(N::ColumnRef(c)) if c.fields.len() == 1 => {
+                    if let Some(N::String(name)) = c.fields.first().and_then(|f| f.node.as_ref()) {
+                        let name = name.sval.to_lowercase();
+                        if targets
+                            .iter()
+                            .any(|t| t.0.as_deref() == Some(name.as_str()) && (t.1 || t.2))
+                        {
+                            return Err(format!(
+                                "ORDER BY/GROUP BY/DISTINCT ON {name} names an output column that is a masked column: sorting or grouping by it reveals its value"
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn walk(&mut self, v: &Value, ctx: Ctx) -> Result<(), String> {
+        match v {
+            Value::Array(a) => a.iter().try_for_each(|x| self.walk(x, ctx)),
+            Value::Object(o) => {
+                for (k, x) in o {
+                    if k.starts_with(|c: char| c.is_ascii_uppercase()) {
+                        self.node(k, x, ctx)?;
+                    } else {
+                        self.walk(x, ctx.field(k))?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A node of kind `kind` with its fields `payload`.
+    fn node(&mut self, kind: &str, payload: &Value, ctx: Ctx) -> Result<(), String> {
+        match kind {
+            "ColumnRef" => self.colref(payload, false, ctx),
+            "SubLink" => {
+                let exists = payload.get("sub_link_type").and_then(Value::as_i64) == Some(1);
+                if let Some(o) = payload.as_object() {
+                    for (k, x) in o {
+                        match (k.as_str(), exists, variant(x)) {
+                            ("subselect", true, Some(("SelectStmt", s))) => {
+                                let inner = Ctx {
+                                    clause: "a subquery",
+                                    exists_targets: true,
+                                };
+                                self.node("SelectStmt", s, inner)?;
+                            }
+                            _ => self.walk(x, ctx.field(k))?,
+                        }
+                    }
+                }
+                Ok(())
+            }
+            "SelectStmt" if ctx.exists_targets => {
+                // EXISTS (SELECT ssn FROM ...): the target list is never
+                // returned; a bare column or `*` there reveals nothing.
+                if let Some(o) = payload.as_object() {
+                    let inner = Ctx {
+                        exists_targets: false,
+                        ..ctx
+                    };
+                    for (k, x) in o {
+                        if k == "target_list" {
+                            for item in x.as_array().into_iter().flatten() {
+                                match variant(item) {
+                                    Some(("ResTarget", t))
+                                        if matches!(
+                                            t.get("val").and_then(variant),
+                                            Some(("ColumnRef", _))
+                                        ) => {}
+                                    _ => self.walk(item, inner)?,
+                                }
+                            }
+                        } else {
+                            self.walk(x, inner.field(k))?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            "JoinExpr" => {
+                for name in payload
+                    .get("using_clause")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(string_node)
+                {
+                    if self.masked(&name) {
+                        return Err(format!(
+                            "column \"{name}\" is masked: JOIN ... USING ({name}) compares its values, which reveals them"
+                        ));
+                    }
+                }
+                if payload.get("is_natural").and_then(Value::as_bool) == Some(true)
+                    && !self.rowish.is_empty()
+                {
+                    return Err("NATURAL JOIN on a table with masked columns may compare masked columns, which reveals their values; join with ON on unmasked columns".into());
+                }
+                self.walk(payload, ctx)
+            }
+            "RenameStmt" | "AlterObjectSchemaStmt" => {
+                let rel = lower(payload.get("relation").and_then(|r| r.get("relname")));
+                if rel
+                    .as_deref()
+                    .is_some_and(|r| self.rules.qualified.iter().any(|(t, _)| t == r))
+                {
+                    return Err("renaming a table named in a column masking rule (or moving it to another schema) would take its columns out of the rule".into());
+                }
+                let column = payload.get("rename_type").and_then(Value::as_i64) == Some(7);
+                if let Some(sub) = lower(payload.get("subname")) {
+                    if column && self.rules.unqualified.contains(&sub) {
+                        return Err(format!(
+                            "renaming masked column \"{sub}\" would take it out of its masking rule"
+                        ));
+                    }
+                }
+                self.walk(payload, ctx)
+            }
+            _ => self.walk(payload, ctx),
+        }
+    }
+
+    /// A column reference; `top`: a bare output column of the outermost
+    /// SELECT or RETURNING, which result masking covers.
+    fn colref(&mut self, payload: &Value, top: bool, ctx: Ctx) -> Result<(), String> {
+        if ctx.exists_targets {
+            return Ok(());
+        }
+        let fields = colref_fields(payload);
+        let qualifier = match fields.len().checked_sub(2).and_then(|i| fields.get(i)) {
+            Some(Field::Name(q)) => Some(q.as_str()),
+            _ => None,
+        };
+        match fields.last() {
+            Some(Field::Star) => {
+                if top {
+                    return Ok(());
+                }
+                let risky = match qualifier {
+                    Some(q) => self.rowish.contains(q),
+                    None => !self.rowish.is_empty(),
+                };
+                if risky {
+                    return Err(format!(
+                        "`*` of a table with masked columns is used in {}: only a top-level `SELECT *` (or `t.*`) is masked; name the unmasked columns instead",
+                        ctx.clause
+                    ));
+                }
+                Ok(())
+            }
+            Some(Field::Name(n)) => {
+                if self.masked(n) {
+                    if top {
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "column \"{n}\" is masked: it may only be read as a plain output column (SELECT {n} ... or RETURNING {n}), which Portcullis masks; here it is used in {}, which would reveal its value (expressions, functions, casts, aggregates, subqueries, CTEs, set operations and predicates on masked columns are refused)",
+                        ctx.clause
+                    ));
+                }
+                if (fields.len() == 1 || qualifier.is_some()) && self.rowish.contains(n) {
+                    return Err(format!(
+                        "\"{n}\" refers to a whole row of a table with masked columns: a row value is not masked; select its columns by name instead"
+                    ));
+                }
+                if qualifier.is_some_and(|q| self.rowish.contains(q)) {
+                    self.lookups.row_functions.insert(n.clone());
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// Quotes `s` as a SQL string literal that reads the same whatever the
+/// session's `standard_conforming_strings`.
+fn literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars().filter(|&c| c != '\0') {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+fn text_array(items: &BTreeSet<String>) -> String {
+    let list: Vec<String> = items.iter().map(|s| literal(s)).collect();
+    format!("ARRAY[{}]::pg_catalog.text[]", list.join(","))
+}
+
+/// The catalog query for `l`: rows of (kind, a, b, c) as text.
+fn catalog_sql(l: &Lookups) -> String {
+    let mut funcs = l.functions.clone();
+    funcs.extend(l.row_functions.iter().cloned());
+    format!(
+        "WITH RECURSIVE r(top, rel) AS ( \
+           SELECT c.oid, c.oid FROM pg_catalog.pg_class c \
+            WHERE c.relkind IN ('v', 'm') AND pg_catalog.lower(c.relname) = ANY({rels}) \
+           UNION \
+           SELECT r.top, d.refobjid FROM r \
+             JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
+             JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+              AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+              AND d.refobjid <> r.rel) \
+         SELECT 'v', t.relname::text, n.nspname || '.' || b.relname, a.attname::text FROM r \
+           JOIN pg_catalog.pg_class t ON t.oid = r.top \
+           JOIN pg_catalog.pg_class b ON b.oid = r.rel \
+           JOIN pg_catalog.pg_namespace n ON n.oid = b.relnamespace \
+           JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND a.attnum > 0 AND NOT a.attisdropped \
+          WHERE r.rel <> r.top \
+         UNION ALL \
+         SELECT 'vf', t.relname::text, p.proname::text, NULL FROM r \
+           JOIN pg_catalog.pg_class t ON t.oid = r.top \
+           JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+            AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
+           JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid WHERE p.oid >= {first} \
+         UNION ALL \
+         SELECT 'f', p.proname::text, (p.oid >= {first})::text, \
+                (p.provariadic <> 0 OR ty.typtype IN ('p', 'c'))::text \
+           FROM pg_catalog.pg_proc p LEFT JOIN pg_catalog.pg_type ty ON ty.oid = p.proargtypes[0] \
+          WHERE pg_catalog.lower(p.proname) = ANY({funcs}) \
+         UNION ALL \
+         SELECT 'o', o.oprname::text, NULL, NULL FROM pg_catalog.pg_operator o \
+          WHERE o.oid >= {first} AND o.oprname = ANY({ops})",
+        rels = text_array(&l.relations),
+        funcs = text_array(&funcs),
+        ops = text_array(&l.operators),
+        first = FIRST_NORMAL_OID,
+    )
+}
+
+/// Judges the catalog's answer to [`catalog_sql`]: the first reason to
+/// refuse, if any.
+fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<String> {
+    let rules = Rules::from_masker(masker);
+    let col = |r: &Vec<Option<String>>, i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+    for r in rows {
+        match col(r, 0).as_str() {
+            "v" => {
+                let (view, base, attname) = (col(r, 1), col(r, 2), col(r, 3));
+                if !rules.names_relation(&view) && masker.column(Some(&base), &attname).is_some() {
+                    return Some(format!(
+                        "view {view} reads masked column {attname} of {base}: a view's columns are computed, so its values would not be masked; read {base} directly, or name the view in a column rule"
+                    ));
+                }
+            }
+            "vf" => {
+                let (view, func) = (col(r, 1), col(r, 2));
+                if !rules.names_relation(&view) {
+                    return Some(format!(
+                        "view {view} calls user-defined function {func}, which could read masked columns out of sight"
+                    ));
+                }
+            }
+            "f" => {
+                let (name, user, row) = (col(r, 1), col(r, 2) == "true", col(r, 3) == "true");
+                let lname = name.to_lowercase();
+                if user && l.functions.contains(&lname) {
+                    return Some(format!(
+                        "function {name} is not built in: on a resource with column masking rules only built-in functions may be called (a user-defined function can read masked columns out of sight)"
+                    ));
+                }
+                if (row || user) && l.row_functions.contains(&lname) {
+                    return Some(format!(
+                        "`.{name}` on a table with masked columns may call function {name} on the whole row, which is not masked; select its columns by name instead"
+                    ));
+                }
+            }
+            "o" => {
+                return Some(format!(
+                    "operator {} is user-defined: on a resource with column masking rules it could run code that reads masked columns out of sight",
+                    col(r, 1)
+                ));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Runs the catalog checks of `l` on the side connection `side`: `Ok(Err(reason))`
+/// refuses the statement; `Err` is a catalog that could not be read (the
+/// caller refuses: fail closed).
+pub async fn catalog_check(
+    side: &mut Upstream,
+    l: &Lookups,
+    masker: &Masker,
+) -> Result<Result<(), String>, UpstreamError> {
+    if l.is_empty() {
+        return Ok(Ok(()));
+    }
+    let rows = side_query(side, &catalog_sql(l)).await?;
+    Ok(match judge(l, masker, &rows) {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    })
+}
+
+/// Checks one statement (`sql`, exactly one) on a resource with column
+/// rules: the parse-tree analysis, then the catalog checks on the side
+/// connection `side` (logged in on first use with the session's startup
+/// `params`). `Err` is the reason to refuse; a catalog that cannot be read
+/// refuses (fail closed). Nothing is cached: a view or function another
+/// session creates must be seen by the next statement.
+pub(super) async fn check_statement(
+    side: &mut Option<Upstream>,
+    flow: &crate::proxy::Flow,
+    params: &[(String, String)],
+    sql: &str,
+    masker: &Masker,
+) -> Result<(), String> {
+    let rules = Rules::from_masker(masker);
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let lookups = analyze(sql, &rules)?;
+    if lookups.is_empty() {
+        return Ok(());
+    }
+    let unreadable = |e: UpstreamError| {
+        format!("column masking cannot be checked: the server's catalog could not be read ({e})")
+    };
+    if side.is_none() {
+        let mut params = params.to_vec();
+        params.retain(|(k, _)| k != "application_name");
+        params.push(("application_name".into(), "portcullis-catalog".into()));
+        *side = Some(
+            super::upstream::login(flow, &params)
+                .await
+                .map_err(unreadable)?,
+        );
+    }
+    let Some(conn) = side.as_mut() else {
+        return Err("column masking cannot be checked: no catalog connection".into());
+    };
+    match catalog_check(conn, &lookups, masker).await {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            *side = None;
+            Err(unreadable(e))
+        }
+    }
+}
+
+/// Runs one simple query on a side connection and returns its rows as
+/// text (a server error is an `Err`).
+pub async fn side_query(
+    side: &mut Upstream,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+    let mut q = BytesMut::new();
+    codec::put_query(&mut q, sql);
+    side.io.write_all(&q).await?;
+    let mut out = Vec::new();
+    let mut error = None;
+    loop {
+        let head = loop {
+            if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
+                break h;
+            }
+            if side.io.read_buf(&mut side.buf).await? == 0 {
+                return Err(UpstreamError::Protocol("catalog connection closed".into()));
+            }
+        };
+        let frame = side.buf.split_to(head.total);
+        let body = frame.get(5..).unwrap_or_default();
+        match head.tag {
+            b'D' => {
+                let mut r = Reader::new(body, "DataRow");
+                let n = r.i16()?;
+                let mut row = Vec::with_capacity(n.max(0) as usize);
+                for _ in 0..n.max(0) {
+                    row.push(r.value()?.map(|v| String::from_utf8_lossy(v).into_owned()));
+                }
+                out.push(row);
+            }
+            b'E' => error = Some(codec::error_fields(body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(f) => {
+            let get = |k: u8| {
+                f.iter()
+                    .find(|(c, _)| *c == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            Err(UpstreamError::Server {
+                code: get(b'C'),
+                message: get(b'M'),
+            })
+        }
+        None => Ok(out),
+    }
+}
+
+/// Rewrites a server ErrorResponse/NoticeResponse body without its DETAIL
+/// field into a whole frame: on a resource with column rules a DETAIL can
+/// quote a row (`Failing row contains (...)`, `Key (ssn)=(...)`).
+pub fn put_without_detail(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    let fields = codec::error_fields(body);
+    codec::put_msg(out, tag, |b| {
+        for (k, v) in &fields {
+            if *k != b'D' {
+                bytes::BufMut::put_u8(b, *k);
+                codec::put_cstr(b, v);
+            }
+        }
+        bytes::BufMut::put_u8(b, 0);
+    });
+}
+
+#[cfg(test)]
+mod tests;
