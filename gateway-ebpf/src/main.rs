@@ -45,8 +45,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use gateway_common::{
     ipv4_mapped, FlowKey, KernelEvent, NetnsMark, OrigDst, RedirectConfig, TagMark, UdpAllowKey,
-    UdpAllowMark, EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
-    NETNS_NO_IPV6,
+    UdpAllowMark, EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH, NETNS_NO_IPV6,
 };
 
 /// Allow the syscall to proceed (with whatever we rewrote).

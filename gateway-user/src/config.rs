@@ -476,7 +476,12 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            ["10.0.0.2:53", "[fe80::1]:53", "10.0.0.3:53", "127.0.0.11:53"]
+            [
+                "10.0.0.2:53",
+                "[fe80::1]:53",
+                "10.0.0.3:53",
+                "127.0.0.11:53"
+            ]
         );
         // No nameserver in the host's file: glibc asks the local host.
         let got: Vec<String> = resolvers_from(&[None, None])

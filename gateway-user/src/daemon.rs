@@ -570,7 +570,9 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
     if !ipv6 {
         warn!(
             netns_inode = id.1,
-            cookie, pid, "namespace has no IPv6 loopback: served for IPv4 only, its IPv6 connects are refused"
+            cookie,
+            pid,
+            "namespace has no IPv6 loopback: served for IPv4 only, its IPv6 connects are refused"
         );
     }
     let mut sockets = vec![listeners.v4];
@@ -734,7 +736,8 @@ fn reconcile_netns(shared: &Arc<Shared>) -> Vec<(NetnsId, NetnsFailure)> {
                 let reason = format!("{e:#}");
                 warn!(
                     netns_inode = id.1,
-                    pid, "not serving network namespace (its tagged connects stay refused): {reason}"
+                    pid,
+                    "not serving network namespace (its tagged connects stay refused): {reason}"
                 );
                 let f = NetnsFailure {
                     at: Instant::now(),

@@ -877,7 +877,10 @@ mod tests {
         let (status, _, body) = ask(b"GET /readyz HTTP/1.1\r\n\r\n");
         assert_eq!(status, "503 Service Unavailable");
         assert!(body.contains("audit_writable FAIL"), "{body}");
-        assert!(body.contains("socket_lsm OFF (BPF LSM not active"), "{body}");
+        assert!(
+            body.contains("socket_lsm OFF (BPF LSM not active"),
+            "{body}"
+        );
         assert_eq!(ask(b"GET /metricsx HTTP/1.1\r\n\r\n").0, "404 Not Found");
         assert_eq!(
             ask(b"POST /metrics HTTP/1.1\r\n\r\n").0,

@@ -175,7 +175,11 @@ const LSM_LIST: &str = "/sys/kernel/security/lsm";
 /// Without BPF LSM the socket-family program cannot run: AF_PACKET and the
 /// other non-inet families are then not denied to tagged cgroups.
 pub fn bpf_lsm_status() -> LsmStatus {
-    let read = || fs::read_to_string(LSM_LIST).ok().filter(|t| !t.trim().is_empty());
+    let read = || {
+        fs::read_to_string(LSM_LIST)
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+    };
     let text = read().or_else(|| {
         let target = Path::new("/sys/kernel/security");
         nix::mount::mount(

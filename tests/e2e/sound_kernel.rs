@@ -319,14 +319,15 @@ fn a_namespace_whose_ipv6_proxy_port_is_squatted_is_not_served() {
         &victim,
         None,
         BINDS,
-        json!([["127.0.0.1", files.port], ["::1", files.port], ["0.0.0.0", files.port], ["127.0.0.1", 0]]),
+        json!([
+            ["127.0.0.1", files.port],
+            ["::1", files.port],
+            ["0.0.0.0", files.port],
+            ["127.0.0.1", 0]
+        ]),
     );
     for k in ["127.0.0.1", "::1", "0.0.0.0"] {
-        assert_eq!(
-            binds[format!("{k}/{}", files.port)],
-            libc::EPERM,
-            "{binds}"
-        );
+        assert_eq!(binds[format!("{k}/{}", files.port)], libc::EPERM, "{binds}");
     }
     assert_eq!(binds["127.0.0.1/0"], "ok", "{binds}");
 
