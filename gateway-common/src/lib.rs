@@ -47,11 +47,14 @@ pub struct RedirectConfig {
     /// Port of the proxy listener, host byte order. The same port is served
     /// on 127.0.0.1 and ::1 in every network namespace the daemon serves.
     pub listen_port: u16,
-    /// Non-zero once the daemon has filled this in; until then nothing is
-    /// redirected because there is nowhere to redirect to.
+    /// Non-zero once the daemon has filled this in; until then (and after an
+    /// orderly shutdown, which clears it) tagged connects are refused
+    /// because there is nowhere to redirect to.
     pub enabled: u16,
-    /// The daemon's own process id (tgid): its connects are never redirected.
-    pub daemon_tgid: u32,
+    /// Reserved, zero. (It once held the daemon's PID as an exemption: a
+    /// PID outlives the daemon in a pinned map and can be reused by anyone,
+    /// so no process is exempt by PID.)
+    pub _reserved: u32,
 }
 
 /// Value of [`MAP_TAGGED_CGROUPS`]. Only presence matters to the kernel; the
@@ -63,11 +66,17 @@ pub struct TagMark {
     pub generation: u32,
 }
 
-/// Value of [`MAP_SERVED_NETNS`].
+/// [`NetnsMark::flags`]: the namespace has no IPv6 loopback, so the daemon
+/// holds only its `127.0.0.1` listener there and native IPv6 connects from
+/// it are refused instead of being sent to `[::1]`.
+pub const NETNS_NO_IPV6: u32 = 1;
+
+/// Value of [`MAP_SERVED_NETNS`]: the daemon's own listeners hold the proxy
+/// port on `127.0.0.1` and (unless [`NETNS_NO_IPV6`]) `[::1]` there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetnsMark {
-    /// Reserved; only presence matters.
+    /// `NETNS_*` bits.
     pub flags: u32,
 }
 

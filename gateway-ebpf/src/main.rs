@@ -8,8 +8,16 @@
 //!
 //! It also closes the other ways out of a tagged cgroup that the proxy cannot
 //! govern: UDP is refused except to the destinations the daemon put in
-//! `UDP_ALLOW` (DNS by default), and sockets other than plain TCP and UDP
-//! (raw, ICMP, SCTP, MPTCP, ...) cannot be created at all.
+//! `UDP_ALLOW` (the resolvers by default), sockets other than plain TCP and
+//! UDP (raw, ICMP, SCTP, MPTCP, ...) cannot be created at all, and, where BPF
+//! LSM is active, neither can sockets of any family that reaches the wire
+//! without passing an inet hook (AF_PACKET, AF_XDP, AF_VSOCK, AF_TIPC, ...).
+//!
+//! No process is exempt by its PID: the daemon's own sockets are never
+//! governed because the daemon never runs in a tagged cgroup (it refuses to
+//! start in one and refuses to tag its own cgroup or an ancestor). A PID
+//! exemption would outlive the daemon in the pinned config and hand its PID,
+//! once reused, a way around every hook.
 //!
 //! It must not make policy decisions: a tagged connect is always redirected
 //! (or refused when there is nowhere safe to send it); what is allowed is the
@@ -29,15 +37,15 @@ use aya_ebpf::{
             bpf_get_socket_cookie,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
     ipv4_mapped, FlowKey, KernelEvent, NetnsMark, OrigDst, RedirectConfig, TagMark, UdpAllowKey,
-    UdpAllowMark, EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
+    UdpAllowMark, EVENT_UNSERVED_NETNS, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH, NETNS_NO_IPV6,
 };
 
 /// Allow the syscall to proceed (with whatever we rewrote).
@@ -48,6 +56,16 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+/// Socket families a tagged cgroup may still create (the LSM hook denies
+/// every other one): local sockets, netlink (glibc needs it; without
+/// CAP_NET_ADMIN it changes nothing) and plain TCP/UDP, which the cgroup
+/// hooks govern.
+const AF_UNIX: i32 = 1;
+const AF_INET: i32 = 2;
+const AF_INET6: i32 = 10;
+const AF_NETLINK: i32 = 16;
+/// What an LSM hook returns to deny: -EPERM.
+const LSM_DENY: i32 = -1;
 
 #[map]
 static TAGGED_CGROUPS: HashMap<u64, TagMark> = HashMap::pinned(16384, 0);
@@ -127,12 +145,6 @@ fn udp_verdict(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> i32 {
     if !is_tagged() {
         return ALLOW;
     }
-    if let Some(config) = CONFIG.get(0) {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if config.enabled != 0 && tgid == config.daemon_tgid {
-            return ALLOW;
-        }
-    }
     if udp_allowed(addr, port) {
         return ALLOW;
     }
@@ -145,8 +157,10 @@ fn udp_verdict(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> i32 {
     REFUSE
 }
 
+/// `native_v6`: the connect goes to an IPv6 address that is not
+/// IPv4-mapped, so it would be sent to the namespace's `[::1]` listener.
 #[inline(always)]
-fn verdict(ctx: &SockAddrContext) -> Verdict {
+fn verdict(ctx: &SockAddrContext, native_v6: bool) -> Verdict {
     if !is_tagged() {
         return Verdict::Untouched;
     }
@@ -159,15 +173,21 @@ fn verdict(ctx: &SockAddrContext) -> Verdict {
         return Verdict::Refuse;
     };
     if config.enabled == 0 || config.listen_port == 0 {
+        // No daemon (or an orderly shutdown cleared the config): fail closed.
         return Verdict::Refuse;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == config.daemon_tgid {
-        return Verdict::Untouched;
-    }
     // SAFETY: sock_addr programs may ask for their socket's netns cookie.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if SERVED_NETNS.get_ptr(netns_cookie).is_none() {
+    if let Some(mark) = SERVED_NETNS.get_ptr(netns_cookie) {
+        // SAFETY: the pointer came from a lookup in this program run.
+        let flags = unsafe { (*mark).flags };
+        if native_v6 && flags & NETNS_NO_IPV6 != 0 {
+            // The daemon holds no [::1] listener here (the namespace had no
+            // IPv6 loopback): whatever answers there is not ours.
+            return Verdict::Refuse;
+        }
+    } else {
         // No listener in this namespace yet: sending the connect anywhere
         // would either escape or reach something we do not own. Refuse it and
         // ask the daemon to start serving this namespace.
@@ -260,7 +280,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
         let (ip, port) = ip4_of(&ctx);
         return udp_verdict(&ctx, ipv4_mapped(ip), port);
     }
-    match verdict(&ctx) {
+    match verdict(&ctx, false) {
         Verdict::Untouched => ALLOW,
         Verdict::Refuse => REFUSE,
         Verdict::Redirect { listen_port } => {
@@ -287,7 +307,15 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
         let (addr, port) = ip6_of(&ctx);
         return udp_verdict(&ctx, addr, port);
     }
-    match verdict(&ctx) {
+    // SAFETY: valid context pointer; user_ip6 words are readable with
+    // 4-byte accesses in connect6.
+    let native_v6 = unsafe {
+        let sa = ctx.sock_addr;
+        !((*sa).user_ip6[0] == 0
+            && (*sa).user_ip6[1] == 0
+            && (*sa).user_ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+    };
+    match verdict(&ctx, native_v6) {
         Verdict::Untouched => ALLOW,
         Verdict::Refuse => REFUSE,
         Verdict::Redirect { listen_port } => {
@@ -374,6 +402,80 @@ pub fn restrict_socket_types(ctx: SockContext) -> i32 {
             "portcullis: refused socket type {} protocol {}", ty, proto
         );
         REFUSE
+    }
+}
+
+/// Whether a tagged cgroup binding `port` would squat the proxy port: a
+/// tagged process that held `127.0.0.1:PORT` or `[::1]:PORT` in its
+/// namespace (after the daemon died, or before it opened its listeners
+/// there) would receive other tagged processes' redirected connects.
+#[inline(always)]
+fn binds_proxy_port(port: u16) -> bool {
+    if port == 0 || !is_tagged() {
+        return false;
+    }
+    match CONFIG.get(0) {
+        Some(config) => config.listen_port == port,
+        None => false,
+    }
+}
+
+/// Tagged cgroups may not bind the proxy port (IPv4).
+#[cgroup_sock_addr(bind4)]
+pub fn restrict_bind4(ctx: SockAddrContext) -> i32 {
+    let (_, port) = ip4_of(&ctx);
+    if binds_proxy_port(port) {
+        debug!(ctx, "portcullis: refused bind to the proxy port {}", port);
+        return REFUSE;
+    }
+    ALLOW
+}
+
+/// Tagged cgroups may not bind the proxy port (IPv6, dual-stack included).
+#[cgroup_sock_addr(bind6)]
+pub fn restrict_bind6(ctx: SockAddrContext) -> i32 {
+    let (_, port) = ip6_of(&ctx);
+    if binds_proxy_port(port) {
+        debug!(ctx, "portcullis: refused bind to the proxy port {}", port);
+        return REFUSE;
+    }
+    ALLOW
+}
+
+/// BPF LSM `socket_create`: in tagged cgroups only local (AF_UNIX), netlink
+/// and plain TCP/UDP (AF_INET/AF_INET6) sockets may be created. Every other
+/// family (AF_PACKET, AF_XDP, AF_VSOCK, AF_TIPC, AF_CAN, ...) never passes
+/// `cgroup/sock_create` or a connect hook, so it is refused here with
+/// EPERM; raw, ICMP and other inet protocols are refused here as well as by
+/// [`restrict_socket_types`]. Sockets the kernel creates for itself pass.
+#[lsm(hook = "socket_create")]
+pub fn restrict_socket_families(ctx: LsmContext) -> i32 {
+    // security_socket_create(int family, int type, int protocol, int kern);
+    // BPF LSM adds the return value of the previous program last.
+    let family: i32 = ctx.arg(0);
+    let ty: i32 = ctx.arg(1);
+    let proto: i32 = ctx.arg(2);
+    let kern: i32 = ctx.arg(3);
+    let previous: i32 = ctx.arg(4);
+    if previous != 0 {
+        return previous;
+    }
+    if kern != 0 || !is_tagged() {
+        return 0;
+    }
+    let allowed = match family {
+        AF_UNIX | AF_NETLINK => true,
+        AF_INET | AF_INET6 => match ty as u32 {
+            SOCK_STREAM => proto == 0 || proto as u32 == IPPROTO_TCP,
+            SOCK_DGRAM => proto == 0 || proto as u32 == IPPROTO_UDP,
+            _ => false,
+        },
+        _ => false,
+    };
+    if allowed {
+        0
+    } else {
+        LSM_DENY
     }
 }
 

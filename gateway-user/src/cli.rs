@@ -321,7 +321,8 @@ pub struct DaemonArgs {
     #[arg(long = "webhook")]
     pub webhooks: Vec<String>,
     /// UDP destination tagged cgroups may reach (repeatable): ADDR:PORT,
-    /// [IPV6]:PORT or *:PORT; "none" for no UDP at all. Default *:53 (DNS).
+    /// [IPV6]:PORT, *:PORT, "resolvers" (port 53 of the host's nameservers
+    /// and 127.0.0.11) or "none" for no UDP at all. Default "resolvers".
     #[arg(long = "udp-allow")]
     pub udp_allow: Vec<String>,
 }

@@ -28,10 +28,25 @@ pub mod defaults {
     pub const LISTEN_PORT: u16 = 15001;
     /// Metrics listener.
     pub const METRICS: &str = "127.0.0.1:15020";
-    /// UDP destinations tagged cgroups may reach: DNS on any address. Every
-    /// other datagram from a tagged cgroup is refused in the kernel.
-    pub const UDP_ALLOW: &[&str] = &["*:53"];
+    /// UDP destinations tagged cgroups may reach: the resolvers (see
+    /// [`super::RESOLVERS`]), not port 53 on any host. Every other datagram
+    /// from a tagged cgroup is refused in the kernel.
+    pub const UDP_ALLOW: &[&str] = &[super::RESOLVERS];
+    /// Resolver configurations the daemon reads for `"resolvers"`: its own
+    /// (the host's), and systemd-resolved's upstream list, which Docker
+    /// copies into containers when the host's points at the 127.0.0.53 stub.
+    pub const RESOLV_CONF: &[&str] = &["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
+    /// Loopback resolvers inside an agent's own network namespace: Docker's
+    /// embedded DNS on user-defined networks. Loopback never leaves the
+    /// namespace, so only a resolver running there can answer.
+    pub const NAMESPACE_RESOLVERS: &[&str] = &["127.0.0.11:53"];
 }
+
+/// The `udp_allow` entry that stands for the resolvers: port 53 of every
+/// `nameserver` in the daemon's (the host's) resolver configuration, read
+/// again every 30 s, plus [`defaults::NAMESPACE_RESOLVERS`]. The agent's own
+/// `/etc/resolv.conf` is never read: the agent can write it.
+pub const RESOLVERS: &str = "resolvers";
 
 /// The `[daemon]` table; every key mirrors a daemon flag.
 #[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
@@ -174,8 +189,11 @@ pub struct DaemonConfig {
     pub fsync: crate::audit::FsyncMode,
     /// Webhook URLs for access requests.
     pub webhooks: Vec<String>,
-    /// UDP destinations tagged cgroups may still reach.
+    /// UDP destinations tagged cgroups may still reach (besides the
+    /// resolvers when `udp_allow_resolvers`).
     pub udp_allow: Vec<UdpDest>,
+    /// `udp_allow` includes `"resolvers"` (the default).
+    pub udp_allow_resolvers: bool,
     /// Auto-tag rules, in file order (the first match wins).
     pub auto_tag: Vec<AutoTagRule>,
 }
@@ -251,18 +269,17 @@ impl DaemonConfig {
                 )))
             }
         };
-        let udp_allow = match flags.udp_allow.or(file.udp_allow) {
-            None => defaults::UDP_ALLOW
-                .iter()
-                .map(|d| d.parse())
-                .collect::<Result<Vec<UdpDest>, _>>()?,
+        let list: Vec<String> = flags
+            .udp_allow
+            .or(file.udp_allow)
+            .unwrap_or_else(|| defaults::UDP_ALLOW.iter().map(|d| d.to_string()).collect());
+        let udp_allow_resolvers = list.iter().any(|d| d == RESOLVERS);
+        let udp_allow = list
+            .iter()
             // "none" lets the command line say "[]".
-            Some(list) => list
-                .iter()
-                .filter(|d| d.as_str() != "none")
-                .map(|d| d.parse())
-                .collect::<Result<Vec<UdpDest>, _>>()?,
-        };
+            .filter(|d| d.as_str() != "none" && d.as_str() != RESOLVERS)
+            .map(|d| d.parse())
+            .collect::<Result<Vec<UdpDest>, _>>()?;
         if listen_port == 0 {
             return Err(ConfigError::Invalid("listen_port must not be 0".into()));
         }
@@ -292,9 +309,77 @@ impl DaemonConfig {
             fsync,
             webhooks: flags.webhooks.or(file.webhooks).unwrap_or_default(),
             udp_allow,
+            udp_allow_resolvers,
             auto_tag: file.auto_tag,
         })
     }
+
+    /// The UDP destinations to put in the kernel now: the explicit entries
+    /// and, with `"resolvers"`, the resolvers read from the host's files.
+    pub fn effective_udp_allow(&self) -> Vec<UdpDest> {
+        let mut out = self.udp_allow.clone();
+        if self.udp_allow_resolvers {
+            let texts: Vec<Option<String>> = defaults::RESOLV_CONF
+                .iter()
+                .map(|p| std::fs::read_to_string(p).ok())
+                .collect();
+            for d in resolvers_from(&texts) {
+                if !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The resolvers named by resolver configuration files (`None`: the file is
+/// absent): port 53 of each `nameserver` (zone ids dropped), plus
+/// [`defaults::NAMESPACE_RESOLVERS`]. When the first file (the host's
+/// `/etc/resolv.conf`) is absent or names no server, glibc asks the local
+/// host, so 127.0.0.1 and ::1 are listed instead.
+pub fn resolvers_from(files: &[Option<String>]) -> Vec<UdpDest> {
+    let mut out: Vec<UdpDest> = Vec::new();
+    let mut push = |d: UdpDest| {
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    };
+    for (i, text) in files.iter().enumerate() {
+        let mut named = false;
+        for line in text.as_deref().unwrap_or("").lines() {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("nameserver") {
+                continue;
+            }
+            let Some(addr) = words.next() else { continue };
+            let addr = addr.split('%').next().unwrap_or(addr);
+            if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
+                named = true;
+                push(UdpDest {
+                    addr: Some(ip),
+                    port: 53,
+                });
+            }
+        }
+        if i == 0 && !named {
+            for ip in [
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ] {
+                push(UdpDest {
+                    addr: Some(ip),
+                    port: 53,
+                });
+            }
+        }
+    }
+    for d in defaults::NAMESPACE_RESOLVERS {
+        if let Ok(d) = d.parse() {
+            push(d);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -338,6 +423,14 @@ mod tests {
     #[test]
     fn udp_allow_parses_defaults_exact_and_wildcard_and_rejects_junk() {
         let cfg = DaemonConfig::merge(DaemonTable::default(), DaemonTable::default()).unwrap();
+        // The default is the resolvers, never port 53 on any host.
+        assert!(cfg.udp_allow.is_empty());
+        assert!(cfg.udp_allow_resolvers);
+        let wild = DaemonTable {
+            udp_allow: Some(vec!["*:53".into()]),
+            ..Default::default()
+        };
+        let cfg = DaemonConfig::merge(wild, DaemonTable::default()).unwrap();
         assert_eq!(
             cfg.udp_allow,
             vec![UdpDest {
@@ -345,6 +438,7 @@ mod tests {
                 port: 53
             }]
         );
+        assert!(!cfg.udp_allow_resolvers);
         let flags = DaemonTable {
             udp_allow: Some(vec!["127.0.0.53:53".into(), "[::1]:5353".into()]),
             ..Default::default()
@@ -370,6 +464,35 @@ mod tests {
                 "{junk}"
             );
         }
+    }
+
+    #[test]
+    fn resolvers_come_from_the_host_files_and_the_namespace_loopback() {
+        let host = "# comment\nsearch example\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nnameserver junk\noptions ndots:5\n";
+        let resolved = "nameserver 10.0.0.3\nnameserver 10.0.0.2\n";
+        let got: Vec<String> = resolvers_from(&[Some(host.into()), Some(resolved.into())])
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "10.0.0.2:53",
+                "[fe80::1]:53",
+                "10.0.0.3:53",
+                "127.0.0.11:53"
+            ]
+        );
+        // No nameserver in the host's file: glibc asks the local host.
+        let got: Vec<String> = resolvers_from(&[None, None])
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(got, ["127.0.0.1:53", "[::1]:53", "127.0.0.11:53"]);
+        // Never a wildcard.
+        assert!(resolvers_from(&[Some(host.into())])
+            .iter()
+            .all(|d| d.addr.is_some()));
     }
 
     #[test]

@@ -97,8 +97,25 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// When the daemon started.
     pub started: SystemTime,
+    /// Whether the BPF LSM (and so the socket-family program) is in force.
+    pub lsm: crate::sys::LsmStatus,
+    /// The UDP destinations in the kernel's allow list now.
+    pub udp_allow: Mutex<Vec<crate::config::UdpDest>>,
     cgroup_index: Mutex<(HashMap<u64, String>, Option<Instant>)>,
-    netns_failures: Mutex<HashMap<NetnsId, Instant>>,
+    /// Namespaces the daemon refused to serve: when it last tried, the pid
+    /// it tried through, and why.
+    pub netns_failures: Mutex<HashMap<NetnsId, NetnsFailure>>,
+}
+
+/// A namespace the daemon could not (or would not) serve.
+#[derive(Debug, Clone)]
+pub struct NetnsFailure {
+    /// When serving it was last tried.
+    pub at: Instant,
+    /// A process seen in it.
+    pub pid: u32,
+    /// Why it is not served.
+    pub reason: String,
 }
 
 impl Shared {
@@ -239,6 +256,19 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         .create(&cfg.state_dir)
         .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
     let tags = TagStore::open(cfg.state_dir.join("tags.json"))?;
+    // No process is exempt from the kernel programs by PID: the daemon's own
+    // connects are left alone only because it runs outside every tagged
+    // cgroup. A tag covering it would redirect its upstream connects to
+    // itself (and a PID exemption would outlive it): refuse to start.
+    if let Ok(own) = cgroups.cgroup_of_pid(std::process::id()) {
+        if let Some(t) = tags.nearest(&own) {
+            bail!(
+                "the daemon runs in {own}, which the tag on {} (identity {}) governs: a proxy must never govern itself; run it outside every tagged cgroup or remove that tag",
+                t.cgroup,
+                t.identity
+            );
+        }
+    }
 
     let policy = PolicySet::load(&cfg.policies)
         .map_err(|e| anyhow::anyhow!("policy set {} is invalid:\n{e}", cfg.policies.display()))?;
@@ -275,13 +305,30 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }
     sys::ensure_bpffs(&cfg.pin_dir)?;
+    let mut lsm = sys::bpf_lsm_status();
+    let udp_allow = cfg.effective_udp_allow();
+    info!(udp_allow = %list(&udp_allow), "UDP destinations tagged cgroups may reach");
     let mut redirector = Redirector::attach(&AttachSettings {
         pin_dir: cfg.pin_dir.clone(),
         cgroup_dir: cgroups.root_dir(),
         listen_port: cfg.listen_port,
-        udp_allow: cfg.udp_allow.clone(),
+        udp_allow: udp_allow.clone(),
+        lsm: lsm.active,
     })
     .context("attaching eBPF programs")?;
+    if let Err(why) = redirector.lsm_enforced() {
+        if lsm.active {
+            lsm = sys::LsmStatus {
+                active: false,
+                detail: format!("{why} ({})", lsm.detail),
+            };
+        }
+    }
+    if lsm.active {
+        info!(detail = %lsm.detail, "BPF LSM program attached: tagged cgroups cannot create AF_PACKET, AF_XDP, AF_VSOCK or other non-inet sockets");
+    } else {
+        warn!(detail = %lsm.detail, "socket-family enforcement is OFF: AF_PACKET, AF_XDP, AF_VSOCK and other non-inet sockets are NOT denied to tagged cgroups (raw and other inet sockets still are); see SECURITY.md");
+    }
     let events = redirector.take_events();
     let logger = redirector.take_logger();
 
@@ -305,6 +352,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         reconcile_now: Notify::new(),
         shutdown: CancellationToken::new(),
         started: SystemTime::now(),
+        lsm,
+        udp_allow: Mutex::new(udp_allow),
         cgroup_index: Mutex::new((HashMap::new(), None)),
         netns_failures: Mutex::new(HashMap::new()),
     });
@@ -400,6 +449,14 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     wait_for_signal(&shared).await?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("shutting down; pinned programs stay attached, so tagged agents are refused until a daemon runs again");
+    // Clear the kernel config and served namespaces first: from here on a
+    // tagged connect fails with EPERM instead of going to a port whose
+    // listener is about to close.
+    shared
+        .redirect
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shut_down();
     shared.shutdown.cancel();
     tasks.abort_all();
     let _ = shared
@@ -509,6 +566,15 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
     let listeners = netns::listen_in(ns_file, shared.cfg.listen_port)?;
     let cancel = shared.shutdown.child_token();
     let cookie = listeners.cookie;
+    let ipv6 = listeners.v6.is_some();
+    if !ipv6 {
+        warn!(
+            netns_inode = id.1,
+            cookie,
+            pid,
+            "namespace has no IPv6 loopback: served for IPv4 only, its IPv6 connects are refused"
+        );
+    }
     let mut sockets = vec![listeners.v4];
     sockets.extend(listeners.v6);
     for s in sockets {
@@ -519,10 +585,10 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
         .redirect
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .serve_netns(cookie)?;
+        .serve_netns(cookie, ipv6)?;
     info!(
         netns_inode = id.1,
-        cookie, pid, host, "serving network namespace"
+        cookie, pid, host, ipv6, "serving network namespace"
     );
     shared
         .netns
@@ -578,11 +644,27 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             warn!("syncing tags into the kernel: {e:#}");
         }
         let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || reconcile_netns(&s)).await;
+        let refused = tokio::task::spawn_blocking(move || reconcile_netns(&s))
+            .await
+            .unwrap_or_default();
+        for (id, f) in refused {
+            let ev = AuditEvent::new("netns_refused")
+                .reason(f.reason.clone())
+                .detail("netns_inode", id.1)
+                .detail("pid", f.pid);
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of a refused namespace failed: {e}");
+            }
+        }
     }
 }
 
-fn reconcile_netns(shared: &Arc<Shared>) {
+/// Seconds before serving a refused namespace is tried again.
+const NETNS_RETRY: Duration = Duration::from_secs(5);
+
+/// Returns the namespaces newly refused (or refused for a new reason), to be
+/// audited.
+fn reconcile_netns(shared: &Arc<Shared>) -> Vec<(NetnsId, NetnsFailure)> {
     let tagged: Vec<String> = {
         let tags = shared.tags.read().unwrap_or_else(|p| p.into_inner());
         tags.iter().map(|t| t.cgroup.clone()).collect()
@@ -623,37 +705,63 @@ fn reconcile_netns(shared: &Arc<Shared>) {
                 );
             }
         }
-        seen.into_iter()
+        seen.iter()
             .filter(|(id, _)| !served.contains_key(id))
+            .map(|(id, pid)| (*id, *pid))
             .collect()
     };
+    let seen_ids: std::collections::HashSet<NetnsId> = seen.into_keys().collect();
+    let mut refused = Vec::new();
     for (id, pid) in to_open {
-        {
-            let mut failures = shared
+        let previous = {
+            let failures = shared
                 .netns_failures
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if failures
-                .get(&id)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
-            {
-                continue;
+            match failures.get(&id) {
+                Some(f) if f.at.elapsed() < NETNS_RETRY => continue,
+                other => other.map(|f| f.reason.clone()),
             }
-            failures.remove(&id);
-        }
+        };
         let ns_file = format!("/proc/{pid}/ns/net");
-        if let Err(e) = serve_netns(shared, Path::new(&ns_file), pid, false) {
-            warn!(
-                netns_inode = id.1,
-                pid, "cannot serve network namespace: {e:#}"
-            );
-            shared
-                .netns_failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, Instant::now());
+        match serve_netns(shared, Path::new(&ns_file), pid, false) {
+            Ok(()) => {
+                shared
+                    .netns_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(
+                    netns_inode = id.1,
+                    pid,
+                    "not serving network namespace (its tagged connects stay refused): {reason}"
+                );
+                let f = NetnsFailure {
+                    at: Instant::now(),
+                    pid,
+                    reason,
+                };
+                if previous.as_deref() != Some(f.reason.as_str()) {
+                    refused.push((id, f.clone()));
+                }
+                shared
+                    .netns_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, f);
+            }
         }
     }
+    // Forget refusals of namespaces no tagged process is in any more.
+    shared
+        .netns_failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|id, f| seen_ids.contains(id) || f.at.elapsed() < NETNS_RETRY);
+    refused
 }
 
 /// How often live sessions' identities are checked again (token expiry,
@@ -895,7 +1003,42 @@ async fn resolve_loop(shared: Arc<Shared>) {
         for f in shared.resolver.refresh(&policy).await {
             warn!("resource hostname does not resolve: {f}");
         }
+        refresh_udp_allow(&shared);
     }
+}
+
+/// Reads the resolvers again (DHCP and VPNs change them) and updates the
+/// kernel's UDP allow list when they changed.
+fn refresh_udp_allow(shared: &Shared) {
+    if !shared.cfg.udp_allow_resolvers {
+        return;
+    }
+    let now = shared.cfg.effective_udp_allow();
+    let mut current = shared.udp_allow.lock().unwrap_or_else(|p| p.into_inner());
+    if *current == now {
+        return;
+    }
+    match shared
+        .redirect
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .sync_udp_allow(&now)
+    {
+        Ok(()) => {
+            info!(udp_allow = %list(&now), "resolvers changed; UDP allow list updated");
+            *current = now;
+        }
+        Err(e) => warn!("updating the UDP allow list: {e}"),
+    }
+}
+
+/// `a, b, c` for logs.
+fn list(dests: &[crate::config::UdpDest]) -> String {
+    dests
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn kernel_events(shared: Arc<Shared>, events: aya::maps::RingBuf<aya::maps::MapData>) {

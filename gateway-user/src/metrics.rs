@@ -232,6 +232,10 @@ pub struct Readiness {
     pub audit_writable: bool,
     /// A policy set is in force.
     pub policy_loaded: bool,
+    /// BPF LSM is active, so tagged cgroups cannot create AF_PACKET and
+    /// other non-inet sockets. Reported, not required: without it the
+    /// daemon still governs TCP and UDP (SECURITY.md says what is lost).
+    pub socket_lsm: bool,
 }
 
 impl Readiness {
@@ -247,6 +251,11 @@ impl Readiness {
         s.push_str(&line("programs_attached", self.programs_attached));
         s.push_str(&line("audit_writable", self.audit_writable));
         s.push_str(&line("policy_loaded", self.policy_loaded));
+        s.push_str(if self.socket_lsm {
+            "socket_lsm ok\n"
+        } else {
+            "socket_lsm OFF (BPF LSM not active: AF_PACKET and other non-inet sockets are not denied to tagged cgroups)\n"
+        });
         s
     }
 }
@@ -578,6 +587,7 @@ pub fn gauges(shared: &Shared) -> Gauges {
             programs_attached: attached,
             audit_writable: shared.audit_log.healthy(),
             policy_loaded: !shared.policy.load().version.is_empty(),
+            socket_lsm: shared.lsm.active,
         },
         uptime_secs: shared.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
     }
@@ -747,6 +757,7 @@ mod tests {
                 programs_attached: true,
                 audit_writable: true,
                 policy_loaded: true,
+                socket_lsm: true,
             },
             ..Default::default()
         };
@@ -854,6 +865,7 @@ mod tests {
             programs_attached: true,
             audit_writable: false,
             policy_loaded: true,
+            socket_lsm: false,
         };
         let ask = |raw: &[u8]| respond(parse_request_line(raw), || "METRICS".into(), || ready);
         assert_eq!(
@@ -865,6 +877,10 @@ mod tests {
         let (status, _, body) = ask(b"GET /readyz HTTP/1.1\r\n\r\n");
         assert_eq!(status, "503 Service Unavailable");
         assert!(body.contains("audit_writable FAIL"), "{body}");
+        assert!(
+            body.contains("socket_lsm OFF (BPF LSM not active"),
+            "{body}"
+        );
         assert_eq!(ask(b"GET /metricsx HTTP/1.1\r\n\r\n").0, "404 Not Found");
         assert_eq!(
             ask(b"POST /metrics HTTP/1.1\r\n\r\n").0,

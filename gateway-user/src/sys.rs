@@ -158,6 +158,65 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
     })
 }
 
+/// Whether the BPF LSM is active, and why not when it is not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LsmStatus {
+    /// `bpf` is in the kernel's active LSM list: BPF LSM programs run.
+    pub active: bool,
+    /// The active LSM list as the kernel reports it, or why it is unknown.
+    pub detail: String,
+}
+
+/// Where securityfs lists the active LSMs.
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
+
+/// Reads the active LSM list (`/sys/kernel/security/lsm`), mounting
+/// securityfs there when it is absent, and says whether `bpf` is in it.
+/// Without BPF LSM the socket-family program cannot run: AF_PACKET and the
+/// other non-inet families are then not denied to tagged cgroups.
+pub fn bpf_lsm_status() -> LsmStatus {
+    let read = || {
+        fs::read_to_string(LSM_LIST)
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+    };
+    let text = read().or_else(|| {
+        let target = Path::new("/sys/kernel/security");
+        nix::mount::mount(
+            Some("securityfs"),
+            target,
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .ok()?;
+        read()
+    });
+    match text {
+        Some(list) => lsm_status_of(&list),
+        None => LsmStatus {
+            active: false,
+            detail: format!("{LSM_LIST} is unreadable (securityfs could not be mounted)"),
+        },
+    }
+}
+
+/// [`bpf_lsm_status`] for a given LSM list (comma-separated).
+pub fn lsm_status_of(list: &str) -> LsmStatus {
+    let list = list.trim();
+    let active = list.split(',').any(|m| m.trim() == "bpf");
+    LsmStatus {
+        active,
+        detail: if active {
+            format!("active LSMs: {list}")
+        } else {
+            format!(
+                "bpf is not in the active LSMs ({list}); add it to the lsm= boot parameter (needs CONFIG_BPF_LSM=y)"
+            )
+        },
+    }
+}
+
 /// Raises the daemon's soft open-file limit to its hard limit: every relayed
 /// session holds two sockets, and the common default soft limit (1024)
 /// would refuse new sessions at about 500. Returns the limit now in force.
@@ -183,6 +242,15 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bpf_lsm_is_found_only_as_a_whole_name() {
+        assert!(super::lsm_status_of("lockdown,capability,landlock,bpf\n").active);
+        assert!(super::lsm_status_of("bpf").active);
+        let off = super::lsm_status_of("lockdown,capability,apparmor,bpffoo");
+        assert!(!off.active);
+        assert!(off.detail.contains("lsm="), "{}", off.detail);
+    }
+
     use super::*;
 
     #[test]

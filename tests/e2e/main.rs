@@ -14,6 +14,7 @@ mod postgres;
 mod security;
 mod sound_pg;
 mod sound_mask;
+mod sound_kernel;
 mod ssh;
 
 use std::{fs, time::Duration};

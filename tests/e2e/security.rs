@@ -258,10 +258,11 @@ def attempt(name, fam, how, host, port):
         r["errno"] = getattr(e, "errno", None)
     res[name] = r
 for t in a["targets"]:
-    attempt(t["name"] + "/sendto4", socket.AF_INET, "sendto", "127.0.0.1", t["port"])
-    attempt(t["name"] + "/connect4", socket.AF_INET, "connect", "127.0.0.1", t["port"])
-    attempt(t["name"] + "/sendto6-mapped", socket.AF_INET6, "sendto", "::ffff:127.0.0.1", t["port"])
-    attempt(t["name"] + "/connect6-mapped", socket.AF_INET6, "connect", "::ffff:127.0.0.1", t["port"])
+    h = t.get("host", "127.0.0.1")
+    attempt(t["name"] + "/sendto4", socket.AF_INET, "sendto", h, t["port"])
+    attempt(t["name"] + "/connect4", socket.AF_INET, "connect", h, t["port"])
+    attempt(t["name"] + "/sendto6-mapped", socket.AF_INET6, "sendto", "::ffff:" + h, t["port"])
+    attempt(t["name"] + "/connect6-mapped", socket.AF_INET6, "connect", "::ffff:" + h, t["port"])
 print(json.dumps(res))
 "#;
 
@@ -322,7 +323,7 @@ const UDP_SERVER: &str = r#"
 import json, socket, sys
 a = json.loads(sys.argv[1])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", a["port"]))
+s.bind((a.get("host", "127.0.0.1"), a["port"]))
 while True:
     d, peer = s.recvfrom(2048)
     s.sendto(d, peer)
@@ -330,18 +331,26 @@ while True:
 
 #[test]
 fn default_udp_allow_lets_dns_through_and_nothing_else() {
-    // Inside a namespace the test owns, a resolver answers on 127.0.0.1:53
-    // and another UDP service on 5353; the daemon runs with the default
-    // allow list (DNS on any address).
+    // Inside a namespace the test owns, a resolver answers on 127.0.0.11:53
+    // (Docker's embedded DNS), another DNS server on 127.0.0.1:53 (no
+    // resolver of this host) and another UDP service on 5353; the daemon
+    // runs with the default allow list (the resolvers, not port 53 on any
+    // address: issue 14).
     let g = governed("udpdns", true, &[]);
     let agent = g.cg.child("agent");
     g.daemon.tag(&agent, "agent");
     let ns = TestNetns::new("dns");
     let in_ns = Placement::default().with_netns(ns.path());
-    let _dns = Bg::start(&in_ns, UDP_SERVER, json!({"port": 53}));
+    let _dns = Bg::start(
+        &in_ns,
+        UDP_SERVER,
+        json!({"host": "127.0.0.11", "port": 53}),
+    );
+    let _stray = Bg::start(&in_ns, UDP_SERVER, json!({"port": 53}));
     let _other = Bg::start(&in_ns, UDP_SERVER, json!({"port": 5353}));
     let targets = json!({"targets": [
-        {"name": "dns", "port": 53},
+        {"name": "dns", "host": "127.0.0.11", "port": 53},
+        {"name": "stray", "port": 53},
         {"name": "other", "port": 5353},
     ]});
     // Control first (and wait for the servers): untagged reaches both.
@@ -354,7 +363,10 @@ fn default_udp_allow_lets_dns_through_and_nothing_else() {
             UDP,
             targets.clone(),
         );
-        if r["dns/sendto4"]["reply"] == "query" && r["other/sendto4"]["reply"] == "query" {
+        if r["dns/sendto4"]["reply"] == "query"
+            && r["stray/sendto4"]["reply"] == "query"
+            && r["other/sendto4"]["reply"] == "query"
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -371,6 +383,16 @@ fn default_udp_allow_lets_dns_through_and_nothing_else() {
     }
     for (k, v) in udp_results(&r, "other") {
         assert_eq!(v["errno"], libc::EPERM, "{k}: {r}");
+    }
+    // Port 53 on an address that is not a resolver: refused too, unless
+    // this host's own resolv.conf names 127.0.0.1.
+    let host_uses_localhost = g.daemon.status()["udp_allow"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v == "127.0.0.1:53"));
+    if !host_uses_localhost {
+        for (k, v) in udp_results(&r, "stray") {
+            assert_eq!(v["errno"], libc::EPERM, "{k}: {r}");
+        }
     }
 }
 

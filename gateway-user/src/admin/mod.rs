@@ -523,10 +523,40 @@ fn status(shared: &Shared) -> serde_json::Value {
         "tags": tag_count,
         "flows": shared.sessions.len(),
         "netns": netns,
+        "netns_refused": netns_refused(shared),
+        // Whether AF_PACKET and the other non-inet families are denied to
+        // tagged cgroups (needs BPF LSM; SECURITY.md says what is not
+        // enforced without it).
+        "socket_lsm": {
+            "enforced": shared.lsm.active,
+            "detail": shared.lsm.detail,
+        },
+        "udp_allow": shared
+            .udp_allow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
         "counters": shared.metrics.snapshot(),
         "ready": crate::metrics::gauges(shared).ready,
         "audit_lag": shared.audit_log.lag(),
     })
+}
+
+/// Namespaces with tagged processes the daemon does not serve, and why
+/// (their tagged connects are refused in the kernel).
+fn netns_refused(shared: &Shared) -> Vec<serde_json::Value> {
+    let failures = shared
+        .netns_failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<serde_json::Value> = failures
+        .iter()
+        .map(|(id, f)| serde_json::json!({"inode": id.1, "pid": f.pid, "reason": f.reason}))
+        .collect();
+    v.sort_by_key(|x| x["inode"].as_u64());
+    v
 }
 
 /// Sends one request to the daemon and returns its response.

@@ -18,14 +18,14 @@ use aya::{
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, SockOps,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use gateway_common::{
     ipv4_mapped, FlowKey, NetnsMark, OrigDst, RedirectConfig, TagMark, UdpAllowKey, UdpAllowMark,
     MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_LAYOUT_VERSION, MAP_SERVED_NETNS, MAP_TAGGED_CGROUPS,
-    MAP_UDP_ALLOW,
+    MAP_UDP_ALLOW, NETNS_NO_IPV6,
 };
 
 use crate::config::UdpDest;
@@ -35,16 +35,24 @@ use tracing::{info, warn};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
 
 /// Program names in the object, and the pin names of their links. The
-/// socket-creation and UDP programs come first so that a tagged cgroup is
-/// never redirected for TCP while it can still open raw sockets or send UDP.
-const PROGRAMS: [&str; 6] = [
+/// socket-creation, bind and UDP programs come first so that a tagged cgroup
+/// is never redirected for TCP while it can still open raw sockets, squat
+/// the proxy port or send UDP.
+const PROGRAMS: [&str; 8] = [
     "restrict_socket_types",
+    "restrict_bind4",
+    "restrict_bind6",
     "restrict_udp_sendmsg4",
     "restrict_udp_sendmsg6",
     "redirect_connect4",
     "redirect_connect6",
     "track_flows",
 ];
+
+/// The BPF LSM program (attached before the cgroup programs when BPF LSM is
+/// active) and the kernel hook it runs at.
+const LSM_PROGRAM: &str = "restrict_socket_families";
+const LSM_HOOK: &str = "socket_create";
 
 /// A failure to set up or drive interception.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +102,9 @@ pub struct AttachSettings {
     pub listen_port: u16,
     /// UDP destinations tagged cgroups may still reach.
     pub udp_allow: Vec<UdpDest>,
+    /// Attach the BPF LSM `socket_create` program (only when BPF LSM is
+    /// active: see [`crate::sys::bpf_lsm_status`]).
+    pub lsm: bool,
 }
 
 /// Loaded, attached and pinned programs, and handles on their maps.
@@ -109,6 +120,8 @@ pub struct Redirector {
     /// Keeps the programs and the aya-log map alive.
     ebpf: Ebpf,
     detached: bool,
+    /// Whether the socket-family LSM program is in force, or why not.
+    lsm: Result<(), String>,
 }
 
 impl Redirector {
@@ -163,6 +176,7 @@ impl Redirector {
             links: Vec::new(),
             ebpf,
             detached: false,
+            lsm: Err("BPF LSM is not active".into()),
         };
         // Configure before attaching so new programs never see a stale port.
         me.configure(settings.listen_port)?;
@@ -175,8 +189,22 @@ impl Redirector {
             path: settings.cgroup_dir.clone(),
             source,
         })?;
-        for name in PROGRAMS {
-            let link = me.attach_one(name, &cgroup)?;
+        let lsm = settings.lsm.then_some(LSM_PROGRAM);
+        for name in lsm.into_iter().chain(PROGRAMS) {
+            let link = if name == LSM_PROGRAM {
+                // BPF LSM can be listed as active and still refuse programs
+                // (kernel lockdown, a hardened or sandboxed kernel): report
+                // it and keep governing TCP and UDP rather than not at all.
+                match me.attach_one(name, &cgroup) {
+                    Ok(link) => link,
+                    Err(e) => {
+                        me.lsm = Err(format!("the kernel refused the BPF LSM program: {e}"));
+                        continue;
+                    }
+                }
+            } else {
+                me.attach_one(name, &cgroup)?
+            };
             let final_path = links_dir.join(name);
             // bpffs refuses names with a dot (it reserves them), hence "-new".
             let tmp_path = links_dir.join(format!("{name}-new"));
@@ -200,6 +228,9 @@ impl Redirector {
                 source: io::Error::other(e),
             })?;
             me.links.push(relinked);
+            if name == LSM_PROGRAM {
+                me.lsm = Ok(());
+            }
         }
         info!(
             pin_dir = %settings.pin_dir.display(),
@@ -248,6 +279,16 @@ impl Redirector {
                     .try_into()
                     .map_err(link_err)?
             }
+            aya::programs::Program::Lsm(p) => {
+                let p: &mut Lsm = p;
+                let btf = Btf::from_sys_fs().map_err(|e| RedirectError::Program {
+                    name,
+                    source: aya::programs::ProgramError::Btf(e),
+                })?;
+                p.load(LSM_HOOK, &btf).map_err(perr)?;
+                let id = p.attach().map_err(perr)?;
+                p.take_link(id).map_err(perr)?.into()
+            }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
                 p.load().map_err(perr)?;
@@ -289,7 +330,7 @@ impl Redirector {
         let cfg = RedirectConfig {
             listen_port,
             enabled: 1,
-            daemon_tgid: std::process::id(),
+            _reserved: 0,
         };
         self.config
             .set(0, cfg, 0)
@@ -299,8 +340,17 @@ impl Redirector {
             })
     }
 
+    /// Orderly shutdown: clears the config and the served namespaces, so
+    /// tagged connects are refused at once (EPERM) instead of being sent to
+    /// a port nobody holds any more, which anyone could then bind. The
+    /// programs and tags stay pinned: still fail-closed.
+    pub fn shut_down(&mut self) {
+        let _ = self.config.set(0, RedirectConfig::default(), 0);
+        let _ = self.clear_served();
+    }
+
     /// Makes the kernel's UDP allow list exactly `allow`.
-    fn sync_udp_allow(&mut self, allow: &[UdpDest]) -> Result<(), RedirectError> {
+    pub fn sync_udp_allow(&mut self, allow: &[UdpDest]) -> Result<(), RedirectError> {
         let wanted: Vec<UdpAllowKey> = allow.iter().map(udp_key).collect();
         let present: Vec<UdpAllowKey> = self.udp_allow.keys().filter_map(Result::ok).collect();
         for k in present {
@@ -347,10 +397,15 @@ impl Redirector {
         Ok(())
     }
 
-    /// Marks a network namespace as served by a listener.
-    pub fn serve_netns(&mut self, cookie: u64) -> Result<(), RedirectError> {
+    /// Marks a network namespace as served by the daemon's listeners:
+    /// `ipv6` says whether one of them holds `[::1]` (otherwise native IPv6
+    /// connects from it are refused in the kernel).
+    pub fn serve_netns(&mut self, cookie: u64, ipv6: bool) -> Result<(), RedirectError> {
+        let mark = NetnsMark {
+            flags: if ipv6 { 0 } else { NETNS_NO_IPV6 },
+        };
         self.served
-            .insert(cookie, NetnsMark::default(), 0)
+            .insert(cookie, mark, 0)
             .map_err(|source| RedirectError::Map {
                 name: MAP_SERVED_NETNS,
                 source,
@@ -367,6 +422,12 @@ impl Redirector {
         let orig = self.flows.get(key, 0).ok()?;
         let _ = self.flows.remove(key);
         Some(orig)
+    }
+
+    /// Whether the socket-family LSM program (AF_PACKET and other non-inet
+    /// families denied to tagged cgroups) is attached, or why not.
+    pub fn lsm_enforced(&self) -> Result<(), &str> {
+        self.lsm.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// Whether [`Redirector::detach`] ran.

@@ -6,6 +6,13 @@
 //! that enters the namespace with setns(2) (the socket keeps its namespace
 //! after the thread exits). This works for every container network because
 //! it needs none: only the namespace's loopback.
+//!
+//! A namespace is served only when the daemon's own sockets hold the proxy
+//! port on both `127.0.0.1` and `[::1]`: were either held by someone else (a
+//! process that bound it first), redirected connects of that family would
+//! reach that process. The one exception is a namespace without IPv6
+//! loopback at all (no IPv6 in the kernel, or no `::1` on `lo`): it is served
+//! for IPv4 only and the kernel refuses its native IPv6 connects.
 
 use std::{
     fs, io,
@@ -26,8 +33,19 @@ pub struct NetnsListeners {
     pub cookie: u64,
     /// The listener on 127.0.0.1.
     pub v4: TcpListener,
-    /// The listener on ::1, when the namespace has IPv6.
+    /// The listener on ::1; `None` only when the namespace has no IPv6
+    /// loopback (then native IPv6 connects from it must be refused).
     pub v6: Option<TcpListener>,
+}
+
+/// Whether a failed `[::1]` bind means "this namespace has no IPv6
+/// loopback" (nobody can hold `[::1]` there either) rather than "someone
+/// else holds it" or another failure.
+pub fn no_ipv6_loopback(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// The namespace of a process, by its `/proc/PID/ns/net` link.
@@ -50,8 +68,21 @@ pub fn listen_in(ns_file: &Path, port: u16) -> io::Result<NetnsListeners> {
             // Only this thread changes namespace; it ends right after.
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(io::Error::from)?;
-            let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-            let v6 = bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).ok();
+            let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot hold 127.0.0.1:{port}: {e}"))
+            })?;
+            let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+                Ok(l) => Some(l),
+                Err(e) if no_ipv6_loopback(&e) => None,
+                // Held by someone else (or unusable): serving IPv4 alone would
+                // hand every redirected IPv6 flow to whoever holds it.
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot hold [::1]:{port}: {e}"),
+                    ))
+                }
+            };
             let cookie = netns_cookie(&v4)?;
             Ok(NetnsListeners { cookie, v4, v6 })
         })
