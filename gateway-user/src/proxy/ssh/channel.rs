@@ -188,6 +188,19 @@ async fn watch_held(
     }
 }
 
+/// The stderr line of a denied command; an exec string read as a shell
+/// says why it was.
+fn denial(cmd: &gate::Command, reason: &str) -> String {
+    match cmd.detail.get("shell_syntax").and_then(|v| v.as_str()) {
+        Some(why) => format!(
+            "{} denied: {reason} (the exec string was decided as ssh:shell because {why}; \
+             a plain command is words of letters, digits, `_-./:,+@%=` and simple quotes)",
+            cmd.action
+        ),
+        None => format!("{} denied: {reason}", cmd.action),
+    }
+}
+
 /// Runs a session channel's command: gate, upstream channel, relay.
 pub async fn run_session(
     conn: Arc<Conn>,
@@ -208,7 +221,7 @@ pub async fn run_session(
         Gate::Denied(d) => {
             end_channel(
                 &a_write,
-                &format!("{} denied: {}", cmd.action, d.reason),
+                &denial(&cmd, &d.reason),
                 DENIED_EXIT_STATUS,
             )
             .await;
@@ -233,7 +246,7 @@ pub async fn run_session(
                 Waited::Denied(d) => {
                     end_channel(
                         &a_write,
-                        &format!("{} denied: {}", cmd.action, d.reason),
+                        &denial(&cmd, &d.reason),
                         DENIED_EXIT_STATUS,
                     )
                     .await;
