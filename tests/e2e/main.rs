@@ -11,6 +11,8 @@ mod http;
 mod ops;
 mod postgres;
 mod security;
+mod sound_http;
+mod sound_ssh;
 mod ssh;
 
 use std::{fs, time::Duration};

