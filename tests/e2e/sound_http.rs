@@ -66,7 +66,10 @@ impl Sound {
     /// curl will not send); `PORT` is replaced by the upstream's port.
     fn python(&self, script: &str) -> String {
         let mut cmd = Command::new("/usr/bin/python3");
-        cmd.args(["-c", &script.replace("PORT", &self.upstream.port.to_string())]);
+        cmd.args([
+            "-c",
+            &script.replace("PORT", &self.upstream.port.to_string()),
+        ]);
         self.place.apply(&mut cmd);
         let out = cmd.output().expect("python3");
         assert!(out.status.success(), "{out:?}");
@@ -141,11 +144,26 @@ fn k8s_encoded_and_dotted_paths_are_decided_as_the_api_server_routes_them() {
         ("/api/v1/namespaces/default%2Fsecrets/db", "encoded slash"),
         ("/api/v1/namespaces/default/secrets%5Cdb", "backslash"),
         ("/api/v1/namespaces/default/secrets/db%00", "control byte"),
-        ("/api/../../../api/v1/namespaces/default/secrets/db", "above the root"),
-        ("/api/v1/namespaces//default/secrets/db", "empty path segment"),
-        ("/api/v1/namespaces/default/secrets/db;x=1", "path parameters"),
-        ("/api/v1/namespaces/default/secrets/db%zz", "percent-encoding"),
-        ("/api/v1/namespaces/default/secrets/db%252F", "double percent-encoding"),
+        (
+            "/api/../../../api/v1/namespaces/default/secrets/db",
+            "above the root",
+        ),
+        (
+            "/api/v1/namespaces//default/secrets/db",
+            "empty path segment",
+        ),
+        (
+            "/api/v1/namespaces/default/secrets/db;x=1",
+            "path parameters",
+        ),
+        (
+            "/api/v1/namespaces/default/secrets/db%zz",
+            "percent-encoding",
+        ),
+        (
+            "/api/v1/namespaces/default/secrets/db%252F",
+            "double percent-encoding",
+        ),
     ] {
         let r = s.curl(&["--path-as-is", &s.url(p)]);
         assert_eq!(r.code, 400, "{p}: {r:?}");
@@ -285,7 +303,12 @@ fn absolute_form_and_host_must_agree_and_the_decided_host_is_forwarded() {
     let r = s.curl(&["--request-target", "http://public.example/hello", &base]);
     assert_eq!(r.code, 400, "{r:?}");
     // admin.example under any spelling is admin.example.
-    for h in ["admin.example", "ADMIN.example", "admin.example.", "admin.example:80"] {
+    for h in [
+        "admin.example",
+        "ADMIN.example",
+        "admin.example.",
+        "admin.example:80",
+    ] {
         let r = s.curl(&["-H", &format!("Host: {h}"), &s.url("/hello")]);
         assert_eq!(r.code, 403, "{h}: {r:?}");
     }
@@ -405,7 +428,12 @@ fn http2_authority_and_host_must_agree() {
 #[test]
 fn generic_paths_are_decided_and_forwarded_normalised() {
     let s = sound_setup("snd-path", "", HOST_RULES);
-    for p in ["/%61dmin/x", "/hello/../admin/x", "/hello/%2E%2E/admin", "/./admin"] {
+    for p in [
+        "/%61dmin/x",
+        "/hello/../admin/x",
+        "/hello/%2E%2E/admin",
+        "/./admin",
+    ] {
         let r = s.curl(&["--path-as-is", "-H", "Host: public.example", &s.url(p)]);
         assert_eq!(r.code, 403, "{p}: {r:?}");
         assert!(r.body.contains("no-admin-path"), "{p}: {r:?}");
@@ -429,5 +457,9 @@ fn generic_paths_are_decided_and_forwarded_normalised() {
     }
     let got = s.upstream_saw_only_allowed();
     let paths: Vec<&str> = got.iter().filter_map(|r| r["path"].as_str()).collect();
-    assert_eq!(paths, ["/hello", "/hello", "/items/a~%3A?q=%41&x=1"], "{got:#?}");
+    assert_eq!(
+        paths,
+        ["/hello", "/hello", "/items/a~%3A?q=%41&x=1"],
+        "{got:#?}"
+    );
 }

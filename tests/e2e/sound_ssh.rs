@@ -230,7 +230,12 @@ fn exec_strings_with_shell_syntax_are_shells_and_plain_commands_run() {
         ("agent1", format!("make -C '{work}' \"build\"")),
     ] {
         let out = s.ssh(identity, &c);
-        assert!(out.status.success(), "{c}: {}\n{}", text(&out.stderr), s.log());
+        assert!(
+            out.status.success(),
+            "{c}: {}\n{}",
+            text(&out.stderr),
+            s.log()
+        );
         assert!(text(&out.stdout).contains("\nmade-"), "{c}: {out:?}");
     }
     // The argv rule allows only its arguments; the `like` rule, being

@@ -290,9 +290,10 @@ fn ssh_exec_allowed_denied_and_the_connection_stays_usable() {
     // A string with shell syntax is decided (and allowed) as a shell.
     let shells = events(&s, "command", "ssh:shell");
     assert!(
-        shells.iter().any(|e| e["detail"]["command"]
-            == "echo hello; echo oops >&2; exit 3"
-            && e["decision"] == "allow"),
+        shells.iter().any(
+            |e| e["detail"]["command"] == "echo hello; echo oops >&2; exit 3"
+                && e["decision"] == "allow"
+        ),
         "{shells:#?}"
     );
     let status_of = |action: &str| -> Vec<u64> {
@@ -301,8 +302,16 @@ fn ssh_exec_allowed_denied_and_the_connection_stays_usable() {
             .filter_map(|e| e["detail"]["exit_status"].as_u64())
             .collect()
     };
-    assert!(status_of("ssh:exec").contains(&0), "{:?}", status_of("ssh:exec"));
-    assert!(status_of("ssh:shell").contains(&3), "{:?}", status_of("ssh:shell"));
+    assert!(
+        status_of("ssh:exec").contains(&0),
+        "{:?}",
+        status_of("ssh:exec")
+    );
+    assert!(
+        status_of("ssh:shell").contains(&3),
+        "{:?}",
+        status_of("ssh:shell")
+    );
 
     // OpenSSH with strict checking against the daemon's key.
     let out = s.ssh(&agent, &[], &["echo via-openssh; exit 7"], b"");

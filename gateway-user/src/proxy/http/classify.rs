@@ -140,9 +140,7 @@ fn k8s_query(query: &str) -> Result<K8sQuery, ClassifyError> {
                 return Err(TargetError::FieldSelector.into());
             }
             s.split(',').find_map(|term| {
-                let (k, v) = term
-                    .split_once("==")
-                    .or_else(|| term.split_once('='))?;
+                let (k, v) = term.split_once("==").or_else(|| term.split_once('='))?;
                 // `a!=b` splits at `=` with a key ending in `!`.
                 (k.trim() == "metadata.name").then(|| v.trim().to_string())
             })
@@ -234,9 +232,10 @@ pub fn k8s_request(method: &str, path: &str, query: &str) -> Result<K8sRequest, 
     // A list or watch of exactly one name is authorized by the API server
     // as that name: rules see it the same way.
     if !named && matches!(req.verb.as_str(), "list" | "watch") {
-        if let Some(n) = q.selected_name.filter(|n| {
-            !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '%'])
-        }) {
+        if let Some(n) = q
+            .selected_name
+            .filter(|n| !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '%']))
+        {
             req.name = n;
         }
     }
@@ -412,8 +411,12 @@ mod tests {
             assert_eq!(c.path, "/api/v1/namespaces/default/secrets/db");
             assert_eq!(c.context["path"], "/api/v1/namespaces/default/secrets/db");
         }
-        let c = kubernetes("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles/system%3Aadmin", "")
-            .unwrap();
+        let c = kubernetes(
+            "GET",
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles/system%3Aadmin",
+            "",
+        )
+        .unwrap();
         assert_eq!(c.context["name"], "system:admin");
         for p in [
             "/api/v1/namespaces/default/secrets%2Fdb",
@@ -432,17 +435,41 @@ mod tests {
     fn watch_in_every_spelling_the_api_server_accepts() {
         let pods = "/api/v1/namespaces/default/pods";
         for q in [
-            "watch=true", "watch=1", "watch=t", "watch=T", "watch=True", "watch=TRUE", "watch",
-            "watch=", "watch=yes", "watch=on", "wat%63h=true", "watch=%74rue", "limit=1&watch=2",
+            "watch=true",
+            "watch=1",
+            "watch=t",
+            "watch=T",
+            "watch=True",
+            "watch=TRUE",
+            "watch",
+            "watch=",
+            "watch=yes",
+            "watch=on",
+            "wat%63h=true",
+            "watch=%74rue",
+            "limit=1&watch=2",
         ] {
             assert_eq!(k("GET", pods, q).0, "watch", "{q}");
         }
-        for q in ["watch=false", "watch=0", "watch=FALSE", "watch=False", "", "watcher=1"] {
+        for q in [
+            "watch=false",
+            "watch=0",
+            "watch=FALSE",
+            "watch=False",
+            "",
+            "watcher=1",
+        ] {
             assert_eq!(k("GET", pods, q).0, "list", "{q}");
         }
-        assert_eq!(k("GET", "/apis/apps/v1/watch/namespaces/x/deployments", "").0, "watch");
+        assert_eq!(
+            k("GET", "/apis/apps/v1/watch/namespaces/x/deployments", "").0,
+            "watch"
+        );
         assert_eq!(k("POST", "/api/v1/watch/namespaces/x/pods", "").0, "watch");
-        assert_eq!(k("GET", "/api/v1/proxy/namespaces/x/pods/web", "").0, "proxy");
+        assert_eq!(
+            k("GET", "/api/v1/proxy/namespaces/x/pods/web", "").0,
+            "proxy"
+        );
         for q in ["watch=false&watch=true", "watch=1;x=2", "watch=%zz"] {
             assert!(
                 matches!(k8s_request("GET", pods, q), Err(ClassifyError::Target(_))),
@@ -459,7 +486,11 @@ mod tests {
             t("list", "", "secrets", "", "default", "db")
         );
         assert_eq!(
-            k("GET", s, "watch=1&fieldSelector=type%3Dx,metadata.name%3D%3Ddb"),
+            k(
+                "GET",
+                s,
+                "watch=1&fieldSelector=type%3Dx,metadata.name%3D%3Ddb"
+            ),
             t("watch", "", "secrets", "", "default", "db")
         );
         assert_eq!(

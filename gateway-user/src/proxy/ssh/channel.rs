@@ -219,12 +219,7 @@ pub async fn run_session(
     let allowed = match gate::check(shared, flow, &cmd).await {
         Gate::Allowed(a) => a,
         Gate::Denied(d) => {
-            end_channel(
-                &a_write,
-                &denial(&cmd, &d.reason),
-                DENIED_EXIT_STATUS,
-            )
-            .await;
+            end_channel(&a_write, &denial(&cmd, &d.reason), DENIED_EXIT_STATUS).await;
             return;
         }
         Gate::Held(h) => {
@@ -244,12 +239,7 @@ pub async fn run_session(
                     a
                 }
                 Waited::Denied(d) => {
-                    end_channel(
-                        &a_write,
-                        &denial(&cmd, &d.reason),
-                        DENIED_EXIT_STATUS,
-                    )
-                    .await;
+                    end_channel(&a_write, &denial(&cmd, &d.reason), DENIED_EXIT_STATUS).await;
                     return;
                 }
                 Waited::Abandoned => {

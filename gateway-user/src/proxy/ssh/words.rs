@@ -35,8 +35,27 @@ impl std::fmt::Display for NotPlain {
 
 /// Words shells treat as syntax when they come first.
 const RESERVED: &[&str] = &[
-    "if", "then", "else", "elif", "fi", "do", "done", "case", "esac", "while", "until", "for",
-    "in", "function", "select", "time", "coproc", "foreach", "repeat", "nocorrect", "noglob",
+    "if",
+    "then",
+    "else",
+    "elif",
+    "fi",
+    "do",
+    "done",
+    "case",
+    "esac",
+    "while",
+    "until",
+    "for",
+    "in",
+    "function",
+    "select",
+    "time",
+    "coproc",
+    "foreach",
+    "repeat",
+    "nocorrect",
+    "noglob",
 ];
 
 fn safe_unquoted(c: char) -> bool {
@@ -149,12 +168,18 @@ mod tests {
     fn plain_commands_split_into_words() {
         assert_eq!(w("make test"), ["make", "test"]);
         assert_eq!(w("  make\t-j4   build  "), ["make", "-j4", "build"]);
-        assert_eq!(w("git log --format=%H -n 3"), ["git", "log", "--format=%H", "-n", "3"]);
+        assert_eq!(
+            w("git log --format=%H -n 3"),
+            ["git", "log", "--format=%H", "-n", "3"]
+        );
         assert_eq!(w("echo 'a; b | c' \"d e\""), ["echo", "a; b | c", "d e"]);
         assert_eq!(w("echo a'b'\"c\""), ["echo", "abc"]);
         assert_eq!(w("echo '' \"\""), ["echo", "", ""]);
         assert_eq!(w("make CC=gcc"), ["make", "CC=gcc"]);
-        assert_eq!(w("git commit -m \"caf\u{e9} ok\""), ["git", "commit", "-m", "caf\u{e9} ok"]);
+        assert_eq!(
+            w("git commit -m \"caf\u{e9} ok\""),
+            ["git", "commit", "-m", "caf\u{e9} ok"]
+        );
         assert_eq!(w("ls /tmp/a.b_c-d:e,f+g@h"), ["ls", "/tmp/a.b_c-d:e,f+g@h"]);
         assert_eq!(w(""), Vec::<String>::new());
         assert_eq!(w("echo 'it''s'"), ["echo", "its"]);
