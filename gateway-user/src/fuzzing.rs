@@ -43,6 +43,10 @@ pub const TARGETS: &[Target] = &[
         run: http_classify,
     },
     Target {
+        name: "ssh_words",
+        run: ssh_words,
+    },
+    Target {
         name: "mask_detectors",
         run: mask_detectors,
     },
@@ -160,9 +164,48 @@ pub fn http_classify(data: &[u8]) {
     let line = text.lines().next().unwrap_or_default();
     let (method, target) = line.split_once(' ').unwrap_or((line, "/"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let _ = classify::http(method, "fuzz.example", path, query);
+    // What is decided is what is forwarded: the normalised path is a
+    // fixed point, and classifying it again decides the same.
+    if let Ok(c) = classify::http(method, "fuzz.example", path, query) {
+        let again = classify::http(method, "fuzz.example", &c.path, query);
+        assert_eq!(again.as_ref().map(|a| &a.path), Ok(&c.path), "{path:?}");
+        assert_eq!(again.map(|a| a.context), Ok(c.context), "{path:?}");
+    }
     if let Ok(c) = classify::kubernetes(method, path, query) {
         let _ = serde_json::to_string(&c.context);
+        let again = classify::kubernetes(method, &c.path, query);
+        assert_eq!(again.map(|a| a.context), Ok(c.context), "{path:?}");
+    }
+}
+
+/// SSH exec strings: the split never panics, and a plain command's words,
+/// quoted again, split back to the same words (the reading is stable).
+pub fn ssh_words(data: &[u8]) {
+    use crate::proxy::ssh::words;
+    let text = String::from_utf8_lossy(data);
+    let Ok(argv) = words::split(&text) else {
+        return;
+    };
+    let quoted: Option<Vec<String>> = argv
+        .iter()
+        .map(|w| {
+            if !w.contains('\'') {
+                Some(format!("'{w}'"))
+            } else if !w.contains(['"', '$', '`', '\\', '!']) {
+                Some(format!("\"{w}\""))
+            } else {
+                None
+            }
+        })
+        .collect();
+    if let Some(q) = quoted {
+        let line = q.join(" ");
+        // A quoted first word is not an assignment or a reserved word to
+        // the shell, but the reader refuses those by their text: only
+        // compare when the original was read as plain.
+        if let Ok(back) = words::split(&line) {
+            assert_eq!(back, argv, "{text:?} -> {line:?}");
+        }
     }
 }
 

@@ -15,6 +15,8 @@ mod security;
 mod sound_pg;
 mod sound_mask;
 mod sound_kernel;
+mod sound_http;
+mod sound_ssh;
 mod ssh;
 
 use std::{fs, time::Duration};

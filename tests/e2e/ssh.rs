@@ -24,15 +24,15 @@ struct Ssh {
     agent_kh: PathBuf,
 }
 
-/// Exec is allowed unless the command mentions `forbidden`; `held*` needs
+/// Exec is allowed unless the command mentions `forbidden`; `*held*` needs
 /// approval; shells for everyone; sftp only for `agent`; forwards only to
 /// `fwd_port`.
 fn rules(fwd_port: u16) -> String {
     format!(
         r#"@id("exec") permit(principal, action == Action::"ssh:exec", resource)
-  unless {{ context.command like "*forbidden*" || context.command like "held*" }};
+  unless {{ context.command like "*forbidden*" || context.command like "*held*" }};
 @id("held-exec") @approval("required") permit(principal, action == Action::"ssh:exec", resource)
-  when {{ context.command like "held*" }};
+  when {{ context.command like "*held*" }};
 @id("shell") permit(principal, action == Action::"ssh:shell", resource);
 @id("sftp-agent") permit(principal == Identity::"agent", action == Action::"ssh:sftp", resource);
 @id("fwd") permit(principal, action == Action::"ssh:forward", resource)
@@ -287,12 +287,31 @@ fn ssh_exec_allowed_denied_and_the_connection_stays_usable() {
         decided.contains(&("echo again".into(), "allow".into())),
         "{decided:?}"
     );
-    let ends = events(&s, "command_end", "ssh:exec");
-    let statuses: Vec<u64> = ends
-        .iter()
-        .filter_map(|e| e["detail"]["exit_status"].as_u64())
-        .collect();
-    assert!(statuses.contains(&3) && statuses.contains(&0), "{ends:#?}");
+    // A string with shell syntax is decided (and allowed) as a shell.
+    let shells = events(&s, "command", "ssh:shell");
+    assert!(
+        shells.iter().any(
+            |e| e["detail"]["command"] == "echo hello; echo oops >&2; exit 3"
+                && e["decision"] == "allow"
+        ),
+        "{shells:#?}"
+    );
+    let status_of = |action: &str| -> Vec<u64> {
+        events(&s, "command_end", action)
+            .iter()
+            .filter_map(|e| e["detail"]["exit_status"].as_u64())
+            .collect()
+    };
+    assert!(
+        status_of("ssh:exec").contains(&0),
+        "{:?}",
+        status_of("ssh:exec")
+    );
+    assert!(
+        status_of("ssh:shell").contains(&3),
+        "{:?}",
+        status_of("ssh:shell")
+    );
 
     // OpenSSH with strict checking against the daemon's key.
     let out = s.ssh(&agent, &[], &["echo via-openssh; exit 7"], b"");
@@ -375,7 +394,8 @@ fn held_exec_says_so_on_stderr_and_runs_once_approved() {
             "-p",
             &s.sshd.port.to_string(),
             "root@127.0.0.1",
-            "held=1; echo released",
+            // A plain command: one with shell syntax is an ssh:shell.
+            "echo released-held",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -389,7 +409,7 @@ fn held_exec_says_so_on_stderr_and_runs_once_approved() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         text(&out.stdout),
-        "released\n",
+        "released-held\n",
         "{}\n{}",
         text(&out.stderr),
         s.log()
@@ -691,8 +711,9 @@ fn secrets_in_output_are_masked_across_chunk_boundaries() {
         !err.contains("AKIA") && err.contains("[MASKED]"),
         "stderr not masked"
     );
-    // The command's completion record counts what was masked.
-    let ends = events(&s, "command_end", "ssh:exec");
+    // The command's completion record counts what was masked (a string
+    // with `;` and `>&2` is decided as a shell).
+    let ends = events(&s, "command_end", "ssh:shell");
     let masked = &ends.last().unwrap()["detail"]["masked"];
     assert_eq!(
         masked["aws_access_key"].as_u64(),
@@ -895,7 +916,8 @@ fn window_changes_signals_and_exit_signals_are_relayed() {
     // A command killed by a signal: exit-signal, no exit status.
     assert!(v["killed"].as_str().unwrap().contains("dying"), "{v}");
     assert_eq!(v["killed_status"], -1, "{v}");
-    let ends = events(&s, "command_end", "ssh:exec");
+    // `echo dying; kill -TERM $$` has shell syntax: an ssh:shell.
+    let ends = events(&s, "command_end", "ssh:shell");
     assert!(
         ends.iter().any(|e| e["detail"]["exit_signal"] == "TERM"),
         "exit-signal relayed and audited: {ends:#?}"

@@ -136,6 +136,7 @@ type PostgresContext = {
 type SshContext = {
   "client": Client, "time": Time, "destination": String,
   "command": String, "subsystem": String, "host": String, "port": Long,
+  "argv": Set<String>, "program": String, "args": Set<String>,
 };
 type HttpContext = {
   "client": Client, "time": Time, "destination": String,

@@ -6,6 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::target::{self, TargetError};
 use crate::policy::actions;
 
 /// A request classified for the gate.
@@ -17,6 +18,9 @@ pub struct Classified {
     pub context: Map<String, Value>,
     /// The Kubernetes request, for kubernetes resources.
     pub k8s: Option<K8sRequest>,
+    /// The normalised path ([`target::normalize_path`]): what was decided
+    /// on, and what must be forwarded.
+    pub path: String,
 }
 
 /// Why a request cannot be classified (answered with 400 or 405).
@@ -25,9 +29,9 @@ pub enum ClassifyError {
     /// A method the action catalog does not know.
     #[error("method {0} is not supported")]
     Method(String),
-    /// A path that is not origin-form.
-    #[error("request path {0:?} is not an absolute path")]
-    Path(String),
+    /// A path or query that cannot be read unambiguously.
+    #[error("{0}")]
+    Target(#[from] TargetError),
 }
 
 /// A Kubernetes API request, as its URL says.
@@ -68,7 +72,7 @@ pub fn http(
     if !actions::HTTP.contains(&m.as_str()) {
         return Err(ClassifyError::Method(method.to_string()));
     }
-    check_path(path)?;
+    let path = target::normalize_path(path)?;
     let mut context = Map::new();
     context.insert("method".into(), json!(method));
     context.insert("host".into(), json!(host));
@@ -78,14 +82,15 @@ pub fn http(
         action: format!("http:{m}"),
         context,
         k8s: None,
+        path,
     })
 }
 
 /// Classifies a request to a Kubernetes API server
 /// (<https://kubernetes.io/docs/reference/using-api/api-concepts/>).
 pub fn kubernetes(method: &str, path: &str, query: &str) -> Result<Classified, ClassifyError> {
-    check_path(path)?;
-    let k = k8s_request(method, path, query)?;
+    let path = target::normalize_path(path)?;
+    let k = k8s_request(method, &path, query)?;
     let mut context = Map::new();
     context.insert("verb".into(), json!(k.verb));
     context.insert("api_group".into(), json!(k.api_group));
@@ -98,27 +103,64 @@ pub fn kubernetes(method: &str, path: &str, query: &str) -> Result<Classified, C
         action: format!("k8s:{}", k.verb),
         context,
         k8s: Some(k),
+        path,
     })
 }
 
-fn check_path(path: &str) -> Result<(), ClassifyError> {
-    if !path.starts_with('/') {
-        return Err(ClassifyError::Path(path.to_string()));
-    }
-    Ok(())
+/// The query parameters the API server's request-info reads, as it reads
+/// them (`k8s.io/apiserver` `RequestInfoFactory`): `watch` is true unless
+/// its first value is `0` or `false` in any case (so `watch`, `watch=`,
+/// `watch=t`, `watch=yes` are watches), and an exact `metadata.name`
+/// field selector names the object.
+struct K8sQuery {
+    watch: bool,
+    selected_name: Option<String>,
 }
 
-fn query_flag(query: &str, key: &str) -> bool {
-    query.split('&').any(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        k == key && (v == "true" || v == "1")
+fn k8s_query(query: &str) -> Result<K8sQuery, ClassifyError> {
+    let pairs = target::query_pairs(query)?;
+    let mut watch = None;
+    let mut selector = None;
+    for (k, v) in pairs {
+        let slot = match k.as_str() {
+            "watch" => &mut watch,
+            "fieldSelector" => &mut selector,
+            _ => continue,
+        };
+        // Go takes the first value; a second is refused rather than
+        // trusted to be read the same way by everything on the path.
+        if slot.replace(v).is_some() {
+            return Err(TargetError::DuplicateParameter(k).into());
+        }
+    }
+    let watch = watch.is_some_and(|v| !(v == "0" || v.eq_ignore_ascii_case("false")));
+    let selected_name = match selector {
+        Some(s) => {
+            if s.contains('\\') {
+                return Err(TargetError::FieldSelector.into());
+            }
+            s.split(',').find_map(|term| {
+                let (k, v) = term.split_once("==").or_else(|| term.split_once('='))?;
+                // `a!=b` splits at `=` with a key ending in `!`.
+                (k.trim() == "metadata.name").then(|| v.trim().to_string())
+            })
+        }
+        None => None,
+    };
+    Ok(K8sQuery {
+        watch,
+        selected_name,
     })
 }
 
 /// Maps method and URL to a Kubernetes request.
 pub fn k8s_request(method: &str, path: &str, query: &str) -> Result<K8sRequest, ClassifyError> {
     let method = method.to_ascii_uppercase();
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // The API server routes on the fully decoded path (Go's `URL.Path`).
+    let path = target::normalize_path(path)?;
+    let decoded = target::decoded_segments(&path)?;
+    let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
+    let q = k8s_query(query)?;
     let mut req = K8sRequest::default();
     // `/api/v1/...` is the core group; `/apis/<group>/<version>/...` the rest.
     let rest: &[&str] = match segs.as_slice() {
@@ -137,10 +179,12 @@ pub fn k8s_request(method: &str, path: &str, query: &str) -> Result<K8sRequest, 
             return Ok(req);
         }
     };
-    // Deprecated `/watch/` prefix.
-    let (legacy_watch, rest) = match rest {
-        ["watch", rest @ ..] => (true, rest),
-        _ => (false, rest),
+    // Deprecated `/watch/` and `/proxy/` prefixes: the API server takes
+    // the verb from them whatever the method.
+    let (special, rest) = match rest {
+        ["watch", rest @ ..] => (Some("watch"), rest),
+        ["proxy", rest @ ..] => (Some("proxy"), rest),
+        _ => (None, rest),
     };
     let rest: &[&str] = match rest {
         // `/namespaces/<ns>` alone is the namespace object itself.
@@ -179,9 +223,27 @@ pub fn k8s_request(method: &str, path: &str, query: &str) -> Result<K8sRequest, 
         req.verb = nonresource_verb(&method)?;
         return Ok(req);
     }
-    let watch = legacy_watch || query_flag(query, "watch");
     let named = !req.name.is_empty();
-    req.verb = match (req.subresource.as_str(), method.as_str()) {
+    req.verb = match (special, req.subresource.as_str(), method.as_str()) {
+        (Some(v), _, _) => v,
+        (None, sub, m) => verb(sub, m, named, q.watch)?,
+    }
+    .to_string();
+    // A list or watch of exactly one name is authorized by the API server
+    // as that name: rules see it the same way.
+    if !named && matches!(req.verb.as_str(), "list" | "watch") {
+        if let Some(n) = q
+            .selected_name
+            .filter(|n| !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '%']))
+        {
+            req.name = n;
+        }
+    }
+    Ok(req)
+}
+
+fn verb(sub: &str, method: &str, named: bool, watch: bool) -> Result<&'static str, ClassifyError> {
+    Ok(match (sub, method) {
         ("exec", "GET" | "POST") => "exec",
         ("attach", "GET" | "POST") => "attach",
         ("portforward", "GET" | "POST") => "portforward",
@@ -196,9 +258,7 @@ pub fn k8s_request(method: &str, path: &str, query: &str) -> Result<K8sRequest, 
         (_, "DELETE") if named => "delete",
         (_, "DELETE") => "deletecollection",
         (_, other) => return Err(ClassifyError::Method(other.to_string())),
-    }
-    .to_string();
-    Ok(req)
+    })
 }
 
 fn nonresource_verb(method: &str) -> Result<String, ClassifyError> {
@@ -330,7 +390,113 @@ mod tests {
         ));
         assert!(matches!(
             http("GET", "h", "*", ""),
-            Err(ClassifyError::Path(_))
+            Err(ClassifyError::Target(TargetError::NotAbsolute(_)))
         ));
+    }
+
+    #[test]
+    fn encoded_and_dotted_paths_are_decided_as_the_api_server_routes_them() {
+        for p in [
+            "/api/v1/namespaces/default/secret%73/db",
+            "/api/v1/namespaces/default/%73ecrets/db",
+            "/api/v1/namespaces/default/pods/../secrets/db",
+            "/api/v1/namespaces/default/pods/%2e%2e/secrets/db",
+            "/api/v1/namespaces/default/./secrets/db",
+        ] {
+            let c = kubernetes("GET", p, "").unwrap();
+            assert_eq!(c.action, "k8s:get", "{p}");
+            assert_eq!(c.context["resource"], "secrets", "{p}");
+            assert_eq!(c.context["name"], "db", "{p}");
+            assert!(c.k8s.unwrap().is_secret(), "{p}");
+            assert_eq!(c.path, "/api/v1/namespaces/default/secrets/db");
+            assert_eq!(c.context["path"], "/api/v1/namespaces/default/secrets/db");
+        }
+        let c = kubernetes(
+            "GET",
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles/system%3Aadmin",
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.context["name"], "system:admin");
+        for p in [
+            "/api/v1/namespaces/default/secrets%2Fdb",
+            "/api/v1/namespaces/default/secrets/db%00",
+            "/api/v1/../../../secrets",
+            "/api/v1/namespaces//default/secrets",
+        ] {
+            assert!(
+                matches!(kubernetes("GET", p, ""), Err(ClassifyError::Target(_))),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn watch_in_every_spelling_the_api_server_accepts() {
+        let pods = "/api/v1/namespaces/default/pods";
+        for q in [
+            "watch=true",
+            "watch=1",
+            "watch=t",
+            "watch=T",
+            "watch=True",
+            "watch=TRUE",
+            "watch",
+            "watch=",
+            "watch=yes",
+            "watch=on",
+            "wat%63h=true",
+            "watch=%74rue",
+            "limit=1&watch=2",
+        ] {
+            assert_eq!(k("GET", pods, q).0, "watch", "{q}");
+        }
+        for q in [
+            "watch=false",
+            "watch=0",
+            "watch=FALSE",
+            "watch=False",
+            "",
+            "watcher=1",
+        ] {
+            assert_eq!(k("GET", pods, q).0, "list", "{q}");
+        }
+        assert_eq!(
+            k("GET", "/apis/apps/v1/watch/namespaces/x/deployments", "").0,
+            "watch"
+        );
+        assert_eq!(k("POST", "/api/v1/watch/namespaces/x/pods", "").0, "watch");
+        assert_eq!(
+            k("GET", "/api/v1/proxy/namespaces/x/pods/web", "").0,
+            "proxy"
+        );
+        for q in ["watch=false&watch=true", "watch=1;x=2", "watch=%zz"] {
+            assert!(
+                matches!(k8s_request("GET", pods, q), Err(ClassifyError::Target(_))),
+                "{q}"
+            );
+        }
+    }
+
+    #[test]
+    fn field_selector_names_the_object_of_a_list() {
+        let s = "/api/v1/namespaces/default/secrets";
+        assert_eq!(
+            k("GET", s, "fieldSelector=metadata.name%3Ddb"),
+            t("list", "", "secrets", "", "default", "db")
+        );
+        assert_eq!(
+            k(
+                "GET",
+                s,
+                "watch=1&fieldSelector=type%3Dx,metadata.name%3D%3Ddb"
+            ),
+            t("watch", "", "secrets", "", "default", "db")
+        );
+        assert_eq!(
+            k("GET", s, "fieldSelector=metadata.name!%3Ddb"),
+            t("list", "", "secrets", "", "default", "")
+        );
+        assert!(k8s_request("GET", s, "fieldSelector=metadata.name%3Dd%5C,b").is_err());
     }
 }

@@ -22,6 +22,7 @@ pub mod classify;
 mod masking;
 mod passthrough;
 pub mod reply;
+pub mod target;
 pub mod tls;
 pub mod upstream;
 
@@ -65,7 +66,7 @@ use super::{
 };
 use crate::{
     daemon::Shared,
-    policy::{AgentToken, Destination, RecordMode, TlsMode},
+    policy::{actions, AgentToken, Destination, RecordMode, TlsMode},
     record::HarEntry,
 };
 
@@ -312,54 +313,85 @@ impl Conn {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
         let started_ms = now_ms();
         let method = req.method().clone();
-        let authority = req
+        // What the agent sent, for the recording of a refused request.
+        let raw_authority = req
             .uri()
             .authority()
             .map(|a| a.as_str().to_string())
             .or_else(|| {
                 req.headers()
                     .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
             })
             .or_else(|| self.sni.clone())
             .unwrap_or_else(|| self.flow.info.original_dst.to_string());
-        let host = host_of(&authority).to_ascii_lowercase();
-        let path = req.uri().path().to_string();
+        let raw_path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
-        let pq = if query.is_empty() {
-            path.clone()
-        } else {
-            format!("{path}?{query}")
-        };
         let scheme = if self.secure { "https" } else { "http" };
-        let har = HarEntry {
+        let mut har = HarEntry {
             started_ms,
             method: method.as_str().to_string(),
-            url: format!("{scheme}://{authority}{pq}"),
+            url: format!(
+                "{scheme}://{raw_authority}{raw_path}{}{query}",
+                if query.is_empty() { "" } else { "?" }
+            ),
             http_version: version_str(req.version()).into(),
             request_headers: headers_vec(req.headers()),
             ..Default::default()
         };
         let kube = self.kube();
+        // The authority decided on and forwarded: the request-target's (or
+        // `:authority`) and Host must agree (target::decide_authority).
+        let fallback = self
+            .sni
+            .clone()
+            .unwrap_or_else(|| self.flow.info.original_dst.to_string());
+        let decided = target::decide_authority(
+            req.uri().authority().map(|a| a.as_str()),
+            req.headers()
+                .get_all(header::HOST)
+                .iter()
+                .map(HeaderValue::as_bytes),
+            req.version() == HttpVersion::HTTP_11,
+            self.secure,
+            &fallback,
+        );
+        let decided = match decided {
+            Ok(a) => a,
+            Err(e) => {
+                return self
+                    .refused(har, &method, StatusCode::BAD_REQUEST, &e.to_string())
+                    .await
+            }
+        };
+        let authority = decided.to_string();
+        let host = decided.bare_host().to_string();
         let classified = if method == Method::CONNECT {
             Err(classify::ClassifyError::Method("CONNECT".into()))
         } else if kube {
-            classify::kubernetes(method.as_str(), &path, &query)
+            classify::kubernetes(method.as_str(), &raw_path, &query)
         } else {
-            classify::http(method.as_str(), &host, &path, &query)
+            classify::http(method.as_str(), &host, &raw_path, &query)
         };
         let classified: Classified = match classified {
             Ok(c) => c,
             Err(e) => {
                 let status = match e {
                     classify::ClassifyError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
-                    classify::ClassifyError::Path(_) => StatusCode::BAD_REQUEST,
+                    classify::ClassifyError::Target(_) => StatusCode::BAD_REQUEST,
                 };
-                warn!(session = %self.flow.info.session, "refused request: {e}");
-                return self.answer(har, "", status, &e.to_string(), None, None, "deny");
+                return self.refused(har, &method, status, &e.to_string()).await;
             }
         };
+        // From here on the request is the normalised one: decided on,
+        // recorded and forwarded in the same form.
+        let path = classified.path.clone();
+        let pq = if query.is_empty() {
+            path.clone()
+        } else {
+            format!("{path}?{query}")
+        };
+        har.url = format!("{scheme}://{authority}{pq}");
         if self.flow.resource.agent_token == AgentToken::Oidc {
             if let Err(why) = self.check_agent_token(req.headers()).await {
                 return self
@@ -437,6 +469,45 @@ impl Conn {
                     self.flow.info.identity
                 )
             })
+    }
+
+    /// Answers a request that cannot be read unambiguously (400) or whose
+    /// method is not served (405); audited as a deny with the reason.
+    async fn refused(
+        &self,
+        har: HarEntry,
+        method: &Method,
+        status: StatusCode,
+        why: &str,
+    ) -> Response<BoxBody> {
+        let prefix = if self.kube() { "k8s" } else { "http" };
+        let m = method.as_str().to_ascii_lowercase();
+        let action = if !self.kube() && actions::HTTP.contains(&m.as_str()) {
+            format!("{prefix}:{m}")
+        } else {
+            format!("{prefix}:unclassified")
+        };
+        warn!(session = %self.flow.info.session, action, "refused request: {why}");
+        let ev = self
+            .flow
+            .audit_event("command")
+            .action(action.clone())
+            .decision("deny")
+            .reason(why.to_string())
+            .detail("command", format!("{method} {}", har.url))
+            .detail("refused", status.as_u16());
+        if let Err(e) = self.shared.audit(ev).await {
+            warn!(session = %self.flow.info.session, "audit of a refused request failed: {e}");
+        }
+        self.answer(
+            har,
+            &action,
+            status,
+            &format!("portcullis refused the request: {why}"),
+            None,
+            None,
+            "deny",
+        )
     }
 
     /// Answers 401 for a missing or invalid agent token; audited as a deny.
@@ -642,10 +713,12 @@ impl Conn {
         };
         match version {
             Version::H1 => {
-                if !headers.contains_key(header::HOST) {
-                    if let Ok(v) = HeaderValue::from_str(authority) {
+                // Exactly the authority decided on (replaces the agent's).
+                match HeaderValue::from_str(authority) {
+                    Ok(v) => {
                         headers.insert(header::HOST, v);
                     }
+                    Err(e) => return fail(self, har, format!("host header: {e}")),
                 }
             }
             Version::H2 => {

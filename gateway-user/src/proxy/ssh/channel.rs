@@ -188,6 +188,19 @@ async fn watch_held(
     }
 }
 
+/// The stderr line of a denied command; an exec string read as a shell
+/// says why it was.
+fn denial(cmd: &gate::Command, reason: &str) -> String {
+    match cmd.detail.get("shell_syntax").and_then(|v| v.as_str()) {
+        Some(why) => format!(
+            "{} denied: {reason} (the exec string was decided as ssh:shell because {why}; \
+             a plain command is words of letters, digits, `_-./:,+@%=` and simple quotes)",
+            cmd.action
+        ),
+        None => format!("{} denied: {reason}", cmd.action),
+    }
+}
+
 /// Runs a session channel's command: gate, upstream channel, relay.
 pub async fn run_session(
     conn: Arc<Conn>,
@@ -206,12 +219,7 @@ pub async fn run_session(
     let allowed = match gate::check(shared, flow, &cmd).await {
         Gate::Allowed(a) => a,
         Gate::Denied(d) => {
-            end_channel(
-                &a_write,
-                &format!("{} denied: {}", cmd.action, d.reason),
-                DENIED_EXIT_STATUS,
-            )
-            .await;
+            end_channel(&a_write, &denial(&cmd, &d.reason), DENIED_EXIT_STATUS).await;
             return;
         }
         Gate::Held(h) => {
@@ -231,12 +239,7 @@ pub async fn run_session(
                     a
                 }
                 Waited::Denied(d) => {
-                    end_channel(
-                        &a_write,
-                        &format!("{} denied: {}", cmd.action, d.reason),
-                        DENIED_EXIT_STATUS,
-                    )
-                    .await;
+                    end_channel(&a_write, &denial(&cmd, &d.reason), DENIED_EXIT_STATUS).await;
                     return;
                 }
                 Waited::Abandoned => {

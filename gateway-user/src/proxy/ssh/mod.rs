@@ -14,13 +14,15 @@
 //!
 //! | channel request | action | context |
 //! |---|---|---|
-//! | `exec` (including `scp -t/-f`, `rsync --server`) | `ssh:exec` | `command` = the command line |
+//! | `exec` of a plain command (including `scp -t/-f`, `rsync --server`) | `ssh:exec` | `command` = the command line; `argv` (set of its words), `program` (first word), `args` (set of the rest) |
+//! | `exec` of a string with shell syntax (`;` `&` `|` `$` `` ` `` `>` newline ..., see [`words`]) | `ssh:shell` | `command` = the string |
 //! | `shell` (with or without a pty) | `ssh:shell` | |
 //! | `subsystem sftp` | `ssh:sftp` | `subsystem` = `sftp` |
 //! | `direct-tcpip` (`ssh -L`, `-W`, `-J`) | `ssh:forward` | `host`, `port` |
 //!
-//! Every context carries all four attributes (`command`, `subsystem`,
-//! `host`, `port`; empty or 0 when not applicable). Refused without a
+//! Every context carries all seven attributes (`command`, `argv`,
+//! `program`, `args`, `subsystem`, `host`, `port`; empty or 0 when not
+//! applicable). Refused without a
 //! decision: agent forwarding (the daemon holds the keys; an agent must not
 //! reach them), X11, remote forwarding (`ssh -R`), Unix socket forwarding,
 //! subsystems other than sftp. `env` requests pass only for `LANG`,
@@ -77,6 +79,7 @@ pub mod mask;
 pub mod server;
 pub mod sftp;
 pub mod upstream;
+pub mod words;
 
 use std::{
     io,
