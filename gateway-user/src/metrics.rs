@@ -173,6 +173,7 @@ pub struct Metrics {
     refused_shutting_down: AtomicU64,
     refused_identity_unproven: AtomicU64,
     refused_audit_unavailable: AtomicU64,
+    refused_memory_budget: AtomicU64,
     /// resource → action → counts by [`OUTCOMES`].
     decisions: Family<[AtomicU64; 4]>,
     /// protocol → action → latency.
@@ -192,7 +193,7 @@ pub struct Snapshot {
 }
 
 /// Every refusal reason, in exposition order.
-const REFUSALS: [Refusal; 7] = [
+const REFUSALS: [Refusal; 8] = [
     Refusal::NoFlowEntry,
     Refusal::UnknownCgroup,
     Refusal::Untagged,
@@ -200,6 +201,7 @@ const REFUSALS: [Refusal; 7] = [
     Refusal::ShuttingDown,
     Refusal::IdentityUnproven,
     Refusal::AuditUnavailable,
+    Refusal::MemoryBudget,
 ];
 
 /// Values read from the rest of the daemon at scrape time.
@@ -313,6 +315,7 @@ impl Metrics {
             Refusal::ShuttingDown => &self.refused_shutting_down,
             Refusal::IdentityUnproven => &self.refused_identity_unproven,
             Refusal::AuditUnavailable => &self.refused_audit_unavailable,
+            Refusal::MemoryBudget => &self.refused_memory_budget,
         }
     }
 

@@ -11,6 +11,7 @@ mod http;
 mod ops;
 mod postgres;
 mod security;
+mod sound_limits;
 mod ssh;
 
 use std::{fs, time::Duration};

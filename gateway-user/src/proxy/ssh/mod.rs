@@ -273,6 +273,41 @@ pub async fn serve(
     }
 }
 
+/// Refuses a new connection while the daemon is over its memory budget:
+/// the SSH handshake completes, the agent is shown `message` as the
+/// authentication banner and every login is refused (OpenSSH prints the
+/// banner, then "Permission denied"). The caller bounds the time.
+pub async fn shed(shared: &Arc<Shared>, flow: &Flow, client: TcpStream, message: &str) {
+    let Ok(mut config) = server_config(flow, &shared.ssh_host_key) else {
+        super::refuse(client);
+        return;
+    };
+    config.keepalive_interval = None;
+    let handler = Shed(format!("portcullis: {message}\r\n"));
+    if let Ok(running) = russh::server::run_stream(Arc::new(config), client, handler).await {
+        let _ = running.await;
+    }
+}
+
+/// The handler of a shed connection: a banner, and no login succeeds.
+struct Shed(String);
+
+impl russh::server::Handler for Shed {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(Some(self.0.clone()))
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        _offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<russh::server::Auth, Self::Error> {
+        Ok(russh::server::Auth::reject())
+    }
+}
+
 /// Errors that are just the peer going away.
 fn is_disconnect(e: &russh::Error) -> bool {
     matches!(
