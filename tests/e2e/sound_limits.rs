@@ -38,6 +38,8 @@ permit(principal, action == Action::"postgres:copy_in", resource);
 const HTTP_RULES: &str = r#"
 @id("limits-http-read")
 permit(principal == Identity::"agent", action == Action::"http:get", resource == Resource::"api");
+@id("limits-ssh-exec")
+permit(principal, action == Action::"ssh:exec", resource);
 "#;
 
 /// Resident bytes of process `pid`.
@@ -323,6 +325,8 @@ struct HttpLimits {
     daemon: Daemon,
     upstream: HttpUpstream,
     place: Placement,
+    /// With a config: a real sshd behind resource `box`.
+    sshd: Option<SshServer>,
 }
 
 /// A daemon with a plain-HTTP resource `api` (JSON masked by the email
@@ -355,6 +359,20 @@ fn http_setup(
         write_pg_resource(&files, &pg);
         pg
     });
+    let sshd = config.map(|_| {
+        let sshd = SshServer::start(name);
+        std::fs::write(
+            files.policies.join("box.toml"),
+            format!(
+                "[resource.box]\nprotocol = \"ssh\"\nmatch = [\"127.0.0.1:{}\"]\ncredentials = {{ user = \"root\", private_key_file = {:?} }}\nknown_hosts = {:?}\n",
+                sshd.port,
+                sshd.upstream_key.display().to_string(),
+                sshd.known_hosts.display().to_string(),
+            ),
+        )
+        .unwrap();
+        sshd
+    });
     let daemon = Daemon::start(&files);
     let agent = cg.child("agent");
     daemon.tag(&agent, "agent");
@@ -366,6 +384,7 @@ fn http_setup(
             daemon,
             upstream,
             place,
+            sshd,
         },
         pg,
     )
@@ -548,12 +567,32 @@ fn memory_budget_sheds_new_sessions_in_protocol_and_the_default_serves() {
     assert!(h.daemon.log_text().contains("new session shed"), "logged");
 
     // The same daemon files with the default budget: served.
+    let sshd = h.sshd.as_ref().expect("sshd");
+    let agent_kh = sshd.agent_known_hosts(&h.files.state.join("ssh").join("host_ed25519.pub"));
+    let ssh = |place: &Placement| {
+        let mut cmd = Command::new("ssh");
+        cmd.args(sshd.ssh_opts(&agent_kh))
+            .args(["-p", &sshd.port.to_string(), "root@127.0.0.1", "echo", "ssh-ran"])
+            .stdin(Stdio::null());
+        place.apply(&mut cmd);
+        cmd.output().expect("ssh")
+    };
+    let out = ssh(&h.place);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ssh is shed: {out:?}");
+    assert!(
+        err.contains("over its memory budget"),
+        "ssh shows the banner: {err}"
+    );
+    assert!(h.daemon.refused("memory_budget") >= 4, "{}", h.daemon.status());
+
     let HttpLimits {
         _cg,
         files,
         mut daemon,
         upstream,
         place,
+        sshd: _,
     } = h;
     daemon.kill9();
     drop(daemon);
@@ -572,5 +611,51 @@ fn memory_budget_sheds_new_sessions_in_protocol_and_the_default_serves() {
     assert_eq!(r["logged_in"], true, "{r}");
     let r = curl(&place, &[&format!("http://{}/hello", upstream.addr())]);
     assert_eq!(r.code, 200, "{r:?}");
+    let out = ssh(&place);
+    assert!(out.status.success(), "default budget serves ssh: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ssh-ran");
     assert_eq!(daemon.refused("memory_budget"), 0);
+}
+
+/// Server direction: a 100 MB result row on an unmasked resource streams to
+/// the agent in bounded pieces (the daemon's RSS stays bounded); on a
+/// masked resource a row over `pg_max_message` cannot be masked in bounded
+/// memory, so the session fails closed with 54000 and the row never
+/// reaches the agent. Control: small masked rows are served.
+#[test]
+fn pg_big_rows_stream_unmasked_and_fail_closed_when_masked() {
+    let p = pg_setup("lim-rows");
+    let pid = p.daemon.child.id();
+    let (ok, _, err) = p.psql(&["-c", "select 1"]);
+    assert!(ok, "{err}");
+    let base = rss(pid);
+    let peak = PeakRss::start(pid);
+    let (ok, out, err) = p.psql(&["-c", "select length(repeat('x', 100000000)), repeat('x', 100000000)"]);
+    let peak = peak.peak();
+    assert!(ok, "{err}");
+    assert!(out.starts_with("100000000|xxxx"), "the whole row arrived");
+    assert_eq!(out.trim_end().len(), "100000000|".len() + 100_000_000);
+    assert!(
+        peak.saturating_sub(base) < RSS_GROWTH_MAX,
+        "daemon RSS grew from {base} to {peak} bytes while a 100 MB row went by"
+    );
+
+    // Masked: the row must be held whole to be masked, and it is too big.
+    let toml = p.files.policies.join("pg.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str("\n[[mask]]\nresource = \"pg\"\ndetectors = [\"email\"]\nstyle = \"redact\"\n");
+    std::fs::write(&toml, text).unwrap();
+    p.daemon.cli_ok(&["policy", "reload"]);
+    let (ok, out, err) = p.psql(&["-c", "select 'bob@example.com' as e, repeat('x', 1000) as pad"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("bob@example.com"), "masked: {out}");
+    let (ok, out, err) = p.psql(&["-c", "select 'bob@example.com' as e, repeat('x', 20000000) as pad"]);
+    assert!(!ok, "fails closed: {out}");
+    assert!(!out.contains("bob@example.com") && !out.contains("xxxx"), "nothing unmasked reached the agent");
+    assert!(
+        err.contains("54000") && err.contains("pg_max_message"),
+        "psql prints why: {err}"
+    );
+    let (ok, _, err) = p.psql(&["-c", "select 1"]);
+    assert!(ok, "the daemon carries on: {err}");
 }
