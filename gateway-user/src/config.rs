@@ -428,6 +428,16 @@ mod tests {
         ] {
             assert!(DaemonConfig::merge(bad, DaemonTable::default()).is_err());
         }
+        // The config `portcullis install` writes states exactly the defaults.
+        let dir = std::env::temp_dir().join(format!("portcullis-caps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, crate::install::default_config()).unwrap();
+        let t = read_daemon_table(&p).unwrap();
+        let c = DaemonConfig::merge(DaemonTable::default(), t).unwrap();
+        assert_eq!(c.limits, crate::limits::Limits::default());
+        assert_eq!(c.memory_budget, Some(crate::limits::default_budget()));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

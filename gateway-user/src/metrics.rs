@@ -223,6 +223,10 @@ pub struct Gauges {
     pub ready: Readiness,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,
+    /// Resident memory at the last sample (bytes).
+    pub resident_bytes: u64,
+    /// `memory_budget` in bytes (0: off).
+    pub memory_budget_bytes: u64,
 }
 
 /// What `/readyz` checks.
@@ -532,6 +536,18 @@ impl Metrics {
             "Seconds since the daemon started.",
             g.uptime_secs,
         );
+        gauge(
+            o,
+            "portcullis_resident_memory_bytes",
+            "The daemon's resident memory, sampled every 100 ms.",
+            g.resident_bytes,
+        );
+        gauge(
+            o,
+            "portcullis_memory_budget_bytes",
+            "memory_budget: new sessions are shed above it (0: off).",
+            g.memory_budget_bytes,
+        );
         out
     }
 }
@@ -583,6 +599,8 @@ pub fn gauges(shared: &Shared) -> Gauges {
             policy_loaded: !shared.policy.load().version.is_empty(),
         },
         uptime_secs: shared.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        resident_bytes: shared.memory.rss(),
+        memory_budget_bytes: shared.cfg.memory_budget.unwrap_or(0),
     }
 }
 

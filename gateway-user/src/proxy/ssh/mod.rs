@@ -99,6 +99,13 @@ pub const DENIED_EXIT_STATUS: u32 = 126;
 /// login failed, request refused): what OpenSSH's `ssh` itself uses.
 pub const UPSTREAM_EXIT_STATUS: u32 = 255;
 
+/// Per-channel flow-control window offered to the agent (russh's default).
+pub const SSH_WINDOW: u32 = 2 * 1024 * 1024;
+/// Largest channel data packet the agent may send (russh's default).
+pub const SSH_MAX_PACKET: u32 = 32 * 1024;
+/// Messages russh queues per channel before it stops reading.
+pub const SSH_CHANNEL_BUFFER: usize = 100;
+
 /// How long the agent has to send its SSH identification line.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -188,6 +195,15 @@ fn server_config(
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         nodelay: true,
+        // Memory per channel is bounded by flow control, set here rather
+        // than inherited so an upgrade cannot silently raise it: the agent
+        // may have at most `window_size` unacknowledged bytes in flight per
+        // channel, in packets of at most `maximum_packet_size`, and russh
+        // queues at most `channel_buffer_size` messages per channel
+        // (russh itself refuses transport packets over 256 KiB).
+        window_size: SSH_WINDOW,
+        maximum_packet_size: SSH_MAX_PACKET,
+        channel_buffer_size: SSH_CHANNEL_BUFFER,
         ..Default::default()
     })
 }
