@@ -325,6 +325,24 @@ pub struct DaemonArgs {
     /// and 127.0.0.11) or "none" for no UDP at all. Default "resolvers".
     #[arg(long = "udp-allow")]
     pub udp_allow: Vec<String>,
+    /// Memory budget ("1GiB", "512MiB", bytes, or "off"): while resident
+    /// memory plus a session's headroom is over it, new sessions are shed
+    /// with an in-protocol error. Default 1 GiB (half the RAM if less).
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Largest PostgreSQL Query/Parse message (default 1MiB).
+    #[arg(long)]
+    pub pg_max_statement: Option<String>,
+    /// Largest other PostgreSQL message held whole: Bind, a masked DataRow
+    /// (default 16MiB). COPY data and unmasked rows stream through.
+    #[arg(long)]
+    pub pg_max_message: Option<String>,
+    /// Largest HTTP request header block (default 64KiB, at least 8KiB).
+    #[arg(long)]
+    pub http_max_header: Option<String>,
+    /// Largest decoded response body inspected for masking (default 256MiB).
+    #[arg(long)]
+    pub http_max_decoded_body: Option<String>,
 }
 
 impl Cli {
@@ -352,6 +370,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 fsync: args.fsync,
                 webhooks: (!args.webhooks.is_empty()).then_some(args.webhooks),
                 udp_allow: (!args.udp_allow.is_empty()).then_some(args.udp_allow),
+                memory_budget: args.memory_budget,
+                pg_max_statement: args.pg_max_statement,
+                pg_max_message: args.pg_max_message,
+                http_max_header: args.http_max_header,
+                http_max_decoded_body: args.http_max_decoded_body,
                 auto_tag: Vec::new(),
             };
             let cfg = DaemonConfig::merge(flags, file)?;

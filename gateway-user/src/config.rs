@@ -73,6 +73,17 @@ pub struct DaemonTable {
     /// UDP destinations tagged cgroups may send to (`ADDR:PORT`, `[V6]:PORT`
     /// or `*:PORT`); `[]` allows none. Default [`defaults::UDP_ALLOW`].
     pub udp_allow: Option<Vec<String>>,
+    /// Memory budget (`"1GiB"`, `"512MiB"`, bytes, or `"off"`): new sessions
+    /// are shed while resident memory plus headroom is over it.
+    pub memory_budget: Option<String>,
+    /// Largest PostgreSQL Query/Parse message (size with units).
+    pub pg_max_statement: Option<String>,
+    /// Largest other PostgreSQL message held whole (size with units).
+    pub pg_max_message: Option<String>,
+    /// Largest HTTP request header block (size with units).
+    pub http_max_header: Option<String>,
+    /// Largest decoded response body inspected for masking (size with units).
+    pub http_max_decoded_body: Option<String>,
     /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
     #[serde(default)]
     pub auto_tag: Vec<AutoTagRule>,
@@ -196,6 +207,10 @@ pub struct DaemonConfig {
     pub udp_allow_resolvers: bool,
     /// Auto-tag rules, in file order (the first match wins).
     pub auto_tag: Vec<AutoTagRule>,
+    /// Memory budget in bytes; `None` when `off`.
+    pub memory_budget: Option<u64>,
+    /// Caps on frames, header blocks and inspected bodies.
+    pub limits: crate::limits::Limits,
 }
 
 /// A UDP destination tagged cgroups may send to: one address and port, or a
@@ -283,6 +298,57 @@ impl DaemonConfig {
         if listen_port == 0 {
             return Err(ConfigError::Invalid("listen_port must not be 0".into()));
         }
+        let size =
+            |key: &str, v: Option<String>, default: u64, min: u64| -> Result<u64, ConfigError> {
+                let n = match v {
+                    None => default,
+                    Some(v) => crate::limits::parse_size(key, &v)
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+                };
+                if n < min {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key} must be at least {min} bytes, not {n}"
+                    )));
+                }
+                Ok(n)
+            };
+        let memory_budget = match flags.memory_budget.or(file.memory_budget) {
+            None => Some(crate::limits::default_budget()),
+            Some(v) if v.trim() == "off" => None,
+            Some(v) => Some(size("memory_budget", Some(v), 0, 1)?),
+        };
+        // A statement or message cap below PostgreSQL's smallest useful
+        // message would refuse everything; keep them at least 1 KiB, and at
+        // most PostgreSQL's own 1 GiB message limit.
+        let pg_max = |key: &str, v: Option<String>, default: u64| {
+            size(key, v, default, 1024)
+                .map(|n| n.min(crate::proxy::postgres::codec::MAX_FRAME as u64) as usize)
+        };
+        let limits = crate::limits::Limits {
+            pg_max_statement: pg_max(
+                "pg_max_statement",
+                flags.pg_max_statement.or(file.pg_max_statement),
+                crate::limits::DEFAULT_PG_MAX_STATEMENT,
+            )?,
+            pg_max_message: pg_max(
+                "pg_max_message",
+                flags.pg_max_message.or(file.pg_max_message),
+                crate::limits::DEFAULT_PG_MAX_MESSAGE,
+            )?,
+            http_max_header: size(
+                "http_max_header",
+                flags.http_max_header.or(file.http_max_header),
+                crate::limits::DEFAULT_HTTP_MAX_HEADER,
+                crate::limits::MIN_HTTP_MAX_HEADER,
+            )?
+            .min(u32::MAX as u64) as usize,
+            http_max_decoded_body: size(
+                "http_max_decoded_body",
+                flags.http_max_decoded_body.or(file.http_max_decoded_body),
+                crate::limits::DEFAULT_HTTP_MAX_DECODED_BODY,
+                1024,
+            )?,
+        };
         Ok(Self {
             policies: flags
                 .policies
@@ -311,6 +377,8 @@ impl DaemonConfig {
             udp_allow,
             udp_allow_resolvers,
             auto_tag: file.auto_tag,
+            memory_budget,
+            limits,
         })
     }
 
@@ -403,6 +471,58 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/file/state"));
         assert_eq!(c.policies, PathBuf::from(defaults::POLICIES));
         assert_eq!(c.metrics, Metrics::Off);
+    }
+
+    #[test]
+    fn budget_and_caps_parse_with_units_and_off() {
+        let c = DaemonConfig::merge(DaemonTable::default(), DaemonTable::default()).unwrap();
+        assert_eq!(c.memory_budget, Some(crate::limits::default_budget()));
+        assert_eq!(c.limits, crate::limits::Limits::default());
+        let file = DaemonTable {
+            memory_budget: Some("2GiB".into()),
+            pg_max_statement: Some("64KiB".into()),
+            http_max_header: Some("16KiB".into()),
+            ..Default::default()
+        };
+        let flags = DaemonTable {
+            memory_budget: Some("512MiB".into()),
+            ..Default::default()
+        };
+        let c = DaemonConfig::merge(flags, file.clone()).unwrap();
+        assert_eq!(c.memory_budget, Some(512 << 20));
+        assert_eq!(c.limits.pg_max_statement, 64 << 10);
+        assert_eq!(c.limits.http_max_header, 16 << 10);
+        let off = DaemonTable {
+            memory_budget: Some("off".into()),
+            ..Default::default()
+        };
+        assert_eq!(DaemonConfig::merge(off, file).unwrap().memory_budget, None);
+        for bad in [
+            DaemonTable {
+                memory_budget: Some("lots".into()),
+                ..Default::default()
+            },
+            DaemonTable {
+                pg_max_statement: Some("10".into()),
+                ..Default::default()
+            },
+            DaemonTable {
+                http_max_header: Some("1KiB".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(DaemonConfig::merge(bad, DaemonTable::default()).is_err());
+        }
+        // The config `portcullis install` writes states exactly the defaults.
+        let dir = std::env::temp_dir().join(format!("portcullis-caps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, crate::install::default_config()).unwrap();
+        let t = read_daemon_table(&p).unwrap();
+        let c = DaemonConfig::merge(DaemonTable::default(), t).unwrap();
+        assert_eq!(c.limits, crate::limits::Limits::default());
+        assert_eq!(c.memory_budget, Some(crate::limits::default_budget()));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct Shared {
     pub netns: Mutex<HashMap<NetnsId, ServedNetns>>,
     /// Counters.
     pub metrics: Metrics,
+    /// Resident memory, sampled for `memory_budget`.
+    pub memory: crate::limits::MemoryGauge,
     /// Wakes the reconcile loop early (new tag, kernel event).
     pub reconcile_now: Notify,
     /// Cancelled on shutdown.
@@ -349,6 +351,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         ca: Arc::new(ca),
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
+        memory: crate::limits::MemoryGauge::default(),
         reconcile_now: Notify::new(),
         shutdown: CancellationToken::new(),
         started: SystemTime::now(),
@@ -399,6 +402,12 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     .with_context(|| format!("listening on 127.0.0.1:{}", cfg.listen_port))?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    // Sampled before the first session, then every 100 ms off the data path.
+    shared.memory.sample();
+    {
+        let s = shared.clone();
+        tasks.spawn(async move { s.memory.run(s.shutdown.clone()).await });
+    }
     tasks.spawn(reconcile_loop(shared.clone()));
     tasks.spawn(resolve_loop(shared.clone()));
     tasks.spawn(watch_policies(shared.clone()));
@@ -430,6 +439,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         listen_port = cfg.listen_port,
         cgroup_root = %shared.cgroups.root(),
         admin_socket = %cfg.admin_socket.display(),
+        memory_budget = %cfg.memory_budget.map_or("off".to_string(), crate::limits::human),
+        rss = %crate::limits::human(shared.memory.rss()),
         "portcullis daemon ready"
     );
     // systemd (Type=notify): ready once programs are attached and every

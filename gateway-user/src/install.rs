@@ -133,6 +133,17 @@ fsync = "interval"
 # Webhooks told about access requests (POSTed JSON, retried):
 # webhooks = ["https://chat.example.com/hooks/portcullis"]
 
+# Memory: while resident memory + 32 MiB headroom is over memory_budget,
+# NEW sessions are refused in their protocol (PostgreSQL FATAL 53200, HTTP
+# 503, SSH banner); running sessions carry on. Default: 1 GiB, or half the
+# machine's RAM if that is less; "off" disables.
+# memory_budget = "1GiB"
+# Caps on what one agent can make the daemon hold (sizes: B, KiB, MiB, GiB).
+pg_max_statement = "1MiB"       # Query / Parse message; larger: FATAL 54000
+pg_max_message = "16MiB"        # Bind and other held messages, masked rows
+http_max_header = "64KiB"       # request header block; larger: 431
+http_max_decoded_body = "256MiB" # decompressed body inspected for masking
+
 # Auto-tagging: cgroups matching a glob (relative to cgroup_root; `*` and
 # `?` within a path component, `**` across components) are tagged as they
 # appear and untagged when they go. `{{container}}` in token_file is the

@@ -24,6 +24,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod install;
 pub mod jit;
+pub mod limits;
 pub mod mask;
 pub mod metrics;
 pub mod policy;

@@ -173,6 +173,7 @@ pub struct Metrics {
     refused_shutting_down: AtomicU64,
     refused_identity_unproven: AtomicU64,
     refused_audit_unavailable: AtomicU64,
+    refused_memory_budget: AtomicU64,
     /// resource → action → counts by [`OUTCOMES`].
     decisions: Family<[AtomicU64; 4]>,
     /// protocol → action → latency.
@@ -192,7 +193,7 @@ pub struct Snapshot {
 }
 
 /// Every refusal reason, in exposition order.
-const REFUSALS: [Refusal; 7] = [
+const REFUSALS: [Refusal; 8] = [
     Refusal::NoFlowEntry,
     Refusal::UnknownCgroup,
     Refusal::Untagged,
@@ -200,6 +201,7 @@ const REFUSALS: [Refusal; 7] = [
     Refusal::ShuttingDown,
     Refusal::IdentityUnproven,
     Refusal::AuditUnavailable,
+    Refusal::MemoryBudget,
 ];
 
 /// Values read from the rest of the daemon at scrape time.
@@ -221,6 +223,10 @@ pub struct Gauges {
     pub ready: Readiness,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,
+    /// Resident memory at the last sample (bytes).
+    pub resident_bytes: u64,
+    /// `memory_budget` in bytes (0: off).
+    pub memory_budget_bytes: u64,
 }
 
 /// What `/readyz` checks.
@@ -322,6 +328,7 @@ impl Metrics {
             Refusal::ShuttingDown => &self.refused_shutting_down,
             Refusal::IdentityUnproven => &self.refused_identity_unproven,
             Refusal::AuditUnavailable => &self.refused_audit_unavailable,
+            Refusal::MemoryBudget => &self.refused_memory_budget,
         }
     }
 
@@ -538,6 +545,18 @@ impl Metrics {
             "Seconds since the daemon started.",
             g.uptime_secs,
         );
+        gauge(
+            o,
+            "portcullis_resident_memory_bytes",
+            "The daemon's resident memory, sampled every 100 ms.",
+            g.resident_bytes,
+        );
+        gauge(
+            o,
+            "portcullis_memory_budget_bytes",
+            "memory_budget: new sessions are shed above it (0: off).",
+            g.memory_budget_bytes,
+        );
         out
     }
 }
@@ -590,6 +609,8 @@ pub fn gauges(shared: &Shared) -> Gauges {
             socket_lsm: shared.lsm.active,
         },
         uptime_secs: shared.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        resident_bytes: shared.memory.rss(),
+        memory_budget_bytes: shared.cfg.memory_budget.unwrap_or(0),
     }
 }
 

@@ -5,9 +5,28 @@ scheme and JSON for kubectl (discovery, pods list/get/delete, secrets get,
 watch streams). Every request is logged as one JSON line to --log, with the
 Authorization header it carried, so tests can check credential injection.
 """
-import argparse, base64, gzip, json, ssl, sys, threading, time
+import argparse, base64, gzip, json, ssl, sys, threading, time, zlib
+
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit, parse_qs
+
+_BOMBS = {}
+
+
+def gzip_bomb(mb):
+    """gzip of `[` + `mb` MiB of spaces + `0]` (valid JSON), built in 1 MiB
+    steps; about 1000:1."""
+    if mb not in _BOMBS:
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+        out = [c.compress(b"[")]
+        step = b" " * (1024 * 1024)
+        for _ in range(mb):
+            out.append(c.compress(step))
+        out.append(c.compress(b"0]"))
+        out.append(c.flush())
+        _BOMBS[mb] = b"".join(out)
+    return _BOMBS[mb]
+
 
 LOCK = threading.Lock()
 
@@ -144,6 +163,18 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/gzip":
             doc = json.dumps({"email": "carol@example.com", "ok": True}).encode()
             data = gzip.compress(doc)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        if path == "/gzip-bomb":
+            # A JSON array of "0," decoding to `mb` MiB, gzip'd at ~1000:1
+            # and sent as one Content-Length body (large upstream frames).
+            mb = int(q.get("mb", ["512"])[0])
+            data = gzip_bomb(mb)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Encoding", "gzip")

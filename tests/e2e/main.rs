@@ -17,6 +17,7 @@ mod sound_mask;
 mod sound_kernel;
 mod sound_http;
 mod sound_ssh;
+mod sound_limits;
 mod ssh;
 
 use std::{fs, time::Duration};

@@ -159,6 +159,8 @@ pub enum Refusal {
     IdentityUnproven,
     /// The audit log cannot be written.
     AuditUnavailable,
+    /// The daemon is over its memory budget (`[daemon] memory_budget`).
+    MemoryBudget,
 }
 
 impl Refusal {
@@ -174,6 +176,7 @@ impl Refusal {
             Self::ShuttingDown => "the daemon is shutting down",
             Self::IdentityUnproven => "the identity is not proven by a valid token",
             Self::AuditUnavailable => "the audit log cannot be written",
+            Self::MemoryBudget => "portcullis is over its memory budget",
         }
     }
 
@@ -187,6 +190,7 @@ impl Refusal {
             Self::ShuttingDown => "shutting_down",
             Self::IdentityUnproven => "identity_unproven",
             Self::AuditUnavailable => "audit_unavailable",
+            Self::MemoryBudget => "memory_budget",
         }
     }
 }
@@ -252,6 +256,10 @@ pub async fn handle_connection(
             return;
         }
     };
+    if let Some(over) = shared.memory.over(shared.cfg.memory_budget) {
+        shed(&shared, flow, client, over).await;
+        return;
+    }
     let start = flow
         .audit_event("session_start")
         .detail("client", flow.info.client.to_string())
@@ -326,6 +334,54 @@ pub async fn handle_connection(
         warn!(session = %session, "audit record of session end failed: {e}");
     }
 }
+
+/// Sheds a new session while the daemon is over its memory budget: the
+/// agent gets its protocol's own error (PostgreSQL FATAL 53200, HTTP 503,
+/// an SSH banner and a refused login; a plain TCP flow is reset), and the
+/// refusal is logged, audited and counted. Sessions already running are
+/// not touched.
+async fn shed(
+    shared: &Arc<Shared>,
+    flow: Flow,
+    client: TcpStream,
+    over: crate::limits::OverBudget,
+) {
+    shared.metrics.refused(Refusal::MemoryBudget);
+    let message = over.message();
+    warn!(
+        client = %flow.info.client,
+        identity = %flow.info.identity,
+        resource = %flow.info.resource,
+        rss = over.rss,
+        budget = over.budget,
+        "new session shed: {message}"
+    );
+    let event = flow
+        .audit_event("flow_refused")
+        .decision("deny")
+        .reason(Refusal::MemoryBudget.as_str())
+        .detail("client", flow.info.client.to_string())
+        .detail("original_dst", flow.info.original_dst.to_string())
+        .detail("protocol", flow.info.protocol.as_str())
+        .detail("rss_bytes", over.rss)
+        .detail("memory_budget_bytes", over.budget);
+    if let Err(e) = shared.audit(event).await {
+        warn!("audit record of a shed flow failed: {e}");
+    }
+    // However the agent behaves, the refusal takes a bounded time.
+    let answer = async {
+        match flow.resource.protocol {
+            Protocol::Postgres => postgres::shed(client, &message).await,
+            Protocol::Http => http::shed(shared, &flow, client, &message).await,
+            Protocol::Ssh => ssh::shed(shared, &flow, client, &message).await,
+            Protocol::Tcp => refuse(client),
+        }
+    };
+    let _ = tokio::time::timeout(SHED_TIMEOUT, answer).await;
+}
+
+/// How long a shed connection is given to receive its refusal.
+const SHED_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a handler reports when a session ends.
 #[derive(Debug, Clone, Copy, Default)]

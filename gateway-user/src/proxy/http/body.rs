@@ -82,6 +82,11 @@ impl Decoder {
     }
 }
 
+/// Compressed input fed to a decoder at a time: deflate expands at most
+/// ~1032:1, so one slice decodes to at most ~4 MiB, whatever the size of
+/// the upstream's frames (a decompression bomb is handled slice by slice).
+pub const DECODE_SLICE: usize = 4096;
+
 /// Decode, then rewrite.
 pub struct Pipeline {
     /// Content decoder, if the body is encoded.
@@ -89,6 +94,10 @@ pub struct Pipeline {
     /// The masker, if any.
     pub rewrite: Option<Box<dyn Rewrite>>,
     scratch: Vec<u8>,
+    /// Bytes decoded so far.
+    decoded: u64,
+    /// Most bytes a body may decode to (`http_max_decoded_body`).
+    max_decoded: u64,
 }
 
 impl Pipeline {
@@ -98,7 +107,28 @@ impl Pipeline {
             decoder,
             rewrite,
             scratch: Vec::new(),
+            decoded: 0,
+            max_decoded: crate::limits::DEFAULT_HTTP_MAX_DECODED_BODY,
         }
+    }
+
+    /// Caps the decoded size: a body that decodes to more is cut off
+    /// (fail closed) rather than inspected without end.
+    pub fn max_decoded(mut self, max: u64) -> Self {
+        self.max_decoded = max;
+        self
+    }
+
+    /// Counts decoded bytes against the cap.
+    fn count(&mut self, n: usize) -> Result<(), String> {
+        self.decoded = self.decoded.saturating_add(n as u64);
+        if self.decoded > self.max_decoded {
+            return Err(format!(
+                "the decoded body exceeds http_max_decoded_body ({} bytes): a decompression bomb?",
+                self.max_decoded
+            ));
+        }
+        Ok(())
     }
 
     fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
@@ -107,12 +137,21 @@ impl Pipeline {
                 out.extend_from_slice(chunk);
                 Ok(())
             }
-            (Some(d), None) => d.push(chunk, out),
+            (Some(d), None) => {
+                let at = out.len();
+                d.push(chunk, out)?;
+                self.count(out.len() - at)
+            }
             (None, Some(r)) => r.push(chunk, out),
-            (Some(d), Some(r)) => {
+            (Some(d), Some(_)) => {
                 self.scratch.clear();
                 d.push(chunk, &mut self.scratch)?;
-                r.push(&self.scratch, out)
+                let n = self.scratch.len();
+                self.count(n)?;
+                if let Some(r) = &mut self.rewrite {
+                    r.push(&self.scratch, out)?;
+                }
+                Ok(())
             }
         }
     }
@@ -121,6 +160,8 @@ impl Pipeline {
         if let Some(d) = &mut self.decoder {
             self.scratch.clear();
             d.finish(&mut self.scratch)?;
+            let n = self.scratch.len();
+            self.count(n)?;
             match &mut self.rewrite {
                 Some(r) => r.push(&self.scratch, out)?,
                 None => out.extend_from_slice(&self.scratch),
@@ -265,6 +306,9 @@ pub struct Outgoing<B> {
     done: bool,
     on_end: Option<OnEnd>,
     out: Vec<u8>,
+    /// Encoded input not yet fed to the decoder (fed [`DECODE_SLICE`] at a
+    /// time, so what one poll holds stays bounded).
+    pending: Bytes,
 }
 
 impl<B> Outgoing<B> {
@@ -283,6 +327,7 @@ impl<B> Outgoing<B> {
             done: false,
             on_end: Some(Box::new(on_end)),
             out: Vec::new(),
+            pending: Bytes::new(),
         }
     }
 
@@ -330,6 +375,25 @@ where
                 this.tap.see(&tail);
                 return Poll::Ready(Some(Ok(Frame::data(tail))));
             }
+            if !this.pending.is_empty() {
+                if let Some(p) = &mut this.pipeline {
+                    let n = this.pending.len().min(DECODE_SLICE);
+                    let piece = this.pending.split_to(n);
+                    this.out.clear();
+                    if let Err(e) = p.push(&piece, &mut this.out) {
+                        this.pending = Bytes::new();
+                        this.end(Outcome::MaskError, Some(e.clone()));
+                        return Poll::Ready(Some(Err(mask_failed(&e))));
+                    }
+                    if this.out.is_empty() {
+                        continue;
+                    }
+                    let out = Bytes::copy_from_slice(&this.out);
+                    this.tap.see(&out);
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                this.pending = Bytes::new();
+            }
             if this.done {
                 if this.on_end.is_some() {
                     this.end(Outcome::Complete, None);
@@ -353,6 +417,11 @@ where
                         this.tap.see(&data);
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     };
+                    if p.decoder.is_some() {
+                        // Decoded a slice at a time, above.
+                        this.pending = data;
+                        continue;
+                    }
                     this.out.clear();
                     if let Err(e) = p.push(&data, &mut this.out) {
                         this.end(Outcome::MaskError, Some(e.clone()));
@@ -388,7 +457,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.tail.is_none()
+        self.done && self.tail.is_none() && self.pending.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -466,6 +535,70 @@ mod tests {
         assert_eq!(end.captured.as_deref(), Some(&b"HELL"[..]));
         assert_eq!(end.counts.unwrap()["upper"], 1);
         assert!(Decoder::for_encoding("br").is_err());
+    }
+
+    /// A rewrite that passes bytes through, for size checks.
+    struct Same;
+    impl Rewrite for Same {
+        fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+            out.extend_from_slice(chunk);
+            Ok(())
+        }
+        fn finish(&mut self, _out: &mut Vec<u8>) -> Result<(), String> {
+            Ok(())
+        }
+        fn counts(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+    }
+
+    #[tokio::test]
+    async fn a_decompression_bomb_is_decoded_in_slices_and_cut_off_at_the_cap() {
+        // 64 MiB of zeros gzip to ~64 KiB, sent as one upstream frame.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![b'0'; 1 << 20];
+        for _ in 0..64 {
+            enc.write_all(&zeros).unwrap();
+        }
+        let gz = enc.finish().unwrap();
+        assert!(gz.len() < 1 << 20, "{}", gz.len());
+        let p = Pipeline::new(Decoder::for_encoding("gzip").unwrap(), Some(Box::new(Same)))
+            .max_decoded(8 << 20);
+        let (slot, on_end) = ended();
+        let mut body = Outgoing::new(chunks(&[&gz]), Some(p), None, on_end);
+        let mut total = 0usize;
+        let mut failed = None;
+        for _ in 0..100_000 {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    let d = f.into_data().unwrap();
+                    // One slice of input never decodes to more than ~4 MiB.
+                    assert!(d.len() <= DECODE_SLICE * 1100, "{}", d.len());
+                    total += d.len();
+                }
+                Some(Err(e)) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+                None => break,
+            }
+        }
+        let failed = failed.expect("the bomb is cut off");
+        assert!(failed.contains("http_max_decoded_body"), "{failed}");
+        assert!(total <= 8 << 20, "{total}");
+        drop(body);
+        assert_eq!(
+            slot.lock().unwrap().take().unwrap().outcome,
+            Outcome::MaskError
+        );
+
+        // Under the cap the same body decodes whole.
+        let p = Pipeline::new(Decoder::for_encoding("gzip").unwrap(), Some(Box::new(Same)))
+            .max_decoded(64 << 20);
+        let (_slot, on_end) = ended();
+        let body = Outgoing::new(chunks(&[&gz]), Some(p), None, on_end);
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(out.len(), 64 << 20);
     }
 
     #[tokio::test]

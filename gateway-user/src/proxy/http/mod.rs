@@ -155,6 +155,69 @@ pub async fn serve(
     })
 }
 
+/// Refuses a new connection while the daemon is over its memory budget:
+/// every request on it is answered 503 with a JSON body (a Kubernetes
+/// `Status` on a Kubernetes resource) and `Connection: close`. Through TLS
+/// interception the handshake happens first; TLS passthrough cannot speak
+/// HTTP to the agent, so it is reset. The caller bounds the time.
+pub async fn shed(shared: &Arc<Shared>, flow: &Flow, client: TcpStream, message: &str) {
+    let kube = flow.resource.kind == "kubernetes";
+    let body = reply::body_json(StatusCode::SERVICE_UNAVAILABLE, message, None, kube, None);
+    match flow.resource.tls.unwrap_or(TlsMode::None) {
+        TlsMode::Passthrough => super::refuse(client),
+        TlsMode::Intercept => {
+            let dst = flow.info.original_dst.ip();
+            if let Ok((tls, _)) = tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP).await {
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_refusal(tls, h2, body, shared.cfg.limits.http_max_header).await;
+            }
+        }
+        TlsMode::None => {
+            serve_refusal(client, false, body, shared.cfg.limits.http_max_header).await
+        }
+    }
+}
+
+/// Serves one connection whose every request gets `503 body`.
+async fn serve_refusal<IO>(io: IO, h2: bool, body: serde_json::Value, max_header: usize)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |_req: Request<Incoming>| {
+        let mut resp = reply::json_response(StatusCode::SERVICE_UNAVAILABLE, &body, None);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    limit_builder(&mut builder, max_header);
+    if h2 {
+        builder = builder.http2_only();
+    }
+    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+}
+
+/// Caps what hyper buffers of a request head: the HTTP/1 read buffer (a
+/// longer head is answered 431) and the HTTP/2 header list (refused by the
+/// h2 layer). Bodies stream and are never buffered whole.
+fn limit_builder(
+    builder: &mut hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    max_header: usize,
+) {
+    let max_header = max_header.max(crate::limits::MIN_HTTP_MAX_HEADER as usize);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(max_header);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX));
+}
+
 /// One agent connection speaking HTTP.
 struct Conn {
     shared: Arc<Shared>,
@@ -193,11 +256,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    limit_builder(&mut builder, shared.cfg.limits.http_max_header);
     if h2 {
         builder = builder.http2_only();
     }
@@ -779,7 +838,7 @@ impl Conn {
             || rparts.status.is_informational());
         let pipeline = match (&masking, has_body) {
             (Some(plan), true) => match pipeline(plan, &rparts.headers) {
-                Ok(p) => p,
+                Ok(p) => p.map(|p| p.max_decoded(self.shared.cfg.limits.http_max_decoded_body)),
                 Err(msg) => {
                     let Exchange {
                         cmd, allowed, har, ..

@@ -108,8 +108,46 @@ impl<'a> Back<'a> {
         counter: &AtomicU64,
     ) -> io::Result<&'static str> {
         let mut out = BytesMut::with_capacity(FLUSH_AT + 1024);
+        let cap = self.shared.cfg.limits.pg_max_message;
+        // Body bytes of a long row still to pass through unchanged.
+        let mut stream_left = 0usize;
         loop {
             loop {
+                if stream_left > 0 {
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let n = buf.len().min(stream_left);
+                    out.extend_from_slice(&buf.split_to(n));
+                    stream_left -= n;
+                    if out.len() >= FLUSH_AT {
+                        self.write(&mut out, counter).await?;
+                    }
+                    continue;
+                }
+                if let Some((tag, len)) = codec::peek_header(&buf) {
+                    if len > cap && len <= MAX_FRAME {
+                        if self.can_stream(tag) {
+                            // Nothing inspects this row: it streams in
+                            // bounded pieces instead of being held whole.
+                            self.rows_seen += 1;
+                            out.extend_from_slice(&buf.split_to(5));
+                            stream_left = len - 4;
+                            continue;
+                        }
+                        self.write(&mut out, counter).await?;
+                        let why = format!(
+                            "Portcullis: the server sent a {} message of {} bytes; it must be inspected whole (masking) and exceeds pg_max_message ({cap} bytes); the connection is closed",
+                            if matches!(tag, b'D' | b'd') { "result row" } else { "protocol" },
+                            len + 1
+                        );
+                        warn!(session = %self.flow.info.session, "{why}");
+                        let mut b = BytesMut::new();
+                        put_error(&mut b, b'E', "FATAL", "54000", &why);
+                        let _ = session::send(&self.cw, &b).await;
+                        return Ok("server message over its cap");
+                    }
+                }
                 let head = match codec::peek_frame(&buf, MAX_FRAME) {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
@@ -132,9 +170,20 @@ impl<'a> Back<'a> {
             }
             self.write(&mut out, counter).await?;
             self.finish_done().await;
+            buf.reserve(8192);
             if rd.read_buf(&mut buf).await? == 0 {
                 return Ok("closed by the server");
             }
+        }
+    }
+
+    /// Whether a message tagged `tag` may pass without being held whole:
+    /// a DataRow no masking plan reads, a COPY TO row no masker reads.
+    fn can_stream(&self, tag: u8) -> bool {
+        match tag {
+            b'D' => self.plan.is_none() && (self.layout_known || self.front_masker().is_none()),
+            b'd' => self.copy_mask.is_none(),
+            _ => false,
         }
     }
 

@@ -289,6 +289,15 @@ pub fn peek_frame(buf: &[u8], max: usize) -> Result<Option<FrameHead>, CodecErro
     Ok(Some(FrameHead { tag: buf[0], total }))
 }
 
+/// The type byte and length field (which counts itself, not the type
+/// byte) of the frame at the head of `buf`, once its 5 bytes are there.
+/// Not validated: see [`peek_frame`].
+pub fn peek_header(buf: &[u8]) -> Option<(u8, usize)> {
+    let h = buf.get(..5)?;
+    let len = i32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    Some((h[0], usize::try_from(len).unwrap_or(0)))
+}
+
 /// Sequential reads over a message body; every read is bounds-checked.
 pub struct Reader<'a> {
     buf: &'a [u8],

@@ -61,7 +61,19 @@ pub(super) struct Front<'a> {
     functions: functions::Catalog,
     /// Catalog connection for the column-masking checks (`maskcheck`).
     side: Option<Upstream>,
+    /// An allowed `COPY ... FROM STDIN` was sent: CopyData may follow.
+    copy_in: bool,
+    /// Body bytes of a CopyData frame still to pass (streamed, never
+    /// buffered whole).
+    stream_left: usize,
+    /// Whether those bytes go upstream (else they are dropped).
+    stream_forward: bool,
 }
+
+/// How long an agent whose message was too large may take to finish
+/// sending it (read and dropped) before the connection is closed: so it
+/// reads the error instead of a reset.
+const OVERSIZED_DRAIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Why a frontend message was refused.
 enum Refusal {
@@ -94,6 +106,9 @@ impl<'a> Front<'a> {
             skip_until_sync: false,
             functions: functions::Catalog::new(&flow.info.resource, &ctx.database, &ctx.params),
             side: None,
+            copy_in: false,
+            stream_left: 0,
+            stream_forward: false,
         }
     }
 
@@ -113,10 +128,56 @@ impl<'a> Front<'a> {
     }
 
     async fn relay(&mut self, mut rd: AgentR, counter: &AtomicU64) -> io::Result<&'static str> {
+        let limits = self.shared.cfg.limits;
         let mut buf = BytesMut::with_capacity(8192);
         loop {
             loop {
-                let head = match codec::peek_frame(&buf, MAX_FRAME) {
+                if self.stream_left > 0 {
+                    // The rest of a CopyData body: passed on as it comes.
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let n = buf.len().min(self.stream_left);
+                    let piece = buf.split_to(n);
+                    self.stream_left -= n;
+                    if self.stream_forward {
+                        self.up_out.extend_from_slice(&piece);
+                        if self.up_out.len() >= session::FLUSH_AT {
+                            self.flush().await?;
+                        }
+                    }
+                    continue;
+                }
+                let Some((tag, len)) = codec::peek_header(&buf) else {
+                    break;
+                };
+                if tag == b'd' && (4..=MAX_FRAME).contains(&len) {
+                    // CopyData streams: its header now, its body as it
+                    // arrives, whatever its size. Only after an allowed
+                    // COPY FROM STDIN, and not while the server discards
+                    // an errored pipeline.
+                    let forward = self.copy_in && !self.skip_until_sync;
+                    let head = buf.split_to(5);
+                    if forward {
+                        self.up_out.extend_from_slice(&head);
+                    }
+                    self.stream_left = len - 4;
+                    self.stream_forward = forward;
+                    continue;
+                }
+                let cap = match tag {
+                    b'Q' | b'P' => limits.pg_max_statement,
+                    _ => limits.pg_max_message,
+                };
+                if len >= 4 && len > cap && len <= MAX_FRAME {
+                    let buffered = buf.len();
+                    drop(buf);
+                    self.flush().await?;
+                    self.oversized(tag, len, cap, &mut rd, (len + 1).saturating_sub(buffered))
+                        .await;
+                    return Ok("message from the agent over its cap");
+                }
+                let head = match codec::peek_frame(&buf, cap) {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
                     Err(e) => {
@@ -139,12 +200,53 @@ impl<'a> Front<'a> {
                 }
             }
             self.flush().await?;
+            // Room to read into without growing past what one message
+            // under its cap needs (split-off frames give their space back).
+            buf.reserve(8192);
             let n = rd.read_buf(&mut buf).await?;
             if n == 0 {
                 return Ok("closed");
             }
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
+    }
+
+    /// A message longer than its cap: refused without reading it into
+    /// memory. The agent gets FATAL 54000 (program_limit_exceeded) saying
+    /// which cap, the refusal is audited and logged, and what it still
+    /// sends of that message is read and dropped (bounded in time) so it
+    /// reads the error rather than a reset; then the connection closes.
+    async fn oversized(&mut self, tag: u8, len: usize, cap: usize, rd: &mut AgentR, left: usize) {
+        let (what, key) = match tag {
+            b'Q' => ("Query", "pg_max_statement"),
+            b'P' => ("Parse", "pg_max_statement"),
+            b'B' => ("Bind", "pg_max_message"),
+            b'F' => ("FunctionCall", "pg_max_message"),
+            _ => ("frontend", "pg_max_message"),
+        };
+        let reason = format!(
+            "Portcullis: a {what} message of {} bytes exceeds {key} ({} bytes); the connection is closed",
+            len + 1,
+            cap
+        );
+        self.refusal(
+            "postgres:other",
+            &format!("<{what} message of {} bytes>", len + 1),
+            &reason,
+        )
+        .await;
+        self.fatal("54000", &reason).await;
+        let mut left = left;
+        let mut scratch = vec![0u8; 64 * 1024];
+        let _ = tokio::time::timeout(OVERSIZED_DRAIN, async {
+            while left > 0 {
+                match rd.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -181,9 +283,11 @@ impl<'a> Front<'a> {
         }
         match codec::decode_frontend(tag, body).map_err(|e| e.to_string())? {
             Frontend::Query(sql) => {
+                self.copy_in = false;
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
+                        self.copy_in = list.iter().any(|(c, _)| c.class == "copy_in");
                         for (c, approved) in list {
                             self.push(Expect::Run(Box::new(Run {
                                 approved,
@@ -209,6 +313,7 @@ impl<'a> Front<'a> {
                 sql,
                 param_types,
             } => {
+                self.copy_in = false;
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
@@ -288,6 +393,10 @@ impl<'a> Front<'a> {
                         put_cstr(b, portal);
                     });
                 }
+                self.copy_in = self
+                    .portals
+                    .get(portal)
+                    .is_some_and(|p| p.stmt.class == "copy_in" && p.stmt.approved.is_some());
                 let run = match self.portals.get(portal) {
                     Some(p) => Run {
                         approved: p.stmt.approved.clone(),
@@ -322,8 +431,16 @@ impl<'a> Front<'a> {
                 self.push(Expect::Sync);
                 self.up_out.extend_from_slice(&frame);
             }
-            Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
-                self.up_out.extend_from_slice(&frame)
+            Frontend::Flush => self.up_out.extend_from_slice(&frame),
+            // CopyData streams through `relay` and never gets here.
+            Frontend::CopyData => {}
+            Frontend::CopyDone | Frontend::CopyFail => {
+                // Outside an allowed COPY FROM the server would ignore
+                // them; they are not passed on either.
+                if self.copy_in {
+                    self.up_out.extend_from_slice(&frame);
+                }
+                self.copy_in = false;
             }
             Frontend::FunctionCall => {
                 let reason =

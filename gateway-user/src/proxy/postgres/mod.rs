@@ -394,6 +394,39 @@ async fn fatal<W: AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str)
     let _ = client.shutdown().await;
 }
 
+/// Refuses a new connection while the daemon is over its memory budget:
+/// answers an SSLRequest/GSSENCRequest with `N` (so libpq goes on in
+/// plain text and reads the error), then FATAL 53200 after the startup
+/// packet. The caller bounds the time this takes.
+pub async fn shed(mut client: TcpStream, message: &str) {
+    let mut buf = BytesMut::with_capacity(512);
+    // At most an SSLRequest, a GSSENCRequest and the startup packet.
+    for _ in 0..3 {
+        let startup = loop {
+            match codec::decode_startup(&mut buf) {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) => {}
+                Err(_) => break None,
+            }
+            match client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        match startup {
+            Some(Startup::Ssl | Startup::GssEnc) => {
+                if client.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+            // A CancelRequest gets no answer, as from PostgreSQL.
+            Some(Startup::Cancel { .. }) => return,
+            _ => break,
+        }
+    }
+    fatal(&mut client, "53200", message).await;
+}
+
 /// Forwards a CancelRequest to the real backend when the key is one this
 /// daemon handed out to the same identity. PostgreSQL never answers a
 /// cancel, and neither does this.

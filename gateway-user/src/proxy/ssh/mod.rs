@@ -102,6 +102,13 @@ pub const DENIED_EXIT_STATUS: u32 = 126;
 /// login failed, request refused): what OpenSSH's `ssh` itself uses.
 pub const UPSTREAM_EXIT_STATUS: u32 = 255;
 
+/// Per-channel flow-control window offered to the agent (russh's default).
+pub const SSH_WINDOW: u32 = 2 * 1024 * 1024;
+/// Largest channel data packet the agent may send (russh's default).
+pub const SSH_MAX_PACKET: u32 = 32 * 1024;
+/// Messages russh queues per channel before it stops reading.
+pub const SSH_CHANNEL_BUFFER: usize = 100;
+
 /// How long the agent has to send its SSH identification line.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -191,6 +198,15 @@ fn server_config(
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         nodelay: true,
+        // Memory per channel is bounded by flow control, set here rather
+        // than inherited so an upgrade cannot silently raise it: the agent
+        // may have at most `window_size` unacknowledged bytes in flight per
+        // channel, in packets of at most `maximum_packet_size`, and russh
+        // queues at most `channel_buffer_size` messages per channel
+        // (russh itself refuses transport packets over 256 KiB).
+        window_size: SSH_WINDOW,
+        maximum_packet_size: SSH_MAX_PACKET,
+        channel_buffer_size: SSH_CHANNEL_BUFFER,
         ..Default::default()
     })
 }
@@ -273,6 +289,41 @@ pub async fn serve(
                 format!("ssh: {e}"),
             ))
         }
+    }
+}
+
+/// Refuses a new connection while the daemon is over its memory budget:
+/// the SSH handshake completes, the agent is shown `message` as the
+/// authentication banner and every login is refused (OpenSSH prints the
+/// banner, then "Permission denied"). The caller bounds the time.
+pub async fn shed(shared: &Arc<Shared>, flow: &Flow, client: TcpStream, message: &str) {
+    let Ok(mut config) = server_config(flow, &shared.ssh_host_key) else {
+        super::refuse(client);
+        return;
+    };
+    config.keepalive_interval = None;
+    let handler = Shed(format!("portcullis: {message}\r\n"));
+    if let Ok(running) = russh::server::run_stream(Arc::new(config), client, handler).await {
+        let _ = running.await;
+    }
+}
+
+/// The handler of a shed connection: a banner, and no login succeeds.
+struct Shed(String);
+
+impl russh::server::Handler for Shed {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(Some(self.0.clone()))
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        _offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<russh::server::Auth, Self::Error> {
+        Ok(russh::server::Auth::reject())
     }
 }
 

@@ -7,7 +7,13 @@
 //! Owns per-channel setup state (pty, environment) until a command starts.
 //! It must not decide or relay anything itself.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use russh::{
     server::{self, Auth, ChannelOpenHandle, Msg, Session},
@@ -26,15 +32,32 @@ struct Pending {
     chan: Option<Channel<Msg>>,
     pty: Option<PtyRequest>,
     env: Vec<(String, String)>,
+    slot: Option<Slot>,
 }
 
 /// Most `env` requests kept per channel.
 const MAX_ENV: usize = 64;
 
+/// Most channels (sessions and forwards) open at once on one agent
+/// connection: each holds buffers (flow-control window, relay queue), so
+/// their number is capped too. A channel over it is refused with
+/// `resource shortage`; the connection carries on.
+pub const MAX_CHANNELS: usize = 64;
+
+/// One open channel, counted until dropped (its relay task ends).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One agent connection's handler.
 pub struct AgentHandler {
     conn: Arc<Conn>,
     chans: HashMap<ChannelId, Pending>,
+    live: Arc<AtomicUsize>,
 }
 
 impl AgentHandler {
@@ -43,7 +66,19 @@ impl AgentHandler {
         Self {
             conn,
             chans: HashMap::new(),
+            live: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A channel slot, or `None` when [`MAX_CHANNELS`] are open.
+    fn slot(&self) -> Option<Slot> {
+        let n = self.live.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(self.live.clone());
+        if n >= MAX_CHANNELS {
+            info!(session = %self.conn.flow.info.session, open = n, "channel refused: too many open channels");
+            return None;
+        }
+        Some(slot)
     }
 
     fn accept_user(&self, user: &str, method: &str) -> Auth {
@@ -69,14 +104,19 @@ impl AgentHandler {
         };
         let pending = self.chans.remove(&channel).unwrap_or_default();
         session.channel_success(channel)?;
-        tokio::spawn(channel::run_session(
+        let run = channel::run_session(
             self.conn.clone(),
             chan,
             session.handle(),
             req,
             pending.pty,
             pending.env,
-        ));
+        );
+        let slot = pending.slot;
+        tokio::spawn(async move {
+            run.await;
+            drop(slot);
+        });
         Ok(())
     }
 }
@@ -124,11 +164,18 @@ impl server::Handler for AgentHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let id = channel.id();
+        let Some(slot) = self.slot() else {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        };
         reply.accept().await;
         self.chans.insert(
             id,
             Pending {
                 chan: Some(channel),
+                slot: Some(slot),
                 ..Default::default()
             },
         );
@@ -145,7 +192,13 @@ impl server::Handler for AgentHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tokio::spawn(channel::run_forward(
+        let Some(slot) = self.slot() else {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        };
+        let run = channel::run_forward(
             self.conn.clone(),
             channel,
             reply,
@@ -153,7 +206,11 @@ impl server::Handler for AgentHandler {
             port_to_connect,
             originator_address.to_string(),
             originator_port,
-        ));
+        );
+        tokio::spawn(async move {
+            run.await;
+            drop(slot);
+        });
         Ok(())
     }
 
