@@ -252,7 +252,7 @@ fn generated_rule(r: usize, mix: &mut RuleMix) -> String {
                     "permit({who}, action == Action::\"tcp:connect\", {on})\n  when {{ context.time.weekday < 5 || context.client.cgroup like \"/agents/*\" }};"
                 ),
                 Kind::Ssh => format!(
-                    "permit({who}, action == Action::\"ssh:exec\", {on})\n  when {{ context.command like \"make *\" || context.command like \"git *\" }};"
+                    "permit({who}, action == Action::\"ssh:exec\", {on})\n  when {{ (context.program == \"make\" && [\"build\", \"deploy\"].containsAll(context.args)) || context.command == \"git pull\" }};"
                 ),
                 Kind::Http => format!(
                     "permit({who}, action in [Action::\"http:get\", Action::\"http:head\"], {on})\n  when {{ context.path like \"/v1/*\" && context.query != \"debug=1\" }};"
@@ -456,8 +456,13 @@ fn context(kind: Kind, action: &str, identity: &str, res_i: usize, variant: usiz
         Kind::Tcp => json!({}),
         Kind::Ssh => {
             let command = ["make deploy", "git pull", "rm -rf /tmp/x", ""][v4];
+            // The words of the plain command, as the ssh handler sets them.
+            let argv: Vec<&str> = command.split_whitespace().collect();
             json!({
                 "command": command,
+                "argv": argv,
+                "program": argv.first().copied().unwrap_or(""),
+                "args": argv.get(1..).unwrap_or_default(),
                 "subsystem": if v4 == 3 { "sftp" } else { "" },
                 "host": "127.0.0.1",
                 "port": if variant.is_multiple_of(2) { 443 } else { 5432 },

@@ -138,6 +138,12 @@ fn k8s_encoded_and_dotted_paths_are_decided_as_the_api_server_routes_them() {
         assert_eq!(r.code, 403, "{p}: {r:?}");
         assert!(r.body.contains("no-secret-db"), "{p}: {r:?}");
     }
+    // A list narrowed to one name is authorized as that name (as the API
+    // server's RBAC sees it).
+    let r =
+        s.curl(&[&s.url("/api/v1/namespaces/default/secrets?fieldSelector=metadata.name%3Ddb")]);
+    assert_eq!(r.code, 403, "{r:?}");
+    assert!(r.body.contains("no-secret-db"), "{r:?}");
     // Forms two servers could read differently: refused, with why.
     for (p, why) in [
         ("/api/v1/namespaces/default/secrets%2Fdb", "encoded slash"),

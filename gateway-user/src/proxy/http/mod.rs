@@ -489,7 +489,6 @@ impl Conn {
                 }
             }
         };
-        let mut har = har;
         har.action = cmd.action.clone();
         har.decision = "allow".into();
         har.policy_ids = allowed.policies.clone();
