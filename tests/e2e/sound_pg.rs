@@ -139,8 +139,15 @@ fn pg_sound_client_encoding_is_pinned_and_the_gbk_attack_is_refused() {
 permit(principal, action in [Action::"postgres:select", Action::"postgres:transaction", Action::"postgres:set", Action::"postgres:show"], resource);
 @id("no-delete")
 forbid(principal, action == Action::"postgres:delete", resource);
+@id("f-enc")
+permit(principal, action == Action::"postgres:function", resource)
+  when { context.statement.volatile_functions == ["f_enc"] };
 "#,
-        ORDERS,
+        &format!(
+            "{ORDERS}
+             create function f_enc() returns text language sql
+               as $$ select pg_catalog.set_config('client_encoding', 'GBK', false) $$;"
+        ),
     );
     // The attack: refused at startup, nothing reaches the server.
     let (ok, out, err) = s.psql(&[("PGCLIENTENCODING", "GBK")], &["-c", GBK_ATTACK]);
@@ -211,7 +218,26 @@ forbid(principal, action == Action::"postgres:delete", resource);
     for bad in ["GBK", "SJIS", "BIG5", "reset client_encoding"] {
         assert!(s.server_ran(bad).is_empty(), "{bad}: {}", s.pg.server_log());
     }
-    // RESET ALL and DISCARD ALL go back to the startup value, UTF8.
+    // A routine the parser cannot see into changes it anyway: the server's
+    // ParameterStatus ends the session before anything else runs.
+    let (ok, _, err) = s.psql(
+        &[],
+        &["-c", "select f_enc()", "-c", "select 'after the switch'"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("client_encoding") && err.contains("GBK"),
+        "{err}\n{}",
+        s.daemon.log_text()
+    );
+    assert!(
+        s.server_ran("after the switch").is_empty(),
+        "{}",
+        s.pg.server_log()
+    );
+    let ended = s.events("postgres_encoding");
+    assert!(ended.iter().any(|e| e["decision"] == "deny"), "{ended:#?}");
+    // RESET ALL goes back to the startup value, UTF8.
     for reset in ["reset all"] {
         let (ok, out, err) = s.psql(&[], &["-c", reset, "-c", "show client_encoding"]);
         assert!(ok, "{reset}: {err}");

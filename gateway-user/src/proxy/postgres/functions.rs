@@ -43,8 +43,17 @@ pub const TTL: Duration = Duration::from_secs(30);
 /// OIDs below this are the server's own (`FirstNormalObjectId`).
 const FIRST_USER_OID: u32 = 16384;
 
-/// Volatile built-ins with no effect beyond their result.
-const ALLOW_VOLATILE: &[&str] = &["random", "clock_timestamp", "timeofday", "gen_random_uuid"];
+/// Volatile built-ins with no effect beyond their result (and, for the
+/// sleeps, time: a read-only session can spend time without them too).
+const ALLOW_VOLATILE: &[&str] = &[
+    "random",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+];
 
 /// Stable built-ins that still have an effect (assign a transaction id) or
 /// run a query text / read tables the statement does not name.
