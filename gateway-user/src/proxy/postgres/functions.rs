@@ -40,6 +40,9 @@ use crate::proxy::Flow;
 /// are seen after this).
 pub const TTL: Duration = Duration::from_secs(30);
 
+/// Longest a catalog lookup (login included) may hold a statement.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// OIDs below this are the server's own (`FirstNormalObjectId`).
 const FIRST_USER_OID: u32 = 16384;
 
@@ -161,7 +164,8 @@ fn keys(c: &Classified) -> Vec<Key> {
     out
 }
 
-/// The catalog lookups of one session (its own side connection).
+/// The catalog lookups of one session (a side connection opened for each
+/// lookup that the cache cannot answer).
 pub(super) struct Catalog {
     side: Option<Upstream>,
     resource: String,
@@ -215,14 +219,27 @@ impl Catalog {
             }
         }
         if !want.is_empty() {
-            let found = match self.lookup(flow, &want).await {
+            let found = match tokio::time::timeout(LOOKUP_TIMEOUT, self.lookup(flow, &want))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(upstream::UpstreamError::Protocol(
+                        "function catalog lookup timed out".into(),
+                    ))
+                }) {
                 Ok(rows) => Some(rows),
                 Err(e) => {
                     warn!(session = %flow.info.session, "function catalog unavailable (treating every routine as having side effects): {e}");
-                    self.side = None;
                     None
                 }
             };
+            // Verdicts are cached per resource, so lookups are rare: do
+            // not hold a server connection per session between them.
+            if let Some(mut side) = self.side.take() {
+                let mut x = BytesMut::new();
+                codec::put_msg(&mut x, b'X', |_| {});
+                let _ = side.io.write_all(&x).await;
+                let _ = side.io.shutdown().await;
+            }
             if let Some(rows) = found {
                 let now = Instant::now();
                 let mut all = cache();
