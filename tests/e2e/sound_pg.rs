@@ -24,6 +24,11 @@ struct Pg {
 }
 
 fn setup(name: &str, rules: &str, schema: &str) -> Pg {
+    setup_with(name, rules, schema, "")
+}
+
+/// `extra`: more of the resource file (`[[mask]]` tables).
+fn setup_with(name: &str, rules: &str, schema: &str, extra: &str) -> Pg {
     require_root();
     let cg = TestCgroup::new(name);
     let pg = PgServer::start(name);
@@ -35,7 +40,7 @@ fn setup(name: &str, rules: &str, schema: &str) -> Pg {
     std::fs::write(
         files.policies.join("pg.toml"),
         format!(
-            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"disable\"\n",
+            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"disable\"\n\n{extra}",
             pg.addr(),
             pg.password_file.display().to_string()
         ),
@@ -296,7 +301,7 @@ forbid(principal, action == Action::"postgres:delete", resource)
 
 #[test]
 fn pg_sound_reads_that_run_routines_with_side_effects_are_not_select() {
-    let s = setup(
+    let s = setup_with(
         "pgfunc",
         r#"
 @id("pg-read")
@@ -310,7 +315,9 @@ permit(principal, action == Action::"postgres:function", resource)
          create table audit_t(x int);
          create function f_ins() returns int language sql as 'insert into audit_t values (1) returning 1';
          create function f_ok() returns int language sql as 'select 42';
-         create function public.lower(int) returns int language sql as 'insert into audit_t values (2) returning 1';",
+         create function public.lower(int) returns int language sql as 'insert into audit_t values (2) returning 1';
+         create table people(name text, secret text); insert into people values ('ann', 'plaintext-secret');",
+        "[[mask]]\nresource = \"pg\"\ncolumns = [\"secret\"]\nstyle = \"redact\"\n",
     );
     for sql in [
         "select pg_read_file('/etc/hostname')",
@@ -396,6 +403,19 @@ permit(principal, action == Action::"postgres:function", resource)
             .iter()
             .any(|e| e["action"] == "postgres:function" && e["decision"] == "allow"),
         "{commands:#?}"
+    );
+    // A COPY TO that became `function` is still a COPY on a resource with
+    // column rules: refused (its columns cannot be inspected).
+    let (ok, out, err) = s.psql(
+        &[],
+        &["-c", "copy (select f_ok(), secret from people) to stdout"],
+    );
+    assert!(!ok, "{out}");
+    assert!(err.contains("42501") && err.contains("COPY TO"), "{err}");
+    assert!(
+        s.server_ran("from people").is_empty(),
+        "{}",
+        s.pg.server_log()
     );
     // Nothing ran upstream that the audit does not show allowed: every
     // agent statement in the server log is one of the two allowed.
