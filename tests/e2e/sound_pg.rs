@@ -387,6 +387,9 @@ permit(principal, action == Action::"postgres:function", resource)
     );
     assert!(ok, "{err}\n{}", s.daemon.log_text());
     assert_eq!(out.trim(), "A|t|2");
+    let (ok, out, err) = s.psql(&[], &["-c", "select upper('b'); select count(*) from t"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "B\n2");
     // A rule can permit a named function through its context.
     let (ok, out, err) = s.psql(&[], &["-c", "select f_ok()"]);
     assert!(ok, "{err}\n{}", s.daemon.log_text());
@@ -418,12 +421,12 @@ permit(principal, action == Action::"postgres:function", resource)
         s.pg.server_log()
     );
     // Nothing ran upstream that the audit does not show allowed: every
-    // agent statement in the server log is one of the two allowed.
+    // agent statement in the server log is one of the three allowed.
     let agent_ran: Vec<String> = s
         .agent_statements()
         .into_iter()
         .filter(|l| !l.contains("pcx_denied_") && !l.contains("pg_catalog.pg_proc"))
         .filter(|l| l.contains("upper(") || l.contains("f_ok") || l.contains("f_ins"))
         .collect();
-    assert_eq!(agent_ran.len(), 2, "{agent_ran:?}");
+    assert_eq!(agent_ran.len(), 3, "{agent_ran:?}");
 }

@@ -452,7 +452,7 @@ impl<'a> Front<'a> {
             };
             match waited {
                 Waited::Allowed(allowed) => {
-                    if functions::may_change_catalog(c.class) {
+                    if functions::may_change_catalog(&c) {
                         // It may create or replace a routine: verdicts
                         // cached for this database are stale.
                         functions::invalidate(&self.flow.info.resource, &self.ctx.database);

@@ -69,17 +69,9 @@ const DENY_PREFIXES: &[&str] = &[
 ];
 const DENY: &[&str] = &["txid_current", "pg_current_xact_id", "ts_stat"];
 
-/// Classes after which, in the same batch, the catalog may no longer be
-/// what it was when the batch was decided (a CREATE FUNCTION, a DO block,
-/// a function that runs DDL): later statements get no verdict from it.
-const CATALOG_STABLE: &[&str] = &[
-    "select",
-    "copy_out",
-    "explain",
-    "show",
-    "transaction",
-    "set",
-];
+/// Classes that may create or replace a routine themselves (CREATE
+/// FUNCTION, a DO block, a procedure).
+const CATALOG_CHANGING: &[&str] = &["ddl", "other", "call", "function", "dcl"];
 
 /// A catalog name: kind (`f` function, `o` operator, `t` type), schema if
 /// qualified, name.
@@ -101,9 +93,13 @@ pub fn invalidate(resource: &str, database: &str) {
     cache().remove(&(resource.to_string(), database.to_string()));
 }
 
-/// Whether an allowed statement of `class` may change which routines exist.
-pub fn may_change_catalog(class: &str) -> bool {
-    !CATALOG_STABLE.contains(&class)
+/// Whether a classified statement (verdicts applied) may change which
+/// routines exist: a catalog-changing class, or any statement that runs a
+/// routine not known to be free of side effects (it may run DDL). After
+/// one, in the same batch, the catalog may no longer be what it was when
+/// the batch was decided: later statements get no verdict from it.
+pub fn may_change_catalog(c: &Classified) -> bool {
+    CATALOG_CHANGING.contains(&c.class) || !c.volatile_functions.is_empty()
 }
 
 /// One catalog row: kind, schema, name, built in, volatility.
@@ -194,23 +190,13 @@ impl Catalog {
     /// that names any into `function`).
     pub(super) async fn refine(&mut self, flow: &Flow, list: &mut [Classified]) {
         let key = (self.resource.clone(), self.database.clone());
-        // Which statements may trust the catalog as it is now.
-        let mut trusted = Vec::with_capacity(list.len());
-        let mut stable = true;
-        for c in list.iter() {
-            trusted.push(stable);
-            stable &= !may_change_catalog(c.class);
-        }
         let mut want: Vec<Key> = Vec::new();
         {
             let now = Instant::now();
             let mut all = cache();
             let known = all.entry(key.clone()).or_default();
             known.retain(|_, (_, at)| now.duration_since(*at) < TTL);
-            for (c, t) in list.iter().zip(&trusted) {
-                if !*t {
-                    continue;
-                }
+            for c in list.iter() {
                 for k in keys(c) {
                     if !known.contains_key(&k) && !want.contains(&k) {
                         want.push(k);
@@ -251,15 +237,18 @@ impl Catalog {
         }
         let all = cache();
         let known = all.get(&key);
-        for (c, t) in list.iter_mut().zip(&trusted) {
+        // Statements after one that may change the catalog get no verdict.
+        let mut trusted = true;
+        for c in list.iter_mut() {
             let mut bad: Vec<String> = c.refs.unresolvable.clone();
             for k in keys(c) {
-                let safe = *t && known.and_then(|m| m.get(&k)).is_some_and(|(ok, _)| *ok);
+                let safe = trusted && known.and_then(|m| m.get(&k)).is_some_and(|(ok, _)| *ok);
                 if !safe {
                     bad.push(display(&k));
                 }
             }
             c.set_volatile(bad);
+            trusted &= !may_change_catalog(c);
         }
     }
 
@@ -416,19 +405,21 @@ mod tests {
     }
 
     #[test]
-    fn catalog_changing_classes() {
-        for c in [
-            "select",
-            "show",
-            "set",
-            "transaction",
-            "copy_out",
-            "explain",
-        ] {
-            assert!(!may_change_catalog(c), "{c}");
-        }
-        for c in ["ddl", "other", "call", "function", "insert", "update"] {
-            assert!(may_change_catalog(c), "{c}");
-        }
+    fn catalog_changing_statements() {
+        let c = |sql: &str, volatile: &[&str]| {
+            let mut c = super::super::classify::classify(sql).unwrap().remove(0);
+            c.set_volatile(volatile.iter().map(|v| v.to_string()).collect());
+            may_change_catalog(&c)
+        };
+        assert!(!c("select count(*) from t", &[]));
+        assert!(!c("insert into t values (1)", &[]));
+        assert!(!c("set search_path = x", &[]));
+        assert!(c(
+            "create function f() returns int language sql as 'select 1'",
+            &[]
+        ));
+        assert!(c("do $$ begin end $$", &[]));
+        assert!(c("select f()", &["f"]));
+        assert!(c("insert into t values (f())", &["f"]));
     }
 }
