@@ -24,6 +24,11 @@ struct Pg {
 }
 
 fn setup(name: &str, rules: &str, schema: &str) -> Pg {
+    setup_with(name, rules, schema, "")
+}
+
+/// `extra`: more of the resource file (`[[mask]]` tables).
+fn setup_with(name: &str, rules: &str, schema: &str, extra: &str) -> Pg {
     require_root();
     let cg = TestCgroup::new(name);
     let pg = PgServer::start(name);
@@ -35,7 +40,7 @@ fn setup(name: &str, rules: &str, schema: &str) -> Pg {
     std::fs::write(
         files.policies.join("pg.toml"),
         format!(
-            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"disable\"\n",
+            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"disable\"\n\n{extra}",
             pg.addr(),
             pg.password_file.display().to_string()
         ),
@@ -139,8 +144,15 @@ fn pg_sound_client_encoding_is_pinned_and_the_gbk_attack_is_refused() {
 permit(principal, action in [Action::"postgres:select", Action::"postgres:transaction", Action::"postgres:set", Action::"postgres:show"], resource);
 @id("no-delete")
 forbid(principal, action == Action::"postgres:delete", resource);
+@id("f-enc")
+permit(principal, action == Action::"postgres:function", resource)
+  when { context.statement.volatile_functions == ["f_enc"] };
 "#,
-        ORDERS,
+        &format!(
+            "{ORDERS}
+             create function f_enc() returns text language sql
+               as $$ select pg_catalog.set_config('client_encoding', 'GBK', false) $$;"
+        ),
     );
     // The attack: refused at startup, nothing reaches the server.
     let (ok, out, err) = s.psql(&[("PGCLIENTENCODING", "GBK")], &["-c", GBK_ATTACK]);
@@ -211,12 +223,29 @@ forbid(principal, action == Action::"postgres:delete", resource);
     for bad in ["GBK", "SJIS", "BIG5", "reset client_encoding"] {
         assert!(s.server_ran(bad).is_empty(), "{bad}: {}", s.pg.server_log());
     }
-    // RESET ALL and DISCARD ALL go back to the startup value, UTF8.
-    for reset in ["reset all"] {
-        let (ok, out, err) = s.psql(&[], &["-c", reset, "-c", "show client_encoding"]);
-        assert!(ok, "{reset}: {err}");
-        assert_eq!(out.trim().lines().last(), Some("UTF8"), "{reset}");
-    }
+    // A routine the parser cannot see into changes it anyway: the server's
+    // ParameterStatus ends the session before anything else runs.
+    let (ok, _, err) = s.psql(
+        &[],
+        &["-c", "select f_enc()", "-c", "select 'after the switch'"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("client_encoding") && err.contains("GBK"),
+        "{err}\n{}",
+        s.daemon.log_text()
+    );
+    assert!(
+        s.server_ran("after the switch").is_empty(),
+        "{}",
+        s.pg.server_log()
+    );
+    let ended = s.events("postgres_encoding");
+    assert!(ended.iter().any(|e| e["decision"] == "deny"), "{ended:#?}");
+    // RESET ALL goes back to the startup value, UTF8.
+    let (ok, out, err) = s.psql(&[], &["-c", "reset all", "-c", "show client_encoding"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim().lines().last(), Some("UTF8"), "{out}");
 }
 
 #[test]
@@ -272,7 +301,7 @@ forbid(principal, action == Action::"postgres:delete", resource)
 
 #[test]
 fn pg_sound_reads_that_run_routines_with_side_effects_are_not_select() {
-    let s = setup(
+    let s = setup_with(
         "pgfunc",
         r#"
 @id("pg-read")
@@ -286,7 +315,9 @@ permit(principal, action == Action::"postgres:function", resource)
          create table audit_t(x int);
          create function f_ins() returns int language sql as 'insert into audit_t values (1) returning 1';
          create function f_ok() returns int language sql as 'select 42';
-         create function public.lower(int) returns int language sql as 'insert into audit_t values (2) returning 1';",
+         create function public.lower(int) returns int language sql as 'insert into audit_t values (2) returning 1';
+         create table people(name text, secret text); insert into people values ('ann', 'plaintext-secret');",
+        "[[mask]]\nresource = \"pg\"\ncolumns = [\"secret\"]\nstyle = \"redact\"\n",
     );
     for sql in [
         "select pg_read_file('/etc/hostname')",
@@ -356,6 +387,9 @@ permit(principal, action == Action::"postgres:function", resource)
     );
     assert!(ok, "{err}\n{}", s.daemon.log_text());
     assert_eq!(out.trim(), "A|t|2");
+    let (ok, out, err) = s.psql(&[], &["-c", "select upper('b'); select count(*) from t"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "B\n2");
     // A rule can permit a named function through its context.
     let (ok, out, err) = s.psql(&[], &["-c", "select f_ok()"]);
     assert!(ok, "{err}\n{}", s.daemon.log_text());
@@ -373,13 +407,26 @@ permit(principal, action == Action::"postgres:function", resource)
             .any(|e| e["action"] == "postgres:function" && e["decision"] == "allow"),
         "{commands:#?}"
     );
+    // A COPY TO that became `function` is still a COPY on a resource with
+    // column rules: refused (its columns cannot be inspected).
+    let (ok, out, err) = s.psql(
+        &[],
+        &["-c", "copy (select f_ok(), secret from people) to stdout"],
+    );
+    assert!(!ok, "{out}");
+    assert!(err.contains("42501") && err.contains("COPY TO"), "{err}");
+    assert!(
+        s.server_ran("from people").is_empty(),
+        "{}",
+        s.pg.server_log()
+    );
     // Nothing ran upstream that the audit does not show allowed: every
-    // agent statement in the server log is one of the two allowed.
+    // agent statement in the server log is one of the three allowed.
     let agent_ran: Vec<String> = s
         .agent_statements()
         .into_iter()
         .filter(|l| !l.contains("pcx_denied_") && !l.contains("pg_catalog.pg_proc"))
         .filter(|l| l.contains("upper(") || l.contains("f_ok") || l.contains("f_ins"))
         .collect();
-    assert_eq!(agent_ran.len(), 2, "{agent_ran:?}");
+    assert_eq!(agent_ran.len(), 3, "{agent_ran:?}");
 }

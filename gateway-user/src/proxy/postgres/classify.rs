@@ -14,6 +14,10 @@ use serde_json::{json, Value};
 pub struct Classified {
     /// The action class (without the `postgres:` prefix).
     pub class: &'static str,
+    /// The class from the parse alone, before a read that may run a
+    /// routine with side effects became `function` (a COPY TO stays
+    /// recognisable as one).
+    pub parsed_class: &'static str,
     /// The statement's own text.
     pub text: String,
     /// pg_query fingerprint (hex): same shape, same key.
@@ -338,6 +342,7 @@ fn one(
     functions.sort();
     Ok(Classified {
         class,
+        parsed_class: class,
         fingerprint,
         normalized,
         tables,
@@ -749,6 +754,12 @@ mod tests {
         c.set_volatile(vec!["nextval".into()]);
         assert_eq!(c.class, "function");
         assert_eq!(c.context()["volatile_functions"], json!(["nextval"]));
+        assert_eq!(c.parsed_class, "select");
+        let mut c = classify("copy (select nextval('s')) to stdout")
+            .unwrap()
+            .remove(0);
+        c.set_volatile(vec!["nextval".into()]);
+        assert_eq!((c.class, c.parsed_class), ("function", "copy_out"));
         let mut c = classify("insert into t values (nextval('s'))")
             .unwrap()
             .remove(0);

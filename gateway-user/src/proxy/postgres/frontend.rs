@@ -519,7 +519,7 @@ impl<'a> Front<'a> {
         // forbidden statement is refused before anything is held or
         // recorded as allowed.
         for c in &list {
-            if c.class == "copy_out" && masker.as_ref().is_some_and(|m| m.has_columns()) {
+            if c.parsed_class == "copy_out" && masker.as_ref().is_some_and(|m| m.has_columns()) {
                 let reason = "COPY TO is refused on a resource with column masking rules (its columns cannot be inspected)".to_string();
                 self.refusal("postgres:copy_out", &c.text, &reason).await;
                 return Err(Refusal::Denied(reason));
@@ -592,7 +592,7 @@ impl<'a> Front<'a> {
             };
             match waited {
                 Waited::Allowed(allowed) => {
-                    if functions::may_change_catalog(c.class) {
+                    if functions::may_change_catalog(&c) {
                         // It may create or replace a routine: verdicts
                         // cached for this database are stale.
                         functions::invalidate(&self.flow.info.resource, &self.ctx.database);

@@ -40,11 +40,23 @@ use crate::proxy::Flow;
 /// are seen after this).
 pub const TTL: Duration = Duration::from_secs(30);
 
+/// Longest a catalog lookup (login included) may hold a statement.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// OIDs below this are the server's own (`FirstNormalObjectId`).
 const FIRST_USER_OID: u32 = 16384;
 
-/// Volatile built-ins with no effect beyond their result.
-const ALLOW_VOLATILE: &[&str] = &["random", "clock_timestamp", "timeofday", "gen_random_uuid"];
+/// Volatile built-ins with no effect beyond their result (and, for the
+/// sleeps, time: a read-only session can spend time without them too).
+const ALLOW_VOLATILE: &[&str] = &[
+    "random",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+];
 
 /// Stable built-ins that still have an effect (assign a transaction id) or
 /// run a query text / read tables the statement does not name.
@@ -57,17 +69,9 @@ const DENY_PREFIXES: &[&str] = &[
 ];
 const DENY: &[&str] = &["txid_current", "pg_current_xact_id", "ts_stat"];
 
-/// Classes after which, in the same batch, the catalog may no longer be
-/// what it was when the batch was decided (a CREATE FUNCTION, a DO block,
-/// a function that runs DDL): later statements get no verdict from it.
-const CATALOG_STABLE: &[&str] = &[
-    "select",
-    "copy_out",
-    "explain",
-    "show",
-    "transaction",
-    "set",
-];
+/// Classes that may create or replace a routine themselves (CREATE
+/// FUNCTION, a DO block, a procedure).
+const CATALOG_CHANGING: &[&str] = &["ddl", "other", "call", "function", "dcl"];
 
 /// A catalog name: kind (`f` function, `o` operator, `t` type), schema if
 /// qualified, name.
@@ -89,9 +93,13 @@ pub fn invalidate(resource: &str, database: &str) {
     cache().remove(&(resource.to_string(), database.to_string()));
 }
 
-/// Whether an allowed statement of `class` may change which routines exist.
-pub fn may_change_catalog(class: &str) -> bool {
-    !CATALOG_STABLE.contains(&class)
+/// Whether a classified statement (verdicts applied) may change which
+/// routines exist: a catalog-changing class, or any statement that runs a
+/// routine not known to be free of side effects (it may run DDL). After
+/// one, in the same batch, the catalog may no longer be what it was when
+/// the batch was decided: later statements get no verdict from it.
+pub fn may_change_catalog(c: &Classified) -> bool {
+    CATALOG_CHANGING.contains(&c.class) || !c.volatile_functions.is_empty()
 }
 
 /// One catalog row: kind, schema, name, built in, volatility.
@@ -152,7 +160,8 @@ fn keys(c: &Classified) -> Vec<Key> {
     out
 }
 
-/// The catalog lookups of one session (its own side connection).
+/// The catalog lookups of one session (a side connection opened for each
+/// lookup that the cache cannot answer).
 pub(super) struct Catalog {
     side: Option<Upstream>,
     resource: String,
@@ -181,23 +190,13 @@ impl Catalog {
     /// that names any into `function`).
     pub(super) async fn refine(&mut self, flow: &Flow, list: &mut [Classified]) {
         let key = (self.resource.clone(), self.database.clone());
-        // Which statements may trust the catalog as it is now.
-        let mut trusted = Vec::with_capacity(list.len());
-        let mut stable = true;
-        for c in list.iter() {
-            trusted.push(stable);
-            stable &= !may_change_catalog(c.class);
-        }
         let mut want: Vec<Key> = Vec::new();
         {
             let now = Instant::now();
             let mut all = cache();
             let known = all.entry(key.clone()).or_default();
             known.retain(|_, (_, at)| now.duration_since(*at) < TTL);
-            for (c, t) in list.iter().zip(&trusted) {
-                if !*t {
-                    continue;
-                }
+            for c in list.iter() {
                 for k in keys(c) {
                     if !known.contains_key(&k) && !want.contains(&k) {
                         want.push(k);
@@ -206,14 +205,27 @@ impl Catalog {
             }
         }
         if !want.is_empty() {
-            let found = match self.lookup(flow, &want).await {
+            let found = match tokio::time::timeout(LOOKUP_TIMEOUT, self.lookup(flow, &want))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(upstream::UpstreamError::Protocol(
+                        "function catalog lookup timed out".into(),
+                    ))
+                }) {
                 Ok(rows) => Some(rows),
                 Err(e) => {
                     warn!(session = %flow.info.session, "function catalog unavailable (treating every routine as having side effects): {e}");
-                    self.side = None;
                     None
                 }
             };
+            // Verdicts are cached per resource, so lookups are rare: do
+            // not hold a server connection per session between them.
+            if let Some(mut side) = self.side.take() {
+                let mut x = BytesMut::new();
+                codec::put_msg(&mut x, b'X', |_| {});
+                let _ = side.io.write_all(&x).await;
+                let _ = side.io.shutdown().await;
+            }
             if let Some(rows) = found {
                 let now = Instant::now();
                 let mut all = cache();
@@ -225,15 +237,18 @@ impl Catalog {
         }
         let all = cache();
         let known = all.get(&key);
-        for (c, t) in list.iter_mut().zip(&trusted) {
+        // Statements after one that may change the catalog get no verdict.
+        let mut trusted = true;
+        for c in list.iter_mut() {
             let mut bad: Vec<String> = c.refs.unresolvable.clone();
             for k in keys(c) {
-                let safe = *t && known.and_then(|m| m.get(&k)).is_some_and(|(ok, _)| *ok);
+                let safe = trusted && known.and_then(|m| m.get(&k)).is_some_and(|(ok, _)| *ok);
                 if !safe {
                     bad.push(display(&k));
                 }
             }
             c.set_volatile(bad);
+            trusted &= !may_change_catalog(c);
         }
     }
 
@@ -390,19 +405,21 @@ mod tests {
     }
 
     #[test]
-    fn catalog_changing_classes() {
-        for c in [
-            "select",
-            "show",
-            "set",
-            "transaction",
-            "copy_out",
-            "explain",
-        ] {
-            assert!(!may_change_catalog(c), "{c}");
-        }
-        for c in ["ddl", "other", "call", "function", "insert", "update"] {
-            assert!(may_change_catalog(c), "{c}");
-        }
+    fn catalog_changing_statements() {
+        let c = |sql: &str, volatile: &[&str]| {
+            let mut c = super::super::classify::classify(sql).unwrap().remove(0);
+            c.set_volatile(volatile.iter().map(|v| v.to_string()).collect());
+            may_change_catalog(&c)
+        };
+        assert!(!c("select count(*) from t", &[]));
+        assert!(!c("insert into t values (1)", &[]));
+        assert!(!c("set search_path = x", &[]));
+        assert!(c(
+            "create function f() returns int language sql as 'select 1'",
+            &[]
+        ));
+        assert!(c("do $$ begin end $$", &[]));
+        assert!(c("select f()", &["f"]));
+        assert!(c("insert into t values (f())", &["f"]));
     }
 }
