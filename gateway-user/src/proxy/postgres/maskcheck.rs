@@ -611,6 +611,38 @@ impl Walk<'_> {
                 }
                 self.walk(payload, ctx)
             }
+            "AlterTableStmt" => {
+                // Making a ruled table a child (INHERIT) or a partition
+                // (ATTACH PARTITION) of another shows its rows under the
+                // other table's name, which its rules do not cover.
+                let ruled = |rel: Option<String>| {
+                    rel.is_some_and(|r| self.rules.qualified.iter().any(|(t, _)| *t == r))
+                };
+                let rel = lower(payload.get("relation").and_then(|r| r.get("relname")));
+                for cmd in payload
+                    .get("cmds")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| match variant(c) {
+                        Some(("AlterTableCmd", c)) => Some(c),
+                        _ => None,
+                    })
+                {
+                    let attached = cmd
+                        .get("def")
+                        .and_then(variant)
+                        .and_then(|(k, d)| (k == "PartitionCmd").then_some(d))
+                        .and_then(|d| lower(d.get("name").and_then(|n| n.get("relname"))));
+                    let subtype = cmd.get("subtype").and_then(Value::as_i64);
+                    if (subtype == Some(50) && ruled(rel.clone()))
+                        || (subtype == Some(60) && ruled(attached))
+                    {
+                        return Err("a table named in a column masking rule cannot be made a child (INHERIT) or a partition of another table: its rows would be read under a name the rule does not cover".into());
+                    }
+                }
+                self.walk(payload, ctx)
+            }
             "RenameStmt" | "AlterObjectSchemaStmt" => {
                 let rel = lower(payload.get("relation").and_then(|r| r.get("relname")));
                 if rel
