@@ -484,10 +484,7 @@ impl<'a> Back<'a> {
         oids: &[u32],
     ) -> Result<HashMap<u32, rows::Table>, upstream::UpstreamError> {
         if self.side.is_none() {
-            let mut params = self.ctx.params.clone();
-            params.retain(|(k, _)| k != "application_name");
-            params.push(("application_name".into(), "portcullis-catalog".into()));
-            self.side = Some(upstream::login(self.flow, &params).await?);
+            self.side = Some(maskcheck::catalog_login(self.flow, &self.ctx.params).await?);
         }
         let Some(side) = self.side.as_mut() else {
             return Ok(HashMap::new());

@@ -739,6 +739,13 @@ fn text_array(items: &BTreeSet<String>) -> String {
 }
 
 /// The catalog query for `l`: rows of (kind, a, b, c) as text.
+///
+/// `v` rows: every column a view read (directly or through the views it
+/// reads) depends on, from its rewrite rule's dependencies, which
+/// PostgreSQL records per column (a whole-table reference, such as
+/// `count(*)`, counts as every column). `vf`: user functions a view
+/// calls. `f`: functions by name (user-defined? first argument a row?).
+/// `o`: user-defined operators by name.
 fn catalog_sql(l: &Lookups) -> String {
     let mut funcs = l.functions.clone();
     funcs.extend(l.row_functions.iter().cloned());
@@ -754,10 +761,14 @@ fn catalog_sql(l: &Lookups) -> String {
               AND d.refobjid <> r.rel) \
          SELECT 'v', t.relname::text, n.nspname || '.' || b.relname, a.attname::text FROM r \
            JOIN pg_catalog.pg_class t ON t.oid = r.top \
-           JOIN pg_catalog.pg_class b ON b.oid = r.rel \
+           JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+            AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+            AND d.refobjid <> r.rel \
+           JOIN pg_catalog.pg_class b ON b.oid = d.refobjid \
            JOIN pg_catalog.pg_namespace n ON n.oid = b.relnamespace \
            JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND a.attnum > 0 AND NOT a.attisdropped \
-          WHERE r.rel <> r.top \
+            AND (d.refobjsubid = 0 OR a.attnum = d.refobjsubid) \
          UNION ALL \
          SELECT 'vf', t.relname::text, p.proname::text, NULL FROM r \
            JOIN pg_catalog.pg_class t ON t.oid = r.top \
@@ -872,14 +883,7 @@ pub(super) async fn check_statement(
         format!("column masking cannot be checked: the server's catalog could not be read ({e})")
     };
     if side.is_none() {
-        let mut params = params.to_vec();
-        params.retain(|(k, _)| k != "application_name");
-        params.push(("application_name".into(), "portcullis-catalog".into()));
-        *side = Some(
-            super::upstream::login(flow, &params)
-                .await
-                .map_err(unreadable)?,
-        );
+        *side = Some(catalog_login(flow, params).await.map_err(unreadable)?);
     }
     let Some(conn) = side.as_mut() else {
         return Err("column masking cannot be checked: no catalog connection".into());
@@ -891,6 +895,22 @@ pub(super) async fn check_statement(
             Err(unreadable(e))
         }
     }
+}
+
+/// Logs in a catalog side connection with the session's startup `params`
+/// and pins its `search_path` to `pg_catalog`, so the catalog queries'
+/// operators and functions are the server's own whatever the agent's
+/// startup options name.
+pub(super) async fn catalog_login(
+    flow: &crate::proxy::Flow,
+    params: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let mut params = params.to_vec();
+    params.retain(|(k, _)| k != "application_name");
+    params.push(("application_name".into(), "portcullis-catalog".into()));
+    let mut side = super::upstream::login(flow, &params).await?;
+    side_query(&mut side, "SET search_path = pg_catalog").await?;
+    Ok(side)
 }
 
 /// Runs one simple query on a side connection and returns its rows as
