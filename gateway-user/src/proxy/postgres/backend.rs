@@ -24,7 +24,7 @@ use super::{
     maskcheck,
     rows::{self, RowPlan},
     session::{self, lock, ClientW, Expect, Pipe, Run, SessionCtx, FLUSH_AT, RECORD_ROWS},
-    upstream::{self, Io, Upstream},
+    upstream::{self, Io},
 };
 use crate::{
     daemon::Shared,
@@ -56,7 +56,6 @@ pub(super) struct Back<'a> {
     layout_known: bool,
     columns: Option<Vec<String>>,
     tables: HashMap<u32, Option<rows::Table>>,
-    side: Option<Upstream>,
     scratch: Vec<u8>,
     rows_seen: u64,
     by_column: Counts,
@@ -89,7 +88,6 @@ impl<'a> Back<'a> {
             layout_known: false,
             columns: None,
             tables: HashMap::new(),
-            side: None,
             scratch: Vec::new(),
             rows_seen: 0,
             by_column: Counts::default(),
@@ -471,7 +469,7 @@ impl<'a> Back<'a> {
         let found = self.catalog(&want).await;
         if let Err(e) = &found {
             warn!(session = %self.flow.info.session, "table names for masking unavailable: {e}");
-            self.side = None;
+            *self.ctx.catalog.lock().await = None;
         }
         let mut found = found.unwrap_or_default();
         for oid in want {
@@ -483,10 +481,11 @@ impl<'a> Back<'a> {
         &mut self,
         oids: &[u32],
     ) -> Result<HashMap<u32, rows::Table>, upstream::UpstreamError> {
-        if self.side.is_none() {
-            self.side = Some(maskcheck::catalog_login(self.flow, &self.ctx.params).await?);
+        let mut side = self.ctx.catalog.lock().await;
+        if side.is_none() {
+            *side = Some(maskcheck::catalog_login(self.flow, &self.ctx.params).await?);
         }
-        let Some(side) = self.side.as_mut() else {
+        let Some(side) = side.as_mut() else {
             return Ok(HashMap::new());
         };
         let list: Vec<String> = oids.iter().map(u32::to_string).collect();

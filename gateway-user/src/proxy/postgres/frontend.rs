@@ -30,7 +30,7 @@ use super::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
     },
-    upstream::{Io, Upstream},
+    upstream::Io,
 };
 use crate::{
     daemon::Shared,
@@ -56,8 +56,6 @@ pub(super) struct Front<'a> {
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
-    /// Catalog connection for the column-masking checks (`maskcheck`).
-    side: Option<Upstream>,
 }
 
 /// Why a frontend message was refused.
@@ -89,7 +87,6 @@ impl<'a> Front<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             skip_until_sync: false,
-            side: None,
         }
     }
 
@@ -371,7 +368,7 @@ impl<'a> Front<'a> {
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
             for c in &list {
                 let checked = maskcheck::check_statement(
-                    &mut self.side,
+                    &self.ctx.catalog,
                     self.flow,
                     &self.ctx.params,
                     &c.text,

@@ -37,6 +37,10 @@ use super::{
 };
 use crate::mask::Masker;
 
+/// A session's catalog side connection (logged in on first use), shared by
+/// its two halves: the statement checks and the result-column lookups.
+pub(super) type Side = tokio::sync::Mutex<Option<Upstream>>;
+
 /// OIDs below this are the server's own (built-in) objects.
 pub const FIRST_NORMAL_OID: u32 = 16384;
 
@@ -487,9 +491,24 @@ impl Walk<'_> {
             Some(N::SortBy(b)) => b.node.as_deref(),
             _ => None,
         });
-        let items = sort
+        // GROUP BY ROLLUP/CUBE/GROUPING SETS hold positions and names too.
+        fn flatten<'n>(
+            n: &'n pg_query::protobuf::Node,
+            out: &mut Vec<&'n pg_query::protobuf::Node>,
+        ) {
+            match &n.node {
+                Some(N::GroupingSet(g)) => g.content.iter().for_each(|c| flatten(c, out)),
+                Some(N::RowExpr(r)) => r.args.iter().for_each(|c| flatten(c, out)),
+                _ => out.push(n),
+            }
+        }
+        let mut items = Vec::new();
+        for n in sort
             .chain(s.group_clause.iter())
-            .chain(s.distinct_clause.iter());
+            .chain(s.distinct_clause.iter())
+        {
+            flatten(n, &mut items);
+        }
         for item in items {
             match &item.node {
                 Some(N::AConst(c)) => {
@@ -745,7 +764,9 @@ fn text_array(items: &BTreeSet<String>) -> String {
 /// PostgreSQL records per column (a whole-table reference, such as
 /// `count(*)`, counts as every column). `vf`: user functions a view
 /// calls. `f`: functions by name (user-defined? first argument a row?).
-/// `o`: user-defined operators by name.
+/// `o`: user-defined operators by name, except those of an installed
+/// extension (citext's `=`, hstore's `->`), which the database owner put
+/// there like the built-ins.
 fn catalog_sql(l: &Lookups) -> String {
     let mut funcs = l.functions.clone();
     funcs.extend(l.row_functions.iter().cloned());
@@ -778,12 +799,15 @@ fn catalog_sql(l: &Lookups) -> String {
            JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid WHERE p.oid >= {first} \
          UNION ALL \
          SELECT 'f', p.proname::text, (p.oid >= {first})::text, \
-                (p.provariadic <> 0 OR ty.typtype IN ('p', 'c'))::text \
+                (p.prokind = 'f' AND (p.provariadic <> 0 OR ty.typtype IN ('p', 'c')))::text \
            FROM pg_catalog.pg_proc p LEFT JOIN pg_catalog.pg_type ty ON ty.oid = p.proargtypes[0] \
           WHERE pg_catalog.lower(p.proname) = ANY({funcs}) \
          UNION ALL \
          SELECT 'o', o.oprname::text, NULL, NULL FROM pg_catalog.pg_operator o \
-          WHERE o.oid >= {first} AND o.oprname = ANY({ops})",
+          WHERE o.oid >= {first} AND o.oprname = ANY({ops}) \
+            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e \
+              WHERE e.classid = 'pg_catalog.pg_operator'::pg_catalog.regclass \
+                AND e.objid = o.oid AND e.deptype = 'e')",
         rels = text_array(&l.relations),
         funcs = text_array(&funcs),
         ops = text_array(&l.operators),
@@ -865,7 +889,7 @@ pub async fn catalog_check(
 /// refuses (fail closed). Nothing is cached: a view or function another
 /// session creates must be seen by the next statement.
 pub(super) async fn check_statement(
-    side: &mut Option<Upstream>,
+    side: &Side,
     flow: &crate::proxy::Flow,
     params: &[(String, String)],
     sql: &str,
@@ -882,6 +906,7 @@ pub(super) async fn check_statement(
     let unreadable = |e: UpstreamError| {
         format!("column masking cannot be checked: the server's catalog could not be read ({e})")
     };
+    let mut side = side.lock().await;
     if side.is_none() {
         *side = Some(catalog_login(flow, params).await.map_err(unreadable)?);
     }

@@ -78,6 +78,8 @@ fn every_bypass_from_the_issue_is_refused() {
         "select id from customers order by ssn",
         "select count(*) from customers group by ssn",
         "select ssn, count(*) from customers group by 1",
+        "select ssn, count(*) from customers group by rollup (1)",
+        "select ssn, count(*) from customers group by grouping sets ((1), ())",
         "select * from customers order by 3",
         "select ssn as k from customers order by k",
         "select id from customers having max(ssn) > '5'",
