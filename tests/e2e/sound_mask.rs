@@ -306,3 +306,37 @@ fn a_view_named_in_a_column_rule_is_readable_and_masked() {
         );
     }
 }
+
+#[test]
+fn a_partition_of_a_masked_table_is_masked_like_it() {
+    let s = setup(
+        "maskpart",
+        "[[mask]]\nresource = \"pg\"\ncolumns = [\"accounts.ssn\"]\nstyle = \"redact\"\n",
+    );
+    s.pg.sql(
+        "create table accounts(id int, ssn text) partition by range (id);
+         create table accounts_p1 partition of accounts for values from (0) to (100);
+         insert into accounts values (1, '123-45-6789');",
+    );
+    assert!(s.pg.sql("select upper(ssn) from accounts_p1").contains(SSN));
+    for sql in [
+        "select ssn from accounts",
+        "select ssn as x from accounts_p1",
+    ] {
+        let (ok, out, err) = s.psql(sql);
+        assert!(ok, "{sql}: {err}\n{}", s.daemon.log_text());
+        assert_eq!(out.trim(), "[MASKED]", "{sql}");
+    }
+    for sql in [
+        "select upper(ssn) from accounts_p1",
+        "select id from accounts_p1 where ssn like '1%'",
+        "select row_to_json(a) from accounts_p1 a",
+    ] {
+        let (ok, out, err) = s.psql(sql);
+        assert!(!ok && err.contains("42501"), "{sql}: {out}{err}");
+        assert!(
+            !out.contains(SSN) && !err.contains(SSN),
+            "{sql}: {out}{err}"
+        );
+    }
+}

@@ -764,7 +764,9 @@ fn text_array(items: &BTreeSet<String>) -> String {
 /// PostgreSQL records per column (a whole-table reference, such as
 /// `count(*)`, counts as every column). `vf`: user functions a view
 /// calls. `f`: functions by name (user-defined? first argument a row?).
-/// `o`: user-defined operators by name, except those of an installed
+/// `a`: the ancestors (inheritance parents, partitioned tables) of the
+/// relations read: a partition's rows are its parent's. `o`: user-defined
+/// operators by name, except those of an installed
 /// extension (citext's `=`, hstore's `->`), which the database owner put
 /// there like the built-ins.
 fn catalog_sql(l: &Lookups) -> String {
@@ -779,17 +781,23 @@ fn catalog_sql(l: &Lookups) -> String {
              JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
              JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
               AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-              AND d.refobjid <> r.rel) \
-         SELECT 'v', t.relname::text, n.nspname || '.' || b.relname, a.attname::text FROM r \
+              AND d.refobjid <> r.rel), \
+         anc(rel, parent) AS ( \
+           SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i \
+           UNION \
+           SELECT anc.rel, i.inhparent FROM anc JOIN pg_catalog.pg_inherits i ON i.inhrelid = anc.parent) \
+         SELECT 'v', t.relname::text, n.nspname || '.' || bn.relname, a.attname::text FROM r \
            JOIN pg_catalog.pg_class t ON t.oid = r.top \
            JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
            JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
             AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
             AND d.refobjid <> r.rel \
            JOIN pg_catalog.pg_class b ON b.oid = d.refobjid \
-           JOIN pg_catalog.pg_namespace n ON n.oid = b.relnamespace \
            JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND a.attnum > 0 AND NOT a.attisdropped \
             AND (d.refobjsubid = 0 OR a.attnum = d.refobjsubid) \
+           JOIN LATERAL (SELECT b.oid AS named UNION ALL SELECT anc.parent FROM anc WHERE anc.rel = b.oid) nm ON true \
+           JOIN pg_catalog.pg_class bn ON bn.oid = nm.named \
+           JOIN pg_catalog.pg_namespace n ON n.oid = bn.relnamespace \
          UNION ALL \
          SELECT 'vf', t.relname::text, p.proname::text, NULL FROM r \
            JOIN pg_catalog.pg_class t ON t.oid = r.top \
@@ -802,6 +810,11 @@ fn catalog_sql(l: &Lookups) -> String {
                 (p.prokind = 'f' AND (p.provariadic <> 0 OR ty.typtype IN ('p', 'c')))::text \
            FROM pg_catalog.pg_proc p LEFT JOIN pg_catalog.pg_type ty ON ty.oid = p.proargtypes[0] \
           WHERE pg_catalog.lower(p.proname) = ANY({funcs}) \
+         UNION ALL \
+         SELECT 'a', pg_catalog.lower(c.relname), pg_catalog.lower(p.relname), NULL FROM anc \
+           JOIN pg_catalog.pg_class c ON c.oid = anc.rel \
+           JOIN pg_catalog.pg_class p ON p.oid = anc.parent \
+          WHERE pg_catalog.lower(c.relname) = ANY({rels}) \
          UNION ALL \
          SELECT 'o', o.oprname::text, NULL, NULL FROM pg_catalog.pg_operator o \
           WHERE o.oid >= {first} AND o.oprname = ANY({ops}) \
@@ -864,22 +877,35 @@ fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<S
     None
 }
 
-/// Runs the catalog checks of `l` on the side connection `side`: `Ok(Err(reason))`
-/// refuses the statement; `Err` is a catalog that could not be read (the
-/// caller refuses: fail closed).
-pub async fn catalog_check(
+/// Runs the catalog query for `l` on the side connection `side`.
+pub async fn catalog_rows(
     side: &mut Upstream,
     l: &Lookups,
-    masker: &Masker,
-) -> Result<Result<(), String>, UpstreamError> {
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
     if l.is_empty() {
-        return Ok(Ok(()));
+        return Ok(Vec::new());
     }
-    let rows = side_query(side, &catalog_sql(l)).await?;
-    Ok(match judge(l, masker, &rows) {
-        Some(reason) => Err(reason),
-        None => Ok(()),
-    })
+    side_query(side, &catalog_sql(l)).await
+}
+
+/// `rules` extended to the relations the catalog names as children or
+/// partitions of a table in a rule (`a` rows): `customers_p1.ssn` when
+/// `customers.ssn` is masked and `customers_p1` is one of its partitions.
+fn inherited(rules: &Rules, rows: &[Vec<Option<String>>]) -> Rules {
+    let mut out = rules.clone();
+    for r in rows {
+        let cell = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+        if cell(0) != "a" {
+            continue;
+        }
+        let (rel, parent) = (cell(1), cell(2));
+        for (t, c) in &rules.qualified {
+            if *t == parent {
+                out.qualified.insert((rel.clone(), c.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// Checks one statement (`sql`, exactly one) on a resource with column
@@ -913,13 +939,33 @@ pub(super) async fn check_statement(
     let Some(conn) = side.as_mut() else {
         return Err("column masking cannot be checked: no catalog connection".into());
     };
-    match catalog_check(conn, &lookups, masker).await {
-        Ok(verdict) => verdict,
-        Err(e) => {
-            *side = None;
-            Err(unreadable(e))
+    // A partition or child of a ruled table is that table: analyze again
+    // with the rules extended to it (and ask the catalog about anything the
+    // new analysis needs). Ancestors do not depend on the rules, so this
+    // settles on the second round.
+    let (mut rules, mut lookups) = (rules, lookups);
+    for _ in 0..3 {
+        let rows = match catalog_rows(conn, &lookups).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                *side = None;
+                return Err(unreadable(e));
+            }
+        };
+        if let Some(reason) = judge(&lookups, masker, &rows) {
+            return Err(reason);
         }
+        let wider = inherited(&rules, &rows);
+        if wider == rules {
+            return Ok(());
+        }
+        let again = analyze(sql, &wider)?;
+        if again == lookups {
+            return Ok(());
+        }
+        (rules, lookups) = (wider, again);
     }
+    Err("column masking cannot be checked: the table inheritance did not settle".into())
 }
 
 /// Logs in a catalog side connection with the session's startup `params`
