@@ -24,7 +24,7 @@ use super::{
     maskcheck,
     rows::{self, RowPlan},
     session::{self, lock, ClientW, Expect, Pipe, Run, SessionCtx, FLUSH_AT, RECORD_ROWS},
-    upstream::{self, Io, Upstream},
+    upstream::{self, Io},
 };
 use crate::{
     daemon::Shared,
@@ -56,7 +56,6 @@ pub(super) struct Back<'a> {
     layout_known: bool,
     columns: Option<Vec<String>>,
     tables: HashMap<u32, Option<rows::Table>>,
-    side: Option<Upstream>,
     scratch: Vec<u8>,
     rows_seen: u64,
     by_column: Counts,
@@ -89,7 +88,6 @@ impl<'a> Back<'a> {
             layout_known: false,
             columns: None,
             tables: HashMap::new(),
-            side: None,
             scratch: Vec::new(),
             rows_seen: 0,
             by_column: Counts::default(),
@@ -543,7 +541,7 @@ impl<'a> Back<'a> {
         let found = self.catalog(&want).await;
         if let Err(e) = &found {
             warn!(session = %self.flow.info.session, "table names for masking unavailable: {e}");
-            self.side = None;
+            *self.ctx.catalog.lock().await = None;
         }
         let mut found = found.unwrap_or_default();
         for oid in want {
@@ -555,40 +553,66 @@ impl<'a> Back<'a> {
         &mut self,
         oids: &[u32],
     ) -> Result<HashMap<u32, rows::Table>, upstream::UpstreamError> {
-        if self.side.is_none() {
-            let mut params = self.ctx.params.clone();
-            params.retain(|(k, _)| k != "application_name");
-            params.push(("application_name".into(), "portcullis-catalog".into()));
-            self.side = Some(upstream::login(self.flow, &params).await?);
+        let mut side = self.ctx.catalog.lock().await;
+        if side.is_none() {
+            *side = Some(maskcheck::catalog_login(self.flow, &self.ctx.params).await?);
         }
-        let Some(side) = self.side.as_mut() else {
+        let Some(side) = side.as_mut() else {
             return Ok(HashMap::new());
         };
         let list: Vec<String> = oids.iter().map(u32::to_string).collect();
         let rows = maskcheck::side_query(
             side,
             &format!(
-                "SELECT c.oid::text, n.nspname || '.' || c.relname, a.attnum::text, a.attname::text \
+                "WITH RECURSIVE anc(rel, parent, depth) AS ( \
+                   SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i \
+                    WHERE i.inhrelid = ANY('{{{list}}}'::pg_catalog.oid[]) \
+                   UNION \
+                   SELECT anc.rel, i.inhparent, anc.depth + 1 FROM anc \
+                     JOIN pg_catalog.pg_inherits i ON i.inhrelid = anc.parent WHERE anc.depth < 64) \
+                 SELECT 'c', c.oid::text, n.nspname || '.' || c.relname, a.attnum::text, a.attname::text \
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                  LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                 WHERE c.oid = ANY('{{{}}}'::pg_catalog.oid[])",
-                list.join(",")
+                 WHERE c.oid = ANY('{{{list}}}'::pg_catalog.oid[]) \
+                 UNION ALL \
+                 SELECT 'a', anc.rel::text, n.nspname || '.' || p.relname, anc.depth::text, NULL FROM anc \
+                 JOIN pg_catalog.pg_class p ON p.oid = anc.parent \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace",
+                list = list.join(",")
             ),
         )
         .await?;
         let mut out: HashMap<u32, rows::Table> = HashMap::new();
+        let mut ancestors: Vec<(u32, u32, String)> = Vec::new();
         for r in rows {
             let cell = |i: usize| r.get(i).cloned().flatten();
-            let (Some(oid), Some(name)) = (cell(0).and_then(|o| o.parse::<u32>().ok()), cell(1))
-            else {
+            let (Some(kind), Some(oid), Some(name)) = (
+                cell(0),
+                cell(1).and_then(|o| o.parse::<u32>().ok()),
+                cell(2),
+            ) else {
                 continue;
             };
+            if kind == "a" {
+                let depth = cell(3).and_then(|d| d.parse().ok()).unwrap_or(u32::MAX);
+                ancestors.push((oid, depth, name));
+                continue;
+            }
             let t = out.entry(oid).or_insert_with(|| rows::Table {
                 name,
                 columns: HashMap::new(),
+                ancestors: Vec::new(),
             });
-            if let (Some(num), Some(att)) = (cell(2).and_then(|n| n.parse::<i16>().ok()), cell(3)) {
+            if let (Some(num), Some(att)) = (cell(3).and_then(|n| n.parse::<i16>().ok()), cell(4)) {
                 t.columns.insert(num, att);
+            }
+        }
+        ancestors.sort();
+        for (oid, _, name) in ancestors {
+            if let Some(t) = out.get_mut(&oid) {
+                if !t.ancestors.contains(&name) {
+                    t.ancestors.push(name);
+                }
             }
         }
         Ok(out)

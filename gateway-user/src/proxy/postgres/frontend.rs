@@ -31,7 +31,7 @@ use super::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
     },
-    upstream::{Io, Upstream},
+    upstream::Io,
 };
 use crate::{
     daemon::Shared,
@@ -501,7 +501,7 @@ impl<'a> Front<'a> {
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
             for c in &list {
                 let checked = maskcheck::check_statement(
-                    &mut self.side,
+                    &self.ctx.catalog,
                     self.flow,
                     &self.ctx.params,
                     &c.text,

@@ -37,6 +37,10 @@ use super::{
 };
 use crate::mask::Masker;
 
+/// A session's catalog side connection (logged in on first use), shared by
+/// its two halves: the statement checks and the result-column lookups.
+pub(super) type Side = tokio::sync::Mutex<Option<Upstream>>;
+
 /// OIDs below this are the server's own (built-in) objects.
 pub const FIRST_NORMAL_OID: u32 = 16384;
 
@@ -487,9 +491,24 @@ impl Walk<'_> {
             Some(N::SortBy(b)) => b.node.as_deref(),
             _ => None,
         });
-        let items = sort
+        // GROUP BY ROLLUP/CUBE/GROUPING SETS hold positions and names too.
+        fn flatten<'n>(
+            n: &'n pg_query::protobuf::Node,
+            out: &mut Vec<&'n pg_query::protobuf::Node>,
+        ) {
+            match &n.node {
+                Some(N::GroupingSet(g)) => g.content.iter().for_each(|c| flatten(c, out)),
+                Some(N::RowExpr(r)) => r.args.iter().for_each(|c| flatten(c, out)),
+                _ => out.push(n),
+            }
+        }
+        let mut items = Vec::new();
+        for n in sort
             .chain(s.group_clause.iter())
-            .chain(s.distinct_clause.iter());
+            .chain(s.distinct_clause.iter())
+        {
+            flatten(n, &mut items);
+        }
         for item in items {
             match &item.node {
                 Some(N::AConst(c)) => {
@@ -611,6 +630,38 @@ impl Walk<'_> {
                 }
                 self.walk(payload, ctx)
             }
+            "AlterTableStmt" => {
+                // Making a ruled table a child (INHERIT) or a partition
+                // (ATTACH PARTITION) of another shows its rows under the
+                // other table's name, which its rules do not cover.
+                let ruled = |rel: Option<String>| {
+                    rel.is_some_and(|r| self.rules.qualified.iter().any(|(t, _)| *t == r))
+                };
+                let rel = lower(payload.get("relation").and_then(|r| r.get("relname")));
+                for cmd in payload
+                    .get("cmds")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| match variant(c) {
+                        Some(("AlterTableCmd", c)) => Some(c),
+                        _ => None,
+                    })
+                {
+                    let attached = cmd
+                        .get("def")
+                        .and_then(variant)
+                        .and_then(|(k, d)| (k == "PartitionCmd").then_some(d))
+                        .and_then(|d| lower(d.get("name").and_then(|n| n.get("relname"))));
+                    let subtype = cmd.get("subtype").and_then(Value::as_i64);
+                    if (subtype == Some(50) && ruled(rel.clone()))
+                        || (subtype == Some(60) && ruled(attached))
+                    {
+                        return Err("a table named in a column masking rule cannot be made a child (INHERIT) or a partition of another table: its rows would be read under a name the rule does not cover".into());
+                    }
+                }
+                self.walk(payload, ctx)
+            }
             "RenameStmt" | "AlterObjectSchemaStmt" => {
                 let rel = lower(payload.get("relation").and_then(|r| r.get("relname")));
                 if rel
@@ -707,6 +758,17 @@ fn text_array(items: &BTreeSet<String>) -> String {
 }
 
 /// The catalog query for `l`: rows of (kind, a, b, c) as text.
+///
+/// `v` rows: every column a view read (directly or through the views it
+/// reads) depends on, from its rewrite rule's dependencies, which
+/// PostgreSQL records per column (a whole-table reference, such as
+/// `count(*)`, counts as every column). `vf`: user functions a view
+/// calls. `f`: functions by name (user-defined? first argument a row?).
+/// `a`: the ancestors (inheritance parents, partitioned tables) of the
+/// relations read: a partition's rows are its parent's. `o`: user-defined
+/// operators by name, except those of an installed
+/// extension (citext's `=`, hstore's `->`), which the database owner put
+/// there like the built-ins.
 fn catalog_sql(l: &Lookups) -> String {
     let mut funcs = l.functions.clone();
     funcs.extend(l.row_functions.iter().cloned());
@@ -719,13 +781,23 @@ fn catalog_sql(l: &Lookups) -> String {
              JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
              JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
               AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-              AND d.refobjid <> r.rel) \
-         SELECT 'v', t.relname::text, n.nspname || '.' || b.relname, a.attname::text FROM r \
+              AND d.refobjid <> r.rel), \
+         anc(rel, parent) AS ( \
+           SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i \
+           UNION \
+           SELECT anc.rel, i.inhparent FROM anc JOIN pg_catalog.pg_inherits i ON i.inhrelid = anc.parent) \
+         SELECT 'v', t.relname::text, n.nspname || '.' || bn.relname, a.attname::text FROM r \
            JOIN pg_catalog.pg_class t ON t.oid = r.top \
-           JOIN pg_catalog.pg_class b ON b.oid = r.rel \
-           JOIN pg_catalog.pg_namespace n ON n.oid = b.relnamespace \
+           JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.rel \
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+            AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+            AND d.refobjid <> r.rel \
+           JOIN pg_catalog.pg_class b ON b.oid = d.refobjid \
            JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND a.attnum > 0 AND NOT a.attisdropped \
-          WHERE r.rel <> r.top \
+            AND (d.refobjsubid = 0 OR a.attnum = d.refobjsubid) \
+           JOIN LATERAL (SELECT b.oid AS named UNION ALL SELECT anc.parent FROM anc WHERE anc.rel = b.oid) nm ON true \
+           JOIN pg_catalog.pg_class bn ON bn.oid = nm.named \
+           JOIN pg_catalog.pg_namespace n ON n.oid = bn.relnamespace \
          UNION ALL \
          SELECT 'vf', t.relname::text, p.proname::text, NULL FROM r \
            JOIN pg_catalog.pg_class t ON t.oid = r.top \
@@ -735,12 +807,20 @@ fn catalog_sql(l: &Lookups) -> String {
            JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid WHERE p.oid >= {first} \
          UNION ALL \
          SELECT 'f', p.proname::text, (p.oid >= {first})::text, \
-                (p.provariadic <> 0 OR ty.typtype IN ('p', 'c'))::text \
+                (p.prokind = 'f' AND (p.provariadic <> 0 OR ty.typtype IN ('p', 'c')))::text \
            FROM pg_catalog.pg_proc p LEFT JOIN pg_catalog.pg_type ty ON ty.oid = p.proargtypes[0] \
           WHERE pg_catalog.lower(p.proname) = ANY({funcs}) \
          UNION ALL \
+         SELECT 'a', pg_catalog.lower(c.relname), pg_catalog.lower(p.relname), NULL FROM anc \
+           JOIN pg_catalog.pg_class c ON c.oid = anc.rel \
+           JOIN pg_catalog.pg_class p ON p.oid = anc.parent \
+          WHERE pg_catalog.lower(c.relname) = ANY({rels}) \
+         UNION ALL \
          SELECT 'o', o.oprname::text, NULL, NULL FROM pg_catalog.pg_operator o \
-          WHERE o.oid >= {first} AND o.oprname = ANY({ops})",
+          WHERE o.oid >= {first} AND o.oprname = ANY({ops}) \
+            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e \
+              WHERE e.classid = 'pg_catalog.pg_operator'::pg_catalog.regclass \
+                AND e.objid = o.oid AND e.deptype = 'e')",
         rels = text_array(&l.relations),
         funcs = text_array(&funcs),
         ops = text_array(&l.operators),
@@ -797,22 +877,35 @@ fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<S
     None
 }
 
-/// Runs the catalog checks of `l` on the side connection `side`: `Ok(Err(reason))`
-/// refuses the statement; `Err` is a catalog that could not be read (the
-/// caller refuses: fail closed).
-pub async fn catalog_check(
+/// Runs the catalog query for `l` on the side connection `side`.
+pub async fn catalog_rows(
     side: &mut Upstream,
     l: &Lookups,
-    masker: &Masker,
-) -> Result<Result<(), String>, UpstreamError> {
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
     if l.is_empty() {
-        return Ok(Ok(()));
+        return Ok(Vec::new());
     }
-    let rows = side_query(side, &catalog_sql(l)).await?;
-    Ok(match judge(l, masker, &rows) {
-        Some(reason) => Err(reason),
-        None => Ok(()),
-    })
+    side_query(side, &catalog_sql(l)).await
+}
+
+/// `rules` extended to the relations the catalog names as children or
+/// partitions of a table in a rule (`a` rows): `customers_p1.ssn` when
+/// `customers.ssn` is masked and `customers_p1` is one of its partitions.
+fn inherited(rules: &Rules, rows: &[Vec<Option<String>>]) -> Rules {
+    let mut out = rules.clone();
+    for r in rows {
+        let cell = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+        if cell(0) != "a" {
+            continue;
+        }
+        let (rel, parent) = (cell(1), cell(2));
+        for (t, c) in &rules.qualified {
+            if *t == parent {
+                out.qualified.insert((rel.clone(), c.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// Checks one statement (`sql`, exactly one) on a resource with column
@@ -822,7 +915,7 @@ pub async fn catalog_check(
 /// refuses (fail closed). Nothing is cached: a view or function another
 /// session creates must be seen by the next statement.
 pub(super) async fn check_statement(
-    side: &mut Option<Upstream>,
+    side: &Side,
     flow: &crate::proxy::Flow,
     params: &[(String, String)],
     sql: &str,
@@ -839,26 +932,56 @@ pub(super) async fn check_statement(
     let unreadable = |e: UpstreamError| {
         format!("column masking cannot be checked: the server's catalog could not be read ({e})")
     };
+    let mut side = side.lock().await;
     if side.is_none() {
-        let mut params = params.to_vec();
-        params.retain(|(k, _)| k != "application_name");
-        params.push(("application_name".into(), "portcullis-catalog".into()));
-        *side = Some(
-            super::upstream::login(flow, &params)
-                .await
-                .map_err(unreadable)?,
-        );
+        *side = Some(catalog_login(flow, params).await.map_err(unreadable)?);
     }
     let Some(conn) = side.as_mut() else {
         return Err("column masking cannot be checked: no catalog connection".into());
     };
-    match catalog_check(conn, &lookups, masker).await {
-        Ok(verdict) => verdict,
-        Err(e) => {
-            *side = None;
-            Err(unreadable(e))
+    // A partition or child of a ruled table is that table: analyze again
+    // with the rules extended to it (and ask the catalog about anything the
+    // new analysis needs). Ancestors do not depend on the rules, so this
+    // settles on the second round.
+    let (mut rules, mut lookups) = (rules, lookups);
+    for _ in 0..3 {
+        let rows = match catalog_rows(conn, &lookups).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                *side = None;
+                return Err(unreadable(e));
+            }
+        };
+        if let Some(reason) = judge(&lookups, masker, &rows) {
+            return Err(reason);
         }
+        let wider = inherited(&rules, &rows);
+        if wider == rules {
+            return Ok(());
+        }
+        let again = analyze(sql, &wider)?;
+        if again == lookups {
+            return Ok(());
+        }
+        (rules, lookups) = (wider, again);
     }
+    Err("column masking cannot be checked: the table inheritance did not settle".into())
+}
+
+/// Logs in a catalog side connection with the session's startup `params`
+/// and pins its `search_path` to `pg_catalog`, so the catalog queries'
+/// operators and functions are the server's own whatever the agent's
+/// startup options name.
+pub(super) async fn catalog_login(
+    flow: &crate::proxy::Flow,
+    params: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let mut params = params.to_vec();
+    params.retain(|(k, _)| k != "application_name");
+    params.push(("application_name".into(), "portcullis-catalog".into()));
+    let mut side = super::upstream::login(flow, &params).await?;
+    side_query(&mut side, "SET search_path = pg_catalog").await?;
+    Ok(side)
 }
 
 /// Runs one simple query on a side connection and returns its rows as

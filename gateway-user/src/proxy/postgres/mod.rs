@@ -319,6 +319,7 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
         user: get("user"),
         database: get("database"),
         params: upstream_params.clone(),
+        catalog: tokio::sync::Mutex::new(None),
     };
     let out = session::run(shared, &flow, client, up, ctx).await;
     drop(cancel_key);

@@ -71,6 +71,10 @@ pub struct Table {
     pub name: String,
     /// Column names by attribute number.
     pub columns: HashMap<i16, String>,
+    /// `schema.table` of its inheritance parents and partitioned tables,
+    /// nearest first: a partition's rows are its parent's, and so are the
+    /// parent's rules.
+    pub ancestors: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +120,11 @@ impl RowPlan {
                 } else {
                     let known = tables.get(&c.table_oid).and_then(|t| t.as_ref());
                     match known.and_then(|t| Some((t, t.columns.get(&c.attnum)?))) {
-                        Some((t, attname)) => masker.column(Some(&t.name), attname),
+                        Some((t, attname)) => masker.column(Some(&t.name), attname).or_else(|| {
+                            t.ancestors
+                                .iter()
+                                .find_map(|a| masker.column(Some(a), attname))
+                        }),
                         // The table or column could not be named: a rule
                         // might apply, so the column is masked (fail closed).
                         None if masker.has_columns() => {
@@ -350,6 +358,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, c)| (i as i16 + 1, c.to_string()))
                 .collect(),
+            ancestors: Vec::new(),
         }
     }
 
@@ -358,6 +367,9 @@ mod tests {
         let m = masker(&["customers.ssn"], &[]);
         let mut tables = HashMap::new();
         tables.insert(100, Some(table("public.customers", &["id", "name", "ssn"])));
+        let mut part = table("public.customers_p1", &["id", "name", "ssn"]);
+        part.ancestors.push("public.customers".into());
+        tables.insert(102, Some(part));
         let cols = [
             // select ssn as x, name as ssn, id from customers
             at("x", 100, 3, 25, 0),
@@ -367,6 +379,8 @@ mod tests {
             // not list: masked (fail closed)
             at("id", 101, 1, 25, 0),
             at("ctid", 100, -1, 25, 0),
+            // a partition of customers
+            at("ssn", 102, 3, 25, 0),
         ];
         let plan = RowPlan::new(m, &cols, &tables).unwrap();
         let body = row(&[
@@ -375,6 +389,7 @@ mod tests {
             Some(b"1"),
             Some(b"2"),
             Some(b"(0,1)"),
+            Some(b"123-45-6789"),
         ]);
         let (mut out, mut scratch, mut bc, mut bd) = (
             BytesMut::new(),
@@ -390,6 +405,7 @@ mod tests {
         assert_eq!(v[2].as_deref(), Some(&b"1"[..]));
         assert_eq!(v[3].as_deref(), Some(crate::mask::MASKED.as_bytes()));
         assert_eq!(v[4].as_deref(), Some(crate::mask::MASKED.as_bytes()));
+        assert_eq!(v[5].as_deref(), Some(crate::mask::MASKED.as_bytes()));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub(super) struct SessionCtx {
     pub database: String,
     /// The upstream startup parameters (for the catalog side connection).
     pub params: Vec<(String, String)>,
+    /// The catalog side connection (masking checks and lookups).
+    pub catalog: super::maskcheck::Side,
 }
 
 /// A decided statement: its command and the gate's allow.
