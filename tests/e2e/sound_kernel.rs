@@ -644,3 +644,74 @@ fn the_daemon_refuses_to_start_inside_a_tagged_cgroup() {
     assert!(r.error().is_some(), "{r:?}");
     assert_eq!(accepted(&g.server), 0);
 }
+
+#[test]
+fn a_namespace_without_ipv6_loopback_is_served_for_ipv4_only() {
+    require_root();
+    let cg = TestCgroup::new("nov6");
+    let server = EchoServer::start("nov6");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let ns = TestNetns::new("nov6");
+    // No ::1 in this namespace: the daemon cannot hold [::1]:PORT, and
+    // nobody else can either.
+    run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.lo.disable_ipv6=1",
+    ]));
+    let place = Placement::cgroup(cg.dir(&agent)).with_netns(ns.path());
+    let holder = Holder::start(&place);
+    daemon.wait_netns_served(holder.pid());
+    wait_until(
+        Duration::from_secs(5),
+        || daemon.log_text().contains("served for IPv4 only"),
+        "IPv4-only serving logged",
+    );
+    // IPv4 is served.
+    let r = client(&place, to(&server));
+    assert!(r.echo_ok(), "{r:?}\n{}", daemon.log_text());
+    // IPv6 comes back and someone else takes [::1]:PORT: native IPv6
+    // connects are refused in the kernel, never sent to it.
+    run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.lo.disable_ipv6=0",
+    ]));
+    let log = files.dir.join("squatter.log");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        SQUATTER,
+        "::1",
+        &files.port.to_string(),
+        &log.display().to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    Placement::default().with_netns(ns.path()).apply(&mut cmd);
+    let mut squatter = cmd.spawn().expect("spawn squatter");
+    let mut line = String::new();
+    // ::1 may take a moment to come back.
+    let _ = BufReader::new(squatter.stdout.take().expect("stdout")).read_line(&mut line);
+    assert_eq!(line.trim(), "ready", "squatter could not bind [::1]");
+    let r = client(&place, json!({"v6": true, "host": "::1", "port": 9}));
+    assert!(
+        r.error().is_some_and(|e| e.contains("PermissionError")),
+        "{r:?}"
+    );
+    assert!(fs::read_to_string(&log).unwrap_or_default().is_empty());
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    // IPv4 still served.
+    assert!(client(&place, to(&server)).echo_ok());
+}
