@@ -715,3 +715,143 @@ fn a_namespace_without_ipv6_loopback_is_served_for_ipv4_only() {
     // IPv4 still served.
     assert!(client(&place, to(&server)).echo_ok());
 }
+
+/// Sends one hand-made Ethernet/IPv4/UDP frame out of interface `iface`
+/// (argv[1] JSON: iface, src, dst, dmac, port) from an AF_PACKET socket;
+/// first tries PACKET_QDISC_BYPASS.
+const RAW_FRAME: &str = r#"
+import json, socket, struct, sys
+a = json.loads(sys.argv[1])
+out = {}
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return (~s) & 0xffff
+payload = b"raw frame"
+udp = struct.pack("!HHHH", 4444, a["port"], 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                 socket.inet_aton(a["src"]), socket.inet_aton(a["dst"]))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = bytes.fromhex(a["dmac"].replace(":", "")) + b"\x02\0\0\0\0\x01" + b"\x08\x00" + ip + udp
+try:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    s.bind((a["iface"], 0))
+    try:
+        s.setsockopt(263, 20, 1)  # SOL_PACKET, PACKET_QDISC_BYPASS
+        out["bypass"] = "ok"
+    except OSError as e:
+        out["bypass"] = e.errno
+    try:
+        out["sent"] = s.send(frame)
+    except OSError as e:
+        out["sent"] = e.errno
+except OSError as e:
+    out["socket"] = e.errno
+print(json.dumps(out))
+"#;
+
+/// Appends every datagram received on 127.0.0.1:argv[1] to argv[2].
+const UDP_SINK: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    d, _ = s.recvfrom(2048)
+    with open(sys.argv[2], "a") as f:
+        f.write(d.decode(errors="replace") + "\n")
+"#;
+
+#[test]
+fn packet_frames_from_tagged_cgroups_never_leave_even_without_bpf_lsm() {
+    let mut g = governed("rawframes", &[]);
+    let ns = TestNetns::new("raw");
+    // A wire inside the namespace: frames sent out of `vb` arrive on `va`
+    // (10.77.0.1), from a source that is not local (so not martian).
+    for args in [
+        vec!["link", "add", "va", "type", "veth", "peer", "name", "vb"],
+        vec!["addr", "add", "10.77.0.1/24", "dev", "va"],
+        vec!["link", "set", "va", "up"],
+        vec!["link", "set", "vb", "up"],
+    ] {
+        run_ok(Command::new("ip").arg("-n").arg(&ns.name).args(args));
+    }
+    let link = run_ok(Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", "va"]));
+    let link: Value = serde_json::from_slice(&link.stdout).expect("ip -j");
+    let dmac = link[0]["address"].as_str().expect("mac").to_string();
+    let place = Placement::cgroup(g.cg.dir(&g.agent)).with_netns(ns.path());
+    let holder = Holder::start(&place);
+    g.daemon.wait_netns_served(holder.pid());
+    let ino = fs::metadata(ns.path()).expect("netns").ino();
+    let st = g.daemon.status();
+    let served = st["netns"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["inode"].as_u64() == Some(ino)).cloned())
+        .expect("served");
+    assert!(
+        served["egress_guarded"].as_u64().is_some_and(|n| n >= 1),
+        "{served}"
+    );
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let sink_log = g.files.dir.join("sink.log");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        UDP_SINK,
+        &port.to_string(),
+        &sink_log.display().to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    Placement::default().with_netns(ns.path()).apply(&mut cmd);
+    let mut sink = cmd.spawn().expect("spawn sink");
+    let mut line = String::new();
+    BufReader::new(sink.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("sink ready");
+    assert_eq!(line.trim(), "ready");
+    let received = || {
+        fs::read_to_string(&sink_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "raw frame")
+            .count()
+    };
+
+    // Control: untagged, the hand-made frame is delivered.
+    let other = g.cg.child("other");
+    let plain = Placement::cgroup(g.cg.dir(&other)).with_netns(ns.path());
+    let frame =
+        json!({"iface": "vb", "src": "10.77.0.9", "dst": "10.77.0.1", "dmac": dmac, "port": port});
+    let r = python_json(&plain, None, RAW_FRAME, frame.clone());
+    assert_eq!(r["bypass"], "ok", "{r}");
+    wait_until(
+        Duration::from_secs(5),
+        || received() == 1,
+        "control frame delivered",
+    );
+
+    // Tagged: either the socket is refused (BPF LSM) or nothing it sends
+    // leaves, and the qdisc bypass is refused.
+    let check = |g: &Gov| {
+        let r = python_json(
+            &Placement::cgroup(g.cg.dir(&g.agent)).with_netns(ns.path()),
+            None,
+            RAW_FRAME,
+            frame.clone(),
+        );
+        if r.get("socket").is_some() {
+            assert_eq!(r["socket"], libc::EPERM, "{r}");
+        } else {
+            assert_eq!(r["bypass"], libc::EPERM, "{r}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(received(), 1, "a tagged AF_PACKET frame got through: {r}");
+    };
+    check(&g);
+    // The filters are pinned: still in force while the daemon is down.
+    g.daemon.kill9();
+    check(&g);
+    let _ = sink.kill();
+    let _ = sink.wait();
+}
