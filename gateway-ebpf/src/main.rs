@@ -34,12 +34,14 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie,
+            bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, lsm, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, lsm, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{
+        LsmContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext,
+    },
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -66,6 +68,13 @@ const AF_INET6: i32 = 10;
 const AF_NETLINK: i32 = 16;
 /// What an LSM hook returns to deny: -EPERM.
 const LSM_DENY: i32 = -1;
+/// tc verdicts.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+/// Socket option levels whose options send frames past the qdisc layer
+/// (and so past the tc egress hook): `PACKET_QDISC_BYPASS` and AF_XDP.
+const SOL_PACKET: i32 = 263;
+const SOL_XDP: i32 = 283;
 
 #[map]
 static TAGGED_CGROUPS: HashMap<u64, TagMark> = HashMap::pinned(16384, 0);
@@ -477,6 +486,69 @@ pub fn restrict_socket_families(ctx: LsmContext) -> i32 {
     } else {
         LSM_DENY
     }
+}
+
+/// Whether the socket that sent `skb` sits in a tagged cgroup (or below).
+#[inline(always)]
+fn skb_socket_tagged(ctx: &TcContext) -> bool {
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: the helper takes the program's own skb context.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
+        if id == 0 {
+            break;
+        }
+        if TAGGED_CGROUPS.get_ptr(id).is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+/// tc egress on every interface of every served namespace: drops frames
+/// sent by a non-inet socket (AF_PACKET, `SOCK_PACKET`) of a tagged cgroup.
+/// The fallback for AF_PACKET where the BPF LSM program cannot run: the
+/// socket can be created, but nothing it sends leaves. Inet sockets are
+/// governed by the cgroup hooks and pass; so do frames without a socket
+/// (forwarded, or sent by the kernel).
+#[classifier]
+pub fn restrict_raw_egress(ctx: TcContext) -> i32 {
+    // SAFETY: valid context pointer; `sk` is readable in tc programs and
+    // may be null.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: the helper accepts the (non-null) socket pointer read above.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: a non-null full socket from the helper.
+    let family = unsafe { (*full).family };
+    if family == AF_INET as u32 || family == AF_INET6 as u32 {
+        return TC_ACT_OK;
+    }
+    if skb_socket_tagged(&ctx) {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Tagged cgroups may not set `SOL_PACKET` or `SOL_XDP` options: with them
+/// an AF_PACKET socket could skip the qdisc layer (`PACKET_QDISC_BYPASS`,
+/// TX rings) and an AF_XDP socket could register its memory, both sending
+/// past the tc egress hook. Fails with EPERM.
+#[cgroup_sockopt(setsockopt)]
+pub fn restrict_raw_sockopts(ctx: SockoptContext) -> i32 {
+    // SAFETY: valid context pointer; level is readable in setsockopt.
+    let level = unsafe { (*ctx.sockopt).level };
+    if (level == SOL_PACKET || level == SOL_XDP) && is_tagged() {
+        return REFUSE;
+    }
+    ALLOW
 }
 
 #[inline(always)]

@@ -54,6 +54,9 @@ pub struct ServedNetns {
     pub misses: u32,
     /// The daemon's own namespace (never closed).
     pub host: bool,
+    /// Interfaces whose egress filter drops tagged AF_PACKET frames (0 when
+    /// attaching failed: see the log).
+    pub egress_guarded: usize,
 }
 
 /// State shared by every task of the daemon.
@@ -597,6 +600,21 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .serve_netns(cookie, ipv6)?;
+    let egress_guarded = match shared
+        .redirect
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .guard_egress(ns_file, cookie)
+    {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(
+                netns_inode = id.1,
+                cookie, "AF_PACKET egress filter not attached: {e}"
+            );
+            0
+        }
+    };
     info!(
         netns_inode = id.1,
         cookie, pid, host, ipv6, "serving network namespace"
@@ -613,6 +631,7 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
                 cancel,
                 misses: 0,
                 host,
+                egress_guarded,
             },
         );
     Ok(())

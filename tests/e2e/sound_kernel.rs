@@ -644,3 +644,214 @@ fn the_daemon_refuses_to_start_inside_a_tagged_cgroup() {
     assert!(r.error().is_some(), "{r:?}");
     assert_eq!(accepted(&g.server), 0);
 }
+
+#[test]
+fn a_namespace_without_ipv6_loopback_is_served_for_ipv4_only() {
+    require_root();
+    let cg = TestCgroup::new("nov6");
+    let server = EchoServer::start("nov6");
+    let files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let ns = TestNetns::new("nov6");
+    // No ::1 in this namespace: the daemon cannot hold [::1]:PORT, and
+    // nobody else can either.
+    run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.lo.disable_ipv6=1",
+    ]));
+    let place = Placement::cgroup(cg.dir(&agent)).with_netns(ns.path());
+    let holder = Holder::start(&place);
+    daemon.wait_netns_served(holder.pid());
+    wait_until(
+        Duration::from_secs(5),
+        || daemon.log_text().contains("served for IPv4 only"),
+        "IPv4-only serving logged",
+    );
+    // IPv4 is served.
+    let r = client(&place, to(&server));
+    assert!(r.echo_ok(), "{r:?}\n{}", daemon.log_text());
+    // IPv6 comes back and someone else takes [::1]:PORT: native IPv6
+    // connects are refused in the kernel, never sent to it.
+    run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.lo.disable_ipv6=0",
+    ]));
+    let log = files.dir.join("squatter.log");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        SQUATTER,
+        "::1",
+        &files.port.to_string(),
+        &log.display().to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    Placement::default().with_netns(ns.path()).apply(&mut cmd);
+    let mut squatter = cmd.spawn().expect("spawn squatter");
+    let mut line = String::new();
+    // ::1 may take a moment to come back.
+    let _ = BufReader::new(squatter.stdout.take().expect("stdout")).read_line(&mut line);
+    assert_eq!(line.trim(), "ready", "squatter could not bind [::1]");
+    let r = client(&place, json!({"v6": true, "host": "::1", "port": 9}));
+    assert!(
+        r.error().is_some_and(|e| e.contains("PermissionError")),
+        "{r:?}"
+    );
+    assert!(fs::read_to_string(&log).unwrap_or_default().is_empty());
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    // IPv4 still served.
+    assert!(client(&place, to(&server)).echo_ok());
+}
+
+/// Sends one hand-made Ethernet/IPv4/UDP frame out of interface `iface`
+/// (argv[1] JSON: iface, src, dst, dmac, port) from an AF_PACKET socket;
+/// first tries PACKET_QDISC_BYPASS.
+const RAW_FRAME: &str = r#"
+import json, socket, struct, sys
+a = json.loads(sys.argv[1])
+out = {}
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return (~s) & 0xffff
+payload = b"raw frame"
+udp = struct.pack("!HHHH", 4444, a["port"], 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                 socket.inet_aton(a["src"]), socket.inet_aton(a["dst"]))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = bytes.fromhex(a["dmac"].replace(":", "")) + b"\x02\0\0\0\0\x01" + b"\x08\x00" + ip + udp
+try:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    s.bind((a["iface"], 0))
+    try:
+        s.setsockopt(263, 20, 1)  # SOL_PACKET, PACKET_QDISC_BYPASS
+        out["bypass"] = "ok"
+    except OSError as e:
+        out["bypass"] = e.errno
+    try:
+        out["sent"] = s.send(frame)
+    except OSError as e:
+        out["sent"] = e.errno
+except OSError as e:
+    out["socket"] = e.errno
+print(json.dumps(out))
+"#;
+
+/// Appends every datagram received on 127.0.0.1:argv[1] to argv[2].
+const UDP_SINK: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    d, _ = s.recvfrom(2048)
+    with open(sys.argv[2], "a") as f:
+        f.write(d.decode(errors="replace") + "\n")
+"#;
+
+#[test]
+fn packet_frames_from_tagged_cgroups_never_leave_even_without_bpf_lsm() {
+    let mut g = governed("rawframes", &[]);
+    let ns = TestNetns::new("raw");
+    // A wire inside the namespace: frames sent out of `vb` arrive on `va`
+    // (10.77.0.1), from a source that is not local (so not martian).
+    for args in [
+        vec!["link", "add", "va", "type", "veth", "peer", "name", "vb"],
+        vec!["addr", "add", "10.77.0.1/24", "dev", "va"],
+        vec!["link", "set", "va", "up"],
+        vec!["link", "set", "vb", "up"],
+    ] {
+        run_ok(Command::new("ip").arg("-n").arg(&ns.name).args(args));
+    }
+    let link = run_ok(Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", "va"]));
+    let link: Value = serde_json::from_slice(&link.stdout).expect("ip -j");
+    let dmac = link[0]["address"].as_str().expect("mac").to_string();
+    let place = Placement::cgroup(g.cg.dir(&g.agent)).with_netns(ns.path());
+    let holder = Holder::start(&place);
+    g.daemon.wait_netns_served(holder.pid());
+    let ino = fs::metadata(ns.path()).expect("netns").ino();
+    let st = g.daemon.status();
+    let served = st["netns"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["inode"].as_u64() == Some(ino)).cloned())
+        .expect("served");
+    assert!(
+        served["egress_guarded"].as_u64().is_some_and(|n| n >= 1),
+        "{served}"
+    );
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let sink_log = g.files.dir.join("sink.log");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        UDP_SINK,
+        &port.to_string(),
+        &sink_log.display().to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    Placement::default().with_netns(ns.path()).apply(&mut cmd);
+    let mut sink = cmd.spawn().expect("spawn sink");
+    let mut line = String::new();
+    BufReader::new(sink.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("sink ready");
+    assert_eq!(line.trim(), "ready");
+    let received = || {
+        fs::read_to_string(&sink_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "raw frame")
+            .count()
+    };
+
+    // Control: untagged, the hand-made frame is delivered.
+    let other = g.cg.child("other");
+    let plain = Placement::cgroup(g.cg.dir(&other)).with_netns(ns.path());
+    let frame =
+        json!({"iface": "vb", "src": "10.77.0.9", "dst": "10.77.0.1", "dmac": dmac, "port": port});
+    let r = python_json(&plain, None, RAW_FRAME, frame.clone());
+    assert_eq!(r["bypass"], "ok", "{r}");
+    wait_until(
+        Duration::from_secs(5),
+        || received() == 1,
+        "control frame delivered",
+    );
+
+    // Tagged: either the socket is refused (BPF LSM) or nothing it sends
+    // leaves, and the qdisc bypass is refused.
+    let check = |g: &Gov| {
+        let r = python_json(
+            &Placement::cgroup(g.cg.dir(&g.agent)).with_netns(ns.path()),
+            None,
+            RAW_FRAME,
+            frame.clone(),
+        );
+        if r.get("socket").is_some() {
+            assert_eq!(r["socket"], libc::EPERM, "{r}");
+        } else {
+            assert_eq!(r["bypass"], libc::EPERM, "{r}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(received(), 1, "a tagged AF_PACKET frame got through: {r}");
+    };
+    check(&g);
+    // The filters are pinned: still in force while the daemon is down.
+    g.daemon.kill9();
+    check(&g);
+    let _ = sink.kill();
+    let _ = sink.wait();
+}

@@ -104,6 +104,8 @@ struct NetnsView {
     cookie: u64,
     pid: u32,
     host: bool,
+    /// Interfaces whose egress filter drops tagged AF_PACKET frames.
+    egress_guarded: usize,
 }
 
 async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Response {
@@ -489,6 +491,7 @@ fn status(shared: &Shared) -> serde_json::Value {
                 cookie: s.cookie,
                 pid: s.pid,
                 host: s.host,
+                egress_guarded: s.egress_guarded,
             })
             .collect();
         v.sort_by_key(|n| (!n.host, n.inode));

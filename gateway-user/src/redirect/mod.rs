@@ -18,7 +18,8 @@ use aya::{
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, Lsm, SchedClassifier, SockOps,
+        TcAttachType,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -38,8 +39,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// socket-creation, bind and UDP programs come first so that a tagged cgroup
 /// is never redirected for TCP while it can still open raw sockets, squat
 /// the proxy port or send UDP.
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 9] = [
     "restrict_socket_types",
+    "restrict_raw_sockopts",
     "restrict_bind4",
     "restrict_bind6",
     "restrict_udp_sendmsg4",
@@ -53,6 +55,10 @@ const PROGRAMS: [&str; 8] = [
 /// active) and the kernel hook it runs at.
 const LSM_PROGRAM: &str = "restrict_socket_families";
 const LSM_HOOK: &str = "socket_create";
+
+/// The tc egress program attached to every interface of every served
+/// namespace (AF_PACKET frames from tagged cgroups are dropped).
+const EGRESS_PROGRAM: &str = "restrict_raw_egress";
 
 /// A failure to set up or drive interception.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +195,22 @@ impl Redirector {
             path: settings.cgroup_dir.clone(),
             source,
         })?;
+        // Loaded once; attached per namespace and interface by
+        // [`Redirector::guard_egress`].
+        match me.ebpf.program_mut(EGRESS_PROGRAM) {
+            Some(aya::programs::Program::SchedClassifier(p)) => {
+                p.load().map_err(|source| RedirectError::Program {
+                    name: EGRESS_PROGRAM,
+                    source,
+                })?
+            }
+            _ => {
+                return Err(RedirectError::Program {
+                    name: EGRESS_PROGRAM,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })
+            }
+        }
         let lsm = settings.lsm.then_some(LSM_PROGRAM);
         for name in lsm.into_iter().chain(PROGRAMS) {
             let link = if name == LSM_PROGRAM {
@@ -209,11 +231,23 @@ impl Redirector {
             // bpffs refuses names with a dot (it reserves them), hence "-new".
             let tmp_path = links_dir.join(format!("{name}-new"));
             let _ = fs::remove_file(&tmp_path);
-            let pinned = link.pin(&tmp_path).map_err(|e| RedirectError::Pin {
-                what: "pinning link",
-                path: tmp_path.clone(),
-                source: io::Error::other(e),
-            })?;
+            let pinned = match link {
+                Attached::Link(link) => {
+                    Some(link.pin(&tmp_path).map_err(|e| RedirectError::Pin {
+                        what: "pinning link",
+                        path: tmp_path.clone(),
+                        source: io::Error::other(e),
+                    })?)
+                }
+                Attached::Raw(fd) => {
+                    bpf_obj_pin(&fd, &tmp_path).map_err(|source| RedirectError::Pin {
+                        what: "pinning link",
+                        path: tmp_path.clone(),
+                        source,
+                    })?;
+                    None
+                }
+            };
             // Renaming over the old pin drops the last reference to the old
             // link, detaching the old program only once the new one runs.
             fs::rename(&tmp_path, &final_path).map_err(|source| RedirectError::Pin {
@@ -245,7 +279,7 @@ impl Redirector {
         &mut self,
         name: &'static str,
         cgroup: &fs::File,
-    ) -> Result<FdLink, RedirectError> {
+    ) -> Result<Attached, RedirectError> {
         let perr = |source| RedirectError::Program { name, source };
         let link_err = |e: aya::programs::links::LinkError| RedirectError::Pin {
             what: "converting link",
@@ -289,6 +323,20 @@ impl Redirector {
                 let id = p.attach().map_err(perr)?;
                 p.take_link(id).map_err(perr)?.into()
             }
+            aya::programs::Program::CgroupSockopt(p) => {
+                // aya 0.14 cannot turn a sockopt link into an FdLink to pin:
+                // make the link with the bpf() syscall directly.
+                let p: &mut CgroupSockopt = p;
+                p.load().map_err(perr)?;
+                let prog = p.fd().map_err(perr)?;
+                let fd = bpf_link_create(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SETSOCKOPT)
+                    .map_err(|source| RedirectError::Pin {
+                        what: "creating link",
+                        path: PathBuf::from(name),
+                        source,
+                    })?;
+                return Ok(Attached::Raw(fd));
+            }
             aya::programs::Program::SockOps(p) => {
                 let p: &mut SockOps = p;
                 p.load().map_err(perr)?;
@@ -307,7 +355,7 @@ impl Redirector {
                 })
             }
         };
-        Ok(link)
+        Ok(Attached::Link(link))
     }
 
     /// Starts reading aya-log records from the programs into the `log` facade.
@@ -412,9 +460,98 @@ impl Redirector {
             })
     }
 
-    /// Stops marking a network namespace as served.
+    /// Stops marking a network namespace as served (and drops its egress
+    /// filters: the namespace is gone).
     pub fn unserve_netns(&mut self, cookie: u64) {
         let _ = self.served.remove(&cookie);
+        let dir = self.pin_dir.join("links").join("egress");
+        if let Ok(entries) = fs::read_dir(&dir) {
+            let prefix = format!("{cookie}-");
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Attaches the egress filter to every interface of the namespace
+    /// `ns_file` (cookie `cookie`) and pins each link, so frames that
+    /// tagged cgroups send from AF_PACKET sockets never leave, even while
+    /// the daemon is down. Returns how many interfaces are guarded.
+    pub fn guard_egress(&mut self, ns_file: &Path, cookie: u64) -> Result<usize, RedirectError> {
+        let dir = self.pin_dir.join("links").join("egress");
+        fs::create_dir_all(&dir).map_err(|source| RedirectError::Pin {
+            what: "creating pin directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let ns = fs::File::open(ns_file).map_err(|source| RedirectError::Pin {
+            what: "opening network namespace",
+            path: ns_file.to_path_buf(),
+            source,
+        })?;
+        let program: &mut SchedClassifier = match self.ebpf.program_mut(EGRESS_PROGRAM) {
+            Some(aya::programs::Program::SchedClassifier(p)) => p,
+            _ => {
+                return Err(RedirectError::Program {
+                    name: EGRESS_PROGRAM,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })
+            }
+        };
+        let perr = |source| RedirectError::Program {
+            name: EGRESS_PROGRAM,
+            source,
+        };
+        let pin_err = |what: &'static str, path: &Path, e: String| RedirectError::Pin {
+            what,
+            path: path.to_path_buf(),
+            source: io::Error::other(e),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Only this thread changes namespace; it ends right after.
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    RedirectError::Pin {
+                        what: "entering network namespace",
+                        path: ns_file.to_path_buf(),
+                        source: io::Error::from(e),
+                    }
+                })?;
+                let interfaces = nix::net::if_::if_nameindex().map_err(|e| RedirectError::Pin {
+                    what: "listing interfaces of",
+                    path: ns_file.to_path_buf(),
+                    source: io::Error::from(e),
+                })?;
+                let mut guarded = 0;
+                for iface in interfaces.iter() {
+                    let name = iface.name().to_string_lossy().into_owned();
+                    let id = program.attach(&name, TcAttachType::Egress).map_err(perr)?;
+                    let link: FdLink = program.take_link(id).map_err(perr)?.try_into().map_err(
+                        |e: aya::programs::links::LinkError| {
+                            pin_err("converting link", &dir, e.to_string())
+                        },
+                    )?;
+                    let final_path = dir.join(format!("{cookie}-{}", iface.index()));
+                    let tmp_path = dir.join(format!("{cookie}-{}-new", iface.index()));
+                    let _ = fs::remove_file(&tmp_path);
+                    let pinned = link
+                        .pin(&tmp_path)
+                        .map_err(|e| pin_err("pinning link", &tmp_path, e.to_string()))?;
+                    fs::rename(&tmp_path, &final_path).map_err(|source| RedirectError::Pin {
+                        what: "replacing pinned link",
+                        path: final_path.clone(),
+                        source,
+                    })?;
+                    drop(pinned);
+                    guarded += 1;
+                }
+                Ok(guarded)
+            })
+            .join()
+            .map_err(|_| pin_err("egress thread panicked", ns_file, String::new()))?
+        })
     }
 
     /// Takes the flow entry for a client, if the kernel recorded one.
@@ -454,6 +591,73 @@ impl Redirector {
             path: self.pin_dir.clone(),
             source,
         })
+    }
+}
+
+/// A link made by [`Redirector::attach_one`], to be pinned.
+enum Attached {
+    /// Through aya.
+    Link(FdLink),
+    /// Made with the bpf() syscall (link types aya cannot pin).
+    Raw(std::os::fd::OwnedFd),
+}
+
+/// `BPF_CGROUP_SETSOCKOPT` from linux/bpf.h.
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup) for `attach_type`.
+fn bpf_link_create(
+    prog: std::os::fd::BorrowedFd<'_>,
+    target: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    // SAFETY: bpf(2) reads `attr.len()` bytes of the attribute buffer we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new link fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// `BPF_OBJ_PIN` of `fd` at `path` on bpffs.
+fn bpf_obj_pin(fd: &std::os::fd::OwnedFd, path: &Path) -> io::Result<()> {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // union bpf_attr, obj_pin: pathname (u64), bpf_fd, file_flags.
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: bpf(2) reads the attribute buffer and the NUL-terminated path,
+    // both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            attr.as_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
