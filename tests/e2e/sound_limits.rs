@@ -133,10 +133,14 @@ fn pg_setup(name: &str) -> PgLimits {
 }
 
 fn write_pg_resource(files: &DaemonFiles, pg: &PgServer) {
+    write_pg_resource_with(files, pg, "");
+}
+
+fn write_pg_resource_with(files: &DaemonFiles, pg: &PgServer, extra: &str) {
     std::fs::write(
         files.policies.join("pg.toml"),
         format!(
-            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n",
+            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n{extra}\n",
             pg.addr(),
             pg.password_file.display().to_string()
         ),
@@ -354,9 +358,11 @@ fn http_setup(
         ),
     )
     .unwrap();
+    // Agent-side TLS on: a shed session answers the SSLRequest with TLS
+    // and sends its FATAL through it.
     let pg = config.map(|_| {
         let pg = PgServer::start(name);
-        write_pg_resource(&files, &pg);
+        write_pg_resource_with(&files, &pg, "ssl = \"on\"");
         pg
     });
     let sshd = config.map(|_| {
@@ -510,7 +516,7 @@ fn memory_budget_sheds_new_sessions_in_protocol_and_the_default_serves() {
             "select 42",
         ])
         .arg(format!(
-            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=prefer connect_timeout=10",
+            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=require connect_timeout=10",
             pg.port
         ))
         .env_remove("PGPASSWORD");
