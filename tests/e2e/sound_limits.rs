@@ -292,6 +292,39 @@ fn pg_query_claiming_1gib_is_refused_with_bounded_memory_and_others_carry_on() {
     );
 }
 
+/// "N connections kill it": four agents at once, each claiming a 1 GiB
+/// Query and sending 100 MB, all paused halfway together. Each gets 54000;
+/// the daemon's RSS stays bounded throughout and a fifth session works.
+#[test]
+fn pg_many_oversized_queries_at_once_stay_bounded() {
+    let p = pg_setup("lim-many");
+    let pid = p.daemon.child.id();
+    let (ok, _, err) = p.psql(&["-c", "select 1"]);
+    assert!(ok, "{err}");
+    let base = rss(pid);
+    let peak = PeakRss::start(pid);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            p.big_client(json!({
+                "mode": "oversized_query",
+                "claim": 1u64 << 30,
+                "send": 100u64 << 20,
+            }))
+        })
+        .collect();
+    let (ok, o, e) = p.psql(&["-c", "select count(*) from customers"]);
+    assert!(ok && o.trim() == "2", "a fifth session works: {o} {e}");
+    for (child, out) in clients {
+        let r = PgLimits::finish_client(child, out);
+        assert_eq!(r["errors"][0]["C"], "54000", "{r}");
+    }
+    let peak = peak.peak();
+    assert!(
+        peak.saturating_sub(base) < RSS_GROWTH_MAX,
+        "daemon RSS grew from {base} to {peak} bytes with four 1 GiB claims in flight"
+    );
+}
+
 /// CopyData is not held whole: one 128 MiB CopyData message after an
 /// allowed COPY FROM STDIN streams to the server in bounded pieces (every
 /// row lands) while the daemon's RSS stays bounded.
