@@ -354,6 +354,16 @@ fn pg_huge_copy_data_streams_through_with_bounded_memory() {
         peak.saturating_sub(base) < RSS_GROWTH_MAX,
         "daemon RSS grew from {base} to {peak} bytes while a 128 MiB CopyData streamed"
     );
+    // Control: psql's own \copy (libpq: CopyData per line, CopyDone).
+    let file = p.files.dir.join("rows.txt");
+    std::fs::write(&file, "psql-row\n".repeat(1000)).unwrap();
+    let (ok, o, e) = p.psql(&["-c", &format!("\\copy big from '{}'", file.display())]);
+    assert!(ok, "{o} {e}");
+    assert_eq!(
+        p.pg.sql("select count(*) from big where t = 'psql-row'")
+            .trim(),
+        "1000"
+    );
 }
 
 struct HttpLimits {
