@@ -614,6 +614,15 @@ fn memory_budget_sheds_new_sessions_in_protocol_and_the_default_serves() {
         .collect();
     assert!(shed.len() >= 3, "audited: {shed:?}");
     assert!(h.daemon.log_text().contains("new session shed"), "logged");
+    let status = h.daemon.status();
+    assert_eq!(status["memory"]["shedding"], true, "{status}");
+    assert_eq!(status["memory"]["budget_bytes"], 1 << 20, "{status}");
+    assert!(
+        h.daemon
+            .cli_ok(&["status"])
+            .contains("OVER: new sessions are shed"),
+        "status says so"
+    );
 
     // The same daemon files with the default budget: served.
     let sshd = h.sshd.as_ref().expect("sshd");
