@@ -432,6 +432,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 g("flows"),
                 g("netns").as_array().map_or(0, |a| a.len())
             );
+            let mem = g("memory");
+            let rss = mem["rss_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "  memory:         {} resident, budget {}{}",
+                crate::limits::human(rss),
+                mem["budget_bytes"]
+                    .as_u64()
+                    .map_or("off".to_string(), crate::limits::human),
+                if mem["shedding"].as_bool() == Some(true) {
+                    " (OVER: new sessions are shed)"
+                } else {
+                    ""
+                }
+            );
             Ok(())
         }
         Command::Tag {

@@ -133,10 +133,14 @@ fn pg_setup(name: &str) -> PgLimits {
 }
 
 fn write_pg_resource(files: &DaemonFiles, pg: &PgServer) {
+    write_pg_resource_with(files, pg, "");
+}
+
+fn write_pg_resource_with(files: &DaemonFiles, pg: &PgServer, extra: &str) {
     std::fs::write(
         files.policies.join("pg.toml"),
         format!(
-            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n",
+            "[resource.pg]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n{extra}\n",
             pg.addr(),
             pg.password_file.display().to_string()
         ),
@@ -288,6 +292,39 @@ fn pg_query_claiming_1gib_is_refused_with_bounded_memory_and_others_carry_on() {
     );
 }
 
+/// "N connections kill it": four agents at once, each claiming a 1 GiB
+/// Query and sending 100 MB, all paused halfway together. Each gets 54000;
+/// the daemon's RSS stays bounded throughout and a fifth session works.
+#[test]
+fn pg_many_oversized_queries_at_once_stay_bounded() {
+    let p = pg_setup("lim-many");
+    let pid = p.daemon.child.id();
+    let (ok, _, err) = p.psql(&["-c", "select 1"]);
+    assert!(ok, "{err}");
+    let base = rss(pid);
+    let peak = PeakRss::start(pid);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            p.big_client(json!({
+                "mode": "oversized_query",
+                "claim": 1u64 << 30,
+                "send": 100u64 << 20,
+            }))
+        })
+        .collect();
+    let (ok, o, e) = p.psql(&["-c", "select count(*) from customers"]);
+    assert!(ok && o.trim() == "2", "a fifth session works: {o} {e}");
+    for (child, out) in clients {
+        let r = PgLimits::finish_client(child, out);
+        assert_eq!(r["errors"][0]["C"], "54000", "{r}");
+    }
+    let peak = peak.peak();
+    assert!(
+        peak.saturating_sub(base) < RSS_GROWTH_MAX,
+        "daemon RSS grew from {base} to {peak} bytes with four 1 GiB claims in flight"
+    );
+}
+
 /// CopyData is not held whole: one 128 MiB CopyData message after an
 /// allowed COPY FROM STDIN streams to the server in bounded pieces (every
 /// row lands) while the daemon's RSS stays bounded.
@@ -316,6 +353,16 @@ fn pg_huge_copy_data_streams_through_with_bounded_memory() {
     assert!(
         peak.saturating_sub(base) < RSS_GROWTH_MAX,
         "daemon RSS grew from {base} to {peak} bytes while a 128 MiB CopyData streamed"
+    );
+    // Control: psql's own \copy (libpq: CopyData per line, CopyDone).
+    let file = p.files.dir.join("rows.txt");
+    std::fs::write(&file, "psql-row\n".repeat(1000)).unwrap();
+    let (ok, o, e) = p.psql(&["-c", &format!("\\copy big from '{}'", file.display())]);
+    assert!(ok, "{o} {e}");
+    assert_eq!(
+        p.pg.sql("select count(*) from big where t = 'psql-row'")
+            .trim(),
+        "1000"
     );
 }
 
@@ -354,9 +401,11 @@ fn http_setup(
         ),
     )
     .unwrap();
+    // Agent-side TLS on: a shed session answers the SSLRequest with TLS
+    // and sends its FATAL through it.
     let pg = config.map(|_| {
         let pg = PgServer::start(name);
-        write_pg_resource(&files, &pg);
+        write_pg_resource_with(&files, &pg, "ssl = \"on\"");
         pg
     });
     let sshd = config.map(|_| {
@@ -510,7 +559,7 @@ fn memory_budget_sheds_new_sessions_in_protocol_and_the_default_serves() {
             "select 42",
         ])
         .arg(format!(
-            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=prefer connect_timeout=10",
+            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=require connect_timeout=10",
             pg.port
         ))
         .env_remove("PGPASSWORD");
@@ -565,6 +614,15 @@ fn memory_budget_sheds_new_sessions_in_protocol_and_the_default_serves() {
         .collect();
     assert!(shed.len() >= 3, "audited: {shed:?}");
     assert!(h.daemon.log_text().contains("new session shed"), "logged");
+    let status = h.daemon.status();
+    assert_eq!(status["memory"]["shedding"], true, "{status}");
+    assert_eq!(status["memory"]["budget_bytes"], 1 << 20, "{status}");
+    assert!(
+        h.daemon
+            .cli_ok(&["status"])
+            .contains("OVER: new sessions are shed"),
+        "status says so"
+    );
 
     // The same daemon files with the default budget: served.
     let sshd = h.sshd.as_ref().expect("sshd");

@@ -544,6 +544,17 @@ fn status(shared: &Shared) -> serde_json::Value {
         "counters": shared.metrics.snapshot(),
         "ready": crate::metrics::gauges(shared).ready,
         "audit_lag": shared.audit_log.lag(),
+        "memory": {
+            "rss_bytes": shared.memory.rss(),
+            "budget_bytes": shared.cfg.memory_budget,
+            "shedding": shared.memory.over(shared.cfg.memory_budget).is_some(),
+            "limits": {
+                "pg_max_statement": shared.cfg.limits.pg_max_statement,
+                "pg_max_message": shared.cfg.limits.pg_max_message,
+                "http_max_header": shared.cfg.limits.http_max_header,
+                "http_max_decoded_body": shared.cfg.limits.http_max_decoded_body,
+            },
+        },
     })
 }
 

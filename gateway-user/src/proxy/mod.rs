@@ -371,7 +371,7 @@ async fn shed(
     // However the agent behaves, the refusal takes a bounded time.
     let answer = async {
         match flow.resource.protocol {
-            Protocol::Postgres => postgres::shed(client, &message).await,
+            Protocol::Postgres => postgres::shed(shared, &flow, client, &message).await,
             Protocol::Http => http::shed(shared, &flow, client, &message).await,
             Protocol::Ssh => ssh::shed(shared, &flow, client, &message).await,
             Protocol::Tcp => refuse(client),

@@ -212,10 +212,15 @@ fn limit_builder(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(max_header);
+    // HTTP/2: hyper's defaults, stated so an upgrade cannot raise them: at
+    // most 200 concurrent streams sharing a 1 MiB connection window.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        .max_concurrent_streams(200)
+        .initial_connection_window_size(1 << 20)
+        .initial_stream_window_size(1 << 20);
 }
 
 /// One agent connection speaking HTTP.

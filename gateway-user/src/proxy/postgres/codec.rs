@@ -502,6 +502,19 @@ mod tests {
     }
 
     #[test]
+    fn headers_are_peeked_before_the_body_arrives() {
+        assert_eq!(peek_header(b"Q\0\0"), None);
+        // A 1 GiB claim is known from its first five bytes.
+        assert_eq!(peek_header(&[b'Q', 0x40, 0, 0, 0]), Some((b'Q', 1 << 30)));
+        assert_eq!(peek_header(&[b'd', 0, 0, 0, 4, 9]), Some((b'd', 4)));
+        // A negative length reads as 0 (invalid: peek_frame refuses it).
+        assert_eq!(
+            peek_header(&[b'Q', 0xff, 0xff, 0xff, 0xff]),
+            Some((b'Q', 0))
+        );
+    }
+
+    #[test]
     fn errors_round_trip_and_tags_count() {
         let mut b = BytesMut::new();
         put_error(&mut b, b'E', "ERROR", "42501", "denied");

@@ -396,10 +396,11 @@ async fn fatal<W: AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str)
 }
 
 /// Refuses a new connection while the daemon is over its memory budget:
-/// answers an SSLRequest/GSSENCRequest with `N` (so libpq goes on in
-/// plain text and reads the error), then FATAL 53200 after the startup
-/// packet. The caller bounds the time this takes.
-pub async fn shed(mut client: TcpStream, message: &str) {
+/// answers an SSLRequest as a session would (`S` and TLS with `ssl =
+/// "on"`, else `N`) so libpq reads the error, then sends FATAL 53200 after
+/// the startup packet. The caller bounds the time this takes.
+pub async fn shed(shared: &Arc<Shared>, flow: &Flow, tcp: TcpStream, message: &str) {
+    let mut client: Agent = Either::Left(tcp);
     let mut buf = BytesMut::with_capacity(512);
     // At most an SSLRequest, a GSSENCRequest and the startup packet.
     for _ in 0..3 {
@@ -415,7 +416,24 @@ pub async fn shed(mut client: TcpStream, message: &str) {
             }
         };
         match startup {
-            Some(Startup::Ssl | Startup::GssEnc) => {
+            Some(Startup::Ssl)
+                if flow.resource.postgres.agent_ssl
+                    && buf.is_empty()
+                    && matches!(client, Either::Left(_)) =>
+            {
+                if client.write_all(b"S").await.is_err() {
+                    return;
+                }
+                let Either::Left(tcp) = client else {
+                    return;
+                };
+                let dst = flow.info.original_dst.ip();
+                match tls::intercept(&shared.ca, tcp, dst, tls::ALPN_POSTGRES).await {
+                    Ok((stream, _)) => client = Either::Right(Box::new(stream)),
+                    Err(_) => return,
+                }
+            }
+            Some(Startup::Ssl | Startup::GssEnc) if buf.is_empty() => {
                 if client.write_all(b"N").await.is_err() {
                     return;
                 }
