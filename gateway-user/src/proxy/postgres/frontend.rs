@@ -59,8 +59,6 @@ pub(super) struct Front<'a> {
     skip_until_sync: bool,
     /// Side-effect verdicts for the routines statements name.
     functions: functions::Catalog,
-    /// Catalog connection for the column-masking checks (`maskcheck`).
-    side: Option<Upstream>,
     /// An allowed `COPY ... FROM STDIN` was sent: CopyData may follow.
     copy_in: bool,
     /// Body bytes of a CopyData frame still to pass (streamed, never
@@ -105,7 +103,6 @@ impl<'a> Front<'a> {
             portals: HashMap::new(),
             skip_until_sync: false,
             functions: functions::Catalog::new(&flow.info.resource, &ctx.database, &ctx.params),
-            side: None,
             copy_in: false,
             stream_left: 0,
             stream_forward: false,
