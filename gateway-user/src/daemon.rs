@@ -604,7 +604,7 @@ fn serve_netns(shared: &Arc<Shared>, ns_file: &Path, pid: u32, host: bool) -> an
         .redirect
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .guard_egress(ns_file, cookie)
+        .guard_egress(ns_file, cookie, true)
     {
         Ok(n) => n,
         Err(e) => {
@@ -665,10 +665,16 @@ async fn accept_loop(
 async fn reconcile_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_egress_scan = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shared.reconcile_now.notified() => {}
+        }
+        if last_egress_scan.elapsed() >= EGRESS_RESCAN_EVERY {
+            last_egress_scan = Instant::now();
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || rescan_egress(&s)).await;
         }
         if let Err(e) = shared.sync_tags() {
             warn!("syncing tags into the kernel: {e:#}");
@@ -685,6 +691,53 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             if let Err(e) = shared.audit(ev).await {
                 warn!("audit record of a refused namespace failed: {e}");
             }
+        }
+    }
+}
+
+/// How often served namespaces are checked for interfaces without the
+/// AF_PACKET egress filter (new veths, mostly in the host namespace).
+const EGRESS_RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// Attaches the egress filter to interfaces that appeared in served
+/// namespaces since they were first served.
+fn rescan_egress(shared: &Arc<Shared>) {
+    let targets: Vec<(NetnsId, u64, String)> = shared
+        .netns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, s)| {
+            let file = if s.host {
+                "/proc/self/ns/net".to_string()
+            } else {
+                format!("/proc/{}/ns/net", s.pid)
+            };
+            (*id, s.cookie, file)
+        })
+        .collect();
+    for (id, cookie, file) in targets {
+        // The pid may have gone or moved: only act on the same namespace.
+        if netns::netns_of_path(Path::new(&file)).ok() != Some(id) {
+            continue;
+        }
+        let r = shared
+            .redirect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .guard_egress(Path::new(&file), cookie, false);
+        match r {
+            Ok(n) => {
+                if let Some(s) = shared
+                    .netns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&id)
+                {
+                    s.egress_guarded = n;
+                }
+            }
+            Err(e) => warn!(netns_inode = id.1, "AF_PACKET egress filter rescan: {e}"),
         }
     }
 }

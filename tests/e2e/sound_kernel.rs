@@ -855,3 +855,29 @@ fn packet_frames_from_tagged_cgroups_never_leave_even_without_bpf_lsm() {
     let _ = sink.kill();
     let _ = sink.wait();
 }
+
+#[test]
+fn interfaces_added_to_a_served_namespace_get_the_egress_filter() {
+    let g = governed("newiface", &[]);
+    let ns = TestNetns::new("newif");
+    let place = Placement::cgroup(g.cg.dir(&g.agent)).with_netns(ns.path());
+    let holder = Holder::start(&place);
+    g.daemon.wait_netns_served(holder.pid());
+    let ino = fs::metadata(ns.path()).expect("netns").ino();
+    let guarded = || {
+        g.daemon.status()["netns"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["inode"].as_u64() == Some(ino)).cloned())
+            .and_then(|n| n["egress_guarded"].as_u64())
+            .unwrap_or(0)
+    };
+    assert_eq!(guarded(), 1, "lo only");
+    run_ok(Command::new("ip").args([
+        "-n", &ns.name, "link", "add", "va", "type", "veth", "peer", "name", "vb",
+    ]));
+    wait_until(
+        Duration::from_secs(15),
+        || guarded() == 3,
+        "the new veth pair is guarded",
+    );
+}

@@ -479,7 +479,15 @@ impl Redirector {
     /// `ns_file` (cookie `cookie`) and pins each link, so frames that
     /// tagged cgroups send from AF_PACKET sockets never leave, even while
     /// the daemon is down. Returns how many interfaces are guarded.
-    pub fn guard_egress(&mut self, ns_file: &Path, cookie: u64) -> Result<usize, RedirectError> {
+    /// `replace`: attach afresh (and replace) where a link is already
+    /// pinned, as when a namespace is first served (the pin may hold an
+    /// older program); otherwise only new interfaces are attached.
+    pub fn guard_egress(
+        &mut self,
+        ns_file: &Path,
+        cookie: u64,
+        replace: bool,
+    ) -> Result<usize, RedirectError> {
         let dir = self.pin_dir.join("links").join("egress");
         fs::create_dir_all(&dir).map_err(|source| RedirectError::Pin {
             what: "creating pin directory",
@@ -526,6 +534,11 @@ impl Redirector {
                 })?;
                 let mut guarded = 0;
                 for iface in interfaces.iter() {
+                    let final_path = dir.join(format!("{cookie}-{}", iface.index()));
+                    if !replace && final_path.exists() {
+                        guarded += 1;
+                        continue;
+                    }
                     let name = iface.name().to_string_lossy().into_owned();
                     let id = program.attach(&name, TcAttachType::Egress).map_err(perr)?;
                     let link: FdLink = program.take_link(id).map_err(perr)?.try_into().map_err(
@@ -533,7 +546,6 @@ impl Redirector {
                             pin_err("converting link", &dir, e.to_string())
                         },
                     )?;
-                    let final_path = dir.join(format!("{cookie}-{}", iface.index()));
                     let tmp_path = dir.join(format!("{cookie}-{}-new", iface.index()));
                     let _ = fs::remove_file(&tmp_path);
                     let pinned = link
