@@ -380,14 +380,15 @@ impl Walk<'_> {
                             "{what} is not allowed on a resource with column masking rules: server-side code could read masked columns where Portcullis cannot see it"
                         ));
                     }
-                    if k == "AExpr" {
-                        if let Some(op) = x
-                            .get("name")
-                            .and_then(Value::as_array)
-                            .and_then(|a| a.iter().rev().find_map(string_node))
-                        {
-                            self.lookups.operators.insert(op);
-                        }
+                    // Operators: in expressions, `ORDER BY ... USING op`
+                    // and `x op ANY (subquery)`.
+                    let ops = match k.as_str() {
+                        "AExpr" => x.get("name"),
+                        "use_op" | "oper_name" => Some(x),
+                        _ => None,
+                    };
+                    if let Some(op) = last_name(ops) {
+                        self.lookups.operators.insert(op);
                     }
                     self.collect(x)?;
                 }

@@ -136,6 +136,10 @@ fn catalog_lookups_are_collected() {
     let sql = catalog_sql(&l);
     assert!(sql.contains("E'customers'") && sql.contains("E'my_func'"));
     assert_eq!(literal("a'b\\c"), "E'a\\'b\\\\c'");
+    let l = allowed("select id from customers order by id using @@@");
+    assert!(l.operators.contains("@@@"), "{l:?}");
+    let l = allowed("select id from customers where id %%% any (select id from orders)");
+    assert!(l.operators.contains("%%%"), "{l:?}");
 }
 
 #[test]
