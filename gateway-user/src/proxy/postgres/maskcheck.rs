@@ -346,7 +346,13 @@ impl Walk<'_> {
                                 "{rel} holds sampled values of table columns and is not readable on a resource with column masking rules"
                             ));
                         }
-                        if self.maskable(&rel) {
+                        // The system catalogs, named with their schema
+                        // (which nothing can shadow), hold no table data.
+                        let system = matches!(
+                            lower(o.get("schemaname")).as_deref(),
+                            Some("pg_catalog" | "information_schema")
+                        ) && !self.rules.names_relation(&rel);
+                        if self.maskable(&rel) && !system {
                             self.rowish.insert(rel.clone());
                             if let Some(a) = lower(o.get("alias").and_then(|a| a.get("aliasname")))
                             {
