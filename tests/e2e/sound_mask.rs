@@ -150,6 +150,12 @@ fn masked_columns_cannot_be_read_through_aliases_expressions_views_or_predicates
         assert!(ok, "{sql}: {err}\n{}", s.daemon.log_text());
         assert_eq!(out.trim(), expect, "{sql}");
     }
+    // psql's own catalog queries keep working.
+    for meta in ["\\d customers", "\\dv", "\\df"] {
+        let (ok, out, err) = s.psql(meta);
+        assert!(ok, "{meta}: {err}\n{}", s.daemon.log_text());
+        assert!(!out.contains(SSN), "{out}");
+    }
     let (ok, out, err) = s.psql("update customers set id = id where id = 1 returning ssn, name");
     assert!(ok, "{err}");
     assert!(
