@@ -346,7 +346,13 @@ impl Walk<'_> {
                                 "{rel} holds sampled values of table columns and is not readable on a resource with column masking rules"
                             ));
                         }
-                        if self.maskable(&rel) {
+                        // The system catalogs, named with their schema
+                        // (which nothing can shadow), hold no table data.
+                        let system = matches!(
+                            lower(o.get("schemaname")).as_deref(),
+                            Some("pg_catalog" | "information_schema")
+                        ) && !self.rules.names_relation(&rel);
+                        if self.maskable(&rel) && !system {
                             self.rowish.insert(rel.clone());
                             if let Some(a) = lower(o.get("alias").and_then(|a| a.get("aliasname")))
                             {
@@ -380,14 +386,15 @@ impl Walk<'_> {
                             "{what} is not allowed on a resource with column masking rules: server-side code could read masked columns where Portcullis cannot see it"
                         ));
                     }
-                    if k == "AExpr" {
-                        if let Some(op) = x
-                            .get("name")
-                            .and_then(Value::as_array)
-                            .and_then(|a| a.iter().rev().find_map(string_node))
-                        {
-                            self.lookups.operators.insert(op);
-                        }
+                    // Operators: in expressions, `ORDER BY ... USING op`
+                    // and `x op ANY (subquery)`.
+                    let ops = match k.as_str() {
+                        "AExpr" => x.get("name"),
+                        "use_op" | "oper_name" => Some(x),
+                        _ => None,
+                    };
+                    if let Some(op) = last_name(ops) {
+                        self.lookups.operators.insert(op);
                     }
                     self.collect(x)?;
                 }
