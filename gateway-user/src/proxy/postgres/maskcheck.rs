@@ -744,24 +744,16 @@ impl Walk<'_> {
     }
 }
 
-/// Quotes `s` as a SQL string literal that reads the same whatever the
-/// session's `standard_conforming_strings`.
-fn literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 3);
-    out.push_str("E'");
-    for c in s.chars().filter(|&c| c != '\0') {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
+/// A `text[]` expression holding `items`. The names travel hex-encoded
+/// (as in `functions`): no quoting a session setting could read
+/// differently, and the agent's identifiers never appear as SQL text in
+/// the server's statement log.
 fn text_array(items: &BTreeSet<String>) -> String {
-    let list: Vec<String> = items.iter().map(|s| literal(s)).collect();
-    format!("ARRAY[{}]::pg_catalog.text[]", list.join(","))
+    let hex: Vec<String> = items.iter().map(|s| hex::encode(s.as_bytes())).collect();
+    format!(
+        "ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(x, 'hex'), 'UTF8') FROM pg_catalog.unnest('{{{}}}'::pg_catalog.text[]) x)::pg_catalog.text[]",
+        hex.join(",")
+    )
 }
 
 /// The catalog query for `l`: rows of (kind, a, b, c) as text.

@@ -141,8 +141,11 @@ fn catalog_lookups_are_collected() {
     assert!(l.row_functions.contains("row_to_json"));
     assert!(l.operators.contains("###"));
     let sql = catalog_sql(&l);
-    assert!(sql.contains("E'customers'") && sql.contains("E'my_func'"));
-    assert_eq!(literal("a'b\\c"), "E'a\\'b\\\\c'");
+    // Names travel hex-encoded, never as SQL text.
+    assert!(sql.contains(&hex::encode("customers")) && sql.contains(&hex::encode("my_func")));
+    assert!(!sql.contains("customers") && !sql.contains("my_func"));
+    let quoted: BTreeSet<String> = ["a'b\\c".to_string()].into();
+    assert!(text_array(&quoted).contains(&hex::encode("a'b\\c")));
     let l = allowed("select id from customers order by id using @@@");
     assert!(l.operators.contains("@@@"), "{l:?}");
     let l = allowed("select id from customers where id %%% any (select id from orders)");
