@@ -12,7 +12,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -24,7 +24,7 @@ use russh::{
     Channel, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf, Pty, Sig,
 };
 use serde_json::{Map, Value};
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -82,6 +82,20 @@ pub struct Conn {
     /// Bytes of channel data to the agent.
     pub bytes_to_client: AtomicU64,
     upstream: OnceCell<Result<Arc<UpstreamHandle>, String>>,
+    /// Channel tasks still running ([`Conn::task`]).
+    tasks: AtomicUsize,
+    tasks_idle: Notify,
+}
+
+/// Counts a running channel task of a [`Conn`] until dropped.
+pub struct TaskGuard(Arc<Conn>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.tasks_idle.notify_waiters();
+        }
+    }
 }
 
 impl Conn {
@@ -95,6 +109,33 @@ impl Conn {
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             upstream: OnceCell::new(),
+            tasks: AtomicUsize::new(0),
+            tasks_idle: Notify::new(),
+        }
+    }
+
+    /// Marks a channel task as running until the guard is dropped.
+    pub fn task(self: &Arc<Self>) -> TaskGuard {
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        TaskGuard(self.clone())
+    }
+
+    /// Waits (at most `limit`) for the channel tasks to end, so their exit
+    /// statuses reach the audit and the recording before the session's end
+    /// does: the agent may disconnect the moment it has the exit status,
+    /// while the task still records it.
+    pub async fn tasks_done(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.tasks_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.tasks.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return;
+            }
         }
     }
 
