@@ -295,3 +295,98 @@ print(json.dumps(out))
     assert_eq!(v["none"], "via-auth-none\n", "{v}");
     assert_eq!(v["none_status"], 0, "{v}");
 }
+
+/// The recording agrees with the audit: the replay footer has the exit
+/// status, `meta.json` the byte counts of `session_end`; `portcullis
+/// sessions` and `replay` find the daemon's state dir on their own; a
+/// large binary transfer makes a small cast that says what it left out.
+#[test]
+fn recordings_agree_with_the_audit() {
+    let s = ssh_setup("cmprec", 1, "");
+    let agent = s.agent("agent");
+    let out = s.ssh(&agent, &[], &["sh -c 'echo hi; exit 7'"], b"");
+    assert_eq!(out.status.code(), Some(7), "{}", s.log());
+    let payload = binary_payload(4_000_000);
+    let remote = s.sshd.dir.join("big.bin");
+    fs::write(&remote, &payload).unwrap();
+    let got = s.sshd.dir.join("big.scp");
+    let out = scp_get(&s, &agent, &remote, &got);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), s.log());
+    assert!(fs::read(&got).unwrap() == payload);
+
+    // No --state-dir: the daemon says where its recordings are.
+    let ended = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["sessions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["end_reason"].is_string())
+            .cloned()
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(15),
+        || ended(&s.daemon.json(&["sessions", "--json"])).len() >= 2,
+        "both sessions listed by `portcullis sessions`",
+    );
+    let list = ended(&s.daemon.json(&["sessions", "--json"]));
+    let find = |prefix: &str| -> String {
+        list.iter()
+            .find(|i| {
+                i["channels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["command"].as_str().is_some_and(|x| x.starts_with(prefix)))
+            })
+            .and_then(|i| i["id"].as_str())
+            .unwrap_or_else(|| panic!("no session ran {prefix}: {list:#?}"))
+            .to_string()
+    };
+    let exec_id = find("sh -c");
+    let scp_id = find("scp -f");
+    let audit = super::audit_events(&s.files, &[]);
+    for id in [&exec_id, &scp_id] {
+        let meta: serde_json::Value = serde_json::from_slice(
+            &fs::read(s.files.state.join("sessions").join(id).join("meta.json")).unwrap(),
+        )
+        .unwrap();
+        let end = audit
+            .iter()
+            .find(|e| e["type"] == "session_end" && e["session"] == id.as_str())
+            .unwrap_or_else(|| panic!("no session_end for {id}: {audit:#?}"));
+        assert_eq!(
+            meta["counts"]["bytes_to_client"], end["bytes"]["to_client"],
+            "{meta:#?}\n{end:#?}"
+        );
+        assert_eq!(
+            meta["counts"]["bytes_from_client"], end["bytes"]["from_client"],
+            "{meta:#?}\n{end:#?}"
+        );
+        assert!(meta["counts"]["bytes_to_client"].as_u64().unwrap_or(0) > 0);
+    }
+    let replay = s.daemon.cli_ok(&["replay", &exec_id, "--speed", "0"]);
+    assert!(replay.contains("exit status 7"), "{replay}");
+    assert!(!replay.contains("no exit status"), "{replay}");
+    // The scp cast is small and says what it left out.
+    let dir = s.files.state.join("sessions").join(&scp_id);
+    let cast = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cast"))
+        .expect("a cast");
+    let size = fs::metadata(&cast).unwrap().len();
+    assert!(size < 1024 * 1024, "{} is {size} bytes", cast.display());
+    let t = fs::read_to_string(&cast).unwrap();
+    assert!(
+        t.contains("more bytes left out"),
+        "{}",
+        &t[t.len().saturating_sub(500)..]
+    );
+    let replay = s.daemon.cli_ok(&["replay", &scp_id, "--speed", "0"]);
+    assert!(
+        replay.contains("exit status 0"),
+        "{}",
+        &replay[replay.len().saturating_sub(500)..]
+    );
+}
