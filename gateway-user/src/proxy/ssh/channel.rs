@@ -701,8 +701,11 @@ impl Direction for ToAgent<'_> {
                 // be lost (the client reports 255). sshd itself keeps the
                 // channel until the command exits.
                 // A forward has no exit status: its EOF (a half-close)
-                // goes at once.
-                if self.handle.is_some() {
+                // goes at once, as does an EOF after the exit status.
+                if self.handle.is_some()
+                    && self.out.exit_status.is_none()
+                    && self.out.exit_signal.is_none()
+                {
                     self.eof_held = true;
                 } else {
                     let _ = self.write.eof().await;

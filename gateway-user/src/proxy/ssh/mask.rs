@@ -294,6 +294,83 @@ mod tests {
         assert_eq!(feed(&[b"caf\xe9 au lait"]), [false]);
     }
 
+    fn stream(refuse: bool) -> (Stream, bool) {
+        let rule = crate::policy::MaskRule {
+            resource: "box".into(),
+            columns: Vec::new(),
+            json_paths: Vec::new(),
+            detectors: vec!["email".into()],
+            style: "redact".into(),
+            binary: if refuse { "refuse" } else { "pass" }.into(),
+        };
+        let m = crate::mask::Masker::compile("box", &[rule], [7; 32])
+            .expect("compiles")
+            .expect("has rules");
+        let refuse = m.binary_refuse();
+        (
+            Stream {
+                masker: Some(m.stream()),
+                watch: true,
+                carry: Utf8Carry::default(),
+                name: "stdout",
+            },
+            refuse,
+        )
+    }
+
+    /// Feeds chunks; the bytes out (flushed at the end) and whether a
+    /// chunk was refused.
+    fn run(refuse: bool, chunks: &[&[u8]], flush_each: bool) -> (Vec<u8>, bool, Vec<&'static str>) {
+        let (mut s, refuse) = stream(refuse);
+        let (mut out, mut bin, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+        for c in chunks {
+            match push(
+                &mut s,
+                refuse,
+                &mut bin,
+                Bytes::copy_from_slice(c),
+                &mut buf,
+            ) {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => return (out, true, bin),
+            }
+            if flush_each {
+                out.extend_from_slice(&take(s.masker.as_mut(), &mut buf, StreamMasker::flush));
+            }
+        }
+        out.extend_from_slice(&take(s.masker.as_mut(), &mut buf, StreamMasker::finish));
+        (out, false, bin)
+    }
+
+    #[test]
+    fn binary_streams_pass_intact_and_masked_text_stays_masked() {
+        // Text: masked.
+        let (out, _, bin) = run(false, &[b"mail a@example.com now\n"], false);
+        assert!(!out.windows(13).any(|w| w == b"a@example.com"), "{out:?}");
+        assert!(bin.is_empty());
+        // Text that looks like it, then a NUL, nothing masked yet: the
+        // whole stream intact, held-back bytes included.
+        let chunks: [&[u8]; 3] = [
+            b"i@x.cGR hello ",
+            b"b@example.com",
+            b"\0\xff tail c@example.com",
+        ];
+        let (out, _, bin) = run(false, &chunks, false);
+        assert_eq!(out, chunks.concat());
+        assert_eq!(bin, ["stdout"]);
+        // Masked (and sent), then binary: stays masked.
+        let (out, _, bin) = run(false, &[b"x a@example.com\n", b"\0 b@example.com\n"], true);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            !text.contains("@example.com") && text.contains('\0'),
+            "{text}"
+        );
+        assert!(bin.is_empty());
+        // refuse: binary is an error, text is not.
+        assert!(run(true, &[b"ok\n", b"\0"], false).1);
+        assert!(!run(true, &[b"ok a@example.com\n"], false).1);
+    }
+
     #[test]
     fn transfer_programs() {
         let t = |c: &str| transfer_program(&Request::Exec(c.into()));
