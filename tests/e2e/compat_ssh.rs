@@ -113,6 +113,23 @@ fn binary_streams_pass_a_masked_host_intact_and_text_is_still_masked() {
         "{ends:#?}"
     );
 
+    // An archive of text files full of addresses: binary from its first
+    // header, byte-identical to the same `tar` run directly.
+    let tree = s.sshd.dir.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for i in 0..5 {
+        fs::write(
+            tree.join(format!("f{i}.txt")),
+            "reach bob@example.com or carol@example.com\n".repeat(500),
+        )
+        .unwrap();
+    }
+    let tar = format!("tar cf - -C {} .", tree.display());
+    let direct = run_ok(Command::new("sh").args(["-c", &tar])).stdout;
+    let out = s.ssh(&agent, &[], &[&tar], b"");
+    assert!(out.status.success(), "{}", s.log());
+    assert!(out.stdout == direct, "tar stream differs from a direct run");
+
     // Text is still masked.
     let notes = s.sshd.dir.join("notes.txt");
     fs::write(&notes, "write to alice@example.com today\n").unwrap();
