@@ -86,6 +86,13 @@ fn binary_streams_pass_a_masked_host_intact_and_text_is_still_masked() {
         "scp copy differs from the original"
     );
 
+    let ends = events(&s, "command_end", "ssh:exec");
+    assert!(
+        ends.iter()
+            .any(|e| e["detail"]["unmasked_transfer"] == "`scp`"),
+        "{ends:#?}"
+    );
+
     // rsync pull (`rsync --server --sender`).
     if Command::new("rsync")
         .arg("--version")
@@ -129,6 +136,46 @@ fn binary_streams_pass_a_masked_host_intact_and_text_is_still_masked() {
     let out = s.ssh(&agent, &[], &[&tar], b"");
     assert!(out.status.success(), "{}", s.log());
     assert!(out.stdout == direct, "tar stream differs from a direct run");
+
+    // git clone (git-upload-pack) of a repository whose files are full
+    // of addresses: the checkout matches the original.
+    let repo = s.sshd.dir.join("repo");
+    fs::create_dir_all(&repo).unwrap();
+    let git = |dir: &Path, args: &[&str]| {
+        run_ok(
+            Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "user.email=t@example.com", "-c", "user.name=t"])
+                .args(args),
+        )
+    };
+    git(&repo, &["init", "-q"]);
+    fs::write(repo.join("people.txt"), "carol@example.com\n".repeat(2000)).unwrap();
+    fs::write(repo.join("blob.bin"), &payload[..100_000]).unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "x"]);
+    let clone = s.sshd.dir.join("clone");
+    let mut cmd = Command::new("git");
+    cmd.env(
+        "GIT_SSH_COMMAND",
+        format!(
+            "ssh {} -p {}",
+            s.sshd.ssh_opts(&s.agent_kh).join(" "),
+            s.sshd.port
+        ),
+    )
+    .args(["clone", "-q"])
+    .arg(format!("root@127.0.0.1:{}", repo.display()))
+    .arg(&clone);
+    agent.apply(&mut cmd);
+    let out = run_with_input(cmd, b"", Duration::from_secs(60));
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), s.log());
+    assert!(fs::read(clone.join("blob.bin")).unwrap() == payload[..100_000]);
+    assert_eq!(
+        fs::read_to_string(clone.join("people.txt")).unwrap(),
+        "carol@example.com\n".repeat(2000)
+    );
 
     // Text is still masked.
     let notes = s.sshd.dir.join("notes.txt");

@@ -375,7 +375,11 @@ pub async fn run_session(
         out: Outcome::default(),
         eof_held: false,
     };
-    let (from_client, outcome) = relay(a_read, kept, to_up, u_read, early, to_agent).await;
+    let (from_client, mut outcome) = relay(a_read, kept, to_up, u_read, early, to_agent).await;
+    if masker.is_some() {
+        // Audited: this output was relayed unmasked on a masked resource.
+        outcome.unmasked_transfer = transfer;
+    }
     match (&outcome.exit_status, &outcome.exit_signal) {
         (Some(s), _) => cast.exit(*s as i32),
         (None, Some(sig)) => cast.exit_signal(sig),
@@ -415,6 +419,9 @@ async fn finish(
     }
     if !outcome.unmasked.is_empty() {
         detail.insert("unmasked_binary".into(), outcome.unmasked.clone().into());
+    }
+    if let Some(t) = &outcome.unmasked_transfer {
+        detail.insert("unmasked_transfer".into(), t.clone().into());
     }
     if let Some(b) = outcome.binary_refused {
         detail.insert("binary_refused".into(), b.into());
@@ -656,6 +663,8 @@ struct Outcome {
     unmasked: Vec<&'static str>,
     /// The stream that was not text where `binary = "refuse"`.
     binary_refused: Option<&'static str>,
+    /// A file transfer relayed unmasked on a resource with detectors.
+    unmasked_transfer: Option<String>,
 }
 
 /// Upstream → agent: output (masked) and stderr, EOF, exit status or
