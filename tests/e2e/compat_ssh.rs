@@ -266,33 +266,40 @@ fn exit_status_survives_controlmaster_multiplexing() {
     let s = ssh_setup("cmpmux", 1, "");
     let agent = s.agent("agent");
     let ctl = s.sshd.dir.join("cm.sock");
-    let mut master = Command::new("ssh");
-    master
-        .args(s.sshd.ssh_opts(&s.agent_kh))
-        .args(["-M", "-N", "-S"])
-        .arg(&ctl)
-        .args(["-p", &s.sshd.port.to_string(), "root@127.0.0.1"])
+    // As ansible does: ControlMaster=auto with ControlPersist; the first
+    // client becomes the master and stays in the background.
+    let mux = [
+        "-o".to_string(),
+        "ControlMaster=auto".into(),
+        "-o".into(),
+        format!("ControlPath={}", ctl.display()),
+        "-o".into(),
+        "ControlPersist=30".into(),
+    ];
+    let ssh = |args: &[&str]| {
+        let mut c = Command::new("ssh");
+        c.args(s.sshd.ssh_opts(&s.agent_kh))
+            .args(&mux)
+            .args(["-p", &s.sshd.port.to_string(), "root@127.0.0.1"])
+            .args(args);
+        agent.apply(&mut c);
+        c
+    };
+    // The backgrounded master keeps whatever stdio it was given: null, so
+    // nothing waits on its pipes.
+    let first = ssh(&["true"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    agent.apply(&mut master);
-    let mut master = master.spawn().expect("ssh master");
+        .stderr(Stdio::null())
+        .status()
+        .expect("ssh");
+    assert!(first.success(), "{}", s.log());
     wait_until(Duration::from_secs(20), || ctl.exists(), "control socket");
     let cmd = "sh -c 'exec >&- 2>&-; sleep 0.3; exit 7'";
     let runs: Vec<_> = (0..10)
         .map(|i| {
-            let mut c = Command::new("ssh");
-            c.args(s.sshd.ssh_opts(&s.agent_kh))
-                .args(["-o", "ControlMaster=no", "-S"])
-                .arg(&ctl)
-                .args(["-p", &s.sshd.port.to_string(), "root@127.0.0.1"]);
-            // Half of them with a plain fast command too.
-            if i % 2 == 0 {
-                c.arg(cmd);
-            } else {
-                c.arg("echo hi; exit 7");
-            }
-            agent.apply(&mut c);
+            // Half of them with a fast command and output too.
+            let c = ssh(&[if i % 2 == 0 { cmd } else { "echo hi; exit 7" }]);
             std::thread::spawn(move || run_with_input(c, b"", Duration::from_secs(60)))
         })
         .collect();
@@ -300,8 +307,11 @@ fn exit_status_survives_controlmaster_multiplexing() {
         .into_iter()
         .map(|t| t.join().expect("thread").status.code())
         .collect();
-    let _ = master.kill();
-    let _ = master.wait();
+    let _ = ssh(&["-O", "exit"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     assert!(
         codes.iter().all(|c| *c == Some(7)),
         "exit codes {codes:?}\n{}",
