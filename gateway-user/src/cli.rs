@@ -90,9 +90,10 @@ pub enum Command {
         /// Only sessions still running.
         #[arg(long)]
         active: bool,
-        /// State directory.
-        #[arg(long, default_value = defaults::STATE_DIR)]
-        state_dir: PathBuf,
+        /// State directory (default: the running daemon's, else
+        /// /var/lib/portcullis).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// End a live session.
     Kill {
@@ -106,9 +107,10 @@ pub enum Command {
         /// Speed factor (2 = twice as fast; 0 = no waiting).
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
-        /// State directory.
-        #[arg(long, default_value = defaults::STATE_DIR)]
-        state_dir: PathBuf,
+        /// State directory (default: the running daemon's, else
+        /// /var/lib/portcullis).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// List access requests (held commands waiting for a human).
     Requests {
@@ -560,6 +562,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             active,
             state_dir,
         } => {
+            let state_dir = daemon_state_dir(&socket, state_dir);
             let mut list: Vec<serde_json::Value> =
                 crate::record::list_sessions(&state_dir.join("sessions"))?
                     .into_iter()
@@ -622,6 +625,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             speed,
             state_dir,
         } => {
+            let state_dir = daemon_state_dir(&socket, state_dir);
             let mut out = std::io::stdout().lock();
             crate::record::replay(&state_dir.join("sessions"), &id, speed, &mut out)?;
             Ok(())
@@ -1091,4 +1095,19 @@ fn s(v: &serde_json::Value) -> String {
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     }
+}
+
+/// The state directory a recording subcommand reads: the one given, else
+/// the running daemon's (asked over the admin socket, like every other
+/// client subcommand), else the default. Recordings are files, so they can
+/// be read with the daemon stopped.
+fn daemon_state_dir(socket: &std::path::Path, given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            admin::call(socket, &Request::Status)
+                .ok()
+                .and_then(|r| r.data)
+                .and_then(|d| d["state_dir"].as_str().map(PathBuf::from))
+        })
+        .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR))
 }

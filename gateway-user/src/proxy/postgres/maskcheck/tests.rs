@@ -162,6 +162,7 @@ fn catalog_answers_are_judged() {
             json_paths: vec![],
             detectors: vec![],
             style: "redact".into(),
+            binary: "pass".into(),
         }],
         [1; 32],
     )
