@@ -474,13 +474,21 @@ impl Metrics {
         );
         r.register_collector(Box::new(FamiliesCollector(self.families.clone())));
         let gauges: [(&str, &str, u64); 5] = [
-            ("portcullis_sessions_active", "Live sessions.", g.sessions as u64),
+            (
+                "portcullis_sessions_active",
+                "Live sessions.",
+                g.sessions as u64,
+            ),
             (
                 "portcullis_access_requests_pending",
                 "Access requests waiting for a human.",
                 g.pending_requests as u64,
             ),
-            ("portcullis_grants_active", "Grants in force.", g.grants as u64),
+            (
+                "portcullis_grants_active",
+                "Grants in force.",
+                g.grants as u64,
+            ),
             ("portcullis_tags", "Tagged cgroups.", g.tags as u64),
             (
                 "portcullis_netns_served",
@@ -653,11 +661,7 @@ pub fn respond(
         return ("405 Method Not Allowed", TEXT, "only GET and HEAD\n".into());
     }
     match line.path {
-        "/metrics" => (
-            "200 OK",
-            CONTENT_TYPE,
-            render(),
-        ),
+        "/metrics" => ("200 OK", CONTENT_TYPE, render()),
         "/healthz" => ("200 OK", TEXT, "ok\n".into()),
         "/readyz" => {
             let r = ready();
@@ -865,7 +869,10 @@ mod tests {
         assert_eq!(typed.len(), 21, "{typed:?}");
         // Every refusal reason is exported from the start, 0 included.
         for r in REFUSALS {
-            let want = format!("portcullis_flows_refused_total{{reason=\"{}\"}} ", r.label());
+            let want = format!(
+                "portcullis_flows_refused_total{{reason=\"{}\"}} ",
+                r.label()
+            );
             assert!(text.contains(&want), "missing {want:?}");
         }
         for want in [

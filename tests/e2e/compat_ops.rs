@@ -63,7 +63,10 @@ fn audit_verify_finds_the_key_beside_the_state_dirs_audit_directory() {
     assert!(out.contains("audit log OK"), "{out}");
     let canonical_key = fs::canonicalize(&key).expect("canonical key");
     assert!(
-        err.contains(&format!("checkpoint public key: {}", canonical_key.display())),
+        err.contains(&format!(
+            "checkpoint public key: {}",
+            canonical_key.display()
+        )),
         "{err}"
     );
 

@@ -17,9 +17,8 @@ use time::{
 pub const RFC3339_MS_LEN: usize = 24;
 
 /// The audit format: RFC 3339, UTC, exactly three fraction digits.
-const RFC3339_MS: &[BorrowedFormatItem<'static>] = format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
+const RFC3339_MS: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
 /// A bare date, `YYYY-MM-DD` (midnight UTC).
 const DATE: &[BorrowedFormatItem<'static>] = format_description!("[year]-[month]-[day]");
