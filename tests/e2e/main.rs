@@ -6,6 +6,7 @@
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
 mod compat_ssh;
+mod compat_ops;
 mod differential;
 mod faults;
 mod harness;
