@@ -5,8 +5,8 @@
 //! Run as root (`cargo xtask test` does). Every test owns its cgroup subtree,
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
-mod compat_ssh;
 mod compat_ops;
+mod compat_ssh;
 mod differential;
 mod faults;
 mod harness;
