@@ -436,8 +436,34 @@ pub fn tag_rows(tag: &str) -> Option<u64> {
     tag.rsplit(' ').next()?.parse().ok()
 }
 
+/// NegotiateProtocolVersion (`v`): the newest version the proxy speaks
+/// for the requested major, 3.0, as the full version number
+/// (major << 16 | minor) the way PostgreSQL sends it (libpq 18 reads it as
+/// such and refuses anything below 3.0 as a downgrade), then the
+/// `_pq_.` options it did not recognise.
+pub fn put_negotiate_protocol_version(out: &mut BytesMut, unrecognised: &[&str]) {
+    put_msg(out, b'v', |b| {
+        b.put_u32(PROTOCOL_3_0);
+        b.put_i32(i32::try_from(unrecognised.len()).unwrap_or(i32::MAX));
+        for k in unrecognised {
+            put_cstr(b, k);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn negotiate_protocol_version_carries_the_full_version() {
+        let mut out = BytesMut::new();
+        super::put_negotiate_protocol_version(&mut out, &["_pq_.x"]);
+        // 'v', length, 0x00030000 (3.0, not a bare minor 0), one option.
+        assert_eq!(
+            &out[..],
+            b"v\x00\x00\x00\x13\x00\x03\x00\x00\x00\x00\x00\x01_pq_.x\x00"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -264,19 +264,13 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
         return Ok(summary("server client_encoding not UTF8"));
     }
     let mut hello = BytesMut::new();
-    let unknown: Vec<&String> = params
+    let unknown: Vec<&str> = params
         .iter()
-        .map(|(k, _)| k)
+        .map(|(k, _)| k.as_str())
         .filter(|k| k.starts_with("_pq_."))
         .collect();
     if version & 0xffff != 0 || !unknown.is_empty() {
-        put_msg(&mut hello, b'v', |b| {
-            b.put_i32(0);
-            b.put_i32(unknown.len() as i32);
-            for k in &unknown {
-                codec::put_cstr(b, k);
-            }
-        });
+        codec::put_negotiate_protocol_version(&mut hello, &unknown);
     }
     put_msg(&mut hello, b'R', |b| b.put_i32(0));
     for (k, v) in &up.params {
