@@ -2,8 +2,9 @@
 //! arbitrary chunks.
 //!
 //! A secret can straddle two chunks, so the tail of what has arrived is held
-//! back until enough follows it ([`MAX_MATCH`] bytes) or the caller flushes
-//! (the stream went idle or ended). Emission never splits a terminal escape
+//! back while it could still be the start of a match (at most [`MAX_MATCH`]
+//! bytes) or until the caller flushes (the stream went idle or ended): a
+//! chunk that ends outside any possible match is emitted whole at once. Emission never splits a terminal escape
 //! sequence or a UTF-8 character. A private key block that opens is masked
 //! from its first line on, without waiting for its end marker.
 
@@ -134,10 +135,12 @@ impl StreamMasker {
                 }
             }
             let len = self.held.len();
+            // Hold back only what could still grow into a match (at most
+            // MAX_MATCH bytes): a complete line or event goes out at once.
             let mut boundary = if all {
                 len
             } else {
-                len.saturating_sub(MAX_MATCH)
+                set.pending_from(&self.held, len.saturating_sub(MAX_MATCH))
             };
             for h in &self.hits {
                 if h.start < boundary && h.end > boundary {
