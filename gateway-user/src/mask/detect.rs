@@ -216,7 +216,13 @@ impl Pending {
 
     /// Whether a match may start at `start` and run past the end of `buf`;
     /// `None` when the budget ran out or the DFA cannot tell.
-    fn alive(&self, cache: &mut Cache, buf: &[u8], start: usize, budget: &mut usize) -> Option<bool> {
+    fn alive(
+        &self,
+        cache: &mut Cache,
+        buf: &[u8],
+        start: usize,
+        budget: &mut usize,
+    ) -> Option<bool> {
         let input = Input::new(buf).range(start..).anchored(Anchored::Yes);
         let mut sid = self.dfa.start_state_forward(cache, &input).ok()?;
         if sid.is_dead() {
@@ -291,7 +297,11 @@ impl DetectorSet {
     pub fn pending_from(&self, buf: &[u8], from: usize) -> usize {
         let from = from.min(buf.len());
         let Some(p) = &self.pending else {
-            return if self.entries.is_empty() { buf.len() } else { from };
+            return if self.entries.is_empty() {
+                buf.len()
+            } else {
+                from
+            };
         };
         let mut cache = p
             .caches

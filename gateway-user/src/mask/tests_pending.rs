@@ -34,7 +34,10 @@ fn a_complete_event_is_emitted_at_once() {
     let m = masker(ALL);
     let mut s = m.stream();
     let mut out = Vec::new();
-    s.push(b"event: message\ndata: {\"n\": 1, \"who\": \"alice@example.com\"}\n\n", &mut out);
+    s.push(
+        b"event: message\ndata: {\"n\": 1, \"who\": \"alice@example.com\"}\n\n",
+        &mut out,
+    );
     assert_eq!(s.held(), 0, "{}", String::from_utf8_lossy(&out));
     assert_eq!(
         out,

@@ -93,6 +93,13 @@ impl body::Rewrite for TextRewrite {
         self.0.finish(out);
         Ok(())
     }
+    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.0.flush(out);
+        Ok(())
+    }
+    fn held(&self) -> usize {
+        self.0.held()
+    }
     fn counts(&self) -> serde_json::Value {
         self.0.counts().to_json()
     }
@@ -193,7 +200,10 @@ mod tests {
         assert!(pipeline(&plan, &h("application/json", Some("gzip")))
             .unwrap()
             .is_some());
-        assert!(pipeline(&plan, &h("application/json", Some("br"))).is_err());
+        assert!(pipeline(&plan, &h("application/json", Some("br")))
+            .unwrap()
+            .is_some());
+        assert!(pipeline(&plan, &h("application/json", Some("zstd"))).is_err());
         assert!(pipeline(&plan, &h("application/vnd.kubernetes.protobuf", None)).is_err());
         let loose = MaskPlan {
             json_only: false,
