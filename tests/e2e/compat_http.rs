@@ -1,0 +1,255 @@
+//! Real HTTP clients behave through Portcullis as they do directly (issue
+//! 19, HTTP): Server-Sent Events are not held on masked resources, a `br`
+//! body sent unasked is decoded and masked, and an upstream that answers an
+//! upload before reading it (nginx `return 200`) is relayed cleanly.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::harness::*;
+
+const RULES: &str = r#"
+@id("read")
+permit(principal == Identity::"agent", action == Action::"http:get", resource == Resource::"api");
+@id("write")
+permit(principal == Identity::"agent", action == Action::"http:post", resource == Resource::"api");
+"#;
+
+/// `tests/e2e/compat_upstream.py`, plain HTTP.
+struct PyUpstream {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl PyUpstream {
+    fn start(dir: &Path) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/compat_upstream.py");
+        let port = free_port();
+        let log = dir.join(format!("compat-upstream-{port}.jsonl"));
+        fs::write(&log, "").unwrap();
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--log"])
+            .arg(&log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the compat upstream");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Self { child, port, log }
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for PyUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Masked {
+    _cg: TestCgroup,
+    files: DaemonFiles,
+    _daemon: Daemon,
+    up: PyUpstream,
+    place: Placement,
+}
+
+/// A plain-HTTP resource `api` with the e-mail detector, in front of the
+/// python upstream.
+fn masked(name: &str) -> Masked {
+    require_root();
+    let cg = TestCgroup::new(name);
+    let files = DaemonFiles::new(&cg.rel);
+    let up = PyUpstream::start(&files.dir);
+    files.identities(IDENTITIES);
+    files.rules("rules.cedar", RULES);
+    fs::write(
+        files.policies.join("api.toml"),
+        format!(
+            "[resource.api]\nprotocol = \"http\"\nmatch = [\"127.0.0.1:{}\"]\ntls = \"none\"\n\n[[mask]]\nresource = \"api\"\ndetectors = [\"email\"]\n",
+            up.port
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(cg.dir(&agent));
+    Masked {
+        _cg: cg,
+        files,
+        _daemon: daemon,
+        up,
+        place,
+    }
+}
+
+/// Runs `curl -N url` (placed or direct) and returns each `data:` line with
+/// the time it arrived since the start, and the total time.
+fn stream_events(place: Option<&Placement>, url: &str) -> (Vec<(Duration, String)>, Duration) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-N", "--max-time", "30", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(p) = place {
+        p.apply(&mut cmd);
+    }
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().expect("curl");
+    let mut events = Vec::new();
+    let reader = BufReader::new(child.stdout.take().unwrap());
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        if line.starts_with("data:") {
+            events.push((t0.elapsed(), line));
+        }
+    }
+    let total = t0.elapsed();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "curl failed: {status}");
+    (events, total)
+}
+
+#[test]
+fn server_sent_events_arrive_as_sent_and_masked() {
+    let m = masked("compat-sse");
+    let url = format!("http://127.0.0.1:{}/sse", m.up.port);
+    // Control: directly, the first event is there at once.
+    let (direct, direct_total) = stream_events(None, &url);
+    assert_eq!(direct.len(), 25);
+    assert!(direct[0].0 < Duration::from_secs(1), "{direct:?}");
+    assert!(direct_total >= Duration::from_secs(4), "{direct_total:?}");
+
+    let (events, total) = stream_events(Some(&m.place), &url);
+    assert_eq!(events.len(), 25, "{events:?}");
+    assert!(
+        total >= Duration::from_secs(4),
+        "the stream takes ~5 s: {total:?}"
+    );
+    // The first event arrives while the stream is young, and events keep
+    // arriving as sent (not in one burst at the end).
+    assert!(
+        events[0].0 < Duration::from_secs(2),
+        "first event at {:?}",
+        events[0].0
+    );
+    assert!(
+        events[12].0 + Duration::from_millis(1500) < total,
+        "event 12 at {:?}, end at {total:?}",
+        events[12].0
+    );
+    let all: String = events
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!all.contains("@example.com"), "{all}");
+    assert_eq!(all.matches("\"who\": \"[MASKED]\"").count(), 13, "{all}");
+    assert_eq!(all.matches("\"who\": \"nobody\"").count(), 12, "{all}");
+    // Every event is whole JSON after `data: `.
+    for (_, l) in &events {
+        let v: Value = serde_json::from_str(l.trim_start_matches("data: ")).expect("json event");
+        assert!(v["n"].is_u64());
+    }
+    assert_eq!(m.up.requests().len(), 2);
+}
+
+#[test]
+fn a_br_body_sent_unasked_is_decoded_and_masked() {
+    let m = masked("compat-br");
+    let url = format!("http://127.0.0.1:{}/br", m.up.port);
+    let r = curl(&m.place, &[&url]);
+    assert_eq!(r.code, 200, "{r:?}");
+    let v: Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+    assert_eq!(v["email"], "[MASKED]");
+    assert_eq!(v["ok"], true);
+    assert!(
+        !r.headers.to_ascii_lowercase().contains("content-encoding"),
+        "{}",
+        r.headers
+    );
+    // Offered upstream: only what can be inspected.
+    let reqs = m.up.requests();
+    assert!(
+        reqs.iter().all(|r| r["accept_encoding"] == "identity"),
+        "{reqs:?}"
+    );
+    // Audited as masked.
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            super::audit_events(&m.files, &[])
+                .iter()
+                .any(|e| e["type"] == "command_end" && e["detail"]["masked"]["email"] == 1)
+        },
+        "masking audited",
+    );
+}
+
+#[test]
+fn an_early_answer_to_an_upload_is_relayed_cleanly_h1_and_h2() {
+    require_root();
+    let cg = TestCgroup::new("compat-early");
+    let files = DaemonFiles::new(&cg.rel);
+    let pki = TestPki::new(&files.dir.join("pki"));
+    let nginx = NginxUpstream::start(&files.dir, &pki, r#"{"early":true}"#);
+    files.identities(IDENTITIES);
+    files.rules("rules.cedar", RULES);
+    fs::write(
+        files.policies.join("api.toml"),
+        format!(
+            "[resource.api]\nprotocol = \"http\"\nmatch = [\"127.0.0.1:{}\"]\ntls = \"intercept\"\nupstream_ca_file = {:?}\n",
+            nginx.port,
+            pki.ca.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&files);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "agent");
+    let place = Placement::cgroup(cg.dir(&agent));
+    let ca = daemon.status()["ca_cert"].as_str().unwrap().to_string();
+    let upload = files.dir.join("upload.bin");
+    fs::write(&upload, vec![b'u'; 16 << 20]).unwrap();
+    let data = format!("@{}", upload.display());
+    let url = format!("https://127.0.0.1:{}/upload", nginx.port);
+    // Control: directly, nginx answers early and curl finishes cleanly.
+    let direct = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--cacert"])
+        .arg(&pki.ca)
+        .args(["--http1.1", "--data-binary", &data, &url])
+        .output()
+        .unwrap();
+    assert!(direct.status.success(), "{direct:?}");
+    assert_eq!(String::from_utf8_lossy(&direct.stdout), r#"{"early":true}"#);
+    for proto in ["--http1.1", "--http2"] {
+        let r = curl(
+            &place,
+            &["--cacert", &ca, proto, "--data-binary", &data, &url],
+        );
+        assert!(r.ok, "{proto}: {r:?}");
+        assert_eq!(r.code, 200, "{proto}: {r:?}");
+        assert_eq!(r.body, r#"{"early":true}"#, "{proto}: {r:?}");
+    }
+}
