@@ -230,26 +230,34 @@ fn an_early_answer_to_an_upload_is_relayed_cleanly_h1_and_h2() {
     daemon.tag(&agent, "agent");
     let place = Placement::cgroup(cg.dir(&agent));
     let ca = daemon.status()["ca_cert"].as_str().unwrap().to_string();
-    let upload = files.dir.join("upload.bin");
-    fs::write(&upload, vec![b'u'; 16 << 20]).unwrap();
-    let data = format!("@{}", upload.display());
     let url = format!("https://127.0.0.1:{}/upload", nginx.port);
-    // Control: directly, nginx answers early and curl finishes cleanly.
-    let direct = Command::new("curl")
-        .args(["-sS", "--max-time", "30", "--cacert"])
-        .arg(&pki.ca)
-        .args(["--http1.1", "--data-binary", &data, &url])
-        .output()
-        .unwrap();
-    assert!(direct.status.success(), "{direct:?}");
-    assert_eq!(String::from_utf8_lossy(&direct.stdout), r#"{"early":true}"#);
-    for proto in ["--http1.1", "--http2"] {
-        let r = curl(
-            &place,
-            &["--cacert", &ca, proto, "--data-binary", &data, &url],
-        );
-        assert!(r.ok, "{proto}: {r:?}");
-        assert_eq!(r.code, 200, "{proto}: {r:?}");
-        assert_eq!(r.body, r#"{"early":true}"#, "{proto}: {r:?}");
+    // 512 KiB: nginx answers `return 200` without reading the body; 16 MiB:
+    // it answers 413 (client_max_body_size) before reading it. Both are
+    // answers sent before the upload ended.
+    for (size, code) in [(512usize << 10, 200u16), (16 << 20, 413)] {
+        let upload = files.dir.join(format!("upload-{size}.bin"));
+        fs::write(&upload, vec![b'u'; size]).unwrap();
+        let data = format!("@{}", upload.display());
+        // Control: directly, curl gets the answer and finishes cleanly.
+        let direct = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(&pki.ca)
+            .args(["--http1.1", "--data-binary", &data, &url])
+            .output()
+            .unwrap();
+        assert!(direct.status.success(), "{size}: {direct:?}");
+        let direct_body = String::from_utf8_lossy(&direct.stdout).into_owned();
+        if code == 200 {
+            assert_eq!(direct_body, r#"{"early":true}"#);
+        }
+        for proto in ["--http1.1", "--http2"] {
+            let r = curl(
+                &place,
+                &["--cacert", &ca, proto, "--data-binary", &data, &url],
+            );
+            assert!(r.ok, "{size} {proto}: {r:?}");
+            assert_eq!(r.code, code, "{size} {proto}: {r:?}");
+            assert_eq!(r.body, direct_body, "{size} {proto}: {r:?}");
+        }
     }
 }

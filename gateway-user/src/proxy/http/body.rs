@@ -391,6 +391,87 @@ where
     }
 }
 
+/// How long the rest of an agent's upload is read and discarded after the
+/// upstream stopped reading it (nginx's `lingering_time`).
+pub const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most bytes discarded that way.
+pub const LINGER_BYTES: u64 = 256 << 20;
+
+/// The agent's request body. When the upstream answers before reading all
+/// of it (nginx `return 200`, a 413) and drops it, the rest is read and
+/// discarded for a bounded time, as a server's lingering close does, so
+/// the agent finishes its upload and reads the answer instead of a reset
+/// (HTTP/1.1 `Broken pipe`, HTTP/2 stream error).
+pub struct Lingering {
+    inner: Option<hyper::body::Incoming>,
+    ended: bool,
+}
+
+impl Lingering {
+    /// Wraps the agent's body.
+    pub fn new(inner: hyper::body::Incoming) -> Self {
+        let ended = inner.is_end_stream();
+        Self {
+            inner: Some(inner),
+            ended,
+        }
+    }
+}
+
+impl Body for Lingering {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.ended = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map(Body::size_hint).unwrap_or_default()
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else {
+            return;
+        };
+        if self.ended || body.is_end_stream() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let mut seen = 0u64;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(f)) = body.frame().await {
+                    seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                    if seen > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
 /// A response body on its way to the agent.
 pub struct Outgoing<B> {
     inner: B,

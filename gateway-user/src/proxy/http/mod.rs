@@ -789,7 +789,8 @@ impl Conn {
             }
         }
         let req_tap = Arc::new(Mutex::new(Tap::new(self.capture())));
-        let req_body: BoxBody = Tapped::new(body, req_tap.clone()).boxed_unsync();
+        let req_body: BoxBody =
+            Tapped::new(body::Lingering::new(body), req_tap.clone()).boxed_unsync();
         let mut out = Request::new(req_body);
         let is_head = parts.method == Method::HEAD;
         *out.method_mut() = parts.method;
