@@ -487,6 +487,10 @@ pub struct Outgoing<B> {
     pending: Bytes,
     /// Armed while the upstream is quiet and the masker holds bytes back.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The upstream's trailers, sent after what the pipeline still holds.
+    trailers: Option<Frame<Bytes>>,
+    /// Set when hyper was told the body is over before polling it.
+    inner_ended: std::cell::Cell<bool>,
 }
 
 impl<B> Outgoing<B> {
@@ -507,6 +511,8 @@ impl<B> Outgoing<B> {
             out: Vec::new(),
             pending: Bytes::new(),
             idle: None,
+            trailers: None,
+            inner_ended: std::cell::Cell::new(false),
         }
     }
 
@@ -524,10 +530,39 @@ impl<B> Outgoing<B> {
     }
 }
 
+impl<B: Body> Outgoing<B> {
+    /// Nothing is left to send: the upstream's body is known to be empty
+    /// from here and nothing is held or queued.
+    fn drained(&self) -> bool {
+        if !(self.tail.is_none() && self.trailers.is_none() && self.pending.is_empty()) {
+            return false;
+        }
+        if self.done {
+            return true;
+        }
+        let ended = self.pipeline.is_none() && self.inner.is_end_stream();
+        self.inner_ended.set(ended);
+        ended
+    }
+}
+
 impl<B> Drop for Outgoing<B> {
     fn drop(&mut self) {
         if self.on_end.is_some() {
-            self.end(Outcome::Aborted, None);
+            // An empty body hyper never polled (HTTP/2 headers with
+            // END_STREAM, e.g. a gRPC trailers-only answer) was complete.
+            let empty = self.tail.is_none()
+                && self.trailers.is_none()
+                && self.pending.is_empty()
+                && self.pipeline.is_none()
+                && self.tap.bytes == 0
+                && self.inner_ended.get();
+            let outcome = if empty {
+                Outcome::Complete
+            } else {
+                Outcome::Aborted
+            };
+            self.end(outcome, None);
         }
     }
 }
@@ -553,6 +588,9 @@ where
             if let Some(tail) = this.tail.take() {
                 this.tap.see(&tail);
                 return Poll::Ready(Some(Ok(Frame::data(tail))));
+            }
+            if let Some(t) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(t)));
             }
             if !this.pending.is_empty() {
                 if let Some(p) = &mut this.pipeline {
@@ -619,8 +657,23 @@ where
                     let data = match frame.into_data() {
                         Ok(d) => d,
                         Err(other) => {
-                            // Trailers pass unchanged.
-                            return Poll::Ready(Some(Ok(other)));
+                            // Trailers pass unchanged, after whatever the
+                            // pipeline still holds (they end the body).
+                            let Some(p) = &mut this.pipeline else {
+                                return Poll::Ready(Some(Ok(other)));
+                            };
+                            this.done = true;
+                            this.trailers = Some(other);
+                            this.out.clear();
+                            if let Err(e) = p.finish(&mut this.out) {
+                                this.trailers = None;
+                                this.end(Outcome::MaskError, Some(e.clone()));
+                                return Poll::Ready(Some(Err(mask_failed(&e))));
+                            }
+                            if !this.out.is_empty() {
+                                this.tail = Some(Bytes::copy_from_slice(&this.out));
+                            }
+                            continue;
                         }
                     };
                     let Some(p) = &mut this.pipeline else {
@@ -667,7 +720,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.tail.is_none() && self.pending.is_empty()
+        // An upstream body known to be empty stays so for the agent (a gRPC
+        // trailers-only answer must reach it as HEADERS with END_STREAM).
+        self.drained()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -186,6 +186,8 @@ pub struct Upstream {
     /// Serializes new connections so concurrent first requests share one
     /// HTTP/2 connection.
     connecting: tokio::sync::Mutex<()>,
+    /// Cleartext HTTP/2 with prior knowledge (the agent spoke h2c).
+    h2c: bool,
 }
 
 /// Which protocol a request goes upstream with (the URI form differs).
@@ -220,7 +222,16 @@ impl Upstream {
             h1: Mutex::new(Vec::new()),
             fresh: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            h2c: false,
         })
+    }
+
+    /// With `on`, cleartext connections speak HTTP/2 with prior knowledge
+    /// (RFC 9113 §3.3) instead of HTTP/1.1; TLS connections are unchanged
+    /// (ALPN decides).
+    pub fn h2c(mut self, on: bool) -> Self {
+        self.h2c = on;
+        self
     }
 
     /// The upstream address.
@@ -358,6 +369,7 @@ impl Upstream {
         .map_err(|source| UpstreamError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
+            None if self.h2c && !h1_only => Ok(Conn::H2(h2(TokioIo::new(tcp)).await?)),
             None => Ok(Conn::H1(h1(TokioIo::new(tcp)).await?)),
             Some((both, h1cfg, name)) => {
                 let cfg = if h1_only { h1cfg } else { both };
@@ -378,16 +390,7 @@ impl Upstream {
                         .map_err(hs)?;
                 let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 if is_h2 {
-                    let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(TokioIo::new(tls))
-                        .await?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!("upstream h2 connection ended: {e}");
-                        }
-                    });
-                    Ok(Conn::H2(s))
+                    Ok(Conn::H2(h2(TokioIo::new(tls)).await?))
                 } else {
                     Ok(Conn::H1(h1(TokioIo::new(tls)).await?))
                 }
@@ -407,6 +410,22 @@ fn name_str(n: &ServerName<'_>) -> String {
 enum Conn {
     H1(http1::SendRequest<BoxBody>),
     H2(http2::SendRequest<BoxBody>),
+}
+
+async fn h2<T>(io: TokioIo<T>) -> Result<http2::SendRequest<BoxBody>, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!("upstream h2 connection ended: {e}");
+        }
+    });
+    Ok(s)
 }
 
 async fn h1<T>(io: TokioIo<T>) -> Result<http1::SendRequest<BoxBody>, UpstreamError>
