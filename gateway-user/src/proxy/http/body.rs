@@ -924,7 +924,10 @@ mod tests {
             .max_decoded(10);
         let (_slot, on_end) = ended();
         let body = Outgoing::new(chunks(&[&br]), Some(p), None, on_end);
-        let e = body.collect().await.err().expect("cut off").to_string();
+        let Err(e) = body.collect().await else {
+            panic!("not cut off at the cap");
+        };
+        let e = e.to_string();
         assert!(e.contains("http_max_decoded_body"), "{e}");
     }
 
