@@ -995,4 +995,42 @@ mod tests {
                 .is_err()
         );
     }
+
+    /// Data, then trailers.
+    struct WithTrailers(VecDeque<Frame<Bytes>>);
+    impl Body for WithTrailers {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_follow_what_the_pipeline_still_holds() {
+        let mut t = hyper::HeaderMap::new();
+        t.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+        let frames = VecDeque::from([Frame::data(Bytes::from_static(b"ab")), Frame::trailers(t)]);
+        let p = Pipeline::new(None, Some(Box::new(Upper)));
+        let (slot, on_end) = ended();
+        let mut body = Outgoing::new(WithTrailers(frames), Some(p), None, on_end);
+        let mut seen = Vec::new();
+        while let Some(f) = body.frame().await {
+            let f = f.unwrap();
+            if f.is_trailers() {
+                seen.push("trailers".to_string());
+            } else {
+                seen.push(String::from_utf8_lossy(&f.into_data().unwrap()).into_owned());
+            }
+        }
+        assert_eq!(seen, ["AB", ".", "trailers"]);
+        drop(body);
+        assert_eq!(
+            slot.lock().unwrap().take().unwrap().outcome,
+            Outcome::Complete
+        );
+    }
 }
