@@ -173,6 +173,29 @@ fn server_sent_events_arrive_as_sent_and_masked() {
         assert!(v["n"].is_u64());
     }
     assert_eq!(m.up.requests().len(), 2);
+
+    // The same stream gzip-encoded (not offered, sent anyway): decoded and
+    // masked event by event, still not held.
+    let url = format!("http://127.0.0.1:{}/sse-gzip", m.up.port);
+    let (events, total) = stream_events(Some(&m.place), &url);
+    assert_eq!(events.len(), 25, "{events:?}");
+    assert!(
+        events[0].0 < Duration::from_secs(2),
+        "first gzip event at {:?}",
+        events[0].0
+    );
+    assert!(
+        events[12].0 + Duration::from_millis(1500) < total,
+        "gzip event 12 at {:?}, end at {total:?}",
+        events[12].0
+    );
+    let all: String = events
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!all.contains("@example.com"), "{all}");
+    assert_eq!(all.matches("\"who\": \"[MASKED]\"").count(), 13, "{all}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ Prints "ready" once listening; logs one JSON line per request."""
 import argparse
 import json
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # {"email": "dave@example.com", "ok": true} by Node's zlib.brotliCompressSync.
@@ -31,18 +32,27 @@ class H(BaseHTTPRequestHandler):
     def do_GET(self):
         self.log()
         if self.path.startswith("/sse"):
+            # /sse-gzip: gzip-encoded though not offered, flushed per event.
+            gz = zlib.compressobj(wbits=31) if self.path.startswith("/sse-gzip") else None
             n = 25
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Transfer-Encoding", "chunked")
+            if gz:
+                self.send_header("Content-Encoding", "gzip")
             self.end_headers()
             for i in range(n):
                 who = f"user{i}@example.com" if i % 2 == 0 else "nobody"
                 ev = f"id: {i}\nevent: tick\ndata: {{\"n\": {i}, \"who\": \"{who}\", \"t\": {time.time()}}}\n\n".encode()
+                if gz:
+                    ev = gz.compress(ev) + gz.flush(zlib.Z_SYNC_FLUSH)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
                 self.wfile.flush()
                 time.sleep(0.2)
+            if gz:
+                tail = gz.flush()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         elif self.path.startswith("/br"):
