@@ -13,12 +13,12 @@ mod http;
 mod ops;
 mod postgres;
 mod security;
-mod sound_http;
-mod sound_kernel;
-mod sound_limits;
-mod sound_mask;
 mod sound_pg;
+mod sound_mask;
+mod sound_kernel;
+mod sound_http;
 mod sound_ssh;
+mod sound_limits;
 mod ssh;
 
 use std::{fs, time::Duration};
