@@ -3,7 +3,7 @@
 //! formatting; it must not implement daemon behaviour itself (except the
 //! break-glass `detach` when no daemon is running).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -90,9 +90,10 @@ pub enum Command {
         /// Only sessions still running.
         #[arg(long)]
         active: bool,
-        /// State directory.
-        #[arg(long, default_value = defaults::STATE_DIR)]
-        state_dir: PathBuf,
+        /// State directory (default: the running daemon's, else
+        /// /var/lib/portcullis).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// End a live session.
     Kill {
@@ -106,9 +107,10 @@ pub enum Command {
         /// Speed factor (2 = twice as fast; 0 = no waiting).
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
-        /// State directory.
-        #[arg(long, default_value = defaults::STATE_DIR)]
-        state_dir: PathBuf,
+        /// State directory (default: the running daemon's, else
+        /// /var/lib/portcullis).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// List access requests (held commands waiting for a human).
     Requests {
@@ -230,7 +232,8 @@ pub enum AuditCommand {
         /// State directory.
         #[arg(long, default_value = defaults::STATE_DIR)]
         state_dir: PathBuf,
-        /// Checkpoint public key (default `<state>/audit.pub`), for a copied log.
+        /// Checkpoint public key. Default: `DIR/../audit.pub` (a state dir
+        /// keeps `audit.pub` beside `audit/`), then `<state>/audit.pub`.
         #[arg(long)]
         pubkey: Option<PathBuf>,
         /// Print JSON.
@@ -560,6 +563,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             active,
             state_dir,
         } => {
+            let state_dir = daemon_state_dir(&socket, state_dir);
             let mut list: Vec<serde_json::Value> =
                 crate::record::list_sessions(&state_dir.join("sessions"))?
                     .into_iter()
@@ -622,6 +626,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             speed,
             state_dir,
         } => {
+            let state_dir = daemon_state_dir(&socket, state_dir);
             let mut out = std::io::stdout().lock();
             crate::record::replay(&state_dir.join("sessions"), &id, speed, &mut out)?;
             Ok(())
@@ -966,6 +971,33 @@ fn stop_daemon(socket: &std::path::Path) {
     eprintln!("warning: daemon pid {pid} did not stop within 15 s");
 }
 
+/// Where `audit verify` looks for the checkpoint key, in order: `--pubkey`
+/// alone when given; else beside the audit directory (`DIR/../audit.pub`:
+/// a state dir keeps `audit.pub` next to `audit/`, so `verify
+/// <state>/audit` needs no `--pubkey`), then `<state>/audit.pub`.
+fn verify_key_candidates(
+    dir: Option<&Path>,
+    state_dir: &Path,
+    pubkey: Option<&Path>,
+) -> Vec<PathBuf> {
+    if let Some(p) = pubkey {
+        return vec![p.to_path_buf()];
+    }
+    let mut out = Vec::with_capacity(2);
+    if let Some(dir) = dir {
+        // Resolve `.`, `..`, `audit/` and symlinks before taking the parent.
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if let Some(parent) = dir.parent() {
+            out.push(parent.join("audit.pub"));
+        }
+    }
+    let default = state_dir.join("audit.pub");
+    if !out.contains(&default) {
+        out.push(default);
+    }
+    out
+}
+
 fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
     use crate::audit;
     match cmd {
@@ -975,8 +1007,27 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
             pubkey,
             json,
         } => {
+            let candidates = verify_key_candidates(dir.as_deref(), &state_dir, pubkey.as_deref());
             let dir = dir.unwrap_or_else(|| state_dir.join("audit"));
-            let pubkey = pubkey.unwrap_or_else(|| state_dir.join("audit.pub"));
+            let pubkey = match (pubkey, candidates.iter().find(|p| p.is_file())) {
+                // Given: use it, and let a missing file say so below.
+                (Some(given), _) => given,
+                (None, Some(found)) => {
+                    // On stderr: `--json` keeps stdout to the report.
+                    eprintln!("checkpoint public key: {}", found.display());
+                    found.clone()
+                }
+                (None, None) => bail!(
+                    "no checkpoint public key for {}: looked for {}; give --pubkey PATH \
+                     (the audit.pub of the state dir that wrote this log, or its off-host copy)",
+                    dir.display(),
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+            };
             let key = audit::load_public_key(&pubkey)
                 .with_context(|| format!("checkpoint public key {}", pubkey.display()))?;
             let report = audit::verify(&dir, &key);
@@ -1090,5 +1141,60 @@ fn s(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
+    }
+}
+
+/// The state directory a recording subcommand reads: the one given, else
+/// the running daemon's (asked over the admin socket, like every other
+/// client subcommand), else the default. Recordings are files, so they can
+/// be read with the daemon stopped.
+fn daemon_state_dir(socket: &std::path::Path, given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            admin::call(socket, &Request::Status)
+                .ok()
+                .and_then(|r| r.data)
+                .and_then(|d| d["state_dir"].as_str().map(PathBuf::from))
+        })
+        .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_looks_for_the_key_beside_the_audit_dir_first() {
+        let tmp = crate::testutil::TempDir::new("cli", "verify-key");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(state.join("audit")).expect("mkdir");
+        let state = std::fs::canonicalize(&state).expect("canonicalize");
+        let other = Path::new("/nonexistent/portcullis");
+        // DIR given: its parent's audit.pub, then the state dir's.
+        assert_eq!(
+            verify_key_candidates(Some(&state.join("audit")), other, None),
+            vec![state.join("audit.pub"), other.join("audit.pub")]
+        );
+        // Trailing slash and `..` resolve to the same directory.
+        let odd = state.join("audit").join("..").join("audit").join("");
+        assert_eq!(
+            verify_key_candidates(Some(&odd), other, None).first(),
+            Some(&state.join("audit.pub"))
+        );
+        // No DIR: only the state dir's key; no duplicate when they agree.
+        assert_eq!(
+            verify_key_candidates(None, &state, None),
+            vec![state.join("audit.pub")]
+        );
+        assert_eq!(
+            verify_key_candidates(Some(&state.join("audit")), &state, None),
+            vec![state.join("audit.pub")]
+        );
+        // --pubkey wins alone.
+        let given = tmp.path().join("safe.pub");
+        assert_eq!(
+            verify_key_candidates(Some(&state.join("audit")), other, Some(&given)),
+            vec![given]
+        );
     }
 }

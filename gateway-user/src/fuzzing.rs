@@ -226,6 +226,7 @@ fn fuzz_masker() -> std::sync::Arc<crate::mask::Masker> {
             // the output must have (partial keeps four characters, which
             // may legitimately form a new match with what follows).
             style: "redact".into(),
+            binary: "pass".into(),
         };
         crate::mask::Masker::compile("fuzz", &[rule], [1; 32])
             .ok()

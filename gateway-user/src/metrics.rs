@@ -1,8 +1,16 @@
-//! Counters, histograms and the metrics/health endpoint (Prometheus text on
-//! `GET /metrics`, `GET /healthz`, `GET /readyz`). Owns only counting and
-//! exposition; it must never block the data path: counting is plain
-//! atomics under a read lock, and only the first sighting of a label set
-//! takes a write lock and allocates.
+//! Counters, histograms and the metrics/health endpoint (`GET /metrics`,
+//! `GET /healthz`, `GET /readyz`). Owns only counting and exposition; it must
+//! never block the data path: counting is plain atomics under a read lock,
+//! and only the first sighting of a label set takes a write lock and
+//! allocates.
+//!
+//! Exposition is the Prometheus project's own `prometheus-client` crate: its
+//! metric types where they fit (the flow counters and the eBPF map gauges,
+//! whose label values are `&'static str`, so a lookup builds no label set on
+//! the heap) and its OpenMetrics text encoder for everything, including the
+//! three dynamic-label families below, which keep their own two-level map so
+//! the data path looks a series up by `&str` without allocating and so the
+//! number of series stays capped.
 //!
 //! What handlers call (all cheap, callable from any task):
 //! - [`Metrics::decision`]`(resource, action, outcome)`: the command gate
@@ -16,20 +24,30 @@
 //!   (a column name, JSON key path, or detector name such as
 //!   `credit_card`) of `resource`. Count per response, not per byte.
 //!
-//! Label values are escaped; the number of distinct label sets per family is
-//! capped ([`MAX_SERIES`]) so a buggy caller cannot grow memory without
-//! bound: further sets are counted under `_other`.
+//! Label values are escaped by the encoder; the number of distinct label
+//! sets per family is capped ([`MAX_SERIES`]) so a buggy caller cannot grow
+//! memory without bound: further sets are counted under `_other`.
 
 use std::{
     collections::HashMap,
-    fmt::Write as _,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, RwLock,
     },
     time::Duration,
 };
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        MetricType,
+    },
+    registry::{Metric, Registry},
+};
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -40,6 +58,9 @@ use crate::{audit::AuditLag, daemon::Shared, proxy::Refusal};
 
 /// Most label sets one family keeps; later ones are folded into `_other`.
 pub const MAX_SERIES: usize = 4096;
+
+/// The `Content-Type` of `GET /metrics`: what the encoder writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the command latency buckets, in seconds (`+Inf` added).
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -75,13 +96,20 @@ pub const MAP_NAMES: [&str; 3] = [
     gateway_common::MAP_TAGGED_CGROUPS,
 ];
 
-/// A two-label family: first label → second label → value.
-struct Family<T> {
+/// A label set of one `&'static str` label: built on the stack, so a
+/// [`Family`] lookup with it allocates nothing.
+type StaticLabel = [(&'static str, &'static str); 1];
+
+/// A two-label series map: first label → second label → value. Unlike
+/// [`Family`], a lookup takes `&str` (no owned label set per call) and the
+/// number of series is capped.
+#[derive(Debug)]
+struct LabelMap<T> {
     map: RwLock<HashMap<String, HashMap<String, T>>>,
     series: AtomicUsize,
 }
 
-impl<T: Default> Default for Family<T> {
+impl<T: Default> Default for LabelMap<T> {
     fn default() -> Self {
         Self {
             map: RwLock::new(HashMap::new()),
@@ -90,7 +118,7 @@ impl<T: Default> Default for Family<T> {
     }
 }
 
-impl<T: Default> Family<T> {
+impl<T: Default> LabelMap<T> {
     /// Runs `f` on the value for (`a`, `b`), creating it on first sight.
     fn with(&self, a: &str, b: &str, f: impl FnOnce(&T)) {
         {
@@ -114,8 +142,12 @@ impl<T: Default> Family<T> {
         f(inner.entry(b.to_string()).or_default());
     }
 
-    /// Visits every series in label order (stable output).
-    fn each(&self, mut f: impl FnMut(&str, &str, &T)) {
+    /// Visits every series in label order (stable output); stops at the
+    /// first error `f` returns.
+    fn each(
+        &self,
+        mut f: impl FnMut(&str, &str, &T) -> Result<(), std::fmt::Error>,
+    ) -> Result<(), std::fmt::Error> {
         let g = self.map.read().unwrap_or_else(|p| p.into_inner());
         let mut outer: Vec<&String> = g.keys().collect();
         outer.sort();
@@ -124,14 +156,16 @@ impl<T: Default> Family<T> {
             let mut inner: Vec<(&String, &T)> = m.iter().collect();
             inner.sort_by(|x, y| x.0.cmp(y.0));
             for (b, v) in inner {
-                f(a, b, v);
+                f(a, b, v)?;
             }
         }
+        Ok(())
     }
 }
 
-/// A fixed-bucket latency histogram.
-#[derive(Default)]
+/// A fixed-bucket latency histogram: lock-free to observe (the crate's
+/// `Histogram` takes a lock per observation), encoded by the crate.
+#[derive(Debug, Default)]
 struct Histogram {
     /// Per-bucket (not cumulative) counts; the last is `+Inf`.
     buckets: [AtomicU64; 17],
@@ -152,35 +186,117 @@ impl Histogram {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// `(upper bound, non-cumulative count)` pairs, `+Inf` last, as the
+    /// encoder wants them.
+    fn buckets(&self) -> Vec<(f64, u64)> {
+        LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(&self.buckets)
+            .map(|(le, c)| (le, c.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
-/// Fill of one eBPF map, refreshed periodically by the daemon.
-#[derive(Default)]
-struct MapFill {
-    entries: AtomicU64,
-    max: AtomicU64,
-    known: AtomicBool,
+/// The dynamic-label families (see [`LabelMap`]).
+#[derive(Debug, Default)]
+struct Families {
+    /// resource → action → counts by [`OUTCOMES`].
+    decisions: LabelMap<[AtomicU64; 4]>,
+    /// protocol → action → latency.
+    latency: LabelMap<Histogram>,
+    /// resource → field → masked values.
+    masked: LabelMap<AtomicU64>,
+}
+
+/// Encodes [`Families`] at scrape time through the crate's encoder.
+#[derive(Debug)]
+struct FamiliesCollector(Arc<Families>);
+
+impl Collector for FamiliesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let f = &self.0;
+        let mut e = encoder.encode_descriptor(
+            "portcullis_decisions",
+            "Command decisions, by resource, action and outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        f.decisions.each(|resource, action, counts| {
+            for (outcome, c) in OUTCOMES.iter().zip(counts) {
+                let v = c.load(Ordering::Relaxed);
+                if v > 0 {
+                    let labels = [
+                        ("resource", resource),
+                        ("action", action),
+                        ("outcome", outcome),
+                    ];
+                    e.encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+                }
+            }
+            Ok(())
+        })?;
+
+        let mut e = encoder.encode_descriptor(
+            "portcullis_command_duration_seconds",
+            "Allowed commands from arrival to completion, by protocol and action.",
+            None,
+            MetricType::Histogram,
+        )?;
+        f.latency.each(|protocol, action, h| {
+            let labels = [("protocol", protocol), ("action", action)];
+            e.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                h.count.load(Ordering::Relaxed),
+                &h.buckets(),
+                None,
+            )
+        })?;
+
+        let mut e = encoder.encode_descriptor(
+            "portcullis_masked_values",
+            "Values masked in responses, by resource and field (column, key path or detector).",
+            None,
+            MetricType::Counter,
+        )?;
+        f.masked.each(|resource, field, c| {
+            let labels = [("resource", resource), ("field", field)];
+            e.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&c.load(Ordering::Relaxed), None)
+        })
+    }
 }
 
 /// Daemon counters.
-#[derive(Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    flows_accepted: AtomicU64,
-    refused_no_flow_entry: AtomicU64,
-    refused_unknown_cgroup: AtomicU64,
-    refused_untagged: AtomicU64,
-    refused_no_resource: AtomicU64,
-    refused_shutting_down: AtomicU64,
-    refused_identity_unproven: AtomicU64,
-    refused_audit_unavailable: AtomicU64,
-    refused_memory_budget: AtomicU64,
-    /// resource → action → counts by [`OUTCOMES`].
-    decisions: Family<[AtomicU64; 4]>,
-    /// protocol → action → latency.
-    latency: Family<Histogram>,
-    /// resource → field → masked values.
-    masked: Family<AtomicU64>,
-    maps: [MapFill; 3],
+    flows_accepted: Counter,
+    /// By [`Refusal::label`]; every reason is created up front so each is
+    /// exported from the start (0 is a value worth alerting on).
+    flows_refused: Family<StaticLabel, Counter>,
+    families: Arc<Families>,
+    /// By map name; a map appears once its fill is known.
+    map_entries: Family<StaticLabel, Gauge<u64, AtomicU64>>,
+    map_max_entries: Family<StaticLabel, Gauge<u64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let flows_refused = Family::default();
+        for r in REFUSALS {
+            drop(flows_refused.get_or_create(&[("reason", r.label())]));
+        }
+        Self {
+            flows_accepted: Counter::default(),
+            flows_refused,
+            families: Arc::default(),
+            map_entries: Family::default(),
+            map_max_entries: Family::default(),
+        }
+    }
 }
 
 /// A copy of the flow counters (for `status --json`).
@@ -192,7 +308,7 @@ pub struct Snapshot {
     pub flows_refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
-/// Every refusal reason, in exposition order.
+/// Every refusal reason.
 const REFUSALS: [Refusal; 8] = [
     Refusal::NoFlowEntry,
     Refusal::UnknownCgroup,
@@ -269,7 +385,7 @@ impl Readiness {
 impl Metrics {
     /// Counts an accepted flow.
     pub fn accepted(&self) {
-        self.flows_accepted.fetch_add(1, Ordering::Relaxed);
+        self.flows_accepted.inc();
     }
 
     /// Counts a command decision (`allow`, `deny` or `hold`; anything else
@@ -279,7 +395,7 @@ impl Metrics {
             .iter()
             .position(|o| *o == outcome)
             .unwrap_or(OUTCOMES.len() - 1);
-        self.decisions.with(resource, action, |c| {
+        self.families.decisions.with(resource, action, |c| {
             if let Some(c) = c.get(i) {
                 c.fetch_add(1, Ordering::Relaxed);
             }
@@ -290,7 +406,9 @@ impl Metrics {
     /// agent to its completion. `protocol` is `postgres`, `ssh`, `http`,
     /// `tcp`; `action` the catalog action (`postgres:select`).
     pub fn command_latency(&self, protocol: &str, action: &str, d: Duration) {
-        self.latency.with(protocol, action, |h| h.observe(d));
+        self.families
+            .latency
+            .with(protocol, action, |h| h.observe(d));
     }
 
     /// Counts `n` values masked in `field` of `resource`.
@@ -298,283 +416,170 @@ impl Metrics {
         if n == 0 {
             return;
         }
-        self.masked.with(resource, field, |c| {
+        self.families.masked.with(resource, field, |c| {
             c.fetch_add(n, Ordering::Relaxed);
         });
     }
 
     /// Sets the fill of the eBPF map `name` (one of [`MAP_NAMES`]).
     pub fn set_map_fill(&self, name: &str, entries: u64, max: u64) {
-        if let Some(i) = MAP_NAMES.iter().position(|n| *n == name) {
-            if let Some(m) = self.maps.get(i) {
-                m.entries.store(entries, Ordering::Relaxed);
-                m.max.store(max, Ordering::Relaxed);
-                m.known.store(true, Ordering::Relaxed);
-            }
+        if let Some(name) = MAP_NAMES.iter().find(|n| **n == name) {
+            let labels = [("map", *name)];
+            self.map_entries.get_or_create(&labels).set(entries);
+            self.map_max_entries.get_or_create(&labels).set(max);
         }
     }
 
     /// Counts a refused flow.
     pub fn refused(&self, r: Refusal) {
-        self.counter(r).fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn counter(&self, r: Refusal) -> &AtomicU64 {
-        match r {
-            Refusal::NoFlowEntry => &self.refused_no_flow_entry,
-            Refusal::UnknownCgroup => &self.refused_unknown_cgroup,
-            Refusal::Untagged => &self.refused_untagged,
-            Refusal::NoResource => &self.refused_no_resource,
-            Refusal::ShuttingDown => &self.refused_shutting_down,
-            Refusal::IdentityUnproven => &self.refused_identity_unproven,
-            Refusal::AuditUnavailable => &self.refused_audit_unavailable,
-            Refusal::MemoryBudget => &self.refused_memory_budget,
-        }
+        self.flows_refused
+            .get_or_create(&[("reason", r.label())])
+            .inc();
     }
 
     /// Current flow counters.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            flows_accepted: self.flows_accepted.load(Ordering::Relaxed),
+            flows_accepted: self.flows_accepted.get(),
             flows_refused: REFUSALS
                 .iter()
-                .map(|r| (r.label(), self.counter(*r).load(Ordering::Relaxed)))
+                .map(|r| {
+                    let v = self
+                        .flows_refused
+                        .get(&[("reason", r.label())])
+                        .map_or(0, |c| c.get());
+                    (r.label(), v)
+                })
                 .collect(),
         }
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]), written by the
+    /// `prometheus-client` encoder. The registry is built per scrape: it
+    /// holds clones of the long-lived metrics (each an `Arc`) and gauges
+    /// read from `g`, so scrape-time values need no extra state.
     pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::with_capacity(4096);
-        let o = &mut out;
-        let s = self.snapshot();
-        head(
-            o,
-            "portcullis_flows_accepted_total",
-            "counter",
+        let mut r = Registry::default();
+        reg(
+            &mut r,
+            "portcullis_flows_accepted",
             "Flows handed to a protocol handler.",
+            self.flows_accepted.clone(),
         );
-        let _ = writeln!(o, "portcullis_flows_accepted_total {}", s.flows_accepted);
-        head(
-            o,
-            "portcullis_flows_refused_total",
-            "counter",
+        reg(
+            &mut r,
+            "portcullis_flows_refused",
             "Flows refused, by reason.",
+            self.flows_refused.clone(),
         );
-        for (label, v) in &s.flows_refused {
-            let _ = writeln!(
-                o,
-                "portcullis_flows_refused_total{{reason=\"{label}\"}} {v}"
-            );
+        r.register_collector(Box::new(FamiliesCollector(self.families.clone())));
+        let gauges: [(&str, &str, u64); 5] = [
+            (
+                "portcullis_sessions_active",
+                "Live sessions.",
+                g.sessions as u64,
+            ),
+            (
+                "portcullis_access_requests_pending",
+                "Access requests waiting for a human.",
+                g.pending_requests as u64,
+            ),
+            (
+                "portcullis_grants_active",
+                "Grants in force.",
+                g.grants as u64,
+            ),
+            ("portcullis_tags", "Tagged cgroups.", g.tags as u64),
+            (
+                "portcullis_netns_served",
+                "Network namespaces with a proxy listener.",
+                g.netns_served as u64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            reg(&mut r, name, help, ConstGauge::new(v));
         }
-
-        head(
-            o,
-            "portcullis_decisions_total",
-            "counter",
-            "Command decisions, by resource, action and outcome.",
-        );
-        self.decisions.each(|resource, action, counts| {
-            for (outcome, c) in OUTCOMES.iter().zip(counts) {
-                let v = c.load(Ordering::Relaxed);
-                if v > 0 {
-                    let _ = writeln!(
-                        o,
-                        "portcullis_decisions_total{{resource=\"{}\",action=\"{}\",outcome=\"{outcome}\"}} {v}",
-                        label_value(resource),
-                        label_value(action)
-                    );
-                }
-            }
-        });
-
-        head(
-            o,
-            "portcullis_command_duration_seconds",
-            "histogram",
-            "Allowed commands from arrival to completion, by protocol and action.",
-        );
-        self.latency.each(|protocol, action, h| {
-            let labels = format!(
-                "protocol=\"{}\",action=\"{}\"",
-                label_value(protocol),
-                label_value(action)
-            );
-            let mut cumulative = 0;
-            for (i, b) in h.buckets.iter().enumerate() {
-                cumulative += b.load(Ordering::Relaxed);
-                let le = LATENCY_BUCKETS
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-                let _ = writeln!(
-                    o,
-                    "portcullis_command_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                o,
-                "portcullis_command_duration_seconds_sum{{{labels}}} {}",
-                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
-            );
-            let _ = writeln!(
-                o,
-                "portcullis_command_duration_seconds_count{{{labels}}} {}",
-                h.count.load(Ordering::Relaxed)
-            );
-        });
-
-        head(
-            o,
-            "portcullis_masked_values_total",
-            "counter",
-            "Values masked in responses, by resource and field (column, key path or detector).",
-        );
-        self.masked.each(|resource, field, c| {
-            let _ = writeln!(
-                o,
-                "portcullis_masked_values_total{{resource=\"{}\",field=\"{}\"}} {}",
-                label_value(resource),
-                label_value(field),
-                c.load(Ordering::Relaxed)
-            );
-        });
-
-        gauge(
-            o,
-            "portcullis_sessions_active",
-            "Live sessions.",
-            g.sessions as u64,
-        );
-        gauge(
-            o,
-            "portcullis_access_requests_pending",
-            "Access requests waiting for a human.",
-            g.pending_requests as u64,
-        );
-        gauge(
-            o,
-            "portcullis_grants_active",
-            "Grants in force.",
-            g.grants as u64,
-        );
-        gauge(o, "portcullis_tags", "Tagged cgroups.", g.tags as u64);
-        gauge(
-            o,
-            "portcullis_netns_served",
-            "Network namespaces with a proxy listener.",
-            g.netns_served as u64,
-        );
-
-        head(
-            o,
+        reg(
+            &mut r,
             "portcullis_bpf_map_entries",
-            "gauge",
             "Entries in an eBPF map (sampled periodically).",
+            self.map_entries.clone(),
         );
-        for (name, m) in MAP_NAMES.iter().zip(&self.maps) {
-            if m.known.load(Ordering::Relaxed) {
-                let _ = writeln!(
-                    o,
-                    "portcullis_bpf_map_entries{{map=\"{name}\"}} {}",
-                    m.entries.load(Ordering::Relaxed)
-                );
-            }
-        }
-        head(
-            o,
+        reg(
+            &mut r,
             "portcullis_bpf_map_max_entries",
-            "gauge",
             "Capacity of an eBPF map.",
+            self.map_max_entries.clone(),
         );
-        for (name, m) in MAP_NAMES.iter().zip(&self.maps) {
-            if m.known.load(Ordering::Relaxed) {
-                let _ = writeln!(
-                    o,
-                    "portcullis_bpf_map_max_entries{{map=\"{name}\"}} {}",
-                    m.max.load(Ordering::Relaxed)
-                );
-            }
-        }
-
         if let Some(lag) = g.audit_lag {
-            gauge(
-                o,
+            reg(
+                &mut r,
                 "portcullis_audit_unsynced_records",
                 "Audit records written to the file but not yet fdatasync'd.",
-                lag.records,
+                ConstGauge::new(lag.records),
             );
-            head(
-                o,
+            reg(
+                &mut r,
                 "portcullis_audit_unsynced_age_seconds",
-                "gauge",
                 "Age of the oldest audit record not yet fdatasync'd (0 when all are).",
+                ConstGauge::new(lag.age.as_secs_f64()),
             );
-            let _ = writeln!(
-                o,
-                "portcullis_audit_unsynced_age_seconds {}",
-                lag.age.as_secs_f64()
-            );
-            gauge(
-                o,
+            reg(
+                &mut r,
                 "portcullis_audit_last_seq",
                 "Highest audit seq written to the file.",
-                lag.written_seq,
+                ConstGauge::new(lag.written_seq),
             );
         }
-        gauge(
-            o,
-            "portcullis_audit_writable",
-            "1 when the last audit write succeeded.",
-            u64::from(g.ready.audit_writable),
-        );
-        gauge(
-            o,
-            "portcullis_programs_attached",
-            "1 while the eBPF programs are attached.",
-            u64::from(g.ready.programs_attached),
-        );
-        gauge(
-            o,
-            "portcullis_ready",
-            "1 when /readyz answers 200.",
-            u64::from(g.ready.ok()),
-        );
-        gauge(
-            o,
-            "portcullis_uptime_seconds",
-            "Seconds since the daemon started.",
-            g.uptime_secs,
-        );
-        gauge(
-            o,
-            "portcullis_resident_memory_bytes",
-            "The daemon's resident memory, sampled every 100 ms.",
-            g.resident_bytes,
-        );
-        gauge(
-            o,
-            "portcullis_memory_budget_bytes",
-            "memory_budget: new sessions are shed above it (0: off).",
-            g.memory_budget_bytes,
-        );
+        let gauges: [(&str, &str, u64); 6] = [
+            (
+                "portcullis_audit_writable",
+                "1 when the last audit write succeeded.",
+                u64::from(g.ready.audit_writable),
+            ),
+            (
+                "portcullis_programs_attached",
+                "1 while the eBPF programs are attached.",
+                u64::from(g.ready.programs_attached),
+            ),
+            (
+                "portcullis_ready",
+                "1 when /readyz answers 200.",
+                u64::from(g.ready.ok()),
+            ),
+            (
+                "portcullis_uptime_seconds",
+                "Seconds since the daemon started.",
+                g.uptime_secs,
+            ),
+            (
+                "portcullis_resident_memory_bytes",
+                "The daemon's resident memory, sampled every 100 ms.",
+                g.resident_bytes,
+            ),
+            (
+                "portcullis_memory_budget_bytes",
+                "memory_budget: new sessions are shed above it (0: off).",
+                g.memory_budget_bytes,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            reg(&mut r, name, help, ConstGauge::new(v));
+        }
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail; the encoder's own errors come
+        // only from the writer.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
         out
     }
 }
 
-fn head(o: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn gauge(o: &mut String, name: &str, help: &str, v: u64) {
-    head(o, name, "gauge", help);
-    let _ = writeln!(o, "{name} {v}");
-}
-
-/// Escapes a Prometheus label value (backslash, quote, newline).
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Registers `metric`; `help` is given as a sentence and the crate appends
+/// the full stop itself.
+fn reg(r: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    r.register(name, help.strip_suffix('.').unwrap_or(help), metric);
 }
 
 /// Reads the daemon's state for one scrape.
@@ -656,11 +661,7 @@ pub fn respond(
         return ("405 Method Not Allowed", TEXT, "only GET and HEAD\n".into());
     }
     match line.path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(),
-        ),
+        "/metrics" => ("200 OK", CONTENT_TYPE, render()),
         "/healthz" => ("200 OK", TEXT, "ok\n".into()),
         "/readyz" => {
             let r = ready();
@@ -785,32 +786,49 @@ mod tests {
         (m, g)
     }
 
-    /// Every sample line is `name{labels} value`, after its family's TYPE.
+    /// Every sample line is `name{labels} value`, after its family's TYPE
+    /// (OpenMetrics: a counter family `x` has samples `x_total`; the
+    /// exposition ends with `# EOF`).
     #[test]
     fn text_format_is_well_formed() {
         let (m, g) = sample();
         let text = m.render(&g);
-        let mut typed = std::collections::HashSet::new();
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+        let mut typed = HashMap::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut p = rest.split(' ');
                 let name = p.next().unwrap();
                 let kind = p.next().unwrap();
                 assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-                assert!(typed.insert(name.to_string()), "TYPE twice: {line}");
+                assert!(
+                    typed.insert(name.to_string(), kind).is_none(),
+                    "TYPE twice: {line}"
+                );
+                assert!(!name.ends_with("_total"), "{line}");
                 continue;
             }
-            if line.starts_with("# HELP ") {
+            if line.starts_with("# HELP ") || line == "# EOF" {
                 continue;
             }
             let (series, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
             let name = series.split('{').next().unwrap();
-            let family = ["_bucket", "_sum", "_count"]
+            let (family, kind) = ["_total", "_bucket", "_sum", "_count", ""]
                 .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
-                .unwrap_or(name);
-            assert!(typed.contains(family), "no TYPE before {line}");
+                .find_map(|s| {
+                    let f = name.strip_suffix(s)?;
+                    let kind = *typed.get(f)?;
+                    let fits = match kind {
+                        "counter" => *s == "_total",
+                        "histogram" => ["_bucket", "_sum", "_count"].contains(s),
+                        _ => s.is_empty(),
+                    };
+                    fits.then_some((f, kind))
+                })
+                .unwrap_or_else(|| panic!("no TYPE before {line}"));
+            assert!(!family.is_empty() && !kind.is_empty());
             assert!(
                 name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
                 "{line}"
@@ -821,6 +839,41 @@ mod tests {
                     assert!(!labels.contains('\n'));
                 }
             }
+        }
+        // Every family keeps its name and type (dashboards rely on them).
+        for (family, kind) in [
+            ("portcullis_flows_accepted", "counter"),
+            ("portcullis_flows_refused", "counter"),
+            ("portcullis_decisions", "counter"),
+            ("portcullis_command_duration_seconds", "histogram"),
+            ("portcullis_masked_values", "counter"),
+            ("portcullis_sessions_active", "gauge"),
+            ("portcullis_access_requests_pending", "gauge"),
+            ("portcullis_grants_active", "gauge"),
+            ("portcullis_tags", "gauge"),
+            ("portcullis_netns_served", "gauge"),
+            ("portcullis_bpf_map_entries", "gauge"),
+            ("portcullis_bpf_map_max_entries", "gauge"),
+            ("portcullis_audit_unsynced_records", "gauge"),
+            ("portcullis_audit_unsynced_age_seconds", "gauge"),
+            ("portcullis_audit_last_seq", "gauge"),
+            ("portcullis_audit_writable", "gauge"),
+            ("portcullis_programs_attached", "gauge"),
+            ("portcullis_ready", "gauge"),
+            ("portcullis_uptime_seconds", "gauge"),
+            ("portcullis_resident_memory_bytes", "gauge"),
+            ("portcullis_memory_budget_bytes", "gauge"),
+        ] {
+            assert_eq!(typed.get(family), Some(&kind), "{family} in\n{text}");
+        }
+        assert_eq!(typed.len(), 21, "{typed:?}");
+        // Every refusal reason is exported from the start, 0 included.
+        for r in REFUSALS {
+            let want = format!(
+                "portcullis_flows_refused_total{{reason=\"{}\"}} ",
+                r.label()
+            );
+            assert!(text.contains(&want), "missing {want:?}");
         }
         for want in [
             "portcullis_flows_accepted_total 2\n",
@@ -835,6 +888,7 @@ mod tests {
             "portcullis_bpf_map_entries{map=\"FLOWS\"} 5\n",
             "portcullis_bpf_map_max_entries{map=\"FLOWS\"} 65536\n",
             "portcullis_ready 1\n",
+            "portcullis_flows_refused_total{reason=\"memory_budget\"} 0\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
@@ -846,17 +900,24 @@ mod tests {
     fn histogram_buckets_are_cumulative_and_end_at_count() {
         let (m, g) = sample();
         let text = m.render(&g);
+        // The encoder writes `le` first; label order carries no meaning.
         let bucket = |le: &str| -> u64 {
-            let key = format!(
-                "portcullis_command_duration_seconds_bucket{{protocol=\"postgres\",action=\"postgres:select\",le=\"{le}\"}} "
-            );
-            let line = text.lines().find(|l| l.starts_with(&key)).unwrap();
+            let le = format!("{{le=\"{le}\",protocol=\"postgres\",action=\"postgres:select\"}} ");
+            let line = text
+                .lines()
+                .find(|l| {
+                    l.strip_prefix("portcullis_command_duration_seconds_bucket")
+                        .is_some_and(|rest| rest.starts_with(&le))
+                })
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{text}"));
             line.rsplit(' ').next().unwrap().parse().unwrap()
         };
         assert_eq!(bucket("0.0001"), 1);
         assert_eq!(bucket("0.001"), 1);
         assert_eq!(bucket("0.005"), 2);
-        assert_eq!(bucket("10"), 2);
+        // OpenMetrics writes bounds as canonical floats (`10.0`).
+        assert_eq!(bucket("10.0"), 2);
+        assert_eq!(bucket("1.0"), 2);
         assert_eq!(bucket("+Inf"), 3);
         assert!(text.contains(
             "portcullis_command_duration_seconds_count{protocol=\"postgres\",action=\"postgres:select\"} 3\n"
@@ -894,6 +955,10 @@ mod tests {
             "METRICS"
         );
         assert_eq!(ask(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n").0, "200 OK");
+        assert_eq!(
+            ask(b"GET /metrics HTTP/1.1\r\n\r\n").1,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
         assert_eq!(ask(b"GET /healthz HTTP/1.1\r\n\r\n").0, "200 OK");
         let (status, _, body) = ask(b"GET /readyz HTTP/1.1\r\n\r\n");
         assert_eq!(status, "503 Service Unavailable");

@@ -1241,6 +1241,10 @@ impl PgServer {
                 // (`PgServer::server_log`).
                 "-c",
                 "log_statement=all",
+                // Who ran it: the daemon's own catalog look-ups name
+                // themselves (`portcullis-catalog`, `portcullis-functions`).
+                "-c",
+                "log_line_prefix=%m [%p] app=%a ",
             ])
             .args(
                 settings
@@ -1334,10 +1338,13 @@ impl PgServer {
         fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
-    /// The statements the server logged (`LOG:  statement: ...`), in order.
+    /// The statements the server logged (`LOG:  statement: ...`), in
+    /// order, but for the daemon's own catalog look-ups (their
+    /// `application_name` starts with `portcullis-`).
     pub fn logged_statements(&self) -> Vec<String> {
         self.server_log()
             .lines()
+            .filter(|l| !l.contains(" app=portcullis-"))
             .filter_map(|l| {
                 l.split_once("LOG:  statement: ")
                     .map(|(_, s)| s.to_string())

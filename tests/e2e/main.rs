@@ -6,6 +6,8 @@
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
 mod compat_http;
+mod compat_ops;
+mod compat_ssh;
 mod differential;
 mod faults;
 mod harness;
@@ -13,12 +15,12 @@ mod http;
 mod ops;
 mod postgres;
 mod security;
-mod sound_pg;
-mod sound_mask;
-mod sound_kernel;
 mod sound_http;
-mod sound_ssh;
+mod sound_kernel;
 mod sound_limits;
+mod sound_mask;
+mod sound_pg;
+mod sound_ssh;
 mod ssh;
 
 use std::{fs, time::Duration};

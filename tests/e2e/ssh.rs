@@ -15,13 +15,13 @@ use serde_json::{json, Value};
 
 use super::harness::*;
 
-struct Ssh {
-    cg: TestCgroup,
-    sshd: SshServer,
-    files: DaemonFiles,
-    daemon: Daemon,
+pub(super) struct Ssh {
+    pub(super) cg: TestCgroup,
+    pub(super) sshd: SshServer,
+    pub(super) files: DaemonFiles,
+    pub(super) daemon: Daemon,
     /// known_hosts trusting the daemon's host key for the sshd address.
-    agent_kh: PathBuf,
+    pub(super) agent_kh: PathBuf,
 }
 
 /// Exec is allowed unless the command mentions `forbidden`; `*held*` needs
@@ -41,7 +41,7 @@ fn rules(fwd_port: u16) -> String {
     )
 }
 
-fn ssh_setup(name: &str, fwd_port: u16, extra: &str) -> Ssh {
+pub(super) fn ssh_setup(name: &str, fwd_port: u16, extra: &str) -> Ssh {
     require_root();
     let sshd = SshServer::start(name);
     let trust = format!(
@@ -100,14 +100,20 @@ fn keygen(path: &std::path::Path) {
 }
 
 impl Ssh {
-    fn agent(&self, identity: &str) -> Placement {
+    pub(super) fn agent(&self, identity: &str) -> Placement {
         let cg = self.cg.child(identity);
         self.daemon.tag(&cg, identity);
         Placement::cgroup(self.cg.dir(&cg))
     }
 
     /// `ssh` with the agent's trust settings and `args` after the target.
-    fn ssh(&self, place: &Placement, pre: &[&str], args: &[&str], stdin: &[u8]) -> Output {
+    pub(super) fn ssh(
+        &self,
+        place: &Placement,
+        pre: &[&str],
+        args: &[&str],
+        stdin: &[u8],
+    ) -> Output {
         let mut cmd = Command::new("ssh");
         cmd.args(self.sshd.ssh_opts(&self.agent_kh))
             .args(pre)
@@ -117,7 +123,7 @@ impl Ssh {
         run_with_input(cmd, stdin, Duration::from_secs(60))
     }
 
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         format!(
             "--- daemon log:\n{}\n--- sshd log:\n{}",
             self.daemon.log_text(),
@@ -128,7 +134,7 @@ impl Ssh {
 
 /// Runs `cmd` with `stdin`, killing it after `limit`. Output is read as
 /// it comes (a full pipe must not stall the child).
-fn run_with_input(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
+pub(super) fn run_with_input(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
     use std::io::Read;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -194,7 +200,7 @@ fn run_with_input(mut cmd: Command, stdin: &[u8], limit: Duration) -> Output {
     }
 }
 
-fn text(b: &[u8]) -> String {
+pub(super) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
@@ -234,7 +240,7 @@ fn paramiko(s: &Ssh, place: &Placement, commands: &[&str]) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-fn events(s: &Ssh, kind: &str, action: &str) -> Vec<Value> {
+pub(super) fn events(s: &Ssh, kind: &str, action: &str) -> Vec<Value> {
     super::audit_events(&s.files, &[])
         .into_iter()
         .filter(|e| e["type"] == kind && e["action"] == action)

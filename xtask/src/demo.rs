@@ -124,16 +124,50 @@ pub fn run(once: bool, binary: Option<PathBuf>) -> Result<()> {
     result
 }
 
-/// Fails clearly when something already listens on 127.0.0.1:`port`.
+/// Fails clearly when PostgreSQL could not listen on 127.0.0.1:`port`.
+/// The probe binds as PostgreSQL does, so the two agree: TIME_WAIT left by
+/// an earlier run's connections does not count as in use.
 fn check_port_free(port: u16) -> Result<()> {
-    TcpListener::bind(("127.0.0.1", port))
-        .map(drop)
-        .with_context(|| {
-            format!(
-                "127.0.0.1:{port} is in use: the demo's PostgreSQL needs it (policies/demo.toml's \
-             `shop-db` matches it); stop what listens there (`ss -ltnp 'sport = :{port}'`)"
-            )
-        })
+    let err = match bind_like_postgres(port) {
+        Ok(listener) => {
+            drop(listener);
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    let why = if err.kind() == std::io::ErrorKind::AddrInUse
+        && std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(1),
+        )
+        .is_err()
+    {
+        // Nothing accepts there, yet the kernel refuses the bind: a socket
+        // bound without SO_REUSEADDR holds it (a client's, or its
+        // TIME_WAIT for up to 60 s). PostgreSQL could not bind it either.
+        format!(
+            "nothing listens there, but a socket bound without SO_REUSEADDR holds the port \
+             (it may be in TIME_WAIT for up to 60 s: `ss -tan 'sport = :{port}'`); \
+             PostgreSQL could not bind it either, retry in a minute"
+        )
+    } else {
+        format!("stop what listens there (`ss -ltnp 'sport = :{port}'`)")
+    };
+    Err(anyhow::Error::new(err).context(format!(
+        "127.0.0.1:{port} is in use: the demo's PostgreSQL needs it (policies/demo.toml's \
+         `shop-db` matches it); {why}"
+    )))
+}
+
+/// Binds and listens on 127.0.0.1:`port` the way PostgreSQL's
+/// `ListenServerPort` does: `SO_REUSEADDR` first (said explicitly rather
+/// than relying on std's `TcpListener::bind` happening to set it).
+fn bind_like_postgres(port: u16) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// Removes a directory tree on drop, when armed.
@@ -584,6 +618,68 @@ mod tests {
         );
         drop(listener);
         assert!(check_port_free(port).is_ok());
+    }
+
+    /// A listener on 127.0.0.1, port chosen by the kernel, with or without
+    /// `SO_REUSEADDR` (std's `TcpListener::bind` always sets it).
+    fn listener(reuse: bool) -> TcpListener {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_reuse_address(reuse).expect("SO_REUSEADDR");
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        s.listen(8).expect("listen");
+        s.into()
+    }
+
+    /// Whether a TIME_WAIT socket has local port `port` (/proc/net/tcp).
+    fn time_wait_on(port: u16) -> bool {
+        let table = fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let local = format!(":{port:04X}");
+        table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1).is_some_and(|a| a.ends_with(&local)) && f.get(3) == Some(&"06")
+        })
+    }
+
+    /// Leaves a server-side TIME_WAIT on `l`'s port (the server closes
+    /// first, as PostgreSQL does on shutdown), then closes `l`.
+    fn leave_time_wait(l: TcpListener) -> u16 {
+        let port = l.local_addr().expect("addr").port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (server, _) = l.accept().expect("accept");
+        drop(server);
+        thread::sleep(Duration::from_millis(100));
+        drop(client);
+        drop(l);
+        thread::sleep(Duration::from_millis(100));
+        assert!(time_wait_on(port), "no TIME_WAIT on {port}");
+        port
+    }
+
+    /// Issue 19 item 12: a second demo within a minute found the port "in
+    /// use" though only TIME_WAIT of the first run's PostgreSQL remained.
+    #[test]
+    fn time_wait_of_a_postgres_like_listener_is_not_in_use() {
+        let port = leave_time_wait(listener(true));
+        check_port_free(port).expect("TIME_WAIT of an SO_REUSEADDR socket is free");
+        // And PostgreSQL's own bind agrees: it can listen there now.
+        drop(bind_like_postgres(port).expect("postgres-like bind"));
+    }
+
+    /// TIME_WAIT of a socket bound without SO_REUSEADDR blocks PostgreSQL's
+    /// bind too: the probe says so, and why.
+    #[test]
+    fn time_wait_without_reuseaddr_is_in_use_and_explained() {
+        let port = leave_time_wait(listener(false));
+        assert!(bind_like_postgres(port).is_err(), "the kernel refuses it");
+        let err = format!("{:#}", check_port_free(port).expect_err("in use"));
+        assert!(
+            err.contains(&format!("127.0.0.1:{port} is in use")),
+            "{err}"
+        );
+        assert!(err.contains("nothing listens there"), "{err}");
+        assert!(err.contains("TIME_WAIT"), "{err}");
     }
 
     #[test]

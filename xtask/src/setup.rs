@@ -34,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     "postgresql-client",
     "openssh-server",
     "openssh-client",
+    // rsync over ssh through a masked host (compat_ssh e2e).
+    "rsync",
     "nginx-light",
     "pgbouncer",
     // Python clients driven by the tests and the demo.

@@ -1,13 +1,30 @@
-//! UTC timestamps for audit events: RFC 3339 formatting with milliseconds,
-//! parsing of the `--since` forms, without a date library.
+//! UTC timestamps for audit events: RFC 3339 formatting with milliseconds
+//! and parsing of the `--since` forms, with the `time` crate.
 //!
-//! Owns the calendar arithmetic (proleptic Gregorian, UTC). It must not read
-//! the clock except in [`now_ms`].
+//! The output format is fixed (`YYYY-MM-DDTHH:MM:SS.mmmZ`): it is part of
+//! every hashed audit record, so chains written before must still verify.
+//! It must not read the clock except in [`now_ms`].
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use time::{
+    format_description::{well_known::Rfc3339, BorrowedFormatItem},
+    macros::format_description,
+    Date, OffsetDateTime,
+};
+
 /// Length of a formatted timestamp, `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub const RFC3339_MS_LEN: usize = 24;
+
+/// The audit format: RFC 3339, UTC, exactly three fraction digits.
+const RFC3339_MS: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+/// A bare date, `YYYY-MM-DD` (midnight UTC).
+const DATE: &[BorrowedFormatItem<'static>] = format_description!("[year]-[month]-[day]");
+
+/// The latest instant formatted, 9999-12-31T23:59:59.999Z.
+const MAX_MS: u64 = 253_402_300_799_999;
 
 /// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
@@ -18,23 +35,18 @@ pub fn now_ms() -> u64 {
 }
 
 /// Formats `ms` (since the Unix epoch) as `YYYY-MM-DDTHH:MM:SS.mmmZ` into a
-/// stack buffer. Years past 9999 are clamped to 9999-12-31T23:59:59.999Z.
+/// stack buffer (no allocation: this runs for every audit record). Years
+/// past 9999 are clamped to 9999-12-31T23:59:59.999Z.
 pub fn format_rfc3339_ms(ms: u64) -> [u8; RFC3339_MS_LEN] {
-    // 253402300799999 = 9999-12-31T23:59:59.999Z
-    let ms = ms.min(253_402_300_799_999);
-    let secs = ms / 1000;
-    let millis = (ms % 1000) as u32;
-    let days = (secs / 86_400) as i64;
-    let sod = (secs % 86_400) as u32;
-    let (y, m, d) = civil_from_days(days);
-    let mut out = *b"0000-00-00T00:00:00.000Z";
-    put_digits(&mut out[0..4], y as u32);
-    put_digits(&mut out[5..7], m);
-    put_digits(&mut out[8..10], d);
-    put_digits(&mut out[11..13], sod / 3600);
-    put_digits(&mut out[14..16], (sod / 60) % 60);
-    put_digits(&mut out[17..19], sod % 60);
-    put_digits(&mut out[20..23], millis);
+    let ms = ms.min(MAX_MS);
+    let mut out = *b"9999-12-31T23:59:59.999Z";
+    // Both steps are infallible for 0..=MAX_MS (a 4-digit year, exactly 24
+    // bytes); the clamped maximum stays in `out` if they ever were not.
+    let nanos = i128::from(ms) * 1_000_000;
+    if let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        let mut w: &mut [u8] = &mut out;
+        let _ = t.format_into(&mut w, RFC3339_MS);
+    }
     out
 }
 
@@ -43,125 +55,29 @@ pub fn rfc3339_ms_string(ms: u64) -> String {
     String::from_utf8_lossy(&format_rfc3339_ms(ms)).into_owned()
 }
 
-fn put_digits(dst: &mut [u8], mut v: u32) {
-    for slot in dst.iter_mut().rev() {
-        *slot = b'0' + (v % 10) as u8;
-        v /= 10;
-    }
-}
-
-/// Days since 1970-01-01 → (year, month, day). Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01. Howard Hinnant's algorithm.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        _ => 28,
-    }
-}
-
 /// Parses an RFC 3339 timestamp (`2026-11-26T10:00:00Z`, optional fraction,
 /// `Z` or `±HH:MM`; a space or `t` may stand for `T`) or a bare date
 /// (`2026-11-26`, midnight UTC) into milliseconds since the Unix epoch.
+/// Fraction digits past milliseconds are truncated; instants before 1970
+/// are `None`.
 pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        let part = b.get(r)?;
-        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+    let nanos = if s.len() == 10 {
+        Date::parse(s, DATE)
+            .ok()?
+            .midnight()
+            .assume_utc()
+            .unix_timestamp_nanos()
+    } else {
+        // `time` accepts any date/time separator (RFC 3339 5.6 lets
+        // applications choose); keep to `T`, `t` and space as before.
+        if !matches!(s.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
             return None;
         }
-        part.iter()
-            .try_fold(0u32, |acc, c| Some(acc * 10 + u32::from(c - b'0')))
+        OffsetDateTime::parse(s, &Rfc3339)
+            .ok()?
+            .unix_timestamp_nanos()
     };
-    let year = i64::from(num(0..4)?);
-    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') {
-        return None;
-    }
-    let month = num(5..7)?;
-    let day = num(8..10)?;
-    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
-    if b.len() == 10 {
-        return u64::try_from(days.checked_mul(86_400_000)?).ok();
-    }
-    if !matches!(b.get(10), Some(b'T' | b't' | b' ')) || b.get(13) != Some(&b':') {
-        return None;
-    }
-    let hour = num(11..13)?;
-    let minute = num(14..16)?;
-    if b.get(16) != Some(&b':') {
-        return None;
-    }
-    let second = num(17..19)?;
-    if hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut millis = 0u32;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            if i - start < 3 {
-                millis = millis * 10 + u32::from(b[i] - b'0');
-            }
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        for _ in (i - start)..3 {
-            millis *= 10;
-        }
-    }
-    let offset_secs: i64 = match b.get(i) {
-        Some(b'Z' | b'z') if b.len() == i + 1 => 0,
-        Some(&sign @ (b'+' | b'-')) if b.len() == i + 6 && b[i + 3] == b':' => {
-            let oh = num(i + 1..i + 3)?;
-            let om = num(i + 4..i + 6)?;
-            if oh > 23 || om > 59 {
-                return None;
-            }
-            let o = i64::from(oh * 3600 + om * 60);
-            if sign == b'+' {
-                o
-            } else {
-                -o
-            }
-        }
-        _ => return None,
-    };
-    let secs =
-        days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second.min(59))
-            - offset_secs;
-    let ms = secs.checked_mul(1000)?.checked_add(i64::from(millis))?;
-    u64::try_from(ms).ok()
+    u64::try_from(nanos.div_euclid(1_000_000)).ok()
 }
 
 /// Parses `--since`: an RFC 3339 timestamp or bare date (see
@@ -217,6 +133,41 @@ mod tests {
         assert_eq!(rfc3339_ms_string(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
+    /// The calendar arithmetic this module used before `time` (Howard
+    /// Hinnant's algorithm), kept as the reference: audit records already
+    /// written hash these exact bytes.
+    fn reference_format(ms: u64) -> String {
+        let ms = ms.min(MAX_MS);
+        let (secs, millis) = (ms / 1000, ms % 1000);
+        let (days, sod) = ((secs / 86_400) as i64, secs % 86_400);
+        let z = days + 719_468;
+        let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            sod / 3600,
+            (sod / 60) % 60,
+            sod % 60
+        )
+    }
+
+    #[test]
+    fn format_is_byte_identical_to_the_previous_encoder() {
+        let mut ms = 0u64;
+        while ms < MAX_MS {
+            assert_eq!(rfc3339_ms_string(ms), reference_format(ms), "{ms}");
+            ms += 3_333_333_337;
+        }
+        for ms in [0, 999, 1000, 951_782_400_000, 4_107_542_399_999, MAX_MS] {
+            assert_eq!(rfc3339_ms_string(ms), reference_format(ms), "{ms}");
+        }
+    }
+
     #[test]
     fn format_and_parse_round_trip() {
         let mut ms = 0u64;
@@ -251,6 +202,9 @@ mod tests {
             "2026-11-26T10:00:00.Z",
             "2026-11-26T10:00:00+0200",
             "1969-12-31T23:59:59Z",
+            "2026-11-26X10:00:00Z",
+            "2026-11-2610:00:00Z",
+            "26-11-26",
             "yesterday",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad:?}");

@@ -176,6 +176,8 @@ pub struct Masker {
     json_paths: Vec<JsonPath>,
     detectors: detect::DetectorSet,
     hash_key: [u8; 32],
+    /// A rule says `binary = "refuse"`.
+    binary_refuse: bool,
 }
 
 impl Masker {
@@ -193,6 +195,7 @@ impl Masker {
         let mut columns = BTreeMap::new();
         let mut json_paths = Vec::new();
         let mut detectors = Vec::new();
+        let binary_refuse = mine.iter().any(|r| r.binary == "refuse");
         for rule in mine {
             let style = Style::parse(&rule.style).unwrap_or(Style::Redact);
             for c in &rule.columns {
@@ -213,6 +216,7 @@ impl Masker {
             json_paths,
             detectors: detect::DetectorSet::new(&detectors)?,
             hash_key,
+            binary_refuse,
         })))
     }
 
@@ -256,6 +260,12 @@ impl Masker {
     /// Whether any value detectors are configured.
     pub fn has_detectors(&self) -> bool {
         !self.detectors.is_empty()
+    }
+
+    /// Whether output that is not text must be refused rather than relayed
+    /// unmasked (a rule of the resource says `binary = "refuse"`).
+    pub fn binary_refuse(&self) -> bool {
+        self.binary_refuse
     }
 
     /// Whether any JSON path rules exist.

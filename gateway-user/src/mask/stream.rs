@@ -106,6 +106,22 @@ impl StreamMasker {
         self.held.len()
     }
 
+    /// Whether anything emitted so far (or swallowed, inside a private key
+    /// block) differs from what arrived.
+    pub fn changed(&self) -> bool {
+        !self.counts.is_empty() || self.in_key.is_some()
+    }
+
+    /// Gives up masking this stream: the bytes held back, exactly as they
+    /// arrived, so that what was emitted plus them is the stream unchanged.
+    /// `None` (and nothing taken) once something was [`changed`](Self::changed).
+    pub fn take_raw(&mut self) -> Option<Vec<u8>> {
+        if self.changed() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.held))
+    }
+
     fn emit(&mut self, all: bool, out: &mut Vec<u8>) {
         loop {
             if self.held.is_empty() || self.in_key.is_some() {

@@ -9,6 +9,7 @@ fn rule(columns: &[&str], paths: &[&str], detectors: &[&str], style: &str) -> Ma
         json_paths: paths.iter().map(|s| s.to_string()).collect(),
         detectors: detectors.iter().map(|s| s.to_string()).collect(),
         style: style.into(),
+        binary: "pass".into(),
     }
 }
 

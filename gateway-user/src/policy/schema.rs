@@ -250,6 +250,9 @@ pub struct MaskRule {
     pub detectors: Vec<String>,
     /// `redact`, `partial` or `hash`.
     pub style: String,
+    /// ssh: what happens to output that is not text (`pass`: relayed
+    /// intact, unmasked; `refuse`: the command is refused or stopped).
+    pub binary: String,
 }
 
 /// Value detectors masking knows.
@@ -358,6 +361,7 @@ struct MaskToml {
     #[serde(default)]
     detectors: Vec<Spanned<String>>,
     style: Option<Spanned<String>>,
+    binary: Option<Spanned<String>>,
 }
 
 /// Where each named thing was defined, for cross-reference errors.
@@ -812,6 +816,17 @@ pub(super) fn parse_file(
                 "redact".into()
             }
         };
+        let binary = match m.binary.as_ref() {
+            None => "pass".to_string(),
+            Some(b) if matches!(b.get_ref().as_str(), "pass" | "refuse") => b.get_ref().clone(),
+            Some(b) => {
+                diags.push(at(
+                    b.span().start,
+                    format!("binary {:?} is not one of pass, refuse", b.get_ref()),
+                ));
+                "pass".into()
+            }
+        };
         if m.columns.is_empty() && m.detectors.is_empty() && m.json_paths.is_empty() {
             diags.push(at(
                 start,
@@ -830,6 +845,7 @@ pub(super) fn parse_file(
             json_paths: m.json_paths,
             detectors: m.detectors.into_iter().map(Spanned::into_inner).collect(),
             style,
+            binary,
         });
     }
 }

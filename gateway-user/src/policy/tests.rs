@@ -508,6 +508,27 @@ fn mask_rules_compile_per_resource_and_bad_detectors_are_located() {
         "{err}"
     );
     fs::remove_dir_all(dir).unwrap();
+
+    // `binary`: pass (default) or refuse; anything else is an error.
+    assert!(!set.masker("orders").unwrap().binary_refuse());
+    let refuse = format!(
+        "{BASE}\n[[mask]]\nresource = \"orders\"\ndetectors = [\"email\"]\nbinary = \"refuse\"\n"
+    );
+    let dir = dir_with(&[("a.toml", &refuse)]);
+    let set = PolicySet::load(&dir).unwrap();
+    assert!(set.masker("orders").unwrap().binary_refuse());
+    fs::remove_dir_all(dir).unwrap();
+    let bad = refuse.replace("\"refuse\"", "\"maybe\"");
+    let dir = dir_with(&[("a.toml", &bad)]);
+    let err = PolicySet::load(&dir).unwrap_err();
+    assert_eq!(err.diagnostics.len(), 1, "{err}");
+    assert!(
+        err.diagnostics[0]
+            .message
+            .contains("not one of pass, refuse"),
+        "{err}"
+    );
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

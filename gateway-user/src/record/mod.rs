@@ -939,9 +939,59 @@ struct ChanInner {
     session: Arc<SessionShared>,
     chan: u64,
     start: Instant,
-    output: Mutex<Utf8Stream>,
-    input: Mutex<Utf8Stream>,
+    output: Mutex<CastStream>,
+    input: Mutex<CastStream>,
     ended: AtomicBool,
+}
+
+/// Binary data recorded per stream of a channel once the stream turned
+/// binary (a NUL byte or invalid UTF-8): past it, the bytes are counted,
+/// not recorded, and the recording says how many were left out. A
+/// 100 MB `scp` would otherwise make a cast of its size, nothing a
+/// terminal can play.
+pub const CAST_BINARY_MAX: u64 = 64 * 1024;
+
+/// One recorded stream of a channel: its UTF-8 decoder and binary cap.
+#[derive(Debug, Default)]
+struct CastStream {
+    utf8: Utf8Stream,
+    /// Binary bytes seen since the stream turned binary.
+    binary: Option<u64>,
+    /// Bytes not recorded.
+    omitted: u64,
+}
+
+impl CastStream {
+    /// The text to record for `data` (empty: nothing).
+    fn decode(&mut self, data: &[u8]) -> String {
+        if let Some(seen) = self.binary {
+            if seen >= CAST_BINARY_MAX {
+                self.omitted += data.len() as u64;
+                return String::new();
+            }
+        }
+        let text = self.utf8.decode(data);
+        if self.binary.is_none()
+            && (data.contains(&0) || text.contains(char::REPLACEMENT_CHARACTER))
+        {
+            self.binary = Some(0);
+        }
+        if let Some(seen) = &mut self.binary {
+            *seen += data.len() as u64;
+        }
+        text
+    }
+
+    /// The note recording the bytes left out, if any.
+    fn omitted_note(&self) -> Option<String> {
+        (self.omitted > 0).then(|| {
+            format!(
+                "\r\n[portcullis: binary data; only its first {} KiB recorded, {} more bytes left out]\r\n",
+                CAST_BINARY_MAX / 1024,
+                self.omitted
+            )
+        })
+    }
 }
 
 impl ChanInner {
@@ -965,7 +1015,7 @@ impl ChanInner {
         );
     }
 
-    fn stream(&self, stream: &Mutex<Utf8Stream>, code: &'static str, data: &[u8]) {
+    fn stream(&self, stream: &Mutex<CastStream>, code: &'static str, data: &[u8]) {
         if self.ended.load(Ordering::Relaxed) {
             return;
         }
@@ -980,10 +1030,19 @@ impl ChanInner {
             return;
         }
         for (stream, code) in [(&self.output, "o"), (&self.input, "i")] {
-            let tail = stream.lock().unwrap_or_else(|e| e.into_inner()).finish();
-            if let Some(tail) = tail {
-                if code == "o" || self.session.mode == Mode::Full {
+            let mut st = stream.lock().unwrap_or_else(|e| e.into_inner());
+            if code == "o" || self.session.mode == Mode::Full {
+                if let Some(tail) = st.utf8.finish() {
                     self.event(code, tail);
+                }
+                // Said on the output stream, which every player shows.
+                if let Some(note) = st.omitted_note() {
+                    let note = if code == "i" {
+                        note.replace("binary data", "binary input")
+                    } else {
+                        note
+                    };
+                    self.event("o", note);
                 }
             }
         }

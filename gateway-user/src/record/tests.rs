@@ -941,3 +941,48 @@ fn list_load_and_replay_sessions() {
     ));
     http.end("done");
 }
+
+/// Binary output is recorded up to [`CAST_BINARY_MAX`] bytes from where the
+/// stream turned binary; the rest is counted and the recording says so.
+/// Text before it is recorded whole.
+#[test]
+fn binary_output_is_capped_and_the_cast_says_so() {
+    let tmp = TempDir::new("cast-binary");
+    let rec = Recorder::start_with(cfg(tmp.path())).unwrap();
+    let sessions = rec.sessions_dir().to_owned();
+    let s = rec.session(meta("s-bin", "ssh", "full")).unwrap();
+    let ch = s.ssh_channel(0, "exec", Some("scp -f x"), 0, 0);
+    ch.output(b"C0644 3000000 x\n");
+    let chunk = vec![0u8; 32 * 1024];
+    let mut sent = 0u64;
+    while sent < 3_000_000 {
+        ch.output(&chunk);
+        ch.input(&chunk);
+        sent += chunk.len() as u64;
+    }
+    ch.exit(0);
+    s.end("done");
+    rec.flush();
+    let path = sessions.join("s-bin").join("ssh-0.cast");
+    let size = fs::metadata(&path).unwrap().len();
+    assert!(size < 1024 * 1024, "cast is {size} bytes");
+    let cast = read_cast(&path).unwrap();
+    let out: String = cast
+        .events
+        .iter()
+        .filter(|e| e.code == "o")
+        .map(|e| e.data.as_str())
+        .collect();
+    assert!(out.starts_with("C0644 3000000 x\n"), "{}", &out[..40]);
+    let left_out = sent - CAST_BINARY_MAX;
+    assert!(
+        out.contains(&format!(
+            "[portcullis: binary data; only its first 64 KiB recorded, {left_out} more bytes left out]"
+        )),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
+    assert!(out.contains("binary input; only its first 64 KiB recorded"));
+    let info = read_info(&sessions, "s-bin");
+    assert_eq!(info.channels[0].exit_code, Some(0));
+}

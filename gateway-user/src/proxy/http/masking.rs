@@ -59,6 +59,7 @@ fn k8s_default_masker() -> Option<Arc<Masker>> {
                 json_paths: Vec::new(),
                 detectors: Vec::new(),
                 style: "redact".into(),
+                binary: "pass".into(),
             };
             // Only `redact` is used, so the hash key does not matter.
             Masker::compile("kubernetes-secrets", &[rule], [0; 32])

@@ -399,6 +399,8 @@ impl<'a> Back<'a> {
                 }
                 out.extend_from_slice(frame);
             }
+            // A notice's DETAIL can quote a row too.
+            b'N' if self.column_rules() => maskcheck::put_without_detail(out, b'N', body),
             _ => out.extend_from_slice(frame),
         }
         Ok(())

@@ -28,6 +28,17 @@ pub fn is_utf8(name: &str) -> bool {
     matches!(clean(name).as_str(), "utf8" | "unicode")
 }
 
+/// Whether the agent may declare `name` at startup: UTF-8, or `SQL_ASCII`
+/// (what psql sends from a terminal in the C locale). The upstream is
+/// pinned to UTF8 either way, and the frontend refuses any statement that
+/// is not valid UTF-8, so a `SQL_ASCII` agent's bytes reach the server as
+/// the UTF-8 this parser read; only the client-only multibyte encodings
+/// (GBK, BIG5, SJIS, ...) and the server-side ones that would be converted
+/// (LATIN1, ...) are refused.
+pub fn agent_may_declare(name: &str) -> bool {
+    is_utf8(name) || clean(name) == "sqlascii"
+}
+
 /// A GUC name as the server compares it: case-insensitive, and on the
 /// command line (`options`) `-` is read as `_`.
 fn guc_name(name: &str) -> String {
@@ -99,7 +110,7 @@ pub enum StartupRefusal {
 /// carries it.
 pub fn check_startup(params: &[(String, String)]) -> Result<(), StartupRefusal> {
     for (k, v) in params {
-        if is_client_encoding_key(k) && !is_utf8(v) {
+        if is_client_encoding_key(k) && !agent_may_declare(v) {
             return Err(StartupRefusal::Encoding(v.clone()));
         }
         if k == "options" {
@@ -130,6 +141,15 @@ mod tests {
         }
         for n in ["GBK", "SJIS", "BIG5", "LATIN1", "SQL_ASCII", "utf16", ""] {
             assert!(!is_utf8(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn sql_ascii_may_be_declared_but_not_gbk() {
+        assert!(check_startup(&p("client_encoding", "SQL_ASCII")).is_ok());
+        assert!(check_startup(&p("client_encoding", "sql-ascii")).is_ok());
+        for n in ["GBK", "SJIS", "BIG5", "LATIN1", "GB18030", "UHC"] {
+            assert!(check_startup(&p("client_encoding", n)).is_err(), "{n}");
         }
     }
 

@@ -25,8 +25,7 @@ use tracing::warn;
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
-    functions,
-    maskcheck,
+    functions, maskcheck,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,

@@ -346,7 +346,13 @@ impl Walk<'_> {
                                 "{rel} holds sampled values of table columns and is not readable on a resource with column masking rules"
                             ));
                         }
-                        if self.maskable(&rel) {
+                        // The system catalogs, named with their schema
+                        // (which nothing can shadow), hold no table data.
+                        let system = matches!(
+                            lower(o.get("schemaname")).as_deref(),
+                            Some("pg_catalog" | "information_schema")
+                        ) && !self.rules.names_relation(&rel);
+                        if self.maskable(&rel) && !system {
                             self.rowish.insert(rel.clone());
                             if let Some(a) = lower(o.get("alias").and_then(|a| a.get("aliasname")))
                             {
@@ -380,14 +386,15 @@ impl Walk<'_> {
                             "{what} is not allowed on a resource with column masking rules: server-side code could read masked columns where Portcullis cannot see it"
                         ));
                     }
-                    if k == "AExpr" {
-                        if let Some(op) = x
-                            .get("name")
-                            .and_then(Value::as_array)
-                            .and_then(|a| a.iter().rev().find_map(string_node))
-                        {
-                            self.lookups.operators.insert(op);
-                        }
+                    // Operators: in expressions, `ORDER BY ... USING op`
+                    // and `x op ANY (subquery)`.
+                    let ops = match k.as_str() {
+                        "AExpr" => x.get("name"),
+                        "use_op" | "oper_name" => Some(x),
+                        _ => None,
+                    };
+                    if let Some(op) = last_name(ops) {
+                        self.lookups.operators.insert(op);
                     }
                     self.collect(x)?;
                 }
@@ -737,24 +744,16 @@ impl Walk<'_> {
     }
 }
 
-/// Quotes `s` as a SQL string literal that reads the same whatever the
-/// session's `standard_conforming_strings`.
-fn literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 3);
-    out.push_str("E'");
-    for c in s.chars().filter(|&c| c != '\0') {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
+/// A `text[]` expression holding `items`. The names travel hex-encoded
+/// (as in `functions`): no quoting a session setting could read
+/// differently, and the agent's identifiers never appear as SQL text in
+/// the server's statement log.
 fn text_array(items: &BTreeSet<String>) -> String {
-    let list: Vec<String> = items.iter().map(|s| literal(s)).collect();
-    format!("ARRAY[{}]::pg_catalog.text[]", list.join(","))
+    let hex: Vec<String> = items.iter().map(|s| hex::encode(s.as_bytes())).collect();
+    format!(
+        "ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(x, 'hex'), 'UTF8') FROM pg_catalog.unnest('{{{}}}'::pg_catalog.text[]) x)::pg_catalog.text[]",
+        hex.join(",")
+    )
 }
 
 /// The catalog query for `l`: rows of (kind, a, b, c) as text.

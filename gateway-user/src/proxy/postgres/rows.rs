@@ -246,6 +246,7 @@ mod tests {
             json_paths: vec![],
             detectors: detectors.iter().map(|s| s.to_string()).collect(),
             style: "redact".into(),
+            binary: "pass".into(),
         };
         Masker::compile("db", &[rule], [7; 32]).unwrap().unwrap()
     }

@@ -12,7 +12,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -24,7 +24,7 @@ use russh::{
     Channel, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf, Pty, Sig,
 };
 use serde_json::{Map, Value};
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -82,6 +82,20 @@ pub struct Conn {
     /// Bytes of channel data to the agent.
     pub bytes_to_client: AtomicU64,
     upstream: OnceCell<Result<Arc<UpstreamHandle>, String>>,
+    /// Channel tasks still running ([`Conn::task`]).
+    tasks: AtomicUsize,
+    tasks_idle: Notify,
+}
+
+/// Counts a running channel task of a [`Conn`] until dropped.
+pub struct TaskGuard(Arc<Conn>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.tasks_idle.notify_waiters();
+        }
+    }
 }
 
 impl Conn {
@@ -95,6 +109,33 @@ impl Conn {
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             upstream: OnceCell::new(),
+            tasks: AtomicUsize::new(0),
+            tasks_idle: Notify::new(),
+        }
+    }
+
+    /// Marks a channel task as running until the guard is dropped.
+    pub fn task(self: &Arc<Self>) -> TaskGuard {
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        TaskGuard(self.clone())
+    }
+
+    /// Waits (at most `limit`) for the channel tasks to end, so their exit
+    /// statuses reach the audit and the recording before the session's end
+    /// does: the agent may disconnect the moment it has the exit status,
+    /// while the task still records it.
+    pub async fn tasks_done(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.tasks_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.tasks.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -249,6 +290,38 @@ pub async fn run_session(
             }
         }
     };
+    // What masking does to this channel's output (see `mask.rs`), decided
+    // before the command runs: a file transfer on a resource where
+    // masking is mandatory does not run at all.
+    let masker = shared
+        .policy
+        .load()
+        .masker(&flow.info.resource)
+        .filter(|m| m.has_detectors());
+    let transfer = match &req {
+        Request::Subsystem(s) => Some(format!("the {s} subsystem")),
+        _ => super::mask::transfer_program(&req).map(|p| format!("`{p}`")),
+    };
+    if let (Some(what), Some(m)) = (&transfer, &masker) {
+        if m.binary_refuse() {
+            let e = format!(
+                "{} refused: {what} transfers data in a binary protocol that masking would                  corrupt, and this resource's [[mask]] rules say binary = \"refuse\"",
+                cmd.action
+            );
+            end_channel(&a_write, &e, DENIED_EXIT_STATUS).await;
+            let mut detail = Map::new();
+            detail.insert("error".into(), e.into());
+            gate::finished(shared, flow, &cmd, &allowed, detail).await;
+            return;
+        }
+    }
+    let mode = if transfer.is_some() {
+        super::mask::Mode::Off
+    } else if pty.is_some() {
+        super::mask::Mode::Pty
+    } else {
+        super::mask::Mode::Text
+    };
     let up = match open_upstream(&conn, &req, pty.as_ref(), &env).await {
         Ok(u) => u,
         Err(e) => {
@@ -280,20 +353,19 @@ pub async fn run_session(
             term: pty.as_ref().map(|p| p.term.as_str()),
         }),
     };
-    let masked = !matches!(req, Request::Subsystem(_));
     let to_up = ToUpstream {
         conn: &conn,
         write: u_write,
         cast: cast.clone(),
         total: 0,
-        sftp: (!masked).then(super::sftp::SftpLog::default),
+        sftp: matches!(req, Request::Subsystem(_)).then(super::sftp::SftpLog::default),
     };
     let to_agent = ToAgent {
         conn: &conn,
         write: a_write,
         handle: Some((handle, id)),
         cast: cast.clone(),
-        mask: super::mask::OutputMask::new(&conn, masked),
+        mask: super::mask::OutputMask::new(&conn, mode),
         idle: if pty.is_some() {
             super::mask::IDLE_FLUSH_PTY
         } else {
@@ -301,8 +373,13 @@ pub async fn run_session(
         },
         buf: Vec::new(),
         out: Outcome::default(),
+        eof_held: false,
     };
-    let (from_client, outcome) = relay(a_read, kept, to_up, u_read, early, to_agent).await;
+    let (from_client, mut outcome) = relay(a_read, kept, to_up, u_read, early, to_agent).await;
+    if masker.is_some() {
+        // Audited: this output was relayed unmasked on a masked resource.
+        outcome.unmasked_transfer = transfer;
+    }
     match (&outcome.exit_status, &outcome.exit_signal) {
         (Some(s), _) => cast.exit(*s as i32),
         (None, Some(sig)) => cast.exit_signal(sig),
@@ -339,6 +416,15 @@ async fn finish(
     detail.insert("bytes_to_client".into(), outcome.to_client.into());
     if let Some(m) = &outcome.masked {
         detail.insert("masked".into(), m.clone());
+    }
+    if !outcome.unmasked.is_empty() {
+        detail.insert("unmasked_binary".into(), outcome.unmasked.clone().into());
+    }
+    if let Some(t) = &outcome.unmasked_transfer {
+        detail.insert("unmasked_transfer".into(), t.clone().into());
+    }
+    if let Some(b) = outcome.binary_refused {
+        detail.insert("binary_refused".into(), b.into());
     }
     if let Some(f) = &outcome.sftp {
         detail.insert("sftp".into(), f.clone());
@@ -573,6 +659,12 @@ struct Outcome {
     to_client: u64,
     masked: Option<Value>,
     sftp: Option<Value>,
+    /// Output streams relayed unmasked because they were not text.
+    unmasked: Vec<&'static str>,
+    /// The stream that was not text where `binary = "refuse"`.
+    binary_refused: Option<&'static str>,
+    /// A file transfer relayed unmasked on a resource with detectors.
+    unmasked_transfer: Option<String>,
 }
 
 /// Upstream → agent: output (masked) and stderr, EOF, exit status or
@@ -586,18 +678,23 @@ struct ToAgent<'a> {
     idle: Duration,
     buf: Vec<u8>,
     out: Outcome,
+    /// The upstream sent EOF; the agent gets it with the exit status.
+    eof_held: bool,
 }
 
 impl Direction for ToAgent<'_> {
     async fn handle(&mut self, msg: Option<ChannelMsg>) -> bool {
         match msg {
-            Some(ChannelMsg::Data { data }) => {
-                let data = self.mask.stdout(data, &mut self.buf);
-                self.send(None, data).await
-            }
+            Some(ChannelMsg::Data { data }) => match self.mask.stdout(data, &mut self.buf) {
+                Ok(data) => self.send(None, data).await,
+                Err(b) => self.refuse_binary(b).await,
+            },
             Some(ChannelMsg::ExtendedData { data, ext }) => {
                 let data = if ext == 1 {
-                    self.mask.stderr(data, &mut self.buf)
+                    match self.mask.stderr(data, &mut self.buf) {
+                        Ok(d) => d,
+                        Err(b) => return self.refuse_binary(b).await,
+                    }
                 } else {
                     data
                 };
@@ -605,12 +702,29 @@ impl Direction for ToAgent<'_> {
             }
             Some(ChannelMsg::Eof) => {
                 self.finish_mask().await;
-                let _ = self.write.eof().await;
+                // The agent's EOF waits for the exit status (or the
+                // close): an agent that has sent its own EOF closes the
+                // channel as soon as it has ours (OpenSSH does, under
+                // ControlMaster), and the server side of russh answers a
+                // close at once, so an exit status relayed after it would
+                // be lost (the client reports 255). sshd itself keeps the
+                // channel until the command exits.
+                // A forward has no exit status: its EOF (a half-close)
+                // goes at once, as does an EOF after the exit status.
+                if self.handle.is_some()
+                    && self.out.exit_status.is_none()
+                    && self.out.exit_signal.is_none()
+                {
+                    self.eof_held = true;
+                } else {
+                    let _ = self.write.eof().await;
+                }
                 true
             }
             Some(ChannelMsg::ExitStatus { exit_status }) => {
                 self.out.exit_status = Some(exit_status);
                 let _ = self.write.exit_status(exit_status).await;
+                self.release_eof().await;
                 true
             }
             Some(ChannelMsg::ExitSignal {
@@ -625,6 +739,7 @@ impl Direction for ToAgent<'_> {
                         .exit_signal_request(*id, signal_name, core_dumped, error_message, lang_tag)
                         .await;
                 }
+                self.release_eof().await;
                 true
             }
             Some(ChannelMsg::XonXoff { client_can_do }) => {
@@ -635,6 +750,7 @@ impl Direction for ToAgent<'_> {
             }
             None | Some(ChannelMsg::Close) => {
                 self.finish_mask().await;
+                self.release_eof().await;
                 let _ = self.write.close().await;
                 false
             }
@@ -668,6 +784,34 @@ impl ToAgent<'_> {
         }
     }
 
+    /// A stream turned binary where masking is mandatory: what was masked
+    /// so far goes out, then the reason on stderr, exit status 126, EOF and
+    /// close (the agent's close then closes the upstream channel).
+    async fn refuse_binary(&mut self, b: super::mask::BinaryRefused) -> bool {
+        let (o, _) = self.mask.finish(&mut self.buf);
+        let _ = self.send(None, o).await;
+        self.out.binary_refused = Some(b.stream);
+        self.out.exit_status = None;
+        end_channel(
+            &self.write,
+            &format!(
+                "output stopped: {} is not text (NUL or invalid UTF-8), and this resource's \
+                 [[mask]] rules say binary = \"refuse\"",
+                b.stream
+            ),
+            DENIED_EXIT_STATUS,
+        )
+        .await;
+        false
+    }
+
+    /// Sends the upstream's EOF if it was held back (see the `Eof` arm).
+    async fn release_eof(&mut self) {
+        if std::mem::take(&mut self.eof_held) {
+            let _ = self.write.eof().await;
+        }
+    }
+
     /// Writes what the maskers held back (end of output).
     async fn finish_mask(&mut self) {
         let (o, e) = self.mask.finish(&mut self.buf);
@@ -692,6 +836,7 @@ async fn relay(
     );
     let mut out = to_agent.out;
     out.masked = to_agent.mask.counts();
+    out.unmasked = to_agent.mask.binary_streams().to_vec();
     out.sftp = to_up.sftp.as_ref().map(super::sftp::SftpLog::to_json);
     (to_up.total, out)
 }
@@ -778,10 +923,11 @@ pub async fn run_forward(
         write: a_write,
         handle: None,
         cast,
-        mask: super::mask::OutputMask::new(&conn, false),
+        mask: super::mask::OutputMask::new(&conn, super::mask::Mode::Off),
         idle: super::mask::IDLE_FLUSH,
         buf: Vec::new(),
         out: Outcome::default(),
+        eof_held: false,
     };
     let (from_client, outcome) =
         relay(a_read, Vec::new(), to_up, u_read, Vec::new(), to_agent).await;

@@ -211,6 +211,10 @@ fn server_config(
     })
 }
 
+/// How long a closed connection's channel tasks get to finish (record
+/// their exit statuses) before the upstream connection is cut.
+const CHANNELS_DONE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Runs an SSH flow: the agent-side server until the agent disconnects,
 /// the session is ended, or the connection fails.
 pub async fn serve(
@@ -273,12 +277,20 @@ pub async fn serve(
         }
     };
     conn.gone.cancel();
+    // The agent's channels are gone, so each task closes its upstream
+    // channel and ends; their exit statuses and byte counts are recorded
+    // before the session's end (bounded: a stuck upstream is cut below).
+    conn.tasks_done(CHANNELS_DONE_TIMEOUT).await;
     conn.close_upstream().await;
     let summary = SessionSummary {
         bytes_from_client: conn.bytes_from_client.load(Ordering::Relaxed),
         bytes_to_client: conn.bytes_to_client.load(Ordering::Relaxed),
         end_reason: reason,
     };
+    // The recording's `meta.json` counts the channel data too.
+    conn.flow
+        .recording
+        .tcp_bytes(summary.bytes_from_client, summary.bytes_to_client);
     match result {
         Ok(()) => Ok(summary),
         Err(e) if is_disconnect(&e) => Ok(summary),

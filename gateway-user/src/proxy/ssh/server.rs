@@ -113,9 +113,11 @@ impl AgentHandler {
             pending.env,
         );
         let slot = pending.slot;
+        let task = self.conn.task();
         tokio::spawn(async move {
             run.await;
             drop(slot);
+            drop(task);
         });
         Ok(())
     }
@@ -207,9 +209,11 @@ impl server::Handler for AgentHandler {
             originator_address.to_string(),
             originator_port,
         );
+        let task = self.conn.task();
         tokio::spawn(async move {
             run.await;
             drop(slot);
+            drop(task);
         });
         Ok(())
     }

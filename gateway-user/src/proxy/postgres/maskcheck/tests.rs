@@ -48,8 +48,15 @@ fn whole_rows_of_unmasked_tables_pass_with_qualified_rules_only() {
     assert!(analyze("select o from orders o", &r).is_ok());
     assert!(analyze("select row_to_json(o) from orders o", &r).is_ok());
     assert!(analyze("select c from customers c", &r).is_err());
-    // With an unqualified rule any table may hold the column.
+    // With an unqualified rule any table may hold the column, except the
+    // system catalogs named with their schema.
     assert!(analyze("select o from orders o", &rules()).is_err());
+    assert!(analyze("select * from (select * from pg_class) c", &rules()).is_err());
+    assert!(analyze(
+        "select c.* from (select * from pg_catalog.pg_class) c, (select row_to_json(t) from information_schema.tables t) i",
+        &rules()
+    )
+    .is_ok());
 }
 
 #[test]
@@ -134,8 +141,15 @@ fn catalog_lookups_are_collected() {
     assert!(l.row_functions.contains("row_to_json"));
     assert!(l.operators.contains("###"));
     let sql = catalog_sql(&l);
-    assert!(sql.contains("E'customers'") && sql.contains("E'my_func'"));
-    assert_eq!(literal("a'b\\c"), "E'a\\'b\\\\c'");
+    // Names travel hex-encoded, never as SQL text.
+    assert!(sql.contains(&hex::encode("customers")) && sql.contains(&hex::encode("my_func")));
+    assert!(!sql.contains("customers") && !sql.contains("my_func"));
+    let quoted: BTreeSet<String> = ["a'b\\c".to_string()].into();
+    assert!(text_array(&quoted).contains(&hex::encode("a'b\\c")));
+    let l = allowed("select id from customers order by id using @@@");
+    assert!(l.operators.contains("@@@"), "{l:?}");
+    let l = allowed("select id from customers where id %%% any (select id from orders)");
+    assert!(l.operators.contains("%%%"), "{l:?}");
 }
 
 #[test]
@@ -148,6 +162,7 @@ fn catalog_answers_are_judged() {
             json_paths: vec![],
             detectors: vec![],
             style: "redact".into(),
+            binary: "pass".into(),
         }],
         [1; 32],
     )
