@@ -12,6 +12,7 @@ fn masker(detectors: &[&str]) -> Arc<Masker> {
         json_paths: Vec::new(),
         detectors: detectors.iter().map(|s| s.to_string()).collect(),
         style: "redact".into(),
+        binary: "pass".into(),
     };
     Masker::compile("api", &[rule], [7; 32])
         .expect("compiles")
@@ -32,7 +33,7 @@ const ALL: &[&str] = &[
 #[test]
 fn a_complete_event_is_emitted_at_once() {
     let m = masker(ALL);
-    let mut s = m.stream();
+    let mut s = m.stream().eager();
     let mut out = Vec::new();
     s.push(
         b"event: message\ndata: {\"n\": 1, \"who\": \"alice@example.com\"}\n\n",
@@ -53,7 +54,7 @@ fn a_complete_event_is_emitted_at_once() {
 #[test]
 fn only_the_tail_that_could_start_a_match_is_held() {
     let m = masker(&["email"]);
-    let mut s = m.stream();
+    let mut s = m.stream().eager();
     let mut out = Vec::new();
     s.push(b"data: write to bob@exa", &mut out);
     // "bob@exa" may still become an address; the rest is out.
@@ -66,7 +67,7 @@ fn only_the_tail_that_could_start_a_match_is_held() {
     let text = b"data: a 4111 1111 1111 1111 b carol@example.org c\n\n";
     let m = masker(ALL);
     for cut in 1..text.len() {
-        let mut s = m.stream();
+        let mut s = m.stream().eager();
         let mut out = Vec::new();
         s.push(&text[..cut], &mut out);
         s.push(&text[cut..], &mut out);
@@ -84,7 +85,7 @@ fn the_hold_is_bounded() {
     // A run that stays a possible match (custom pattern over any byte
     // but a newline) is held at most MAX_MATCH bytes.
     let m = masker(&["regex:secret=[^\\n]+;"]);
-    let mut s = m.stream();
+    let mut s = m.stream().eager();
     let mut out = Vec::new();
     let mut big = b"secret=".to_vec();
     big.extend(std::iter::repeat_n(b'x', 3 * detect::MAX_MATCH));

@@ -44,7 +44,7 @@ impl MaskPlan {
         Box::new(JsonRewrite(self.masker.json(self.extra)))
     }
     fn text(&self) -> Box<dyn body::Rewrite> {
-        Box::new(TextRewrite(self.masker.stream()))
+        Box::new(TextRewrite(self.masker.stream().eager()))
     }
 }
 
