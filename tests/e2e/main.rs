@@ -5,6 +5,7 @@
 //! Run as root (`cargo xtask test` does). Every test owns its cgroup subtree,
 //! namespaces, ports, state dir and pin dir, and only uses loopback.
 
+mod compat_http;
 mod compat_ops;
 mod compat_ssh;
 mod differential;

@@ -45,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-httpx",
     // Second real Kubernetes client of the http e2e tests (beside kubectl).
     "python3-kubernetes",
+    // Real gRPC peers (client and server) of the HTTP compatibility tests.
+    "python3-grpcio",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",

@@ -3,13 +3,28 @@
 //! the SSA's reserved ranges for SSNs), so masking does not shred every
 //! long number.
 
+use std::sync::Mutex;
+
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex_automata::{
+    hybrid::dfa::{Cache, DFA},
+    nfa::thompson,
+    util::syntax,
+    Anchored, Input, MatchKind,
+};
 
 use super::Style;
 
 /// The longest match a built-in detector (other than a private key block)
 /// can produce; streaming maskers hold back this much.
 pub const MAX_MATCH: usize = 8 * 1024;
+
+/// Most DFA steps one [`DetectorSet::pending_from`] call may take before it
+/// answers conservatively (a pathological custom pattern must not make a
+/// stream quadratic).
+const PENDING_BUDGET: usize = 1 << 20;
+/// Lazy-DFA caches kept for reuse.
+const PENDING_CACHES: usize = 16;
 
 /// Compiled-size bound for custom patterns, so a policy cannot make the
 /// daemon build a gigantic automaton.
@@ -157,6 +172,74 @@ pub struct DetectorSet {
     /// that in a single pass.
     any: Option<RegexSet>,
     private_key_end: Regex,
+    /// Every pattern as one anchored lazy DFA that reports all matches:
+    /// asks whether a tail could still grow into a match.
+    pending: Option<Pending>,
+}
+
+/// See [`DetectorSet::pending_from`].
+struct Pending {
+    dfa: DFA,
+    caches: Mutex<Vec<Cache>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
+}
+
+impl Pending {
+    fn build(patterns: &[&str]) -> Option<Self> {
+        let dfa = DFA::builder()
+            .configure(
+                DFA::config()
+                    .match_kind(MatchKind::All)
+                    // ASCII-only inputs get Unicode `\b` right; others quit
+                    // (answered conservatively).
+                    .unicode_word_boundary(true)
+                    .cache_capacity(1 << 20),
+            )
+            .syntax(syntax::Config::new().utf8(false))
+            .thompson(
+                thompson::Config::new()
+                    .utf8(false)
+                    .nfa_size_limit(Some(CUSTOM_SIZE_LIMIT * 8)),
+            )
+            .build_many(patterns)
+            .ok()?;
+        Some(Self {
+            dfa,
+            caches: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether a match may start at `start` and run past the end of `buf`;
+    /// `None` when the budget ran out or the DFA cannot tell.
+    fn alive(
+        &self,
+        cache: &mut Cache,
+        buf: &[u8],
+        start: usize,
+        budget: &mut usize,
+    ) -> Option<bool> {
+        let input = Input::new(buf).range(start..).anchored(Anchored::Yes);
+        let mut sid = self.dfa.start_state_forward(cache, &input).ok()?;
+        if sid.is_dead() {
+            return Some(false);
+        }
+        for &b in buf.get(start..).unwrap_or_default() {
+            *budget = budget.checked_sub(1)?;
+            sid = self.dfa.next_state(cache, sid, b).ok()?;
+            if sid.is_dead() {
+                return Some(false);
+            }
+            if sid.is_quit() {
+                return None;
+            }
+        }
+        Some(true)
+    }
 }
 
 impl DetectorSet {
@@ -192,11 +275,56 @@ impl DetectorSet {
             name: "private_key".into(),
             reason: e.to_string(),
         })?;
+        let pending = if entries.is_empty() {
+            None
+        } else {
+            let pats: Vec<&str> = entries.iter().map(|e| e.regex.as_str()).collect();
+            Pending::build(&pats)
+        };
         Ok(Self {
             entries,
             any,
             private_key_end,
+            pending,
         })
+    }
+
+    /// For a stream: the earliest offset in `buf[from..]` where a match
+    /// could start and still grow with more input (what a streaming masker
+    /// must hold back); `buf.len()` when no match can be in progress, so a
+    /// complete line or event is never held. Answers `from` (hold the whole
+    /// window) when it cannot tell within its budget.
+    pub fn pending_from(&self, buf: &[u8], from: usize) -> usize {
+        let from = from.min(buf.len());
+        let Some(p) = &self.pending else {
+            return if self.entries.is_empty() {
+                buf.len()
+            } else {
+                from
+            };
+        };
+        let mut cache = p
+            .caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| p.dfa.create_cache());
+        let mut budget = PENDING_BUDGET;
+        let mut at = buf.len();
+        for start in from..buf.len() {
+            match p.alive(&mut cache, buf, start, &mut budget) {
+                Some(false) => continue,
+                Some(true) | None => {
+                    at = start;
+                    break;
+                }
+            }
+        }
+        let mut caches = p.caches.lock().unwrap_or_else(|e| e.into_inner());
+        if caches.len() < PENDING_CACHES {
+            caches.push(cache);
+        }
+        at
     }
 
     /// Whether the set is empty.

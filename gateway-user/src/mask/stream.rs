@@ -2,8 +2,9 @@
 //! arbitrary chunks.
 //!
 //! A secret can straddle two chunks, so the tail of what has arrived is held
-//! back until enough follows it ([`MAX_MATCH`] bytes) or the caller flushes
-//! (the stream went idle or ended). Emission never splits a terminal escape
+//! back (the last [`MAX_MATCH`] bytes, or in [`StreamMasker::eager`] mode
+//! only what could still be the start of a match) until enough follows it
+//! or the caller flushes (the stream went idle or ended). Emission never splits a terminal escape
 //! sequence or a UTF-8 character. A private key block that opens is masked
 //! from its first line on, without waiting for its end marker.
 
@@ -33,6 +34,9 @@ pub struct StreamMasker {
     /// kept to find the end marker across chunks.
     in_key: Option<(usize, Vec<u8>)>,
     counts: Counts,
+    /// Hold back only what could still grow into a match (see
+    /// [`StreamMasker::eager`]); otherwise the last [`MAX_MATCH`] bytes.
+    eager: bool,
 }
 
 impl StreamMasker {
@@ -43,7 +47,18 @@ impl StreamMasker {
             hits: Vec::new(),
             in_key: None,
             counts: Counts::default(),
+            eager: false,
         }
+    }
+
+    /// Holds back only the tail that could still grow into a detector
+    /// match (at most [`MAX_MATCH`] bytes), so a complete line or event is
+    /// emitted at once (HTTP event streams). Without it the last
+    /// [`MAX_MATCH`] bytes are held, which the SSH masker relies on to look
+    /// ahead before it commits a stream to text.
+    pub fn eager(mut self) -> Self {
+        self.eager = true;
+        self
     }
 
     /// Takes a chunk; appends to `out` whatever is now safe to emit.
@@ -150,8 +165,12 @@ impl StreamMasker {
                 }
             }
             let len = self.held.len();
+            // Hold back only what could still grow into a match (at most
+            // MAX_MATCH bytes): a complete line or event goes out at once.
             let mut boundary = if all {
                 len
+            } else if self.eager {
+                set.pending_from(&self.held, len.saturating_sub(MAX_MATCH))
             } else {
                 len.saturating_sub(MAX_MATCH)
             };

@@ -1,7 +1,9 @@
 //! Bodies on their way through the proxy: byte counts, a capped copy for
 //! the HAR recording, and for responses an optional rewrite pipeline
-//! (decode gzip/deflate, then mask) applied frame by frame, never by
-//! buffering the whole body.
+//! (decode gzip/deflate/br, then mask) applied frame by frame, never by
+//! buffering the whole body. What a masker holds back (the tail that could
+//! still grow into a match) is let go when the upstream goes quiet for
+//! [`IDLE_FLUSH`], so a Server-Sent Events stream is never held.
 //!
 //! Owns the streaming mechanics. It must not decide what is masked (the
 //! handler hands it a [`Rewrite`]) and must not write audit or recording
@@ -16,6 +18,7 @@ use std::{
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use std::future::Future as _;
 
 use super::upstream::BoxError;
 
@@ -25,6 +28,14 @@ pub trait Rewrite: Send {
     fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String>;
     /// Flushes what is held back at the end of the body.
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String>;
+    /// Lets go of what is held back mid-body (the upstream went quiet).
+    fn flush(&mut self, _out: &mut Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+    /// Bytes held back right now (0: nothing for [`Rewrite::flush`] to do).
+    fn held(&self) -> usize {
+        0
+    }
     /// What was masked, for the audit record.
     fn counts(&self) -> serde_json::Value;
 }
@@ -35,7 +46,35 @@ pub enum Decoder {
     Gzip(flate2::write::GzDecoder<Vec<u8>>),
     /// `deflate` (zlib-wrapped, per RFC 9110).
     Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+    /// `br` (RFC 7932). Its output goes through a capped sink: one command
+    /// of a brotli stream can expand to megabytes, so the cap is enforced
+    /// as it decodes, not after.
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Capped>>),
 }
+
+/// A decoder's output buffer that refuses to grow past `room` bytes.
+#[derive(Debug, Default)]
+pub struct Capped {
+    buf: Vec<u8>,
+    room: u64,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len() as u64;
+        if n > self.room {
+            return Err(std::io::Error::other(DECODED_TOO_LARGE));
+        }
+        self.room -= n;
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const DECODED_TOO_LARGE: &str = "the decoded body exceeds http_max_decoded_body";
 
 impl Decoder {
     /// The decoder for a `Content-Encoding` value; `Ok(None)` for identity,
@@ -47,19 +86,40 @@ impl Decoder {
             "deflate" => Ok(Some(Self::Deflate(flate2::write::ZlibDecoder::new(
                 Vec::new(),
             )))),
+            "br" => Ok(Some(Self::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(Capped::default(), 4096),
+            )))),
             other => Err(format!("content encoding {other:?} cannot be inspected")),
         }
     }
 
+    /// Sets how many more bytes the decoder may produce (enforced while
+    /// decoding by `br`; gzip/deflate are bounded per slice).
+    fn limit(&mut self, room: u64) {
+        if let Self::Brotli(d) = self {
+            d.get_mut().room = room;
+        }
+    }
+
     fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        // Flushed after each slice: what a slice decodes to goes out now
+        // (an event stream must not wait for the next chunk).
         let buf = match self {
             Self::Gzip(d) => {
-                d.write_all(chunk).map_err(|e| format!("gzip: {e}"))?;
+                d.write_all(chunk)
+                    .and_then(|()| d.flush())
+                    .map_err(|e| format!("gzip: {e}"))?;
                 d.get_mut()
             }
             Self::Deflate(d) => {
-                d.write_all(chunk).map_err(|e| format!("deflate: {e}"))?;
+                d.write_all(chunk)
+                    .and_then(|()| d.flush())
+                    .map_err(|e| format!("deflate: {e}"))?;
                 d.get_mut()
+            }
+            Self::Brotli(d) => {
+                d.write_all(chunk).map_err(|e| format!("br: {e}"))?;
+                &mut d.get_mut().buf
             }
         };
         out.append(buf);
@@ -75,6 +135,11 @@ impl Decoder {
             Self::Deflate(d) => {
                 d.try_finish().map_err(|e| format!("deflate: {e}"))?;
                 d.get_mut()
+            }
+            Self::Brotli(d) => {
+                // A stream cut short is an error here, not a silent end.
+                d.close().map_err(|e| format!("br: {e}"))?;
+                &mut d.get_mut().buf
             }
         };
         out.append(buf);
@@ -138,14 +203,16 @@ impl Pipeline {
                 Ok(())
             }
             (Some(d), None) => {
+                d.limit(self.max_decoded.saturating_sub(self.decoded));
                 let at = out.len();
-                d.push(chunk, out)?;
+                d.push(chunk, out).map_err(cap_message)?;
                 self.count(out.len() - at)
             }
             (None, Some(r)) => r.push(chunk, out),
             (Some(d), Some(_)) => {
+                d.limit(self.max_decoded.saturating_sub(self.decoded));
                 self.scratch.clear();
-                d.push(chunk, &mut self.scratch)?;
+                d.push(chunk, &mut self.scratch).map_err(cap_message)?;
                 let n = self.scratch.len();
                 self.count(n)?;
                 if let Some(r) = &mut self.rewrite {
@@ -158,8 +225,9 @@ impl Pipeline {
 
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         if let Some(d) = &mut self.decoder {
+            d.limit(self.max_decoded.saturating_sub(self.decoded));
             self.scratch.clear();
-            d.finish(&mut self.scratch)?;
+            d.finish(&mut self.scratch).map_err(cap_message)?;
             let n = self.scratch.len();
             self.count(n)?;
             match &mut self.rewrite {
@@ -176,7 +244,34 @@ impl Pipeline {
     fn counts(&self) -> Option<serde_json::Value> {
         self.rewrite.as_ref().map(|r| r.counts())
     }
+
+    /// Bytes the masker holds back.
+    fn held(&self) -> usize {
+        self.rewrite.as_ref().map_or(0, |r| r.held())
+    }
+
+    /// Lets go of what the masker holds back (the upstream went quiet).
+    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        match &mut self.rewrite {
+            Some(r) => r.flush(out),
+            None => Ok(()),
+        }
+    }
 }
+
+/// A decoder error caused by the decoded-size cap, said the way the cap
+/// says it.
+fn cap_message(e: String) -> String {
+    if e.contains(DECODED_TOO_LARGE) {
+        format!("{DECODED_TOO_LARGE}: a decompression bomb?")
+    } else {
+        e
+    }
+}
+
+/// How long an upstream may be quiet before what the masker holds back
+/// (a tail that could still become a match) is sent anyway.
+pub const IDLE_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Byte count and capped copy of a body, shared with whoever reports it.
 #[derive(Debug, Default)]
@@ -296,6 +391,87 @@ where
     }
 }
 
+/// How long the rest of an agent's upload is read and discarded after the
+/// upstream stopped reading it (nginx's `lingering_time`).
+pub const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most bytes discarded that way.
+pub const LINGER_BYTES: u64 = 256 << 20;
+
+/// The agent's request body. When the upstream answers before reading all
+/// of it (nginx `return 200`, a 413) and drops it, the rest is read and
+/// discarded for a bounded time, as a server's lingering close does, so
+/// the agent finishes its upload and reads the answer instead of a reset
+/// (HTTP/1.1 `Broken pipe`, HTTP/2 stream error).
+pub struct Lingering {
+    inner: Option<hyper::body::Incoming>,
+    ended: bool,
+}
+
+impl Lingering {
+    /// Wraps the agent's body.
+    pub fn new(inner: hyper::body::Incoming) -> Self {
+        let ended = inner.is_end_stream();
+        Self {
+            inner: Some(inner),
+            ended,
+        }
+    }
+}
+
+impl Body for Lingering {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.ended = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map(Body::size_hint).unwrap_or_default()
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else {
+            return;
+        };
+        if self.ended || body.is_end_stream() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let mut seen = 0u64;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(f)) = body.frame().await {
+                    seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                    if seen > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
 /// A response body on its way to the agent.
 pub struct Outgoing<B> {
     inner: B,
@@ -309,6 +485,12 @@ pub struct Outgoing<B> {
     /// Encoded input not yet fed to the decoder (fed [`DECODE_SLICE`] at a
     /// time, so what one poll holds stays bounded).
     pending: Bytes,
+    /// Armed while the upstream is quiet and the masker holds bytes back.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The upstream's trailers, sent after what the pipeline still holds.
+    trailers: Option<Frame<Bytes>>,
+    /// Set when hyper was told the body is over before polling it.
+    inner_ended: std::cell::Cell<bool>,
 }
 
 impl<B> Outgoing<B> {
@@ -328,6 +510,9 @@ impl<B> Outgoing<B> {
             on_end: Some(Box::new(on_end)),
             out: Vec::new(),
             pending: Bytes::new(),
+            idle: None,
+            trailers: None,
+            inner_ended: std::cell::Cell::new(false),
         }
     }
 
@@ -345,10 +530,39 @@ impl<B> Outgoing<B> {
     }
 }
 
+impl<B: Body> Outgoing<B> {
+    /// Nothing is left to send: the upstream's body is known to be empty
+    /// from here and nothing is held or queued.
+    fn drained(&self) -> bool {
+        if !(self.tail.is_none() && self.trailers.is_none() && self.pending.is_empty()) {
+            return false;
+        }
+        if self.done {
+            return true;
+        }
+        let ended = self.pipeline.is_none() && self.inner.is_end_stream();
+        self.inner_ended.set(ended);
+        ended
+    }
+}
+
 impl<B> Drop for Outgoing<B> {
     fn drop(&mut self) {
         if self.on_end.is_some() {
-            self.end(Outcome::Aborted, None);
+            // An empty body hyper never polled (HTTP/2 headers with
+            // END_STREAM, e.g. a gRPC trailers-only answer) was complete.
+            let empty = self.tail.is_none()
+                && self.trailers.is_none()
+                && self.pending.is_empty()
+                && self.pipeline.is_none()
+                && self.tap.bytes == 0
+                && self.inner_ended.get();
+            let outcome = if empty {
+                Outcome::Complete
+            } else {
+                Outcome::Aborted
+            };
+            self.end(outcome, None);
         }
     }
 }
@@ -374,6 +588,9 @@ where
             if let Some(tail) = this.tail.take() {
                 this.tap.see(&tail);
                 return Poll::Ready(Some(Ok(Frame::data(tail))));
+            }
+            if let Some(t) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(t)));
             }
             if !this.pending.is_empty() {
                 if let Some(p) = &mut this.pipeline {
@@ -401,16 +618,62 @@ where
                 return Poll::Ready(None);
             }
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    // Quiet upstream: after IDLE_FLUSH let go of what the
+                    // masker holds back, masked.
+                    let Some(p) = &mut this.pipeline else {
+                        return Poll::Pending;
+                    };
+                    if p.held() == 0 {
+                        this.idle = None;
+                        return Poll::Pending;
+                    }
+                    let timer = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(IDLE_FLUSH)));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.idle = None;
+                    this.out.clear();
+                    if let Err(e) = p.flush(&mut this.out) {
+                        this.end(Outcome::MaskError, Some(e.clone()));
+                        return Poll::Ready(Some(Err(mask_failed(&e))));
+                    }
+                    if this.out.is_empty() {
+                        return Poll::Pending;
+                    }
+                    let out = Bytes::copy_from_slice(&this.out);
+                    this.tap.see(&out);
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(f) => {
+                    this.idle = None;
+                    f
+                }
             };
             match frame {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
                         Ok(d) => d,
                         Err(other) => {
-                            // Trailers pass unchanged.
-                            return Poll::Ready(Some(Ok(other)));
+                            // Trailers pass unchanged, after whatever the
+                            // pipeline still holds (they end the body).
+                            let Some(p) = &mut this.pipeline else {
+                                return Poll::Ready(Some(Ok(other)));
+                            };
+                            this.done = true;
+                            this.trailers = Some(other);
+                            this.out.clear();
+                            if let Err(e) = p.finish(&mut this.out) {
+                                this.trailers = None;
+                                this.end(Outcome::MaskError, Some(e.clone()));
+                                return Poll::Ready(Some(Err(mask_failed(&e))));
+                            }
+                            if !this.out.is_empty() {
+                                this.tail = Some(Bytes::copy_from_slice(&this.out));
+                            }
+                            continue;
                         }
                     };
                     let Some(p) = &mut this.pipeline else {
@@ -457,7 +720,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.tail.is_none() && self.pending.is_empty()
+        // An upstream body known to be empty stays so for the agent (a gRPC
+        // trailers-only answer must reach it as HEADERS with END_STREAM).
+        self.drained()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -534,7 +799,7 @@ mod tests {
         assert_eq!(end.bytes, 12);
         assert_eq!(end.captured.as_deref(), Some(&b"HELL"[..]));
         assert_eq!(end.counts.unwrap()["upper"], 1);
-        assert!(Decoder::for_encoding("br").is_err());
+        assert!(Decoder::for_encoding("zstd").is_err());
     }
 
     /// A rewrite that passes bytes through, for size checks.
@@ -625,6 +890,147 @@ mod tests {
         assert_eq!(
             slot.lock().unwrap().take().unwrap().outcome,
             Outcome::Aborted
+        );
+    }
+
+    /// `{"email": "dave@example.com", "ok": true}` compressed by Node's
+    /// `zlib.brotliCompressSync`.
+    const BR_JSON: &str = "0b14807b22656d61696c223a202264617665406578616d706c652e636f6d222c20226f6b223a20747275657d03";
+
+    #[tokio::test]
+    async fn br_is_decoded_at_any_split_and_a_truncated_stream_fails() {
+        let br = hex::decode(BR_JSON).unwrap();
+        for cut in 1..br.len() {
+            let p = Pipeline::new(Decoder::for_encoding("br").unwrap(), Some(Box::new(Same)));
+            let (_slot, on_end) = ended();
+            let body = Outgoing::new(chunks(&[&br[..cut], &br[cut..]]), Some(p), None, on_end);
+            let out = body.collect().await.unwrap().to_bytes();
+            assert_eq!(
+                &out[..],
+                br#"{"email": "dave@example.com", "ok": true}"#,
+                "cut {cut}"
+            );
+        }
+        let p = Pipeline::new(Decoder::for_encoding("br").unwrap(), Some(Box::new(Same)));
+        let (slot, on_end) = ended();
+        let body = Outgoing::new(chunks(&[&br[..br.len() - 2]]), Some(p), None, on_end);
+        assert!(body.collect().await.is_err());
+        assert_eq!(
+            slot.lock().unwrap().take().unwrap().outcome,
+            Outcome::MaskError
+        );
+        // Over the cap: cut off while decoding.
+        let p = Pipeline::new(Decoder::for_encoding("br").unwrap(), Some(Box::new(Same)))
+            .max_decoded(10);
+        let (_slot, on_end) = ended();
+        let body = Outgoing::new(chunks(&[&br]), Some(p), None, on_end);
+        let Err(e) = body.collect().await else {
+            panic!("not cut off at the cap");
+        };
+        let e = e.to_string();
+        assert!(e.contains("http_max_decoded_body"), "{e}");
+    }
+
+    /// A rewrite that holds everything back until flushed.
+    struct Holding(Vec<u8>);
+    impl Rewrite for Holding {
+        fn push(&mut self, chunk: &[u8], _out: &mut Vec<u8>) -> Result<(), String> {
+            self.0.extend_from_slice(chunk);
+            Ok(())
+        }
+        fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+            out.append(&mut self.0);
+            Ok(())
+        }
+        fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+            out.append(&mut self.0);
+            Ok(())
+        }
+        fn held(&self) -> usize {
+            self.0.len()
+        }
+        fn counts(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+    }
+
+    /// One chunk, then silence.
+    struct ThenQuiet(Option<Bytes>);
+    impl Body for ThenQuiet {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn what_the_masker_holds_goes_out_when_the_upstream_is_quiet() {
+        let p = Pipeline::new(None, Some(Box::new(Holding(Vec::new()))));
+        let (_slot, on_end) = ended();
+        let mut body = Outgoing::new(
+            ThenQuiet(Some(Bytes::from_static(b"data: partial"))),
+            Some(p),
+            None,
+            on_end,
+        );
+        let t = std::time::Instant::now();
+        let f = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+            .await
+            .expect("flushed on idle")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&f.into_data().unwrap()[..], b"data: partial");
+        assert!(t.elapsed() >= IDLE_FLUSH, "{:?}", t.elapsed());
+        // Nothing held: the body just waits.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), body.frame())
+                .await
+                .is_err()
+        );
+    }
+
+    /// Data, then trailers.
+    struct WithTrailers(VecDeque<Frame<Bytes>>);
+    impl Body for WithTrailers {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_follow_what_the_pipeline_still_holds() {
+        let mut t = hyper::HeaderMap::new();
+        t.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+        let frames = VecDeque::from([Frame::data(Bytes::from_static(b"ab")), Frame::trailers(t)]);
+        let p = Pipeline::new(None, Some(Box::new(Upper)));
+        let (slot, on_end) = ended();
+        let mut body = Outgoing::new(WithTrailers(frames), Some(p), None, on_end);
+        let mut seen = Vec::new();
+        while let Some(f) = body.frame().await {
+            let f = f.unwrap();
+            if f.is_trailers() {
+                seen.push("trailers".to_string());
+            } else {
+                seen.push(String::from_utf8_lossy(&f.into_data().unwrap()).into_owned());
+            }
+        }
+        assert_eq!(seen, ["AB", ".", "trailers"]);
+        drop(body);
+        assert_eq!(
+            slot.lock().unwrap().take().unwrap().outcome,
+            Outcome::Complete
         );
     }
 }

@@ -44,7 +44,7 @@ impl MaskPlan {
         Box::new(JsonRewrite(self.masker.json(self.extra)))
     }
     fn text(&self) -> Box<dyn body::Rewrite> {
-        Box::new(TextRewrite(self.masker.stream()))
+        Box::new(TextRewrite(self.masker.stream().eager()))
     }
 }
 
@@ -93,6 +93,13 @@ impl body::Rewrite for TextRewrite {
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         self.0.finish(out);
         Ok(())
+    }
+    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.0.flush(out);
+        Ok(())
+    }
+    fn held(&self) -> usize {
+        self.0.held()
     }
     fn counts(&self) -> serde_json::Value {
         self.0.counts().to_json()
@@ -194,7 +201,10 @@ mod tests {
         assert!(pipeline(&plan, &h("application/json", Some("gzip")))
             .unwrap()
             .is_some());
-        assert!(pipeline(&plan, &h("application/json", Some("br"))).is_err());
+        assert!(pipeline(&plan, &h("application/json", Some("br")))
+            .unwrap()
+            .is_some());
+        assert!(pipeline(&plan, &h("application/json", Some("zstd"))).is_err());
         assert!(pipeline(&plan, &h("application/vnd.kubernetes.protobuf", None)).is_err());
         let loose = MaskPlan {
             json_only: false,

@@ -302,6 +302,12 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // `TE: trailers` is end to end in meaning: gRPC servers require it
+    // (it says the client reads trailers) and HTTP/2 allows exactly it.
+    let te_trailers = h
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -320,6 +326,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             continue;
         }
         h.remove(*n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -663,7 +672,7 @@ impl Conn {
         resp
     }
 
-    async fn upstream(&self, host: &str) -> Result<&Upstream, UpstreamError> {
+    async fn upstream(&self, host: &str, h2c: bool) -> Result<&Upstream, UpstreamError> {
         self.upstream
             .get_or_try_init(|| async {
                 let addr =
@@ -677,7 +686,10 @@ impl Conn {
                 let res = &self.flow.resource;
                 let tls = self.secure || res.upstream_ca_file.is_some();
                 if !tls {
-                    return Upstream::new(addr, None);
+                    // Cleartext: the upstream protocol follows the agent's
+                    // (HTTP/2 prior knowledge in, h2c out: gRPC, h2c-only
+                    // servers).
+                    return Upstream::new(addr, None).map(|u| u.h2c(h2c));
                 }
                 // Verify the name the agent meant, unless the resource
                 // names its upstream host.
@@ -751,7 +763,8 @@ impl Conn {
             }
         }
         let host = host_of(authority).to_string();
-        let up = match self.upstream(&host).await {
+        let agent_h2 = parts.version == HttpVersion::HTTP_2;
+        let up = match self.upstream(&host, agent_h2).await {
             Ok(u) => u,
             Err(e) => return fail(self, har, format!("upstream: {e}")),
         };
@@ -789,7 +802,8 @@ impl Conn {
             }
         }
         let req_tap = Arc::new(Mutex::new(Tap::new(self.capture())));
-        let req_body: BoxBody = Tapped::new(body, req_tap.clone()).boxed_unsync();
+        let req_body: BoxBody =
+            Tapped::new(body::Lingering::new(body), req_tap.clone()).boxed_unsync();
         let mut out = Request::new(req_body);
         let is_head = parts.method == Method::HEAD;
         *out.method_mut() = parts.method;
@@ -1009,6 +1023,15 @@ mod tests {
         strip_hop_by_hop(&mut u, true);
         assert!(u.contains_key("upgrade") && u.contains_key("connection"));
         assert!(!u.contains_key("x-secret-hop"));
+        // gRPC's `TE: trailers` passes; any other TE does not.
+        let mut g = HeaderMap::new();
+        g.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut g, false);
+        assert_eq!(g.get("te").unwrap(), "trailers");
+        let mut g = HeaderMap::new();
+        g.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut g, false);
+        assert!(!g.contains_key("te"));
     }
 
     #[test]

@@ -186,6 +186,11 @@ pub struct Upstream {
     /// Serializes new connections so concurrent first requests share one
     /// HTTP/2 connection.
     connecting: tokio::sync::Mutex<()>,
+    /// Cleartext HTTP/2 with prior knowledge (the agent spoke h2c).
+    h2c: bool,
+    /// Whether the cleartext upstream answered an HTTP/2 preface (probed
+    /// once, on a connection that carries no request).
+    h2c_ok: tokio::sync::OnceCell<bool>,
 }
 
 /// Which protocol a request goes upstream with (the URI form differs).
@@ -220,7 +225,17 @@ impl Upstream {
             h1: Mutex::new(Vec::new()),
             fresh: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            h2c: false,
+            h2c_ok: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// With `on`, cleartext connections speak HTTP/2 with prior knowledge
+    /// (RFC 9113 §3.3) instead of HTTP/1.1; TLS connections are unchanged
+    /// (ALPN decides).
+    pub fn h2c(mut self, on: bool) -> Self {
+        self.h2c = on;
+        self
     }
 
     /// The upstream address.
@@ -346,6 +361,11 @@ impl Upstream {
 
     async fn connect(&self, h1_only: bool) -> Result<Conn, UpstreamError> {
         let addr = self.addr;
+        // An HTTP/1.1-only server (no h2c) is still served over HTTP/1.1.
+        let h2c = self.tls.is_none()
+            && self.h2c
+            && !h1_only
+            && *self.h2c_ok.get_or_init(|| speaks_h2c(addr)).await;
         let tcp = tokio::time::timeout(
             super::super::UPSTREAM_CONNECT_TIMEOUT,
             TcpStream::connect(addr),
@@ -358,6 +378,7 @@ impl Upstream {
         .map_err(|source| UpstreamError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
+            None if h2c => Ok(Conn::H2(h2(TokioIo::new(tcp)).await?)),
             None => Ok(Conn::H1(h1(TokioIo::new(tcp)).await?)),
             Some((both, h1cfg, name)) => {
                 let cfg = if h1_only { h1cfg } else { both };
@@ -378,22 +399,38 @@ impl Upstream {
                         .map_err(hs)?;
                 let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 if is_h2 {
-                    let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(TokioIo::new(tls))
-                        .await?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!("upstream h2 connection ended: {e}");
-                        }
-                    });
-                    Ok(Conn::H2(s))
+                    Ok(Conn::H2(h2(TokioIo::new(tls)).await?))
                 } else {
                     Ok(Conn::H1(h1(TokioIo::new(tls)).await?))
                 }
             }
         }
     }
+}
+
+/// How long a cleartext upstream may take to answer an HTTP/2 preface.
+const H2C_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the server at `addr` speaks HTTP/2 with prior knowledge: it
+/// answers the client preface with a SETTINGS frame (an HTTP/1.1 server
+/// answers 400/505 or closes). The probe connection carries no request.
+async fn speaks_h2c(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let probe = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(PREFACE).await.ok()?;
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await.ok()?;
+        // Frame type 4 (SETTINGS) on stream 0.
+        Some(head[3] == 4 && head[5..9] == [0, 0, 0, 0])
+    };
+    let ok = matches!(
+        tokio::time::timeout(H2C_PROBE_TIMEOUT, probe).await,
+        Ok(Some(true))
+    );
+    debug!(%addr, h2c = ok, "cleartext upstream probed for HTTP/2");
+    ok
 }
 
 fn name_str(n: &ServerName<'_>) -> String {
@@ -407,6 +444,22 @@ fn name_str(n: &ServerName<'_>) -> String {
 enum Conn {
     H1(http1::SendRequest<BoxBody>),
     H2(http2::SendRequest<BoxBody>),
+}
+
+async fn h2<T>(io: TokioIo<T>) -> Result<http2::SendRequest<BoxBody>, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!("upstream h2 connection ended: {e}");
+        }
+    });
+    Ok(s)
 }
 
 async fn h1<T>(io: TokioIo<T>) -> Result<http1::SendRequest<BoxBody>, UpstreamError>
@@ -425,6 +478,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn h2c_is_probed_by_the_servers_answer_to_a_preface() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        async fn server(answer: &'static [u8]) -> SocketAddr {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 24];
+                let _ = s.read_exact(&mut buf).await;
+                let _ = s.write_all(answer).await;
+            });
+            addr
+        }
+        let h2 = server(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00").await;
+        assert!(speaks_h2c(h2).await);
+        let h1 = server(b"HTTP/1.1 505 HTTP Version Not Supported\r\n\r\n").await;
+        assert!(!speaks_h2c(h1).await);
+        let closed = server(b"").await;
+        assert!(!speaks_h2c(closed).await);
+    }
 
     #[test]
     fn credentials_become_authorization_headers() {
