@@ -221,11 +221,14 @@ impl Shared {
                 Some(g) => self.jit.grants().iter().any(|x| x.id == g),
                 None => f.approved_by.is_some(),
             };
+            // A connect still waiting for a human stays waiting while the
+            // rules still ask for approval: its release decides again.
             gone || (f.protocol == crate::policy::Protocol::Tcp
-                && !matches!(
-                    crate::proxy::tcp::decide_connect_info(self, f, approved),
-                    crate::policy::Decision::Allow { .. }
-                ))
+                && match crate::proxy::tcp::decide_connect_info(self, f, approved) {
+                    crate::policy::Decision::Allow { .. } => false,
+                    crate::policy::Decision::Hold { .. } => !f.awaiting_approval,
+                    crate::policy::Decision::Deny { .. } => true,
+                })
         })
     }
 

@@ -777,16 +777,21 @@ impl Daemon {
 
     /// Waits for `n` pending requests and returns them.
     pub fn wait_pending(&self, n: usize) -> Vec<Value> {
-        let mut found = Vec::new();
-        wait_until(
-            Duration::from_secs(20),
-            || {
-                found = self.requests("pending");
-                found.len() >= n
-            },
-            &format!("{n} pending access requests"),
-        );
-        found
+        let start = Instant::now();
+        loop {
+            let found = self.requests("pending");
+            if found.len() >= n {
+                return found;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "timed out after 20s waiting for {n} pending access requests (have {found:?}); flows: {:?}\ndaemon log:\n{}",
+                    self.flows(),
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until the daemon serves the namespace of `pid`.

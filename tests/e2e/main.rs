@@ -593,6 +593,58 @@ fn policy_setup(name: &str) -> Setup {
 }
 
 #[test]
+fn a_reload_that_still_asks_for_approval_leaves_a_held_connect_waiting() {
+    // Found by the full suite: the file watcher's reload right after an
+    // admin reload re-evaluated a connect that was waiting for a human as
+    // "not allowed" and ended it, abandoning its request. Waiting is not
+    // access: a reload that still asks for approval leaves it waiting (the
+    // release decides again), one that forbids it ends it.
+    let s = policy_setup("reheld");
+    let other = s.cg.child("other");
+    s.daemon.tag(&other, "agent");
+    s.files.rules(
+        "hold.cedar",
+        "@id(\"agent-needs-approval\")\n@approval(\"required\")\npermit(principal == Identity::\"agent\", action == Action::\"tcp:connect\", resource);\n",
+    );
+    s.daemon.cli_ok(&["policy", "reload"]);
+    let place = Placement::cgroup(s.cg.dir(&other));
+    let held = HeldClient::spawn(&place, to(&s.server), &s.files.dir);
+    let pending = s.daemon.wait_pending(1);
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+    s.daemon.cli_ok(&["policy", "reload"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let still: Vec<String> = s
+        .daemon
+        .requests("pending")
+        .iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(still, [id.clone()], "the reload ended the waiting connect");
+    s.daemon.cli_ok(&["approve", &id]);
+    let r = held.finish();
+    assert!(r.echo_ok(), "{r:?}");
+
+    // A reload that forbids it ends the wait and nothing is relayed.
+    let before = s.server.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let held = HeldClient::spawn(&place, to(&s.server), &s.files.dir);
+    let pending = s.daemon.wait_pending(1);
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+    s.files.rules(
+        "forbid.cedar",
+        "@id(\"freeze\")\nforbid(principal == Identity::\"agent\", action == Action::\"tcp:connect\", resource);\n",
+    );
+    s.daemon.cli_ok(&["policy", "reload"]);
+    let r = held.finish();
+    assert!(r.greeting().is_none_or(|g| g.is_empty()), "{r:?}");
+    assert_eq!(
+        s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
+    let denied = s.daemon.cli(&["approve", &id]);
+    assert!(!denied.status.success(), "{denied:?}");
+}
+
+#[test]
 fn rules_decide_tcp_connect_default_deny_and_hold() {
     let s = policy_setup("rules");
     let (billing, other) = (s.cg.child("billing"), s.cg.child("other"));
