@@ -26,12 +26,12 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::warn;
 
 use super::{
     classify::{Classified, QualName},
-    codec::{self, Reader, MAX_FRAME},
+    codec,
     upstream::{self, Upstream},
 };
 use crate::proxy::Flow;
@@ -266,14 +266,11 @@ impl Catalog {
         // Names travel hex-encoded: no quoting that a session setting
         // (standard_conforming_strings) could read differently.
         let arr = |kind: char| -> String {
-            let hex: Vec<String> = want
-                .iter()
-                .filter(|(k, _, _)| *k == kind)
-                .map(|(_, _, n)| hex::encode(n.as_bytes()))
-                .collect();
-            format!(
-                "ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(x, 'hex'), 'UTF8') FROM pg_catalog.unnest('{{{}}}'::pg_catalog.text[]) x)::pg_catalog.name[]",
-                hex.join(",")
+            upstream::hex_array(
+                want.iter()
+                    .filter(|(k, _, _)| *k == kind)
+                    .map(|(_, _, n)| n.as_str()),
+                "name",
             )
         };
         let sql = format!(
@@ -284,66 +281,21 @@ impl Catalog {
             o = arr('o'),
             t = arr('t'),
         );
-        let mut q = BytesMut::new();
-        codec::put_query(&mut q, &sql);
-        side.io.write_all(&q).await?;
-        let mut out = Vec::new();
-        let mut error = None;
-        loop {
-            let head = loop {
-                if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
-                    break h;
+        let rows = upstream::simple_query(side, &sql).await?;
+        Ok(rows
+            .into_iter()
+            .map(|cols| {
+                let col = |i: usize| cols.get(i).cloned().flatten().unwrap_or_default();
+                let ch = |s: String| s.chars().next().unwrap_or('?');
+                Row {
+                    kind: ch(col(0)),
+                    schema: col(1),
+                    name: col(2),
+                    builtin: col(3) == "true",
+                    volatility: ch(col(4)),
                 }
-                if side.io.read_buf(&mut side.buf).await? == 0 {
-                    return Err(upstream::UpstreamError::Protocol(
-                        "function catalog connection closed".into(),
-                    ));
-                }
-            };
-            let frame = side.buf.split_to(head.total);
-            let body = frame.get(5..).unwrap_or_default();
-            match head.tag {
-                b'D' => {
-                    let mut r = Reader::new(body, "DataRow");
-                    let _n = r.i16()?;
-                    let mut cols = Vec::with_capacity(5);
-                    for _ in 0..5 {
-                        cols.push(
-                            r.value()?
-                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                                .unwrap_or_default(),
-                        );
-                    }
-                    let ch = |s: &str| s.chars().next().unwrap_or('?');
-                    out.push(Row {
-                        kind: ch(&cols[0]),
-                        schema: cols[1].clone(),
-                        name: cols[2].clone(),
-                        builtin: cols[3] == "true",
-                        volatility: ch(&cols[4]),
-                    });
-                }
-                b'E' => {
-                    let f = codec::error_fields(body);
-                    let get = |c: u8| {
-                        f.iter()
-                            .find(|(k, _)| *k == c)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default()
-                    };
-                    error = Some(upstream::UpstreamError::Server {
-                        code: get(b'C'),
-                        message: get(b'M'),
-                    });
-                }
-                b'Z' => break,
-                _ => {}
-            }
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+            })
+            .collect())
     }
 }
 

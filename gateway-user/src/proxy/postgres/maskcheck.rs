@@ -29,10 +29,9 @@ use pg_query::{
     NodeEnum,
 };
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    codec::{self, Reader, MAX_FRAME},
+    codec,
     upstream::{Upstream, UpstreamError},
 };
 use crate::mask::Masker;
@@ -749,11 +748,7 @@ impl Walk<'_> {
 /// differently, and the agent's identifiers never appear as SQL text in
 /// the server's statement log.
 fn text_array(items: &BTreeSet<String>) -> String {
-    let hex: Vec<String> = items.iter().map(|s| hex::encode(s.as_bytes())).collect();
-    format!(
-        "ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(x, 'hex'), 'UTF8') FROM pg_catalog.unnest('{{{}}}'::pg_catalog.text[]) x)::pg_catalog.text[]",
-        hex.join(",")
-    )
+    super::upstream::hex_array(items.iter().map(String::as_str), "text")
 }
 
 /// The catalog query for `l`: rows of (kind, a, b, c) as text.
@@ -983,58 +978,13 @@ pub(super) async fn catalog_login(
     Ok(side)
 }
 
-/// Runs one simple query on a side connection and returns its rows as
-/// text (a server error is an `Err`).
+/// Runs one simple query on a side connection (see
+/// [`upstream::simple_query`]).
 pub async fn side_query(
     side: &mut Upstream,
     sql: &str,
 ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
-    let mut q = BytesMut::new();
-    codec::put_query(&mut q, sql);
-    side.io.write_all(&q).await?;
-    let mut out = Vec::new();
-    let mut error = None;
-    loop {
-        let head = loop {
-            if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
-                break h;
-            }
-            if side.io.read_buf(&mut side.buf).await? == 0 {
-                return Err(UpstreamError::Protocol("catalog connection closed".into()));
-            }
-        };
-        let frame = side.buf.split_to(head.total);
-        let body = frame.get(5..).unwrap_or_default();
-        match head.tag {
-            b'D' => {
-                let mut r = Reader::new(body, "DataRow");
-                let n = r.i16()?;
-                let mut row = Vec::with_capacity(n.max(0) as usize);
-                for _ in 0..n.max(0) {
-                    row.push(r.value()?.map(|v| String::from_utf8_lossy(v).into_owned()));
-                }
-                out.push(row);
-            }
-            b'E' => error = Some(codec::error_fields(body)),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    match error {
-        Some(f) => {
-            let get = |k: u8| {
-                f.iter()
-                    .find(|(c, _)| *c == k)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default()
-            };
-            Err(UpstreamError::Server {
-                code: get(b'C'),
-                message: get(b'M'),
-            })
-        }
-        None => Ok(out),
-    }
+    super::upstream::simple_query(side, sql).await
 }
 
 /// Rewrites a server ErrorResponse/NoticeResponse body without its DETAIL

@@ -517,6 +517,72 @@ impl Scram {
     }
 }
 
+/// Runs one simple query on a side connection (the daemon's own catalog
+/// look-ups) and returns its rows as text; a server error is an `Err`.
+pub async fn simple_query(
+    side: &mut Upstream,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+    let mut q = BytesMut::new();
+    codec::put_query(&mut q, sql);
+    side.io.write_all(&q).await?;
+    let mut out = Vec::new();
+    let mut error = None;
+    loop {
+        let head = loop {
+            if let Some(h) = codec::peek_frame(&side.buf, MAX_FRAME)? {
+                break h;
+            }
+            if side.io.read_buf(&mut side.buf).await? == 0 {
+                return Err(UpstreamError::Protocol("side connection closed".into()));
+            }
+        };
+        let frame = side.buf.split_to(head.total);
+        let body = frame.get(5..).unwrap_or_default();
+        match head.tag {
+            b'D' => {
+                let mut r = Reader::new(body, "DataRow");
+                let n = r.i16()?;
+                let mut row = Vec::with_capacity(n.max(0) as usize);
+                for _ in 0..n.max(0) {
+                    row.push(r.value()?.map(|v| String::from_utf8_lossy(v).into_owned()));
+                }
+                out.push(row);
+            }
+            b'E' => error = Some(codec::error_fields(body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(f) => {
+            let get = |k: u8| {
+                f.iter()
+                    .find(|(c, _)| *c == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            Err(UpstreamError::Server {
+                code: get(b'C'),
+                message: get(b'M'),
+            })
+        }
+        None => Ok(out),
+    }
+}
+
+/// A `pg_catalog.<cast>[]` expression holding `items`, which travel
+/// hex-encoded: no quoting a session setting (`standard_conforming_strings`)
+/// could read differently, and an agent's identifiers never appear as SQL
+/// text in the server's statement log.
+pub fn hex_array<'a>(items: impl Iterator<Item = &'a str>, cast: &str) -> String {
+    let hex: Vec<String> = items.map(|s| hex::encode(s.as_bytes())).collect();
+    format!(
+        "ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(x, 'hex'), 'UTF8') FROM pg_catalog.unnest('{{{}}}'::pg_catalog.text[]) x)::pg_catalog.{cast}[]",
+        hex.join(",")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
