@@ -619,7 +619,11 @@ fn a_reload_that_still_asks_for_approval_leaves_a_held_connect_waiting() {
         .iter()
         .filter_map(|r| r["id"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(still, [id.clone()], "the reload ended the waiting connect");
+    assert_eq!(
+        still,
+        std::slice::from_ref(&id),
+        "the reload ended the waiting connect"
+    );
     s.daemon.cli_ok(&["approve", &id]);
     let r = held.finish();
     assert!(r.echo_ok(), "{r:?}");
