@@ -221,12 +221,13 @@ impl Shared {
                 Some(g) => self.jit.grants().iter().any(|x| x.id == g),
                 None => f.approved_by.is_some(),
             };
-            // A connect still waiting for a human stays waiting while the
-            // rules still ask for approval: its release decides again.
+            // A connect not let in yet (being decided, or waiting for a
+            // human) is decided under the rules in force when that happens:
+            // only a deny ends it now.
             gone || (f.protocol == crate::policy::Protocol::Tcp
                 && match crate::proxy::tcp::decide_connect_info(self, f, approved) {
                     crate::policy::Decision::Allow { .. } => false,
-                    crate::policy::Decision::Hold { .. } => !f.awaiting_approval,
+                    crate::policy::Decision::Hold { .. } => f.admitted,
                     crate::policy::Decision::Deny { .. } => true,
                 })
         })

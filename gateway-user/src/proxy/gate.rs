@@ -214,12 +214,6 @@ impl Held {
         ));
         tokio::pin!(deadline);
         tokio::pin!(client_gone);
-        let waiting = |on: bool| {
-            shared.sessions.update(&flow.info.session, |i| {
-                i.awaiting_approval = on;
-            });
-        };
-        waiting(true);
         let resolution = tokio::select! {
             r = &mut rx => r.ok(),
             _ = &mut deadline => match shared.jit.time_out(&request.id) {
@@ -231,17 +225,14 @@ impl Held {
                 Err(_) => rx.await.ok(),
             },
             _ = flow.cancel.cancelled() => {
-                waiting(false);
                 abandon(shared, flow, &request.id, "abandoned: the session was ended").await;
                 return Waited::Abandoned;
             }
             _ = &mut client_gone => {
-                waiting(false);
                 abandon(shared, flow, &request.id, "abandoned: the agent hung up").await;
                 return Waited::Abandoned;
             }
         };
-        waiting(false);
         let refused = |reason: String| Denied {
             reason,
             policies: policies.clone(),

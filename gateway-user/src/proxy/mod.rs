@@ -65,10 +65,11 @@ pub struct FlowInfo {
     pub grant: Option<String>,
     /// Who approved its held command, if someone did.
     pub approved_by: Option<String>,
-    /// A command of the session is held, waiting for a human: a policy
-    /// reload that still asks for approval leaves it waiting (the release
-    /// decides again under the rules then in force).
-    pub awaiting_approval: bool,
+    /// The connect was let in (a `tcp` session past its decision). Until
+    /// then a policy reload ends the session only when the new rules deny
+    /// it: one still being decided, or waiting for a human, is decided
+    /// under the rules in force when that happens.
+    pub admitted: bool,
     /// Resource the destination matched.
     pub resource: String,
     /// Its protocol.
@@ -513,7 +514,7 @@ async fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Resu
         token: Some(proven),
         grant: None,
         approved_by: None,
-        awaiting_approval: false,
+        admitted: false,
         resource: resource.name.clone(),
         protocol: resource.protocol,
         started_ms: session::now_ms(),

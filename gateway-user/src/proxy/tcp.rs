@@ -36,9 +36,29 @@ pub async fn serve(
     // silent (the request id is in the log, the audit log, `portcullis
     // requests` and webhooks) until a human answers, the resource's timeout
     // passes, or the agent hangs up.
+    let rules_before = shared.policy.load().version.clone();
     let waited = gate::check_and_wait(shared, &flow, &cmd, hung_up(&client)).await;
     match waited {
-        Waited::Allowed(_) => {}
+        Waited::Allowed(_) => {
+            // Let in: from now on a reload that takes access away ends the
+            // session. A reload that ran while this connect was decided
+            // skipped it, so check again under the rules in force (the
+            // registry write comes first, so a reload after it sees the
+            // session admitted and a reload before it changed the version).
+            shared
+                .sessions
+                .update(&flow.info.session, |i| i.admitted = true);
+            if shared.policy.load().version != rules_before {
+                shared.reevaluate_sessions();
+            }
+            if flow.cancel.is_cancelled() {
+                super::refuse(client);
+                return Ok(SessionSummary {
+                    end_reason: "access gone after reload",
+                    ..Default::default()
+                });
+            }
+        }
         Waited::Denied(d) => {
             super::refuse(client);
             return Ok(SessionSummary {
