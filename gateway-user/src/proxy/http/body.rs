@@ -516,6 +516,30 @@ impl<B> Outgoing<B> {
         }
     }
 
+    /// Runs `piece` through the masking pipeline: the frame to send, `None`
+    /// while the pipeline holds everything back, or the error (the end is
+    /// recorded as a masking failure).
+    fn mask_piece(&mut self, piece: &[u8]) -> Result<Option<Frame<Bytes>>, BoxError> {
+        self.out.clear();
+        let pushed = match self.pipeline.as_mut() {
+            Some(p) => p.push(piece, &mut self.out),
+            None => {
+                self.out.extend_from_slice(piece);
+                Ok(())
+            }
+        };
+        if let Err(e) = pushed {
+            self.end(Outcome::MaskError, Some(e.clone()));
+            return Err(mask_failed(&e));
+        }
+        if self.out.is_empty() {
+            return Ok(None);
+        }
+        let out = Bytes::copy_from_slice(&self.out);
+        self.tap.see(&out);
+        Ok(Some(Frame::data(out)))
+    }
+
     fn end(&mut self, outcome: Outcome, error: Option<String>) {
         self.done = true;
         if let Some(f) = self.on_end.take() {
@@ -593,21 +617,17 @@ where
                 return Poll::Ready(Some(Ok(t)));
             }
             if !this.pending.is_empty() {
-                if let Some(p) = &mut this.pipeline {
+                if this.pipeline.is_some() {
                     let n = this.pending.len().min(DECODE_SLICE);
                     let piece = this.pending.split_to(n);
-                    this.out.clear();
-                    if let Err(e) = p.push(&piece, &mut this.out) {
-                        this.pending = Bytes::new();
-                        this.end(Outcome::MaskError, Some(e.clone()));
-                        return Poll::Ready(Some(Err(mask_failed(&e))));
+                    match this.mask_piece(&piece) {
+                        Err(e) => {
+                            this.pending = Bytes::new();
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        Ok(None) => continue,
+                        Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                     }
-                    if this.out.is_empty() {
-                        continue;
-                    }
-                    let out = Bytes::copy_from_slice(&this.out);
-                    this.tap.see(&out);
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 this.pending = Bytes::new();
             }
@@ -685,17 +705,11 @@ where
                         this.pending = data;
                         continue;
                     }
-                    this.out.clear();
-                    if let Err(e) = p.push(&data, &mut this.out) {
-                        this.end(Outcome::MaskError, Some(e.clone()));
-                        return Poll::Ready(Some(Err(mask_failed(&e))));
+                    match this.mask_piece(&data) {
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                        Ok(None) => continue,
+                        Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                     }
-                    if this.out.is_empty() {
-                        continue;
-                    }
-                    let out = Bytes::copy_from_slice(&this.out);
-                    this.tap.see(&out);
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
