@@ -278,7 +278,7 @@ fn an_early_answer_to_an_upload_is_relayed_cleanly_h1_and_h2() {
                 &place,
                 &["--cacert", &ca, proto, "--data-binary", &data, &url],
             );
-            assert!(r.ok, "{size} {proto}: {r:?}");
+            assert!(r.ok, "{size} {proto}: {r:?}\n{}", daemon.log_text());
             assert_eq!(r.code, code, "{size} {proto}: {r:?}");
             assert_eq!(r.body, direct_body, "{size} {proto}: {r:?}");
         }

@@ -10,9 +10,13 @@
 //! records itself (it reports to the `on_end` callback once).
 
 use std::{
+    collections::VecDeque,
     io::Write as _,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
 };
 
@@ -405,6 +409,8 @@ pub const LINGER_BYTES: u64 = 256 << 20;
 pub struct Lingering {
     inner: Option<hyper::body::Incoming>,
     ended: bool,
+    /// Shared with the handler: set once the agent's body has ended.
+    ended_flag: Arc<AtomicBool>,
 }
 
 impl Lingering {
@@ -414,7 +420,15 @@ impl Lingering {
         Self {
             inner: Some(inner),
             ended,
+            ended_flag: Arc::new(AtomicBool::new(ended)),
         }
+    }
+
+    /// A flag that turns true once the agent's body has ended (read to its
+    /// end or failed), readable after the body moved into the upstream
+    /// request.
+    pub fn ended_flag(&self) -> Arc<AtomicBool> {
+        self.ended_flag.clone()
     }
 }
 
@@ -432,6 +446,7 @@ impl Body for Lingering {
         let r = Pin::new(inner).poll_frame(cx);
         if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.ended = true;
+            self.ended_flag.store(true, Ordering::Relaxed);
         }
         r
     }
@@ -469,6 +484,115 @@ impl Drop for Lingering {
             })
             .await;
         });
+    }
+}
+
+/// Most of an early error answer read ahead before its head is relayed.
+pub const EARLY_ANSWER_AHEAD: usize = 64 << 10;
+/// Longest wait for it (past this the answer is relayed as it comes).
+pub const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An upstream response body whose first frames may have been read ahead.
+///
+/// Why: an error answer (status >= 300) that arrives while the agent is
+/// still uploading makes curl and other clients stop the upload at once;
+/// over HTTP/2 curl then ends its stream early, short of its own
+/// content-length, and the agent-side HTTP/2 server must reset that
+/// stream (PROTOCOL_ERROR). Directly, the upstream's head and body reach
+/// the client together, so the answer is complete before the client
+/// reacts; relayed frame by frame, the head may go out alone and the
+/// reset cut the body. Reading a small answer to its end first restores
+/// "head and body together".
+pub struct Prefetched<B: Body> {
+    ahead: VecDeque<Frame<Bytes>>,
+    ahead_bytes: u64,
+    error: Option<B::Error>,
+    inner: B,
+    inner_done: bool,
+}
+
+impl<B> Prefetched<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    /// Wraps `inner` with nothing read ahead.
+    pub fn new(inner: B) -> Self {
+        Self {
+            ahead: VecDeque::new(),
+            ahead_bytes: 0,
+            error: None,
+            inner,
+            inner_done: false,
+        }
+    }
+
+    /// Wraps `inner`, first reading it until it ends, `max` data bytes were
+    /// read or `wait` passed, whichever comes first.
+    pub async fn read_ahead(inner: B, max: usize, wait: std::time::Duration) -> Self {
+        use http_body_util::BodyExt as _;
+        let mut me = Self::new(inner);
+        let deadline = tokio::time::Instant::now() + wait;
+        while me.ahead_bytes < max as u64 && !me.inner_done && me.error.is_none() {
+            // `frame()` holds nothing across Pending, so dropping it on the
+            // deadline loses no data.
+            match tokio::time::timeout_at(deadline, me.inner.frame()).await {
+                Err(_) => break,
+                Ok(None) => me.inner_done = true,
+                Ok(Some(Err(e))) => me.error = Some(e),
+                Ok(Some(Ok(f))) => {
+                    me.ahead_bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                    me.ahead.push_back(f);
+                }
+            }
+        }
+        me
+    }
+}
+
+impl<B> Body for Prefetched<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if let Some(f) = this.ahead.pop_front() {
+            this.ahead_bytes -= f.data_ref().map_or(0, |d| d.len() as u64);
+            return Poll::Ready(Some(Ok(f)));
+        }
+        if let Some(e) = this.error.take() {
+            this.inner_done = true;
+            return Poll::Ready(Some(Err(e)));
+        }
+        if this.inner_done {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_empty()
+            && self.error.is_none()
+            && (self.inner_done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.inner_done && self.error.is_none() {
+            return SizeHint::with_exact(self.ahead_bytes);
+        }
+        let rest = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + self.ahead_bytes);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + self.ahead_bytes);
+        }
+        hint
     }
 }
 
@@ -1046,5 +1170,53 @@ mod tests {
             slot.lock().unwrap().take().unwrap().outcome,
             Outcome::Complete
         );
+    }
+
+    #[tokio::test]
+    async fn a_small_answer_is_read_to_its_end_before_it_is_relayed() {
+        let mut body = Prefetched::read_ahead(
+            chunks(&[b"<html>413", b" too large</html>"]),
+            EARLY_ANSWER_AHEAD,
+            EARLY_ANSWER_WAIT,
+        )
+        .await;
+        // Read to its end up front: the agent-side server knows the whole
+        // length and sends the last frame with END_STREAM.
+        assert!(body.inner_done);
+        assert_eq!(body.size_hint().exact(), Some(26));
+        assert!(!body.is_end_stream());
+        let mut seen = Vec::new();
+        while let Some(f) = body.frame().await {
+            seen.extend_from_slice(&f.unwrap().into_data().unwrap());
+        }
+        assert_eq!(seen, b"<html>413 too large</html>");
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn reading_ahead_stops_at_its_cap_and_at_its_wait() {
+        let big = vec![b'x'; 40 << 10];
+        let mut body =
+            Prefetched::read_ahead(chunks(&[&big, &big, &big]), 64 << 10, EARLY_ANSWER_WAIT).await;
+        assert_eq!(body.ahead.len(), 2, "stopped once the cap was reached");
+        assert!(!body.inner_done);
+        let mut n = 0;
+        while let Some(f) = body.frame().await {
+            n += f.unwrap().into_data().unwrap().len();
+        }
+        assert_eq!(n, 3 * big.len(), "the rest still comes");
+
+        // An answer that goes quiet is relayed after the wait, as it comes.
+        let mut quiet = Prefetched::read_ahead(
+            ThenQuiet(Some(Bytes::from_static(b"first"))),
+            EARLY_ANSWER_AHEAD,
+            std::time::Duration::from_millis(20),
+        )
+        .await;
+        assert_eq!(quiet.ahead.len(), 1);
+        let first = quiet.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut quiet).poll_frame(&mut cx).is_pending());
     }
 }

@@ -802,8 +802,9 @@ impl Conn {
             }
         }
         let req_tap = Arc::new(Mutex::new(Tap::new(self.capture())));
-        let req_body: BoxBody =
-            Tapped::new(body::Lingering::new(body), req_tap.clone()).boxed_unsync();
+        let lingering = body::Lingering::new(body);
+        let req_ended = lingering.ended_flag();
+        let req_body: BoxBody = Tapped::new(lingering, req_tap.clone()).boxed_unsync();
         let mut out = Request::new(req_body);
         let is_head = parts.method == Method::HEAD;
         *out.method_mut() = parts.method;
@@ -878,6 +879,17 @@ impl Conn {
         }
         let mut ex = ex;
         ex.har.response_headers = headers_vec(&rparts.headers);
+        // An error answer while the agent is still uploading goes out in one
+        // piece when small (see `body::Prefetched`).
+        let early_error = has_body
+            && rparts.status.as_u16() >= 300
+            && !req_ended.load(std::sync::atomic::Ordering::Relaxed);
+        let rbody = if early_error {
+            body::Prefetched::read_ahead(rbody, body::EARLY_ANSWER_AHEAD, body::EARLY_ANSWER_WAIT)
+                .await
+        } else {
+            body::Prefetched::new(rbody)
+        };
         let conn = self.clone();
         let body = Outgoing::new(rbody, pipeline, self.capture(), move |end| {
             conn.finish(ex, end)
