@@ -449,11 +449,11 @@ impl Store {
                 }
                 tx.execute(
                     "INSERT INTO portcullis_nodes (node, pubkey, local_seq, shipped_seq, seen_at) \
-                     VALUES ($1, $2, $3, coalesce($4, 0), now()) \
+                     VALUES ($1, $2, $3, coalesce($4::bigint, 0), now()) \
                      ON CONFLICT (node) DO UPDATE SET \
                        pubkey = coalesce(EXCLUDED.pubkey, portcullis_nodes.pubkey), \
                        local_seq = EXCLUDED.local_seq, \
-                       shipped_seq = greatest(portcullis_nodes.shipped_seq, coalesce($4, portcullis_nodes.shipped_seq)), \
+                       shipped_seq = greatest(portcullis_nodes.shipped_seq, coalesce($4::bigint, portcullis_nodes.shipped_seq)), \
                        seen_at = now()",
                     &[&node, &pubkey, &as_i64(local_seq), &shipped],
                 )
