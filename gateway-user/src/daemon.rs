@@ -289,12 +289,15 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     // Fail before touching the kernel if another daemon owns the socket.
     let admin_listener = crate::admin::bind(&cfg.admin_socket)?;
 
-    let (mut jit, failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
+    let (mut jit, mut failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
     let fleet = match &cfg.fleet {
         None => None,
         Some(f) => {
             let fleet = crate::fleet::Fleet::new(f).map_err(|e| anyhow::anyhow!(e))?;
             jit = jit.with_node(&fleet.node);
+            // Other nodes' requests listed here were only copies: the store
+            // says where they stand at the first sync.
+            failed_requests.retain(|r| r.node.as_deref().is_none_or(|n| n == fleet.node));
             // The store being down does not stop the node: decisions are
             // local; holds fail closed until it returns.
             match fleet.ensure_schema().await {

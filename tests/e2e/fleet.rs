@@ -236,10 +236,28 @@ fn fleet_approval_on_one_node_releases_a_hold_on_another_grants_are_shared_and_a
     assert_eq!(nodes[0]["node"], "node-a");
     assert_eq!(nodes[1]["node"], "node-b");
 
-    // A daemon killed and restarted resumes shipping without duplicates.
+    // A daemon killed (with a command held, while shipping) and restarted
+    // fails its stale request everywhere and resumes shipping without
+    // duplicates.
+    let held = HeldClient::spawn(&place, to(&f.server), &f.a.files.dir);
+    let stale = f.b.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut a = f.a;
     a.daemon.kill9();
+    drop(held);
     a.daemon = Daemon::start(&a.files);
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            f.b.daemon
+                .requests("failed")
+                .iter()
+                .any(|r| r["id"] == stale.as_str())
+        },
+        "the restarted node's stale request is failed on every node",
+    );
     wait_shipped(&a, 2);
     let local_last = audit_events(&a.files)
         .last()

@@ -252,7 +252,7 @@ impl Fleet {
                     }
                     _ => String::new(),
                 };
-                self.apply(jit, first);
+                self.apply(jit, *first);
                 Err(FleetError::Refused(format!(
                     "access request {id} is already {label}{by} (the first answer wins)"
                 )))
@@ -352,7 +352,7 @@ impl Fleet {
         };
         match ended {
             Ok((store::Ended::Already(first), _)) => {
-                self.apply(jit, first);
+                self.apply(jit, *first);
                 jit.get(id).is_ok_and(|r| r.status == Status::Pending)
             }
             Ok(_) => true,

@@ -82,7 +82,7 @@ pub enum Ended {
     /// This answer was recorded.
     Recorded,
     /// Someone answered first: their answer.
-    Already(AccessRequest),
+    Already(Box<AccessRequest>),
     /// The store does not know the request.
     Unknown,
 }
@@ -253,7 +253,7 @@ impl Store {
                         return Ok(Err(Ended::Unknown));
                     };
                     if request.status != Status::Pending {
-                        return Ok(Err(Ended::Already(request)));
+                        return Ok(Err(Ended::Already(Box::new(request))));
                     }
                     if let (Some(g), Some(gb)) = (&grant, &grant_body) {
                         tx.execute(
