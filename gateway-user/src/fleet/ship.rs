@@ -321,4 +321,46 @@ mod tests {
         let (d, _) = read_lines(&dir, cur, 3, 10).unwrap();
         assert_eq!(d.iter().map(|l| l.0).collect::<Vec<_>>(), vec![4]);
     }
+
+    /// The real writer's chain, read by the shipper's reader (rotated files
+    /// and checkpoints included) and checked as the store would hold it:
+    /// intact it verifies; one changed byte is named at its seq.
+    #[tokio::test]
+    async fn a_shipped_chain_verifies_and_a_changed_line_is_named() {
+        use crate::audit::{AuditConfig, AuditEvent, AuditLog};
+        let tmp = crate::testutil::TempDir::new("fleet", "verify");
+        let state = tmp.path().to_path_buf();
+        let cfg = AuditConfig {
+            rotate_bytes: 2048,
+            checkpoint_every_events: 7,
+            ..AuditConfig::new(&state)
+        };
+        let (log, _) = AuditLog::open(cfg).unwrap();
+        for i in 0..40u64 {
+            log.record(AuditEvent::new("command").detail("i", i))
+                .await
+                .unwrap();
+        }
+        log.close().await.unwrap();
+        let key = crate::audit::load_public_key(&state.join("audit.pub")).unwrap();
+        let (lines, _) = read_lines(&state.join("audit"), Cursor::default(), 0, 10_000).unwrap();
+        assert!(chain::list_files(&state.join("audit")).unwrap().len() > 1);
+        let rows: Vec<(u64, String)> = lines.iter().map(|l| (l.0, l.2.clone())).collect();
+        assert!(rows.len() >= 40);
+        let source = Path::new("fleet:n");
+        let ok = crate::audit::verify_lines(source, rows.clone(), &key);
+        assert!(ok.is_ok(), "{ok}");
+        assert!(ok.checkpoints > 0);
+        let mut tampered = rows.clone();
+        tampered[9].1 = tampered[9].1.replacen("\"i\":", "\"i\" :", 1);
+        let bad = crate::audit::verify_lines(source, tampered, &key);
+        let err = bad.error.expect("tampering is found");
+        assert_eq!(err.seq, Some(rows[9].0));
+        assert!(err.message.contains("hash mismatch"), "{err}");
+        // A row removed (a gap) is found at the row after it.
+        let mut gap = rows.clone();
+        gap.remove(5);
+        let bad = crate::audit::verify_lines(source, gap, &key);
+        assert_eq!(bad.error.map(|e| e.seq), Some(Some(rows[6].0)));
+    }
 }
