@@ -1013,14 +1013,11 @@ fn verify_fleet(config: &Path, json: bool) -> anyhow::Result<()> {
     let Some(fleet_cfg) = table.fleet else {
         bail!("{} has no [fleet] table naming the store", config.display());
     };
-    let pg = fleet_cfg.pg_config()?;
+    let store = fleet_cfg.store("portcullis-verify")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let nodes = rt.block_on(async {
-        let store = crate::fleet::Store::new(pg, "portcullis-verify");
-        crate::fleet::ship::verify_fleet(&store).await
-    })?;
+    let nodes = rt.block_on(async { crate::fleet::ship::verify_fleet(&store).await })?;
     let broken: Vec<&str> = nodes
         .iter()
         .filter(|n| !n.report.is_ok())

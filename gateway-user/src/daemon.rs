@@ -448,7 +448,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             node: fleet.node.clone(),
             audit_dir: cfg.state_dir.join("audit"),
             pubkey_file: cfg.state_dir.join("audit.pub"),
-            store: fleet.new_store("portcullis-fleet-ship"),
+            store: fleet.new_store(&format!("portcullis-ship:{}", fleet.node)),
             status: fleet.shipping.clone(),
         };
         tasks.spawn(shipper.run());

@@ -36,7 +36,8 @@ fn store_url(pg: &PgServer) -> String {
     format!("postgres://postgres@127.0.0.1:{}/fleet", pg.port)
 }
 
-fn node(name: &str, pg: &PgServer, server: &EchoServer) -> Node {
+/// A node; with `ca`, it reaches the store over TLS (`verify-full`).
+fn node(name: &str, pg: &PgServer, server: &EchoServer, ca: Option<&std::path::Path>) -> Node {
     let cg = TestCgroup::new(&format!("fleet-{name}"));
     let files = DaemonFiles::new(&cg.rel);
     files.rules(
@@ -51,9 +52,14 @@ fn node(name: &str, pg: &PgServer, server: &EchoServer) -> Node {
     fs::write(
         files.config_file(),
         format!(
-            "[fleet]\nstore = {:?}\npassword_file = {:?}\nnode = {name:?}\n",
+            "[fleet]\nstore = {:?}\npassword_file = {:?}\nnode = {name:?}\n{}",
             store_url(pg),
-            pg.password_file.display().to_string()
+            pg.password_file.display().to_string(),
+            ca.map(|c| format!(
+                "sslmode = \"verify-full\"\nca_file = {:?}\n",
+                c.display().to_string()
+            ))
+            .unwrap_or_default()
         ),
     )
     .expect("write config");
@@ -66,8 +72,10 @@ fn fleet(name: &str) -> Fleet {
     let pg = PgServer::start(name);
     pg.sql("create database fleet");
     let server = EchoServer::start(name);
-    let a = node("node-a", &pg, &server);
-    let b = node("node-b", &pg, &server);
+    // Node B reaches the store over TLS, node A in the clear.
+    let ca = pg.enable_tls();
+    let a = node("node-a", &pg, &server, None);
+    let b = node("node-b", &pg, &server, Some(&ca));
     Fleet { pg, server, a, b }
 }
 
@@ -163,6 +171,18 @@ fn wait_shipped(n: &Node, nodes: usize) -> Vec<Value> {
 fn fleet_approval_on_one_node_releases_a_hold_on_another_grants_are_shared_and_audit_verifies() {
     let f = fleet("fleet-approve");
     let place = agent_place(&f.a, "agent");
+
+    // B's store connections are TLS, A's are not.
+    let ssl_of = |n: &str| {
+        f.pg.sql(&format!(
+            "select string_agg(distinct s.ssl::text, ',') from pg_stat_ssl s \
+             join pg_stat_activity a using (pid) where a.application_name like '%:{n}'"
+        ))
+        .trim()
+        .to_string()
+    };
+    assert_eq!(ssl_of("node-b"), "true");
+    assert_eq!(ssl_of("node-a"), "false");
 
     // Held on A, seen and approved on B.
     let held = HeldClient::spawn(&place, to(&f.server), &f.a.files.dir);

@@ -16,6 +16,7 @@
 
 pub mod ship;
 pub mod store;
+pub mod tls;
 
 use std::{
     path::PathBuf,
@@ -51,7 +52,8 @@ pub struct FleetConfig {
     /// File holding the store password (read at start).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// `disable` (default). TLS to the store is not built in yet.
+    /// `disable` (default) or `verify-full` (TLS, the store's certificate
+    /// checked against `ca_file` or the system's roots, and its name).
     #[serde(default)]
     pub sslmode: Option<String>,
     /// CA bundle for the store's certificate (with TLS).
@@ -108,32 +110,45 @@ impl FleetConfig {
         Ok(name)
     }
 
-    /// The client settings (password read from its file).
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, FleetError> {
+    /// A client of the store with these settings.
+    pub fn store(&self, application: &str) -> Result<Store, FleetError> {
+        let (cfg, tls) = self.pg_config()?;
+        Ok(Store::new(cfg, tls, application))
+    }
+
+    /// The client settings (password read from its file) and TLS.
+    pub fn pg_config(&self) -> Result<(tokio_postgres::Config, tls::MakeRustls), FleetError> {
         let mut cfg = tokio_postgres::Config::from_str(&self.store)
             .map_err(|e| FleetError::Config(format!("store: {e}")))?;
-        match self.sslmode.as_deref() {
+        let tls = match self.sslmode.as_deref() {
             None | Some("disable") => {
+                if self.ca_file.is_some() {
+                    return Err(FleetError::Config(
+                        "ca_file is set but sslmode is \"disable\": use sslmode = \"verify-full\""
+                            .into(),
+                    ));
+                }
                 cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                tls::MakeRustls::disabled()?
+            }
+            Some("verify-full") => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                tls::MakeRustls::new(self.ca_file.as_deref())?
             }
             Some(other) => {
                 return Err(FleetError::Config(format!(
-                    "sslmode {other:?} is not supported by this build (only \"disable\"): \
-                     reach the store over a private network or a TLS sidecar"
+                    "sslmode {other:?} is not supported: use \"verify-full\" (TLS, the store \
+                     authenticated) or \"disable\" (private network only); the store holds \
+                     approvals, so an unauthenticated server is not accepted"
                 )))
             }
-        }
-        if self.ca_file.is_some() {
-            return Err(FleetError::Config(
-                "ca_file needs TLS to the store, which this build does not have".into(),
-            ));
-        }
+        };
         if let Some(f) = &self.password_file {
             let pw = std::fs::read_to_string(f)
                 .map_err(|e| FleetError::Config(format!("password_file {}: {e}", f.display())))?;
             cfg.password(pw.trim_end_matches(['\n', '\r']));
         }
-        Ok(cfg)
+        Ok((cfg, tls))
     }
 }
 
@@ -154,6 +169,7 @@ pub struct Fleet {
     /// This node's name.
     pub node: String,
     config: tokio_postgres::Config,
+    tls: tls::MakeRustls,
     store: Store,
     wake: Notify,
     up: AtomicBool,
@@ -165,11 +181,16 @@ pub struct Fleet {
 impl Fleet {
     /// Reads the settings; does not connect yet (see [`Fleet::start`]).
     pub fn new(cfg: &FleetConfig) -> Result<Self, FleetError> {
-        let config = cfg.pg_config()?;
+        let (config, tls) = cfg.pg_config()?;
         let node = cfg.node_name()?;
         Ok(Self {
-            store: Store::new(config.clone(), "portcullis-fleet"),
+            store: Store::new(
+                config.clone(),
+                tls.clone(),
+                &format!("portcullis-fleet:{node}"),
+            ),
             config,
+            tls,
             node,
             wake: Notify::new(),
             up: AtomicBool::new(false),
@@ -180,7 +201,7 @@ impl Fleet {
 
     /// A separate client of the same store (the shipper's, the CLI's).
     pub fn new_store(&self, application: &str) -> Store {
-        Store::new(self.config.clone(), application)
+        Store::new(self.config.clone(), self.tls.clone(), application)
     }
 
     /// Whether the store answered the last time it was asked.
@@ -456,7 +477,7 @@ impl Fleet {
     /// Keeps a LISTEN connection open and turns notifications into
     /// wake-ups; reconnects after a loss (polling covers the gap).
     pub async fn listen_loop(self: Arc<Self>) {
-        let listener = self.new_store("portcullis-fleet-listen");
+        let listener = self.new_store(&format!("portcullis-listen:{}", self.node));
         loop {
             match listener.connect_raw().await {
                 Ok((client, mut conn)) => {
@@ -514,8 +535,10 @@ mod tests {
         assert!(toml::from_str::<FleetConfig>("store = \"x\"\nbogus = 1\n").is_err());
         let bad = cfg("store = \"postgres://u@h/db\"\nnode = \"a b\"\n");
         assert!(bad.node_name().is_err());
-        let tls = cfg("store = \"postgres://u@h/db\"\nsslmode = \"verify-full\"\n");
-        assert!(matches!(tls.pg_config(), Err(FleetError::Config(_))));
+        let weak = cfg("store = \"postgres://u@h/db\"\nsslmode = \"require\"\n");
+        assert!(matches!(weak.pg_config(), Err(FleetError::Config(_))));
+        let no_ca = cfg("store = \"postgres://u@h/db\"\nsslmode = \"verify-full\"\nca_file = \"/nonexistent.pem\"\n");
+        assert!(matches!(no_ca.pg_config(), Err(FleetError::Config(_))));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use super::tls::{MakeRustls, RustlsStream};
 use tracing::debug;
 
 use super::FleetError;
@@ -101,8 +103,14 @@ pub struct Snapshot {
 /// A lazily (re)connected client of the store.
 pub struct Store {
     config: tokio_postgres::Config,
+    tls: MakeRustls,
     client: Mutex<Option<Client>>,
 }
+
+/// A store connection: the task that drives it, and where LISTEN's
+/// notifications arrive.
+pub type Connection =
+    tokio_postgres::Connection<tokio_postgres::Socket, RustlsStream<tokio_postgres::Socket>>;
 
 fn unreachable(e: impl std::fmt::Display) -> FleetError {
     FleetError::Unreachable(e.to_string())
@@ -125,29 +133,22 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, FleetError> {
 }
 
 impl Store {
-    /// A store client for `config` (not connected yet).
-    pub fn new(mut config: tokio_postgres::Config, application: &str) -> Self {
+    /// A store client for `config` with `tls` (not connected yet).
+    pub fn new(mut config: tokio_postgres::Config, tls: MakeRustls, application: &str) -> Self {
         config
             .connect_timeout(CONNECT_TIMEOUT)
             .application_name(application);
         Self {
             config,
+            tls,
             client: Mutex::new(None),
         }
     }
 
     /// Opens a separate connection whose notifications the caller polls
     /// (LISTEN).
-    pub async fn connect_raw(
-        &self,
-    ) -> Result<
-        (
-            Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-        ),
-        FleetError,
-    > {
-        tokio::time::timeout(OP_TIMEOUT, self.config.connect(NoTls))
+    pub async fn connect_raw(&self) -> Result<(Client, Connection), FleetError> {
+        tokio::time::timeout(OP_TIMEOUT, self.config.connect(self.tls.clone()))
             .await
             .map_err(|_| unreachable("connecting timed out"))?
             .map_err(unreachable)
