@@ -453,7 +453,35 @@ fn fleet_store_down_fails_new_holds_closed_keeps_known_grants_and_catches_up() {
     let held = HeldClient::spawn(&other, to(&f.server), &f.a.files.dir);
     let pending = f.b.daemon.wait_pending(1);
     let id = pending[0]["id"].as_str().unwrap().to_string();
-    f.b.daemon.cli_ok(&["approve", &id]);
-    held.wait_ready();
-    assert!(held.finish().echo_ok());
+    // Two reviewers answer at once on two nodes: exactly one answer counts,
+    // and the agent gets that one.
+    let spawn = |n: &Node, args: &[&str]| {
+        Command::new(BIN)
+            .arg("--admin-socket")
+            .arg(&n.files.socket)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cli")
+    };
+    let approve = spawn(&f.b, &["approve", &id]);
+    let deny = spawn(&f.a, &["deny", &id, "--reason", "no"]);
+    let approve = approve.wait_with_output().expect("approve");
+    let deny = deny.wait_with_output().expect("deny");
+    assert!(
+        approve.status.success() != deny.status.success(),
+        "exactly one answer wins: {approve:?} {deny:?}"
+    );
+    let loser = if approve.status.success() {
+        &deny
+    } else {
+        &approve
+    };
+    assert!(
+        String::from_utf8_lossy(&loser.stderr).contains("the first answer wins"),
+        "{loser:?}"
+    );
+    let out = held.finish();
+    assert_eq!(out.echo_ok(), approve.status.success(), "{out:?}");
 }
