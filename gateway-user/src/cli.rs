@@ -239,6 +239,13 @@ pub enum AuditCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Verify every node's chain as shipped to the fleet store (the
+        /// `[fleet]` of --config) instead of a local directory.
+        #[arg(long, conflicts_with_all = ["dir", "pubkey"])]
+        fleet: bool,
+        /// Daemon config file whose `[fleet]` names the store (--fleet).
+        #[arg(long, default_value = defaults::CONFIG)]
+        config: PathBuf,
     },
     /// Print events, oldest first.
     Tail {
@@ -379,6 +386,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 http_max_header: args.http_max_header,
                 http_max_decoded_body: args.http_max_decoded_body,
                 auto_tag: Vec::new(),
+                fleet: None,
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -998,14 +1006,61 @@ fn verify_key_candidates(
     out
 }
 
+/// `portcullis audit verify --fleet`: every node's shipped chain, the first
+/// broken event per node; non-zero when any node's chain is broken.
+fn verify_fleet(config: &Path, json: bool) -> anyhow::Result<()> {
+    let table = config::read_daemon_table(config)?;
+    let Some(fleet_cfg) = table.fleet else {
+        bail!("{} has no [fleet] table naming the store", config.display());
+    };
+    let store = fleet_cfg.store("portcullis-verify")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nodes = rt.block_on(async { crate::fleet::ship::verify_fleet(&store).await })?;
+    let broken: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !n.report.is_ok())
+        .map(|n| n.node.as_str())
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))?
+        );
+    } else {
+        for n in &nodes {
+            println!("node {}: {}", n.node, n.report);
+            if n.unshipped > 0 {
+                println!("  ({} events not shipped yet)", n.unshipped);
+            }
+        }
+        if nodes.is_empty() {
+            println!("no node has shipped audit events yet");
+        }
+    }
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        bail!("audit chain broken on node(s): {}", broken.join(", "))
+    }
+}
+
 fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
     use crate::audit;
     match cmd {
+        AuditCommand::Verify {
+            fleet: true,
+            config,
+            json,
+            ..
+        } => verify_fleet(&config, json),
         AuditCommand::Verify {
             dir,
             state_dir,
             pubkey,
             json,
+            ..
         } => {
             let candidates = verify_key_candidates(dir.as_deref(), &state_dir, pubkey.as_deref());
             let dir = dir.unwrap_or_else(|| state_dir.join("audit"));
@@ -1099,7 +1154,10 @@ fn print_request(r: &serde_json::Value) {
         s(&r["identity"]),
         s(&r["resource"]),
         s(&r["action"]),
-        s(&r["command"])
+        match r["node"].as_str() {
+            Some(node) => format!("[{node}] {}", s(&r["command"])),
+            None => s(&r["command"]),
+        }
     );
 }
 

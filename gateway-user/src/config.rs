@@ -87,6 +87,9 @@ pub struct DaemonTable {
     /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
     #[serde(default)]
     pub auto_tag: Vec<AutoTagRule>,
+    /// The top-level `[fleet]` table; file only, no flag.
+    #[serde(skip)]
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +100,9 @@ struct ConfigFile {
     /// Top-level `[[auto_tag]]`, the same as `[[daemon.auto_tag]]`.
     #[serde(default)]
     auto_tag: Vec<AutoTagRule>,
+    /// `[fleet]`: state shared by several nodes.
+    #[serde(default)]
+    fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// A config file that cannot be used.
@@ -151,6 +157,7 @@ pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
     })?;
     let mut table = file.daemon;
     table.auto_tag.extend(file.auto_tag);
+    table.fleet = file.fleet;
     for rule in &table.auto_tag {
         rule.validate()
             .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
@@ -211,6 +218,8 @@ pub struct DaemonConfig {
     pub memory_budget: Option<u64>,
     /// Caps on frames, header blocks and inspected bodies.
     pub limits: crate::limits::Limits,
+    /// `[fleet]`, when this node shares JIT state and audit with others.
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// A UDP destination tagged cgroups may send to: one address and port, or a
@@ -377,6 +386,7 @@ impl DaemonConfig {
             udp_allow,
             udp_allow_resolvers,
             auto_tag: file.auto_tag,
+            fleet: file.fleet,
             memory_budget,
             limits,
         })

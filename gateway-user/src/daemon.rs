@@ -79,6 +79,9 @@ pub struct Shared {
     pub identities: IdentityBinder,
     /// Access requests and grants.
     pub jit: crate::jit::Jit,
+    /// The fleet this node shares requests, grants and audit with
+    /// (`[fleet]`); `None`: single node.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
     /// Session recordings.
     pub recorder: crate::record::Recorder,
     /// The daemon's SSH host key (`<state>/ssh/host_ed25519`): what agents
@@ -286,7 +289,24 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     // Fail before touching the kernel if another daemon owns the socket.
     let admin_listener = crate::admin::bind(&cfg.admin_socket)?;
 
-    let (jit, failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
+    let (mut jit, mut failed_requests) = crate::jit::Jit::load(&cfg.state_dir)?;
+    let fleet = match &cfg.fleet {
+        None => None,
+        Some(f) => {
+            let fleet = crate::fleet::Fleet::new(f).map_err(|e| anyhow::anyhow!(e))?;
+            jit = jit.with_node(&fleet.node);
+            // Other nodes' requests listed here were only copies: the store
+            // says where they stand at the first sync.
+            failed_requests.retain(|r| r.node.as_deref().is_none_or(|n| n == fleet.node));
+            // The store being down does not stop the node: decisions are
+            // local; holds fail closed until it returns.
+            match fleet.ensure_schema().await {
+                Ok(()) => info!(node = %fleet.node, "fleet store ready"),
+                Err(e) => warn!(node = %fleet.node, "fleet store not reachable yet: {e}"),
+            }
+            Some(Arc::new(fleet))
+        }
+    };
     let recorder = crate::record::Recorder::start(cfg.state_dir.join("sessions"))
         .context("starting the session recorder")?;
     let ca = crate::proxy::http::ca::LocalCa::load_or_create(&cfg.state_dir.join("ca"))
@@ -351,6 +371,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         audit_log,
         identities: IdentityBinder::default(),
         jit,
+        fleet,
         recorder,
         ssh_host_key,
         webhooks,
@@ -420,6 +441,18 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     tasks.spawn(watch_policies(shared.clone()));
     tasks.spawn(identity_loop(shared.clone()));
     tasks.spawn(grant_expiry_loop(shared.clone()));
+    if let Some(fleet) = shared.fleet.clone() {
+        tasks.spawn(fleet.clone().listen_loop());
+        tasks.spawn(fleet_sync_loop(shared.clone(), fleet.clone()));
+        let shipper = crate::fleet::ship::Shipper {
+            node: fleet.node.clone(),
+            audit_dir: cfg.state_dir.join("audit"),
+            pubkey_file: cfg.state_dir.join("audit.pub"),
+            store: fleet.new_store(&format!("portcullis-ship:{}", fleet.node)),
+            status: fleet.shipping.clone(),
+        };
+        tasks.spawn(shipper.run());
+    }
     if !cfg.auto_tag.is_empty() {
         // Existing cgroups are tagged before the daemon says it is ready.
         auto_tag_scan(&shared).await;
@@ -1077,6 +1110,44 @@ async fn grant_expiry_loop(shared: Arc<Shared>) {
                 grant: g,
                 reason: "expired".into(),
             });
+        }
+    }
+}
+
+/// Keeps this node in step with the fleet store: answers given on other
+/// nodes release or refuse commands held here; grants revoked elsewhere end
+/// the sessions relying on them here (audited like a local revocation).
+async fn fleet_sync_loop(shared: Arc<Shared>, fleet: Arc<crate::fleet::Fleet>) {
+    loop {
+        fleet.wait_for_change().await;
+        let out = match fleet.sync(&shared.jit).await {
+            Ok(out) => out,
+            Err(e) => {
+                debug!("fleet sync: {e}");
+                continue;
+            }
+        };
+        for r in &out.settled {
+            debug!(request = %r.id, status = r.status.label(), "access request answered on another node");
+        }
+        for g in &out.new_grants {
+            info!(grant = %g.id, identity = %g.identity, resource = %g.resource, by = %g.created_by, "grant made on another node now in force");
+        }
+        for (g, by) in out.revoked {
+            let ended = shared.end_sessions_of_grant(&g.id);
+            info!(grant = %g.id, by = %by, ended_sessions = ?ended, "grant revoked on another node");
+            let mut ev = AuditEvent::new("grant_revoked")
+                .identity(crate::audit::IdentityRef::named(&g.identity))
+                .resource(g.resource.clone())
+                .approver(by.clone())
+                .detail("grant", g.id.clone())
+                .detail("fleet", true);
+            for s in &ended {
+                ev = ev.detail(format!("ended:{s}"), "grant revoked");
+            }
+            if let Err(e) = shared.audit(ev).await {
+                warn!("audit record of a revocation failed: {e}");
+            }
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`admin`]: the admin socket; [`cli`]: the command line.
 //! - [`daemon`]: wiring and background loops; [`config`], [`sys`], [`metrics`]
 //!   (Prometheus text, health and readiness).
+//! - [`fleet`]: requests, grants and audit shared by several nodes in PostgreSQL.
 //! - [`install`]: `portcullis install` / `uninstall` (files, systemd unit).
 //! - [`fuzzing`]: entry points of the fuzz targets and their stable replay.
 
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod fuzzing;
 pub mod identity;
 pub mod install;

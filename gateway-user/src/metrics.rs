@@ -343,6 +343,21 @@ pub struct Gauges {
     pub resident_bytes: u64,
     /// `memory_budget` in bytes (0: off).
     pub memory_budget_bytes: u64,
+    /// Fleet store and audit shipping, with `[fleet]`.
+    pub fleet: Option<FleetGauges>,
+}
+
+/// Fleet gauges (`[fleet]`).
+#[derive(Debug, Clone, Default)]
+pub struct FleetGauges {
+    /// This node's name.
+    pub node: String,
+    /// Whether the store answered last time.
+    pub store_up: bool,
+    /// Audit events written locally but not yet in the store.
+    pub ship_lag: u64,
+    /// Highest seq the store acknowledged.
+    pub shipped_seq: u64,
 }
 
 /// What `/readyz` checks.
@@ -531,6 +546,32 @@ impl Metrics {
                 ConstGauge::new(lag.written_seq),
             );
         }
+        if let Some(f) = &g.fleet {
+            let labels = vec![("node".to_string(), f.node.clone())];
+            let family = |v: u64| {
+                let fam = Family::<Vec<(String, String)>, Gauge<u64, AtomicU64>>::default();
+                fam.get_or_create(&labels).set(v);
+                fam
+            };
+            reg(
+                &mut r,
+                "portcullis_fleet_audit_ship_lag_events",
+                "Audit events written on this node but not yet shipped to the fleet store.",
+                family(f.ship_lag),
+            );
+            reg(
+                &mut r,
+                "portcullis_fleet_audit_shipped_seq",
+                "Highest audit seq of this node the fleet store holds.",
+                family(f.shipped_seq),
+            );
+            reg(
+                &mut r,
+                "portcullis_fleet_store_up",
+                "1 when the fleet store answered the last request.",
+                family(u64::from(f.store_up)),
+            );
+        }
         let gauges: [(&str, &str, u64); 6] = [
             (
                 "portcullis_audit_writable",
@@ -616,6 +657,15 @@ pub fn gauges(shared: &Shared) -> Gauges {
         uptime_secs: shared.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
         resident_bytes: shared.memory.rss(),
         memory_budget_bytes: shared.cfg.memory_budget.unwrap_or(0),
+        fleet: shared.fleet.as_ref().map(|f| FleetGauges {
+            node: f.node.clone(),
+            store_up: f.store_up(),
+            ship_lag: f.shipping.lag(),
+            shipped_seq: f
+                .shipping
+                .shipped_seq
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }),
     }
 }
 

@@ -10,6 +10,7 @@ mod compat_ops;
 mod compat_ssh;
 mod differential;
 mod faults;
+mod fleet;
 mod harness;
 mod http;
 mod ops;

@@ -123,6 +123,23 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
         failed.push("clippy");
     }
 
+    // The Kubernetes manifests, against the API schemas (offline).
+    let manifests = [
+        "namespace",
+        "serviceaccount",
+        "configmap",
+        "secret",
+        "daemonset",
+    ];
+    if !run_step(
+        "manifests",
+        std::process::Command::new("kubernetes-validate")
+            .arg("--strict")
+            .args(manifests.map(|m| format!("deploy/kubernetes/{m}.yaml"))),
+    ) {
+        failed.push("manifests");
+    }
+
     let mut test = util::cargo();
     test.arg("test");
     let selects_packages = cargo_args

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_client;
+mod bench_fleet;
 mod bench_http;
 mod bench_pg;
 mod bench_ssh;
@@ -170,6 +171,13 @@ enum BenchTarget {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fleet: approval propagation p50/p99 between two nodes, audit
+    /// shipping events/s. Starts its own PostgreSQL store; needs root.
+    Fleet {
+        /// Passed to the example, e.g. `--json`, `--approvals N`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -237,6 +245,9 @@ fn run(task: Task) -> Result<()> {
         Task::Bench {
             target: BenchTarget::Audit { args },
         } => bench::example("audit_bench", &args),
+        Task::Bench {
+            target: BenchTarget::Fleet { args },
+        } => bench_fleet::run(&args),
         Task::Fuzz {
             target,
             time,

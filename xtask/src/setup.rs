@@ -79,6 +79,35 @@ pub fn run_setup() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     cgroup2();
+    python_tools()?;
+    Ok(())
+}
+
+/// Python tools from PyPI: `kubernetes-validate` checks the Kubernetes
+/// manifests (deploy/kubernetes) against the API schemas, offline.
+fn python_tools() -> Result<()> {
+    let present = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        report("ok", "kubernetes-validate");
+        return Ok(());
+    }
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "kubernetes-validate==1.37.0",
+        ])
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        anyhow::bail!("pip install kubernetes-validate failed");
+    }
+    report("installed", "kubernetes-validate");
     Ok(())
 }
 

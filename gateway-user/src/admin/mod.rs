@@ -224,7 +224,18 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             }
             Response::ok(serde_json::json!({ "killed": id }))
         }
-        Request::Requests => Response::ok(serde_json::json!({ "requests": shared.jit.requests() })),
+        Request::Requests => match &shared.fleet {
+            // Every node's requests, as the store has them.
+            Some(f) => match f.requests().await {
+                Ok(all) => Response::ok(serde_json::json!({ "requests": all, "node": f.node })),
+                Err(e) => Response::ok(serde_json::json!({
+                    "requests": shared.jit.requests(),
+                    "node": f.node,
+                    "store_error": e.to_string(),
+                })),
+            },
+            None => Response::ok(serde_json::json!({ "requests": shared.jit.requests() })),
+        },
         Request::Grants => Response::ok(serde_json::json!({ "grants": shared.jit.grants() })),
         Request::Approve {
             id,
@@ -241,7 +252,17 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
                 Ok(d) => d,
                 Err(e) => return Response::err(format!("--for: {e}")),
             };
-            match shared.jit.approve(&id, &by, dur, reason.clone()) {
+            let answered = match &shared.fleet {
+                Some(f) => f
+                    .approve(&shared.jit, &id, &by, dur, reason.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => shared
+                    .jit
+                    .approve(&id, &by, dur, reason.clone())
+                    .map_err(|e| e.to_string()),
+            };
+            match answered {
                 Ok((request, grant)) => {
                     let mut ev = AuditEvent::new("access_request")
                         .session(request.session.clone())
@@ -284,7 +305,17 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
         } => {
             let by = reviewer(caller, as_name.as_deref());
             let reason = reason.unwrap_or_else(|| "denied by a reviewer".into());
-            match shared.jit.deny(&id, &by, reason.clone()) {
+            let answered = match &shared.fleet {
+                Some(f) => f
+                    .deny(&shared.jit, &id, &by, reason.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => shared
+                    .jit
+                    .deny(&id, &by, reason.clone())
+                    .map_err(|e| e.to_string()),
+            };
+            match answered {
                 Ok(request) => {
                     let ev = AuditEvent::new("access_request")
                         .session(request.session.clone())
@@ -332,16 +363,34 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
                 Ok(d) => d,
                 Err(e) => return Response::err(format!("--for: {e}")),
             };
-            match shared.jit.create_grant(
-                &identity,
-                &resource,
-                allow,
-                None,
-                dur,
-                &by,
-                reason.clone(),
-                None,
-            ) {
+            let made = match &shared.fleet {
+                Some(f) => f
+                    .grant(
+                        &shared.jit,
+                        &identity,
+                        &resource,
+                        allow,
+                        dur,
+                        &by,
+                        reason.clone(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => shared
+                    .jit
+                    .create_grant(
+                        &identity,
+                        &resource,
+                        allow,
+                        None,
+                        dur,
+                        &by,
+                        reason.clone(),
+                        None,
+                    )
+                    .map_err(|e| e.to_string()),
+            };
+            match made {
                 Ok(g) => {
                     let mut ev = AuditEvent::new("grant")
                         .identity(IdentityRef::named(&g.identity))
@@ -366,7 +415,14 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
         }
         Request::Revoke { id, as_name } => {
             let by = reviewer(caller, as_name.as_deref());
-            match shared.jit.revoke(&id, &by) {
+            let revoked = match &shared.fleet {
+                Some(f) => f
+                    .revoke(&shared.jit, &id, &by)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => shared.jit.revoke(&id, &by).map_err(|e| e.to_string()),
+            };
+            match revoked {
                 Ok(g) => {
                     let ended = shared.end_sessions_of_grant(&g.id);
                     let mut ev = AuditEvent::new("grant_revoked")

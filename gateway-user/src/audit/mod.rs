@@ -71,7 +71,7 @@
 //! lines (truncation at a line boundary). Compare against a checkpoint kept
 //! elsewhere (a log shipper's copy) to detect it.
 
-mod chain;
+pub(crate) mod chain;
 mod event;
 mod key;
 mod read;
@@ -101,7 +101,7 @@ pub use key::load_public_key;
 pub(crate) use key::random_seed;
 pub use read::{follow, read_events, TailFilter, FOLLOW_POLL};
 pub use time::{format_rfc3339_ms, rfc3339_ms_string};
-pub use verify::{verify, VerifyError, VerifyReport};
+pub use verify::{verify, verify_lines, VerifyError, VerifyReport};
 
 /// How far durable writes trail appended ones (group commit lag), for
 /// metrics. Written by the writer and the group-commit thread with plain

@@ -159,6 +159,53 @@ pub fn verify(dir: &Path, key: &VerifyingKey) -> VerifyReport {
     v.report
 }
 
+/// Checks a chain held elsewhere than in files (the fleet store): `lines`
+/// are `(seq as stored beside the line, line)` in stored order, under the
+/// same rules as [`verify`]; errors name `source` and the seq.
+pub fn verify_lines(
+    source: &Path,
+    lines: impl IntoIterator<Item = (u64, String)>,
+    key: &VerifyingKey,
+) -> VerifyReport {
+    let mut v = Verifier {
+        key,
+        report: VerifyReport::default(),
+        prev_hash: GENESIS_HASH.to_vec(),
+        next_seq: 1,
+    };
+    for (n, (stored_seq, line)) in lines.into_iter().enumerate() {
+        let fail = |message: String| VerifyError {
+            file: source.to_path_buf(),
+            line: n as u64 + 1,
+            seq: Some(stored_seq),
+            message,
+        };
+        let fields = match chain::check_line(line.as_bytes()) {
+            Ok(f) => f,
+            Err(LineProblem::Unparsable(why)) => {
+                v.report.error = Some(fail(format!("not a valid event: {why}")));
+                break;
+            }
+            Err(LineProblem::Invalid(why)) => {
+                v.report.error = Some(fail(why));
+                break;
+            }
+        };
+        if fields.seq != stored_seq {
+            v.report.error = Some(fail(format!(
+                "stored as seq {stored_seq} but the event says seq {}",
+                fields.seq
+            )));
+            break;
+        }
+        if let Err(m) = v.link(fields) {
+            v.report.error = Some(fail(m));
+            break;
+        }
+    }
+    v.report
+}
+
 impl Verifier<'_> {
     fn file(&mut self, path: &Path, newest: bool) -> Result<(), VerifyError> {
         let fail = |line: u64, seq: Option<u64>, message: String| VerifyError {
@@ -221,46 +268,44 @@ impl Verifier<'_> {
                 Err(LineProblem::Invalid(why)) => return Err(fail(line_no, seq_of(&buf), why)),
             };
             let seq = Some(fields.seq);
-            if fields.seq != self.next_seq {
-                return Err(fail(
-                    line_no,
-                    seq,
-                    format!(
-                        "seq {} where {} was expected (an event was removed, added or moved)",
-                        fields.seq, self.next_seq
-                    ),
-                ));
-            }
-            if fields.prev_hash.as_bytes() != self.prev_hash.as_slice() {
-                return Err(fail(
-                    line_no,
-                    seq,
-                    format!(
-                        "prev_hash {} is not the hash of the previous event ({})",
-                        fields.prev_hash,
-                        String::from_utf8_lossy(&self.prev_hash)
-                    ),
-                ));
-            }
-            if parse_rfc3339_ms(&fields.time).is_none() {
-                return Err(fail(
-                    line_no,
-                    seq,
-                    format!("time {:?} is not an RFC 3339 timestamp", fields.time),
-                ));
-            }
-            if fields.kind == "checkpoint" {
-                self.checkpoint(&fields)
-                    .map_err(|m| fail(line_no, seq, m))?;
-                self.report.checkpoints += 1;
-                self.report.last_checkpoint_seq = fields.covers_seq;
-            }
-            self.report.events += 1;
-            self.report.last_seq = seq;
-            self.next_seq = fields.seq + 1;
-            self.prev_hash = fields.hash.clone().into_bytes();
-            self.report.head_hash = Some(fields.hash);
+            self.link(fields).map_err(|m| fail(line_no, seq, m))?;
         }
+    }
+
+    /// Checks a line that is valid by itself against the chain so far
+    /// (seq continuity, `prev_hash` linkage, time, checkpoint signature)
+    /// and advances the chain.
+    fn link(&mut self, fields: chain::LineFields) -> Result<(), String> {
+        if fields.seq != self.next_seq {
+            return Err(format!(
+                "seq {} where {} was expected (an event was removed, added or moved)",
+                fields.seq, self.next_seq
+            ));
+        }
+        if fields.prev_hash.as_bytes() != self.prev_hash.as_slice() {
+            return Err(format!(
+                "prev_hash {} is not the hash of the previous event ({})",
+                fields.prev_hash,
+                String::from_utf8_lossy(&self.prev_hash)
+            ));
+        }
+        if parse_rfc3339_ms(&fields.time).is_none() {
+            return Err(format!(
+                "time {:?} is not an RFC 3339 timestamp",
+                fields.time
+            ));
+        }
+        if fields.kind == "checkpoint" {
+            self.checkpoint(&fields)?;
+            self.report.checkpoints += 1;
+            self.report.last_checkpoint_seq = fields.covers_seq;
+        }
+        self.report.events += 1;
+        self.report.last_seq = Some(fields.seq);
+        self.next_seq = fields.seq + 1;
+        self.prev_hash = fields.hash.clone().into_bytes();
+        self.report.head_hash = Some(fields.hash);
+        Ok(())
     }
 
     fn checkpoint(&self, fields: &chain::LineFields) -> Result<(), String> {

@@ -152,6 +152,9 @@ pub struct AccessRequest {
     pub created_ms: u64,
     /// Times out (ms).
     pub expires_ms: u64,
+    /// The node holding the command (fleet mode, `[fleet] node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Where it stands.
     #[serde(flatten)]
     pub status: Status,
@@ -295,6 +298,8 @@ struct State {
 pub struct Jit {
     path: PathBuf,
     prefix: String,
+    /// This node's name in a fleet: stamped on its requests.
+    node: Option<String>,
     state: Mutex<State>,
     /// Serializes snapshot + write, so a newer state is never overwritten
     /// by an older snapshot.
@@ -342,12 +347,28 @@ impl Jit {
         let jit = Self {
             path,
             prefix: format!("{:x}", now % 0xfff_ffff),
+            node: None,
             state: Mutex::new(state),
             save_lock: Mutex::new(()),
             events,
         };
         jit.save()?;
         Ok((jit, failed))
+    }
+
+    /// Names this node (fleet mode): its requests carry the name, and ids
+    /// carry a digest of it so that two nodes never mint the same id.
+    pub fn with_node(mut self, node: &str) -> Self {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(node.as_bytes());
+        self.prefix = format!("{}{}", hex::encode(&digest[..3]), self.prefix);
+        self.node = Some(node.to_string());
+        self
+    }
+
+    /// This node's name, in fleet mode.
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     /// Subscribes to events.
@@ -439,6 +460,7 @@ impl Jit {
                 policies: new.policies,
                 created_ms: now,
                 expires_ms: now + timeout.as_millis() as u64,
+                node: self.node.clone(),
                 status: Status::Pending,
             };
             s.requests.insert(id.clone(), request.clone());
@@ -586,9 +608,10 @@ impl Jit {
         v
     }
 
-    /// Creates a grant.
+    /// Builds a valid grant with a fresh id without putting it in force
+    /// (the fleet store records it first).
     #[allow(clippy::too_many_arguments)]
-    pub fn create_grant(
+    pub fn make_grant(
         &self,
         identity: &str,
         resource: &str,
@@ -622,7 +645,7 @@ impl Jit {
         let grant = {
             let mut s = self.lock();
             let now = now_ms();
-            let g = Grant {
+            Grant {
                 id: self.next_id(&mut s, 'g'),
                 identity: identity.to_string(),
                 resource: resource.to_string(),
@@ -633,15 +656,119 @@ impl Jit {
                 created_by: by.to_string(),
                 reason,
                 request,
-            };
-            s.grants.insert(g.id.clone(), g.clone());
-            g
+            }
         };
+        Ok(grant)
+    }
+
+    /// Creates a grant.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_grant(
+        &self,
+        identity: &str,
+        resource: &str,
+        actions: Vec<String>,
+        fingerprint: Option<String>,
+        duration: Duration,
+        by: &str,
+        reason: Option<String>,
+        request: Option<String>,
+    ) -> Result<Grant, JitError> {
+        let grant = self.make_grant(
+            identity,
+            resource,
+            actions,
+            fingerprint,
+            duration,
+            by,
+            reason,
+            request,
+        )?;
+        self.lock().grants.insert(grant.id.clone(), grant.clone());
         self.save()?;
         self.emit(JitEvent::GrantCreated {
             grant: grant.clone(),
         });
         Ok(grant)
+    }
+
+    /// Adds a grant made elsewhere (another node of the fleet). Returns
+    /// whether it was new here; a new one is saved and announced.
+    pub fn add_grant(&self, grant: Grant) -> bool {
+        if grant.expires_ms <= now_ms() {
+            return false;
+        }
+        let new = {
+            let mut s = self.lock();
+            if s.grants.contains_key(&grant.id) {
+                false
+            } else {
+                s.grants.insert(grant.id.clone(), grant.clone());
+                true
+            }
+        };
+        if new {
+            let _ = self.save();
+            self.emit(JitEvent::GrantCreated { grant });
+        }
+        new
+    }
+
+    /// Drops a grant ended elsewhere (revoked on another node). Returns it
+    /// when it was still in force here.
+    pub fn drop_grant(&self, id: &str, reason: String) -> Option<Grant> {
+        let g = self.lock().grants.remove(id)?;
+        let _ = self.save();
+        self.emit(JitEvent::GrantEnded {
+            grant: g.clone(),
+            reason,
+        });
+        Some(g)
+    }
+
+    /// Applies an answer given elsewhere (another node, or the fleet store
+    /// winning a race) to a request still pending here: its waiter, if
+    /// this node holds one, is released or refused with it.
+    pub fn settle(&self, id: &str, status: Status) -> Result<AccessRequest, JitError> {
+        let resolution = match &status {
+            Status::Approved { by, grant, .. } => Some(Resolution::Approved {
+                by: by.clone(),
+                grant: grant.clone(),
+            }),
+            Status::Denied { by, reason, .. } => Some(Resolution::Denied {
+                by: by.clone(),
+                reason: reason.clone(),
+            }),
+            Status::TimedOut { .. } => Some(Resolution::TimedOut),
+            Status::Pending | Status::Abandoned { .. } | Status::Failed { .. } => None,
+        };
+        self.decide(id, status, resolution)
+    }
+
+    /// Fails a pending request (its waiter is refused).
+    pub fn fail(&self, id: &str, reason: String) -> Result<AccessRequest, JitError> {
+        self.decide(id, Status::Failed { reason }, None)
+    }
+
+    /// Records a request another node holds, as the fleet store has it
+    /// (for listings). Never touches a request this node is waiting on.
+    pub fn mirror_request(&self, request: AccessRequest) -> bool {
+        let changed = {
+            let mut s = self.lock();
+            if s.waiters.contains_key(&request.id) {
+                return false;
+            }
+            let changed = s.requests.get(&request.id) != Some(&request);
+            if changed {
+                s.requests.insert(request.id.clone(), request);
+                prune(&mut s);
+            }
+            changed
+        };
+        if changed {
+            let _ = self.save();
+        }
+        changed
     }
 
     /// Revokes a grant.

@@ -216,7 +216,7 @@ impl Held {
         tokio::pin!(client_gone);
         let resolution = tokio::select! {
             r = &mut rx => r.ok(),
-            _ = &mut deadline => match shared.jit.time_out(&request.id) {
+            _ = &mut deadline => match time_out(shared, &request.id).await {
                 Ok(r) => {
                     shared.webhooks.notify(JitEvent::RequestDecided { request: r });
                     Some(Resolution::TimedOut)
@@ -475,6 +475,22 @@ async fn hold(
             return Err(deny_unheld(shared, flow, cmd, &policies, reason).await);
         }
     };
+    if let Some(fleet) = &shared.fleet {
+        // Fail closed: a request no other node can see could never be
+        // approved, so the command is refused at once with the reason.
+        if let Err(e) = fleet.publish(&request).await {
+            let _ = shared.jit.fail(&request.id, e.to_string());
+            let d = deny_unheld(shared, flow, cmd, &policies, e.to_string()).await;
+            return Err(Denied {
+                reason: if d.reason == AUDIT_UNAVAILABLE {
+                    d.reason
+                } else {
+                    STORE_UNAVAILABLE.into()
+                },
+                ..d
+            });
+        }
+    }
     let mut ev = flow
         .audit_event("command")
         .action(cmd.action.clone())
@@ -541,6 +557,22 @@ async fn deny_unheld(
         },
         Err(d) => d,
     }
+}
+
+/// What an agent is told when its command needs approval and the fleet's
+/// approval store cannot be reached.
+pub const STORE_UNAVAILABLE: &str = "approval store unreachable";
+
+/// Times a request out. In a fleet the store hears it first, and an answer
+/// given on another node that won the race is applied instead (it is then
+/// on its way to the waiter, and this is an error).
+async fn time_out(shared: &Arc<Shared>, id: &str) -> Result<AccessRequest, crate::jit::JitError> {
+    if let Some(f) = &shared.fleet {
+        if !f.time_out(&shared.jit, id).await {
+            return Err(crate::jit::JitError::NoRequest(id.to_string()));
+        }
+    }
+    shared.jit.time_out(id)
 }
 
 async fn abandon(shared: &Arc<Shared>, flow: &Flow, id: &str, why: &str) {

@@ -1,0 +1,487 @@
+//! A fleet on one machine: one real PostgreSQL as the store and two
+//! daemons standing in for nodes (each with its own cgroup root, pin dir,
+//! state dir, admin socket and port). A hold on one node is answered on the
+//! other; grants and revocations are fleet-wide; each node's audit chain is
+//! shipped and `audit verify --fleet` finds a tampered row; with the store
+//! down new holds fail closed while known grants keep working, and shipping
+//! catches up when it returns.
+
+use std::{
+    fs,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+/// One node: its cgroup subtree, files and daemon.
+struct Node {
+    cg: TestCgroup,
+    files: DaemonFiles,
+    daemon: Daemon,
+}
+
+/// The store and two nodes governing access to one echo server, which every
+/// identity may reach only with approval.
+struct Fleet {
+    pg: PgServer,
+    server: EchoServer,
+    a: Node,
+    b: Node,
+}
+
+fn store_url(pg: &PgServer) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/fleet", pg.port)
+}
+
+/// A node; with `ca`, it reaches the store over TLS (`verify-full`).
+fn node(name: &str, pg: &PgServer, server: &EchoServer, ca: Option<&std::path::Path>) -> Node {
+    let cg = TestCgroup::new(&format!("fleet-{name}"));
+    let files = DaemonFiles::new(&cg.rel);
+    files.rules(
+        "allow.cedar",
+        "@id(\"echo-needs-approval\")\n@approval(\"required\")\npermit(principal, action == Action::\"tcp:connect\", resource == Resource::\"echo\");\n",
+    );
+    files.tcp_resources_with(
+        "echo.toml",
+        &[("echo", vec![server.addr.to_string()])],
+        "approval_timeout = \"60s\"\n",
+    );
+    fs::write(
+        files.config_file(),
+        format!(
+            "[fleet]\nstore = {:?}\npassword_file = {:?}\nnode = {name:?}\n{}",
+            store_url(pg),
+            pg.password_file.display().to_string(),
+            ca.map(|c| format!(
+                "sslmode = \"verify-full\"\nca_file = {:?}\n",
+                c.display().to_string()
+            ))
+            .unwrap_or_default()
+        ),
+    )
+    .expect("write config");
+    let daemon = Daemon::start(&files);
+    Node { cg, files, daemon }
+}
+
+fn fleet(name: &str) -> Fleet {
+    require_root();
+    let pg = PgServer::start(name);
+    pg.sql("create database fleet");
+    let server = EchoServer::start(name);
+    // Node B reaches the store over TLS, node A in the clear.
+    let ca = pg.enable_tls();
+    let a = node("node-a", &pg, &server, None);
+    let b = node("node-b", &pg, &server, Some(&ca));
+    Fleet { pg, server, a, b }
+}
+
+fn to(server: &EchoServer) -> Value {
+    json!({"host": "127.0.0.1", "port": server.addr.port(), "timeout": 30})
+}
+
+fn accepted(s: &EchoServer) -> u32 {
+    s.accepted.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn agent_place(n: &Node, identity: &str) -> Placement {
+    let cg = n.cg.child(identity);
+    n.daemon.tag(&cg, identity);
+    Placement::cgroup(n.cg.dir(&cg))
+}
+
+fn verify_fleet(n: &Node) -> Output {
+    Command::new(BIN)
+        .args(["audit", "verify", "--fleet", "--json", "--config"])
+        .arg(n.files.config_file())
+        .output()
+        .expect("spawn verify")
+}
+
+fn verified_nodes(out: &Output) -> Vec<Value> {
+    serde_json::from_slice::<Value>(&out.stdout)
+        .map(|v| v["nodes"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn grant_ids(n: &Node) -> Vec<String> {
+    n.daemon.json(&["grants", "--json"])["grants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|g| g["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Grants `identity` the echo resource for 10 minutes on node `n`.
+fn grant(n: &Node, identity: &str, allow: &str) -> String {
+    let out = n
+        .daemon
+        .cli_ok(&["grant", identity, "echo", "--allow", allow, "--for", "10m"]);
+    out.trim()
+        .strip_prefix("grant ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string()
+}
+
+fn audit_events(files: &DaemonFiles) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args(["audit", "tail", "--json", "--state-dir"])
+        .arg(&files.state)
+        .output()
+        .expect("audit tail");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits until every node's shipped chain verifies and nothing is left to
+/// ship; returns the report.
+fn wait_shipped(n: &Node, nodes: usize) -> Vec<Value> {
+    let mut last = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let out = verify_fleet(n);
+        last = verified_nodes(&out);
+        if out.status.success()
+            && last.len() == nodes
+            && last
+                .iter()
+                .all(|v| v["unshipped"] == 0 && v["report"]["events"].as_u64() > Some(1))
+        {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = verify_fleet(n);
+    panic!(
+        "audit not shipped: {last:#?}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn fleet_approval_on_one_node_releases_a_hold_on_another_grants_are_shared_and_audit_verifies() {
+    let f = fleet("fleet-approve");
+    let place = agent_place(&f.a, "agent");
+
+    // B's store connections are TLS, A's are not.
+    let ssl_of = |n: &str| {
+        f.pg.sql(&format!(
+            "select string_agg(distinct s.ssl::text, ',') from pg_stat_ssl s \
+             join pg_stat_activity a using (pid) where a.application_name like '%:{n}'"
+        ))
+        .trim()
+        .to_string()
+    };
+    assert_eq!(ssl_of("node-b"), "true");
+    assert_eq!(ssl_of("node-a"), "false");
+
+    // Held on A, seen and approved on B.
+    let held = HeldClient::spawn(&place, to(&f.server), &f.a.files.dir);
+    let pending = f.b.daemon.wait_pending(1);
+    assert_eq!(pending[0]["node"], "node-a", "{pending:?}");
+    assert_eq!(pending[0]["identity"], "agent");
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        accepted(&f.server),
+        0,
+        "nothing reaches upstream while held"
+    );
+    f.b.daemon.cli_ok(&["approve", &id, "--as", "bob"]);
+    held.wait_ready();
+    let out = held.finish();
+    assert!(out.echo_ok(), "{out:?}");
+    assert_eq!(accepted(&f.server), 1, "released once");
+    // The first answer wins: a second one, on the other node, is refused.
+    let again = f.a.daemon.cli(&["deny", &id, "--reason", "late"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already approved"),
+        "{again:?}"
+    );
+    let cmds: Vec<Value> = audit_events(&f.a.files)
+        .into_iter()
+        .filter(|e| e["type"] == "command" && e["session"] == pending[0]["session"])
+        .collect();
+    assert!(
+        cmds.iter().any(|e| e["decision"] == "allow"
+            && e["approver"].as_str().is_some_and(|a| a.contains("bob"))),
+        "{cmds:#?}"
+    );
+
+    // A grant made on B applies on A: no hold.
+    let gid = grant(&f.b, "agent", "tcp:connect");
+    wait_until(
+        Duration::from_secs(5),
+        || grant_ids(&f.a).contains(&gid),
+        "the grant reaches node A",
+    );
+    let r = client(&place, to(&f.server));
+    assert!(r.echo_ok(), "{r:?}");
+    assert_eq!(accepted(&f.server), 2);
+    assert!(f.a.daemon.requests("pending").is_empty());
+
+    // Revoked on A: gone on B too, and a live session on B relying on it
+    // is ended there.
+    let place_b = agent_place(&f.b, "agent");
+    let mut args = to(&f.server);
+    args["hold"] = json!(30);
+    let live = HeldClient::start(&place_b, args, &f.b.files.dir);
+    f.a.daemon.cli_ok(&["revoke", &gid]);
+    wait_until(
+        Duration::from_secs(5),
+        || !grant_ids(&f.b).contains(&gid),
+        "the revocation reaches node B",
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || f.b.daemon.flows().is_empty(),
+        "node B ends the session that relied on the grant",
+    );
+    drop(live);
+    assert!(audit_events(&f.b.files)
+        .iter()
+        .any(|e| e["type"] == "grant_revoked" && e["detail"]["grant"] == gid.as_str()));
+
+    // Both chains are shipped and verify from the store.
+    let nodes = wait_shipped(&f.a, 2);
+    assert_eq!(nodes[0]["node"], "node-a");
+    assert_eq!(nodes[1]["node"], "node-b");
+
+    // A daemon killed (with a command held, while shipping) and restarted
+    // fails its stale request everywhere and resumes shipping without
+    // duplicates.
+    let held = HeldClient::spawn(&place, to(&f.server), &f.a.files.dir);
+    let stale = f.b.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut a = f.a;
+    a.daemon.kill9();
+    drop(held);
+    a.daemon = Daemon::start(&a.files);
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            f.b.daemon
+                .requests("failed")
+                .iter()
+                .any(|r| r["id"] == stale.as_str())
+        },
+        "the restarted node's stale request is failed on every node",
+    );
+    wait_shipped(&a, 2);
+    let local_last = audit_events(&a.files)
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap();
+    let rows = f.pg.sql_in(
+        "fleet",
+        "select count(*), count(distinct seq), max(seq) from portcullis_audit where node = 'node-a'",
+    );
+    let parts: Vec<u64> = rows.trim().split('|').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(parts[0], parts[1], "no duplicate (node, seq)");
+    assert!(
+        parts[2] >= local_last.saturating_sub(2),
+        "{parts:?} vs {local_last}"
+    );
+
+    // A tampered row is found, on its node, at its seq.
+    f.pg.sql_in(
+        "fleet",
+        "update portcullis_audit set line = replace(line, '\"type\":', '\"type\" :') \
+         where node = 'node-b' and seq = 2",
+    );
+    let out = verify_fleet(&a);
+    assert!(!out.status.success(), "{out:?}");
+    let nodes = verified_nodes(&out);
+    let b = nodes.iter().find(|n| n["node"] == "node-b").unwrap();
+    assert_eq!(b["report"]["error"]["seq"], 2, "{b:#}");
+    assert!(
+        b["report"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hash mismatch"),
+        "{b:#}"
+    );
+    let a_report = nodes.iter().find(|n| n["node"] == "node-a").unwrap();
+    assert!(a_report["report"]["error"].is_null(), "{a_report:#}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node-b"));
+}
+
+fn pg_ctl(pg: &PgServer, args: &[&str]) {
+    let user = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("postgres user");
+    let status = Command::new(format!("{PG_BIN}/pg_ctl"))
+        .arg("-D")
+        .arg(pg.dir.join("data"))
+        .args(args)
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .current_dir(&pg.dir)
+        .output()
+        .expect("pg_ctl");
+    assert!(status.status.success(), "pg_ctl {args:?}: {status:?}");
+}
+
+use std::os::unix::process::CommandExt as _;
+
+/// Restarts the store after `pg_ctl stop -m immediate`; stops it on drop
+/// (the harness only stops the server it started itself).
+struct Restarted<'a>(&'a PgServer);
+
+impl Drop for Restarted<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(self.0.dir.join("data"))
+            .args(["stop", "-m", "immediate"])
+            .uid(
+                nix::unistd::User::from_name("postgres")
+                    .ok()
+                    .flatten()
+                    .map_or(0, |u| u.uid.as_raw()),
+            )
+            .output();
+    }
+}
+
+#[test]
+fn fleet_store_down_fails_new_holds_closed_keeps_known_grants_and_catches_up() {
+    let f = fleet("fleet-down");
+    let agent = agent_place(&f.a, "agent");
+    let other = agent_place(&f.a, "x");
+    let gid = grant(&f.b, "agent", "tcp");
+    wait_until(
+        Duration::from_secs(5),
+        || grant_ids(&f.a).contains(&gid),
+        "the grant reaches node A",
+    );
+    wait_shipped(&f.a, 2);
+
+    pg_ctl(&f.pg, &["stop", "-m", "immediate", "-w"]);
+    assert!(f.pg.psql_direct("select 1").is_err(), "the store is down");
+
+    // A new hold fails closed at once, with the reason.
+    let r = client(&other, to(&f.server));
+    assert!(!r.echo_ok(), "{r:?}");
+    assert_eq!(accepted(&f.server), 0);
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            audit_events(&f.a.files).iter().any(|e| {
+                e["type"] == "command"
+                    && e["decision"] == "deny"
+                    && e["identity"]["name"] == "x"
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("approval store unreachable"))
+            })
+        },
+        "the refusal is audited with its reason",
+    );
+    // A grant already known keeps working.
+    let r = client(&agent, to(&f.server));
+    assert!(r.echo_ok(), "{r:?}");
+    assert_eq!(accepted(&f.server), 1);
+    // Answers cannot be given meanwhile, with a clear error.
+    let out =
+        f.b.daemon
+            .cli(&["grant", "x", "echo", "--allow", "tcp", "--for", "1m"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("approval store unreachable"),
+        "{out:?}"
+    );
+    // Audit written meanwhile is shipped when the store returns.
+    let out = verify_fleet(&f.a);
+    assert!(!out.status.success(), "verify --fleet needs the store");
+
+    let port = f.pg.port.to_string();
+    let sock = f.pg.dir.display().to_string();
+    let log = f.pg.dir.join("server2.log").display().to_string();
+    pg_ctl(
+        &f.pg,
+        &[
+            "start",
+            "-w",
+            "-l",
+            &log,
+            "-o",
+            &format!("-p {port} -c listen_addresses=127.0.0.1 -k {sock}"),
+        ],
+    );
+    let _restarted = Restarted(&f.pg);
+    // Everything written while the store was down is shipped, once.
+    let last = audit_events(&f.a.files)
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            f.pg.sql_in(
+                "fleet",
+                "select count(distinct seq) = count(*) from portcullis_audit where node = 'node-a'",
+            )
+            .trim()
+                == "t"
+                && f.pg
+                    .sql_in(
+                        "fleet",
+                        "select count(*) from portcullis_audit where node = 'node-a'",
+                    )
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    >= last
+        },
+        "node A's audit written during the outage reaches the store",
+    );
+    wait_shipped(&f.a, 2);
+    // And holds work again across nodes.
+    let held = HeldClient::spawn(&other, to(&f.server), &f.a.files.dir);
+    let pending = f.b.daemon.wait_pending(1);
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+    // Two reviewers answer at once on two nodes: exactly one answer counts,
+    // and the agent gets that one.
+    let spawn = |n: &Node, args: &[&str]| {
+        Command::new(BIN)
+            .arg("--admin-socket")
+            .arg(&n.files.socket)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cli")
+    };
+    let approve = spawn(&f.b, &["approve", &id]);
+    let deny = spawn(&f.a, &["deny", &id, "--reason", "no"]);
+    let approve = approve.wait_with_output().expect("approve");
+    let deny = deny.wait_with_output().expect("deny");
+    assert!(
+        approve.status.success() != deny.status.success(),
+        "exactly one answer wins: {approve:?} {deny:?}"
+    );
+    let loser = if approve.status.success() {
+        &deny
+    } else {
+        &approve
+    };
+    assert!(
+        String::from_utf8_lossy(&loser.stderr).contains("the first answer wins"),
+        "{loser:?}"
+    );
+    let out = held.finish();
+    assert_eq!(out.echo_ok(), approve.status.success(), "{out:?}");
+}
