@@ -87,6 +87,9 @@ pub struct DaemonTable {
     /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
     #[serde(default)]
     pub auto_tag: Vec<AutoTagRule>,
+    /// The review console (the top-level `[console]` table); file only.
+    #[serde(skip)]
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +100,9 @@ struct ConfigFile {
     /// Top-level `[[auto_tag]]`, the same as `[[daemon.auto_tag]]`.
     #[serde(default)]
     auto_tag: Vec<AutoTagRule>,
+    /// `[console]`: the review console.
+    #[serde(default)]
+    console: Option<crate::console::ConsoleConfig>,
 }
 
 /// A config file that cannot be used.
@@ -151,6 +157,7 @@ pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
     })?;
     let mut table = file.daemon;
     table.auto_tag.extend(file.auto_tag);
+    table.console = file.console;
     for rule in &table.auto_tag {
         rule.validate()
             .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
@@ -211,6 +218,8 @@ pub struct DaemonConfig {
     pub memory_budget: Option<u64>,
     /// Caps on frames, header blocks and inspected bodies.
     pub limits: crate::limits::Limits,
+    /// The review console, when `[console]` is configured.
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 /// A UDP destination tagged cgroups may send to: one address and port, or a
@@ -379,6 +388,7 @@ impl DaemonConfig {
             auto_tag: file.auto_tag,
             memory_budget,
             limits,
+            console: file.console,
         })
     }
 

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod fuzzing;
 pub mod identity;

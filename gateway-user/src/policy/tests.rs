@@ -645,3 +645,66 @@ fn postgres_agent_auth_is_validated() {
     }
     fs::remove_dir_all(bad).unwrap();
 }
+
+#[test]
+fn reviewers_are_decided_by_cedar_with_four_eyes() {
+    let dir = dir_with(&[
+        ("base.toml", BASE),
+        (
+            "console.cedar",
+            r#"
+@id("owners-review-orders")
+permit(principal,
+       action in [Action::"console:view", Action::"console:approve", Action::"console:deny"],
+       resource == Resource::"orders")
+  when { [Reviewer::"alice", Reviewer::"billing-sub"].contains(principal) };
+@id("four-eyes")
+forbid(principal, action == Action::"console:approve", resource)
+  when { context.requester == principal };
+@id("auditors")
+permit(principal, action == Action::"console:audit", resource)
+  when { principal.subject like "audit-*" };
+"#,
+        ),
+    ]);
+    let set = PolicySet::load(&dir).expect("valid set");
+    let req =
+        |subject: &'static str, action: &'static str, requester: &'static str| ReviewRequest {
+            subject,
+            issuer: "https://oidc.example.test",
+            action,
+            resource: ReviewTarget::Resource("orders"),
+            requester: Some(Requester {
+                subject: requester,
+                issuer: "https://oidc.example.test",
+                identity: "billing",
+                action: "postgres:update",
+                command: "update t set x = 1",
+            }),
+        };
+    assert!(set
+        .decide_reviewer(&req("alice", "console:approve", "billing-sub"))
+        .is_ok());
+    let own = set
+        .decide_reviewer(&req("billing-sub", "console:approve", "billing-sub"))
+        .unwrap_err();
+    assert!(own.contains("four-eyes"), "{own}");
+    // The same reviewer may still deny their own agent's request.
+    assert!(set
+        .decide_reviewer(&req("billing-sub", "console:deny", "billing-sub"))
+        .is_ok());
+    let stranger = set
+        .decide_reviewer(&req("mallory", "console:approve", "billing-sub"))
+        .unwrap_err();
+    assert!(stranger.contains("no rule permits"), "{stranger}");
+    let audit = |subject| ReviewRequest {
+        subject,
+        issuer: "https://oidc.example.test",
+        action: "console:audit",
+        resource: ReviewTarget::Console,
+        requester: None,
+    };
+    assert!(set.decide_reviewer(&audit("audit-bob")).is_ok());
+    assert!(set.decide_reviewer(&audit("alice")).is_err());
+    let _ = fs::remove_dir_all(&dir);
+}
