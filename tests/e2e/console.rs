@@ -412,6 +412,7 @@ struct Console {
     url: String,
     ca: PathBuf,
     pg: Option<PgServer>,
+    echo: Option<EchoServer>,
     agent: Placement,
 }
 
@@ -464,13 +465,22 @@ fn setup(name: &str, with_pg: bool) -> Console {
         .unwrap();
         pg
     });
-    if !with_pg {
+    let echo = (!with_pg).then(|| {
+        let echo = EchoServer::start(name);
         std::fs::write(
             files.policies.join("echo.toml"),
-            "[resource.echo]\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:9\"]\n",
+            format!(
+                "[resource.echo]\nprotocol = \"tcp\"\nmatch = [\"{}\"]\napproval_timeout = \"60s\"\n",
+                echo.addr
+            ),
         )
         .unwrap();
-    }
+        files.rules(
+            "echo.cedar",
+            "@id(\"echo-needs-approval\")\n@approval(\"required\")\npermit(principal, action == Action::\"tcp:connect\", resource == Resource::\"echo\");\n",
+        );
+        echo
+    });
     let port = free_port();
     let secret = files.dir.join("console.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
@@ -496,6 +506,7 @@ fn setup(name: &str, with_pg: bool) -> Console {
         url,
         ca,
         pg,
+        echo,
     }
 }
 
@@ -805,4 +816,96 @@ fn console_refuses_forged_expired_and_misbound_sign_ins() {
             .any(|e| e["decision"] == "allow" && e["approver"] == "reviewer-eve"),
         "{refused:?}"
     );
+}
+
+#[test]
+fn console_approves_for_a_duration_ends_a_session_and_revokes_the_grant() {
+    let s = setup("consoleops", false);
+    let echo = s.echo.as_ref().unwrap();
+    let to = json!({"host": "127.0.0.1", "port": echo.addr.port()});
+    let held = HeldClient::spawn(&s.agent, to.clone(), &s.files.dir);
+    let id = s.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let alice = s.browser("reviewer-alice");
+    let page = alice.get(&format!("{}/requests", s.url));
+    let csrf = alice.csrf(&page.body);
+    let r = alice.post(
+        &format!("{}/requests/{id}/approve", s.url),
+        &format!("csrf={csrf}&for=1h&reason=maintenance"),
+    );
+    assert_eq!(r.status, 303, "{r:?}");
+    assert!(held.finish().echo_ok());
+    let grants = s.daemon.json(&["grants", "--json"])["grants"].clone();
+    assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
+    assert_eq!(grants[0]["created_by"], "reviewer-alice");
+    let grant = grants[0]["id"].as_str().unwrap().to_string();
+    let page = alice.get(&format!("{}/grants", s.url));
+    assert!(page.body.contains(&grant), "{}", page.body);
+
+    // A live session under the grant, ended from the console.
+    let mut args = to.clone();
+    args["wait_close"] = json!(30);
+    let live = HeldClient::start(&s.agent, args, &s.files.dir);
+    let flow = s
+        .daemon
+        .flows()
+        .into_iter()
+        .find(|f| f["resource"] == "echo")
+        .expect("live flow");
+    let session = flow["session"].as_str().unwrap().to_string();
+    let page = alice.get(&format!("{}/sessions", s.url));
+    assert!(
+        page.body.contains(&format!("/sessions/{session}/end")),
+        "{}",
+        page.body
+    );
+    let mallory = s.browser("mallory");
+    let mcsrf = mallory.csrf(&mallory.get(&format!("{}/sessions", s.url)).body);
+    let end = format!("{}/sessions/{session}/end", s.url);
+    assert_eq!(mallory.post(&end, &format!("csrf={mcsrf}")).status, 403);
+    assert_eq!(alice.post(&end, "").status, 403, "no CSRF token");
+    assert_eq!(alice.post(&end, &format!("csrf={csrf}")).status, 303);
+    let r = live.finish();
+    assert!(
+        matches!(r.0["closed"].as_str(), Some("reset" | "eof")),
+        "{r:?}"
+    );
+    let killed = s.events("session_killed");
+    assert!(
+        killed
+            .iter()
+            .any(|e| e["session"] == session.as_str() && e["approver"] == "reviewer-alice"),
+        "{killed:?}"
+    );
+
+    // Revoke: refused to mallory, done by alice, audited with her subject.
+    let revoke = format!("{}/grants/{grant}/revoke", s.url);
+    assert_eq!(mallory.post(&revoke, &format!("csrf={mcsrf}")).status, 403);
+    assert_eq!(alice.post(&revoke, &format!("csrf={csrf}")).status, 303);
+    assert!(s.daemon.json(&["grants", "--json"])["grants"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let revoked = s.events("grant_revoked");
+    assert!(
+        revoked
+            .iter()
+            .any(|e| e["approver"] == "reviewer-alice" && e["detail"]["grant"] == grant.as_str()),
+        "{revoked:?}"
+    );
+    assert_eq!(
+        alice.post(&revoke, &format!("csrf={csrf}")).status,
+        404,
+        "already revoked"
+    );
+    // Signing out ends the session: the next page is the login redirect.
+    assert_eq!(
+        alice
+            .post(&format!("{}/auth/logout", s.url), &format!("csrf={csrf}"))
+            .status,
+        200
+    );
+    assert_eq!(alice.get(&format!("{}/requests", s.url)).status, 302);
 }

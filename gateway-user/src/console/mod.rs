@@ -106,6 +106,10 @@ pub(crate) struct Reviewer {
     pub issuer: String,
     /// This session's CSRF token.
     pub csrf: String,
+    /// The browser's address on this request (`context.client.address`).
+    pub client: String,
+    /// The console's listen address (`context.destination`).
+    pub destination: String,
     expires: Instant,
 }
 
@@ -237,7 +241,7 @@ impl Console {
         info!(listen = %self.state.cfg.listen, issuer = %self.state.cfg.issuer, "review console listening");
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let (tcp, _peer) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
                 r = self.listener.accept() => match r {
                     Ok(c) => c,
@@ -265,7 +269,9 @@ impl Console {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     let shared = shared.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&state, &shared, req).await) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(&state, &shared, peer, req).await)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(64 * 1024)
@@ -322,12 +328,17 @@ fn session_cookie(value: &str, max_age: u64) -> String {
     )
 }
 
-async fn handle(st: &State, shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    st: &State,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == st.callback_path {
         return callback(st, shared, req).await;
     }
-    let Some((sid, reviewer)) = st.reviewer(&req) else {
+    let Some((sid, mut reviewer)) = st.reviewer(&req) else {
         return match *req.method() {
             Method::GET | Method::HEAD => start_login(st, shared).await,
             _ => error_page(
@@ -336,6 +347,7 @@ async fn handle(st: &State, shared: &Arc<Shared>, req: Request<Incoming>) -> Res
             ),
         };
     };
+    reviewer.client = peer.to_string();
     if req.method() == Method::POST {
         return post(st, shared, req, &path, &sid, &reviewer).await;
     }
@@ -495,6 +507,8 @@ async fn callback(st: &State, shared: &Arc<Shared>, req: Request<Incoming>) -> R
         subject: claims.sub.clone(),
         issuer: claims.iss.clone(),
         csrf: oidc::random_token(32),
+        client: String::new(),
+        destination: st.cfg.listen.to_string(),
         expires: Instant::now() + st.session_ttl,
     };
     {
@@ -539,6 +553,8 @@ fn may(
             action,
             resource,
             requester,
+            client: &reviewer.client,
+            destination: &reviewer.destination,
         })
         .map(|_| ())
 }

@@ -266,7 +266,7 @@ pub fn sessions(
     ));
     body.push_str("<table><tr><th>Session</th><th>Identity</th><th>Resource</th><th>Protocol</th><th>Started</th><th>Ended</th><th>Statements / exchanges / channels</th></tr>");
     let mut list = crate::record::list_sessions(shared.recorder.sessions_dir()).unwrap_or_default();
-    list.sort_by(|a, b| b.meta.started_ms.cmp(&a.meta.started_ms));
+    list.sort_by_key(|s| std::cmp::Reverse(s.meta.started_ms));
     for s in list
         .iter()
         .filter(|s| visible(&s.meta.resource))

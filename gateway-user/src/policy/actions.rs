@@ -166,7 +166,10 @@ type K8sContext = {
 }
 
 /// What reviewers in the web console may do (`crate::console`): the
-/// principal is `Reviewer::"<OIDC subject>"`. `console:approve`,
+/// principal is `Reviewer::"<OIDC subject>"`. Their contexts carry `client`
+/// (the browser's address; pid 0, no cgroup), `time` and `destination` (the
+/// console's address) like every agent action, so rules written for all
+/// actions keep validating. `console:approve`,
 /// `console:deny`, `console:end_session` and `console:revoke` carry
 /// `context.requester`: the agent's identity as a reviewer (its subject), so
 /// a four-eyes rule can say `context.requester == principal`.
@@ -181,10 +184,10 @@ pub const CONSOLE_ACTIONS: &[&str] = &[
 
 const CONSOLE_SCHEMA: &str = r#"entity Reviewer = { "subject": String, "issuer": String };
 entity Console;
-type ConsoleContext = { "time": Time };
+type ConsoleContext = { "client": Client, "time": Time, "destination": String };
 type ReviewContext = {
-  "time": Time, "requester": Reviewer, "identity": String,
-  "action": String, "command": String,
+  "client": Client, "time": Time, "destination": String,
+  "requester": Reviewer, "identity": String, "action": String, "command": String,
 };
 action "console";
 action "console:view" in ["console"] appliesTo { principal: [Reviewer], resource: [Resource], context: ConsoleContext };

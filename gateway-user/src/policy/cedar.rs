@@ -478,13 +478,26 @@ impl Rules {
             ),
         ])
         .map_err(|e| e.to_string())?;
-        let mut pairs = vec![("time".to_string(), time)];
+        let s = |v: &str| cedar_policy::RestrictedExpression::new_string(v.to_string());
+        let client = cedar_policy::RestrictedExpression::new_record([
+            (
+                "pid".to_string(),
+                cedar_policy::RestrictedExpression::new_long(0),
+            ),
+            ("cgroup".to_string(), s("")),
+            ("address".to_string(), s(req.client)),
+        ])
+        .map_err(|e| e.to_string())?;
+        let mut pairs = vec![
+            ("time".to_string(), time),
+            ("client".to_string(), client),
+            ("destination".to_string(), s(req.destination)),
+        ];
         if let Some(r) = &req.requester {
             let requester = uid("Reviewer", r.subject)?;
             if requester != principal {
                 extra.push(reviewer_entity(requester.clone(), r.subject, r.issuer)?);
             }
-            let s = |v: &str| cedar_policy::RestrictedExpression::new_string(v.to_string());
             pairs.push((
                 "requester".to_string(),
                 cedar_policy::RestrictedExpression::new_entity_uid(requester),
@@ -559,6 +572,10 @@ pub struct ReviewRequest<'a> {
     pub resource: ReviewTarget<'a>,
     /// For approve, deny, end_session and revoke: who asked.
     pub requester: Option<Requester<'a>>,
+    /// The browser's address (`context.client.address`).
+    pub client: &'a str,
+    /// The console's address (`context.destination`).
+    pub destination: &'a str,
 }
 
 /// The resource of a reviewer's action.

@@ -661,6 +661,8 @@ permit(principal,
 @id("four-eyes")
 forbid(principal, action == Action::"console:approve", resource)
   when { context.requester == principal };
+@id("not-from-elsewhere")
+forbid(principal, action, resource) when { context.client.address like "10.*" && context.destination != "" };
 @id("auditors")
 permit(principal, action == Action::"console:audit", resource)
   when { principal.subject like "audit-*" };
@@ -681,6 +683,8 @@ permit(principal, action == Action::"console:audit", resource)
                 action: "postgres:update",
                 command: "update t set x = 1",
             }),
+            client: "127.0.0.1:5000",
+            destination: "127.0.0.1:15030",
         };
     assert!(set
         .decide_reviewer(&req("alice", "console:approve", "billing-sub"))
@@ -693,6 +697,11 @@ permit(principal, action == Action::"console:audit", resource)
     assert!(set
         .decide_reviewer(&req("billing-sub", "console:deny", "billing-sub"))
         .is_ok());
+    // A rule written for every action reads the reviewer's address too.
+    let mut far = req("alice", "console:approve", "billing-sub");
+    far.client = "10.1.2.3:4444";
+    let far = set.decide_reviewer(&far).unwrap_err();
+    assert!(far.contains("not-from-elsewhere"), "{far}");
     let stranger = set
         .decide_reviewer(&req("mallory", "console:approve", "billing-sub"))
         .unwrap_err();
@@ -703,6 +712,8 @@ permit(principal, action == Action::"console:audit", resource)
         action: "console:audit",
         resource: ReviewTarget::Console,
         requester: None,
+        client: "127.0.0.1:5000",
+        destination: "127.0.0.1:15030",
     };
     assert!(set.decide_reviewer(&audit("audit-bob")).is_ok());
     assert!(set.decide_reviewer(&audit("alice")).is_err());
