@@ -909,3 +909,80 @@ fn console_approves_for_a_duration_ends_a_session_and_revokes_the_grant() {
     );
     assert_eq!(alice.get(&format!("{}/requests", s.url)).status, 302);
 }
+
+const BROWSER: &str = include_str!("console_browser.py");
+
+#[test]
+fn console_in_headless_chromium_signs_in_and_approves() {
+    let s = setup("consolechrome", true);
+    s.provider.login_as("reviewer-alice", Mode::Good);
+    let child = s.spawn_pg_client(json!({"steps": [
+        {"sql": "update orders set state = 'shipped' where id = 2"},
+        {"sql": "select state from orders where id = 2"},
+    ]}));
+    let id = s.daemon.wait_pending(1)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let profile = s.files.dir.join("chromium-profile");
+    // Screenshots are kept as artifacts of the test run.
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let spec = json!({
+        "url": s.url, "request": id,
+        "profile": profile.display().to_string(),
+        "shots": shots.display().to_string(),
+    });
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(BROWSER)
+        .arg(spec.to_string())
+        .output()
+        .expect("python3 with selenium (cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "browser driver ({e}): {text}\nstderr: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            s.daemon.log_text()
+        )
+    });
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["signed_in_as"], "reviewer-alice", "{r}");
+    assert!(
+        r["command_shown"]
+            .as_str()
+            .unwrap()
+            .contains("update orders set state = 'shipped'"),
+        "{r}"
+    );
+    assert!(r["after"].as_str().unwrap().contains(&id), "{r}");
+    assert!(
+        r["audit_chain"]
+            .as_str()
+            .unwrap()
+            .starts_with("Chain verified"),
+        "{r}"
+    );
+    let rows = s.client_output(child);
+    assert_eq!(rows[1]["rows"], json!([["shipped"]]), "{rows:?}");
+    let decided: Vec<Value> = s
+        .events("access_request")
+        .into_iter()
+        .filter(|e| e["detail"]["via"] == "console")
+        .collect();
+    assert_eq!(decided.len(), 1, "{decided:?}");
+    assert_eq!(decided[0]["approver"], "reviewer-alice");
+    for page in [
+        "requests",
+        "requests-decided",
+        "sessions",
+        "grants",
+        "audit",
+    ] {
+        assert!(
+            shots.join(format!("{page}.png")).is_file(),
+            "{page} screenshot"
+        );
+    }
+}

@@ -105,7 +105,9 @@ pub fn clip(s: &str, n: usize) -> String {
 }
 
 /// The headers of every console response: no framing, no sniffing, no
-/// caching, no referrer (URLs carry codes during sign-in), scripts and
+/// caching, no referrer to other sites (URLs carry codes during sign-in;
+/// `same-origin`, not `no-referrer`, because with the latter browsers send
+/// `Origin: null` on the console's own forms), scripts and
 /// styles from the console only.
 fn base(status: StatusCode) -> hyper::http::response::Builder {
     Response::builder()
@@ -116,7 +118,7 @@ fn base(status: StatusCode) -> hyper::http::response::Builder {
         )
         .header("x-frame-options", "DENY")
         .header("x-content-type-options", "nosniff")
-        .header("referrer-policy", "no-referrer")
+        .header("referrer-policy", "same-origin")
         .header(header::CACHE_CONTROL, "no-store")
         .header("strict-transport-security", "max-age=31536000")
 }
