@@ -823,12 +823,39 @@ fn console_approves_for_a_duration_ends_a_session_and_revokes_the_grant() {
     let s = setup("consoleops", false);
     let echo = s.echo.as_ref().unwrap();
     let to = json!({"host": "127.0.0.1", "port": echo.addr.port()});
+    let alice = s.browser("reviewer-alice");
+    // The Requests page listens to server-sent events; a new request is one.
+    let page = alice.get(&format!("{}/requests", s.url));
+    assert!(page.body.contains("data-live=1"), "{}", page.body);
+    let sse_out = s.files.dir.join("sse.txt");
+    let mut sse = Command::new("curl")
+        .args(["-sN", "--max-time", "60", "--cacert"])
+        .arg(&s.ca)
+        .arg("-b")
+        .arg(&alice.jar)
+        .arg("-o")
+        .arg(&sse_out)
+        .arg(format!("{}/events", s.url))
+        .spawn()
+        .expect("curl");
+    let sse_text = || std::fs::read_to_string(&sse_out).unwrap_or_default();
+    wait_until(
+        std::time::Duration::from_secs(20),
+        || sse_text().contains(": connected"),
+        "the event stream to open",
+    );
     let held = HeldClient::spawn(&s.agent, to.clone(), &s.files.dir);
     let id = s.daemon.wait_pending(1)[0]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let alice = s.browser("reviewer-alice");
+    wait_until(
+        std::time::Duration::from_secs(20),
+        || sse_text().contains("event: jit"),
+        "an event for the new request",
+    );
+    let _ = sse.kill();
+    let _ = sse.wait();
     let page = alice.get(&format!("{}/requests", s.url));
     let csrf = alice.csrf(&page.body);
     let r = alice.post(

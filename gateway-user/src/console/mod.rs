@@ -379,6 +379,7 @@ async fn handle(
             Err((status, msg)) => error_page(status, &msg),
         },
         ["grants"] => web::html(StatusCode::OK, pages::grants(shared, &policy, &reviewer)),
+        ["events"] => live_events(shared),
         ["audit"] => {
             if let Err(why) = may(
                 &policy,
@@ -394,6 +395,40 @@ async fn handle(
         }
         _ => error_page(StatusCode::NOT_FOUND, "No such page."),
     }
+}
+
+/// Server-sent events: a `jit` event whenever a request or grant changes
+/// (no content: the page reloads and shows what this reviewer may see), and
+/// a comment every 15 s so proxies keep the stream open.
+fn live_events(shared: &Arc<Shared>) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut jit = shared.jit.subscribe();
+    let stop = shared.shutdown.clone();
+    tokio::spawn(async move {
+        if tx
+            .send(bytes::Bytes::from_static(b": connected\n\n"))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            let msg: &'static [u8] = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tx.closed() => return,
+                _ = tick.tick() => b": keepalive\n\n",
+                ev = jit.recv() => match ev {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => b"event: jit\ndata: changed\n\n",
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if tx.send(bytes::Bytes::from_static(msg)).await.is_err() {
+                return;
+            }
+        }
+    });
+    web::events(web::EventStream(rx))
 }
 
 /// Sends the browser to the provider, remembering the sign-in's state,

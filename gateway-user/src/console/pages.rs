@@ -25,9 +25,21 @@ pre{background:#111;color:#eee;padding:.6em;overflow:auto;max-height:30em;white-
 button{padding:.2em .8em}.deny{background:#fdd}.approve{background:#dfd}
 "#;
 
-/// The recording player: replays an asciicast's output events into its
+/// Live updates and the recording player. A page marked `data-live`
+/// listens to `/events` and reloads when requests change, unless the
+/// reviewer is typing (then it says that the page is stale).
+/// The recording player replays an asciicast's output events into its
 /// `<pre>`, with the recorded timing (idle pauses capped at 2 s).
-pub const JS: &str = r#"document.querySelectorAll('button[data-cast]').forEach(function(b){
+pub const JS: &str = r#"if(document.body.dataset.live){
+ var es=new EventSource('/events');
+ // A decision being sent must not be overtaken by a reload.
+ document.addEventListener('submit',function(){es.close();});
+ es.addEventListener('jit',function(){
+  var busy=Array.prototype.some.call(document.querySelectorAll('input:not([type=hidden])'),function(i){return i.value!==''||i===document.activeElement;});
+  if(busy){document.getElementById('stale').hidden=false;}else{location.reload();}
+ });
+}
+document.querySelectorAll('button[data-cast]').forEach(function(b){
  b.addEventListener('click',function(){
   var id=b.getAttribute('data-cast');
   var ev=JSON.parse(document.getElementById('cast-data-'+id).textContent);
@@ -58,6 +70,10 @@ fn ago(ms: u64) -> String {
 }
 
 fn layout(title: &str, reviewer: Option<&Reviewer>, body: &str) -> String {
+    layout_with(title, reviewer, body, false)
+}
+
+fn layout_with(title: &str, reviewer: Option<&Reviewer>, body: &str, live: bool) -> String {
     let nav = match reviewer {
         Some(r) => format!(
             "<a href=\"/requests\">Requests</a><a href=\"/sessions\">Sessions</a><a href=\"/grants\">Grants</a><a href=\"/audit\">Audit</a>\
@@ -69,9 +85,10 @@ fn layout(title: &str, reviewer: Option<&Reviewer>, body: &str) -> String {
     };
     format!(
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>{t} · Portcullis</title>\
-         <link rel=stylesheet href=\"/static/console.css\"></head><body><header><strong>Portcullis</strong>{nav}</header>\
+         <link rel=stylesheet href=\"/static/console.css\"></head><body{live}><header><strong>Portcullis</strong>{nav}</header>\
          <main><h1>{t}</h1>{body}</main><script src=\"/static/console.js\"></script></body></html>",
-        t = esc(title)
+        t = esc(title),
+        live = if live { " data-live=1" } else { "" },
     )
 }
 
@@ -115,7 +132,9 @@ pub fn requests(
     let all = shared.jit.requests();
     let visible =
         |res: &str| may(policy, r, "console:view", ReviewTarget::Resource(res), None).is_ok();
-    let mut body = String::new();
+    let mut body = String::from(
+        "<p id=stale class=bad hidden>Requests changed: <a href=\"/requests\">reload</a></p>",
+    );
     if let Some(done) = q.get("done") {
         body.push_str(&format!("<p class=ok>Decided {}.</p>", esc(done)));
     }
@@ -222,7 +241,7 @@ pub fn requests(
         ));
     }
     body.push_str("</table>");
-    layout("Requests", Some(r), &body)
+    layout_with("Requests", Some(r), &body, true)
 }
 
 /// Live flows (with "end session") and recorded sessions.

@@ -3,12 +3,51 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{header, Response, StatusCode};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
-/// A response body.
-pub type Body = Full<Bytes>;
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{body::Frame, header, Response, StatusCode};
+
+/// A response body: a whole page, or a stream of server-sent events.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).boxed()
+}
+
+fn built(r: Result<Response<Body>, hyper::http::Error>) -> Response<Body> {
+    r.unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// A body fed by a channel (server-sent events); ends when the sender is
+/// dropped.
+pub struct EventStream(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A `text/event-stream` response.
+pub fn events(stream: EventStream) -> Response<Body> {
+    built(
+        base(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(BodyExt::boxed(stream)),
+    )
+}
 
 /// HTML-escapes `s` (text and attribute values).
 pub fn esc(s: &str) -> String {
@@ -114,7 +153,7 @@ fn base(status: StatusCode) -> hyper::http::response::Builder {
         .status(status)
         .header(
             "content-security-policy",
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         )
         .header("x-frame-options", "DENY")
         .header("x-content-type-options", "nosniff")
@@ -125,18 +164,20 @@ fn base(status: StatusCode) -> hyper::http::response::Builder {
 
 /// A page.
 pub fn html(status: StatusCode, page: String) -> Response<Body> {
-    base(status)
-        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .body(Full::new(Bytes::from(page)))
-        .unwrap_or_default()
+    built(
+        base(status)
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(full(Bytes::from(page))),
+    )
 }
 
 /// A static asset.
 pub fn asset(content_type: &str, bytes: &'static [u8]) -> Response<Body> {
-    base(StatusCode::OK)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from_static(bytes)))
-        .unwrap_or_default()
+    built(
+        base(StatusCode::OK)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(full(Bytes::from_static(bytes))),
+    )
 }
 
 /// A redirect (`303 See Other` after a POST, `302` otherwise), setting
@@ -146,7 +187,7 @@ pub fn redirect(status: StatusCode, to: &str, cookies: &[String]) -> Response<Bo
     for c in cookies {
         b = b.header(header::SET_COOKIE, c.as_str());
     }
-    b.body(Full::new(Bytes::new())).unwrap_or_default()
+    built(b.body(full(Bytes::new())))
 }
 
 /// A page that sets `cookies` and then moves the browser to `to` by itself.
@@ -162,7 +203,7 @@ pub fn set_cookies_then(to: &str, cookies: &[String]) -> Response<Body> {
     for c in cookies {
         b = b.header(header::SET_COOKIE, c.as_str());
     }
-    b.body(Full::new(Bytes::from(page))).unwrap_or_default()
+    built(b.body(full(Bytes::from(page))))
 }
 
 #[cfg(test)]
