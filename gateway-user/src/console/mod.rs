@@ -949,3 +949,39 @@ async fn revoke(st: &State, shared: &Arc<Shared>, reviewer: &Reviewer, id: &str)
     });
     web::redirect(StatusCode::SEE_OTHER, "/grants", &[])
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_table_is_read_strictly_from_the_config_file() {
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-console-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("portcullis.toml");
+        std::fs::write(
+            &p,
+            "[daemon]\nlisten_port = 1\n[console]\nlisten = \"127.0.0.1:15030\"\nissuer = \"corp\"\nclient_id = \"c\"\nredirect_url = \"https://h:15030/auth/callback\"\n",
+        )
+        .unwrap();
+        let t = crate::config::read_daemon_table(&p).unwrap();
+        let c = t.console.expect("console table");
+        assert_eq!(c.issuer, "corp");
+        assert_eq!(c.listen.port(), 15030);
+        std::fs::write(
+            &p,
+            "[console]\nlisten = \"127.0.0.1:15030\"\nissuer = \"corp\"\nclient_id = \"c\"\nredirect_url = \"https://h/cb\"\nbogus = 1\n",
+        )
+        .unwrap();
+        let err = crate::config::read_daemon_table(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        // Absent: no console.
+        std::fs::write(&p, "[daemon]\nlisten_port = 1\n").unwrap();
+        assert!(crate::config::read_daemon_table(&p)
+            .unwrap()
+            .console
+            .is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
