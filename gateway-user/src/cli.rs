@@ -387,6 +387,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 http_max_decoded_body: args.http_max_decoded_body,
                 auto_tag: Vec::new(),
                 fleet: None,
+                console: None,
             };
             let cfg = DaemonConfig::merge(flags, file)?;
             let rt = tokio::runtime::Builder::new_multi_thread()

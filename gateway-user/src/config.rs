@@ -90,6 +90,9 @@ pub struct DaemonTable {
     /// The top-level `[fleet]` table; file only, no flag.
     #[serde(skip)]
     pub fleet: Option<crate::fleet::FleetConfig>,
+    /// The review console (the top-level `[console]` table); file only.
+    #[serde(skip)]
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +106,9 @@ struct ConfigFile {
     /// `[fleet]`: state shared by several nodes.
     #[serde(default)]
     fleet: Option<crate::fleet::FleetConfig>,
+    /// `[console]`: the review console.
+    #[serde(default)]
+    console: Option<crate::console::ConsoleConfig>,
 }
 
 /// A config file that cannot be used.
@@ -158,6 +164,7 @@ pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
     let mut table = file.daemon;
     table.auto_tag.extend(file.auto_tag);
     table.fleet = file.fleet;
+    table.console = file.console;
     for rule in &table.auto_tag {
         rule.validate()
             .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
@@ -220,6 +227,8 @@ pub struct DaemonConfig {
     pub limits: crate::limits::Limits,
     /// `[fleet]`, when this node shares JIT state and audit with others.
     pub fleet: Option<crate::fleet::FleetConfig>,
+    /// The review console, when `[console]` is configured.
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 /// A UDP destination tagged cgroups may send to: one address and port, or a
@@ -389,6 +398,7 @@ impl DaemonConfig {
             fleet: file.fleet,
             memory_budget,
             limits,
+            console: file.console,
         })
     }
 

@@ -465,6 +465,12 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         tasks.spawn(ebpf_logs(shared.clone(), logger));
     }
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener));
+    if let Some(console) = &cfg.console {
+        let console = crate::console::Console::bind(console, shared.ca.clone())
+            .await
+            .context("starting the review console")?;
+        tasks.spawn(console.run(shared.clone()));
+    }
     if let crate::config::Metrics::On(addr) = cfg.metrics {
         match TcpListener::bind(addr).await {
             Ok(l) => {

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod fleet;
 pub mod fuzzing;

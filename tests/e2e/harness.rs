@@ -452,6 +452,18 @@ impl TestIssuer {
         self.token_with_kid(subject, ttl_secs, "test-key")
     }
 
+    /// Signs `claims` as they are (ES256, kid `test-key`).
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("test-key".into());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.der),
+        )
+        .expect("sign token")
+    }
+
     /// Like [`TestIssuer::token`] with another key id in the header.
     pub fn token_with_kid(&self, subject: &str, ttl_secs: i64, kid: &str) -> String {
         let now = std::time::SystemTime::now()

@@ -8,6 +8,7 @@
 mod compat_http;
 mod compat_ops;
 mod compat_ssh;
+mod console;
 mod differential;
 mod faults;
 mod fleet;

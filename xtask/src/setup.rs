@@ -47,6 +47,11 @@ const APT_PACKAGES: &[&str] = &[
     "python3-kubernetes",
     // Real gRPC peers (client and server) of the HTTP compatibility tests.
     "python3-grpcio",
+    // A real browser driving the review console (console e2e): headless
+    // Chromium through WebDriver.
+    "chromium",
+    "chromium-driver",
+    "python3-selenium",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",

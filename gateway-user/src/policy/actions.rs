@@ -161,8 +161,42 @@ type K8sContext = {
             kind.type_name()
         ));
     }
+    s.push_str(CONSOLE_SCHEMA);
     s
 }
+
+/// What reviewers in the web console may do (`crate::console`): the
+/// principal is `Reviewer::"<OIDC subject>"`. Their contexts carry `client`
+/// (the browser's address; pid 0, no cgroup), `time` and `destination` (the
+/// console's address) like every agent action, so rules written for all
+/// actions keep validating. `console:approve`,
+/// `console:deny`, `console:end_session` and `console:revoke` carry
+/// `context.requester`: the agent's identity as a reviewer (its subject), so
+/// a four-eyes rule can say `context.requester == principal`.
+pub const CONSOLE_ACTIONS: &[&str] = &[
+    "console:view",
+    "console:approve",
+    "console:deny",
+    "console:end_session",
+    "console:revoke",
+    "console:audit",
+];
+
+const CONSOLE_SCHEMA: &str = r#"entity Reviewer = { "subject": String, "issuer": String };
+entity Console;
+type ConsoleContext = { "client": Client, "time": Time, "destination": String };
+type ReviewContext = {
+  "client": Client, "time": Time, "destination": String,
+  "requester": Reviewer, "identity": String, "action": String, "command": String,
+};
+action "console";
+action "console:view" in ["console"] appliesTo { principal: [Reviewer], resource: [Resource], context: ConsoleContext };
+action "console:audit" in ["console"] appliesTo { principal: [Reviewer], resource: [Console], context: ConsoleContext };
+action "console:approve" in ["console"] appliesTo { principal: [Reviewer], resource: [Resource], context: ReviewContext };
+action "console:deny" in ["console"] appliesTo { principal: [Reviewer], resource: [Resource], context: ReviewContext };
+action "console:end_session" in ["console"] appliesTo { principal: [Reviewer], resource: [Resource], context: ReviewContext };
+action "console:revoke" in ["console"] appliesTo { principal: [Reviewer], resource: [Resource], context: ReviewContext };
+"#;
 
 #[cfg(test)]
 mod tests {
@@ -179,6 +213,9 @@ mod tests {
             .collect();
         for (a, _) in all() {
             assert!(actions.contains(&a), "{a} missing from {actions:?}");
+        }
+        for a in CONSOLE_ACTIONS {
+            assert!(actions.contains(&a.to_string()), "{a} missing");
         }
         assert_eq!(context_of("postgres:select"), Some(ContextKind::Postgres));
         assert_eq!(context_of("k8s:delete"), Some(ContextKind::Kubernetes));

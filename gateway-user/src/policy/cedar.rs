@@ -104,6 +104,9 @@ pub struct Rules {
     entities: Entities,
     authorizer: Authorizer,
     actions: HashMap<String, EntityUid>,
+    /// Every rule, for reviewer decisions (the console is off the data path
+    /// and its resources may be `Console`, which the slices do not key).
+    all: cedar_policy::PolicySet,
     /// Rules by id.
     pub rules: BTreeMap<String, RuleInfo>,
 }
@@ -303,6 +306,7 @@ impl Rules {
         }
         Some(Self {
             slices,
+            all: set,
             schema,
             entities,
             authorizer: Authorizer::new(),
@@ -417,6 +421,220 @@ impl Rules {
             }
         }
     }
+}
+
+impl Rules {
+    /// Whether rule `id` is written for reviewers: its scope names the
+    /// `Reviewer` type or only `console:` actions. Rules written for agents
+    /// (`permit(principal, action, resource)` and the like) never make
+    /// anyone a reviewer, so adding `[console]` grants nothing by itself.
+    fn names_reviewers(&self, id: &str) -> bool {
+        use cedar_policy::{ActionConstraint, PrincipalConstraint};
+        let Some(p) = self.all.policy(&cedar_policy::PolicyId::new(id)) else {
+            return false;
+        };
+        let reviewer_type = |t: &cedar_policy::EntityTypeName| t.basename() == "Reviewer";
+        let by_principal = match p.principal_constraint() {
+            PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => reviewer_type(&t),
+            PrincipalConstraint::Eq(e) | PrincipalConstraint::In(e) => reviewer_type(e.type_name()),
+            PrincipalConstraint::Any => false,
+        };
+        let console_action = |a: &cedar_policy::EntityUid| a.id().unescaped().starts_with("console:");
+        let by_action = match p.action_constraint() {
+            ActionConstraint::Eq(a) => console_action(&a),
+            ActionConstraint::In(v) => !v.is_empty() && v.iter().all(console_action),
+            ActionConstraint::Any => false,
+        };
+        by_principal || by_action
+    }
+
+    /// Decides what a console reviewer may do. Allowed only by a permit
+    /// without `@approval` (a reviewer's action is never itself held), and
+    /// never when a forbid could not be evaluated. `Err` carries the reason.
+    pub fn decide_reviewer(&self, req: &ReviewRequest<'_>) -> Result<Vec<String>, String> {
+        let uid = |kind: &str, id: &str| {
+            EntityUid::from_str(&format!("{kind}::{id:?}")).map_err(|e| e.to_string())
+        };
+        let principal = uid("Reviewer", req.subject)?;
+        let action = uid("Action", req.action)?;
+        let resource = match req.resource {
+            ReviewTarget::Resource(name) => uid("Resource", name)?,
+            ReviewTarget::Console => uid("Console", "portcullis")?,
+        };
+        let reviewer_entity = |id: EntityUid, subject: &str, issuer: &str| {
+            cedar_policy::Entity::new(
+                id,
+                HashMap::from([
+                    (
+                        "subject".to_string(),
+                        cedar_policy::RestrictedExpression::new_string(subject.to_string()),
+                    ),
+                    (
+                        "issuer".to_string(),
+                        cedar_policy::RestrictedExpression::new_string(issuer.to_string()),
+                    ),
+                ]),
+                Default::default(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let mut extra = vec![reviewer_entity(principal.clone(), req.subject, req.issuer)?];
+        if matches!(req.resource, ReviewTarget::Console) {
+            // Resources are entities of the set already; the console is not.
+            extra.push(cedar_policy::Entity::new_no_attrs(
+                resource.clone(),
+                Default::default(),
+            ));
+        }
+        let now = (crate::proxy::session::now_ms() / 1000) as i64;
+        let time = cedar_policy::RestrictedExpression::new_record([
+            (
+                "unix".to_string(),
+                cedar_policy::RestrictedExpression::new_long(now),
+            ),
+            (
+                "hour".to_string(),
+                cedar_policy::RestrictedExpression::new_long(now.rem_euclid(86_400) / 3600),
+            ),
+            (
+                "weekday".to_string(),
+                cedar_policy::RestrictedExpression::new_long(((now / 86_400) + 3).rem_euclid(7)),
+            ),
+        ])
+        .map_err(|e| e.to_string())?;
+        let s = |v: &str| cedar_policy::RestrictedExpression::new_string(v.to_string());
+        let client = cedar_policy::RestrictedExpression::new_record([
+            (
+                "pid".to_string(),
+                cedar_policy::RestrictedExpression::new_long(0),
+            ),
+            ("cgroup".to_string(), s("")),
+            ("address".to_string(), s(req.client)),
+        ])
+        .map_err(|e| e.to_string())?;
+        let mut pairs = vec![
+            ("time".to_string(), time),
+            ("client".to_string(), client),
+            ("destination".to_string(), s(req.destination)),
+        ];
+        if let Some(r) = &req.requester {
+            let requester = uid("Reviewer", r.subject)?;
+            if requester != principal {
+                extra.push(reviewer_entity(requester.clone(), r.subject, r.issuer)?);
+            }
+            pairs.push((
+                "requester".to_string(),
+                cedar_policy::RestrictedExpression::new_entity_uid(requester),
+            ));
+            pairs.push(("identity".to_string(), s(r.identity)));
+            pairs.push(("action".to_string(), s(r.action)));
+            pairs.push(("command".to_string(), s(r.command)));
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
+        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+            .map_err(|e| format!("invalid request: {e}"))?;
+        let entities = self
+            .entities
+            .clone()
+            .add_entities(extra, Some(&self.schema))
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.all, &entities);
+        let determining: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
+        let errored_forbid = response.diagnostics().errors().any(|e| match e {
+            cedar_policy::AuthorizationError::PolicyEvaluationError(pe) => self
+                .rules
+                .get(&pe.policy_id().to_string())
+                .is_some_and(|r| r.effect == "forbid"),
+        });
+        if errored_forbid {
+            return Err("a forbid rule could not be evaluated".into());
+        }
+        match response.decision() {
+            CedarDecision::Allow
+                if determining.iter().any(|id| {
+                    self.rules.get(id).is_some_and(|r| !r.approval) && self.names_reviewers(id)
+                }) =>
+            {
+                Ok(determining)
+            }
+            CedarDecision::Allow
+                if determining
+                    .iter()
+                    .any(|id| self.rules.get(id).is_some_and(|r| !r.approval)) =>
+            {
+                Err(format!(
+                    "rule {} permits it without naming reviewers: a console permit must have \
+                     `principal is Reviewer` (or a Reviewer) or console actions in its scope",
+                    determining.join(", ")
+                ))
+            }
+            CedarDecision::Allow => Err("only @approval rules permit it".into()),
+            CedarDecision::Deny if determining.is_empty() => Err(format!(
+                "no rule permits {} for Reviewer::{:?}",
+                req.action, req.subject
+            )),
+            CedarDecision::Deny => {
+                let reasons: Vec<String> = determining
+                    .iter()
+                    .filter_map(|id| self.rules.get(id).and_then(|r| r.reason.clone()))
+                    .collect();
+                Err(if reasons.is_empty() {
+                    format!("forbidden by rule {}", determining.join(", "))
+                } else {
+                    format!("{} (rule {})", reasons.join("; "), determining.join(", "))
+                })
+            }
+        }
+    }
+}
+
+/// What the console asks about a reviewer (see [`Rules::decide_reviewer`]).
+#[derive(Debug, Clone)]
+pub struct ReviewRequest<'a> {
+    /// The reviewer's OIDC subject: `Reviewer::"<subject>"`.
+    pub subject: &'a str,
+    /// The reviewer's issuer URL (`principal.issuer`).
+    pub issuer: &'a str,
+    /// A `console:*` action.
+    pub action: &'a str,
+    /// What it is done to.
+    pub resource: ReviewTarget<'a>,
+    /// For approve, deny, end_session and revoke: who asked.
+    pub requester: Option<Requester<'a>>,
+    /// The browser's address (`context.client.address`).
+    pub client: &'a str,
+    /// The console's address (`context.destination`).
+    pub destination: &'a str,
+}
+
+/// The resource of a reviewer's action.
+#[derive(Debug, Clone, Copy)]
+pub enum ReviewTarget<'a> {
+    /// A resource of the policy set.
+    Resource(&'a str),
+    /// The console itself (`Console::"portcullis"`: the audit log).
+    Console,
+}
+
+/// The agent behind an access request, session or grant.
+#[derive(Debug, Clone)]
+pub struct Requester<'a> {
+    /// Its identity's subject (`context.requester` is `Reviewer::"<it>"`).
+    pub subject: &'a str,
+    /// Its identity's issuer URL.
+    pub issuer: &'a str,
+    /// Its identity name.
+    pub identity: &'a str,
+    /// The action it asked for (empty when none).
+    pub action: &'a str,
+    /// The command text (empty when none).
+    pub command: &'a str,
 }
 
 /// Cedar validates a rule once per action it may apply to, so one mistake in

@@ -26,7 +26,7 @@ use std::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use cedar::{Decision, DecisionRequest, RuleInfo};
+pub use cedar::{Decision, DecisionRequest, Requester, ReviewRequest, ReviewTarget, RuleInfo};
 pub use diag::{line_col as diag_line_col, Diagnostic, PolicyError};
 pub use matcher::{Destination, Resolver};
 pub use schema::{
@@ -224,6 +224,17 @@ impl PolicySet {
             };
         }
         self.rules.decide(req)
+    }
+
+    /// Whether a console reviewer may do `req.action` (Cedar, over the
+    /// whole rule set): `Ok` with the permitting rules, or `Err` with why not.
+    pub fn decide_reviewer(&self, req: &ReviewRequest<'_>) -> Result<Vec<String>, String> {
+        if let ReviewTarget::Resource(r) = req.resource {
+            if !self.resources.contains_key(r) {
+                return Err(format!("resource `{r}` is not defined in the policy set"));
+            }
+        }
+        self.rules.decide_reviewer(req)
     }
 
     /// The resource whose `match` names this literal address, if any.

@@ -645,3 +645,91 @@ fn postgres_agent_auth_is_validated() {
     }
     fs::remove_dir_all(bad).unwrap();
 }
+
+#[test]
+fn reviewers_are_decided_by_cedar_with_four_eyes() {
+    let dir = dir_with(&[
+        ("base.toml", BASE),
+        (
+            "console.cedar",
+            r#"
+@id("owners-review-orders")
+permit(principal,
+       action in [Action::"console:view", Action::"console:approve", Action::"console:deny"],
+       resource == Resource::"orders")
+  when { [Reviewer::"alice", Reviewer::"billing-sub"].contains(principal) };
+@id("four-eyes")
+forbid(principal, action == Action::"console:approve", resource)
+  when { context.requester == principal };
+@id("not-from-elsewhere")
+forbid(principal, action, resource) when { context.client.address like "10.*" && context.destination != "" };
+@id("auditors")
+permit(principal, action == Action::"console:audit", resource)
+  when { principal.subject like "audit-*" };
+"#,
+        ),
+    ]);
+    let set = PolicySet::load(&dir).expect("valid set");
+    let req =
+        |subject: &'static str, action: &'static str, requester: &'static str| ReviewRequest {
+            subject,
+            issuer: "https://oidc.example.test",
+            action,
+            resource: ReviewTarget::Resource("orders"),
+            requester: Some(Requester {
+                subject: requester,
+                issuer: "https://oidc.example.test",
+                identity: "billing",
+                action: "postgres:update",
+                command: "update t set x = 1",
+            }),
+            client: "127.0.0.1:5000",
+            destination: "127.0.0.1:15030",
+        };
+    assert!(set
+        .decide_reviewer(&req("alice", "console:approve", "billing-sub"))
+        .is_ok());
+    let own = set
+        .decide_reviewer(&req("billing-sub", "console:approve", "billing-sub"))
+        .unwrap_err();
+    assert!(own.contains("four-eyes"), "{own}");
+    // The same reviewer may still deny their own agent's request.
+    assert!(set
+        .decide_reviewer(&req("billing-sub", "console:deny", "billing-sub"))
+        .is_ok());
+    // A rule written for every action reads the reviewer's address too.
+    let mut far = req("alice", "console:approve", "billing-sub");
+    far.client = "10.1.2.3:4444";
+    let far = set.decide_reviewer(&far).unwrap_err();
+    assert!(far.contains("not-from-elsewhere"), "{far}");
+    let stranger = set
+        .decide_reviewer(&req("mallory", "console:approve", "billing-sub"))
+        .unwrap_err();
+    assert!(stranger.contains("no rule permits"), "{stranger}");
+    let audit = |subject| ReviewRequest {
+        subject,
+        issuer: "https://oidc.example.test",
+        action: "console:audit",
+        resource: ReviewTarget::Console,
+        requester: None,
+        client: "127.0.0.1:5000",
+        destination: "127.0.0.1:15030",
+    };
+    assert!(set.decide_reviewer(&audit("audit-bob")).is_ok());
+    assert!(set.decide_reviewer(&audit("alice")).is_err());
+    let _ = fs::remove_dir_all(&dir);
+
+    // A rule written for agents, with nothing in its scope, makes no one a
+    // reviewer: turning the console on grants nothing by itself.
+    let open = dir_with(&[
+        ("base.toml", BASE),
+        ("open.cedar", "@id(\"open\")\npermit(principal, action, resource);\n"),
+    ]);
+    let set = PolicySet::load(&open).expect("valid set");
+    let refused = set
+        .decide_reviewer(&req("mallory", "console:approve", "billing-sub"))
+        .unwrap_err();
+    assert!(refused.contains("without naming reviewers"), "{refused}");
+    assert!(set.decide_reviewer(&audit("mallory")).is_err());
+    let _ = fs::remove_dir_all(&open);
+}
