@@ -12,6 +12,7 @@ mod differential;
 mod faults;
 mod harness;
 mod http;
+mod mcp;
 mod ops;
 mod postgres;
 mod security;
