@@ -442,7 +442,7 @@ fn the_shipped_example_policies_are_valid() {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
     match PolicySet::load(&dir) {
         Ok(set) => {
-            for p in ["tcp", "postgres", "ssh", "http"] {
+            for p in ["tcp", "postgres", "ssh", "http", "mcp"] {
                 assert!(
                     set.resources.values().any(|r| r.protocol.as_str() == p),
                     "policies/ has no {p} example"
