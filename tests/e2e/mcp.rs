@@ -35,7 +35,7 @@ forbid(principal, action == Action::"mcp:call_tool", resource == Resource::"note
   when { context.arguments has path && context.arguments.path like "private/*" };
 @id("harmless")
 permit(principal == Identity::"agent", action == Action::"mcp:call_tool", resource == Resource::"notes")
-  when { context.tool == "whoami" || context.tool == "slow_count" };
+  when { context.tool == "whoami" || context.tool == "slow_count" || context.tool == "ask" };
 @id("delete-needs-approval")
 @approval("required")
 permit(principal == Identity::"agent", action == Action::"mcp:call_tool", resource == Resource::"notes")
@@ -196,7 +196,7 @@ fn check_rules(env: &Env, url: &str, mode: &str, what: &str) {
         .collect();
     assert_eq!(
         tools,
-        ["read_note", "delete_note", "slow_count", "whoami"],
+        ["read_note", "delete_note", "slow_count", "whoami", "ask"],
         "{what}"
     );
     assert_eq!(r[1]["isError"], false, "{what}: {:?}", r[1]);
@@ -495,4 +495,50 @@ fn mcp_bad_input_gets_json_rpc_errors() {
     // The daemon still serves.
     let r = run_client(&env.place, &url, "auto", &["call:whoami:{}"]);
     assert_eq!(text_of(&r[0]), format!("Bearer {TOKEN}"));
+}
+
+/// A request from the server to the agent (an elicitation, on a session's
+/// stream or the HTTP+SSE stream) is denied unless a rule permits it: the
+/// server gets a JSON-RPC error; once a rule permits it, it reaches the
+/// agent's SDK and its answer reaches the server.
+#[test]
+fn mcp_server_requests_are_denied_unless_a_rule_permits_them() {
+    let sessions = McpServer::start("streamable-http", &[]);
+    let legacy = McpServer::start("sse", &[]);
+    let env = env("mcp-server-requests", &[sessions.port, legacy.port]);
+    let targets = [
+        (format!("http://127.0.0.1:{}/mcp", sessions.port), "legacy"),
+        (format!("http://127.0.0.1:{}/sse", legacy.port), "sse"),
+    ];
+    for (url, mode) in &targets {
+        let r = run_client(&env.place, url, mode, &["call:ask:{}"]);
+        let line = r[0].to_string();
+        assert!(
+            line.contains("portcullis denied mcp:server_request elicitation/create"),
+            "{mode}: {line}"
+        );
+        assert!(!line.contains("answer: yes"), "{mode}: {line}");
+    }
+    fs::write(
+        env.files.policies.join("elicit.cedar"),
+        r#"@id("elicit")
+permit(principal == Identity::"agent", action == Action::"mcp:server_request", resource == Resource::"notes")
+  when { context.method == "elicitation/create" };
+"#,
+    )
+    .unwrap();
+    env.daemon.cli_ok(&["policy", "reload"]);
+    for (url, mode) in &targets {
+        let r = run_client(&env.place, url, mode, &["call:ask:{}"]);
+        assert_eq!(text_of(&r[0]), "answer: yes", "{mode}: {r:?}");
+    }
+    let audit = audit_tail(&env.files);
+    for decision in ["deny", "allow"] {
+        assert!(
+            audit.iter().any(|e| e["action"] == "mcp:server_request"
+                && e["decision"] == decision
+                && e["detail"]["method"] == "elicitation/create"),
+            "no {decision} of mcp:server_request"
+        );
+    }
 }

@@ -13,7 +13,11 @@ import asyncio
 import json
 import sys
 
-from mcp import Client
+from mcp import Client, types
+
+
+async def elicitation(context, params):
+    return types.ElicitResult(action="accept", content={"answer": "yes"})
 
 
 def dump(obj):
@@ -25,9 +29,9 @@ async def main():
     if mode == "sse":
         from mcp.client.sse import sse_client
 
-        client = Client(sse_client(url), mode="legacy")
+        client = Client(sse_client(url), mode="legacy", elicitation_callback=elicitation)
     else:
-        client = Client(url, mode=mode)
+        client = Client(url, mode=mode, elicitation_callback=elicitation)
     async with client:
         print(json.dumps({"op": "connected", "ok": True, "protocol_version": client.protocol_version}), flush=True)
         for op in ops:

@@ -11,6 +11,8 @@ injects is echoed by the `whoami` tool so a test can see it arrived.
 
 import sys
 
+from pydantic import BaseModel
+
 from mcp.server.mcpserver import MCPServer, Context
 
 port = int(sys.argv[1])
@@ -66,6 +68,17 @@ def whoami(ctx: Context) -> str:
     """The Authorization header the server received."""
     req = ctx.request_context.request
     return req.headers.get("authorization", "<none>") if req is not None else "<no request>"
+
+
+class Answer(BaseModel):
+    answer: str
+
+
+@mcp.tool()
+async def ask(ctx: Context) -> str:
+    """Ask the user a question (an elicitation: a request from the server to the agent)."""
+    r = await ctx.elicit("Proceed?", Answer)
+    return f"answer: {r.data.answer}" if r.action == "accept" else f"action: {r.action}"
 
 
 @mcp.resource("notes://public/readme")

@@ -401,8 +401,11 @@ struct ResourceToml {
     host_key_file: Option<PathBuf>,
     host_certificate_file: Option<PathBuf>,
     /// mcp: typed tool arguments.
-    tools: Option<Spanned<BTreeMap<String, BTreeMap<Spanned<String>, Spanned<String>>>>>,
+    tools: Option<Spanned<ToolsToml>>,
 }
+
+/// `tools = { TOOL = { ARG = "TYPE" } }`, with spans for errors.
+type ToolsToml = BTreeMap<String, BTreeMap<Spanned<String>, Spanned<String>>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -376,7 +376,7 @@ impl Ctx {
     }
 
     /// Filters one message from the server; `None` drops it.
-    async fn from_server(&self, mut msg: Value) -> Option<Value> {
+    async fn filter_from_server(&self, mut msg: Value) -> Option<Value> {
         match jsonrpc::kind(&msg) {
             Ok(Kind::Request { id, method }) => {
                 if let Some(d) = self.server_request(&method).await {
@@ -853,7 +853,7 @@ async fn post(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxB
             Class::Pass => forward.push(e),
             Class::Unknown => {
                 let why = format!("method {method:?} is not one portcullis can decide");
-                ctx.refused(&format!("{method}"), &why).await;
+                ctx.refused(&method, &why).await;
                 locals.push(jsonrpc::error(
                     &id,
                     jsonrpc::METHOD_NOT_FOUND,
@@ -1081,7 +1081,7 @@ async fn json_reply(
     };
     let mut out = Vec::with_capacity(msgs.len() + locals.len());
     for m in msgs {
-        if let Some(m) = ctx.from_server(m).await {
+        if let Some(m) = ctx.filter_from_server(m).await {
             out.push(m);
         }
     }
@@ -1182,7 +1182,7 @@ fn relay(ctx: Arc<Ctx>, r: Response<Incoming>, prefix: Vec<Value>) -> Response<B
                         Ok(Value::Array(a)) => {
                             let mut kept = Vec::new();
                             for m in a {
-                                if let Some(m) = ctx.from_server(m).await {
+                                if let Some(m) = ctx.filter_from_server(m).await {
                                     kept.push(m);
                                 }
                             }
@@ -1191,7 +1191,7 @@ fn relay(ctx: Arc<Ctx>, r: Response<Incoming>, prefix: Vec<Value>) -> Response<B
                             }
                             ev.data = Value::Array(kept).to_string();
                         }
-                        Ok(m) => match ctx.from_server(m).await {
+                        Ok(m) => match ctx.filter_from_server(m).await {
                             Some(m) => ev.data = m.to_string(),
                             None => continue,
                         },

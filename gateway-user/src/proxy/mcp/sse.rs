@@ -78,12 +78,9 @@ impl Parser {
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Event>, SseError> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        loop {
-            // A line ends at \n, \r\n or a lone \r (a \r at the very end may
-            // be the start of \r\n: wait for more).
-            let Some(pos) = self.buf.iter().position(|b| *b == b'\n' || *b == b'\r') else {
-                break;
-            };
+        // A line ends at \n, \r\n or a lone \r (a \r at the very end may be
+        // the start of \r\n: wait for more).
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n' || *b == b'\r') {
             let skip = if self.buf[pos] == b'\r' {
                 match self.buf.get(pos + 1) {
                     Some(b'\n') => 2,
