@@ -542,3 +542,62 @@ permit(principal == Identity::"agent", action == Action::"mcp:server_request", r
         );
     }
 }
+
+/// Results are masked with the resource's detectors: tool text content,
+/// `structuredContent` and resource reads, in JSON and SSE answers.
+#[test]
+fn mcp_results_are_masked() {
+    let sse_answers = McpServer::start("streamable-http", &[]);
+    let json_answers = McpServer::start("streamable-http", &["--json"]);
+    let env = env("mcp-masking", &[sse_answers.port, json_answers.port]);
+    fs::write(
+        env.files.policies.join("mask.toml"),
+        "[[mask]]\nresource = \"notes\"\ndetectors = [\"credit_card\", \"email\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        env.files.policies.join("echo.cedar"),
+        r#"permit(principal == Identity::"agent", action == Action::"mcp:call_tool", resource == Resource::"notes") when { context.tool == "echo" };
+permit(principal == Identity::"agent", action == Action::"mcp:read_resource", resource == Resource::"notes") when { context.uri == "notes://private/keys" };
+"#,
+    )
+    .unwrap();
+    env.daemon.cli_ok(&["policy", "reload"]);
+    for (server, mode) in [(&sse_answers, "auto"), (&json_answers, "legacy")] {
+        let url = format!("http://127.0.0.1:{}/mcp", server.port);
+        let r = run_client(
+            &env.place,
+            &url,
+            mode,
+            &[
+                r#"call:echo:{"text":"pay 4111 1111 1111 1111, mail alice@example.com"}"#,
+                "read:notes://private/keys",
+            ],
+        );
+        // What came back (the op names echo the arguments sent).
+        let answers: Vec<Value> = r
+            .iter()
+            .map(|v| {
+                let mut v = v.clone();
+                v.as_object_mut().map(|o| o.remove("op"));
+                v
+            })
+            .collect();
+        let all = format!("{answers:?}");
+        assert!(!all.contains("4111 1111 1111 1111"), "{mode}: {all}");
+        assert!(!all.contains("alice@example.com"), "{mode}: {all}");
+        assert!(text_of(&r[0]).starts_with("pay "), "{mode}: {all}");
+        assert!(
+            r[0]["structuredContent"]["result"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("pay ") && !t.contains("alice@")),
+            "{mode}: {all}"
+        );
+        assert!(
+            r[1]["contents"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("card ")),
+            "{mode}: {all}"
+        );
+    }
+}

@@ -401,6 +401,19 @@ impl Ctx {
                         return Some(err);
                     }
                 }
+                if let Some(result) = msg.get_mut("result") {
+                    if let Err(e) = self.mask(result) {
+                        // Fail closed: an answer that cannot be masked is
+                        // not relayed.
+                        warn!(session = %self.flow.info.session, "mcp result not masked ({e}); refused");
+                        return Some(jsonrpc::error(
+                            &id,
+                            -32603,
+                            &format!("portcullis could not mask the answer: {e}"),
+                            None,
+                        ));
+                    }
+                }
                 Some(msg)
             }
             Ok(Kind::Notification { .. }) => Some(msg),
@@ -409,6 +422,28 @@ impl Ctx {
                 None
             }
         }
+    }
+
+    /// Masks a result with the resource's rules: detectors on every string
+    /// (text content, `structuredContent`, embedded resources, resource
+    /// reads) and `json_paths` from the result's root. Taken per message,
+    /// so a reload applies to the next one.
+    fn mask(&self, result: &mut Value) -> Result<(), String> {
+        let Some(masker) = self.shared.policy.load().masker(&self.flow.info.resource) else {
+            return Ok(());
+        };
+        let mut jm = masker.json(&[]);
+        let text = result.to_string();
+        let mut out = Vec::with_capacity(text.len());
+        jm.push(text.as_bytes(), &mut out)
+            .and_then(|()| jm.finish(&mut out))
+            .map_err(|e| e.to_string())?;
+        if jm.counts().is_empty() {
+            return Ok(());
+        }
+        *result = serde_json::from_slice(&out).map_err(|e| e.to_string())?;
+        info!(session = %self.flow.info.session, masked = %jm.counts().to_json(), "mcp result masked");
+        Ok(())
     }
 
     /// Lists keep what the identity may use; server requests carried in a
