@@ -327,16 +327,24 @@ fn mcp_held_calls_are_bound_to_their_arguments() {
     // The same call again: covered by the grant, no hold.
     let r = run_client(&env.place, &url, "auto", &[r#"call:delete_note:{"id":7}"#]);
     assert_eq!(text_of(&r[0]), "deleted 7", "{r:?}");
-    // Other arguments: held again; denied, the agent reads why.
-    let held = spawn(&[r#"call:delete_note:{"id":8}"#]);
+    // Other arguments: held again (the agent, having sent a progress
+    // token, is told so with the request id); denied, the agent reads why.
+    let held = spawn(&[r#"callp:delete_note:{"id":8}"#]);
     let pending = env.daemon.wait_pending(1);
     let id = pending[0]["id"].as_str().unwrap().to_string();
     env.daemon
         .cli_ok(&["deny", &id, "--reason", "not that one"]);
     let out = held.wait_with_output().unwrap();
     let r = parse_lines(&out.stdout, &out.stderr);
-    assert_eq!(r[1]["isError"], true, "{r:?}");
-    let t = text_of(&r[1]);
+    assert!(
+        r.iter().any(
+            |l| l["op"] == "progress" && l["message"].as_str().is_some_and(|m| m.contains(&id))
+        ),
+        "{r:?}"
+    );
+    let last = r.last().unwrap();
+    assert_eq!(last["isError"], true, "{r:?}");
+    let t = text_of(last);
     assert!(t.contains("not that one") && t.contains(&id), "{t}");
 }
 

@@ -5,7 +5,8 @@ Usage: mcp_client.py URL MODE OP...
 MODE: `auto` (the SDK's default: server/discover, the stateless 2026-07-28
 revision, falling back to initialize), `legacy` (initialize and a session on
 Streamable HTTP), `sse` (the older HTTP+SSE transport; URL ends in /sse).
-OP: `list`, `call:TOOL:JSON_ARGS`, `read:URI`, `prompt:NAME:JSON_ARGS`,
+OP: `list`, `call:TOOL:JSON_ARGS`, `callp:TOOL:JSON_ARGS` (with a progress
+token; progress messages print as {"op": "progress"}), `read:URI`, `prompt:NAME:JSON_ARGS`,
 `resources`, `prompts`. Prints one JSON line per OP: {"op", "ok", ...}.
 """
 
@@ -49,6 +50,14 @@ async def main():
                 elif kind == "call":
                     name, _, args = rest.partition(":")
                     r = await client.call_tool(name, json.loads(args or "{}"))
+                    out = dump(r)
+                elif kind == "callp":
+                    # With a progress token: a held call says so at once.
+                    async def progress(p, total, message):
+                        print(json.dumps({"op": "progress", "message": message}), flush=True)
+
+                    name, _, args = rest.partition(":")
+                    r = await client.call_tool(name, json.loads(args or "{}"), progress_callback=progress)
                     out = dump(r)
                 elif kind == "read":
                     r = await client.read_resource(rest)

@@ -781,7 +781,95 @@ async fn get(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxBo
     }
 }
 
+/// Tells [`post`] that a call is held: its progress token and the access
+/// request id.
+type HoldNotice = tokio::sync::oneshot::Sender<(Value, String)>;
+
+/// A POST. When the agent accepts an event stream and a call in it is held,
+/// the answer turns into a stream at once: a progress notification naming
+/// the access request (if the call carries a progress token), then the
+/// call's answer when the hold ends.
 async fn post(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxBody> {
+    let accepts_sse = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| String::from_utf8_lossy(v.as_bytes()).contains("text/event-stream"));
+    if !accepts_sse {
+        return post_inner(ctx, req, pq, None).await;
+    }
+    let (ntx, nrx) = tokio::sync::oneshot::channel();
+    let (c, p) = (ctx.clone(), pq.to_string());
+    let mut task = tokio::spawn(async move { post_inner(&c, req, &p, Some(ntx)).await });
+    let (token, request) = tokio::select! {
+        r = &mut task => return r.unwrap_or_else(|e| bad_gateway(&format!("internal error: {e}"))),
+        Ok(n) = nrx => n,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let progress = json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/progress",
+        "params": {
+            "progressToken": token,
+            "progress": 0,
+            "message": format!("held for approval: portcullis access request {request}"),
+        },
+    });
+    let first = sse::Event {
+        event: "message".into(),
+        data: progress.to_string(),
+        has_data: true,
+        ..Default::default()
+    };
+    let _ = tx.try_send(Bytes::from(first.encode()));
+    tokio::spawn(async move {
+        let resp = task
+            .await
+            .unwrap_or_else(|e| bad_gateway(&format!("internal error: {e}")));
+        let sse_answer = is_event_stream(resp.headers());
+        let mut body = resp.into_body();
+        if sse_answer {
+            // Already filtered event by event: copied as it comes.
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    if tx.send(d).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            return;
+        }
+        let Ok(all) = body.collect().await.map(|c| c.to_bytes()) else {
+            return;
+        };
+        let ev = sse::Event {
+            event: "message".into(),
+            data: String::from_utf8_lossy(&all).into_owned(),
+            has_data: true,
+            ..Default::default()
+        };
+        let _ = tx.send(Bytes::from(ev.encode())).await;
+    });
+    let mut resp = Response::new(ChannelBody { rx }.boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&request) {
+        h.insert(reply::REQUEST_HEADER, v);
+    }
+    resp
+}
+
+async fn post_inner(
+    ctx: &Arc<Ctx>,
+    req: Request<Incoming>,
+    pq: &str,
+    notice: Option<HoldNotice>,
+) -> Response<BoxBody> {
+    let mut notice = notice;
     let (parts, body) = req.into_parts();
     let what = format!("POST {pq}");
     let declared_len = parts
@@ -861,6 +949,11 @@ async fn post(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxB
             e.pointer("/params/_meta/io.modelcontextprotocol~1protocolVersion")
                 .is_some()
         });
+    let legacy = legacy_session(ctx, pq);
+    if legacy.is_some() || batch {
+        // HTTP+SSE answers on its own stream; a batch has no one token.
+        notice = None;
+    }
     let mut forward = Vec::new();
     let mut locals = Vec::new();
     let mut allowed = Vec::new();
@@ -905,7 +998,16 @@ async fn post(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxB
                     None,
                 ));
             }
-            Class::Decide(d) => match decide(ctx, &d, &method).await {
+            Class::Decide(d) => match decide(
+                ctx,
+                &d,
+                &method,
+                e.pointer("/params/_meta/progressToken")
+                    .cloned()
+                    .and_then(|t| notice.take().map(|n| (t, n))),
+            )
+            .await
+            {
                 Ok(a) => {
                     allowed.push(a);
                     forward.push(e);
@@ -914,7 +1016,6 @@ async fn post(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxB
             },
         }
     }
-    let legacy = legacy_session(ctx, pq);
     if let Some((_, tx)) = &legacy {
         // HTTP+SSE: answers travel on the session's stream.
         for l in locals.drain(..) {
@@ -1016,7 +1117,12 @@ fn check_routing_headers(h: &HeaderMap, batch: bool, elems: &[Value]) -> Result<
 }
 
 /// Decides one request through the gate, waiting for a human on a hold.
-async fn decide(ctx: &Arc<Ctx>, d: &Decide, method: &str) -> Result<Allowed, Denied> {
+async fn decide(
+    ctx: &Arc<Ctx>,
+    d: &Decide,
+    method: &str,
+    notice: Option<(Value, HoldNotice)>,
+) -> Result<Allowed, Denied> {
     // A tool whose definition changed is held until an operator accepts it.
     if let Some(tool) = &d.tool {
         let store = tool_store(&ctx.shared.cfg.state_dir);
@@ -1047,6 +1153,9 @@ async fn decide(ctx: &Arc<Ctx>, d: &Decide, method: &str) -> Result<Allowed, Den
         Gate::Held(h) => {
             let id = h.request().id.clone();
             info!(session = %ctx.flow.info.session, request = %id, action = %cmd.action, "mcp request held for approval");
+            if let Some((token, n)) = notice {
+                let _ = n.send((token, id.clone()));
+            }
             match h
                 .wait(&ctx.shared, &ctx.flow, &cmd, std::future::pending())
                 .await
