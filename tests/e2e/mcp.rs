@@ -495,11 +495,25 @@ fn mcp_bad_input_gets_json_rpc_errors() {
     env.place.apply(&mut cmd);
     let v: Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).unwrap();
     assert_eq!(v["error"]["code"], -32600, "{v}");
+    // A GET that is not an event stream reaches nothing.
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "30",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ]);
+    env.place.apply(&mut cmd);
+    assert_eq!(String::from_utf8_lossy(&run_ok(&mut cmd).stdout), "406");
     let refused = audit_tail(&env.files)
         .into_iter()
         .filter(|e| e["action"] == "mcp:invalid")
         .count();
-    assert!(refused >= 5, "{refused}");
+    assert!(refused >= 6, "{refused}");
     // The daemon still serves.
     let r = run_client(&env.place, &url, "auto", &["call:whoami:{}"]);
     assert_eq!(text_of(&r[0]), format!("Bearer {TOKEN}"));

@@ -636,7 +636,8 @@ pub async fn handle(
     let resp = match method {
         Method::POST => post(&ctx, req, pq).await,
         Method::GET => get(&ctx, req, pq).await,
-        Method::DELETE | Method::OPTIONS | Method::HEAD => {
+        // Ending a session (and CORS preflight) carries no command.
+        Method::DELETE | Method::OPTIONS => {
             let (parts, body) = req.into_parts();
             match ctx
                 .send(
@@ -758,7 +759,25 @@ fn legacy_session(ctx: &Ctx, pq: &str) -> Option<(String, mpsc::Sender<Value>)> 
     Some((key, tx))
 }
 
+/// A GET is only ever an MCP event stream (the session's stream, or the
+/// HTTP+SSE stream): anything else the server serves over HTTP is not this
+/// resource's to reach undecided.
 async fn get(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxBody> {
+    let wants_stream = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| String::from_utf8_lossy(v.as_bytes()).contains("text/event-stream"));
+    if !wants_stream {
+        let why =
+            "a GET to an mcp resource must ask for an event stream (Accept: text/event-stream)";
+        ctx.refused(&format!("GET {pq}"), why).await;
+        return json_answer(
+            StatusCode::NOT_ACCEPTABLE,
+            &jsonrpc::error(&Value::Null, jsonrpc::INVALID_REQUEST, why, None),
+            None,
+        );
+    }
     let (parts, _body) = req.into_parts();
     let r = match ctx
         .send(
@@ -776,7 +795,11 @@ async fn get(ctx: &Arc<Ctx>, req: Request<Incoming>, pq: &str) -> Response<BoxBo
     };
     if is_event_stream(r.headers()) {
         relay(ctx.clone(), r, Vec::new())
+    } else if r.status().is_success() {
+        // Not an event stream: not relayed (it was not decided).
+        bad_gateway("the server did not answer the GET with an event stream")
     } else {
+        // An error status (405: no GET stream offered) tells the client.
         pass_through(r)
     }
 }
