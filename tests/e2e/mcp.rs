@@ -622,4 +622,10 @@ permit(principal == Identity::"agent", action == Action::"mcp:read_resource", re
             "{mode}: {all}"
         );
     }
+    let audit = audit_tail(&env.files);
+    assert!(
+        audit.iter().any(|e| e["type"] == "mcp_result_masked"
+            && e["detail"]["masked"]["email"].as_u64() >= Some(1)),
+        "no mcp_result_masked record with an email count"
+    );
 }

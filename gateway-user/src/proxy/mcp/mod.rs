@@ -402,7 +402,20 @@ impl Ctx {
                     }
                 }
                 if let Some(result) = msg.get_mut("result") {
-                    if let Err(e) = self.mask(result) {
+                    let masked = self.mask(result);
+                    if let Ok(Some(counts)) = &masked {
+                        // What masking did to this answer, beside the
+                        // call's own records.
+                        let ev = self
+                            .flow
+                            .audit_event("mcp_result_masked")
+                            .detail("id", id.clone())
+                            .detail("masked", counts.clone());
+                        if let Err(e) = self.shared.audit(ev).await {
+                            warn!(session = %self.flow.info.session, "audit of masking failed: {e}");
+                        }
+                    }
+                    if let Err(e) = masked {
                         // Fail closed: an answer that cannot be masked is
                         // not relayed.
                         warn!(session = %self.flow.info.session, "mcp result not masked ({e}); refused");
@@ -428,9 +441,10 @@ impl Ctx {
     /// (text content, `structuredContent`, embedded resources, resource
     /// reads) and `json_paths` from the result's root. Taken per message,
     /// so a reload applies to the next one.
-    fn mask(&self, result: &mut Value) -> Result<(), String> {
+    /// Returns the counts when anything was masked.
+    fn mask(&self, result: &mut Value) -> Result<Option<Value>, String> {
         let Some(masker) = self.shared.policy.load().masker(&self.flow.info.resource) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut jm = masker.json(&[]);
         let text = result.to_string();
@@ -439,11 +453,12 @@ impl Ctx {
             .and_then(|()| jm.finish(&mut out))
             .map_err(|e| e.to_string())?;
         if jm.counts().is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         *result = serde_json::from_slice(&out).map_err(|e| e.to_string())?;
-        info!(session = %self.flow.info.session, masked = %jm.counts().to_json(), "mcp result masked");
-        Ok(())
+        let counts = jm.counts().to_json();
+        info!(session = %self.flow.info.session, masked = %counts, "mcp result masked");
+        Ok(Some(counts))
     }
 
     /// Lists keep what the identity may use; server requests carried in a
