@@ -186,6 +186,9 @@ pub enum Command {
     /// Policy set: check offline, reload, show.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// MCP resources: known tool definitions, accepting a changed one.
+    #[command(subcommand)]
+    Mcp(McpCommand),
     /// Install the binary, config, example policies and systemd unit.
     ///
     /// Binary to /usr/local/bin, /etc/portcullis (config and the example
@@ -218,6 +221,31 @@ pub enum Command {
         /// Pin directory to clean when no daemon answers.
         #[arg(long, default_value = defaults::PIN_DIR)]
         pin_dir: PathBuf,
+    },
+}
+
+/// `portcullis mcp ...`
+#[derive(Debug, Subcommand)]
+pub enum McpCommand {
+    /// The tool definitions seen for an mcp resource: fingerprints, when
+    /// first seen, and changed definitions waiting for `mcp accept`.
+    Tools {
+        /// Resource name.
+        resource: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a tool's changed definition (after reviewing it): calls to the
+    /// tool are served again and it is listed again.
+    Accept {
+        /// Resource name.
+        resource: String,
+        /// Tool name.
+        tool: String,
+        /// Reviewer name recorded beside your uid.
+        #[arg(long = "as")]
+        as_name: Option<String>,
     },
 }
 
@@ -773,6 +801,59 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 "revoked {}; ended sessions: {}",
                 s(&data["grant"]["id"]),
                 data["ended_sessions"]
+            );
+            Ok(())
+        }
+        Command::Mcp(McpCommand::Tools { resource, json }) => {
+            let data = request(&socket, &Request::McpTools { resource })?;
+            if json {
+                return print_json(&data);
+            }
+            println!(
+                "{:<24} {:<10} {:<20} FINGERPRINT",
+                "TOOL", "STATE", "FIRST SEEN"
+            );
+            for (name, t) in data["tools"].as_object().into_iter().flatten() {
+                let seen = |ms: &serde_json::Value| {
+                    crate::audit::rfc3339_ms_string(ms.as_u64().unwrap_or(0))
+                };
+                println!(
+                    "{:<24} {:<10} {:<20} {}",
+                    name,
+                    "accepted",
+                    seen(&t["first_seen_ms"]),
+                    s(&t["fingerprint"])
+                );
+                if let Some(p) = t.get("pending").filter(|p| !p.is_null()) {
+                    println!(
+                        "{:<24} {:<10} {:<20} {}",
+                        "",
+                        "CHANGED",
+                        seen(&p["first_seen_ms"]),
+                        s(&p["fingerprint"])
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Mcp(McpCommand::Accept {
+            resource,
+            tool,
+            as_name,
+        }) => {
+            let data = request(
+                &socket,
+                &Request::McpAccept {
+                    resource,
+                    tool,
+                    as_name,
+                },
+            )?;
+            println!(
+                "accepted {} of {}: {}",
+                s(&data["tool"]),
+                s(&data["resource"]),
+                s(&data["accepted"]["fingerprint"])
             );
             Ok(())
         }

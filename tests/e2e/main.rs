@@ -14,6 +14,7 @@ mod faults;
 mod fleet;
 mod harness;
 mod http;
+mod mcp;
 mod ops;
 mod postgres;
 mod security;

@@ -52,6 +52,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "chromium-driver",
     "python3-selenium",
+    // The venv holding the official MCP Python SDK (see `mcp_sdk`).
+    "python3-venv",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",
@@ -71,6 +73,14 @@ const BPF_LINKER_FEATURE: &str = "llvm-22";
 /// Where `/usr/sbin/policy-rc.d` lives; see [`ServiceStartBlock`].
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
+/// The venv with the official MCP Python SDK, a real MCP server and client
+/// for the mcp e2e tests (`tests/e2e/mcp.rs` names the same path). Not a
+/// Debian package, and pip refuses Debian's system Python: a venv of it.
+const MCP_VENV: &str = "/opt/portcullis-test/mcp-venv";
+/// The SDK release the tests were written against (2.x speaks the
+/// stateless 2026-07-28 revision, sessions with initialize, and HTTP+SSE).
+const MCP_SDK: &str = "mcp==2.3.0";
+
 /// Prints one status line for a setup item.
 fn report(status: &str, item: &str) {
     println!("{status:<10} {item}");
@@ -80,6 +90,7 @@ fn report(status: &str, item: &str) {
 pub fn run_setup() -> Result<()> {
     require_root()?;
     apt_packages()?;
+    mcp_sdk()?;
     nightly_rust_src()?;
     bpf_linker()?;
     bpffs()?;
@@ -113,6 +124,36 @@ fn python_tools() -> Result<()> {
         anyhow::bail!("pip install kubernetes-validate failed");
     }
     report("installed", "kubernetes-validate");
+    Ok(())
+}
+
+/// Creates [`MCP_VENV`] and installs [`MCP_SDK`] into it, unless the
+/// venv's python already imports that version.
+fn mcp_sdk() -> Result<()> {
+    let python = Path::new(MCP_VENV).join("bin/python");
+    let version = MCP_SDK.split("==").nth(1).unwrap_or_default();
+    let have = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('mcp'))",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == version);
+    if have {
+        report("ok", &format!("pip: {MCP_SDK} in {MCP_VENV}"));
+        return Ok(());
+    }
+    report("installing", &format!("pip: {MCP_SDK} in {MCP_VENV}"));
+    if !python.exists() {
+        fs::create_dir_all(MCP_VENV).with_context(|| format!("creating {MCP_VENV}"))?;
+        run(Command::new("/usr/bin/python3").args(["-m", "venv", MCP_VENV]))?;
+    }
+    run(Command::new(Path::new(MCP_VENV).join("bin/pip")).args([
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        MCP_SDK,
+    ]))?;
     Ok(())
 }
 

@@ -458,6 +458,37 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             let policy = shared.policy.load();
             Response::ok(policy.summary())
         }
+        Request::McpTools { resource } => {
+            match crate::proxy::mcp::tool_store(&shared.cfg.state_dir).list(&resource) {
+                Ok(tools) => {
+                    Response::ok(serde_json::json!({ "resource": resource, "tools": tools }))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::McpAccept {
+            resource,
+            tool,
+            as_name,
+        } => {
+            let by = reviewer(caller, as_name.as_deref());
+            match crate::proxy::mcp::tool_store(&shared.cfg.state_dir).accept(&resource, &tool) {
+                Ok(p) => {
+                    let ev = AuditEvent::new("mcp_tool_accepted")
+                        .resource(resource.clone())
+                        .approver(by)
+                        .detail("tool", tool.clone())
+                        .detail("fingerprint", p.fingerprint.clone());
+                    if let Err(e) = shared.audit(ev).await {
+                        warn!("audit record of an mcp tool acceptance failed: {e}");
+                    }
+                    Response::ok(
+                        serde_json::json!({ "resource": resource, "tool": tool, "accepted": p }),
+                    )
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
         Request::Detach => {
             let result = {
                 let mut r = shared.redirect.lock().unwrap_or_else(|p| p.into_inner());

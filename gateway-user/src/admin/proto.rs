@@ -109,6 +109,21 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         as_name: Option<String>,
     },
+    /// The tool definitions known for an mcp resource.
+    McpTools {
+        /// Resource name.
+        resource: String,
+    },
+    /// Accept a changed tool definition of an mcp resource.
+    McpAccept {
+        /// Resource name.
+        resource: String,
+        /// Tool name.
+        tool: String,
+        /// Reviewer name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_name: Option<String>,
+    },
 }
 
 /// The daemon's answer.

@@ -132,15 +132,32 @@ pub struct EntitySpec<'a> {
 /// The schema generated from the action catalog, parsed once per process:
 /// it depends only on the catalog compiled in, and parsing it costs far more
 /// than validating a typical rule set (it dominated reloads and fuzzing).
-fn generated_schema() -> Result<Schema, String> {
+/// With MCP arguments declared the schema depends on the set; the last
+/// one is kept, so reloads of an unchanged set still parse it once.
+fn generated_schema(mcp_arguments: &BTreeMap<String, super::McpArgType>) -> Result<Schema, String> {
     static SCHEMA: std::sync::OnceLock<Result<Schema, String>> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Schema::from_cedarschema_str(&actions::cedar_schema())
-                .map(|(s, _)| s)
-                .map_err(|e| e.to_string())
-        })
-        .clone()
+    static LAST: std::sync::Mutex<Option<(String, Schema)>> = std::sync::Mutex::new(None);
+    if mcp_arguments.is_empty() {
+        return SCHEMA
+            .get_or_init(|| {
+                Schema::from_cedarschema_str(&actions::cedar_schema())
+                    .map(|(s, _)| s)
+                    .map_err(|e| e.to_string())
+            })
+            .clone();
+    }
+    let text = actions::cedar_schema_with(mcp_arguments);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((t, s)) = last.as_ref() {
+        if *t == text {
+            return Ok(s.clone());
+        }
+    }
+    let schema = Schema::from_cedarschema_str(&text)
+        .map(|(s, _)| s)
+        .map_err(|e| e.to_string())?;
+    *last = Some((text, schema.clone()));
+    Ok(schema)
 }
 
 impl Rules {
@@ -149,10 +166,11 @@ impl Rules {
     pub fn load(
         files: &[(PathBuf, String)],
         entities: &[EntitySpec<'_>],
+        mcp_arguments: &BTreeMap<String, super::McpArgType>,
         diags: &mut Vec<Diagnostic>,
     ) -> Option<Self> {
         let before = diags.len();
-        let schema = match generated_schema() {
+        let schema = match generated_schema(mcp_arguments) {
             Ok(s) => s,
             Err(e) => {
                 diags.push(Diagnostic::dir(Path::new("<generated schema>"), e));

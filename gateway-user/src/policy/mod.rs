@@ -30,8 +30,8 @@ pub use cedar::{Decision, DecisionRequest, Requester, ReviewRequest, ReviewTarge
 pub use diag::{line_col as diag_line_col, Diagnostic, PolicyError};
 pub use matcher::{Destination, Resolver};
 pub use schema::{
-    parse_duration, AgentToken, Credentials, Identity, Issuer, MaskRule, PgOptions, Protocol,
-    RecordMode, Resource, TlsMode, UpstreamTls, DETECTORS,
+    parse_duration, AgentToken, Credentials, Identity, Issuer, MaskRule, McpArgType, PgOptions,
+    Protocol, RecordMode, Resource, TlsMode, UpstreamTls, DETECTORS,
 };
 
 /// A validated policy set.
@@ -130,6 +130,7 @@ impl PolicySet {
             }
         }
         schema::cross_check(&config, &spans, &mut diags);
+        let mcp_arguments = schema::mcp_arguments(&spans, &mut diags);
         let resources: BTreeMap<String, Arc<Resource>> = config
             .resources
             .into_iter()
@@ -165,7 +166,7 @@ impl PolicySet {
             }))
             .collect();
         let rules = if diags.is_empty() {
-            cedar::Rules::load(&cedar_files, &entities, &mut diags)
+            cedar::Rules::load(&cedar_files, &entities, &mcp_arguments, &mut diags)
         } else {
             None
         };

@@ -21,6 +21,9 @@ pub enum Protocol {
     Ssh,
     /// HTTP(S), including the Kubernetes API.
     Http,
+    /// MCP (Model Context Protocol) over HTTP: the HTTP handler, decided per
+    /// JSON-RPC request.
+    Mcp,
 }
 
 impl Protocol {
@@ -31,6 +34,51 @@ impl Protocol {
             Self::Postgres => "postgres",
             Self::Ssh => "ssh",
             Self::Http => "http",
+            Self::Mcp => "mcp",
+        }
+    }
+}
+
+impl Protocol {
+    /// Whether the HTTP handler serves it (`http`, and `mcp` on top of it):
+    /// TLS modes, held HTTP credentials and `agent_token` apply.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::Mcp)
+    }
+}
+
+/// The Cedar type of an MCP tool argument declared under `tools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum McpArgType {
+    /// A JSON string.
+    String,
+    /// A JSON integer (64-bit).
+    Long,
+    /// A JSON boolean.
+    Bool,
+}
+
+impl McpArgType {
+    /// The Cedar type name.
+    pub fn cedar(self) -> &'static str {
+        match self {
+            Self::String => "String",
+            Self::Long => "Long",
+            Self::Bool => "Bool",
+        }
+    }
+}
+
+impl FromStr for McpArgType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "String" => Ok(Self::String),
+            "Long" => Ok(Self::Long),
+            "Bool" => Ok(Self::Bool),
+            other => Err(format!(
+                "argument type {other:?} is not one of String, Long, Bool"
+            )),
         }
     }
 }
@@ -49,8 +97,9 @@ impl FromStr for Protocol {
             "postgres" => Ok(Self::Postgres),
             "ssh" => Ok(Self::Ssh),
             "http" => Ok(Self::Http),
+            "mcp" => Ok(Self::Mcp),
             other => Err(format!(
-                "unknown protocol {other:?}: expected one of tcp, postgres, ssh, http"
+                "unknown protocol {other:?}: expected one of tcp, postgres, ssh, http, mcp"
             )),
         }
     }
@@ -192,6 +241,9 @@ pub struct Resource {
     /// An OpenSSH host certificate for that key, signed by a CA agents
     /// trust with `@cert-authority` (ssh).
     pub host_certificate_file: Option<PathBuf>,
+    /// mcp: typed arguments per declared tool (`tools = { t = { a = "String" } }`);
+    /// each becomes an optional attribute of `context.arguments`.
+    pub mcp_tools: BTreeMap<String, BTreeMap<String, McpArgType>>,
 }
 
 fn display_list<S: serde::Serializer>(v: &[Destination], s: S) -> Result<S::Ok, S::Error> {
@@ -348,7 +400,12 @@ struct ResourceToml {
     agent_auth: Option<Spanned<String>>,
     host_key_file: Option<PathBuf>,
     host_certificate_file: Option<PathBuf>,
+    /// mcp: typed tool arguments.
+    tools: Option<Spanned<ToolsToml>>,
 }
+
+/// `tools = { TOOL = { ARG = "TYPE" } }`, with spans for errors.
+type ToolsToml = BTreeMap<String, BTreeMap<Spanned<String>, Spanned<String>>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -369,6 +426,8 @@ struct MaskToml {
 pub(super) struct Spans {
     issuer_refs: Vec<(PathBuf, String, usize, String)>,
     mask_refs: Vec<(PathBuf, String, usize, String)>,
+    /// MCP argument declarations: file, text, offset, name, type.
+    mcp_args: Vec<(PathBuf, String, usize, String, McpArgType)>,
 }
 
 /// Parses one TOML file into `config`, pushing every problem into `diags`.
@@ -586,10 +645,12 @@ pub(super) fn parse_file(
             .map(|t| (t.span().start, t.get_ref().as_str()))
         {
             None => None,
-            Some((o, t)) if protocol != Some(Protocol::Http) => {
+            Some((o, t)) if !protocol.is_some_and(Protocol::is_http) => {
                 diags.push(at(
                     o,
-                    format!("tls {t:?}: `tls` applies to http resources only"),
+                    format!(
+                        "tls {t:?}: `tls` applies to http resources only (mcp resources are http)"
+                    ),
                 ));
                 None
             }
@@ -631,10 +692,10 @@ pub(super) fn parse_file(
             .map(|t| (t.span().start, t.get_ref().as_str()))
         {
             None => AgentToken::Remove,
-            Some((o, t)) if protocol != Some(Protocol::Http) => {
+            Some((o, t)) if !protocol.is_some_and(Protocol::is_http) => {
                 diags.push(at(
                     o,
-                    format!("agent_token {t:?}: `agent_token` applies to http resources only"),
+                    format!("agent_token {t:?}: `agent_token` applies to http resources only (mcp resources are http)"),
                 ));
                 AgentToken::Remove
             }
@@ -664,12 +725,54 @@ pub(super) fn parse_file(
                     "tls \"passthrough\" cannot inject credentials: use \"intercept\"".into(),
                 ));
             }
+            if protocol == Some(Protocol::Mcp) {
+                diags.push(at(
+                    t.span().start,
+                    "an mcp resource is decided per JSON-RPC request: use tls \"intercept\" or \"none\""
+                        .into(),
+                ));
+            }
             if kind == "kubernetes" {
                 diags.push(at(
                     t.span().start,
                     "kind \"kubernetes\" needs the requests: use tls \"intercept\" or \"none\""
                         .into(),
                 ));
+            }
+        }
+        let mut mcp_tools = BTreeMap::new();
+        if let Some(tools) = &res.tools {
+            if protocol.is_some() && protocol != Some(Protocol::Mcp) {
+                diags.push(at(
+                    tools.span().start,
+                    "`tools` applies to mcp resources only".into(),
+                ));
+            }
+            for (tool, args) in tools.get_ref() {
+                let mut typed = BTreeMap::new();
+                for (arg, ty) in args {
+                    if !valid_argument_name(arg.get_ref()) {
+                        diags.push(at(
+                            arg.span().start,
+                            format!("argument name {:?} is invalid: use letters, digits and '_', not starting with a digit", arg.get_ref()),
+                        ));
+                        continue;
+                    }
+                    match ty.get_ref().parse::<McpArgType>() {
+                        Ok(t) => {
+                            spans.mcp_args.push((
+                                file.to_path_buf(),
+                                text.to_string(),
+                                ty.span().start,
+                                arg.get_ref().clone(),
+                                t,
+                            ));
+                            typed.insert(arg.get_ref().clone(), t);
+                        }
+                        Err(msg) => diags.push(at(ty.span().start, msg)),
+                    }
+                }
+                mcp_tools.insert(tool.clone(), typed);
             }
         }
         if protocol != Some(Protocol::Ssh)
@@ -787,6 +890,7 @@ pub(super) fn parse_file(
                         postgres,
                         host_key_file: rel(res.host_key_file),
                         host_certificate_file: rel(res.host_certificate_file),
+                        mcp_tools,
                     },
                 );
             }
@@ -848,6 +952,34 @@ pub(super) fn parse_file(
             binary,
         });
     }
+}
+
+/// The MCP arguments declared across every mcp resource, with their one
+/// type: `context.arguments` is one Cedar record type, so an argument name
+/// declared with two types is an error (at the second declaration).
+pub(super) fn mcp_arguments(
+    spans: &Spans,
+    diags: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, McpArgType> {
+    let mut out: BTreeMap<String, McpArgType> = BTreeMap::new();
+    for (file, text, offset, name, ty) in &spans.mcp_args {
+        match out.get(name) {
+            Some(prev) if prev != ty => diags.push(Diagnostic::at(
+                file,
+                text,
+                *offset,
+                format!(
+                    "argument `{name}` is declared {} elsewhere: context.arguments.{name} has one type across all mcp resources",
+                    prev.cedar()
+                ),
+            )),
+            Some(_) => {}
+            None => {
+                out.insert(name.clone(), *ty);
+            }
+        }
+    }
+    out
 }
 
 /// Checks references between files once all are parsed.
@@ -914,7 +1046,7 @@ fn check_credentials(protocol: Protocol, c: &Credentials) -> Result<(), String> 
         Protocol::Tcp => &[],
         Protocol::Postgres => &["user", "password_file"],
         Protocol::Ssh => &["user", "private_key_file", "certificate_file"],
-        Protocol::Http => &[
+        Protocol::Http | Protocol::Mcp => &[
             "bearer_token_file",
             "basic_user",
             "basic_password_file",
@@ -989,6 +1121,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total = total.checked_add(d).ok_or_else(err)?;
     }
     Ok(total)
+}
+
+/// A Cedar identifier, so `context.arguments.NAME` can be written.
+fn valid_argument_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !matches!(
+            name,
+            "true" | "false" | "if" | "then" | "else" | "in" | "like" | "has" | "is" | "__cedar"
+        )
 }
 
 fn valid_name(name: &str) -> bool {

@@ -442,7 +442,7 @@ fn the_shipped_example_policies_are_valid() {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
     match PolicySet::load(&dir) {
         Ok(set) => {
-            for p in ["tcp", "postgres", "ssh", "http"] {
+            for p in ["tcp", "postgres", "ssh", "http", "mcp"] {
                 assert!(
                     set.resources.values().any(|r| r.protocol.as_str() == p),
                     "policies/ has no {p} example"
@@ -732,4 +732,97 @@ permit(principal, action == Action::"console:audit", resource)
     assert!(refused.contains("without naming reviewers"), "{refused}");
     assert!(set.decide_reviewer(&audit("mallory")).is_err());
     let _ = fs::remove_dir_all(&open);
+}
+
+#[test]
+fn mcp_tools_declare_typed_arguments_rules_can_test() {
+    let mcp = "[resource.notes]\nprotocol = \"mcp\"\nmatch = [\"10.0.0.12:8080\"]\ntls = \"none\"\ntools = { read_note = { path = \"String\" }, delete_note = { id = \"Long\" } }\n";
+    let rules = r#"permit(principal == Identity::"billing", action == Action::"mcp:call_tool", resource == Resource::"notes")
+  when { context.tool == "read_note" && context.arguments has path && context.arguments.path like "public/*" };
+@approval("required")
+permit(principal == Identity::"billing", action == Action::"mcp:call_tool", resource == Resource::"notes")
+  when { context.tool == "delete_note" && context.arguments has id && context.arguments.id > 3 };
+"#;
+    let dir = dir_with(&[("base.toml", BASE), ("mcp.toml", mcp), ("r.cedar", rules)]);
+    let set = PolicySet::load(&dir).unwrap();
+    assert_eq!(
+        set.resources["notes"].mcp_tools["read_note"]["path"],
+        McpArgType::String
+    );
+    let ctx = |tool: &str, args: serde_json::Value| {
+        let mut c = serde_json::json!({
+            "client": {"pid": 1, "cgroup": "/", "address": "127.0.0.1:1"},
+            "time": {"unix": 0, "hour": 0, "weekday": 0},
+            "destination": "10.0.0.12:8080",
+            "method": "tools/call", "tool": tool, "arguments": args,
+            "argument_names": [], "arguments_digest": "", "uri": "", "name": "", "list": "",
+        });
+        c["argument_names"] = serde_json::json!(c["arguments"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>());
+        c
+    };
+    let decide = |tool: &str, args: serde_json::Value| {
+        set.decide(&DecisionRequest {
+            identity: "billing",
+            resource: "notes",
+            action: "mcp:call_tool",
+            context: ctx(tool, args),
+            approved: false,
+        })
+    };
+    use serde_json::json;
+    assert!(matches!(
+        decide("read_note", json!({"path": "public/a"})),
+        Decision::Allow { .. }
+    ));
+    assert!(matches!(
+        decide("read_note", json!({"path": "private/a"})),
+        Decision::Deny { .. }
+    ));
+    assert!(matches!(
+        decide("read_note", json!({})),
+        Decision::Deny { .. }
+    ));
+    assert!(matches!(
+        decide("delete_note", json!({"id": 7})),
+        Decision::Hold { .. }
+    ));
+    assert!(matches!(
+        decide("delete_note", json!({"id": 2})),
+        Decision::Deny { .. }
+    ));
+    fs::remove_dir_all(dir).unwrap();
+
+    // Reading an optional argument without `has` fails validation, at the
+    // rule; a type clash between resources, an unknown type, `tools` on an
+    // http resource and tls passthrough on mcp are errors at file:line:col.
+    let unguarded = r#"permit(principal, action == Action::"mcp:call_tool", resource)
+  when { context.arguments.path like "public/*" };
+"#;
+    let dir = dir_with(&[
+        ("base.toml", BASE),
+        ("mcp.toml", mcp),
+        ("r.cedar", unguarded),
+    ]);
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    assert!(
+        text.contains("r.cedar:2:10:") && text.contains("context.arguments has path"),
+        "{text}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+    let bad = "[resource.other]\nprotocol = \"mcp\"\nmatch = [\"10.0.0.13:8080\"]\ntools = { t = { path = \"Long\", n = \"Float\" } }\n\n[resource.web]\nprotocol = \"http\"\nmatch = [\"10.0.0.14:80\"]\ntools = { t = { a = \"String\" } }\n\n[resource.pt]\nprotocol = \"mcp\"\nmatch = [\"10.0.0.15:443\"]\ntls = \"passthrough\"\n";
+    let dir = dir_with(&[("base.toml", BASE), ("mcp.toml", mcp), ("bad.toml", bad)]);
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    for needle in [
+        "bad.toml:4:36: argument type \"Float\" is not one of String, Long, Bool",
+        "mcp.toml:5:32: argument `path` is declared Long elsewhere",
+        "bad.toml:9:9: `tools` applies to mcp resources only",
+        "bad.toml:14:7: an mcp resource is decided per JSON-RPC request",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    fs::remove_dir_all(dir).unwrap();
 }

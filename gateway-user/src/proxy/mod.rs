@@ -9,6 +9,7 @@
 
 pub mod gate;
 pub mod http;
+pub mod mcp;
 pub mod postgres;
 pub mod session;
 pub mod ssh;
@@ -377,7 +378,7 @@ async fn shed(
     let answer = async {
         match flow.resource.protocol {
             Protocol::Postgres => postgres::shed(shared, &flow, client, &message).await,
-            Protocol::Http => http::shed(shared, &flow, client, &message).await,
+            Protocol::Http | Protocol::Mcp => http::shed(shared, &flow, client, &message).await,
             Protocol::Ssh => ssh::shed(shared, &flow, client, &message).await,
             Protocol::Tcp => refuse(client),
         }
@@ -408,7 +409,8 @@ async fn dispatch(
 ) -> io::Result<SessionSummary> {
     match flow.resource.protocol {
         Protocol::Tcp => tcp::serve(shared, flow, client).await,
-        Protocol::Http => http::serve(shared, flow, client).await,
+        // MCP rides on the HTTP handler, which hands it each request.
+        Protocol::Http | Protocol::Mcp => http::serve(shared, flow, client).await,
         Protocol::Postgres => postgres::serve(shared, flow, client).await,
         Protocol::Ssh => ssh::serve(shared, flow, client).await,
     }

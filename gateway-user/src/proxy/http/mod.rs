@@ -232,6 +232,8 @@ struct Conn {
     upstream: OnceCell<Upstream>,
     /// Relays of upgraded connections: the session lasts until they end.
     upgrades: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// State of an mcp resource's connection (see [`super::mcp`]).
+    mcp: Arc<super::mcp::ConnState>,
 }
 
 async fn serve_http<IO>(
@@ -254,6 +256,7 @@ where
         secure,
         upstream: OnceCell::new(),
         upgrades: Mutex::new(Vec::new()),
+        mcp: Arc::default(),
     });
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| {
@@ -471,6 +474,17 @@ impl Conn {
                     .unauthorized(har, &classified.action, &why, classified.k8s.as_ref())
                     .await;
             }
+        }
+        if self.flow.resource.protocol == crate::policy::Protocol::Mcp {
+            // MCP: decided per JSON-RPC request in the body, not per URL.
+            let link = super::mcp::Link {
+                shared: &self.shared,
+                flow: &self.flow,
+                sni: self.sni.as_deref(),
+                secure: self.secure,
+                state: &self.mcp,
+            };
+            return super::mcp::handle(link, req, &authority, &pq, har).await;
         }
         let mut cmd = Command::new(
             &self.flow,
