@@ -21,7 +21,9 @@ use super::harness::*;
 
 const RULES: &str = r#"
 @id("read")
-permit(principal == Identity::"agent", action == Action::"http:get", resource in [Resource::"api", Resource::"plain"]);
+permit(principal == Identity::"agent", action == Action::"http:get", resource == Resource::"api");
+@id("read-plain")
+permit(principal == Identity::"agent", action == Action::"http:get", resource == Resource::"plain");
 "#;
 
 const BODY: &str = r#"{"owner":"zed@example.com","ok":true}"#;

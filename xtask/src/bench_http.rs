@@ -92,7 +92,8 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
     fs::write(policies.join("bench.toml"), policy).context("cannot write bench.toml")?;
     fs::write(
         policies.join("bench.cedar"),
-        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource in [Resource::\"bench-origin\", Resource::\"bench-origin-tls\"]);\n",
+        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource == Resource::\"bench-origin\");\n\
+         @id(\"bench-tls\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource == Resource::\"bench-origin-tls\");\n",
     )
     .context("cannot write bench.cedar")?;
 
