@@ -205,11 +205,26 @@ struct PoolKey {
     tls_name: Option<String>,
     /// Cleartext HTTP/2 with prior knowledge.
     h2c: bool,
-    /// The files the TLS configuration is made of: a resource whose CA or
-    /// client certificate changes (a reload) gets new connections.
-    ca_file: Option<PathBuf>,
-    client_cert: Option<PathBuf>,
-    client_key: Option<PathBuf>,
+    /// The files the TLS configuration is made of, by path and content
+    /// (SHA-256): a resource whose CA or client certificate changes (a
+    /// reload, or the file rewritten in place) gets new connections made
+    /// with the new files, as a new agent connection always did.
+    tls_files: Vec<(PathBuf, [u8; 32])>,
+}
+
+/// Path and content digest of each file a TLS configuration is made of.
+fn tls_files(resource: &Resource) -> Result<Vec<(PathBuf, [u8; 32])>, UpstreamError> {
+    use sha2::Digest as _;
+    let c = &resource.credentials;
+    [
+        &resource.upstream_ca_file,
+        &c.client_cert_file,
+        &c.client_key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| Ok((path.clone(), sha2::Sha256::digest(read(path)?).into())))
+    .collect()
 }
 
 /// The daemon's kept-alive upstream connections, by resource, upstream
@@ -232,7 +247,9 @@ impl Pool {
     /// The pooled upstream of `resource` at `addr`: with `tls_name`,
     /// connections verify the server as that name (the resource's CA file
     /// or the system roots, its client certificate); `h2c` makes cleartext
-    /// connections speak HTTP/2 with prior knowledge.
+    /// connections speak HTTP/2 with prior knowledge. Called once per agent
+    /// connection; with TLS it reads the resource's CA and certificate
+    /// files, so a changed file is in force for the next agent connection.
     pub fn get(
         &self,
         resource: &Resource,
@@ -245,9 +262,10 @@ impl Pool {
             addr,
             tls_name: tls_name.map(str::to_string),
             h2c: tls_name.is_none() && h2c,
-            ca_file: resource.upstream_ca_file.clone(),
-            client_cert: resource.credentials.client_cert_file.clone(),
-            client_key: resource.credentials.client_key_file.clone(),
+            tls_files: match tls_name {
+                Some(_) => tls_files(resource)?,
+                None => Vec::new(),
+            },
         };
         let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(u) = g.get(&key) {
@@ -824,6 +842,26 @@ mod tests {
             &t1,
             &pool.get(&a, addr, Some("two.example"), false).unwrap()
         ));
+        // A CA file rewritten in place is another entry.
+        let dir = crate::testutil::TempDir::new("http", "pool-ca");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, rcgen_ca_pem()).unwrap();
+        let mut with_ca = resource("a");
+        with_ca.upstream_ca_file = Some(ca.clone());
+        let c1 = pool
+            .get(&with_ca, addr, Some("one.example"), false)
+            .unwrap();
+        assert!(Arc::ptr_eq(
+            &c1,
+            &pool
+                .get(&with_ca, addr, Some("one.example"), false)
+                .unwrap()
+        ));
+        std::fs::write(&ca, rcgen_ca_pem()).unwrap();
+        let c2 = pool
+            .get(&with_ca, addr, Some("one.example"), false)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&c1, &c2));
         // Another client certificate is another entry.
         let mut cert = resource("a");
         cert.credentials.client_cert_file = Some("/nonexistent/c.pem".into());
@@ -833,7 +871,15 @@ mod tests {
             &t1,
             &pool.get(&a, addr, Some("one.example"), false).unwrap()
         ));
-        assert_eq!(pool.len(), 6);
+        assert_eq!(pool.len(), 8);
+    }
+
+    /// A fresh self-signed CA certificate, PEM.
+    fn rcgen_ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
     }
 
     #[tokio::test]
