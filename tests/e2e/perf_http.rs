@@ -99,12 +99,21 @@ impl Origin {
             .collect()
     }
 
-    /// The requests whose URI starts with `prefix`.
-    fn requests_under(&self, prefix: &str) -> Vec<(u64, u64, String, String)> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.3.starts_with(prefix))
-            .collect()
+    /// The requests whose URI starts with `prefix`, once there are at
+    /// least `n` of them (nginx logs a request after answering it).
+    fn requests_under(&self, prefix: &str, n: usize) -> Vec<(u64, u64, String, String)> {
+        let under = || -> Vec<_> {
+            self.requests()
+                .into_iter()
+                .filter(|r| r.3.starts_with(prefix))
+                .collect()
+        };
+        wait_until(
+            Duration::from_secs(10),
+            || under().len() >= n,
+            "nginx logged the requests",
+        );
+        under()
     }
 }
 
@@ -247,7 +256,7 @@ fn kept_alive_connections_are_pooled_and_every_request_is_still_decided_and_audi
             assert_eq!(codes, vec![(200, 1)], "{text}");
         }
 
-        let seen = s.origin.requests_under(&p);
+        let seen = s.origin.requests_under(&p, 7);
         let uris: Vec<String> = seen.iter().map(|r| r.3.clone()).collect();
         let want: Vec<String> = ["a1", "a2", "a3", "a4", "n0", "n1", "n2"]
             .iter()
@@ -303,6 +312,12 @@ fn kept_alive_connections_are_pooled_and_every_request_is_still_decided_and_audi
             assert_eq!(n, 1, "{method} {path}: {decided:?}");
         }
         // One completion per forwarded request, each naming its own record.
+        // Written when each response body ends, off the request's path.
+        wait_until(
+            Duration::from_secs(10),
+            || s.events("command_end", resource).len() >= 7,
+            "a command_end record per forwarded request",
+        );
         let ends = s.events("command_end", resource);
         assert_eq!(ends.len(), 7, "{ends:?}");
         let seqs: BTreeSet<u64> = ends
@@ -329,7 +344,7 @@ fn connections_the_origin_closes_are_not_reused() {
         let (codes, text) = s.curl_seq(resource, &seq);
         assert!(codes.iter().all(|c| c.0 == 200), "{text}");
         assert_eq!(codes.len(), 6, "{text}");
-        let seen = s.origin.requests_under(&p);
+        let seen = s.origin.requests_under(&p, 6);
         assert_eq!(seen.len(), 6, "{seen:?}");
         assert!(seen.iter().all(|r| r.1 <= 2), "{seen:?}");
         assert!(distinct_connections(&seen) >= 3, "{seen:?}");
@@ -338,7 +353,7 @@ fn connections_the_origin_closes_are_not_reused() {
         let path = format!("{p}/late");
         let (codes, text) = s.curl_seq(resource, &[("GET", &path)]);
         assert_eq!(codes, vec![(200, 1)], "{text}");
-        let late = s.origin.requests_under(&path);
+        let late = s.origin.requests_under(&path, 1);
         assert_eq!(late.len(), 1, "{late:?}");
         assert_eq!(late[0].1, 1, "a fresh upstream connection: {late:?}");
     }
