@@ -93,6 +93,8 @@ pub struct Shared {
     pub sessions: Sessions,
     /// The local CA that mints leaves for TLS interception.
     pub ca: Arc<crate::proxy::http::ca::LocalCa>,
+    /// Kept-alive upstream connections of http resources.
+    pub http_pool: crate::proxy::http::upstream::Pool,
     /// Namespaces with listeners.
     pub netns: Mutex<HashMap<NetnsId, ServedNetns>>,
     /// Counters.
@@ -377,6 +379,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         webhooks,
         sessions: Sessions::new(),
         ca: Arc::new(ca),
+        http_pool: Default::default(),
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         memory: crate::limits::MemoryGauge::default(),

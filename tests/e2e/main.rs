@@ -16,6 +16,7 @@ mod harness;
 mod http;
 mod mcp;
 mod ops;
+mod perf_http;
 mod postgres;
 mod security;
 mod sound_http;

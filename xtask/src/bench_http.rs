@@ -3,6 +3,11 @@
 //! Portcullis (wrk in a tagged cgroup; identity proof, Cedar decision, an
 //! audit record before and after every request, masking on) and through
 //! nginx as a reverse proxy (the yardstick for "a proxy in the path").
+//! Twice: in plain text, and over TLS (the origin serves HTTPS with a
+//! bench CA; Portcullis intercepts with `tls = "intercept"` and verifies
+//! the origin against that CA; nginx terminates TLS and proxies to the
+//! origin over verified TLS). Each table ends with PASS/MISS against the
+//! target: Portcullis ahead of nginx in the same run.
 
 use std::{
     fs,
@@ -45,15 +50,25 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
     require_root()?;
     let bin = ci::daemon_binary(binary)?;
     let work = PathBuf::from("/tmp").join(NAME);
-    let (origin_port, proxy_port) = (free_port()?, free_port()?);
-    let origin = Nginx::start(&work.join("origin"), &origin_conf(origin_port), origin_port)?;
+    let pki = Pki::create(&work.join("pki"))?;
+    let (origin_port, origin_tls_port) = (free_port()?, free_port()?);
+    let (proxy_port, proxy_tls_port) = (free_port()?, free_port()?);
+    let origin = Nginx::start(
+        &work.join("origin"),
+        &origin_conf(origin_port, origin_tls_port, &pki),
+        origin_port,
+    )?;
     let proxy = Nginx::start(
         &work.join("proxy"),
-        &proxy_conf(proxy_port, origin_port),
+        &proxy_conf(
+            (proxy_port, origin_port),
+            (proxy_tls_port, origin_tls_port),
+            &pki,
+        ),
         proxy_port,
     )?;
     step(&format!(
-        "nginx origin on 127.0.0.1:{origin_port}, nginx reverse proxy on 127.0.0.1:{proxy_port}"
+        "nginx origin on 127.0.0.1:{origin_port} (https :{origin_tls_port}), nginx reverse proxy on 127.0.0.1:{proxy_port} (https :{proxy_tls_port})"
     ));
 
     let policies = work.join("policies");
@@ -66,15 +81,19 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
     let demo = crate::util::repo_root().join("policies").join("demo");
     let policy = format!(
         "[resource.bench-origin]\nprotocol = \"http\"\nmatch = [\"127.0.0.1:{origin_port}\"]\ntls = \"none\"\n\n\
+         [resource.bench-origin-tls]\nprotocol = \"http\"\nmatch = [\"127.0.0.1:{origin_tls_port}\"]\ntls = \"intercept\"\nupstream_ca_file = {:?}\n\n\
          [[mask]]\nresource = \"bench-origin\"\ndetectors = [\"email\"]\n\n\
+         [[mask]]\nresource = \"bench-origin-tls\"\ndetectors = [\"email\"]\n\n\
          [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
          [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
+        pki.ca.display().to_string(),
         demo.join("jwks.json").display().to_string()
     );
     fs::write(policies.join("bench.toml"), policy).context("cannot write bench.toml")?;
     fs::write(
         policies.join("bench.cedar"),
-        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource == Resource::\"bench-origin\");\n",
+        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource == Resource::\"bench-origin\");\n\
+         @id(\"bench-tls\")\npermit(principal == Identity::\"bench-agent\", action == Action::\"http:get\", resource == Resource::\"bench-origin-tls\");\n",
     )
     .context("cannot write bench.cedar")?;
 
@@ -90,38 +109,64 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
 
-    // Masking must be on the measured path: check one response first.
-    let check = curl_body(&session, origin_port)?;
-    if check.contains("bench@example.com") || !check.contains("[MASKED]") {
-        bail!("through Portcullis the body was not masked: {check}");
+    // Masking must be on the measured path: check one response first, in
+    // plain text and through interception.
+    for url in [
+        format!("http://127.0.0.1:{origin_port}/"),
+        format!("https://127.0.0.1:{origin_tls_port}/"),
+    ] {
+        let check = curl_body(&session, &url)?;
+        if check.contains("bench@example.com") || !check.contains("[MASKED]") {
+            bail!("through Portcullis the body of {url} was not masked: {check}");
+        }
     }
 
-    let url = |port: u16| format!("http://127.0.0.1:{port}/");
-    let mut results = Vec::new();
-    for (label, port, through) in [
-        ("direct", origin_port, false),
-        ("nginx reverse proxy", proxy_port, false),
-        ("portcullis", origin_port, true),
-    ] {
-        let r = wrk(&session, &url(port), seconds, connections, threads, through);
-        if let Ok(w) = &r {
-            println!(
-                "    {label}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} requests, {} errors",
-                w.rps, w.p50_ms, w.p99_ms, w.requests, w.errors
-            );
+    let cases = [
+        (
+            "plain HTTP",
+            format!("http://127.0.0.1:{origin_port}/"),
+            format!("http://127.0.0.1:{proxy_port}/"),
+        ),
+        (
+            "TLS (Portcullis intercepting, nginx terminating)",
+            format!("https://127.0.0.1:{origin_tls_port}/"),
+            format!("https://127.0.0.1:{proxy_tls_port}/"),
+        ),
+    ];
+    let mut tables = Vec::new();
+    for (title, origin_url, proxy_url) in &cases {
+        step(title);
+        let mut results = Vec::new();
+        for (label, url, through) in [
+            ("direct", origin_url, false),
+            ("nginx reverse proxy", proxy_url, false),
+            ("portcullis", origin_url, true),
+        ] {
+            let r = wrk(&session, url, seconds, connections, threads, through);
+            if let Ok(w) = &r {
+                println!(
+                    "    {label}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} requests, {} errors",
+                    w.rps, w.p50_ms, w.p99_ms, w.requests, w.errors
+                );
+            }
+            results.push((label, r));
+            if interrupted() {
+                bail!("interrupted");
+            }
         }
-        results.push((label, r));
-        if interrupted() {
-            bail!("interrupted");
-        }
+        tables.push((*title, results));
     }
     drop(proxy);
     drop(origin);
-    print_table(&results, seconds, connections, threads);
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(l, r)| r.as_ref().err().map(|e| format!("{l}: {e:#}")))
-        .collect();
+    let mut failed = Vec::new();
+    for (title, results) in &tables {
+        print_table(title, results, seconds, connections, threads);
+        failed.extend(
+            results
+                .iter()
+                .filter_map(|(l, r)| r.as_ref().err().map(|e| format!("{title}, {l}: {e:#}"))),
+        );
+    }
     if !failed.is_empty() {
         eprintln!("daemon log ends with:\n{}", session.log_tail(20));
         bail!("some measurements failed:\n  {}", failed.join("\n  "));
@@ -129,18 +174,86 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
     Ok(())
 }
 
+/// The bench's own CA and a server certificate for 127.0.0.1 and
+/// localhost (made with the openssl command line).
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn create(dir: &Path) -> Result<Self> {
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let pki = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        let (ca_key, csr, ext) = (dir.join("ca.key"), dir.join("server.csr"), dir.join("ext"));
+        fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        )
+        .context("cannot write the extensions file")?;
+        let p = |p: &Path| p.display().to_string();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        let mut ca = Command::new("openssl");
+        ca.args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=portcullis bench CA",
+        ])
+        .args(ec)
+        .args(["-keyout", &p(&ca_key), "-out", &p(&pki.ca)]);
+        let mut req = Command::new("openssl");
+        req.args(["req", "-nodes", "-subj", "/CN=127.0.0.1"])
+            .args(ec)
+            .args(["-keyout", &p(&pki.key), "-out", &p(&csr)]);
+        let mut sign = Command::new("openssl");
+        sign.args(["x509", "-req", "-days", "2", "-in", &p(&csr)])
+            .args(["-CA", &p(&pki.ca), "-CAkey", &p(&ca_key), "-CAcreateserial"])
+            .args(["-extfile", &p(&ext), "-out", &p(&pki.cert)]);
+        for cmd in [&mut ca, &mut req, &mut sign] {
+            let out = output_with_timeout(cmd, Duration::from_secs(30))?;
+            if !out.status.success() {
+                bail!(
+                    "{} failed: {}",
+                    describe(cmd),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(pki)
+    }
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn print_table(results: &[(&str, Result<Wrk>)], seconds: u64, connections: u64, threads: u64) {
-    let direct = results
-        .iter()
-        .find(|(l, _)| *l == "direct")
-        .and_then(|(_, r)| r.as_ref().ok().copied());
+fn print_table(
+    title: &str,
+    results: &[(&str, Result<Wrk>)],
+    seconds: u64,
+    connections: u64,
+    threads: u64,
+) {
+    let rps = |label: &str| {
+        results
+            .iter()
+            .find(|(l, _)| *l == label)
+            .and_then(|(_, r)| r.as_ref().ok().map(|w| w.rps))
+    };
+    let direct = rps("direct");
     println!();
     println!(
-        "HTTP benchmark: wrk -t{threads} -c{connections} -d{seconds}s, GET of a {}-byte JSON body",
+        "HTTP benchmark, {title}: wrk -t{threads} -c{connections} -d{seconds}s, GET of a {}-byte JSON body",
         BODY.len()
     );
     println!(
@@ -151,8 +264,8 @@ fn print_table(results: &[(&str, Result<Wrk>)], seconds: u64, connections: u64, 
         match r {
             Ok(w) => {
                 let ratio = direct
-                    .filter(|d| d.rps > 0.0)
-                    .map_or("-".to_string(), |d| format!("{:.2}", w.rps / d.rps));
+                    .filter(|d| *d > 0.0)
+                    .map_or("-".to_string(), |d| format!("{:.2}", w.rps / d));
                 println!(
                     "{label:<22} {:>12.0} {:>12.3} {:>12.3} {ratio:>16}",
                     w.rps, w.p50_ms, w.p99_ms
@@ -161,17 +274,26 @@ fn print_table(results: &[(&str, Result<Wrk>)], seconds: u64, connections: u64, 
             Err(_) => println!("{label:<22} {:>12}", "failed"),
         }
     }
+    println!("{}", verdict(rps("portcullis"), rps("nginx reverse proxy")));
 }
 
-/// One GET through Portcullis (curl in the tagged cgroup); its body.
-fn curl_body(session: &Session, port: u16) -> Result<String> {
+/// The table's last line: the target is Portcullis ahead of nginx.
+fn verdict(portcullis: Option<f64>, nginx: Option<f64>) -> String {
+    match (portcullis, nginx) {
+        (Some(p), Some(n)) if n > 0.0 => format!(
+            "target: ahead of nginx as a reverse proxy: {} ({:.2}x nginx)",
+            if p > n { "PASS" } else { "MISS" },
+            p / n
+        ),
+        _ => "target: ahead of nginx as a reverse proxy: MISS (no measurement)".into(),
+    }
+}
+
+/// One GET through Portcullis (curl in the tagged cgroup); its body. The
+/// daemon's certificate is not checked (wrk does not check it either).
+fn curl_body(session: &Session, url: &str) -> Result<String> {
     let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "10",
-        &format!("http://127.0.0.1:{port}/"),
-    ]);
+    cmd.args(["-sS", "--insecure", "--max-time", "10", url]);
     run_in_cgroup(&mut cmd, session.agent_procs_file()?);
     let out = output_with_timeout(&mut cmd, Duration::from_secs(20))?;
     if !out.status.success() {
@@ -268,15 +390,24 @@ fn duration_ms(s: &str) -> Option<f64> {
     Some(num.parse::<f64>().ok()? * scale)
 }
 
-fn origin_conf(port: u16) -> String {
+fn origin_conf(port: u16, tls_port: u16, pki: &Pki) -> String {
     format!(
-        "worker_processes 1;\nhttp {{\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ default_type application/json; return 200 '{BODY}'; }}\n  }}\n}}\n"
+        "worker_processes 1;\nhttp {{\n  server {{\n    listen 127.0.0.1:{port};\n    listen 127.0.0.1:{tls_port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ default_type application/json; return 200 '{BODY}'; }}\n  }}\n}}\n",
+        pki.cert.display(),
+        pki.key.display(),
     )
 }
 
-fn proxy_conf(port: u16, origin: u16) -> String {
+/// nginx as a reverse proxy with kept-alive upstream connections, in
+/// plain text and terminating TLS (verifying the origin, reusing TLS
+/// sessions), `(listen, origin)` ports each.
+fn proxy_conf(plain: (u16, u16), tls: (u16, u16), pki: &Pki) -> String {
+    let ((port, origin), (tls_port, origin_tls)) = (plain, tls);
     format!(
-        "worker_processes 2;\nhttp {{\n  upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
+        "worker_processes 2;\nhttp {{\n  upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}\n  upstream origin_tls {{ server 127.0.0.1:{origin_tls}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n  server {{\n    listen 127.0.0.1:{tls_port} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    location / {{ proxy_pass https://origin_tls; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_verify on; proxy_ssl_trusted_certificate {ca}; proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on; }}\n  }}\n}}\n",
+        cert = pki.cert.display(),
+        key = pki.key.display(),
+        ca = pki.ca.display(),
     )
 }
 
@@ -347,5 +478,12 @@ mod tests {
         assert_eq!(w.errors, 3);
         assert!(parse_wrk("garbage").is_none());
         assert_eq!(duration_ms("1.02s"), Some(1020.0));
+    }
+
+    #[test]
+    fn tables_end_with_the_verdict() {
+        assert!(verdict(Some(2.0), Some(1.0)).contains("PASS"));
+        assert!(verdict(Some(1.0), Some(2.0)).contains("MISS"));
+        assert!(verdict(None, Some(2.0)).contains("MISS"));
     }
 }

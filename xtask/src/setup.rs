@@ -57,6 +57,8 @@ const APT_PACKAGES: &[&str] = &[
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",
+    // The HTTP bench's certificates (`cargo xtask bench http`, TLS case).
+    "openssl",
 ];
 
 /// Commands the tests need, with the Debian package that provides them when

@@ -229,7 +229,9 @@ struct Conn {
     flow: Flow,
     sni: Option<String>,
     secure: bool,
-    upstream: OnceCell<Upstream>,
+    /// This connection's pooled upstream (shared with the resource's other
+    /// agent connections): fixed at the first request.
+    upstream: OnceCell<Arc<Upstream>>,
     /// Relays of upgraded connections: the session lasts until they end.
     upgrades: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// State of an mcp resource's connection (see [`super::mcp`]).
@@ -686,7 +688,7 @@ impl Conn {
         resp
     }
 
-    async fn upstream(&self, host: &str, h2c: bool) -> Result<&Upstream, UpstreamError> {
+    async fn upstream(&self, host: &str, h2c: bool) -> Result<&Arc<Upstream>, UpstreamError> {
         self.upstream
             .get_or_try_init(|| async {
                 let addr =
@@ -698,12 +700,13 @@ impl Conn {
                             source,
                         })?;
                 let res = &self.flow.resource;
+                let pool = &self.shared.http_pool;
                 let tls = self.secure || res.upstream_ca_file.is_some();
                 if !tls {
                     // Cleartext: the upstream protocol follows the agent's
                     // (HTTP/2 prior knowledge in, h2c out: gRPC, h2c-only
                     // servers).
-                    return Upstream::new(addr, None).map(|u| u.h2c(h2c));
+                    return pool.get(res, addr, None, h2c);
                 }
                 // Verify the name the agent meant, unless the resource
                 // names its upstream host.
@@ -711,7 +714,7 @@ impl Conn {
                     Some(Destination::Host { host, .. }) => host.clone(),
                     _ => self.sni.clone().unwrap_or_else(|| host.to_string()),
                 };
-                Upstream::new(addr, Some((res, &name)))
+                pool.get(res, addr, Some(&name), false)
             })
             .await
     }

@@ -1,16 +1,24 @@
 //! The upstream side of an HTTP resource: verified TLS (the resource's CA
 //! file or the system roots), credentials the daemon holds (bearer token,
-//! basic, client certificate) and a small per-flow connection pool (one
-//! multiplexed HTTP/2 connection, or up to [`H1_IDLE_MAX`] idle HTTP/1.1
-//! ones).
+//! basic, client certificate) and the daemon's pool of kept-alive upstream
+//! connections ([`Pool`]): one [`Upstream`] per resource, upstream address,
+//! verified server name and client certificate, shared by the agent
+//! connections to that resource, holding one multiplexed HTTP/2 connection
+//! or up to [`H1_IDLE_MAX`] idle HTTP/1.1 ones and one TLS client
+//! configuration (so TLS sessions are resumed). A pooled connection is never
+//! shared across resources or upstream credentials; an HTTP/1.1 connection
+//! goes back to the pool only once its response has been read to the end;
+//! a request is retried on another connection only when hyper hands it
+//! back unwritten (the pooled connection had died).
 //!
 //! Owns connecting and sending. It must not decide, mask or record.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
-    time::Duration,
+    sync::{Arc, Mutex, OnceLock, Weak},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -34,8 +42,21 @@ pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Errors inside bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Idle HTTP/1.1 upstream connections kept per flow.
-pub const H1_IDLE_MAX: usize = 8;
+/// Idle HTTP/1.1 upstream connections kept per pool entry.
+pub const H1_IDLE_MAX: usize = 64;
+/// Pool entries (resource, address, server name, client certificate)
+/// kept at once; past it the oldest unused ones go.
+pub const POOL_ENTRIES_MAX: usize = 256;
+/// How long a pool entry serves new agent connections before it is made
+/// again (its CA and client certificate files read again, as a daemon
+/// restart would).
+pub const POOL_ENTRY_TTL: Duration = Duration::from_secs(60);
+/// An idle HTTP/1.1 connection unused this long is closed rather than
+/// reused (servers close theirs after 5 to 75 seconds).
+pub const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts at a request whose pooled connection died before it was
+/// written (each on another connection).
+const SEND_ATTEMPTS: usize = 3;
 /// TLS handshake bound.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -174,12 +195,130 @@ pub fn authorization(c: &Credentials) -> Result<Option<HeaderValue>, UpstreamErr
     Ok(Some(v))
 }
 
-/// How the daemon reaches one flow's upstream.
+/// What a pooled connection is bound to: connections are shared only
+/// between requests that agree on all of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    resource: String,
+    addr: SocketAddr,
+    /// The server name verified (TLS), `None` in cleartext.
+    tls_name: Option<String>,
+    /// Cleartext HTTP/2 with prior knowledge.
+    h2c: bool,
+    /// The files the TLS configuration is made of, by path and content
+    /// (SHA-256): a resource whose CA or client certificate changes (a
+    /// reload, or the file rewritten in place) gets new connections made
+    /// with the new files, as a new agent connection always did.
+    tls_files: Vec<(PathBuf, [u8; 32])>,
+}
+
+/// Path and content digest of each file a TLS configuration is made of.
+fn tls_files(resource: &Resource) -> Result<Vec<(PathBuf, [u8; 32])>, UpstreamError> {
+    use sha2::Digest as _;
+    let c = &resource.credentials;
+    [
+        &resource.upstream_ca_file,
+        &c.client_cert_file,
+        &c.client_key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| Ok((path.clone(), sha2::Sha256::digest(read(path)?).into())))
+    .collect()
+}
+
+/// The daemon's kept-alive upstream connections, by resource, upstream
+/// address, verified server name and client certificate. Bounded: at most
+/// [`POOL_ENTRIES_MAX`] entries of at most [`H1_IDLE_MAX`] idle HTTP/1.1
+/// connections (or one HTTP/2 connection) each.
+#[derive(Default)]
+pub struct Pool {
+    entries: Mutex<HashMap<PoolKey, Arc<Upstream>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.entries.lock().map(|g| g.len()).unwrap_or(0);
+        f.debug_struct("Pool").field("entries", &n).finish()
+    }
+}
+
+impl Pool {
+    /// The pooled upstream of `resource` at `addr`: with `tls_name`,
+    /// connections verify the server as that name (the resource's CA file
+    /// or the system roots, its client certificate); `h2c` makes cleartext
+    /// connections speak HTTP/2 with prior knowledge. Called once per agent
+    /// connection; with TLS it reads the resource's CA and certificate
+    /// files, so a changed file is in force for the next agent connection.
+    pub fn get(
+        &self,
+        resource: &Resource,
+        addr: SocketAddr,
+        tls_name: Option<&str>,
+        h2c: bool,
+    ) -> Result<Arc<Upstream>, UpstreamError> {
+        let key = PoolKey {
+            resource: resource.name.clone(),
+            addr,
+            tls_name: tls_name.map(str::to_string),
+            h2c: tls_name.is_none() && h2c,
+            tls_files: match tls_name {
+                Some(_) => tls_files(resource)?,
+                None => Vec::new(),
+            },
+        };
+        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = g.get(&key) {
+            if u.created.elapsed() < POOL_ENTRY_TTL {
+                return Ok(u.clone());
+            }
+        }
+        let tls = tls_name.map(|name| (resource, name));
+        let u = Upstream::new(addr, tls)?.h2c(key.h2c).shared();
+        if g.len() >= POOL_ENTRIES_MAX {
+            // Entries nobody holds and past their time go first, then the
+            // oldest: a flow holding one keeps using it either way.
+            g.retain(|_, u| Arc::strong_count(u) > 1 || u.created.elapsed() < POOL_ENTRY_TTL);
+            while g.len() >= POOL_ENTRIES_MAX {
+                let Some(oldest) = g
+                    .iter()
+                    .min_by_key(|(_, u)| u.created)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                g.remove(&oldest);
+            }
+        }
+        g.insert(key, u.clone());
+        Ok(u)
+    }
+
+    /// Entries in the pool now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether the pool is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An idle HTTP/1.1 connection and since when.
+struct Idle {
+    send: http1::SendRequest<BoxBody>,
+    since: Instant,
+}
+
+/// How the daemon reaches one upstream (a [`Pool`] entry).
 pub struct Upstream {
     addr: SocketAddr,
     tls: Option<(Arc<ClientConfig>, Arc<ClientConfig>, ServerName<'static>)>,
     h2: Mutex<Option<http2::SendRequest<BoxBody>>>,
-    h1: Mutex<Vec<http1::SendRequest<BoxBody>>>,
+    /// Idle HTTP/1.1 connections, most recently used last; each is ready
+    /// for a request (its last response was read to the end).
+    h1: Mutex<Vec<Idle>>,
     /// An HTTP/1.1 connection made by [`Upstream::version`] and not used
     /// yet (it may not report ready until its task first runs).
     fresh: Mutex<Option<http1::SendRequest<BoxBody>>>,
@@ -191,6 +330,13 @@ pub struct Upstream {
     /// Whether the cleartext upstream answered an HTTP/2 preface (probed
     /// once, on a connection that carries no request).
     h2c_ok: tokio::sync::OnceCell<bool>,
+    /// When this entry was made.
+    created: Instant,
+    /// Connections opened so far (upgrades included).
+    opened: std::sync::atomic::AtomicU64,
+    /// Weak self, for handing an HTTP/1.1 connection back once its
+    /// response has been read.
+    me: Weak<Upstream>,
 }
 
 /// Which protocol a request goes upstream with (the URI form differs).
@@ -227,6 +373,9 @@ impl Upstream {
             connecting: tokio::sync::Mutex::new(()),
             h2c: false,
             h2c_ok: tokio::sync::OnceCell::new(),
+            created: Instant::now(),
+            opened: std::sync::atomic::AtomicU64::new(0),
+            me: Weak::new(),
         })
     }
 
@@ -238,6 +387,15 @@ impl Upstream {
         self
     }
 
+    /// Shares this upstream; only a shared one hands its HTTP/1.1
+    /// connections back for reuse.
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            ..self
+        })
+    }
+
     /// The upstream address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -246,6 +404,11 @@ impl Upstream {
     /// Whether connections use TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// Connections opened so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn idle_h2(&self) -> Option<http2::SendRequest<BoxBody>> {
@@ -260,18 +423,44 @@ impl Upstream {
         }
     }
 
+    /// The most recently used idle connection still open and not idle for
+    /// too long (the others are dropped, which closes them).
     fn idle_h1(&self) -> Option<http1::SendRequest<BoxBody>> {
         let mut g = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|s| !s.is_closed());
-        let i = g.iter().position(|s| s.is_ready())?;
-        Some(g.swap_remove(i))
+        while let Some(idle) = g.pop() {
+            if idle.send.is_ready() && idle.since.elapsed() < H1_IDLE_TIMEOUT {
+                return Some(idle.send);
+            }
+        }
+        None
     }
 
-    fn keep_h1(&self, s: http1::SendRequest<BoxBody>) {
+    fn keep_h1(&self, send: http1::SendRequest<BoxBody>) {
         let mut g = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        if g.len() < H1_IDLE_MAX {
-            g.push(s);
+        if g.len() >= H1_IDLE_MAX {
+            // The least recently used goes (closing it).
+            g.remove(0);
         }
+        g.push(Idle {
+            send,
+            since: Instant::now(),
+        });
+    }
+
+    /// Hands an HTTP/1.1 connection back to the pool once it can take
+    /// another request: when the response has been read to the end (and
+    /// the request body written). A connection that closes instead (the
+    /// server's `Connection: close`, an error, the agent hanging up
+    /// mid-body) is dropped.
+    fn recycle(&self, mut send: http1::SendRequest<BoxBody>) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            if send.ready().await.is_ok() {
+                if let Some(u) = me.upgrade() {
+                    u.keep_h1(send);
+                }
+            }
+        });
     }
 
     /// Which version the next (non-upgrade) request would use, connecting
@@ -280,11 +469,8 @@ impl Upstream {
         if self.idle_h2().is_some() {
             return Ok(Version::H2);
         }
-        {
-            let g = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-            if g.iter().any(|s| s.is_ready()) {
-                return Ok(Version::H1);
-            }
+        if !self.h1.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            return Ok(Version::H1);
         }
         if self
             .fresh
@@ -311,11 +497,67 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` (already in the form [`Upstream::version`] said).
+    /// Sends `req` (already in the form [`Upstream::version`] said) on a
+    /// pooled connection, or a new one when none is idle. A request the
+    /// connection hands back unwritten (it died while pooled) is sent
+    /// again on another; one that may have been written is never resent.
     pub async fn send(&self, req: Request<BoxBody>) -> Result<Response<Incoming>, UpstreamError> {
-        if let Some(mut s) = self.idle_h2() {
-            s.ready().await?;
-            return Ok(s.send_request(req).await?);
+        let mut req = req;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= SEND_ATTEMPTS;
+            let sent = match self.checkout().await? {
+                Conn::H2(mut s) => {
+                    // A connection that will not take a request has not
+                    // been given this one.
+                    if let Err(e) = s.ready().await {
+                        self.drop_h2(&s);
+                        if last {
+                            return Err(e.into());
+                        }
+                        continue;
+                    }
+                    match s.try_send_request(req).await {
+                        Ok(r) => return Ok(r),
+                        Err(e) => {
+                            self.drop_h2(&s);
+                            e
+                        }
+                    }
+                }
+                Conn::H1(mut s) => {
+                    if let Err(e) = s.ready().await {
+                        if last {
+                            return Err(e.into());
+                        }
+                        continue;
+                    }
+                    match s.try_send_request(req).await {
+                        Ok(r) => {
+                            self.recycle(s);
+                            return Ok(r);
+                        }
+                        Err(e) => e,
+                    }
+                }
+            };
+            let mut e = sent;
+            match e.take_message() {
+                Some(back) if !last => {
+                    debug!(addr = %self.addr, "pooled upstream connection closed before the request was written; sending it on another");
+                    req = back;
+                }
+                _ => return Err(e.into_error().into()),
+            }
+        }
+    }
+
+    /// A connection for the next request: the multiplexed HTTP/2 one, the
+    /// one [`Upstream::version`] made, an idle HTTP/1.1 one, or a new one.
+    async fn checkout(&self) -> Result<Conn, UpstreamError> {
+        if let Some(s) = self.idle_h2() {
+            return Ok(Conn::H2(s));
         }
         let fresh = self
             .fresh
@@ -323,23 +565,26 @@ impl Upstream {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|s| !s.is_closed());
-        let mut s = match fresh.or_else(|| self.idle_h1()) {
-            Some(s) => s,
-            None => match self.connect(false).await? {
-                Conn::H1(s) => s,
-                Conn::H2(mut s) => {
-                    *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
-                    s.ready().await?;
-                    return Ok(s.send_request(req).await?);
-                }
-            },
-        };
-        s.ready().await?;
-        let resp = s.send_request(req);
-        // Back in the pool at once: it reports ready again when the
-        // response body has been read.
-        self.keep_h1(s);
-        Ok(resp.await?)
+        if let Some(s) = fresh.or_else(|| self.idle_h1()) {
+            return Ok(Conn::H1(s));
+        }
+        match self.connect(false).await? {
+            Conn::H2(s) => {
+                *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+                Ok(Conn::H2(s))
+            }
+            h1 => Ok(h1),
+        }
+    }
+
+    /// Forgets the HTTP/2 connection `s` if it is still the pooled one.
+    fn drop_h2(&self, s: &http2::SendRequest<BoxBody>) {
+        if s.is_closed() {
+            let mut g = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_some_and(|c| c.is_closed()) {
+                *g = None;
+            }
+        }
     }
 
     /// Sends an upgrade request (WebSocket, Kubernetes exec) on a fresh
@@ -361,6 +606,8 @@ impl Upstream {
 
     async fn connect(&self, h1_only: bool) -> Result<Conn, UpstreamError> {
         let addr = self.addr;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // An HTTP/1.1-only server (no h2c) is still served over HTTP/1.1.
         let h2c = self.tls.is_none()
             && self.h2c
@@ -478,6 +725,188 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::{BodyExt as _, Empty};
+
+    fn resource(name: &str) -> Resource {
+        Resource {
+            name: name.into(),
+            protocol: crate::policy::Protocol::Http,
+            kind: "generic".into(),
+            matches: Vec::new(),
+            upstream: None,
+            record: Default::default(),
+            approval_timeout: Duration::from_secs(60),
+            credentials: Credentials::default(),
+            tls: None,
+            agent_token: Default::default(),
+            upstream_ca_file: None,
+            known_hosts: None,
+            host_ca: None,
+            postgres: Default::default(),
+            host_key_file: None,
+            host_certificate_file: None,
+        }
+    }
+
+    /// An HTTP/1.1 server on loopback answering every request `200 ok`;
+    /// with `close_after_each`, it closes each connection after its first
+    /// answer without saying so (a kept-alive connection dying while
+    /// pooled). Counts connections.
+    async fn origin(close_after_each: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            if close_after_each {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    fn get() -> Request<BoxBody> {
+        let mut r = Request::new(
+            Empty::<Bytes>::new()
+                .map_err(|e| -> BoxError { match e {} })
+                .boxed_unsync(),
+        );
+        *r.uri_mut() = "/".parse().unwrap();
+        r.headers_mut()
+            .insert(hyper::header::HOST, HeaderValue::from_static("origin"));
+        r
+    }
+
+    async fn send_and_read(u: &Upstream) -> Vec<u8> {
+        assert_eq!(u.version().await.unwrap(), Version::H1);
+        let resp = u.send(get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        // Let the connection's task see the end and hand it back.
+        for _ in 0..100 {
+            if !u.h1.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        body.to_vec()
+    }
+
+    #[test]
+    fn pool_entries_are_per_resource_address_and_name() {
+        let pool = Pool::default();
+        let a = resource("a");
+        let b = resource("b");
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let a1 = pool.get(&a, addr, None, false).unwrap();
+        assert!(Arc::ptr_eq(&a1, &pool.get(&a, addr, None, false).unwrap()));
+        assert!(!Arc::ptr_eq(&a1, &pool.get(&b, addr, None, false).unwrap()));
+        assert!(!Arc::ptr_eq(
+            &a1,
+            &pool.get(&a, other, None, false).unwrap()
+        ));
+        assert!(!Arc::ptr_eq(&a1, &pool.get(&a, addr, None, true).unwrap()));
+        let t1 = pool.get(&a, addr, Some("one.example"), false).unwrap();
+        assert!(t1.is_tls() && !Arc::ptr_eq(&a1, &t1));
+        assert!(!Arc::ptr_eq(
+            &t1,
+            &pool.get(&a, addr, Some("two.example"), false).unwrap()
+        ));
+        // A CA file rewritten in place is another entry.
+        let dir = crate::testutil::TempDir::new("http", "pool-ca");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, rcgen_ca_pem()).unwrap();
+        let mut with_ca = resource("a");
+        with_ca.upstream_ca_file = Some(ca.clone());
+        let c1 = pool
+            .get(&with_ca, addr, Some("one.example"), false)
+            .unwrap();
+        assert!(Arc::ptr_eq(
+            &c1,
+            &pool
+                .get(&with_ca, addr, Some("one.example"), false)
+                .unwrap()
+        ));
+        std::fs::write(&ca, rcgen_ca_pem()).unwrap();
+        let c2 = pool
+            .get(&with_ca, addr, Some("one.example"), false)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&c1, &c2));
+        // Another client certificate is another entry.
+        let mut cert = resource("a");
+        cert.credentials.client_cert_file = Some("/nonexistent/c.pem".into());
+        cert.credentials.client_key_file = Some("/nonexistent/c.key".into());
+        assert!(pool.get(&cert, addr, Some("one.example"), false).is_err());
+        assert!(Arc::ptr_eq(
+            &t1,
+            &pool.get(&a, addr, Some("one.example"), false).unwrap()
+        ));
+        assert_eq!(pool.len(), 8);
+    }
+
+    /// A fresh self-signed CA certificate, PEM.
+    fn rcgen_ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_kept_alive_and_reused() {
+        let (addr, conns) = origin(false).await;
+        let pool = Pool::default();
+        let u = pool.get(&resource("r"), addr, None, false).unwrap();
+        for _ in 0..5 {
+            assert_eq!(send_and_read(&u).await, b"ok");
+        }
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(u.opened(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_died_while_pooled_is_not_used() {
+        let (addr, conns) = origin(true).await;
+        let pool = Pool::default();
+        let u = pool.get(&resource("r"), addr, None, false).unwrap();
+        for _ in 0..4 {
+            assert_eq!(send_and_read(&u).await, b"ok");
+            // The origin's close has long arrived when the next request
+            // comes: the pooled connection is known dead, never written to.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
 
     #[tokio::test]
     async fn h2c_is_probed_by_the_servers_answer_to_a_preface() {
