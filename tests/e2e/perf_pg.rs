@@ -14,7 +14,8 @@ const RULES: &str = r#"
 permit(principal, action in [Action::"postgres:select", Action::"postgres:insert", Action::"postgres:ddl", Action::"postgres:transaction", Action::"postgres:set", Action::"postgres:show"], resource);
 "#;
 
-const MASK: &str = "[[mask]]\nresource = \"pg\"\ncolumns = [\"customers.ssn\"]\nstyle = \"redact\"\n";
+const MASK: &str =
+    "[[mask]]\nresource = \"pg\"\ncolumns = [\"customers.ssn\"]\nstyle = \"redact\"\n";
 
 const SSN: &str = "123-45-6789";
 
@@ -73,9 +74,9 @@ impl S {
         let mut cmd = Command::new("psql");
         cmd.args(["-X", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1"])
             .arg(format!(
-                "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=disable connect_timeout=10",
-                self.pg.port
-            ));
+            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=disable connect_timeout=10",
+            self.pg.port
+        ));
         for m in messages {
             cmd.args(["-c", m]);
         }
@@ -145,10 +146,7 @@ fn ddl_through_the_proxy_invalidates_the_catalog_cache() {
     let s = setup("perfpgddl");
     s.pg.sql("insert into child values (1, 'x', '111-22-3333')");
     // Not a child of customers yet: its ssn is no masked column.
-    assert_eq!(
-        s.warm("select upper(ssn) from child").trim(),
-        "111-22-3333"
-    );
+    assert_eq!(s.warm("select upper(ssn) from child").trim(), "111-22-3333");
     // Through Portcullis: child becomes a child of customers, so its ssn
     // is customers.ssn and may not go through an expression.
     let (ok, _, err) = s.psql("alter table child inherit customers");
@@ -163,10 +161,7 @@ fn ddl_through_the_proxy_invalidates_the_catalog_cache() {
     // cannot see the change yet: in one batch, and message by message.
     s.pg.sql("alter table child no inherit customers");
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        s.warm("select upper(ssn) from child").trim(),
-        "111-22-3333"
-    );
+    assert_eq!(s.warm("select upper(ssn) from child").trim(), "111-22-3333");
     let (ok, out, err) =
         s.psql("begin; alter table child inherit customers; select upper(ssn) from child; commit");
     assert!(

@@ -64,8 +64,7 @@ const LISTENER_IDLE: Duration = Duration::from_secs(600);
 pub const CHANNEL: &str = "portcullis_catalog";
 
 /// The body of the trigger function (compared when verifying).
-const FUNCTION_BODY: &str =
-    " BEGIN PERFORM pg_catalog.pg_notify('portcullis_catalog', ''); END ";
+const FUNCTION_BODY: &str = " BEGIN PERFORM pg_catalog.pg_notify('portcullis_catalog', ''); END ";
 
 /// Installs the catalog-change signal (idempotent; needs a superuser). An
 /// administrator may run it once for a resource whose held role is not
@@ -188,7 +187,10 @@ fn side_params(user: &str, database: &str, extra: &str) -> Vec<(String, String)>
     vec![
         ("user".into(), user.into()),
         ("database".into(), database.into()),
-        ("options".into(), format!("-c search_path=pg_catalog{extra}")),
+        (
+            "options".into(),
+            format!("-c search_path=pg_catalog{extra}"),
+        ),
         (
             "client_encoding".into(),
             super::encoding::PINNED.to_string(),
@@ -600,8 +602,7 @@ impl SessionChanges {
         }
         if let Some(p) = &self.pool {
             p.begin_change();
-            self.open
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -409,7 +409,10 @@ impl<'a> Front<'a> {
                     .is_some_and(|p| p.stmt.changes_catalog && p.stmt.approved.is_some())
                 {
                     // Each execution of a prepared catalog change counts.
-                    let catalog = self.portals.get(portal).is_some_and(|p| p.stmt.class != "set");
+                    let catalog = self
+                        .portals
+                        .get(portal)
+                        .is_some_and(|p| p.stmt.class != "set");
                     self.ctx.changes.begin(catalog);
                 }
                 let run = match self.portals.get(portal) {
