@@ -325,7 +325,7 @@ fn print_table(runs: &[Run]) {
             // pgbench logs whole transactions: per statement is the added
             // transaction latency over the statements in one.
             let added = |r: &Run| (r.p50_ms - d.p50_ms) * 1000.0 / f64::from(per_tx);
-            let plain = find(1, "portcullis").map(|p| added(p)).unwrap_or(f64::NAN);
+            let plain = find(1, "portcullis").map(&added).unwrap_or(f64::NAN);
             println!(
                 "  c=1   added p50 per statement: policy+audit+masking {:>6.1} us (target < {TARGET_ADDED_P50_US}): {}   policy+audit {:>6.1} us   pgbouncer {:>6.1} us",
                 added(m),
