@@ -17,6 +17,7 @@ mod http;
 mod mcp;
 mod ops;
 mod perf_http;
+mod perf_pg;
 mod postgres;
 mod security;
 mod sound_http;

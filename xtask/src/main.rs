@@ -117,10 +117,10 @@ enum BenchTarget {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
-    /// PostgreSQL: pgbench -S and TPC-B-like at 1, 8, 32 clients: direct,
+    /// PostgreSQL: pgbench -S (simple, extended, prepared) and TPC-B-like at 1, 8, 32 clients: direct,
     /// through Portcullis, with masking, through pgbouncer (session mode).
     Pg {
-        /// Seconds per pgbench run (24 runs).
+        /// Seconds per pgbench run (48 runs).
         #[arg(long, default_value_t = 10)]
         seconds: u32,
         /// pgbench scale factor.

@@ -345,6 +345,12 @@ impl<'a> Back<'a> {
                     self.complete(r, None, Some("not executed".into()));
                 }
                 self.reset_result();
+                if body.first() == Some(&b'I') {
+                    // Out of any transaction: what this session changed in
+                    // the catalog is committed or gone (before the agent
+                    // hears so).
+                    self.ctx.changes.transaction_ended();
+                }
                 out.extend_from_slice(frame);
             }
             b'H' => {
@@ -543,7 +549,6 @@ impl<'a> Back<'a> {
         let found = self.catalog(&want).await;
         if let Err(e) = &found {
             warn!(session = %self.flow.info.session, "table names for masking unavailable: {e}");
-            *self.ctx.catalog.lock().await = None;
         }
         let mut found = found.unwrap_or_default();
         for oid in want {
@@ -555,17 +560,12 @@ impl<'a> Back<'a> {
         &mut self,
         oids: &[u32],
     ) -> Result<HashMap<u32, rows::Table>, upstream::UpstreamError> {
-        let mut side = self.ctx.catalog.lock().await;
-        if side.is_none() {
-            *side = Some(maskcheck::catalog_login(self.flow, &self.ctx.params).await?);
-        }
-        let Some(side) = side.as_mut() else {
+        let Some(pool) = self.ctx.changes.pool() else {
             return Ok(HashMap::new());
         };
         let list: Vec<String> = oids.iter().map(u32::to_string).collect();
-        let rows = maskcheck::side_query(
-            side,
-            &format!(
+        let rows = pool
+            .query(&format!(
                 "WITH RECURSIVE anc(rel, parent, depth) AS ( \
                    SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i \
                     WHERE i.inhrelid = ANY('{{{list}}}'::pg_catalog.oid[]) \
@@ -581,12 +581,11 @@ impl<'a> Back<'a> {
                  JOIN pg_catalog.pg_class p ON p.oid = anc.parent \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace",
                 list = list.join(",")
-            ),
-        )
-        .await?;
+            ))
+            .await?;
         let mut out: HashMap<u32, rows::Table> = HashMap::new();
         let mut ancestors: Vec<(u32, u32, String)> = Vec::new();
-        for r in rows {
+        for r in rows.iter() {
             let cell = |i: usize| r.get(i).cloned().flatten();
             let (Some(kind), Some(oid), Some(name)) = (
                 cell(0),

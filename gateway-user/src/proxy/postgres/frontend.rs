@@ -56,8 +56,11 @@ pub(super) struct Front<'a> {
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
-    /// Side-effect verdicts for the routines statements name.
-    functions: functions::Catalog,
+    /// Statement texts this session sent recently and their
+    /// classification (a pure function of the text): a statement sent
+    /// again (every extended-protocol execution re-sends its Parse) is not
+    /// parsed again. Bounded: see [`PARSED_MAX`].
+    parsed: HashMap<String, Vec<Classified>>,
     /// An allowed `COPY ... FROM STDIN` was sent: CopyData may follow.
     copy_in: bool,
     /// Body bytes of a CopyData frame still to pass (streamed, never
@@ -71,6 +74,11 @@ pub(super) struct Front<'a> {
 /// sending it (read and dropped) before the connection is closed: so it
 /// reads the error instead of a reset.
 const OVERSIZED_DRAIN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Statement texts remembered per session with their classification.
+const PARSED_MAX: usize = 16;
+/// Longest text remembered (a session's cache stays within a few KiB).
+const PARSED_TEXT_MAX: usize = 1024;
 
 /// Why a frontend message was refused.
 enum Refusal {
@@ -101,7 +109,7 @@ impl<'a> Front<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             skip_until_sync: false,
-            functions: functions::Catalog::new(&flow.info.resource, &ctx.database, &ctx.params),
+            parsed: HashMap::new(),
             copy_in: false,
             stream_left: 0,
             stream_forward: false,
@@ -319,6 +327,7 @@ impl<'a> Front<'a> {
                             // server refuses them in a prepared statement.
                             [(c, a), ..] => (c.class, a.clone()),
                         };
+                        let catalog = list.iter().any(|(c, _)| changes_catalog(c));
                         self.statements.insert(
                             name.to_string(),
                             Arc::new(Prepared {
@@ -326,6 +335,7 @@ impl<'a> Front<'a> {
                                 text: sql.to_string(),
                                 approved,
                                 param_types,
+                                changes_catalog: catalog,
                             }),
                         );
                         self.up_out.extend_from_slice(&frame);
@@ -393,6 +403,18 @@ impl<'a> Front<'a> {
                     .portals
                     .get(portal)
                     .is_some_and(|p| p.stmt.class == "copy_in" && p.stmt.approved.is_some());
+                if self
+                    .portals
+                    .get(portal)
+                    .is_some_and(|p| p.stmt.changes_catalog && p.stmt.approved.is_some())
+                {
+                    // Each execution of a prepared catalog change counts.
+                    let catalog = self
+                        .portals
+                        .get(portal)
+                        .is_some_and(|p| p.stmt.class != "set");
+                    self.ctx.changes.begin(catalog);
+                }
                 let run = match self.portals.get(portal) {
                     Some(p) => Run {
                         approved: p.stmt.approved.clone(),
@@ -481,7 +503,7 @@ impl<'a> Front<'a> {
         sql: &str,
         masker: &Option<Arc<Masker>>,
     ) -> Result<Vec<(Classified, Option<Arc<Approved>>)>, Refusal> {
-        let mut list = match classify::classify(sql) {
+        let mut list = match self.classify(sql) {
             Ok(l) => l,
             Err(e) => {
                 let reason = e.to_string();
@@ -491,19 +513,18 @@ impl<'a> Front<'a> {
         };
         // A read that may run a routine with side effects is its own
         // class (`function`), from the server's catalog.
-        self.functions.refine(self.flow, &mut list).await;
+        functions::refine(self.ctx.changes.pool(), self.flow, &mut list).await;
         // Column masking holds only for plain output columns: any other
         // use of a masked column is refused (maskcheck).
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
+            // The side connections see only committed catalog: after a
+            // change earlier in this transaction or batch they cannot
+            // answer for what the statement will meet.
+            let mut stale = self.ctx.changes.catalog_open();
             for c in &list {
-                let checked = maskcheck::check_statement(
-                    &self.ctx.catalog,
-                    self.flow,
-                    &self.ctx.params,
-                    &c.text,
-                    m,
-                )
-                .await;
+                let checked =
+                    maskcheck::check_statement(self.ctx.changes.pool(), &c.text, m, stale).await;
+                stale |= changes_catalog(c) && c.class != "set";
                 if let Err(reason) = checked {
                     self.refusal(&format!("postgres:{}", c.class), &c.text, &reason)
                         .await;
@@ -588,10 +609,11 @@ impl<'a> Front<'a> {
             };
             match waited {
                 Waited::Allowed(allowed) => {
-                    if functions::may_change_catalog(&c) {
-                        // It may create or replace a routine: verdicts
-                        // cached for this database are stale.
-                        functions::invalidate(&self.flow.info.resource, &self.ctx.database);
+                    if changes_catalog(&c) {
+                        // It may change the catalog or how names resolve:
+                        // no cached catalog answer is used or kept until
+                        // its transaction ends.
+                        self.ctx.changes.begin(c.class != "set");
                     }
                     out.push((c, Some(Arc::new(Approved { cmd, allowed }))))
                 }
@@ -607,6 +629,21 @@ impl<'a> Front<'a> {
             }
         }
         Ok(out)
+    }
+
+    /// [`classify::classify`], remembered per session for short texts.
+    fn classify(&mut self, sql: &str) -> Result<Vec<Classified>, classify::ClassifyError> {
+        if let Some(list) = self.parsed.get(sql) {
+            return Ok(list.clone());
+        }
+        let list = classify::classify(sql)?;
+        if sql.len() <= PARSED_TEXT_MAX {
+            if self.parsed.len() >= PARSED_MAX {
+                self.parsed.clear();
+            }
+            self.parsed.insert(sql.to_string(), list.clone());
+        }
+        Ok(list)
     }
 
     fn record_denial(&self, cmd: &Command, reason: &str, policies: &[String]) {
@@ -645,6 +682,25 @@ impl<'a> Front<'a> {
             ..Default::default()
         });
     }
+}
+
+/// Whether a decided statement may change the catalog or how names
+/// resolve (search_path, roles, DDL, GRANT, a routine with side effects):
+/// anything but plain reads and writes and transaction control.
+fn changes_catalog(c: &Classified) -> bool {
+    !matches!(
+        c.class,
+        "select"
+            | "insert"
+            | "update"
+            | "delete"
+            | "merge"
+            | "copy_in"
+            | "copy_out"
+            | "explain"
+            | "show"
+            | "transaction"
+    ) || functions::may_change_catalog(c)
 }
 
 /// A bound parameter as audit text, cut: binary integers, floats and

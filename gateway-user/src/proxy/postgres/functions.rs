@@ -15,33 +15,25 @@
 //! A name the catalog does not know, or a lookup that fails, is not
 //! read-only (fail closed).
 //!
-//! Verdicts are cached per resource and database for [`TTL`], and dropped
-//! when a session runs anything that could create or replace a routine.
-//! Owns its own side connection; it must not decide anything.
+//! Verdicts are cached in the upstream's catalog pool ([`super::catalog`])
+//! only while its catalog-change signal is live, and dropped by any change
+//! to the catalog (proxied or not); lookups run on the pool's side
+//! connections. Owns the verdicts; it must not decide anything.
 
-use std::{
-    collections::HashMap,
-    sync::{LazyLock, Mutex},
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tracing::warn;
 
 use super::{
+    catalog::Pool,
     classify::{Classified, QualName},
-    codec,
-    upstream::{self, Upstream},
+    upstream,
 };
 use crate::proxy::Flow;
 
-/// How long a verdict is trusted (routines created outside Portcullis
-/// are seen after this).
-pub const TTL: Duration = Duration::from_secs(30);
-
-/// Longest a catalog lookup (login included) may hold a statement.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a cached verdict is trusted at most (it is dropped sooner by
+/// any catalog change: see [`super::catalog`]).
+pub const TTL: Duration = Duration::from_secs(600);
 
 /// OIDs below this are the server's own (`FirstNormalObjectId`).
 const FIRST_USER_OID: u32 = 16384;
@@ -75,23 +67,7 @@ const CATALOG_CHANGING: &[&str] = &["ddl", "other", "call", "function", "dcl"];
 
 /// A catalog name: kind (`f` function, `o` operator, `t` type), schema if
 /// qualified, name.
-type Key = (char, Option<String>, String);
-
-type Verdicts = HashMap<Key, (bool, Instant)>;
-
-/// Verdicts per (resource, database).
-static CACHE: LazyLock<Mutex<HashMap<(String, String), Verdicts>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-
-fn cache() -> std::sync::MutexGuard<'static, HashMap<(String, String), Verdicts>> {
-    CACHE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Forgets every verdict for a resource's database (after a statement that
-/// could change routines was allowed).
-pub fn invalidate(resource: &str, database: &str) {
-    cache().remove(&(resource.to_string(), database.to_string()));
-}
+pub(super) type Key = (char, Option<String>, String);
 
 /// Whether a classified statement (verdicts applied) may change which
 /// routines exist: a catalog-changing class, or any statement that runs a
@@ -160,143 +136,95 @@ fn keys(c: &Classified) -> Vec<Key> {
     out
 }
 
-/// The catalog lookups of one session (a side connection opened for each
-/// lookup that the cache cannot answer).
-pub(super) struct Catalog {
-    side: Option<Upstream>,
-    resource: String,
-    database: String,
-    params: Vec<(String, String)>,
-}
-
-impl Catalog {
-    /// A session's catalog; `params` are its upstream startup parameters.
-    pub(super) fn new(resource: &str, database: &str, params: &[(String, String)]) -> Self {
-        let mut params: Vec<(String, String)> = params
+/// Fills in each statement's `volatile_functions` (and turns a read that
+/// names any into `function`) from the catalog, through the pool's cache
+/// where it is sound (`pool` is `None` when there is none: every routine
+/// then counts as having side effects).
+pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Classified]) {
+    let mut all: Vec<Key> = Vec::new();
+    for c in list.iter() {
+        for k in keys(c) {
+            if !all.contains(&k) {
+                all.push(k);
+            }
+        }
+    }
+    let mut known: HashMap<Key, bool> = HashMap::new();
+    if let (Some(pool), false) = (pool, all.is_empty()) {
+        let (generation, cached) = pool.verdicts(&all, TTL);
+        known = cached;
+        let want: Vec<Key> = all
             .iter()
-            .filter(|(k, _)| k != "application_name" && k != "options")
+            .filter(|k| !known.contains_key(*k))
             .cloned()
             .collect();
-        params.push(("application_name".into(), "portcullis-functions".into()));
-        Self {
-            side: None,
-            resource: resource.to_string(),
-            database: database.to_string(),
-            params,
-        }
-    }
-
-    /// Fills in each statement's `volatile_functions` (and turns a read
-    /// that names any into `function`).
-    pub(super) async fn refine(&mut self, flow: &Flow, list: &mut [Classified]) {
-        let key = (self.resource.clone(), self.database.clone());
-        let mut want: Vec<Key> = Vec::new();
-        {
-            let now = Instant::now();
-            let mut all = cache();
-            let known = all.entry(key.clone()).or_default();
-            known.retain(|_, (_, at)| now.duration_since(*at) < TTL);
-            for c in list.iter() {
-                for k in keys(c) {
-                    if !known.contains_key(&k) && !want.contains(&k) {
-                        want.push(k);
-                    }
-                }
-            }
-        }
         if !want.is_empty() {
-            let found = match tokio::time::timeout(LOOKUP_TIMEOUT, self.lookup(flow, &want))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(upstream::UpstreamError::Protocol(
-                        "function catalog lookup timed out".into(),
-                    ))
-                }) {
-                Ok(rows) => Some(rows),
+            match pool.query_uncached(&lookup_sql(&want)).await {
+                Ok(rows) => {
+                    let rows = parse_rows(rows);
+                    let found: Vec<(Key, bool)> = want
+                        .iter()
+                        .map(|k| (k.clone(), verdict(k, &rows)))
+                        .collect();
+                    known.extend(found.iter().cloned());
+                    pool.store_verdicts(generation, found);
+                }
                 Err(e) => {
                     warn!(session = %flow.info.session, "function catalog unavailable (treating every routine as having side effects): {e}");
-                    None
-                }
-            };
-            // Verdicts are cached per resource, so lookups are rare: do
-            // not hold a server connection per session between them.
-            if let Some(mut side) = self.side.take() {
-                let mut x = BytesMut::new();
-                codec::put_msg(&mut x, b'X', |_| {});
-                let _ = side.io.write_all(&x).await;
-                let _ = side.io.shutdown().await;
-            }
-            if let Some(rows) = found {
-                let now = Instant::now();
-                let mut all = cache();
-                let known = all.entry(key.clone()).or_default();
-                for k in &want {
-                    known.insert(k.clone(), (verdict(k, &rows), now));
                 }
             }
-        }
-        let all = cache();
-        let known = all.get(&key);
-        // Statements after one that may change the catalog get no verdict.
-        let mut trusted = true;
-        for c in list.iter_mut() {
-            let mut bad: Vec<String> = c.refs.unresolvable.clone();
-            for k in keys(c) {
-                let safe = trusted && known.and_then(|m| m.get(&k)).is_some_and(|(ok, _)| *ok);
-                if !safe {
-                    bad.push(display(&k));
-                }
-            }
-            c.set_volatile(bad);
-            trusted &= !may_change_catalog(c);
         }
     }
+    // Statements after one that may change the catalog get no verdict.
+    let mut trusted = true;
+    for c in list.iter_mut() {
+        let mut bad: Vec<String> = c.refs.unresolvable.clone();
+        for k in keys(c) {
+            let safe = trusted && known.get(&k).copied().unwrap_or(false);
+            if !safe {
+                bad.push(display(&k));
+            }
+        }
+        c.set_volatile(bad);
+        trusted &= !may_change_catalog(c);
+    }
+}
 
-    async fn lookup(
-        &mut self,
-        flow: &Flow,
-        want: &[Key],
-    ) -> Result<Vec<Row>, upstream::UpstreamError> {
-        if self.side.is_none() {
-            self.side = Some(upstream::login(flow, &self.params).await?);
-        }
-        let Some(side) = self.side.as_mut() else {
-            return Ok(Vec::new());
-        };
-        // Names travel hex-encoded: no quoting that a session setting
-        // (standard_conforming_strings) could read differently.
-        let arr = |kind: char| -> String {
-            upstream::hex_array(
-                want.iter()
-                    .filter(|(k, _, _)| *k == kind)
-                    .map(|(_, _, n)| n.as_str()),
-                "name",
-            )
-        };
-        let sql = format!(
-            "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
-             UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
-             UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
-            f = arr('f'),
-            o = arr('o'),
-            t = arr('t'),
-        );
-        let rows = upstream::simple_query(side, &sql).await?;
-        Ok(rows
-            .into_iter()
-            .map(|cols| {
-                let col = |i: usize| cols.get(i).cloned().flatten().unwrap_or_default();
-                let ch = |s: String| s.chars().next().unwrap_or('?');
-                Row {
-                    kind: ch(col(0)),
-                    schema: col(1),
-                    name: col(2),
-                    builtin: col(3) == "true",
-                    volatility: ch(col(4)),
-                }
-            })
-            .collect())
-    }
+/// The catalog query for `want`. Names travel hex-encoded: no quoting that
+/// a session setting (standard_conforming_strings) could read differently.
+fn lookup_sql(want: &[Key]) -> String {
+    let arr = |kind: char| -> String {
+        upstream::hex_array(
+            want.iter()
+                .filter(|(k, _, _)| *k == kind)
+                .map(|(_, _, n)| n.as_str()),
+            "name",
+        )
+    };
+    format!(
+        "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
+         UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
+         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
+        f = arr('f'),
+        o = arr('o'),
+        t = arr('t'),
+    )
+}
+
+fn parse_rows(rows: Vec<Vec<Option<String>>>) -> Vec<Row> {
+    rows.into_iter()
+        .map(|cols| {
+            let col = |i: usize| cols.get(i).cloned().flatten().unwrap_or_default();
+            let ch = |s: String| s.chars().next().unwrap_or('?');
+            Row {
+                kind: ch(col(0)),
+                schema: col(1),
+                name: col(2),
+                builtin: col(3) == "true",
+                volatility: ch(col(4)),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

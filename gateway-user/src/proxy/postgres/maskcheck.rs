@@ -21,7 +21,7 @@
 //! Owns the analysis and its catalog queries; it must not decide policy or
 //! write to the agent.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use bytes::BytesMut;
 use pg_query::{
@@ -31,14 +31,11 @@ use pg_query::{
 use serde_json::Value;
 
 use super::{
+    catalog::{Pool, Rows},
     codec,
-    upstream::{Upstream, UpstreamError},
+    upstream::UpstreamError,
 };
 use crate::mask::Masker;
-
-/// A session's catalog side connection (logged in on first use), shared by
-/// its two halves: the statement checks and the result-column lookups.
-pub(super) type Side = tokio::sync::Mutex<Option<Upstream>>;
 
 /// OIDs below this are the server's own (built-in) objects.
 pub const FIRST_NORMAL_OID: u32 = 16384;
@@ -871,15 +868,13 @@ fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<S
     None
 }
 
-/// Runs the catalog query for `l` on the side connection `side`.
-pub async fn catalog_rows(
-    side: &mut Upstream,
-    l: &Lookups,
-) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+/// The catalog's answer to [`catalog_sql`] for `l`, from the pool (cached
+/// while that is sound: see [`super::catalog`]).
+pub async fn catalog_rows(pool: &Pool, l: &Lookups) -> Result<Arc<Rows>, UpstreamError> {
     if l.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Arc::new(Vec::new()));
     }
-    side_query(side, &catalog_sql(l)).await
+    pool.query(&catalog_sql(l)).await
 }
 
 /// `rules` extended to the relations the catalog names as children or
@@ -903,17 +898,21 @@ fn inherited(rules: &Rules, rows: &[Vec<Option<String>>]) -> Rules {
 }
 
 /// Checks one statement (`sql`, exactly one) on a resource with column
-/// rules: the parse-tree analysis, then the catalog checks on the side
-/// connection `side` (logged in on first use with the session's startup
-/// `params`). `Err` is the reason to refuse; a catalog that cannot be read
-/// refuses (fail closed). Nothing is cached: a view or function another
-/// session creates must be seen by the next statement.
+/// rules: the parse-tree analysis, then the catalog checks on the
+/// upstream's catalog pool. `Err` is the reason to refuse; a catalog that
+/// cannot be read refuses (fail closed). The catalog's answers are cached
+/// only while a change made anywhere (through Portcullis or directly on
+/// the server) ends them ([`super::catalog`]); the verdict itself is
+/// judged anew each time.
+///
+/// `stale`: the session changed the catalog in a transaction (or earlier
+/// in the same batch) that has not ended, which no side connection can
+/// see: a statement that needs the catalog is refused until it ends.
 pub(super) async fn check_statement(
-    side: &Side,
-    flow: &crate::proxy::Flow,
-    params: &[(String, String)],
+    pool: Option<&Arc<Pool>>,
     sql: &str,
     masker: &Masker,
+    stale: bool,
 ) -> Result<(), String> {
     let rules = Rules::from_masker(masker);
     if rules.is_empty() {
@@ -926,11 +925,10 @@ pub(super) async fn check_statement(
     let unreadable = |e: UpstreamError| {
         format!("column masking cannot be checked: the server's catalog could not be read ({e})")
     };
-    let mut side = side.lock().await;
-    if side.is_none() {
-        *side = Some(catalog_login(flow, params).await.map_err(unreadable)?);
+    if stale {
+        return Err("column masking cannot be checked: this session changed the catalog in a transaction (or batch) that has not ended, and Portcullis reads the catalog on its own connection, which cannot see that change yet; send this statement after the change is committed".into());
     }
-    let Some(conn) = side.as_mut() else {
+    let Some(pool) = pool else {
         return Err("column masking cannot be checked: no catalog connection".into());
     };
     // A partition or child of a ruled table is that table: analyze again
@@ -939,13 +937,7 @@ pub(super) async fn check_statement(
     // settles on the second round.
     let (mut rules, mut lookups) = (rules, lookups);
     for _ in 0..3 {
-        let rows = match catalog_rows(conn, &lookups).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                *side = None;
-                return Err(unreadable(e));
-            }
-        };
+        let rows = catalog_rows(pool, &lookups).await.map_err(unreadable)?;
         if let Some(reason) = judge(&lookups, masker, &rows) {
             return Err(reason);
         }
@@ -960,31 +952,6 @@ pub(super) async fn check_statement(
         (rules, lookups) = (wider, again);
     }
     Err("column masking cannot be checked: the table inheritance did not settle".into())
-}
-
-/// Logs in a catalog side connection with the session's startup `params`
-/// and pins its `search_path` to `pg_catalog`, so the catalog queries'
-/// operators and functions are the server's own whatever the agent's
-/// startup options name.
-pub(super) async fn catalog_login(
-    flow: &crate::proxy::Flow,
-    params: &[(String, String)],
-) -> Result<Upstream, UpstreamError> {
-    let mut params = params.to_vec();
-    params.retain(|(k, _)| k != "application_name");
-    params.push(("application_name".into(), "portcullis-catalog".into()));
-    let mut side = super::upstream::login(flow, &params).await?;
-    side_query(&mut side, "SET search_path = pg_catalog").await?;
-    Ok(side)
-}
-
-/// Runs one simple query on a side connection (see
-/// [`upstream::simple_query`]).
-pub async fn side_query(
-    side: &mut Upstream,
-    sql: &str,
-) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
-    super::upstream::simple_query(side, sql).await
 }
 
 /// Rewrites a server ErrorResponse/NoticeResponse body without its DETAIL

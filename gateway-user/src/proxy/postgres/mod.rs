@@ -12,6 +12,7 @@
 //! do) nor write audit records other than its own refusals.
 
 mod backend;
+pub mod catalog;
 pub mod classify;
 pub mod codec;
 pub mod encoding;
@@ -309,11 +310,18 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
+    let (user, database) = (get("user"), get("database"));
+    let pool = match catalog::Pool::get(&flow, &user, &database).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            warn!(session = %flow.info.session, "no catalog pool (routines count as having side effects, masked statements are refused): {e}");
+            None
+        }
+    };
     let ctx = session::SessionCtx {
-        user: get("user"),
-        database: get("database"),
-        params: upstream_params.clone(),
-        catalog: tokio::sync::Mutex::new(None),
+        user,
+        database,
+        changes: catalog::SessionChanges::new(pool),
     };
     let out = session::run(shared, &flow, client, up, ctx).await;
     drop(cancel_key);

@@ -63,10 +63,9 @@ pub(super) struct SessionCtx {
     pub user: String,
     /// The database logged into.
     pub database: String,
-    /// The upstream startup parameters (for the catalog side connection).
-    pub params: Vec<(String, String)>,
-    /// The catalog side connection (masking checks and lookups).
-    pub catalog: super::maskcheck::Side,
+    /// The upstream's catalog pool (masking checks, routine verdicts,
+    /// result-column names) and this session's catalog changes in flight.
+    pub changes: super::catalog::SessionChanges,
 }
 
 /// A decided statement: its command and the gate's allow.
@@ -84,6 +83,8 @@ pub(super) struct Prepared {
     pub(super) approved: Option<Arc<Approved>>,
     /// Parameter type OIDs from Parse (0: unspecified).
     pub(super) param_types: Vec<u32>,
+    /// Running it may change the catalog (see `catalog`).
+    pub(super) changes_catalog: bool,
 }
 
 /// A bound portal.
