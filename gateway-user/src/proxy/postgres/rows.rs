@@ -185,6 +185,22 @@ impl Kind {
     }
 }
 
+/// The name of a system column by its (negative) attribute number. They
+/// hold where a row version lives, never row data (pg_dump reads
+/// `tableoid` of every catalog it lists); a rule that names one still
+/// masks it.
+fn system_column(attnum: i16) -> Option<&'static str> {
+    Some(match attnum {
+        -1 => "ctid",
+        -2 => "xmin",
+        -3 => "cmin",
+        -4 => "xmax",
+        -5 => "cmax",
+        -6 => "tableoid",
+        _ => return None,
+    })
+}
+
 /// A table (or view) as the catalog names it: `schema.table`, and its
 /// columns by attribute number.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -230,10 +246,10 @@ impl RowPlan {
     ///
     /// `style` is the session's output settings, which decide how a fixed
     /// masked value is written in text format.
-    pub fn new(
+    pub fn new<'a>(
         masker: Arc<Masker>,
         cols: &[Column],
-        tables: &HashMap<u32, Option<Table>>,
+        tables: &'a HashMap<u32, Option<Table>>,
         style: &OutputStyle,
     ) -> Option<Self> {
         let style_of_output = style;
@@ -246,7 +262,13 @@ impl RowPlan {
                     masker.column(None, &c.name)
                 } else {
                     let known = tables.get(&c.table_oid).and_then(|t| t.as_ref());
-                    match known.and_then(|t| Some((t, t.columns.get(&c.attnum)?))) {
+                    let attname = |t: &'a Table| {
+                        t.columns
+                            .get(&c.attnum)
+                            .map(String::as_str)
+                            .or_else(|| system_column(c.attnum))
+                    };
+                    match known.and_then(|t| Some((t, attname(t)?))) {
                         Some((t, attname)) => masker.column(Some(&t.name), attname).or_else(|| {
                             t.ancestors
                                 .iter()
@@ -753,7 +775,9 @@ mod tests {
             // a table the catalog did not know, and an attribute it did
             // not list: masked (fail closed)
             at("id", 101, 1, 25, 0),
-            at("ctid", 100, -1, 25, 0),
+            at("gone", 100, 9, 25, 0),
+            // a system column: not row data, and no rule names it
+            at("tableoid", 100, -6, 25, 0),
             // a partition of customers
             at("ssn", 102, 3, 25, 0),
         ];
@@ -763,7 +787,8 @@ mod tests {
             Some(b"Alice"),
             Some(b"1"),
             Some(b"2"),
-            Some(b"(0,1)"),
+            Some(b"x"),
+            Some(b"16384"),
             Some(b"123-45-6789"),
         ]);
         let (mut out, mut scratch, mut bc, mut bd) = (
@@ -780,7 +805,8 @@ mod tests {
         assert_eq!(v[2].as_deref(), Some(&b"1"[..]));
         assert_eq!(v[3].as_deref(), Some(crate::mask::MASKED.as_bytes()));
         assert_eq!(v[4].as_deref(), Some(crate::mask::MASKED.as_bytes()));
-        assert_eq!(v[5].as_deref(), Some(crate::mask::MASKED.as_bytes()));
+        assert_eq!(v[5].as_deref(), Some(&b"16384"[..]));
+        assert_eq!(v[6].as_deref(), Some(crate::mask::MASKED.as_bytes()));
     }
 
     #[test]
