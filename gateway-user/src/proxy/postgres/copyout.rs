@@ -17,9 +17,11 @@ use super::{
 };
 use crate::mask::Masker;
 
-/// The `COPY table TO` statements of `sql` as (schema, table, columns
-/// copied; empty: all).
-fn copied_tables(sql: &str) -> Result<Vec<(Option<String>, String, Vec<String>)>, String> {
+/// A `COPY table TO`: (schema if named, table, columns copied; empty: all).
+type Copied = (Option<String>, String, Vec<String>);
+
+/// The `COPY table TO` statements of `sql`.
+fn copied_tables(sql: &str) -> Result<Vec<Copied>, String> {
     let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
         .map_err(|e| format!("cannot parse the statement: {e}"))?;
     let mut out = Vec::new();
