@@ -506,10 +506,20 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
         .map(|l| l.split(" - ").next().unwrap_or(l).to_string())
         .collect();
     let summary = text.lines().last().unwrap_or_default().to_string();
-    let passed = summary
-        .split(", ")
-        .filter_map(|p| p.trim_start_matches('=').trim().strip_suffix(" passed"))
-        .find_map(|n| n.split_whitespace().last()?.parse().ok())
+    // What a refusal said, for the report.
+    for l in text
+        .lines()
+        .filter(|l| l.contains("Portcullis") || l.contains("psycopg.errors"))
+        .take(10)
+    {
+        println!("sqlalchemy {via:?}: {l}");
+    }
+    // `== 9 failed, 10167 passed, 14 skipped in 926.17s ==`
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    let passed = words
+        .windows(2)
+        .find(|w| w[1].starts_with("passed"))
+        .and_then(|w| w[0].parse().ok())
         .unwrap_or(0);
     println!("sqlalchemy {via:?}: {summary}");
     (passed, failed)
@@ -517,8 +527,7 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
 
 /// The long compatibility run (`cargo xtask compat`): pgbench in its three
 /// query modes and SQLAlchemy's PostgreSQL dialect suite, directly and
-/// through Portcullis, then the suite again with a masking policy whose
-/// rules name none of its tables. Any difference fails.
+/// through Portcullis. Any difference fails.
 #[test]
 #[ignore = "long: run by `cargo xtask compat`"]
 fn compat_pg_suites_behave_as_directly() {
@@ -556,32 +565,64 @@ fn compat_pg_suites_behave_as_directly() {
     let (dp, df) = sqlalchemy(&s, Via::Direct, &src);
     println!("sqlalchemy direct took {:?}", started.elapsed());
     let (pp, pf) = sqlalchemy(&s, Via::Portcullis, &src);
-    write_resource(
-        &s.files,
-        &s.pg,
+    let _ = fs::remove_dir_all(&src);
+    println!(
+        "COMPAT sqlalchemy direct: {dp} passed, {} failed; through Portcullis: {pp} passed, {} failed",
+        df.len(),
+        pf.len(),
+    );
+    assert!(dp > 0, "the suite did not run");
+    assert_same_tests((dp, &df), (pp, &pf), "through Portcullis");
+}
+
+/// Same passes and the same failing tests.
+fn assert_same_tests(
+    direct: (usize, &BTreeSet<String>),
+    other: (usize, &BTreeSet<String>),
+    how: &str,
+) {
+    let only =
+        |a: &BTreeSet<String>, b: &BTreeSet<String>| a.difference(b).cloned().collect::<Vec<_>>();
+    assert_eq!(
+        (only(other.1, direct.1), only(direct.1, other.1), other.0),
+        (vec![], vec![], direct.0),
+        "{how} differs from direct (failing only there, failing only directly, passed)"
+    );
+}
+
+/// SQLAlchemy's suite through a resource with a column masking rule that
+/// names none of its tables must behave as directly. It does not yet (see
+/// docs/compatibility.md): its provisioning runs `CREATE EXTENSION IF NOT
+/// EXISTS citext`, which a resource with column rules refuses.
+#[test]
+#[ignore = "long: run by `cargo xtask compat`"]
+fn compat_pg_sqlalchemy_with_masking_policy_behaves_as_directly() {
+    let s = setup(
+        "cpgsqlamask",
         "",
         "[[mask]]\nresource = \"pg\"\ncolumns = [\"portcullis_secrets.ssn\"]\nstyle = \"redact\"\n",
+        &[],
     );
-    s.daemon.cli_ok(&["policy", "reload"]);
+    s.pg.sql("create database test");
+    s.pg.sql_in(
+        "test",
+        "create schema test_schema; create schema test_schema_2; create extension hstore; create extension citext; create extension btree_gist;",
+    );
+    let src = std::env::temp_dir().join(unique("sqlam"));
+    fs::create_dir_all(&src).expect("sqla dir");
+    run_ok(
+        Command::new("tar")
+            .args(["xzf", SQLALCHEMY_SDIST, "--strip-components=1", "-C"])
+            .arg(&src),
+    );
+    let (dp, df) = sqlalchemy(&s, Via::Direct, &src);
     let (mp, mf) = sqlalchemy(&s, Via::Portcullis, &src);
     let _ = fs::remove_dir_all(&src);
     println!(
-        "COMPAT sqlalchemy direct: {dp} passed, {} failed; through Portcullis: {pp} passed, {} failed; with masking: {mp} passed, {} failed",
+        "COMPAT sqlalchemy direct: {dp} passed, {} failed; with a masking policy: {mp} passed, {} failed",
         df.len(),
-        pf.len(),
         mf.len()
     );
-    let only =
-        |a: &BTreeSet<String>, b: &BTreeSet<String>| a.difference(b).cloned().collect::<Vec<_>>();
     assert!(dp > 0, "the suite did not run");
-    assert_eq!(
-        (only(&pf, &df), only(&df, &pf), pp),
-        (vec![], vec![], dp),
-        "through Portcullis differs from direct"
-    );
-    assert_eq!(
-        (only(&mf, &df), only(&df, &mf), mp),
-        (vec![], vec![], dp),
-        "with a masking policy differs from direct"
-    );
+    assert_same_tests((dp, &df), (mp, &mf), "with a masking policy");
 }
