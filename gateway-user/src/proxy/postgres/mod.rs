@@ -344,9 +344,11 @@ async fn direct_tls(
     tcp: TcpStream,
 ) -> Result<Agent, &'static str> {
     let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(STARTUP_TIMEOUT, tcp.peek(&mut first)).await;
-    if !matches!(peeked, Ok(Ok(1))) || first[0] != TLS_HANDSHAKE {
-        return Ok(Either::Left(tcp));
+    match tokio::time::timeout(STARTUP_TIMEOUT, tcp.peek(&mut first)).await {
+        Err(_) => return Err("startup timed out"),
+        Ok(Ok(0)) | Ok(Err(_)) => return Err("closed during startup"),
+        Ok(Ok(_)) if first[0] != TLS_HANDSHAKE => return Ok(Either::Left(tcp)),
+        Ok(Ok(_)) => {}
     }
     if !flow.resource.postgres.agent_ssl {
         // Nothing the agent can read: it sent a ClientHello, and a
