@@ -7,6 +7,7 @@
 
 mod compat_http;
 mod compat_ops;
+mod compat_pg;
 mod compat_ssh;
 mod console;
 mod differential;

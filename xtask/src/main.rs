@@ -1,5 +1,6 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|policy|audit`, `fuzz`, `soak`.
+//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|policy|audit`, `fuzz`, `soak`,
+//! `compat`.
 #![warn(missing_docs)]
 
 mod bench;
@@ -9,6 +10,7 @@ mod bench_http;
 mod bench_pg;
 mod bench_ssh;
 mod ci;
+mod compat;
 mod demo;
 mod fuzz;
 mod session;
@@ -84,6 +86,13 @@ enum Task {
     /// The soak's load generator (used by `soak`).
     #[command(hide = true)]
     SoakClient(soak::SoakClientArgs),
+    /// Compatibility: real clients and SQLAlchemy's dialect suite, directly
+    /// and through Portcullis in the same run; fails on any difference.
+    /// Root only; about half an hour.
+    Compat {
+        /// Only the `compat_` e2e tests matching this filter.
+        filter: Option<String>,
+    },
 }
 
 /// Benchmark targets.
@@ -254,6 +263,7 @@ fn run(task: Task) -> Result<()> {
             libfuzzer_args,
         } => fuzz::run_fuzz(target, time, &libfuzzer_args),
         Task::Soak(args) => soak::run(&args),
+        Task::Compat { filter } => compat::run(filter),
         Task::BenchClient(_) | Task::SoakClient(_) => Ok(()),
     }
 }

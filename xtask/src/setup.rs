@@ -52,7 +52,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "chromium-driver",
     "python3-selenium",
-    // The venv holding the official MCP Python SDK (see `mcp_sdk`).
+    // The venvs holding the official MCP Python SDK (see `mcp_sdk`) and the
+    // PyPI PostgreSQL drivers (see `python_drivers`).
     "python3-venv",
     // Recording the demo and HTTP load generation.
     "asciinema",
@@ -67,6 +68,22 @@ const APT_COMMANDS: &[(&str, &str)] = &[
     // kubectl for the Kubernetes API tests of the http handler.
     ("kubectl", "kubernetes-client"),
 ];
+
+/// Where the PyPI drivers of the PostgreSQL compatibility tests live (a
+/// venv of Debian's python3, apart from the system's packages).
+pub const PY_VENV: &str = "/opt/portcullis-py";
+/// PyPI packages of the compatibility tests, pinned: psycopg's wheel
+/// carries libpq 18 (direct TLS, `cancel_safe`), which Debian 12's libpq 15
+/// lacks; asyncpg (binary protocol, `direct_tls`); SQLAlchemy and pytest
+/// for SQLAlchemy's own dialect suite.
+const PY_PACKAGES: &[&str] = &[
+    "psycopg[binary,pool]==3.3.9",
+    "asyncpg==0.32.0",
+    "SQLAlchemy==2.1.9",
+    "pytest==9.2.0",
+];
+/// SQLAlchemy's sdist (its test suite is not in the wheel).
+const SQLALCHEMY_SDIST: &str = "sqlalchemy-2.1.9.tar.gz";
 
 /// The bpf-linker release that works with the nightly toolchain's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -93,6 +110,7 @@ pub fn run_setup() -> Result<()> {
     require_root()?;
     apt_packages()?;
     mcp_sdk()?;
+    python_drivers()?;
     nightly_rust_src()?;
     bpf_linker()?;
     bpffs()?;
@@ -247,6 +265,56 @@ impl Drop for ServiceStartBlock {
             }
         }
     }
+}
+
+/// The PyPI drivers in [`PY_VENV`] and SQLAlchemy's sdist in its `src/`.
+fn python_drivers() -> Result<()> {
+    let venv = Path::new(PY_VENV);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        report("creating", &format!("venv: {PY_VENV}"));
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv))?;
+    }
+    let frozen = stdout_of(Command::new(&python).args(["-m", "pip", "freeze"]))?;
+    let have = |spec: &str| {
+        let (name, version) = spec.split_once("==").unwrap_or((spec, ""));
+        let name = name.split('[').next().unwrap_or(name).to_lowercase();
+        frozen
+            .lines()
+            .any(|l| l.to_lowercase() == format!("{name}=={version}"))
+    };
+    let missing: Vec<&str> = PY_PACKAGES.iter().copied().filter(|p| !have(p)).collect();
+    if missing.is_empty() {
+        report("ok", "pypi: psycopg, asyncpg, SQLAlchemy, pytest");
+    } else {
+        report("installing", &format!("pypi: {}", missing.join(" ")));
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(&missing))?;
+    }
+    let src = venv.join("src");
+    if src.join(SQLALCHEMY_SDIST).exists() {
+        report("ok", &format!("pypi sdist: {SQLALCHEMY_SDIST}"));
+    } else {
+        report("fetching", &format!("pypi sdist: {SQLALCHEMY_SDIST}"));
+        // Only SQLAlchemy from source (its build dependencies as wheels).
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                "sqlalchemy",
+                "-d",
+            ])
+            .arg(&src)
+            .arg("SQLAlchemy==2.1.9"))?;
+    }
+    Ok(())
 }
 
 /// A `rustup run nightly <tool>` command.

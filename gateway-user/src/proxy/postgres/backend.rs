@@ -65,9 +65,22 @@ pub(super) struct Back<'a> {
     /// `record = "full"`: keep (masked) result rows for the recording.
     record_rows: bool,
     result_rows: Vec<Vec<Option<String>>>,
+    /// The session's DateStyle and IntervalStyle, as the server reported
+    /// them: a masked date or interval is written the way it would be.
+    output: rows::OutputStyle,
 }
 
 impl<'a> Back<'a> {
+    /// Takes the server's output settings from its ParameterStatus values
+    /// (at login, and whenever one changes).
+    pub(super) fn parameter(&mut self, key: &str, value: &str) {
+        if key.eq_ignore_ascii_case("DateStyle") {
+            self.output.date_style = value.to_string();
+        } else if key.eq_ignore_ascii_case("IntervalStyle") {
+            self.output.interval_style = value.to_string();
+        }
+    }
+
     /// The backend half of a session.
     pub(super) fn new(
         shared: &'a Arc<Shared>,
@@ -96,6 +109,7 @@ impl<'a> Back<'a> {
             done: Vec::new(),
             record_rows: flow.resource.record == crate::policy::RecordMode::Full,
             result_rows: Vec::new(),
+            output: rows::OutputStyle::default(),
         }
     }
 
@@ -253,7 +267,7 @@ impl<'a> Back<'a> {
                         if m.has_columns() {
                             self.resolve_tables(&cols).await;
                         }
-                        self.plan = RowPlan::new(m, &cols, &self.tables);
+                        self.plan = RowPlan::new(m, &cols, &self.tables, &self.output);
                     }
                 }
                 if !swallow {
@@ -356,7 +370,9 @@ impl<'a> Back<'a> {
             b'H' => {
                 let binary = body.first() == Some(&1);
                 match self.front_masker() {
-                    Some(m) if m.has_detectors() || m.has_columns() => {
+                    // Column rules alone: the statement check let only
+                    // COPYs without masked columns through.
+                    Some(m) if m.has_detectors() => {
                         if binary {
                             return Err(
                                 "binary COPY TO output cannot be inspected on a masked resource"
@@ -403,6 +419,7 @@ impl<'a> Back<'a> {
                     let _ = self.shared.audit(ev).await;
                     return Err(why);
                 }
+                self.parameter(key, value);
                 out.extend_from_slice(frame);
             }
             // A notice's DETAIL can quote a row too.

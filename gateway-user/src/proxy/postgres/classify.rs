@@ -296,6 +296,10 @@ fn one(
             tree.walk(&v, 0);
         }
     }
+    if tree.encoding_change == Some(NOT_CONSTANT) && super::encoding::is_settings_probe(node) {
+        // pg_dump's connect-time probe: its name is the constant.
+        tree.encoding_change = None;
+    }
     if let Some(why) = tree.encoding_change {
         return Err(ClassifyError::Encoding(why));
     }
@@ -369,6 +373,9 @@ struct Tree {
     /// An EXPLAIN with ANALYZE (it runs what it explains).
     analyze: bool,
 }
+
+/// Why a `set_config` whose setting name is not a constant is refused.
+const NOT_CONSTANT: &str = "set_config with a setting name that is not a constant";
 
 /// Most nesting walked (the server's own parser limits depth far lower).
 const MAX_DEPTH: usize = 10_000;
@@ -491,10 +498,7 @@ impl Tree {
                     match first {
                         Some(n) if guc(n.trim()) != "client_encoding" => {}
                         Some(_) => self.encoding_change = Some("set_config('client_encoding', ..)"),
-                        None => {
-                            self.encoding_change =
-                                Some("set_config with a setting name that is not a constant")
-                        }
+                        None => self.encoding_change = Some(NOT_CONSTANT),
                     }
                 }
                 if let Some(q) = self.qualified(parts) {

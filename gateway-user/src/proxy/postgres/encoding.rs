@@ -126,6 +126,100 @@ pub fn check_startup(params: &[(String, String)]) -> Result<(), StartupRefusal> 
     Ok(())
 }
 
+/// Whether `node` is exactly pg_dump's settings probe (pg_dump 12.20,
+/// 13.16, 14.13, 15.8, 16.4, 17 and later send it at connect time):
+///
+/// `SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings
+/// WHERE name = 'restrict_nonsystem_relation_kind'`
+///
+/// Its setting name is a column, but the only rows are those whose name
+/// equals the constant, so it sets that setting and no other; the
+/// statement's shape is matched whole (one target, one relation, one
+/// equality on `name`, nothing else), and the constant must not name
+/// `client_encoding`. A user-defined `=` or a relation shadowing
+/// `pg_settings` would need DDL, and the statement's operators are still
+/// judged by the catalog (`postgres:function`); a server that reports
+/// another encoding anyway ends the session.
+pub fn is_settings_probe(node: &pg_query::NodeEnum) -> bool {
+    use pg_query::{protobuf::AExprKind, NodeEnum as N};
+    let N::SelectStmt(s) = node else { return false };
+    let only_name = |n: Option<&pg_query::protobuf::Node>| {
+        matches!(n.and_then(|n| n.node.as_ref()), Some(N::ColumnRef(c))
+            if c.fields.len() == 1
+                && matches!(c.fields[0].node.as_ref(), Some(N::String(f)) if f.sval == "name"))
+    };
+    let constant = |n: Option<&pg_query::protobuf::Node>| {
+        matches!(n.and_then(|n| n.node.as_ref()), Some(N::AConst(_)))
+    };
+    let simple = s.with_clause.is_none()
+        && s.into_clause.is_none()
+        && s.distinct_clause.is_empty()
+        && s.group_clause.is_empty()
+        && s.having_clause.is_none()
+        && s.window_clause.is_empty()
+        && s.values_lists.is_empty()
+        && s.sort_clause.is_empty()
+        && s.limit_offset.is_none()
+        && s.limit_count.is_none()
+        && s.locking_clause.is_empty()
+        && s.larg.is_none()
+        && s.rarg.is_none()
+        && s.target_list.len() == 1
+        && s.from_clause.len() == 1;
+    if !simple {
+        return false;
+    }
+    let from_settings = matches!(s.from_clause[0].node.as_ref(), Some(N::RangeVar(r))
+        if r.relname == "pg_settings"
+            && (r.schemaname.is_empty() || r.schemaname == "pg_catalog")
+            && r.alias.is_none());
+    let target = match s.target_list[0].node.as_ref() {
+        Some(N::ResTarget(t)) => t.val.as_deref().and_then(|v| v.node.as_ref()),
+        _ => None,
+    };
+    let call = matches!(target, Some(N::FuncCall(f))
+        if f.args.len() == 3
+            && only_name(f.args.first())
+            && constant(f.args.get(1))
+            && constant(f.args.get(2))
+            && f.agg_filter.is_none()
+            && f.over.is_none()
+            && f.agg_order.is_empty()
+            && !f.agg_star
+            && !f.func_variadic
+            && matches!(f.funcname.iter().map(|n| match n.node.as_ref() {
+                Some(N::String(s)) => s.sval.as_str(),
+                _ => "",
+            }).collect::<Vec<_>>().as_slice(), ["set_config"] | ["pg_catalog", "set_config"]));
+    let filter = match s.where_clause.as_deref().and_then(|w| w.node.as_ref()) {
+        Some(N::AExpr(e))
+            if e.kind == AExprKind::AexprOp as i32
+                && e.name.len() == 1
+                && matches!(e.name[0].node.as_ref(), Some(N::String(o)) if o.sval == "=") =>
+        {
+            let (l, r) = (e.lexpr.as_deref(), e.rexpr.as_deref());
+            let value = if only_name(l) {
+                r
+            } else if only_name(r) {
+                l
+            } else {
+                None
+            };
+            match value.and_then(|v| v.node.as_ref()) {
+                Some(N::AConst(c)) => match &c.val {
+                    Some(pg_query::protobuf::a_const::Val::Sval(v)) => {
+                        !is_client_encoding_key(&v.sval)
+                    }
+                    _ => false,
+                },
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    from_settings && call && filter
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +298,41 @@ mod tests {
             ["-c", "a=b c", "--d=e\\"]
         );
         assert!(split_options("   ").is_empty());
+    }
+
+    #[test]
+    fn only_pg_dumps_exact_settings_probe_passes() {
+        let probe = |sql: &str| {
+            let p = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
+            let n = p.protobuf.stmts[0]
+                .stmt
+                .as_ref()
+                .unwrap()
+                .node
+                .as_ref()
+                .unwrap()
+                .clone();
+            is_settings_probe(&n)
+        };
+        assert!(probe("SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'"));
+        assert!(!probe(
+            "SELECT set_config(name, 'GBK', false) FROM pg_settings WHERE name = 'client_encoding'"
+        ));
+        assert!(!probe(
+            "SELECT set_config(name, 'GBK', false) FROM pg_settings WHERE name like 'client%'"
+        ));
+        assert!(!probe(
+            "SELECT set_config(name, 'GBK', false) FROM pg_settings"
+        ));
+        assert!(!probe(
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a' OR true"
+        ));
+        assert!(!probe(
+            "SELECT set_config(name, 'x', false) FROM other WHERE name = 'a'"
+        ));
+        assert!(!probe("SELECT set_config(name, 'x', false), set_config('client_encoding', 'GBK', false) FROM pg_settings WHERE name = 'a'"));
+        assert!(!probe(
+            "SELECT (SELECT set_config(name, 'x', false) FROM t) FROM pg_settings WHERE name = 'a'"
+        ));
     }
 }

@@ -25,7 +25,7 @@ use tracing::warn;
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
-    functions, maskcheck,
+    copyout, functions, maskcheck,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
@@ -536,10 +536,18 @@ impl<'a> Front<'a> {
         // forbidden statement is refused before anything is held or
         // recorded as allowed.
         for c in &list {
-            if c.parsed_class == "copy_out" && masker.as_ref().is_some_and(|m| m.has_columns()) {
-                let reason = "COPY TO is refused on a resource with column masking rules (its columns cannot be inspected)".to_string();
-                self.refusal("postgres:copy_out", &c.text, &reason).await;
-                return Err(Refusal::Denied(reason));
+            if let Some(m) = masker
+                .as_ref()
+                .filter(|m| c.parsed_class == "copy_out" && m.has_columns())
+            {
+                // Only a table with a masked column among those copied.
+                let checked =
+                    copyout::check(&self.ctx.catalog, self.flow, &self.ctx.params, &c.text, m)
+                        .await;
+                if let Err(reason) = checked {
+                    self.refusal("postgres:copy_out", &c.text, &reason).await;
+                    return Err(Refusal::Denied(reason));
+                }
             }
             // A single statement needs no dry run: the gate's own decision
             // below is the only one.

@@ -15,6 +15,7 @@ mod backend;
 pub mod catalog;
 pub mod classify;
 pub mod codec;
+mod copyout;
 pub mod encoding;
 mod frontend;
 mod functions;
@@ -93,12 +94,15 @@ fn register_cancel(target: CancelTarget) -> Option<CancelKey> {
 /// Serves one agent connection to a postgres resource.
 pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Result<SessionSummary> {
     let _ = tcp.set_nodelay(true);
-    let mut client: Agent = Either::Left(tcp);
-    let mut buf = BytesMut::with_capacity(1024);
     let summary = |reason: &'static str| SessionSummary {
         end_reason: reason,
         ..Default::default()
     };
+    let mut client: Agent = match direct_tls(shared, &flow, tcp).await {
+        Ok(c) => c,
+        Err(reason) => return Ok(summary(reason)),
+    };
+    let mut buf = BytesMut::with_capacity(1024);
     // Startup: SSL/GSS requests may come first, then the real startup.
     let (version, params) = loop {
         let next = tokio::time::timeout(STARTUP_TIMEOUT, async {
@@ -172,6 +176,10 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
             Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
             Startup::Cancel { pid, secret } => {
                 cancel(shared, &flow, pid, secret).await;
+                // Over TLS the connection ends with close_notify, as
+                // PostgreSQL's does: libpq 18 (`PQcancelBlocking`) reports
+                // an error for a TLS connection cut without it.
+                close(&mut client).await;
                 return Ok(summary("cancel request"));
             }
             Startup::Params { version, params } => break (version, params),
@@ -328,6 +336,66 @@ pub async fn serve(shared: &Arc<Shared>, flow: Flow, tcp: TcpStream) -> io::Resu
     out
 }
 
+/// The first byte of a TLS handshake record (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// PostgreSQL 17's direct TLS (`sslnegotiation=direct`): the agent starts
+/// TLS at once, without an SSLRequest. Peeks at the first byte; a
+/// ClientHello on a resource with `ssl = "on"` is answered with the
+/// daemon's leaf and must negotiate ALPN `postgresql` (as PostgreSQL
+/// requires, so a TLS connection meant for another protocol is never read
+/// as PostgreSQL). Anything else comes back as the plain connection, for
+/// the SSLRequest/startup exchange. `Err` is why the connection ends.
+async fn direct_tls(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    tcp: TcpStream,
+) -> Result<Agent, &'static str> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(STARTUP_TIMEOUT, tcp.peek(&mut first)).await {
+        Err(_) => return Err("startup timed out"),
+        Ok(Ok(0)) | Ok(Err(_)) => return Err("closed during startup"),
+        Ok(Ok(_)) if first[0] != TLS_HANDSHAKE => return Ok(Either::Left(tcp)),
+        Ok(Ok(_)) => {}
+    }
+    if !flow.resource.postgres.agent_ssl {
+        // Nothing the agent can read: it sent a ClientHello, and a
+        // PostgreSQL error is not a TLS record.
+        warn!(session = %flow.info.session, "direct TLS refused: the resource has ssl = \"off\"");
+        return Err("direct TLS refused (ssl off)");
+    }
+    let dst = flow.info.original_dst.ip();
+    let (stream, sni) = match tls::intercept(&shared.ca, tcp, dst, tls::ALPN_POSTGRES).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(session = %flow.info.session, "agent direct TLS handshake failed: {e}");
+            return Err("agent TLS handshake failed");
+        }
+    };
+    let mut client: Agent = Either::Right(Box::new(stream));
+    let alpn = match &client {
+        Either::Right(s) => s.get_ref().1.alpn_protocol() == Some(b"postgresql".as_slice()),
+        Either::Left(_) => false,
+    };
+    if !alpn {
+        warn!(session = %flow.info.session, "direct TLS without ALPN postgresql refused");
+        fatal(
+            &mut client,
+            "08P01",
+            "received direct SSL connection request without ALPN protocol negotiation extension",
+        )
+        .await;
+        return Err("direct TLS without ALPN");
+    }
+    info!(session = %flow.info.session, sni = ?sni, "agent direct TLS established");
+    Ok(client)
+}
+
+/// Ends the agent's connection in order: TLS close_notify, then FIN.
+async fn close<W: AsyncWrite + Unpin>(client: &mut W) {
+    let _ = tokio::time::timeout(STARTUP_TIMEOUT, client.shutdown()).await;
+}
+
 /// Sends a FATAL ErrorResponse and lets the connection close.
 /// `agent_auth = "token"`: asks the agent for a cleartext password (over
 /// TLS when `ssl = "on"`) and requires it to be a valid OIDC token of the
@@ -402,7 +470,9 @@ async fn fatal<W: AsyncWrite + Unpin>(client: &mut W, code: &str, message: &str)
 /// "on"`, else `N`) so libpq reads the error, then sends FATAL 53200 after
 /// the startup packet. The caller bounds the time this takes.
 pub async fn shed(shared: &Arc<Shared>, flow: &Flow, tcp: TcpStream, message: &str) {
-    let mut client: Agent = Either::Left(tcp);
+    let Ok(mut client) = direct_tls(shared, flow, tcp).await else {
+        return;
+    };
     let mut buf = BytesMut::with_capacity(512);
     // At most an SSLRequest, a GSSENCRequest and the startup packet.
     for _ in 0..3 {
@@ -441,7 +511,10 @@ pub async fn shed(shared: &Arc<Shared>, flow: &Flow, tcp: TcpStream, message: &s
                 }
             }
             // A CancelRequest gets no answer, as from PostgreSQL.
-            Some(Startup::Cancel { .. }) => return,
+            Some(Startup::Cancel { .. }) => {
+                close(&mut client).await;
+                return;
+            }
             _ => break,
         }
     }

@@ -52,15 +52,153 @@ pub fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, CodecError> {
     Ok(cols)
 }
 
-/// Types whose binary form is their text (jsonb: a version byte, then text).
-fn binary_text_offset(type_oid: u32) -> Option<usize> {
-    match type_oid {
-        // text, varchar, bpchar, name, unknown, xml, json, char, citext-like domains
-        // arrive with their base type's OID.
-        25 | 1043 | 1042 | 19 | 705 | 142 | 114 | 18 => Some(0),
-        3802 => Some(1),
-        _ => None,
+/// The server's output settings that change how a value is written in
+/// text format (both are reported in ParameterStatus).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputStyle {
+    /// `DateStyle` (`ISO, MDY`, `SQL, DMY`, `German`, `Postgres`).
+    pub date_style: String,
+    /// `IntervalStyle` (`postgres`, `postgres_verbose`, `sql_standard`,
+    /// `iso_8601`).
+    pub interval_style: String,
+}
+
+impl Default for OutputStyle {
+    fn default() -> Self {
+        Self {
+            date_style: "ISO, MDY".into(),
+            interval_style: "postgres".into(),
+        }
     }
+}
+
+/// What a column's values are, for masking, from its type OID and format.
+/// A masked value keeps its column's type: text-like types get the rule's
+/// style, other known types a fixed value of the type (0, false, the nil
+/// UUID, 1970-01-01, an empty array), and a type without such a form
+/// (unknown to the daemon, or written differently per server setting)
+/// NULL. A typed client (psycopg, asyncpg, JDBC) must never get bytes it
+/// cannot parse as the column's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Text from this offset: the style and the detectors rewrite it.
+    Text(usize),
+    /// JSON text from this offset (jsonb's binary form starts with a
+    /// version byte): a masked value is the masked text as a JSON string.
+    Json(usize),
+    /// bytea: a masked value is the bytes of [`crate::mask::MASKED`].
+    Bytea { binary: bool },
+    /// An array: a masked value is the empty array. `text_elements`: its
+    /// elements are text, so detectors may rewrite them in place.
+    Array { binary: bool, text_elements: bool },
+    /// Another known type: a masked value is this valid value of it.
+    /// `text`: the value is in text format (detectors can read it).
+    Fixed { value: &'static [u8], text: bool },
+    /// A type without a masked form: a masked value is NULL. `text`: the
+    /// value is in text format (detectors can read it).
+    Opaque { text: bool },
+}
+
+const DATE_1970: [u8; 4] = (-10_957i32).to_be_bytes();
+const TIMESTAMP_1970: [u8; 8] = (-946_684_800_000_000i64).to_be_bytes();
+
+impl Kind {
+    fn of(type_oid: u32, format: i16, style: &OutputStyle) -> Self {
+        let binary = format != 0;
+        let fixed = |text: &'static [u8], bin: &'static [u8]| Kind::Fixed {
+            value: if binary { bin } else { text },
+            text: !binary,
+        };
+        let date_style = style
+            .date_style
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match type_oid {
+            // text, varchar, bpchar, name, unknown, xml: the binary form
+            // is the text.
+            25 | 1043 | 1042 | 19 | 705 | 142 => Kind::Text(0),
+            114 => Kind::Json(0),
+            3802 => Kind::Json(usize::from(binary)),
+            17 => Kind::Bytea { binary },
+            16 => fixed(b"f", &[0]),
+            21 => fixed(b"0", &[0; 2]),
+            23 | 26 => fixed(b"0", &[0; 4]),
+            20 => fixed(b"0", &[0; 8]),
+            700 => fixed(b"0", &[0; 4]),
+            701 => fixed(b"0", &[0; 8]),
+            // numeric 0: no digits, weight 0, positive, scale 0.
+            1700 => fixed(b"0", &[0; 8]),
+            2950 => fixed(b"00000000-0000-0000-0000-000000000000", &[0; 16]),
+            1083 => fixed(b"00:00:00", &[0; 8]),
+            1266 => fixed(b"00:00:00+00", &[0; 12]),
+            1082 | 1114 if binary => fixed(
+                b"",
+                if type_oid == 1082 {
+                    &DATE_1970
+                } else {
+                    &TIMESTAMP_1970
+                },
+            ),
+            1184 if binary => fixed(b"", &TIMESTAMP_1970),
+            1082 => match date_style.as_str() {
+                "iso" => fixed(b"1970-01-01", b""),
+                "sql" => fixed(b"01/01/1970", b""),
+                "german" => fixed(b"01.01.1970", b""),
+                "postgres" => fixed(b"01-01-1970", b""),
+                _ => Kind::Opaque { text: !binary },
+            },
+            1114 => match date_style.as_str() {
+                "iso" => fixed(b"1970-01-01 00:00:00", b""),
+                "sql" => fixed(b"01/01/1970 00:00:00", b""),
+                "german" => fixed(b"01.01.1970 00:00:00", b""),
+                "postgres" => fixed(b"Thu Jan 01 00:00:00 1970", b""),
+                _ => Kind::Opaque { text: !binary },
+            },
+            // Outside ISO a timestamptz carries a zone abbreviation of the
+            // session's time zone.
+            1184 if date_style == "iso" => fixed(b"1970-01-01 00:00:00+00", b""),
+            1186 if binary => fixed(b"", &[0; 16]),
+            1186 => match style.interval_style.to_ascii_lowercase().as_str() {
+                "postgres" => fixed(b"00:00:00", b""),
+                "postgres_verbose" => fixed(b"@ 0", b""),
+                "sql_standard" => fixed(b"0", b""),
+                "iso_8601" => fixed(b"PT0S", b""),
+                _ => Kind::Opaque { text: !binary },
+            },
+            // text[], varchar[], bpchar[], name[]
+            1009 | 1015 | 1014 | 1003 => Kind::Array {
+                binary,
+                text_elements: true,
+            },
+            1000 | 1001 | 1005 | 1007 | 1016 | 1028 | 1021 | 1022 | 1231 | 2951 | 1182 | 1183
+            | 1115 | 1185 | 1187 | 1270 | 199 | 3807 | 143 | 1041 | 651 => Kind::Array {
+                binary,
+                text_elements: false,
+            },
+            // money (written per lc_monetary), "char", and every type the
+            // daemon does not know (extension types, enums, composites).
+            _ => Kind::Opaque { text: !binary },
+        }
+    }
+}
+
+/// The name of a system column by its (negative) attribute number. They
+/// hold where a row version lives, never row data (pg_dump reads
+/// `tableoid` of every catalog it lists); a rule that names one still
+/// masks it.
+fn system_column(attnum: i16) -> Option<&'static str> {
+    Some(match attnum {
+        -1 => "ctid",
+        -2 => "xmin",
+        -3 => "cmin",
+        -4 => "xmax",
+        -5 => "cmax",
+        -6 => "tableoid",
+        _ => return None,
+    })
 }
 
 /// A table (or view) as the catalog names it: `schema.table`, and its
@@ -81,8 +219,8 @@ pub struct Table {
 struct Plan {
     /// Column-rule style, if the column is masked by name.
     style: Option<Style>,
-    /// Where the text starts in the value; None: not text in this format.
-    text_at: Option<usize>,
+    /// How a value of the column's type is masked.
+    kind: Kind,
     name: String,
 }
 
@@ -105,11 +243,16 @@ impl RowPlan {
     /// `customers.ssn`. A computed column (table OID 0) matches only an
     /// unqualified rule by its output name; the statement analysis
     /// (`maskcheck`) keeps masked columns out of computed ones.
-    pub fn new(
+    ///
+    /// `style` is the session's output settings, which decide how a fixed
+    /// masked value is written in text format.
+    pub fn new<'a>(
         masker: Arc<Masker>,
         cols: &[Column],
-        tables: &HashMap<u32, Option<Table>>,
+        tables: &'a HashMap<u32, Option<Table>>,
+        style: &OutputStyle,
     ) -> Option<Self> {
+        let style_of_output = style;
         let detectors = masker.has_detectors();
         let mut any = detectors;
         let plans = cols
@@ -119,7 +262,13 @@ impl RowPlan {
                     masker.column(None, &c.name)
                 } else {
                     let known = tables.get(&c.table_oid).and_then(|t| t.as_ref());
-                    match known.and_then(|t| Some((t, t.columns.get(&c.attnum)?))) {
+                    let attname = |t: &'a Table| {
+                        t.columns
+                            .get(&c.attnum)
+                            .map(String::as_str)
+                            .or_else(|| system_column(c.attnum))
+                    };
+                    match known.and_then(|t| Some((t, attname(t)?))) {
                         Some((t, attname)) => masker.column(Some(&t.name), attname).or_else(|| {
                             t.ancestors
                                 .iter()
@@ -136,11 +285,7 @@ impl RowPlan {
                 any |= style.is_some();
                 Plan {
                     style,
-                    text_at: if c.format == 0 {
-                        Some(0)
-                    } else {
-                        binary_text_offset(c.type_oid)
-                    },
+                    kind: Kind::of(c.type_oid, c.format, style_of_output),
                     name: c.name.clone(),
                 }
             })
@@ -185,28 +330,32 @@ impl RowPlan {
                 continue;
             };
             scratch.clear();
-            match (plan.style, plan.text_at) {
-                (Some(style), Some(off)) => {
-                    let (head, text) = value.split_at(off.min(value.len()));
-                    scratch.extend_from_slice(head);
-                    self.masker.mask_whole(style, text, scratch);
+            let written = match plan.style {
+                Some(style) => {
                     by_column.add(&plan.name, 1);
+                    self.masked(plan.kind, style, value, scratch)
                 }
-                (Some(_), None) => {
-                    // A masked column in a binary form we cannot rewrite.
-                    by_column.add(&plan.name, 1);
-                    out.put_i32(-1);
-                    continue;
-                }
-                (None, Some(off)) if self.detectors => {
-                    let (head, text) = value.split_at(off.min(value.len()));
-                    scratch.extend_from_slice(head);
-                    let hits = self.masker.mask_detected(text, scratch, by_detector);
-                    if hits > 0 {
-                        by_column.add(&plan.name, hits as u64);
+                None if self.detectors => {
+                    match self.detected(plan.kind, value, scratch, by_detector) {
+                        Some(0) => true,
+                        Some(hits) => {
+                            by_column.add(&plan.name, hits as u64);
+                            true
+                        }
+                        None => {
+                            by_column.add(&plan.name, 1);
+                            false
+                        }
                     }
                 }
-                _ => scratch.extend_from_slice(value),
+                None => {
+                    scratch.extend_from_slice(value);
+                    true
+                }
+            };
+            if !written {
+                out.put_i32(-1);
+                continue;
             }
             out.put_i32(scratch.len() as i32);
             out.extend_from_slice(scratch);
@@ -214,6 +363,96 @@ impl RowPlan {
         let len = (out.len() - at) as i32;
         out[at..at + 4].copy_from_slice(&len.to_be_bytes());
         Ok(())
+    }
+
+    /// Writes the masked form of a column-rule value to `out`; false: the
+    /// value becomes NULL.
+    fn masked(&self, kind: Kind, style: Style, value: &[u8], out: &mut Vec<u8>) -> bool {
+        match kind {
+            Kind::Text(off) => {
+                let (head, text) = value.split_at(off.min(value.len()));
+                out.extend_from_slice(head);
+                self.masker.mask_whole(style, text, out);
+            }
+            Kind::Json(off) => {
+                let (head, text) = value.split_at(off.min(value.len()));
+                out.extend_from_slice(head);
+                let mut masked = Vec::new();
+                self.masker.mask_whole(style, text, &mut masked);
+                put_json_string(&masked, out);
+            }
+            Kind::Bytea { binary: true } => out.extend_from_slice(crate::mask::MASKED.as_bytes()),
+            Kind::Bytea { binary: false } => {
+                out.extend_from_slice(b"\\x");
+                out.extend_from_slice(hex::encode(crate::mask::MASKED).as_bytes());
+            }
+            Kind::Array { binary: false, .. } => out.extend_from_slice(b"{}"),
+            Kind::Array { binary: true, .. } => {
+                // No dimensions, no NULLs, the element type the server
+                // wrote (a value shorter than the header has none).
+                let Some(elem) = value.get(8..12) else {
+                    return false;
+                };
+                out.extend_from_slice(&[0; 8]);
+                out.extend_from_slice(elem);
+            }
+            Kind::Fixed { value, .. } => out.extend_from_slice(value),
+            Kind::Opaque { .. } => return false,
+        }
+        true
+    }
+
+    /// Runs the detectors over a value of a column no rule names and writes
+    /// it to `out`; returns the hits, or `None` when the value must become
+    /// NULL. A hit in a value that is not free text becomes the type's
+    /// masked form, never text the type cannot hold.
+    fn detected(
+        &self,
+        kind: Kind,
+        value: &[u8],
+        out: &mut Vec<u8>,
+        counts: &mut Counts,
+    ) -> Option<usize> {
+        let (off, text_form) = match kind {
+            Kind::Text(off) => (off, true),
+            Kind::Array {
+                binary: false,
+                text_elements: true,
+            } => (0, true),
+            Kind::Json(off) => (off, false),
+            Kind::Fixed { text: true, .. }
+            | Kind::Array { binary: false, .. }
+            | Kind::Opaque { text: true } => (0, false),
+            _ => {
+                out.extend_from_slice(value);
+                return Some(0);
+            }
+        };
+        let (head, text) = value.split_at(off.min(value.len()));
+        let start = out.len();
+        out.extend_from_slice(head);
+        let hits = self.masker.mask_detected(text, out, counts);
+        if hits == 0 || text_form {
+            return Some(hits);
+        }
+        // A hit inside a JSON string leaves valid JSON; one over a number
+        // does not.
+        let json_ok = matches!(kind, Kind::Json(_))
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&out[start + head.len()..]).is_ok();
+        if json_ok {
+            return Some(hits);
+        }
+        out.truncate(start);
+        self.masked(kind, Style::Redact, value, out).then_some(hits)
+    }
+}
+
+/// Appends `text` (lossily UTF-8) as a JSON string.
+fn put_json_string(text: &[u8], out: &mut Vec<u8>) {
+    let s = String::from_utf8_lossy(text);
+    match serde_json::to_vec(&*s) {
+        Ok(v) => out.extend_from_slice(&v),
+        Err(_) => out.extend_from_slice(b"\"[MASKED]\""),
     }
 }
 
@@ -236,6 +475,8 @@ pub fn mask_copy_row(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
     use crate::policy::MaskRule;
 
@@ -299,7 +540,7 @@ mod tests {
             at("n", 100, 3, 23, 1),
             col("card", 0, 25, 0),
         ];
-        let plan = RowPlan::new(m, &cols, &tables).unwrap();
+        let plan = RowPlan::new(m, &cols, &tables, &OutputStyle::default()).unwrap();
         let body = row(&[
             Some(b"123-45-6789"),
             Some(b"mail bob@example.com"),
@@ -323,7 +564,7 @@ mod tests {
     }
 
     #[test]
-    fn masked_binary_non_text_becomes_null_and_unknown_tables_fail_closed() {
+    fn masked_binary_numeric_becomes_zero_and_unknown_tables_fail_closed() {
         let m = masker(&["orders.total"], &[]);
         let mut tables = HashMap::new();
         tables.insert(7, Some(table("public.orders", &["id", "total"])));
@@ -334,7 +575,7 @@ mod tests {
             at("total", 8, 2, 25, 0),
             at("total", 9, 2, 25, 0),
         ];
-        let plan = RowPlan::new(m, &cols, &tables).unwrap();
+        let plan = RowPlan::new(m, &cols, &tables, &OutputStyle::default()).unwrap();
         let body = row(&[Some(&[1, 2, 3]), Some(b"12.50"), Some(b"9.99")]);
         let (mut out, mut scratch, mut bc, mut bd) = (
             BytesMut::new(),
@@ -345,10 +586,165 @@ mod tests {
         plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd)
             .unwrap();
         let v = values(&out);
-        assert_eq!(v[0], None);
+        // numeric 0 in binary: no digits, weight 0, positive, scale 0.
+        assert_eq!(v[0].as_deref(), Some(&[0u8; 8][..]));
         assert_ne!(v[1].as_deref(), Some(&b"12.50"[..]));
         // Table 9 is known not to be "orders".
         assert_eq!(v[2].as_deref(), Some(&b"9.99"[..]));
+    }
+
+    #[test]
+    fn a_masked_value_keeps_its_type_in_both_formats() {
+        let m = masker(&["t.v"], &["email"]);
+        let tables: HashMap<u32, Option<Table>> = HashMap::new();
+        let mask = |type_oid: u32, format: i16, value: &[u8], style: &OutputStyle| {
+            let mut tables = tables.clone();
+            tables.insert(1, Some(table("public.t", &["v"])));
+            let plan = RowPlan::new(
+                m.clone(),
+                &[at("v", 1, 1, type_oid, format)],
+                &tables,
+                style,
+            )
+            .unwrap();
+            let (mut out, mut scratch, mut bc, mut bd) = (
+                BytesMut::new(),
+                Vec::new(),
+                Counts::default(),
+                Counts::default(),
+            );
+            plan.mask_row(
+                &row(&[Some(value)]),
+                &mut out,
+                &mut scratch,
+                &mut bc,
+                &mut bd,
+            )
+            .unwrap();
+            assert_eq!(bc.total(), 1);
+            values(&out).remove(0)
+        };
+        let iso = OutputStyle::default();
+        let t = |oid, v: &[u8]| mask(oid, 0, v, &iso);
+        let b = |oid, v: &[u8]| mask(oid, 1, v, &iso);
+        assert_eq!(t(23, b"42").as_deref(), Some(&b"0"[..]));
+        assert_eq!(b(23, &[0, 0, 0, 42]).as_deref(), Some(&[0u8; 4][..]));
+        assert_eq!(b(20, &[1; 8]).as_deref(), Some(&[0u8; 8][..]));
+        assert_eq!(t(1700, b"12.50").as_deref(), Some(&b"0"[..]));
+        assert_eq!(t(16, b"t").as_deref(), Some(&b"f"[..]));
+        assert_eq!(b(16, &[1]).as_deref(), Some(&[0u8][..]));
+        assert_eq!(
+            t(2950, b"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").as_deref(),
+            Some(&b"00000000-0000-0000-0000-000000000000"[..])
+        );
+        assert_eq!(t(1082, b"2024-02-29").as_deref(), Some(&b"1970-01-01"[..]));
+        // 1970-01-01 is 10957 days before PostgreSQL's epoch.
+        assert_eq!(
+            b(1082, &[0; 4]).as_deref(),
+            Some(&(-10957i32).to_be_bytes()[..])
+        );
+        assert_eq!(
+            mask(
+                1082,
+                0,
+                b"29.02.2024",
+                &OutputStyle {
+                    date_style: "German, DMY".into(),
+                    ..iso.clone()
+                }
+            )
+            .as_deref(),
+            Some(&b"01.01.1970"[..])
+        );
+        // A timestamptz outside ISO names a zone: no masked form.
+        assert_eq!(
+            mask(
+                1184,
+                0,
+                b"x",
+                &OutputStyle {
+                    date_style: "SQL, DMY".into(),
+                    ..iso.clone()
+                }
+            ),
+            None
+        );
+        assert_eq!(
+            mask(
+                1186,
+                0,
+                b"1 day",
+                &OutputStyle {
+                    interval_style: "iso_8601".into(),
+                    ..iso.clone()
+                }
+            )
+            .as_deref(),
+            Some(&b"PT0S"[..])
+        );
+        assert_eq!(t(114, b"{\"a\": 1}").as_deref(), Some(&b"\"[MASKED]\""[..]));
+        assert_eq!(
+            b(3802, b"\x01{\"a\": 1}").as_deref(),
+            Some(&b"\x01\"[MASKED]\""[..])
+        );
+        assert_eq!(
+            t(17, b"\\x00ff").as_deref(),
+            Some(&b"\\x5b4d41534b45445d"[..])
+        );
+        assert_eq!(t(1007, b"{1,2}").as_deref(), Some(&b"{}"[..]));
+        let mut arr = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 23];
+        arr.extend_from_slice(&[
+            0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 7, 0, 0, 0, 4, 0, 0, 0, 8,
+        ]);
+        assert_eq!(
+            b(1007, &arr).as_deref(),
+            Some(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 23][..])
+        );
+        // money and types the daemon does not know: NULL.
+        assert_eq!(t(790, b"$1.00"), None);
+        assert_eq!(b(16_500, b"x"), None);
+        assert_eq!(
+            t(25, b"secret").as_deref(),
+            Some(crate::mask::MASKED.as_bytes())
+        );
+    }
+
+    #[test]
+    fn a_detector_hit_never_leaves_text_a_type_cannot_hold() {
+        let m = masker(&[], &["credit_card", "email"]);
+        let cols = [
+            col("n", 0, 20, 0),
+            col("j", 0, 114, 0),
+            col("k", 0, 114, 0),
+            col("c", 0, 16_500, 0),
+            col("s", 0, 25, 0),
+        ];
+        let plan = RowPlan::new(m, &cols, &HashMap::new(), &OutputStyle::default()).unwrap();
+        let body = row(&[
+            Some(b"4111111111111111"),
+            Some(b"{\"card\": 4111111111111111}"),
+            Some(b"{\"mail\": \"bob@example.com\"}"),
+            Some(b"bob@example.com"),
+            Some(b"bob@example.com"),
+        ]);
+        let (mut out, mut scratch, mut bc, mut bd) = (
+            BytesMut::new(),
+            Vec::new(),
+            Counts::default(),
+            Counts::default(),
+        );
+        plan.mask_row(&body, &mut out, &mut scratch, &mut bc, &mut bd)
+            .unwrap();
+        let v = values(&out);
+        assert_eq!(v[0].as_deref(), Some(&b"0"[..]));
+        assert_eq!(v[1].as_deref(), Some(&b"\"[MASKED]\""[..]));
+        let k = String::from_utf8(v[2].clone().unwrap()).unwrap();
+        assert!(
+            !k.contains("bob@") && serde_json::from_str::<Value>(&k).is_ok(),
+            "{k}"
+        );
+        assert_eq!(v[3], None);
+        assert_eq!(v[4].as_deref(), Some(crate::mask::MASKED.as_bytes()));
     }
 
     fn table(name: &str, cols: &[&str]) -> Table {
@@ -379,17 +775,20 @@ mod tests {
             // a table the catalog did not know, and an attribute it did
             // not list: masked (fail closed)
             at("id", 101, 1, 25, 0),
-            at("ctid", 100, -1, 25, 0),
+            at("gone", 100, 9, 25, 0),
+            // a system column: not row data, and no rule names it
+            at("tableoid", 100, -6, 25, 0),
             // a partition of customers
             at("ssn", 102, 3, 25, 0),
         ];
-        let plan = RowPlan::new(m, &cols, &tables).unwrap();
+        let plan = RowPlan::new(m, &cols, &tables, &OutputStyle::default()).unwrap();
         let body = row(&[
             Some(b"123-45-6789"),
             Some(b"Alice"),
             Some(b"1"),
             Some(b"2"),
-            Some(b"(0,1)"),
+            Some(b"x"),
+            Some(b"16384"),
             Some(b"123-45-6789"),
         ]);
         let (mut out, mut scratch, mut bc, mut bd) = (
@@ -406,14 +805,27 @@ mod tests {
         assert_eq!(v[2].as_deref(), Some(&b"1"[..]));
         assert_eq!(v[3].as_deref(), Some(crate::mask::MASKED.as_bytes()));
         assert_eq!(v[4].as_deref(), Some(crate::mask::MASKED.as_bytes()));
-        assert_eq!(v[5].as_deref(), Some(crate::mask::MASKED.as_bytes()));
+        assert_eq!(v[5].as_deref(), Some(&b"16384"[..]));
+        assert_eq!(v[6].as_deref(), Some(crate::mask::MASKED.as_bytes()));
     }
 
     #[test]
     fn no_rules_for_these_columns_means_no_plan_and_bad_rows_fail() {
         let m = masker(&["ssn"], &[]);
-        assert!(RowPlan::new(m.clone(), &[col("name", 0, 25, 0)], &HashMap::new()).is_none());
-        let plan = RowPlan::new(m, &[col("ssn", 0, 25, 0)], &HashMap::new()).unwrap();
+        assert!(RowPlan::new(
+            m.clone(),
+            &[col("name", 0, 25, 0)],
+            &HashMap::new(),
+            &OutputStyle::default()
+        )
+        .is_none());
+        let plan = RowPlan::new(
+            m,
+            &[col("ssn", 0, 25, 0)],
+            &HashMap::new(),
+            &OutputStyle::default(),
+        )
+        .unwrap();
         let (mut out, mut scratch, mut bc, mut bd) = (
             BytesMut::new(),
             Vec::new(),

@@ -179,6 +179,9 @@ pub(super) async fn run(
     let to_client = AtomicU64::new(0);
     let mut front = Front::new(shared, flow, &ctx, uwr, pipe.clone(), cw.clone(), &marker);
     let mut back = Back::new(shared, flow, &ctx, pipe, cw.clone(), &marker);
+    for (k, v) in &up.params {
+        back.parameter(k, v);
+    }
     let mut front_run = Box::pin(front.run(crd, &from_client));
     let mut back_run = Box::pin(back.run(urd, up.buf, &to_client));
     let mut ended_by_daemon = false;
