@@ -13,6 +13,7 @@ mod faults;
 mod harness;
 mod http;
 mod ops;
+mod perf_tcp;
 mod postgres;
 mod security;
 mod sound_http;
