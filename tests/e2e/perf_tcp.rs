@@ -336,7 +336,10 @@ fn a_reset_on_either_side_reaches_the_other_as_a_reset() {
     let s = setup("relayrst");
     let r = agent(&s.place, s.up.addr.port(), "r", 0);
     assert_eq!(r["error"], Value::Null, "{r}");
-    assert_eq!(r["closed"], "reset", "the upstream's reset reaches the agent: {r}");
+    assert_eq!(
+        r["closed"], "reset",
+        "the upstream's reset reaches the agent: {r}"
+    );
     wait_until(
         Duration::from_secs(10),
         || {
@@ -353,7 +356,12 @@ fn a_reset_on_either_side_reaches_the_other_as_a_reset() {
         || s.up.seen().ended.is_some(),
         "the upstream sees the agent's reset",
     );
-    assert_eq!(s.up.seen().ended.as_deref(), Some("reset"), "{:?}", s.up.seen());
+    assert_eq!(
+        s.up.seen().ended.as_deref(),
+        Some("reset"),
+        "{:?}",
+        s.up.seen()
+    );
     wait_until(
         Duration::from_secs(10),
         || {

@@ -47,6 +47,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-kubernetes",
     // Real gRPC peers (client and server) of the HTTP compatibility tests.
     "python3-grpcio",
+    // Thousands of idle SSH sessions from one asyncio client (bench idle).
+    "python3-asyncssh",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",

@@ -117,10 +117,7 @@ pub async fn serve(
             drop(gone);
             match error.kind() {
                 io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Ok(summary(reason)),
-                _ => Err(io::Error::new(
-                    error.kind(),
-                    format!("{reason}: {error}"),
-                )),
+                _ => Err(io::Error::new(error.kind(), format!("{reason}: {error}"))),
             }
         }
     }

@@ -153,7 +153,12 @@ impl Fault {
 }
 
 /// One direction, `src` to `dst`: splice while it can, else copy.
-async fn pump(src: &TcpStream, dst: &TcpStream, from: Side, moved: &AtomicU64) -> Result<(), Fault> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    from: Side,
+    moved: &AtomicU64,
+) -> Result<(), Fault> {
     let src_fault = |error| Fault { side: from, error };
     let dst_fault = |error| Fault {
         side: from.other(),
@@ -253,7 +258,9 @@ async fn splice_loop(
     let mut spliced_any = false;
     loop {
         let n = loop {
-            match src.try_io(Interest::READABLE, || splice(src, &pipe.write, pipe.capacity)) {
+            match src.try_io(Interest::READABLE, || {
+                splice(src, &pipe.write, pipe.capacity)
+            }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     src.readable().await.map_err(Step::Src)?;
