@@ -329,3 +329,79 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Resul
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    /// (agent's own end, the daemon's agent-side socket, the daemon's
+    /// upstream socket, the upstream's own end), all on loopback.
+    async fn pairs() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = TcpStream::connect(l1.local_addr().unwrap()).await.unwrap();
+        let (daemon_agent, _) = l1.accept().await.unwrap();
+        let daemon_up = TcpStream::connect(l2.local_addr().unwrap()).await.unwrap();
+        let (upstream, _) = l2.accept().await.unwrap();
+        (agent, daemon_agent, daemon_up, upstream)
+    }
+
+    fn data(seed: u8, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bytes_arrive_intact_both_ways_and_half_closes_pass() {
+        let (mut agent, d_agent, d_up, mut upstream) = pairs().await;
+        let relay = tokio::spawn(async move { relay(&d_agent, &d_up).await });
+        let (up, down) = (data(1, 3 << 20), data(7, 5 << 20));
+        let (up2, down2) = (up.clone(), down.clone());
+        let agent_side = tokio::spawn(async move {
+            let (mut r, mut w) = agent.split();
+            let send = async {
+                w.write_all(&up2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let recv = r.read_to_end(&mut got);
+            let (_, n) = tokio::join!(send, recv);
+            n.unwrap();
+            got
+        });
+        let (mut r, mut w) = upstream.split();
+        let mut got = Vec::new();
+        let send = async {
+            w.write_all(&down2).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
+        n.unwrap();
+        assert!(got == up, "agent to upstream differs");
+        assert!(
+            agent_side.await.unwrap() == down,
+            "upstream to agent differs"
+        );
+        let relayed = relay.await.unwrap();
+        assert!(matches!(relayed.end, End::Closed), "{relayed:?}");
+        assert_eq!(relayed.from_client, up.len() as u64);
+        assert_eq!(relayed.to_client, down.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_reset_upstream_ends_the_relay_naming_the_upstream() {
+        let (mut agent, d_agent, d_up, upstream) = pairs().await;
+        agent.write_all(b"hello").await.unwrap();
+        reset(upstream);
+        let relayed = relay(&d_agent, &d_up).await;
+        match relayed.end {
+            End::Reset { side, .. } => assert_eq!(side, Side::Upstream),
+            other => panic!("{other:?}"),
+        }
+    }
+}
