@@ -19,6 +19,7 @@ mod mcp;
 mod ops;
 mod perf_http;
 mod perf_pg;
+mod perf_tcp;
 mod postgres;
 mod security;
 mod sound_http;

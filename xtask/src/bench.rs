@@ -264,6 +264,57 @@ fn print_table(results: &[(&str, Result<Value>, Result<Value>)]) {
             secs(through)
         );
     }
+    for line in verdicts(results) {
+        println!("{line}");
+    }
+}
+
+/// Connection setup rate through / direct, at least.
+const TARGET_CONNECT_RATIO: f64 = 0.5;
+/// Bulk throughput through / direct, at least.
+const TARGET_BULK_RATIO: f64 = 0.9;
+/// Round trip p50 added by the proxy, less than (microseconds).
+const TARGET_ADDED_RTT_US: f64 = 15.0;
+
+/// The PASS/MISS lines against the targets (DESIGN.md, "Performance
+/// targets"); a failed measurement is a MISS.
+fn verdicts(results: &[(&str, Result<Value>, Result<Value>)]) -> Vec<String> {
+    let pair = |mode: &str, key: &str| {
+        let (_, d, t) = results.iter().find(|(m, _, _)| *m == mode)?;
+        Some((field(d, key)?, field(t, key)?))
+    };
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let mut lines = Vec::new();
+    for (mode, key, what, target) in [
+        (
+            "connect",
+            "per_second",
+            "connection setup",
+            TARGET_CONNECT_RATIO,
+        ),
+        (
+            "bulk",
+            "bytes_per_second",
+            "bulk throughput",
+            TARGET_BULK_RATIO,
+        ),
+    ] {
+        let ratio = pair(mode, key)
+            .filter(|(d, _)| *d > 0.0)
+            .map(|(d, t)| t / d);
+        lines.push(format!(
+            "{}: {what} {} of direct (target at least {target:.2})",
+            verdict(ratio.is_some_and(|r| r >= target)),
+            ratio.map_or_else(|| "failed".to_string(), |r| format!("{r:.2}"))
+        ));
+    }
+    let added = pair("latency", "p50_us").map(|(d, t)| t - d);
+    lines.push(format!(
+        "{}: added round trip (p50) {} us (target under {TARGET_ADDED_RTT_US:.0} us)",
+        verdict(added.is_some_and(|a| a < TARGET_ADDED_RTT_US)),
+        added.map_or_else(|| "failed".to_string(), |a| format!("{a:.1}"))
+    ));
+    lines
 }
 
 /// Starts the bench server on an ephemeral loopback port.
@@ -332,6 +383,41 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::bench_client::{bulk, connect_rate, identify, latency};
+
+    #[test]
+    fn verdicts_compare_with_the_targets() {
+        let ok = |v: Value| -> Result<Value> { Ok(v) };
+        let results = [
+            (
+                "connect",
+                ok(serde_json::json!({"per_second": 1000.0})),
+                ok(serde_json::json!({"per_second": 600.0})),
+            ),
+            (
+                "bulk",
+                ok(serde_json::json!({"bytes_per_second": 100.0})),
+                ok(serde_json::json!({"bytes_per_second": 80.0})),
+            ),
+            (
+                "latency",
+                ok(serde_json::json!({"p50_us": 20.0})),
+                Err(anyhow::anyhow!("failed")),
+            ),
+        ];
+        let lines = verdicts(&results);
+        assert!(
+            lines[0].starts_with("PASS: connection setup 0.60"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].starts_with("MISS: bulk throughput 0.80"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].starts_with("MISS: added round trip (p50) failed"),
+            "{lines:?}"
+        );
+    }
 
     #[test]
     fn server_and_client_agree() {

@@ -30,9 +30,9 @@ const LISTEN_PORT: u16 = 15003;
 const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
 
 /// A bench sshd, stopped on drop.
-struct Sshd {
-    dir: PathBuf,
-    port: u16,
+pub(crate) struct Sshd {
+    pub(crate) dir: PathBuf,
+    pub(crate) port: u16,
     child: Child,
 }
 
@@ -60,7 +60,7 @@ fn keygen(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn start_sshd(dir: &Path) -> Result<Sshd> {
+pub(crate) fn start_sshd(dir: &Path) -> Result<Sshd> {
     fs::create_dir_all(dir)?;
     fs::create_dir_all("/run/sshd").context("cannot create /run/sshd")?;
     keygen(&dir.join("host_ed25519"))?;
@@ -367,9 +367,63 @@ pub fn ssh(bytes: u64, execs: u64, record: &str, binary: Option<PathBuf>) -> Res
     println!(
         "  transfers: {mb:.0} MiB each way; exec: {execs} round trips; connect+exec: median of 10; record = {record}, masking on"
     );
+    for line in verdicts(&rows) {
+        println!("{line}");
+    }
     if !failures.is_empty() {
         eprintln!("daemon log ends with:\n{}", session.log_tail(20));
         bail!("some measurements failed:\n  {}", failures.join("\n  "));
     }
     Ok(())
+}
+
+/// Transfers through / direct, at least (DESIGN.md, "Performance targets").
+const TARGET_TRANSFER_RATIO: f64 = 0.9;
+
+/// PASS/MISS of the transfer rows against the target; a failed
+/// measurement is a MISS.
+fn verdicts(rows: &[(String, Vec<Option<f64>>)]) -> Vec<String> {
+    rows.iter()
+        .filter(|(label, _)| label.starts_with("download") || label.starts_with("upload"))
+        .map(|(label, v)| {
+            let what = label.split(' ').next().unwrap_or(label);
+            let ratio = match (v.first().copied().flatten(), v.get(1).copied().flatten()) {
+                (Some(d), Some(t)) if d > 0.0 => Some(t / d),
+                _ => None,
+            };
+            format!(
+                "{}: {what} {} of direct (target at least {TARGET_TRANSFER_RATIO:.2})",
+                if ratio.is_some_and(|r| r >= TARGET_TRANSFER_RATIO) {
+                    "PASS"
+                } else {
+                    "MISS"
+                },
+                ratio.map_or_else(|| "failed".to_string(), |r| format!("{r:.2}"))
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verdicts;
+
+    #[test]
+    fn transfer_verdicts_compare_with_the_target() {
+        let rows = vec![
+            (
+                "download (MiB/s)".to_string(),
+                vec![Some(100.0), Some(95.0)],
+            ),
+            ("upload (MiB/s)".to_string(), vec![Some(100.0), None]),
+            (
+                "exec round trip p50 (ms)".to_string(),
+                vec![Some(1.0), Some(2.0)],
+            ),
+        ];
+        let lines = verdicts(&rows);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("PASS: download 0.95"), "{lines:?}");
+        assert!(lines[1].starts_with("MISS: upload failed"), "{lines:?}");
+    }
 }

@@ -1,5 +1,5 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|policy|audit`, `fuzz`, `soak`,
+//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|idle|policy|audit`, `fuzz`, `soak`,
 //! `compat`.
 #![warn(missing_docs)]
 
@@ -7,6 +7,7 @@ mod bench;
 mod bench_client;
 mod bench_fleet;
 mod bench_http;
+mod bench_idle;
 mod bench_pg;
 mod bench_ssh;
 mod ci;
@@ -158,6 +159,23 @@ enum BenchTarget {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
+    /// Idle memory: daemon RSS per idle PostgreSQL, SSH and HTTP session.
+    ///
+    /// Opens `--sessions` idle SSH and HTTP sessions and `--pg-sessions`
+    /// PostgreSQL ones (each holds a server backend, so fewer by default)
+    /// through Portcullis, one protocol at a time, and reports the daemon's
+    /// RSS growth per session against the target (under 50 KiB). Root.
+    Idle {
+        /// Idle SSH and HTTP sessions (each protocol).
+        #[arg(long, default_value_t = 10_000)]
+        sessions: u64,
+        /// Idle PostgreSQL sessions (each one a server backend process).
+        #[arg(long, default_value_t = 1_000)]
+        pg_sessions: u64,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Policy decision and reload time: 500 rules vs. 1; lookups.
     ///
     /// Decision time (p50/p99) and reload time of a generated set of 100
@@ -248,6 +266,14 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench_ssh::ssh(bytes, execs, &record, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Idle {
+                    sessions,
+                    pg_sessions,
+                    binary,
+                },
+        } => bench_idle::idle(sessions, pg_sessions, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),

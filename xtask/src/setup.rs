@@ -55,6 +55,8 @@ const APT_PACKAGES: &[&str] = &[
     // The venvs holding the official MCP Python SDK (see `mcp_sdk`) and the
     // PyPI PostgreSQL drivers (see `python_drivers`).
     "python3-venv",
+    // Thousands of idle SSH sessions from one asyncio client (bench idle).
+    "python3-asyncssh",
     // Recording the demo and HTTP load generation.
     "asciinema",
     "wrk",

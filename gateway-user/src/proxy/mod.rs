@@ -14,6 +14,7 @@ pub mod postgres;
 pub mod session;
 pub mod ssh;
 pub mod tcp;
+pub mod tcp_relay;
 
 use std::{
     io,

@@ -1,5 +1,6 @@
-//! The `tcp` resource kind: the connection is the command. Relays bytes both
-//! ways with bounded buffers, backpressure and half-close.
+//! The `tcp` resource kind: the connection is the command. Once it is let
+//! in, bytes are relayed both ways by [`tcp_relay`] (kernel to kernel,
+//! backpressure, half-close, resets passed on).
 
 use std::{io, sync::Arc};
 
@@ -7,6 +8,7 @@ use tokio::net::TcpStream;
 
 use super::{
     gate::{self, Command, Waited},
+    tcp_relay::{self, End, Side},
     Flow, SessionSummary,
 };
 use crate::{
@@ -14,8 +16,10 @@ use crate::{
     policy::{Decision, DecisionRequest},
 };
 
-/// Per-direction relay buffer. Bounded: a slow side stalls the other
-/// (backpressure) instead of growing memory.
+/// Per-direction relay buffer of the byte relays that copy through
+/// userspace (TLS passthrough). Bounded: a slow side stalls the other
+/// (backpressure) instead of growing memory. Plain `tcp` flows splice
+/// instead ([`tcp_relay`]).
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Decides `tcp:connect`, then connects upstream and relays until both sides
@@ -25,7 +29,7 @@ pub const RELAY_BUFFER: usize = 64 * 1024;
 pub async fn serve(
     shared: &Arc<Shared>,
     flow: Flow,
-    mut client: TcpStream,
+    client: TcpStream,
 ) -> io::Result<SessionSummary> {
     let cmd = Command::new(
         &flow,
@@ -80,22 +84,41 @@ pub async fn serve(
         }
     }
     let _ = client.set_nodelay(true);
-    let mut upstream = match flow.connect_upstream().await {
+    let upstream = match flow.connect_upstream().await {
         Ok(u) => u,
         Err(e) => {
             super::refuse(client);
             return Err(io::Error::new(e.kind(), format!("upstream: {e}")));
         }
     };
-    tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER) => {
-            let (from_client, to_client) = r?;
-            flow.recording.tcp_bytes(from_client, to_client);
-            Ok(SessionSummary { bytes_from_client: from_client, bytes_to_client: to_client, end_reason: "closed" })
-        }
+    let relayed = tokio::select! {
+        r = tcp_relay::relay(&client, &upstream) => r,
         _ = flow.cancel.cancelled() => {
             super::refuse(client);
-            Ok(SessionSummary { end_reason: "ended by the daemon", ..Default::default() })
+            return Ok(SessionSummary { end_reason: "ended by the daemon", ..Default::default() });
+        }
+    };
+    flow.recording
+        .tcp_bytes(relayed.from_client, relayed.to_client);
+    let summary = |end_reason| SessionSummary {
+        bytes_from_client: relayed.from_client,
+        bytes_to_client: relayed.to_client,
+        end_reason,
+    };
+    match relayed.end {
+        End::Closed => Ok(summary("closed")),
+        // A reset is passed on as a reset, as TCP itself would have.
+        End::Reset { side, error } => {
+            let (gone, other, reason) = match side {
+                Side::Agent => (client, upstream, "reset by the agent"),
+                Side::Upstream => (upstream, client, "reset by the upstream"),
+            };
+            tcp_relay::reset(other);
+            drop(gone);
+            match error.kind() {
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Ok(summary(reason)),
+                _ => Err(io::Error::new(error.kind(), format!("{reason}: {error}"))),
+            }
         }
     }
 }

@@ -108,6 +108,13 @@ pub const SSH_WINDOW: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET: u32 = 32 * 1024;
 /// Messages russh queues per channel before it stops reading.
 pub const SSH_CHANNEL_BUFFER: usize = 100;
+/// Messages (each at most one packet of upstream output, 32 KiB) the relay
+/// may queue for an agent connection's session loop before it waits.
+/// russh's default (10) makes a download stall on every few packets while
+/// the loop encrypts and writes; 32 keeps at most 1 MiB in flight per
+/// connection. The queue's slots are allocated as used, so an idle session
+/// pays nothing for it.
+pub const SSH_EVENT_BUFFER: usize = 32;
 
 /// How long the agent has to send its SSH identification line.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -207,6 +214,7 @@ fn server_config(
         window_size: SSH_WINDOW,
         maximum_packet_size: SSH_MAX_PACKET,
         channel_buffer_size: SSH_CHANNEL_BUFFER,
+        event_buffer_size: SSH_EVENT_BUFFER,
         ..Default::default()
     })
 }
