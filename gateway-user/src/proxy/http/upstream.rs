@@ -745,6 +745,7 @@ mod tests {
             postgres: Default::default(),
             host_key_file: None,
             host_certificate_file: None,
+            mcp_tools: Default::default(),
         }
     }
 

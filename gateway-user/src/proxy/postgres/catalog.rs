@@ -55,6 +55,10 @@ pub const MAX_CONNECTIONS: usize = 4;
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Cached answers per pool (the whole cache is dropped when full).
 const MAX_ENTRIES: usize = 4096;
+/// Pools kept once no session uses them. An agent can name a new user or
+/// database at every connect where the resource does not fix them; past
+/// this many, pools no session holds are dropped (their listeners end).
+const MAX_IDLE_POOLS: usize = 64;
 /// How often the listener checks that the triggers are still in place.
 const VERIFY_EVERY: Duration = Duration::from_secs(5);
 /// A listener whose pool saw no lookup for this long ends (and is started
@@ -209,7 +213,19 @@ impl Pool {
             user: user.to_string(),
             database: database.to_string(),
         };
-        let pool = guard(&POOLS)
+        let mut pools = guard(&POOLS);
+        if !pools.contains_key(&key) && pools.len() >= MAX_IDLE_POOLS {
+            pools.retain(|_, p| {
+                let held = Arc::strong_count(p) > 1;
+                if !held {
+                    if let Some(t) = guard(&p.listener).take() {
+                        t.cancel();
+                    }
+                }
+                held
+            });
+        }
+        let pool = pools
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Pool {
@@ -224,6 +240,7 @@ impl Pool {
                 })
             })
             .clone();
+        drop(pools);
         {
             let mut login = guard(&pool.login);
             if !Arc::ptr_eq(&login.resource, &flow.resource) {

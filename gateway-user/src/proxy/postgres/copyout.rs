@@ -11,10 +11,7 @@
 
 use pg_query::NodeEnum;
 
-use super::{
-    maskcheck::{self, Side},
-    upstream::UpstreamError,
-};
+use super::{catalog::Pool, upstream::UpstreamError};
 use crate::mask::Masker;
 
 /// A `COPY table TO`: (schema if named, table, columns copied; empty: all).
@@ -87,9 +84,7 @@ fn catalog_sql(schema: Option<&str>, table: &str) -> String {
 /// resource with column rules: `Err` names the masked column that would be
 /// copied. A catalog that cannot be read refuses (fail closed).
 pub(super) async fn check(
-    side: &Side,
-    flow: &crate::proxy::Flow,
-    params: &[(String, String)],
+    pool: Option<&std::sync::Arc<Pool>>,
     sql: &str,
     masker: &Masker,
 ) -> Result<(), String> {
@@ -100,27 +95,15 @@ pub(super) async fn check(
     let unreadable = |e: UpstreamError| {
         format!("COPY TO is refused: the server's catalog could not be read to find masked columns ({e})")
     };
-    let mut side = side.lock().await;
-    if side.is_none() {
-        *side = Some(
-            maskcheck::catalog_login(flow, params)
-                .await
-                .map_err(unreadable)?,
-        );
-    }
-    let Some(conn) = side.as_mut() else {
+    let Some(pool) = pool else {
         return Err("COPY TO is refused: no catalog connection".into());
     };
     for (schema, table, columns) in tables {
-        let rows = match maskcheck::side_query(conn, &catalog_sql(schema.as_deref(), &table)).await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                *side = None;
-                return Err(unreadable(e));
-            }
-        };
-        for r in &rows {
+        let rows = pool
+            .query(&catalog_sql(schema.as_deref(), &table))
+            .await
+            .map_err(unreadable)?;
+        for r in rows.iter() {
             let (Some(Some(owner)), Some(Some(column))) = (r.first(), r.get(1)) else {
                 continue;
             };

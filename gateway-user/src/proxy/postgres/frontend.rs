@@ -541,9 +541,7 @@ impl<'a> Front<'a> {
                 .filter(|m| c.parsed_class == "copy_out" && m.has_columns())
             {
                 // Only a table with a masked column among those copied.
-                let checked =
-                    copyout::check(&self.ctx.catalog, self.flow, &self.ctx.params, &c.text, m)
-                        .await;
+                let checked = copyout::check(self.ctx.changes.pool(), &c.text, m).await;
                 if let Err(reason) = checked {
                     self.refusal("postgres:copy_out", &c.text, &reason).await;
                     return Err(Refusal::Denied(reason));
