@@ -971,6 +971,28 @@ async fn revoke(st: &State, shared: &Arc<Shared>, reviewer: &Reviewer, id: &str)
     web::redirect(StatusCode::SEE_OTHER, "/grants", &[])
 }
 
+/// A JIT refusal as the console's answer: text and status.
+fn jit_status(e: crate::jit::JitError) -> (String, StatusCode) {
+    let status = match e {
+        crate::jit::JitError::AlreadyDecided { .. } => StatusCode::CONFLICT,
+        crate::jit::JitError::NoRequest(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (e.to_string(), status)
+}
+
+/// A fleet refusal as the console's answer (the store unreachable: 503).
+fn fleet_status(e: crate::fleet::FleetError) -> (String, StatusCode) {
+    match e {
+        crate::fleet::FleetError::Jit(j) => jit_status(j),
+        crate::fleet::FleetError::Refused(m) => (m, StatusCode::CONFLICT),
+        e @ crate::fleet::FleetError::Unreachable(_) => {
+            (e.to_string(), StatusCode::SERVICE_UNAVAILABLE)
+        }
+        e => (e.to_string(), StatusCode::BAD_REQUEST),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1004,27 +1026,5 @@ mod tests {
             .console
             .is_none());
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-/// A JIT refusal as the console's answer: text and status.
-fn jit_status(e: crate::jit::JitError) -> (String, StatusCode) {
-    let status = match e {
-        crate::jit::JitError::AlreadyDecided { .. } => StatusCode::CONFLICT,
-        crate::jit::JitError::NoRequest(_) => StatusCode::NOT_FOUND,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    (e.to_string(), status)
-}
-
-/// A fleet refusal as the console's answer (the store unreachable: 503).
-fn fleet_status(e: crate::fleet::FleetError) -> (String, StatusCode) {
-    match e {
-        crate::fleet::FleetError::Jit(j) => jit_status(j),
-        crate::fleet::FleetError::Refused(m) => (m, StatusCode::CONFLICT),
-        e @ crate::fleet::FleetError::Unreachable(_) => {
-            (e.to_string(), StatusCode::SERVICE_UNAVAILABLE)
-        }
-        e => (e.to_string(), StatusCode::BAD_REQUEST),
     }
 }
