@@ -475,7 +475,9 @@ fn run(args: &Args) -> Result<()> {
             );
         }
         println!();
-        println!("Targets (data path, group commit; fsync=always is bound by the disk and has none):");
+        println!(
+            "Targets (data path, group commit; fsync=always is bound by the disk and has none):"
+        );
         for (what, us, target) in &targets {
             println!(
                 "  {what:<40} {us:>8.1} us  < {target:>5.1} us  {}",

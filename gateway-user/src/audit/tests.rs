@@ -941,7 +941,10 @@ async fn durability_lag_follows_group_commit_and_always() {
 /// returned seq is the line holding that very event, and it verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_appending_at_once_make_one_valid_chain() {
-    for mode in [FsyncMode::Interval(Duration::from_millis(2)), FsyncMode::Always] {
+    for mode in [
+        FsyncMode::Interval(Duration::from_millis(2)),
+        FsyncMode::Always,
+    ] {
         let tmp = TempDir::new("many");
         let cfg = AuditConfig {
             fsync: mode,

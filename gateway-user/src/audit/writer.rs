@@ -911,10 +911,7 @@ impl Core {
                     return;
                 }
             }
-            if sync
-                .checkpoint_due()
-                .is_some_and(|at| at <= Instant::now())
-            {
+            if sync.checkpoint_due().is_some_and(|at| at <= Instant::now()) {
                 let wrote = match self.writer.blocking_lock().as_mut() {
                     Some(w) => w.tick(),
                     None => false,

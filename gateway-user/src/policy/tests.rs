@@ -795,7 +795,10 @@ fn generated_rules(
                 format!("action in [Action::\"{group}\", Action::\"tcp:connect\"]"),
                 false,
             ),
-            _ => (format!("action in Action::\"{group}\""), group == "postgres"),
+            _ => (
+                format!("action in Action::\"{group}\""),
+                group == "postgres",
+            ),
         };
         let mut conditions = vec![
             format!("context.time.hour < {}", g.below(24)),
@@ -845,7 +848,11 @@ fn generated_rules(
 /// Asserts that the indexed decision equals the whole set's, decision and
 /// determining rules alike, over `n` generated requests; returns how many
 /// of each outcome were seen.
-fn assert_index_matches_whole_set(set: &PolicySet, g: &mut Gen, n: usize) -> BTreeMap<String, usize> {
+fn assert_index_matches_whole_set(
+    set: &PolicySet,
+    g: &mut Gen,
+    n: usize,
+) -> BTreeMap<String, usize> {
     let identities: Vec<&String> = set.identities.keys().collect();
     let resources: Vec<&String> = set.resources.keys().collect();
     let actions: Vec<String> = super::actions::all().into_iter().map(|(a, _)| a).collect();
@@ -887,7 +894,10 @@ fn the_index_decides_exactly_like_the_whole_set() {
     let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
     let set = PolicySet::load(&examples).unwrap();
     let seen = assert_index_matches_whole_set(&set, &mut g, 1500);
-    assert!(seen.contains_key("allow") && seen.contains_key("deny"), "{seen:?}");
+    assert!(
+        seen.contains_key("allow") && seen.contains_key("deny"),
+        "{seen:?}"
+    );
 
     // A generated 500-rule set over 40 resources and 8 identities.
     let mut toml = String::from(
@@ -896,7 +906,9 @@ fn the_index_decides_exactly_like_the_whole_set() {
     );
     let identities: Vec<String> = (0..8).map(|i| format!("id{i}")).collect();
     for id in &identities {
-        toml.push_str(&format!("\n[identity.{id}]\nissuer = \"corp\"\nsubject = \"{id}\"\n"));
+        toml.push_str(&format!(
+            "\n[identity.{id}]\nissuer = \"corp\"\nsubject = \"{id}\"\n"
+        ));
     }
     let mut resources = Vec::new();
     for i in 0..40 {
@@ -907,9 +919,8 @@ fn the_index_decides_exactly_like_the_whole_set() {
             1000 + i
         ));
         match proto {
-            "postgres" => toml.push_str(
-                "credentials = { user = \"agent_ro\", password_file = \"/etc/pw\" }\n",
-            ),
+            "postgres" => toml
+                .push_str("credentials = { user = \"agent_ro\", password_file = \"/etc/pw\" }\n"),
             "http" => toml.push_str("tls = \"intercept\"\n"),
             _ => {}
         }
