@@ -33,6 +33,14 @@ use portcullis::audit::{
 use serde::Serialize;
 use serde_json::json;
 
+/// Target for `record()` p50 with group commit (1 recorder), microseconds:
+/// a fifth of the 50 µs a PostgreSQL statement may add in all
+/// (DESIGN.md, "Performance targets").
+const RECORD_P50_TARGET_US: f64 = 10.0;
+/// Target for `record()` p99 with group commit (1 and 8 recorders),
+/// microseconds: the tail stays within the whole per-statement budget.
+const RECORD_P99_TARGET_US: f64 = 50.0;
+
 /// Events recorded (sequentially, untimed) before each timed run.
 const WARMUP_EVENTS: u64 = 200;
 
@@ -410,7 +418,29 @@ fn run(args: &Args) -> Result<()> {
             .map(|r| (r.record.p50_us, r.record.p99_us))
     };
     let group_commit = headline(&interval_mode, 1);
+    let group_commit_8 = headline(&interval_mode, 8);
     let always = headline("always", 1);
+    // (label, measured, target, pass) for the data-path targets.
+    let mut targets = Vec::new();
+    if let Some((p50, p99)) = group_commit {
+        targets.push((
+            format!("record() p50, {interval_mode}, 1 recorder"),
+            p50,
+            RECORD_P50_TARGET_US,
+        ));
+        targets.push((
+            format!("record() p99, {interval_mode}, 1 recorder"),
+            p99,
+            RECORD_P99_TARGET_US,
+        ));
+    }
+    if let Some((_, p99)) = group_commit_8 {
+        targets.push((
+            format!("record() p99, {interval_mode}, 8 recorders"),
+            p99,
+            RECORD_P99_TARGET_US,
+        ));
+    }
 
     if args.json {
         let out = json!({
@@ -426,6 +456,9 @@ fn run(args: &Args) -> Result<()> {
                 "group_commit_1_recorder": group_commit.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
                 "always_1_recorder": always.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
             },
+            "targets": targets.iter().map(|(what, us, target)| json!({
+                "what": what, "us": us, "target_us": target, "pass": us < target,
+            })).collect::<Vec<_>>(),
             "failures": failures,
         });
         println!("{out}");
@@ -439,6 +472,16 @@ fn run(args: &Args) -> Result<()> {
         if let Some((p50, p99)) = always {
             println!(
                 "  with fsync=always (survives a host crash), 1 recorder:                        p50 {p50:.1} us, p99 {p99:.1} us"
+            );
+        }
+        println!();
+        println!(
+            "Targets (data path, group commit; fsync=always is bound by the disk and has none):"
+        );
+        for (what, us, target) in &targets {
+            println!(
+                "  {what:<40} {us:>8.1} us  < {target:>5.1} us  {}",
+                if us < target { "PASS" } else { "MISS" }
             );
         }
     }

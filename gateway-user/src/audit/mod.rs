@@ -3,7 +3,8 @@
 //! periodic Ed25519-signed checkpoints.
 //!
 //! Owns the audit directory, the signing key files (`<state>/audit.key`,
-//! `<state>/audit.pub`), the writer thread and the readers the CLI uses
+//! `<state>/audit.pub`), the writer (a lock the recording task takes
+//! itself), the sync thread and the readers the CLI uses
 //! ([`verify`], [`read_events`], [`follow`]). It must not decide anything:
 //! callers say what happened ([`AuditEvent`]) and deny the command when
 //! [`AuditLog::record`] fails.
@@ -59,10 +60,13 @@
 //!
 //! # Durability and recovery
 //!
-//! [`AuditLog::record`] returns after the line went to the file with
-//! write(2): it survives a daemon crash. With [`FsyncMode::Always`] it also
-//! waits for fdatasync (host crash); with [`FsyncMode::Interval`] a separate
-//! thread syncs at most once per interval while there is unsynced data. A
+//! [`AuditLog::record`] writes the line itself, on the caller's task, under
+//! a short lock (one write(2) to the page cache), and returns after it went
+//! to the file: it survives a daemon crash. With [`FsyncMode::Always`] it
+//! also waits for an fdatasync that began after its write (host crash);
+//! recorders waiting at the same time share one. With
+//! [`FsyncMode::Interval`] the sync thread syncs at most once per interval
+//! while there is unsynced data, off the data path. A
 //! crash can leave a torn final line in the newest file: [`AuditLog::open`]
 //! truncates it and records an `audit_recovered` event (`detail.file`,
 //! `detail.bytes_dropped`); [`verify`] reports it as a warning only there.
@@ -87,13 +91,12 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
-use tokio::sync::{oneshot, Semaphore};
 
 pub use ed25519_dalek::VerifyingKey;
 pub use event::{AuditEvent, IdentityRef, RESERVED_KINDS};
@@ -190,13 +193,14 @@ impl Durability {
     }
 }
 
-/// When the writer calls fdatasync.
+/// When the log is fdatasync'd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncMode {
     /// Group commit: `record` returns after write(2); unsynced data is synced
-    /// at most once per interval, off the writer thread.
+    /// at most once per interval by the sync thread, off the data path.
     Interval(Duration),
-    /// `record` returns after the batch holding its line was synced.
+    /// `record` returns after an fdatasync that began after its line was
+    /// written (one sync serves every recorder waiting at that moment).
     Always,
 }
 
@@ -225,12 +229,15 @@ pub struct AuditConfig {
     /// Longest time an event stays without a checkpoint after it (default
     /// 10 s).
     pub checkpoint_every: Duration,
-    /// Events that may wait for the writer (default 8192).
+    /// Unused since records are written by the recording task itself (no
+    /// queue); kept so existing configurations still build.
     pub queue_capacity: usize,
-    /// How long `record` waits for room in the queue (default 2 s).
+    /// How long `record` waits for the log's lock (default 2 s); then it
+    /// fails with [`AuditError::QueueFull`] and nothing was written.
     pub enqueue_timeout: Duration,
-    /// How long `record` waits for the writer's answer once queued (default
-    /// 10 s). On this timeout the event may still be written later.
+    /// How long an `fsync = "always"` `record` waits for the sync covering
+    /// its line (default 10 s). On this timeout the line is in the file but
+    /// may not be on disk.
     pub reply_timeout: Duration,
 }
 
@@ -312,11 +319,13 @@ pub enum AuditError {
         /// The I/O error as text.
         message: String,
     },
-    /// The queue stayed full for the enqueue timeout.
-    #[error("audit log queue stayed full for {0:?}")]
+    /// The log's lock stayed taken for the enqueue timeout (a write hung);
+    /// nothing of the event was written.
+    #[error("audit log stayed busy for {0:?}")]
     QueueFull(Duration),
-    /// The writer did not answer within the reply timeout.
-    #[error("audit writer did not answer within {0:?}")]
+    /// The sync covering an `fsync = "always"` event did not finish within
+    /// the reply timeout.
+    #[error("audit log sync did not finish within {0:?}")]
     Timeout(Duration),
     /// The log was closed.
     #[error("audit log is closed")]
@@ -355,17 +364,16 @@ pub struct Recovery {
     pub seq: u64,
 }
 
-/// A handle to the audit log's writer. Clones share the writer; the writer
-/// stops (after a final checkpoint) on [`AuditLog::close`] or when the last
-/// handle is dropped.
+/// A handle to the audit log. Clones share the log; it is closed (after a
+/// final checkpoint and sync) on [`AuditLog::close`], or by the sync thread
+/// when the last handle is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    tx: mpsc::Sender<writer::Msg>,
-    slots: Arc<Semaphore>,
+    core: Arc<writer::Core>,
     public_key_hex: String,
     healthy: Arc<AtomicBool>,
     durability: Arc<Durability>,
@@ -373,16 +381,23 @@ struct Inner {
     reply_timeout: Duration,
 }
 
+impl Drop for Inner {
+    /// The last handle is gone: the sync thread closes the log.
+    fn drop(&mut self) {
+        self.core.request_stop();
+    }
+}
+
 impl AuditLog {
-    /// Opens (creating) the log, recovers after a crash, starts the writer.
+    /// Opens (creating) the log, recovers after a crash, starts the sync
+    /// thread.
     pub fn open(cfg: AuditConfig) -> Result<(AuditLog, OpenReport), AuditError> {
         let healthy = Arc::new(AtomicBool::new(true));
         let durability = Arc::new(Durability::new(0));
-        let (started, report) = writer::start(&cfg, healthy.clone(), durability.clone())?;
+        let (core, report) = writer::start(&cfg, healthy.clone(), durability.clone())?;
         let log = AuditLog {
             inner: Arc::new(Inner {
-                tx: started.tx,
-                slots: Arc::new(Semaphore::new(cfg.queue_capacity.max(1))),
+                core,
                 public_key_hex: report.public_key_hex.clone(),
                 healthy,
                 durability,
@@ -393,56 +408,31 @@ impl AuditLog {
         Ok((log, report))
     }
 
-    /// Appends an event and returns its seq. Returns once the line has been
-    /// written to the file with write(2) (so it survives a daemon crash);
-    /// with [`FsyncMode::Always`] also after its fsync.
+    /// Appends an event and returns its seq. The caller's task writes the
+    /// line itself (hash chain and one write(2) under a short lock) and
+    /// this returns once the line is in the file (so it survives a daemon
+    /// crash); with [`FsyncMode::Always`] also after an fdatasync that began
+    /// after the write.
     ///
-    /// Fails, and never hangs (bounded queue, enqueue and reply timeouts),
-    /// when the log cannot be written: the caller then denies the command.
-    /// After a write error every later event is tried again and fails as
-    /// fast as the file system refuses it, until writing works again.
+    /// Fails, and never hangs (lock and sync timeouts), when the log cannot
+    /// be written: the caller then denies the command. After a write error
+    /// every later event is tried again and fails as fast as the file
+    /// system refuses it, until writing works again.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
         event.validate()?;
         let fields = event.encode_fields()?;
         let inner = &self.inner;
-        let permit =
-            match tokio::time::timeout(inner.enqueue_timeout, inner.slots.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(AuditError::Closed),
-                Err(_) => return Err(AuditError::QueueFull(inner.enqueue_timeout)),
-            };
-        let (resp, answer) = oneshot::channel();
         inner
-            .tx
-            .send(writer::Msg::Record {
-                fields,
-                resp,
-                permit,
-            })
-            .map_err(|_| AuditError::Closed)?;
-        match tokio::time::timeout(inner.reply_timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(AuditError::Closed),
-            Err(_) => Err(AuditError::Timeout(inner.reply_timeout)),
-        }
+            .core
+            .record(&fields, inner.enqueue_timeout, inner.reply_timeout)
+            .await
     }
 
     /// Flushes, writes a final checkpoint (when events were added since the
     /// last one), syncs and stops the writer. Other handles fail with
     /// [`AuditError::Closed`] afterwards.
     pub async fn close(self) -> Result<(), AuditError> {
-        let (resp, answer) = oneshot::channel();
-        self.inner
-            .tx
-            .send(writer::Msg::Close { resp })
-            .map_err(|_| AuditError::Closed)?;
-        match tokio::time::timeout(self.inner.reply_timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(AuditError::Closed),
-            Err(_) => Err(AuditError::Timeout(self.inner.reply_timeout)),
-        }
+        self.inner.core.close().await
     }
 
     /// The checkpoint public key, hex (the content of `audit.pub`).
@@ -453,6 +443,12 @@ impl AuditLog {
     /// How far durable (fdatasync'd) writes trail the file (metrics).
     pub fn lag(&self) -> AuditLag {
         self.inner.durability.lag()
+    }
+
+    /// The state shared with the sync thread (tests: counters, fail points).
+    #[cfg(test)]
+    pub(crate) fn sync_shared(&self) -> &writer::SyncShared {
+        &self.inner.core.sync
     }
 
     /// Whether the last write succeeded (for status and metrics).

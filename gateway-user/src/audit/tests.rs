@@ -821,12 +821,10 @@ async fn full_disk_fails_fast_leaves_a_valid_log_and_recovers() {
         eprintln!("skipping full_disk test: needs root to mount a tmpfs");
         return;
     }
-    // With space reserved before writing (fallocate), and without, so that
-    // write(2) itself runs out of space part-way and must be cut back.
-    for (reserve, pad) in [(true, 1000), (false, 1000), (false, 3000), (false, 5000)] {
-        writer::NO_RESERVE.store(!reserve, Ordering::Relaxed);
+    // Nothing is reserved before writing: write(2) itself runs out of space
+    // (at once or part-way through a line) and must be cut back.
+    for pad in [1000, 3000, 5000] {
         full_disk_scenario(pad).await;
-        writer::NO_RESERVE.store(false, Ordering::Relaxed);
     }
 }
 
@@ -936,4 +934,174 @@ async fn durability_lag_follows_group_commit_and_always() {
         (lag.written_seq, lag.records, lag.age),
         (last, 0, Duration::ZERO)
     );
+}
+
+/// Many tasks on a multi-threaded runtime append at once, in both fsync
+/// modes, across checkpoints and rotations: one contiguous chain, every
+/// returned seq is the line holding that very event, and it verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_tasks_appending_at_once_make_one_valid_chain() {
+    for mode in [
+        FsyncMode::Interval(Duration::from_millis(2)),
+        FsyncMode::Always,
+    ] {
+        let tmp = TempDir::new("many");
+        let cfg = AuditConfig {
+            fsync: mode,
+            checkpoint_every_events: 7,
+            ..config(tmp.path(), 16 * 1024)
+        };
+        let (log, _) = AuditLog::open(cfg).unwrap();
+        let (tasks, per_task) = (32u64, 40u64);
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let log = log.clone();
+            handles.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..per_task {
+                    let ev = AuditEvent::new("command").detail("task", t).detail("i", i);
+                    let seq = log.record(ev).await.unwrap();
+                    if mode == FsyncMode::Always {
+                        // A sync that began after this write succeeded
+                        // before record returned.
+                        assert!(log.lag().durable_seq >= seq, "{mode:?} seq {seq}");
+                    }
+                    got.push((seq, t, i));
+                    if i % 8 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                got
+            }));
+        }
+        let mut got = Vec::new();
+        for h in handles {
+            got.extend(h.await.unwrap());
+        }
+        log.close().await.unwrap();
+
+        let total = tasks * per_task;
+        let distinct: BTreeSet<u64> = got.iter().map(|g| g.0).collect();
+        assert_eq!(distinct.len() as u64, total, "{mode:?}");
+        let events = all_events(tmp.path());
+        assert_eq!(
+            seqs_of(&events),
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "{mode:?}"
+        );
+        for (seq, t, i) in &got {
+            let e = &events[*seq as usize - 1];
+            assert_eq!(
+                (e["detail"]["task"].as_u64(), e["detail"]["i"].as_u64()),
+                (Some(*t), Some(*i)),
+                "{mode:?}"
+            );
+        }
+        assert!(audit_files(tmp.path()).len() > 2, "{mode:?}: no rotation");
+        let report = verify(&tmp.path().join("audit"), &pubkey(tmp.path()));
+        assert!(
+            report.is_ok() && report.warnings.is_empty() && report.checkpoints > 10,
+            "{mode:?}: {report}"
+        );
+    }
+}
+
+/// fsync = always: recorders that wait at the same time share one
+/// fdatasync, which began after every one of their writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_waiters_share_one_sync_that_began_after_their_writes() {
+    let tmp = TempDir::new("always-share");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Always,
+        checkpoint_every_events: 1000,
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let shared = log.sync_shared();
+    shared.paused.store(true, Ordering::Relaxed);
+    let before = shared.syncs.load(Ordering::Relaxed);
+    let mut handles = Vec::new();
+    for i in 0..8u64 {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move { log.record(event(i)).await }));
+    }
+    // All eight are written and waiting; none is durable yet.
+    let mut waited = 0;
+    while log.lag().written_seq < 8 {
+        assert!(waited < 1000, "the writes never happened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(handles.iter().all(|h| !h.is_finished()));
+    assert_eq!(log.lag().durable_seq, 0);
+    shared.paused.store(false, Ordering::Relaxed);
+    let mut seqs = Vec::new();
+    for h in handles {
+        seqs.push(h.await.unwrap().unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    assert_eq!(shared.syncs.load(Ordering::Relaxed) - before, 1);
+    assert_eq!(log.lag().durable_seq, 8);
+    log.close().await.unwrap();
+    let report = verify(&tmp.path().join("audit"), &pubkey(tmp.path()));
+    assert!(report.is_ok(), "{report}");
+}
+
+/// fsync = always and the sync fails: every waiter sharing it gets a write
+/// error (the caller denies the command), the log reports unhealthy, and
+/// once syncing works again records succeed and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_fails_its_always_waiters() {
+    let tmp = TempDir::new("always-fail");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Always,
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    log.record(event(0)).await.unwrap();
+    let shared = log.sync_shared();
+    shared.fail_syncs.store(true, Ordering::Relaxed);
+    let mut handles = Vec::new();
+    for i in 1..5u64 {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move { log.record(event(i)).await }));
+    }
+    for h in handles {
+        let r = h.await.unwrap();
+        assert!(matches!(r, Err(AuditError::Write { .. })), "{r:?}");
+    }
+    assert!(!log.healthy());
+    shared.fail_syncs.store(false, Ordering::Relaxed);
+    let seq = log.record(event(9)).await.unwrap();
+    assert_eq!(log.lag().durable_seq, seq);
+    log.close().await.unwrap();
+    let report = verify(&tmp.path().join("audit"), &pubkey(tmp.path()));
+    assert!(report.is_ok(), "{report}");
+}
+
+/// Group commit: record never waits for the sync thread (even a stalled
+/// one), and the thread syncs what was written once it runs.
+#[tokio::test]
+async fn interval_records_do_not_wait_for_the_sync_thread() {
+    let tmp = TempDir::new("interval-nowait");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let shared = log.sync_shared();
+    shared.paused.store(true, Ordering::Relaxed);
+    let last = *record_n(&log, 0, 20).await.last().unwrap();
+    // (A checkpoint may follow the last event.)
+    assert!(log.lag().written_seq >= last);
+    shared.paused.store(false, Ordering::Relaxed);
+    let mut waited = 0;
+    while log.lag().durable_seq < last {
+        assert!(waited < 1000, "never synced");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    log.close().await.unwrap();
 }

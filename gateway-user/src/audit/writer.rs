@@ -1,10 +1,13 @@
-//! The writer: one OS thread owning the current audit file, assigning `seq`,
-//! `time`, `prev_hash` and `hash`, batching whatever is queued into one
-//! write(2); crash recovery at open; the group-commit sync thread.
+//! The writer: the current audit file and the chain head behind one short
+//! lock, taken by the recording task itself, which assigns `seq`, `time`,
+//! `prev_hash` and `hash` and writes its line with one write(2); crash
+//! recovery at open; the background thread that fdatasyncs (group commit
+//! for `fsync = "interval"`, shared syncs for `fsync = "always"`) and writes
+//! time-based checkpoints.
 //!
-//! Owns the chain head (next seq, previous hash) and the files' lengths. It
-//! must not block async tasks: they talk to it over a channel and wait on
-//! oneshot answers.
+//! Owns the chain head (next seq, previous hash) and the files' lengths.
+//! Nothing on the data path waits for another thread except an
+//! `fsync = "always"` recorder waiting for the sync that covers its line.
 
 use std::{
     fs::{self, File},
@@ -15,15 +18,15 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc, Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use ed25519_dalek::{Signer as _, SigningKey};
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use super::{
@@ -33,32 +36,10 @@ use super::{
     AuditConfig, AuditError, AuditEvent, FsyncMode, OpenReport, Recovery,
 };
 
-/// Most events written with one write(2).
-const MAX_BATCH: usize = 1024;
 /// Backward read size when looking for the last lines of a file.
 const TAIL_CHUNK: u64 = 64 * 1024;
 /// The lock file in the audit directory that keeps a second writer out.
 const LOCK_FILE: &str = ".writer.lock";
-
-/// A request to the writer thread.
-pub(crate) enum Msg {
-    /// Append one event (its encoded fields, see `AuditEvent::encode_fields`).
-    Record {
-        fields: Vec<u8>,
-        resp: oneshot::Sender<Result<u64, AuditError>>,
-        /// Held until the event is answered: bounds the queue.
-        permit: OwnedSemaphorePermit,
-    },
-    /// Final checkpoint, sync, stop.
-    Close {
-        resp: oneshot::Sender<Result<(), AuditError>>,
-    },
-}
-
-/// Where the writer answers one event.
-type Waiter = oneshot::Sender<Result<u64, AuditError>>;
-/// One queued event: encoded fields, its waiter, its queue slot.
-type Queued = (Vec<u8>, Waiter, OwnedSemaphorePermit);
 
 /// A write failure, cloneable so every waiter of a batch gets it.
 #[derive(Clone, Debug)]
@@ -92,7 +73,7 @@ struct Head {
     uncovered: u64,
 }
 
-/// The writer thread's state.
+/// The log's file and chain head, behind [`Core`]'s lock.
 struct Writer {
     dir: PathBuf,
     path: PathBuf,
@@ -117,13 +98,8 @@ struct Writer {
     buf: Vec<u8>,
     healthy: Arc<AtomicBool>,
     durability: Arc<super::Durability>,
-    syncer: Option<Syncer>,
+    sync: Arc<SyncShared>,
     _lock: DirLock,
-}
-
-/// What `start` hands back besides the report.
-pub(crate) struct Started {
-    pub tx: mpsc::Sender<Msg>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
@@ -138,7 +114,7 @@ pub(crate) fn start(
     cfg: &AuditConfig,
     healthy: Arc<AtomicBool>,
     durability: Arc<super::Durability>,
-) -> Result<(Started, OpenReport), AuditError> {
+) -> Result<(Arc<Core>, OpenReport), AuditError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o750)
@@ -181,14 +157,7 @@ pub(crate) fn start(
     }
 
     let found = recover(&cfg.dir, &files)?;
-    let syncer = match cfg.fsync {
-        FsyncMode::Interval(every) => Some(Syncer::start(
-            found.file.clone(),
-            every,
-            durability.clone(),
-        )?),
-        FsyncMode::Always => None,
-    };
+    let sync = Arc::new(SyncShared::new(found.file.clone()));
     let head = Head {
         next_seq: found.next_seq,
         prev_hash: found.prev_hash,
@@ -204,7 +173,7 @@ pub(crate) fn start(
         file_len: found.file_len,
         committed: head,
         pending: head,
-        uncovered_since: (head.uncovered > 0).then(Instant::now),
+        uncovered_since: None,
         must_truncate: false,
         checkpoint_in_buf: false,
         key: signing,
@@ -214,9 +183,10 @@ pub(crate) fn start(
         buf: Vec::with_capacity(64 * 1024),
         healthy,
         durability,
-        syncer,
+        sync: sync.clone(),
         _lock: lock,
     };
+    writer.set_uncovered_since((head.uncovered > 0).then(Instant::now));
 
     let mut recovered = None;
     if let Some((path, bytes_dropped)) = found.torn {
@@ -251,12 +221,21 @@ pub(crate) fn start(
         next_seq: writer.committed.next_seq,
         recovered,
     };
-    let (tx, rx) = mpsc::channel();
+    let healthy = writer.healthy.clone();
+    let durability = writer.durability.clone();
+    let core = Arc::new(Core {
+        writer: tokio::sync::Mutex::new(Some(writer)),
+        sync,
+        fsync: cfg.fsync,
+        healthy,
+        durability,
+    });
+    let theirs = core.clone();
     thread::Builder::new()
-        .name("audit-writer".into())
-        .spawn(move || writer.run(rx))
+        .name("audit-sync".into())
+        .spawn(move || theirs.run_sync())
         .map_err(io_err(&cfg.dir))?;
-    Ok((Started { tx }, report))
+    Ok((core, report))
 }
 
 /// The exclusive flock on the audit directory's lock file. Dropping it
@@ -466,172 +445,62 @@ fn recover(dir: &Path, files: &[(u64, PathBuf)]) -> Result<Found, AuditError> {
     })
 }
 
-/// Tests turn reservation off to exercise cutting back a partial write.
-#[cfg(test)]
-pub(crate) static NO_RESERVE: AtomicBool = AtomicBool::new(false);
-
-/// Best-effort reservation of `len` bytes past `offset` without changing the
-/// file size, so that a full disk fails the batch before any byte of it is
-/// written. File systems without fallocate are fine: the write itself fails
-/// and is cut back.
-fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    #[cfg(test)]
-    if NO_RESERVE.load(Ordering::Relaxed) {
-        return Ok(());
-    }
-    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Ok(());
-    };
-    // SAFETY: fallocate on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, n) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(()),
-        _ => Err(err),
-    }
-}
-
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        loop {
-            let first = match self.deadline() {
-                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(msg) => Some(msg),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        if let Err(e) = self.shutdown() {
-                            error!("audit: closing the log: {e}");
-                        }
-                        return;
-                    }
-                },
-                None => match rx.recv() {
-                    Ok(msg) => Some(msg),
-                    Err(_) => {
-                        if let Err(e) = self.shutdown() {
-                            error!("audit: closing the log: {e}");
-                        }
-                        return;
-                    }
-                },
-            };
-            let mut close = None;
-            let mut next = first;
-            while let Some(msg) = next {
-                match msg {
-                    Msg::Record {
-                        fields,
-                        resp,
-                        permit,
-                    } => batch.push((fields, resp, permit)),
-                    Msg::Close { resp } => {
-                        close = Some(resp);
-                        break;
-                    }
-                }
-                if batch.len() >= MAX_BATCH {
-                    break;
-                }
-                next = rx.try_recv().ok();
+    /// Records the uncovered-since time and tells the sync thread when the
+    /// time-based checkpoint falls due.
+    fn set_uncovered_since(&mut self, at: Option<Instant>) {
+        self.uncovered_since = at;
+        let due = at.map_or(0, |t| self.sync.micros(t + self.checkpoint_every));
+        self.sync.checkpoint_at.store(due, Ordering::Relaxed);
+    }
+
+    /// Appends one event (rotating first when the file is full, adding a
+    /// checkpoint when enough events are uncovered) with one write(2).
+    /// On failure nothing of it is in the file and it took no seq.
+    fn write_event(&mut self, fields: &[u8]) -> Result<u64, Failure> {
+        if self.needs_rotation() {
+            if let Err(f) = self.rotate() {
+                self.healthy.store(false, Ordering::Relaxed);
+                return Err(f);
             }
-            if !batch.is_empty() {
-                self.write_batch(&mut batch);
-            }
-            if let Some(resp) = close {
-                let result = self.shutdown();
-                // Release the file and the directory lock before answering,
-                // so the log can be opened again at once.
-                drop(self);
-                let _ = resp.send(result);
-                return;
-            }
-            self.tick();
         }
-    }
-
-    /// When the next time-based checkpoint is due.
-    fn deadline(&self) -> Option<Instant> {
-        self.uncovered_since.map(|t| t + self.checkpoint_every)
-    }
-
-    fn tick(&mut self) {
-        let due = self.deadline().is_some_and(|at| Instant::now() >= at);
-        if due && self.committed.uncovered > 0 {
+        let seq = self.append_event(fields);
+        if self.pending.uncovered >= self.checkpoint_every_events {
             self.append_checkpoint();
-            if let Err(f) = self.flush().and_then(|()| self.after_write()) {
+        }
+        self.flush()?;
+        self.healthy.store(true, Ordering::Relaxed);
+        Ok(seq)
+    }
+
+    /// Writes the time-based checkpoint when it is due. Returns whether
+    /// something was written (and needs syncing).
+    fn tick(&mut self) -> bool {
+        let due = self
+            .uncovered_since
+            .is_some_and(|t| Instant::now() >= t + self.checkpoint_every);
+        if !due {
+            return false;
+        }
+        if self.committed.uncovered == 0 {
+            self.set_uncovered_since(None);
+            return false;
+        }
+        self.append_checkpoint();
+        match self.flush() {
+            Ok(()) => true,
+            Err(f) => {
                 error!("audit: writing a checkpoint: {}", f.message);
                 self.healthy.store(false, Ordering::Relaxed);
                 // Try again at the next deadline rather than spinning.
-                self.uncovered_since = Some(Instant::now());
+                self.set_uncovered_since(Some(Instant::now()));
+                false
             }
-        }
-    }
-
-    /// Writes a batch of events and answers every waiter.
-    fn write_batch(&mut self, batch: &mut Vec<Queued>) {
-        let mut in_buf: Vec<(u64, Waiter)> = Vec::with_capacity(batch.len());
-        let mut written = Vec::with_capacity(batch.len());
-        let mut failed: Option<Failure> = None;
-        for (fields, resp, _permit) in batch.drain(..) {
-            if let Some(f) = &failed {
-                let _ = resp.send(Err(f.to_error()));
-                continue;
-            }
-            if self.needs_rotation() {
-                let rotated = self.flush().and_then(|()| {
-                    written.append(&mut in_buf);
-                    self.rotate()
-                });
-                if let Err(f) = rotated {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    for (_, r) in in_buf.drain(..) {
-                        let _ = r.send(Err(f.to_error()));
-                    }
-                    let _ = resp.send(Err(f.to_error()));
-                    failed = Some(f);
-                    continue;
-                }
-            }
-            let seq = self.append_event(&fields);
-            in_buf.push((seq, resp));
-        }
-        if failed.is_none() {
-            if self.pending.uncovered >= self.checkpoint_every_events {
-                self.append_checkpoint();
-            }
-            match self.flush() {
-                Ok(()) => written.append(&mut in_buf),
-                Err(f) => {
-                    for (_, r) in in_buf.drain(..) {
-                        let _ = r.send(Err(f.to_error()));
-                    }
-                    failed = Some(f);
-                }
-            }
-        }
-        let durable = if written.is_empty() {
-            Ok(())
-        } else {
-            self.after_write()
-        };
-        // Before answering, so a caller that saw its answer sees the state.
-        self.healthy
-            .store(failed.is_none() && durable.is_ok(), Ordering::Relaxed);
-        for (seq, resp) in written {
-            let _ = resp.send(match &durable {
-                Ok(()) => Ok(seq),
-                Err(f) => Err(f.to_error()),
-            });
         }
     }
 
     fn needs_rotation(&self) -> bool {
-        let len = self.file_len + self.buf.len() as u64;
-        len > 0 && len >= self.rotate_bytes
+        self.file_len > 0 && self.file_len >= self.rotate_bytes
     }
 
     /// Appends one line to `buf` and advances the pending head. `fields` is
@@ -686,8 +555,10 @@ impl Writer {
         self.checkpoint_in_buf = true;
     }
 
-    /// Writes `buf` with one write(2). On failure nothing of it stays in the
-    /// file and the pending head falls back to the committed one.
+    /// Writes `buf` with one write(2) (no preallocation: a full disk fails
+    /// the write itself, which is then cut back). On failure nothing of it
+    /// stays in the file and the pending head falls back to the committed
+    /// one.
     fn flush(&mut self) -> Result<(), Failure> {
         if self.must_truncate {
             self.file.set_len(self.file_len).map_err(|e| {
@@ -701,8 +572,7 @@ impl Writer {
             return Ok(());
         }
         let len = self.buf.len() as u64;
-        let result = reserve(&self.file, self.file_len, len)
-            .and_then(|()| (&*self.file).write_all(&self.buf));
+        let result = (&*self.file).write_all(&self.buf);
         self.buf.clear();
         match result {
             Ok(()) => {
@@ -711,9 +581,11 @@ impl Writer {
                 self.durability
                     .wrote(self.committed.next_seq.saturating_sub(1));
                 if self.committed.uncovered == 0 {
-                    self.uncovered_since = None;
+                    if self.uncovered_since.is_some() {
+                        self.set_uncovered_since(None);
+                    }
                 } else if self.uncovered_since.is_none() || checkpointed {
-                    self.uncovered_since = Some(Instant::now());
+                    self.set_uncovered_since(Some(Instant::now()));
                 }
                 Ok(())
             }
@@ -722,7 +594,7 @@ impl Writer {
                 let failure = Failure::new("writing", &self.path, &e);
                 self.pending = self.committed;
                 if self.committed.uncovered > 0 && self.uncovered_since.is_none() {
-                    self.uncovered_since = Some(Instant::now());
+                    self.set_uncovered_since(Some(Instant::now()));
                 }
                 if let Err(cut) = self.file.set_len(self.file_len) {
                     error!(file = %self.path.display(), "audit: cannot cut back a failed write: {cut}");
@@ -730,17 +602,6 @@ impl Writer {
                 }
                 Err(failure)
             }
-        }
-    }
-
-    /// Makes written lines as durable as the mode asks.
-    fn after_write(&mut self) -> Result<(), Failure> {
-        match &self.syncer {
-            Some(syncer) => {
-                syncer.mark_dirty();
-                Ok(())
-            }
-            None => self.sync(),
         }
     }
 
@@ -787,9 +648,9 @@ impl Writer {
         };
         key::sync_parent(&path);
         let file = Arc::new(file);
-        if let Some(syncer) = &self.syncer {
-            syncer.set_file(file.clone());
-        }
+        // Before any line goes to the new file: a sync that counts a line
+        // of the new file then always syncs the new file.
+        self.sync.lock().file = file.clone();
         self.file = file;
         self.path = path;
         self.index = index;
@@ -802,120 +663,318 @@ impl Writer {
         if self.committed.uncovered > 0 {
             self.append_checkpoint();
         }
-        let result = self.flush().and_then(|()| self.sync());
-        drop(self.syncer.take());
-        result.map_err(|f| f.to_error())
+        self.flush()
+            .and_then(|()| self.sync())
+            .map_err(|f| f.to_error())
     }
 }
 
-/// Group commit: syncs the current file at most once per interval while
-/// there is unsynced data, so the writer never waits for the disk.
-struct Syncer {
-    shared: Arc<(Mutex<SyncState>, Condvar)>,
-    thread: Option<thread::JoinHandle<()>>,
+/// Where an `fsync = "always"` recorder hears about the sync covering its
+/// line.
+type SyncWaiter = oneshot::Sender<Result<(), Failure>>;
+
+/// What the recording tasks share with the sync thread.
+pub(crate) struct SyncShared {
+    state: Mutex<SyncState>,
+    cv: Condvar,
+    /// Lines were written since the sync thread last looked. Set without
+    /// the mutex on the data path; the mutex is taken (to wake the thread)
+    /// only when it goes from false to true.
+    dirty: AtomicBool,
+    /// When the time-based checkpoint is due: microseconds since `base`,
+    /// +1; 0 when nothing is uncovered.
+    checkpoint_at: AtomicU64,
+    base: Instant,
+    /// Successful fdatasyncs done by the sync thread (tests).
+    #[cfg(test)]
+    pub(crate) syncs: AtomicU64,
+    /// Tests: the sync thread takes no waiters while set.
+    #[cfg(test)]
+    pub(crate) paused: AtomicBool,
+    /// Tests: the sync thread's fdatasync fails (as EIO) while set.
+    #[cfg(test)]
+    pub(crate) fail_syncs: AtomicBool,
 }
 
 struct SyncState {
+    /// The file lines are appended to now.
     file: Arc<File>,
-    dirty: bool,
+    /// `fsync = "always"` recorders waiting, with the seq of their line.
+    waiters: Vec<(u64, SyncWaiter)>,
+    /// Stop: the log was closed, or every handle is gone.
     stop: bool,
+    /// The outcome of the final sync once the log was shut down.
+    final_sync: Option<Result<(), Failure>>,
 }
 
-fn lock_state(m: &Mutex<SyncState>) -> MutexGuard<'_, SyncState> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Syncer {
-    fn start(
-        file: Arc<File>,
-        every: Duration,
-        durability: Arc<super::Durability>,
-    ) -> Result<Self, AuditError> {
-        let shared = Arc::new((
-            Mutex::new(SyncState {
+impl SyncShared {
+    fn new(file: Arc<File>) -> Self {
+        Self {
+            state: Mutex::new(SyncState {
                 file,
-                dirty: false,
+                waiters: Vec::new(),
                 stop: false,
+                final_sync: None,
             }),
-            Condvar::new(),
-        ));
-        let theirs = shared.clone();
-        let lag = durability;
-        let thread = thread::Builder::new()
-            .name("audit-sync".into())
-            .spawn(move || Self::run(&theirs, every, &lag))
-            .map_err(|source| AuditError::Io {
-                path: PathBuf::from("audit-sync thread"),
-                source,
-            })?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
+            cv: Condvar::new(),
+            dirty: AtomicBool::new(false),
+            checkpoint_at: AtomicU64::new(0),
+            base: Instant::now(),
+            #[cfg(test)]
+            syncs: AtomicU64::new(0),
+            #[cfg(test)]
+            paused: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
+        }
     }
 
-    fn run(shared: &(Mutex<SyncState>, Condvar), every: Duration, lag: &super::Durability) {
-        let (state, cv) = shared;
-        loop {
-            let file = {
-                let mut g = lock_state(state);
-                while !g.dirty && !g.stop {
-                    g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
-                }
-                if !g.dirty {
-                    return;
-                }
-                g.dirty = false;
-                g.file.clone()
-            };
-            // Read after taking the file: every line counted here was
-            // written to this file (rotation syncs the old one itself).
-            let started = Instant::now();
-            let upto = lag.written_seq();
-            match file.sync_data() {
-                Ok(()) => lag.synced(upto, started),
-                Err(e) => {
-                    error!("audit: group-commit fdatasync failed: {e}");
-                    lock_state(state).dirty = true;
-                }
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_micros() as u64 + 1
+    }
+
+    fn checkpoint_due(&self) -> Option<Instant> {
+        match self.checkpoint_at.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.base + Duration::from_micros(us - 1)),
+        }
+    }
+
+    /// Tells the sync thread that lines were written.
+    fn mark_dirty(&self) {
+        if !self.dirty.swap(true, Ordering::AcqRel) {
+            // Taking the mutex orders this with the thread's check: it
+            // either sees the flag or is already waiting for this notify.
+            drop(self.lock());
+            self.cv.notify_one();
+        }
+    }
+}
+
+/// The log behind its lock, and the sync thread's side. Shared by every
+/// [`super::AuditLog`] handle and the sync thread.
+pub(crate) struct Core {
+    /// `None` once closed. An async lock: a recorder waiting for it yields
+    /// its worker; the holder does one write(2) (a rotation: a few more
+    /// calls, once per file).
+    writer: tokio::sync::Mutex<Option<Writer>>,
+    pub(crate) sync: Arc<SyncShared>,
+    fsync: FsyncMode,
+    healthy: Arc<AtomicBool>,
+    durability: Arc<super::Durability>,
+}
+
+impl Core {
+    /// Appends an event (its encoded fields) on the caller's task and
+    /// returns its seq once the line is in the file; with
+    /// `fsync = "always"` once a sync that began after the write succeeded.
+    pub(crate) async fn record(
+        &self,
+        fields: &[u8],
+        lock_timeout: Duration,
+        reply_timeout: Duration,
+    ) -> Result<u64, AuditError> {
+        let mut guard = tokio::time::timeout(lock_timeout, self.writer.lock())
+            .await
+            .map_err(|_| AuditError::QueueFull(lock_timeout))?;
+        let writer = guard.as_mut().ok_or(AuditError::Closed)?;
+        let seq = writer.write_event(fields).map_err(|f| f.to_error())?;
+        drop(guard);
+        match self.fsync {
+            FsyncMode::Interval(_) => {
+                self.sync.mark_dirty();
+                Ok(seq)
             }
-            let until = Instant::now() + every;
-            let mut g = lock_state(state);
-            while !g.stop {
-                let now = Instant::now();
-                if now >= until {
-                    break;
+            FsyncMode::Always => {
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut state = self.sync.lock();
+                    if state.stop {
+                        // Closed after the write: the final sync covered it.
+                        return match &state.final_sync {
+                            Some(Ok(())) => Ok(seq),
+                            Some(Err(f)) => Err(f.to_error()),
+                            None => Err(AuditError::Closed),
+                        };
+                    }
+                    state.waiters.push((seq, tx));
                 }
-                g = cv
-                    .wait_timeout(g, until - now)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-            if g.stop {
-                return;
+                self.sync.cv.notify_one();
+                match tokio::time::timeout(reply_timeout, rx).await {
+                    Ok(Ok(Ok(()))) => Ok(seq),
+                    Ok(Ok(Err(f))) => Err(f.to_error()),
+                    Ok(Err(_)) => Err(AuditError::Closed),
+                    Err(_) => Err(AuditError::Timeout(reply_timeout)),
+                }
             }
         }
     }
 
-    fn mark_dirty(&self) {
-        let (state, cv) = &*self.shared;
-        lock_state(state).dirty = true;
-        cv.notify_one();
+    /// Final checkpoint and sync, then the file and the directory lock are
+    /// released and the sync thread stops.
+    pub(crate) async fn close(&self) -> Result<(), AuditError> {
+        let writer = self.writer.lock().await.take();
+        let Some(mut writer) = writer else {
+            return Err(AuditError::Closed);
+        };
+        let result = writer.shutdown();
+        // Release the file and the directory lock before answering, so the
+        // log can be opened again at once.
+        drop(writer);
+        self.stop(result.as_ref().err().map(|e| Failure {
+            kind: io::ErrorKind::Other,
+            message: e.to_string(),
+        }));
+        result
     }
 
-    fn set_file(&self, file: Arc<File>) {
-        lock_state(&self.shared.0).file = file;
+    /// Asks the sync thread to close the log and stop (the last handle is
+    /// gone). Does not wait.
+    pub(crate) fn request_stop(&self) {
+        self.sync.lock().stop = true;
+        self.sync.cv.notify_one();
     }
-}
 
-impl Drop for Syncer {
-    /// Stops the thread (the writer syncs the file itself at close).
-    fn drop(&mut self) {
-        let (state, cv) = &*self.shared;
-        lock_state(state).stop = true;
-        cv.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Stops the sync thread after the log was shut down; waiters get the
+    /// outcome of the final sync.
+    fn stop(&self, failure: Option<Failure>) {
+        let waiters = {
+            let mut state = self.sync.lock();
+            state.stop = true;
+            if state.final_sync.is_none() {
+                state.final_sync = Some(failure.clone().map_or(Ok(()), Err));
+            }
+            std::mem::take(&mut state.waiters)
+        };
+        self.sync.cv.notify_one();
+        for (_, w) in waiters {
+            let _ = w.send(failure.clone().map_or(Ok(()), Err));
+        }
+    }
+
+    /// The sync thread: fdatasync when lines were written (at most once per
+    /// interval with group commit, at once for `fsync = "always"` waiters,
+    /// who share one sync), and the time-based checkpoint.
+    fn run_sync(self: Arc<Self>) {
+        let every = match self.fsync {
+            FsyncMode::Interval(every) => every,
+            FsyncMode::Always => Duration::ZERO,
+        };
+        let sync = &*self.sync;
+        // The earliest time of the next sync.
+        let mut next_sync = Instant::now();
+        loop {
+            {
+                let mut state = sync.lock();
+                loop {
+                    if state.stop {
+                        break;
+                    }
+                    let now = Instant::now();
+                    let pending = sync.dirty.load(Ordering::Acquire) || !state.waiters.is_empty();
+                    let sync_at = pending.then_some(next_sync);
+                    let wake = match (sync_at, sync.checkpoint_due()) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    match wake {
+                        Some(at) if at <= now => break,
+                        Some(at) => {
+                            state = sync
+                                .cv
+                                .wait_timeout(state, at - now)
+                                .map(|(g, _)| g)
+                                .unwrap_or_else(|p| p.into_inner().0);
+                        }
+                        None => state = sync.cv.wait(state).unwrap_or_else(|p| p.into_inner()),
+                    }
+                }
+                if state.stop {
+                    drop(state);
+                    // Every handle is gone (or close already shut down).
+                    let writer = self.writer.blocking_lock().take();
+                    let failure = writer.map(|mut w| {
+                        let r = w.shutdown();
+                        if let Err(e) = &r {
+                            error!("audit: closing the log: {e}");
+                        }
+                        r.err().map(|e| Failure {
+                            kind: io::ErrorKind::Other,
+                            message: e.to_string(),
+                        })
+                    });
+                    self.stop(failure.flatten());
+                    return;
+                }
+            }
+            if sync.checkpoint_due().is_some_and(|at| at <= Instant::now()) {
+                let wrote = match self.writer.blocking_lock().as_mut() {
+                    Some(w) => w.tick(),
+                    None => false,
+                };
+                if wrote {
+                    sync.dirty.store(true, Ordering::Release);
+                }
+            }
+            if Instant::now() < next_sync {
+                continue;
+            }
+            #[cfg(test)]
+            if sync.paused.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            // The file and the seq it holds up to, taken together (see
+            // rotate), and the waiters whose lines are at or below it.
+            let (file, upto, waiters) = {
+                let mut state = sync.lock();
+                if !sync.dirty.swap(false, Ordering::AcqRel) && state.waiters.is_empty() {
+                    continue;
+                }
+                (
+                    state.file.clone(),
+                    self.durability.written_seq(),
+                    std::mem::take(&mut state.waiters),
+                )
+            };
+            let started = Instant::now();
+            let synced = file.sync_data();
+            #[cfg(test)]
+            let synced = match synced {
+                Ok(()) if sync.fail_syncs.load(Ordering::Relaxed) => {
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                }
+                other => other,
+            };
+            let result = match synced {
+                Ok(()) => {
+                    self.durability.synced(upto, started);
+                    #[cfg(test)]
+                    sync.syncs.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => {
+                    error!("audit: fdatasync failed: {e}");
+                    self.healthy.store(false, Ordering::Relaxed);
+                    // Group commit tries again at the next interval;
+                    // `always` waiters got the error, later ones sync anew.
+                    if !every.is_zero() {
+                        sync.dirty.store(true, Ordering::Release);
+                    }
+                    Err(Failure {
+                        kind: e.kind(),
+                        message: format!("syncing the audit log: {e}"),
+                    })
+                }
+            };
+            for (_, w) in waiters {
+                let _ = w.send(result.clone());
+            }
+            next_sync = Instant::now() + every;
         }
     }
 }

@@ -6,11 +6,13 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     str::FromStr,
+    sync::OnceLock,
 };
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityUid, PolicyId, Request,
-    Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityId,
+    EntityTypeName, EntityUid, PolicyId, Request, ResourceConstraint, Schema, ValidationMode,
+    Validator,
 };
 use serde::Serialize;
 
@@ -94,19 +96,27 @@ pub struct RuleInfo {
 
 /// A validated set of Cedar rules with the entities they decide over.
 pub struct Rules {
-    /// Per resource, the rules that can apply to it: those scoped to it with
-    /// `resource == Resource::"x"`, and every rule not scoped to one
-    /// resource. Cedar evaluates each rule of the set it is given, so
-    /// deciding over a slice keeps a decision's cost independent of how
-    /// many other resources have rules.
-    slices: HashMap<String, cedar_policy::PolicySet>,
+    /// The whole set, as validated.
+    full: cedar_policy::PolicySet,
+    /// Per (resource, action) pair, the rules whose scope can match it (see
+    /// [`Rules::can_apply`]), built on the pair's first decision: Cedar
+    /// evaluates each rule of the set it is given, and a rule whose scope
+    /// does not match contributes nothing (its scope is evaluated first and
+    /// short-circuits, so not even an error), so deciding over the slice
+    /// gives exactly the whole set's answer at a cost independent of how
+    /// many other resources and actions have rules. Indexed
+    /// `resource * actions + action`.
+    slices: Vec<OnceLock<cedar_policy::PolicySet>>,
     schema: Schema,
     entities: Entities,
     authorizer: Authorizer,
-    actions: HashMap<String, EntityUid>,
-    /// Every rule, for reviewer decisions (the console is off the data path
-    /// and its resources may be `Console`, which the slices do not key).
-    all: cedar_policy::PolicySet,
+    /// Action name -> (position, uid, the uids it is `in`: itself and its
+    /// ancestors in the schema's action hierarchy).
+    actions: HashMap<String, (usize, EntityUid, Vec<EntityUid>)>,
+    /// Identity name -> its uid, made once (parsing one costs µs).
+    principals: HashMap<String, EntityUid>,
+    /// Resource name -> (position, uid).
+    resources: HashMap<String, (usize, EntityUid)>,
     /// Rules by id.
     pub rules: BTreeMap<String, RuleInfo>,
 }
@@ -261,11 +271,7 @@ impl Rules {
             }
         }
         diags.extend(collapse_per_action(found));
-        let resource_names: Vec<String> = entities
-            .iter()
-            .filter(|e| e.kind == "Resource")
-            .map(|e| e.name.to_string())
-            .collect();
+        let specs = entities;
         let entity_json: Vec<serde_json::Value> = entities
             .iter()
             .map(|e| {
@@ -288,53 +294,114 @@ impl Rules {
             return None;
         }
         let mut action_uids = HashMap::new();
-        for (name, _) in actions::all() {
-            match EntityUid::from_str(&format!("Action::{name:?}")) {
-                Ok(uid) => {
-                    action_uids.insert(name, uid);
-                }
+        for (pos, (name, _)) in actions::all().into_iter().enumerate() {
+            let uid = match EntityUid::from_str(&format!("Action::{name:?}")) {
+                Ok(uid) => uid,
                 Err(e) => {
                     diags.push(Diagnostic::dir(Path::new("<actions>"), e.to_string()));
                     return None;
                 }
-            }
-        }
-        let mut slices: HashMap<String, cedar_policy::PolicySet> = resource_names
-            .iter()
-            .map(|n| (n.to_string(), cedar_policy::PolicySet::new()))
-            .collect();
-        for p in set.policies() {
-            let only = match p.resource_constraint() {
-                cedar_policy::ResourceConstraint::Eq(uid) => Some(uid.id().unescaped().to_string()),
-                // `in` and `is` constraints stay in every slice: correct
-                // whatever the entity hierarchy becomes.
-                _ => None,
             };
-            for (name, slice) in slices.iter_mut() {
-                if only.as_deref().is_none_or(|o| o == name) {
-                    if let Err(e) = slice.add(p.clone()) {
-                        diags.push(Diagnostic::dir(
-                            Path::new(&p.id().to_string()),
-                            e.to_string(),
-                        ));
-                        return None;
-                    }
-                }
+            // The schema's action entities are in `entities`: `action in
+            // X` holds for X the action itself or one of these.
+            let mut within = vec![uid.clone()];
+            if let Some(ancestors) = entities.ancestors(&uid) {
+                within.extend(ancestors.cloned());
+            }
+            action_uids.insert(name, (pos, uid, within));
+        }
+        let uid_of = |kind: &str, name: &str| -> Option<EntityUid> {
+            let kind = EntityTypeName::from_str(kind).ok()?;
+            Some(EntityUid::from_type_name_and_id(kind, EntityId::new(name)))
+        };
+        let mut principals = HashMap::new();
+        let mut resources = HashMap::new();
+        for e in specs {
+            let Some(uid) = uid_of(e.kind, e.name) else {
+                diags.push(Diagnostic::dir(
+                    Path::new("<entities>"),
+                    format!("invalid entity type {}", e.kind),
+                ));
+                return None;
+            };
+            if e.kind == "Resource" {
+                let pos = resources.len();
+                resources.insert(e.name.to_string(), (pos, uid));
+            } else {
+                principals.insert(e.name.to_string(), uid);
             }
         }
+        let slices = (0..resources.len() * action_uids.len())
+            .map(|_| OnceLock::new())
+            .collect();
         Some(Self {
+            full: set,
             slices,
-            all: set,
             schema,
             entities,
             authorizer: Authorizer::new(),
             actions: action_uids,
+            principals,
+            resources,
             rules,
         })
     }
 
+    /// Whether `policy`'s scope can match a request on `resource` with an
+    /// action that is `in` each of `action_within` (itself and its
+    /// ancestors) and no other entity. Exact for `==` and `in` on actions
+    /// and `==` on resources; anything else (resource `in`/`is`, any
+    /// principal constraint) counts as "can match", which is always sound.
+    fn can_apply(
+        policy: &cedar_policy::Policy,
+        resource: &EntityUid,
+        action: &EntityUid,
+        action_within: &[EntityUid],
+    ) -> bool {
+        let resource_ok = match policy.resource_constraint() {
+            ResourceConstraint::Eq(uid) => &uid == resource,
+            _ => true,
+        };
+        let action_ok = match policy.action_constraint() {
+            ActionConstraint::Any => true,
+            ActionConstraint::Eq(uid) => &uid == action,
+            ActionConstraint::In(uids) => uids.iter().any(|u| action_within.contains(u)),
+        };
+        resource_ok && action_ok
+    }
+
+    /// The rules that can apply to (resource, action), built once.
+    fn slice(
+        &self,
+        (rpos, resource): &(usize, EntityUid),
+        (apos, action, within): &(usize, EntityUid, Vec<EntityUid>),
+    ) -> Option<&cedar_policy::PolicySet> {
+        let cell = self.slices.get(rpos * self.actions.len() + apos)?;
+        Some(cell.get_or_init(|| {
+            let mut slice = cedar_policy::PolicySet::new();
+            for p in self.full.policies() {
+                if Self::can_apply(p, resource, action, within) {
+                    // Ids are unique in `full`, so adding cannot clash.
+                    let _ = slice.add(p.clone());
+                }
+            }
+            slice
+        }))
+    }
+
     /// Decides one command. Pure computation, no I/O.
     pub fn decide(&self, req: &DecisionRequest<'_>) -> Decision {
+        self.decide_over(req, false)
+    }
+
+    /// Decides over the whole set instead of the (resource, action) slice:
+    /// the reference the index is tested against.
+    #[cfg(test)]
+    pub fn decide_unindexed(&self, req: &DecisionRequest<'_>) -> Decision {
+        self.decide_over(req, true)
+    }
+
+    fn decide_over(&self, req: &DecisionRequest<'_>, whole: bool) -> Decision {
         let deny = |reason: String| Decision::Deny {
             reason,
             policies: Vec::new(),
@@ -342,29 +409,38 @@ impl Rules {
         let Some(action) = self.actions.get(req.action) else {
             return deny(format!("unknown action {:?}", req.action));
         };
-        let (Ok(principal), Ok(resource)) = (
-            EntityUid::from_str(&format!("Identity::{:?}", req.identity)),
-            EntityUid::from_str(&format!("Resource::{:?}", req.resource)),
-        ) else {
-            return deny("invalid identity or resource name".into());
+        let principal = match self.principals.get(req.identity) {
+            Some(uid) => uid.clone(),
+            None => match EntityTypeName::from_str("Identity") {
+                Ok(t) => EntityUid::from_type_name_and_id(t, EntityId::new(req.identity)),
+                Err(_) => return deny("invalid identity name".into()),
+            },
         };
-        // Built directly (not through Cedar's schema-directed JSON parser,
-        // which costs tens of µs); Request::new still checks it against the
-        // action's context type.
-        let context = match context_from_json(&req.context) {
-            Ok(c) => c,
-            Err(e) => return deny(format!("invalid request context for {}: {e}", req.action)),
-        };
-        let Some(slice) = self.slices.get(req.resource) else {
+        let Some(resource) = self.resources.get(req.resource) else {
             return deny(format!(
                 "resource `{}` is not defined in the policy set",
                 req.resource
             ));
         };
+        // Built directly from the values (not through Cedar's schema-directed
+        // JSON parser, which costs tens of µs); Request::new still checks it
+        // against the action's context type in the schema.
+        let context = match context_from_json(&req.context) {
+            Ok(c) => c,
+            Err(e) => return deny(format!("invalid request context for {}: {e}", req.action)),
+        };
+        let slice = if whole {
+            &self.full
+        } else {
+            match self.slice(resource, action) {
+                Some(s) => s,
+                None => return deny("policy index out of range".into()),
+            }
+        };
         let request = match Request::new(
             principal,
-            action.clone(),
-            resource,
+            action.1.clone(),
+            resource.1.clone(),
             context,
             Some(&self.schema),
         ) {
@@ -374,14 +450,17 @@ impl Rules {
         let response = self
             .authorizer
             .is_authorized(&request, slice, &self.entities);
-        let determining: Vec<String> = response
+        // Sorted: Cedar reports them from a hash set, and decisions, audit
+        // records and reasons should not change order from run to run.
+        let mut determining: Vec<String> = response
             .diagnostics()
             .reason()
             .map(|id| id.to_string())
             .collect();
+        determining.sort_unstable();
         // Cedar skips a rule whose evaluation errors. A skipped forbid must
         // not turn into an allow: fail closed.
-        let errored_forbids: Vec<String> = response
+        let mut errored_forbids: Vec<String> = response
             .diagnostics()
             .errors()
             .map(|e| match e {
@@ -391,6 +470,7 @@ impl Rules {
             })
             .filter(|id| self.rules.get(id).is_some_and(|r| r.effect == "forbid"))
             .collect();
+        errored_forbids.sort_unstable();
         if !errored_forbids.is_empty() {
             return Decision::Deny {
                 reason: format!(
@@ -448,7 +528,7 @@ impl Rules {
     /// anyone a reviewer, so adding `[console]` grants nothing by itself.
     fn names_reviewers(&self, id: &str) -> bool {
         use cedar_policy::{ActionConstraint, PrincipalConstraint};
-        let Some(p) = self.all.policy(&cedar_policy::PolicyId::new(id)) else {
+        let Some(p) = self.full.policy(&cedar_policy::PolicyId::new(id)) else {
             return false;
         };
         let reviewer_type = |t: &cedar_policy::EntityTypeName| t.basename() == "Reviewer";
@@ -558,7 +638,7 @@ impl Rules {
             .map_err(|e| e.to_string())?;
         let response = self
             .authorizer
-            .is_authorized(&request, &self.all, &entities);
+            .is_authorized(&request, &self.full, &entities);
         let determining: Vec<String> = response
             .diagnostics()
             .reason()

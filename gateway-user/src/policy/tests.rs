@@ -826,3 +826,297 @@ permit(principal == Identity::"billing", action == Action::"mcp:call_tool", reso
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// A context of the action's kind (every attribute its schema type has),
+/// with values drawn from small pools so that rule conditions both hold
+/// and fail; a pid of 2 or more overflows the generated rules that
+/// multiply it (an evaluation error).
+fn generated_context(g: &mut Gen, action: &str) -> serde_json::Value {
+    use super::actions::ContextKind;
+    let mut ctx = serde_json::json!({
+        "client": {
+            "pid": *g.pick(&[0, 1, 0, 1, 0, 1, 0, 1, 2, 4242]),
+            "cgroup": *g.pick(&["/agents/a", "/other", "/agents/b/c"]),
+            "address": "127.0.0.1:40000",
+        },
+        "time": {"unix": *g.pick(&[0i64, 1_800_000_000]), "hour": g.below(24), "weekday": g.below(7)},
+        "destination": *g.pick(&["10.0.0.5:5432", "192.168.1.1:22", "127.0.0.1:7001"]),
+    });
+    let m = ctx.as_object_mut().unwrap();
+    let set = |g: &mut Gen, pool: &[&str]| -> serde_json::Value {
+        pool.iter().filter(|_| g.below(2) == 0).copied().collect()
+    };
+    match super::actions::context_of(action) {
+        Some(ContextKind::Tcp) | None => {}
+        Some(ContextKind::Postgres) => {
+            m.insert("database".into(), (*g.pick(&["app", "orders"])).into());
+            m.insert("user".into(), (*g.pick(&["agent_ro", "admin"])).into());
+            m.insert(
+                "statement".into(),
+                serde_json::json!({
+                    "text": "select 1", "fingerprint": "f",
+                    "tables": set(g, &["orders", "cards", "secrets"]),
+                    "functions": set(g, &["now", "pg_sleep"]),
+                    "has_where": g.below(2) == 0,
+                    "volatile_functions": set(g, &["nextval"]),
+                }),
+            );
+        }
+        Some(ContextKind::Ssh) => {
+            for (k, pool) in [
+                ("command", &["git pull", "make build", "rm -rf /"][..]),
+                ("subsystem", &["", "sftp"]),
+                ("host", &["build", "db"]),
+                ("program", &["make", "git", "rm"]),
+            ] {
+                m.insert(k.into(), (*g.pick(pool)).into());
+            }
+            m.insert("port".into(), (*g.pick(&[22, 443])).into());
+            m.insert("argv".into(), set(g, &["make", "build", "deploy"]));
+            m.insert("args".into(), set(g, &["build", "deploy", "clean"]));
+        }
+        Some(ContextKind::Http) => {
+            for (k, pool) in [
+                ("method", &["GET", "POST"][..]),
+                ("host", &["api.internal", "evil.test"]),
+                ("path", &["/v1/orders", "/admin/users", "/"]),
+                ("query", &["", "debug=1"]),
+            ] {
+                m.insert(k.into(), (*g.pick(pool)).into());
+            }
+        }
+        Some(ContextKind::Kubernetes) => {
+            for (k, pool) in [
+                ("verb", &["get", "delete"][..]),
+                ("api_group", &["", "apps"]),
+                ("resource", &["pods", "secrets"]),
+                ("subresource", &["", "exec"]),
+                ("namespace", &["agents", "sandbox", "kube-system"]),
+                ("name", &["a", "b"]),
+                ("path", &["/api/v1/pods"]),
+            ] {
+                m.insert(k.into(), (*g.pick(pool)).into());
+            }
+        }
+    }
+    // Now and then a context that does not fit the schema.
+    if g.below(50) == 0 {
+        m.remove("time");
+    }
+    ctx
+}
+
+/// `count` rules over `identities` and `resources` (`(name, protocol)`):
+/// permits, forbids and `@approval` permits; principal, action and resource
+/// scopes of every form (`==`, `in`, `in [..]`, `is`, none); `when` and
+/// `unless` conditions, some of which overflow (evaluation errors).
+fn generated_rules(
+    g: &mut Gen,
+    count: usize,
+    identities: &[String],
+    resources: &[(String, String)],
+) -> String {
+    let mut out = String::new();
+    for r in 0..count {
+        let id = g.pick(identities);
+        let principal = match g.below(6) {
+            0 | 1 => "principal".to_string(),
+            2 => format!("principal in Identity::\"{id}\""),
+            3 => "principal is Identity".to_string(),
+            _ => format!("principal == Identity::\"{id}\""),
+        };
+        let (res, proto) = g.pick(resources);
+        let resource = match g.below(10) {
+            0 | 1 => "resource".to_string(),
+            2 => format!("resource in Resource::\"{res}\""),
+            3 => "resource is Resource".to_string(),
+            _ => format!("resource == Resource::\"{res}\""),
+        };
+        let group = if proto == "http" && g.below(2) == 0 {
+            "k8s"
+        } else {
+            proto.as_str()
+        };
+        let members: Vec<String> = super::actions::all()
+            .into_iter()
+            .map(|(a, _)| a)
+            .filter(|a| a.starts_with(&format!("{group}:")))
+            .collect();
+        let a1 = g.pick(&members).clone();
+        let a2 = g.pick(&members).clone();
+        // Only the postgres group's own conditions may read its context.
+        let (action, postgres_only) = match g.below(8) {
+            0 => ("action".to_string(), false),
+            1 => (format!("action == Action::\"{a1}\""), group == "postgres"),
+            2 => (
+                format!("action in [Action::\"{a1}\", Action::\"{a2}\"]"),
+                group == "postgres",
+            ),
+            3 => (
+                format!("action in [Action::\"{group}\", Action::\"tcp:connect\"]"),
+                false,
+            ),
+            _ => (
+                format!("action in Action::\"{group}\""),
+                group == "postgres",
+            ),
+        };
+        let mut conditions = vec![
+            format!("context.time.hour < {}", g.below(24)),
+            "context.client.cgroup like \"/agents/*\"".to_string(),
+            "context.destination like \"10.*\"".to_string(),
+            format!("principal.name == \"{}\"", g.pick(identities)),
+            format!("resource.protocol == \"{proto}\""),
+            "context.client.pid * 4611686018427387904 > 1".to_string(),
+        ];
+        if postgres_only {
+            conditions.extend([
+                "context.statement.has_where".to_string(),
+                "context.statement.tables.contains(\"cards\")".to_string(),
+                "context.database == \"app\"".to_string(),
+            ]);
+        }
+        let mut clauses = String::new();
+        for _ in 0..g.below(3) {
+            let c = g.pick(&conditions);
+            let kw = if g.below(3) == 0 { "unless" } else { "when" };
+            clauses.push_str(&format!(" {kw} {{ {c} }}"));
+        }
+        let (annot, effect) = match g.below(10) {
+            0..=3 => ("", "permit"),
+            5 => ("", "forbid"),
+            _ => ("@approval(\"required\")\n", "permit"),
+        };
+        // Most plain permits and forbids name their resource (as real ones
+        // do), or they would decide nearly everything alone.
+        let narrow = match (effect, annot) {
+            ("forbid", _) => g.below(4) != 0,
+            ("permit", "") => true,
+            _ => g.below(3) == 0,
+        };
+        let resource = if narrow {
+            format!("resource == Resource::\"{res}\"")
+        } else {
+            resource
+        };
+        out.push_str(&format!(
+            "@id(\"g{r:03}\")\n{annot}{effect}({principal}, {action}, {resource}){clauses};\n"
+        ));
+    }
+    out
+}
+
+/// Asserts that the indexed decision equals the whole set's, decision and
+/// determining rules alike, over `n` generated requests; returns how many
+/// of each outcome were seen.
+fn assert_index_matches_whole_set(
+    set: &PolicySet,
+    g: &mut Gen,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let identities: Vec<&String> = set.identities.keys().collect();
+    let resources: Vec<&String> = set.resources.keys().collect();
+    let actions: Vec<String> = super::actions::all().into_iter().map(|(a, _)| a).collect();
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let identity = if g.below(40) == 0 {
+            "nobody"
+        } else {
+            g.pick(&identities).as_str()
+        };
+        let resource = g.pick(&resources).as_str();
+        let action = g.pick(&actions).as_str();
+        let req = DecisionRequest {
+            identity,
+            resource,
+            action,
+            context: generated_context(g, action),
+            approved: g.below(4) == 0,
+        };
+        let indexed = set.rules.decide(&req);
+        let whole = set.rules.decide_unindexed(&req);
+        assert_eq!(indexed, whole, "request {i}: {req:?}");
+        // The same request again hits the slice built the first time.
+        assert_eq!(set.rules.decide(&req), whole, "request {i} again");
+        let key = match &whole {
+            Decision::Deny { policies, .. } if policies.is_empty() => "deny (no rule)".into(),
+            d => d.label().to_string(),
+        };
+        *seen.entry(key).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn the_index_decides_exactly_like_the_whole_set() {
+    let mut g = Gen(0x5eed_1234_abcd_0001);
+
+    // The shipped examples.
+    let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+    let set = PolicySet::load(&examples).unwrap();
+    let seen = assert_index_matches_whole_set(&set, &mut g, 1500);
+    assert!(
+        seen.contains_key("allow") && seen.contains_key("deny"),
+        "{seen:?}"
+    );
+
+    // A generated 500-rule set over 40 resources and 8 identities.
+    let mut toml = String::from(
+        "[issuer.corp]\nurl = \"https://oidc.example.test\"\n\
+         jwks_file = \"/nonexistent/jwks.json\"\naudience = \"portcullis\"\n",
+    );
+    let identities: Vec<String> = (0..8).map(|i| format!("id{i}")).collect();
+    for id in &identities {
+        toml.push_str(&format!(
+            "\n[identity.{id}]\nissuer = \"corp\"\nsubject = \"{id}\"\n"
+        ));
+    }
+    let mut resources = Vec::new();
+    for i in 0..40 {
+        let name = format!("res{i:02}");
+        let proto = *g.pick(&["tcp", "postgres", "http"]);
+        toml.push_str(&format!(
+            "\n[resource.{name}]\nprotocol = \"{proto}\"\nmatch = [\"10.1.{i}.1:{}\"]\n",
+            1000 + i
+        ));
+        match proto {
+            "postgres" => toml
+                .push_str("credentials = { user = \"agent_ro\", password_file = \"/etc/pw\" }\n"),
+            "http" => toml.push_str("tls = \"intercept\"\n"),
+            _ => {}
+        }
+        resources.push((name, proto.to_string()));
+    }
+    let rules = generated_rules(&mut g, 500, &identities, &resources);
+    let dir = dir_with(&[("a.toml", &toml), ("r.cedar", &rules)]);
+    let set = match PolicySet::load(&dir) {
+        Ok(s) => s,
+        Err(e) => panic!("the generated set is invalid:\n{e}\n{rules}"),
+    };
+    assert_eq!(set.rules().len(), 500);
+    let seen = assert_index_matches_whole_set(&set, &mut g, 2500);
+    for outcome in ["allow", "deny", "hold", "deny (no rule)"] {
+        assert!(seen.contains_key(outcome), "no {outcome}: {seen:?}");
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
