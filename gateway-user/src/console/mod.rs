@@ -934,7 +934,10 @@ async fn revoke(st: &State, shared: &Arc<Shared>, reviewer: &Reviewer, id: &str)
     }
     let by = reviewer.subject.clone();
     let revoked = match &shared.fleet {
-        Some(f) => f.revoke(&shared.jit, id, &by).await.map_err(|e| e.to_string()),
+        Some(f) => f
+            .revoke(&shared.jit, id, &by)
+            .await
+            .map_err(|e| e.to_string()),
         None => shared.jit.revoke(id, &by).map_err(|e| e.to_string()),
     };
     let g = match revoked {

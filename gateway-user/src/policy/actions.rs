@@ -218,8 +218,11 @@ pub const CONSOLE_ACTIONS: &[&str] = &[
     "console:audit",
 ];
 
-const CONSOLE_SCHEMA: &str = r#"entity Reviewer = { "subject": String, "issuer": String };
-entity Console;
+// Reviewer and Console carry the attributes Identity and Resource have, so a
+// rule written for every principal or resource (`principal.name`,
+// `resource.protocol`) still validates with the console's actions.
+const CONSOLE_SCHEMA: &str = r#"entity Reviewer = { "name": String, "subject": String, "issuer": String };
+entity Console = { "name": String, "protocol": String, "kind": String };
 type ConsoleContext = { "client": Client, "time": Time, "destination": String };
 type ReviewContext = {
   "client": Client, "time": Time, "destination": String,

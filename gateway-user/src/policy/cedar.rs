@@ -537,7 +537,8 @@ impl Rules {
             PrincipalConstraint::Eq(e) | PrincipalConstraint::In(e) => reviewer_type(e.type_name()),
             PrincipalConstraint::Any => false,
         };
-        let console_action = |a: &cedar_policy::EntityUid| a.id().unescaped().starts_with("console:");
+        let console_action =
+            |a: &cedar_policy::EntityUid| a.id().unescaped().starts_with("console:");
         let by_action = match p.action_constraint() {
             ActionConstraint::Eq(a) => console_action(&a),
             ActionConstraint::In(v) => !v.is_empty() && v.iter().all(console_action),
@@ -564,6 +565,10 @@ impl Rules {
                 id,
                 HashMap::from([
                     (
+                        "name".to_string(),
+                        cedar_policy::RestrictedExpression::new_string(subject.to_string()),
+                    ),
+                    (
                         "subject".to_string(),
                         cedar_policy::RestrictedExpression::new_string(subject.to_string()),
                     ),
@@ -579,10 +584,19 @@ impl Rules {
         let mut extra = vec![reviewer_entity(principal.clone(), req.subject, req.issuer)?];
         if matches!(req.resource, ReviewTarget::Console) {
             // Resources are entities of the set already; the console is not.
-            extra.push(cedar_policy::Entity::new_no_attrs(
-                resource.clone(),
-                Default::default(),
-            ));
+            let console = |v: &str| cedar_policy::RestrictedExpression::new_string(v.to_string());
+            extra.push(
+                cedar_policy::Entity::new(
+                    resource.clone(),
+                    HashMap::from([
+                        ("name".to_string(), console("portcullis")),
+                        ("protocol".to_string(), console("console")),
+                        ("kind".to_string(), console("console")),
+                    ]),
+                    Default::default(),
+                )
+                .map_err(|e| e.to_string())?,
+            );
         }
         let now = (crate::proxy::session::now_ms() / 1000) as i64;
         let time = cedar_policy::RestrictedExpression::new_record([

@@ -723,7 +723,10 @@ permit(principal, action == Action::"console:audit", resource)
     // reviewer: turning the console on grants nothing by itself.
     let open = dir_with(&[
         ("base.toml", BASE),
-        ("open.cedar", "@id(\"open\")\npermit(principal, action, resource);\n"),
+        (
+            "open.cedar",
+            "@id(\"open\")\npermit(principal, action, resource);\n",
+        ),
     ]);
     let set = PolicySet::load(&open).expect("valid set");
     let refused = set
@@ -918,6 +921,20 @@ fn generated_context(g: &mut Gen, action: &str) -> serde_json::Value {
                 m.insert(k.into(), (*g.pick(pool)).into());
             }
         }
+        Some(ContextKind::Mcp) => {
+            for (k, pool) in [
+                ("method", &["tools/call", "tools/list"][..]),
+                ("tool", &["read_note", "delete_note", ""]),
+                ("arguments_digest", &["", "sha256:00"]),
+                ("uri", &["", "file:///notes"]),
+                ("name", &[""]),
+                ("list", &["", "tools"]),
+            ] {
+                m.insert(k.into(), (*g.pick(pool)).into());
+            }
+            m.insert("arguments".into(), serde_json::json!({}));
+            m.insert("argument_names".into(), set(g, &["path", "id"]));
+        }
     }
     // Now and then a context that does not fit the schema.
     if g.below(50) == 0 {
@@ -1019,6 +1036,12 @@ fn generated_rules(
         } else {
             resource
         };
+        // A broad forbid always has a condition: one unconditional forbid
+        // over every action would decide the whole set alone, and the
+        // comparison would never see an allow.
+        if effect == "forbid" && !narrow && clauses.is_empty() {
+            clauses.push_str(&format!(" when {{ context.time.hour < {} }}", g.below(24)));
+        }
         out.push_str(&format!(
             "@id(\"g{r:03}\")\n{annot}{effect}({principal}, {action}, {resource}){clauses};\n"
         ));
