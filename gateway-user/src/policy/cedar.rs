@@ -537,8 +537,11 @@ impl Rules {
             PrincipalConstraint::Eq(e) | PrincipalConstraint::In(e) => reviewer_type(e.type_name()),
             PrincipalConstraint::Any => false,
         };
-        let console_action =
-            |a: &cedar_policy::EntityUid| a.id().unescaped().starts_with("console:");
+        // `console:...` or the `console` action group.
+        let console_action = |a: &cedar_policy::EntityUid| {
+            let id = a.id().unescaped();
+            id == "console" || id.starts_with("console:")
+        };
         let by_action = match p.action_constraint() {
             ActionConstraint::Eq(a) => console_action(&a),
             ActionConstraint::In(v) => !v.is_empty() && v.iter().all(console_action),

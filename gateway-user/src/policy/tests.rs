@@ -735,6 +735,19 @@ permit(principal, action == Action::"console:audit", resource)
     assert!(refused.contains("without naming reviewers"), "{refused}");
     assert!(set.decide_reviewer(&audit("mallory")).is_err());
     let _ = fs::remove_dir_all(&open);
+
+    // Naming the `console` action group is naming reviewers' actions.
+    let group = dir_with(&[
+        ("base.toml", BASE),
+        (
+            "group.cedar",
+            "@id(\"group\")\npermit(principal, action in Action::\"console\", resource) when { principal.subject like \"rev-*\" };\n",
+        ),
+    ]);
+    let set = PolicySet::load(&group).expect("valid set");
+    assert!(set.decide_reviewer(&audit("rev-bob")).is_ok());
+    assert!(set.decide_reviewer(&audit("mallory")).is_err());
+    let _ = fs::remove_dir_all(&group);
 }
 
 #[test]

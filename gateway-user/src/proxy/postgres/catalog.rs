@@ -139,7 +139,7 @@ struct State {
     /// Answers by query text, read in `generation`.
     rows: HashMap<String, Arc<Rows>>,
     /// Routine verdicts ([`super::functions`]), read in `generation`.
-    verdicts: HashMap<super::functions::Key, (bool, Instant)>,
+    verdicts: HashMap<super::functions::Key, (super::functions::Verdict, Instant)>,
 }
 
 impl State {
@@ -333,7 +333,10 @@ impl Pool {
         &self,
         keys: &[super::functions::Key],
         ttl: Duration,
-    ) -> (Option<u64>, HashMap<super::functions::Key, bool>) {
+    ) -> (
+        Option<u64>,
+        HashMap<super::functions::Key, super::functions::Verdict>,
+    ) {
         let generation = self.cacheable();
         let mut out = HashMap::new();
         if generation.is_some() {
@@ -354,7 +357,7 @@ impl Pool {
     pub(super) fn store_verdicts(
         &self,
         generation: Option<u64>,
-        found: impl IntoIterator<Item = (super::functions::Key, bool)>,
+        found: impl IntoIterator<Item = (super::functions::Key, super::functions::Verdict)>,
     ) {
         let Some(g) = generation else { return };
         let mut s = self.state();

@@ -43,6 +43,16 @@ pub struct Classified {
     /// effects; filled in by [`super::functions`]. A read class (select,
     /// copy_out, explain, show) with any becomes `function`.
     pub volatile_functions: Vec<String>,
+    /// It calls a routine, operator or type that is not known to be the
+    /// server's own (user code may run DDL); set with the verdicts.
+    pub user_routines: bool,
+    /// LOCK, LISTEN/UNLISTEN/NOTIFY, VACUUM/ANALYZE, CHECKPOINT: class
+    /// `other`, yet they change nothing the catalog checks read.
+    pub catalog_neutral: bool,
+    /// The name a SQL-level `PREPARE name AS ...` defines.
+    pub sql_prepare: Option<String>,
+    /// The name a SQL-level `EXECUTE name` runs.
+    pub sql_execute: Option<String>,
 }
 
 /// A possibly schema-qualified name as written (`None`: unqualified; any
@@ -93,7 +103,8 @@ impl Classified {
     /// statement names that are not known to be free of side effects. A
     /// read class that runs any becomes `function`; other classes keep
     /// theirs and carry the list.
-    pub fn set_volatile(&mut self, mut unsafe_names: Vec<String>) {
+    pub fn set_volatile(&mut self, mut unsafe_names: Vec<String>, user_routines: bool) {
+        self.user_routines = user_routines;
         unsafe_names.sort();
         unsafe_names.dedup();
         if !unsafe_names.is_empty() && READ_CLASSES.contains(&self.class) {
@@ -336,6 +347,24 @@ fn one(
             _ => false,
         }
     };
+    // Statements of class `other` that create, drop or alter nothing a
+    // catalog check reads (relations, views, routines, types).
+    let catalog_neutral = matches!(
+        node,
+        NodeEnum::LockStmt(_)
+            | NodeEnum::ListenStmt(_)
+            | NodeEnum::UnlistenStmt(_)
+            | NodeEnum::NotifyStmt(_)
+            | NodeEnum::VacuumStmt(_)
+            | NodeEnum::CheckPointStmt(_)
+    );
+    // SQL-level PREPARE and EXECUTE: the session remembers what each
+    // prepared name runs (see the frontend's `sql_prepared`).
+    let (sql_prepare, sql_execute) = match node {
+        NodeEnum::PrepareStmt(p) => (Some(p.name.clone()), None),
+        NodeEnum::ExecuteStmt(e) => (None, Some(e.name.clone())),
+        _ => (None, None),
+    };
     let fingerprint = pg_query::fingerprint(&text, options, 0)
         .map(|f| f.hex)
         .map_err(|e| ClassifyError::Parse(e.to_string()))?;
@@ -355,6 +384,10 @@ fn one(
         rollback,
         refs: tree.refs(),
         volatile_functions: Vec::new(),
+        user_routines: false,
+        catalog_neutral,
+        sql_prepare,
+        sql_execute,
         text,
     })
 }
@@ -755,23 +788,23 @@ mod tests {
     #[test]
     fn a_read_with_a_volatile_routine_is_function() {
         let mut c = classify("select nextval('s')").unwrap().remove(0);
-        c.set_volatile(vec!["nextval".into()]);
+        c.set_volatile(vec!["nextval".into()], false);
         assert_eq!(c.class, "function");
         assert_eq!(c.context()["volatile_functions"], json!(["nextval"]));
         assert_eq!(c.parsed_class, "select");
         let mut c = classify("copy (select nextval('s')) to stdout")
             .unwrap()
             .remove(0);
-        c.set_volatile(vec!["nextval".into()]);
+        c.set_volatile(vec!["nextval".into()], false);
         assert_eq!((c.class, c.parsed_class), ("function", "copy_out"));
         let mut c = classify("insert into t values (nextval('s'))")
             .unwrap()
             .remove(0);
-        c.set_volatile(vec!["nextval".into()]);
+        c.set_volatile(vec!["nextval".into()], false);
         assert_eq!(c.class, "insert");
         assert_eq!(c.context()["volatile_functions"], json!(["nextval"]));
         let mut c = classify("select upper('a')").unwrap().remove(0);
-        c.set_volatile(Vec::new());
+        c.set_volatile(Vec::new(), false);
         assert_eq!(c.class, "select");
     }
 
@@ -796,5 +829,19 @@ mod tests {
         assert_eq!(r, [true, true, true, false]);
         assert!(classify("selec * frm").is_err());
         assert!(classify("select 'unterminated").is_err());
+    }
+
+    #[test]
+    fn sql_level_prepare_and_execute_name_their_statement() {
+        let p = classify("prepare q(int) as select * from t where id = $1")
+            .unwrap()
+            .remove(0);
+        assert_eq!(p.class, "select");
+        assert_eq!(p.sql_prepare.as_deref(), Some("q"));
+        let e = classify("execute q(1)").unwrap().remove(0);
+        assert_eq!((e.class, e.sql_execute.as_deref()), ("other", Some("q")));
+        assert!(!e.catalog_neutral);
+        assert!(classify("lock table t").unwrap()[0].catalog_neutral);
+        assert!(!classify("do $$ begin end $$").unwrap()[0].catalog_neutral);
     }
 }

@@ -54,6 +54,10 @@ pub(super) struct Front<'a> {
     cw: ClientW,
     marker: &'a str,
     statements: HashMap<String, Arc<Prepared>>,
+    /// SQL-level prepared statements (`PREPARE name AS ...`) and whether
+    /// running one may change the catalog. A name prepared twice keeps the
+    /// worse verdict (the second PREPARE may have failed at the server).
+    sql_prepared: HashMap<String, bool>,
     portals: HashMap<String, Portal>,
     skip_until_sync: bool,
     /// Statement texts this session sent recently and their
@@ -107,6 +111,7 @@ impl<'a> Front<'a> {
             cw,
             marker,
             statements: HashMap::new(),
+            sql_prepared: HashMap::new(),
             portals: HashMap::new(),
             skip_until_sync: false,
             parsed: HashMap::new(),
@@ -327,7 +332,7 @@ impl<'a> Front<'a> {
                             // server refuses them in a prepared statement.
                             [(c, a), ..] => (c.class, a.clone()),
                         };
-                        let catalog = list.iter().any(|(c, _)| changes_catalog(c));
+                        let catalog = list.iter().any(|(c, _)| self.changes_catalog(c));
                         self.statements.insert(
                             name.to_string(),
                             Arc::new(Prepared {
@@ -524,7 +529,7 @@ impl<'a> Front<'a> {
             for c in &list {
                 let checked =
                     maskcheck::check_statement(self.ctx.changes.pool(), &c.text, m, stale).await;
-                stale |= changes_catalog(c) && c.class != "set";
+                stale |= self.changes_catalog(c) && c.class != "set";
                 if let Err(reason) = checked {
                     self.refusal(&format!("postgres:{}", c.class), &c.text, &reason)
                         .await;
@@ -615,7 +620,15 @@ impl<'a> Front<'a> {
             };
             match waited {
                 Waited::Allowed(allowed) => {
-                    if changes_catalog(&c) {
+                    if let Some(name) = &c.sql_prepare {
+                        let changes = changes_catalog(&c);
+                        if self.sql_prepared.len() < MAX_SQL_PREPARED
+                            || self.sql_prepared.contains_key(name)
+                        {
+                            *self.sql_prepared.entry(name.clone()).or_insert(false) |= changes;
+                        }
+                    }
+                    if self.changes_catalog(&c) {
                         // It may change the catalog or how names resolve:
                         // no cached catalog answer is used or kept until
                         // its transaction ends.
@@ -693,9 +706,29 @@ impl<'a> Front<'a> {
 /// Whether a decided statement may change the catalog or how names
 /// resolve (search_path, roles, DDL, GRANT, a routine with side effects):
 /// anything but plain reads and writes and transaction control.
+/// SQL-level prepared names remembered per session; an `EXECUTE` of any
+/// other counts as a catalog change.
+const MAX_SQL_PREPARED: usize = 4096;
+
+impl Front<'_> {
+    /// [`changes_catalog`], with a SQL-level `EXECUTE` judged by what its
+    /// `PREPARE` runs (unknown: a change).
+    fn changes_catalog(&self, c: &Classified) -> bool {
+        match &c.sql_execute {
+            Some(name) => self.sql_prepared.get(name).copied().unwrap_or(true),
+            None => changes_catalog(c),
+        }
+    }
+}
+
 fn changes_catalog(c: &Classified) -> bool {
+    if c.catalog_neutral {
+        return false;
+    }
+    // The class as parsed: a read that calls a routine is judged by
+    // `may_change_catalog` (user code, not a built-in, may run DDL).
     !matches!(
-        c.class,
+        c.parsed_class,
         "select"
             | "insert"
             | "update"

@@ -75,7 +75,35 @@ pub(super) type Key = (char, Option<String>, String);
 /// one, in the same batch, the catalog may no longer be what it was when
 /// the batch was decided: later statements get no verdict from it.
 pub fn may_change_catalog(c: &Classified) -> bool {
-    CATALOG_CHANGING.contains(&c.class) || !c.volatile_functions.is_empty()
+    if c.catalog_neutral {
+        return false;
+    }
+    // The class as parsed: a read promoted to `function` only for calling
+    // built-in volatile functions (pg_dump's `set_config`, `nextval`)
+    // changes no relation or routine.
+    CATALOG_CHANGING.contains(&c.parsed_class) || c.user_routines
+}
+
+/// What the catalog says of one routine, operator or type name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Verdict {
+    /// Free of side effects (see [`verdict`]).
+    pub safe: bool,
+    /// Every match is the server's own: whatever it does, it creates no
+    /// relation, view or routine (DDL runs only as statements or in user
+    /// code), so calling it does not change what the catalog checks see.
+    pub builtin: bool,
+}
+
+/// Whether every match of `key` is built in (no match: not known to be).
+fn builtin(key: &Key, rows: &[Row]) -> bool {
+    let (kind, schema, name) = key;
+    let mut mine = rows
+        .iter()
+        .filter(|r| r.kind == *kind && r.name == *name)
+        .filter(|r| schema.as_ref().is_none_or(|s| *s == r.schema))
+        .peekable();
+    mine.peek().is_some() && mine.all(|r| r.builtin)
 }
 
 /// One catalog row: kind, schema, name, built in, volatility.
@@ -149,7 +177,7 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
             }
         }
     }
-    let mut known: HashMap<Key, bool> = HashMap::new();
+    let mut known: HashMap<Key, Verdict> = HashMap::new();
     if let (Some(pool), false) = (pool, all.is_empty()) {
         let (generation, cached) = pool.verdicts(&all, TTL);
         known = cached;
@@ -162,9 +190,15 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
             match pool.query_uncached(&lookup_sql(&want)).await {
                 Ok(rows) => {
                     let rows = parse_rows(rows);
-                    let found: Vec<(Key, bool)> = want
+                    let found: Vec<(Key, Verdict)> = want
                         .iter()
-                        .map(|k| (k.clone(), verdict(k, &rows)))
+                        .map(|k| {
+                            let v = Verdict {
+                                safe: verdict(k, &rows),
+                                builtin: builtin(k, &rows),
+                            };
+                            (k.clone(), v)
+                        })
                         .collect();
                     known.extend(found.iter().cloned());
                     pool.store_verdicts(generation, found);
@@ -179,13 +213,15 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
     let mut trusted = true;
     for c in list.iter_mut() {
         let mut bad: Vec<String> = c.refs.unresolvable.clone();
+        let mut user = !c.refs.unresolvable.is_empty();
         for k in keys(c) {
-            let safe = trusted && known.get(&k).copied().unwrap_or(false);
-            if !safe {
+            let v = known.get(&k).copied().filter(|_| trusted);
+            if !v.is_some_and(|v| v.safe) {
                 bad.push(display(&k));
             }
+            user |= !v.is_some_and(|v| v.builtin);
         }
-        c.set_volatile(bad);
+        c.set_volatile(bad, user);
         trusted &= !may_change_catalog(c);
     }
 }
@@ -282,15 +318,39 @@ mod tests {
         assert!(!verdict(&('o', None, "===".into()), &rows));
         assert!(verdict(&('t', None, "text".into()), &rows));
         assert!(!verdict(&('t', None, "mydomain".into()), &rows));
+        // Built in though volatile: runs no user code, creates nothing.
+        assert!(builtin(&f(None, "nextval"), &rows));
+        // A user's `public.lower` may be what an unqualified call runs.
+        assert!(!builtin(&f(None, "lower"), &rows));
+        assert!(builtin(&f(Some("pg_catalog"), "lower"), &rows));
+        assert!(!builtin(&f(None, "no_such_fn"), &rows));
     }
 
     #[test]
     fn catalog_changing_statements() {
         let c = |sql: &str, volatile: &[&str]| {
             let mut c = super::super::classify::classify(sql).unwrap().remove(0);
-            c.set_volatile(volatile.iter().map(|v| v.to_string()).collect());
+            // Here every name given is a user routine.
+            c.set_volatile(
+                volatile.iter().map(|v| v.to_string()).collect(),
+                !volatile.is_empty(),
+            );
             may_change_catalog(&c)
         };
+        // pg_dump's probe: a read promoted to `function` for a built-in
+        // volatile function changes no relation or routine.
+        let mut probe = super::super::classify::classify(
+            "select set_config(name, 'view, foreign-table', false) from pg_settings where name = 'restrict_nonsystem_relation_kind'",
+        )
+        .unwrap()
+        .remove(0);
+        probe.set_volatile(vec!["set_config".into()], false);
+        assert_eq!(probe.class, "function");
+        assert!(!may_change_catalog(&probe));
+        // pg_dump locks every table it dumps; locking changes no catalog.
+        assert!(!c("lock table t in access share mode", &[]));
+        assert!(!c("listen ch", &[]));
+        assert!(c("do $$ begin end $$", &[]));
         assert!(!c("select count(*) from t", &[]));
         assert!(!c("insert into t values (1)", &[]));
         assert!(!c("set search_path = x", &[]));
