@@ -264,21 +264,9 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             };
             match answered {
                 Ok((request, grant)) => {
-                    let mut ev = AuditEvent::new("access_request")
-                        .session(request.session.clone())
-                        .identity(IdentityRef::named(&request.identity))
-                        .resource(request.resource.clone())
-                        .action(request.action.clone())
-                        .decision("allow")
-                        .approver(by.clone())
-                        .detail("request", request.id.clone());
+                    let mut ev = request.decision_event(&by, "allow", grant.as_ref());
                     if let Some(r) = &reason {
                         ev = ev.reason(r.clone());
-                    }
-                    if let Some(g) = &grant {
-                        ev = ev
-                            .detail("grant", g.id.clone())
-                            .detail("grant_expires_ms", g.expires_ms);
                     }
                     if let Err(e) = shared.audit(ev).await {
                         warn!("audit record of an approval failed: {e}");
@@ -317,15 +305,7 @@ async fn handle(shared: &Arc<Shared>, req: Request, caller: Option<u32>) -> Resp
             };
             match answered {
                 Ok(request) => {
-                    let ev = AuditEvent::new("access_request")
-                        .session(request.session.clone())
-                        .identity(IdentityRef::named(&request.identity))
-                        .resource(request.resource.clone())
-                        .action(request.action.clone())
-                        .decision("deny")
-                        .approver(by)
-                        .reason(reason)
-                        .detail("request", request.id.clone());
+                    let ev = request.decision_event(&by, "deny", None).reason(reason);
                     if let Err(e) = shared.audit(ev).await {
                         warn!("audit record of a denial failed: {e}");
                     }

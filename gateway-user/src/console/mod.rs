@@ -811,25 +811,14 @@ async fn decide(
     };
     // The same record the admin socket writes for `portcullis approve|deny`,
     // with the reviewer's subject as the approver.
-    let mut ev = AuditEvent::new("access_request")
-        .session(request.session.clone())
-        .identity(IdentityRef::named(&request.identity))
-        .resource(request.resource.clone())
-        .action(request.action.clone())
-        .decision(decision)
-        .approver(by.clone())
-        .detail("request", request.id.clone())
+    let mut ev = request
+        .decision_event(&by, decision, grant.as_ref())
         .detail("via", "console")
         .detail("reviewer_issuer", reviewer.issuer.clone());
     if let crate::jit::Status::Denied { reason, .. } = &request.status {
         ev = ev.reason(reason.clone());
     } else if let Some(r) = reason {
         ev = ev.reason(r.to_string());
-    }
-    if let Some(g) = &grant {
-        ev = ev
-            .detail("grant", g.id.clone())
-            .detail("grant_expires_ms", g.expires_ms);
     }
     if let Err(e) = shared.audit(ev).await {
         warn!("audit record of a console decision failed: {e}");

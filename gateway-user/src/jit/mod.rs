@@ -160,6 +160,33 @@ pub struct AccessRequest {
     pub status: Status,
 }
 
+impl AccessRequest {
+    /// The audit record of a reviewer's answer to this request (`decision`
+    /// is `allow` or `deny`), with the grant an approval made, if any: the
+    /// one shape the admin socket and the review console both write.
+    pub fn decision_event(
+        &self,
+        by: &str,
+        decision: &str,
+        grant: Option<&Grant>,
+    ) -> crate::audit::AuditEvent {
+        let mut ev = crate::audit::AuditEvent::new("access_request")
+            .session(self.session.clone())
+            .identity(crate::audit::IdentityRef::named(&self.identity))
+            .resource(self.resource.clone())
+            .action(self.action.clone())
+            .decision(decision)
+            .approver(by.to_string())
+            .detail("request", self.id.clone());
+        if let Some(g) = grant {
+            ev = ev
+                .detail("grant", g.id.clone())
+                .detail("grant_expires_ms", g.expires_ms);
+        }
+        ev
+    }
+}
+
 /// A time-bound permission.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Grant {
