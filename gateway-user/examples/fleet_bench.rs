@@ -86,6 +86,7 @@ fn config(args: &Args, node: &str) -> FleetConfig {
         sslmode: None,
         ca_file: None,
         node: Some(node.to_string()),
+        fail_held_after: None,
     }
 }
 

@@ -998,6 +998,7 @@ async fn auto_tag_scan(shared: &Arc<Shared>) {
             &existing,
             &tags,
             own.as_deref(),
+            |p| p.exists(),
         );
         let mut added = Vec::new();
         let mut removed = Vec::new();
@@ -1133,6 +1134,12 @@ async fn fleet_sync_loop(shared: Arc<Shared>, fleet: Arc<crate::fleet::Fleet>) {
             Ok(out) => out,
             Err(e) => {
                 debug!("fleet sync: {e}");
+                for r in fleet.fail_held(&shared.jit) {
+                    warn!(request = %r.id, "held command refused: {}", crate::fleet::UNREACHABLE);
+                    shared
+                        .webhooks
+                        .notify(crate::jit::JitEvent::RequestDecided { request: r });
+                }
                 continue;
             }
         };

@@ -38,6 +38,17 @@ fn store_url(pg: &PgServer) -> String {
 
 /// A node; with `ca`, it reaches the store over TLS (`verify-full`).
 fn node(name: &str, pg: &PgServer, server: &EchoServer, ca: Option<&std::path::Path>) -> Node {
+    node_with(name, pg, server, ca, "")
+}
+
+/// [`node`] with more `[fleet]` keys.
+fn node_with(
+    name: &str,
+    pg: &PgServer,
+    server: &EchoServer,
+    ca: Option<&std::path::Path>,
+    fleet_keys: &str,
+) -> Node {
     let cg = TestCgroup::new(&format!("fleet-{name}"));
     let files = DaemonFiles::new(&cg.rel);
     files.rules(
@@ -52,7 +63,7 @@ fn node(name: &str, pg: &PgServer, server: &EchoServer, ca: Option<&std::path::P
     fs::write(
         files.config_file(),
         format!(
-            "[fleet]\nstore = {:?}\npassword_file = {:?}\nnode = {name:?}\n{}",
+            "[fleet]\nstore = {:?}\npassword_file = {:?}\nnode = {name:?}\n{fleet_keys}{}",
             store_url(pg),
             pg.password_file.display().to_string(),
             ca.map(|c| format!(
@@ -317,6 +328,25 @@ fn fleet_approval_on_one_node_releases_a_hold_on_another_grants_are_shared_and_a
     assert!(String::from_utf8_lossy(&out.stderr).contains("node-b"));
 }
 
+/// Starts the store again after `pg_ctl stop -m immediate`, on its port.
+fn restart_store(pg: &PgServer) -> Restarted<'_> {
+    let port = pg.port.to_string();
+    let sock = pg.dir.display().to_string();
+    let log = pg.dir.join(unique("restart")).display().to_string();
+    pg_ctl(
+        pg,
+        &[
+            "start",
+            "-w",
+            "-l",
+            &log,
+            "-o",
+            &format!("-p {port} -c listen_addresses=127.0.0.1 -k {sock}"),
+        ],
+    );
+    Restarted(pg)
+}
+
 fn pg_ctl(pg: &PgServer, args: &[&str]) {
     let user = nix::unistd::User::from_name("postgres")
         .ok()
@@ -484,4 +514,133 @@ fn fleet_store_down_fails_new_holds_closed_keeps_known_grants_and_catches_up() {
     );
     let out = held.finish();
     assert_eq!(out.echo_ok(), approve.status.success(), "{out:?}");
+}
+
+/// A command already held when the store goes down: on a node whose
+/// `fail_held_after` passes first it is refused in its own protocol with
+/// "approval store unreachable" (audited, and written back to the store
+/// when it returns); on a node still within it, the hold survives the
+/// outage and an answer given after the store returns releases it.
+#[test]
+fn fleet_store_lost_mid_hold_refuses_held_commands_unless_it_returns_in_time() {
+    require_root();
+    let pg = PgServer::start("fleet-midhold");
+    pg.sql("create database fleet");
+    let upstream = PgServer::start("fleet-midhold-up");
+    upstream.sql("create table t(id int primary key, v text); insert into t values (1, 'before');");
+    let server = EchoServer::start("fleet-midhold");
+    // A: the default bound (3 s); B: a minute, longer than the outage.
+    let a = node("node-a", &pg, &server, None);
+    let b = node_with("node-b", &pg, &server, None, "fail_held_after = \"60s\"\n");
+    // A also governs a PostgreSQL whose UPDATEs need approval, so that its
+    // agent hears the refusal in the PostgreSQL protocol.
+    fs::write(
+        a.files.policies.join("pg.toml"),
+        format!(
+            "[resource.up]\nprotocol = \"postgres\"\nmatch = [\"{}\"]\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\nupstream_tls = \"disable\"\napproval_timeout = \"120s\"\n",
+            upstream.addr(),
+            upstream.password_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    a.files.rules(
+        "pg.cedar",
+        "@id(\"pg-read\")\npermit(principal, action in [Action::\"postgres:select\", Action::\"postgres:set\", Action::\"postgres:show\"], resource == Resource::\"up\");\n\
+         @id(\"pg-update-approved\")\n@approval(\"required\")\npermit(principal, action == Action::\"postgres:update\", resource == Resource::\"up\");\n",
+    );
+    a.daemon.cli_ok(&["policy", "reload"]);
+    let on_a = agent_place(&a, "agent");
+    let on_b = agent_place(&b, "agent");
+
+    let mut psql = Command::new("psql");
+    psql.args(["-X", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=agent dbname=postgres sslmode=disable connect_timeout=10",
+            upstream.port
+        ))
+        .args(["-c", "update t set v = 'after' where id = 1"])
+        .env_remove("PGPASSWORD")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    on_a.apply(&mut psql);
+    let psql = psql.spawn().expect("psql");
+    let held_b = HeldClient::spawn(&on_b, to(&server), &b.files.dir);
+    let pending = b.daemon.wait_pending(2);
+    let id_on = |node: &str| {
+        pending
+            .iter()
+            .find(|r| r["node"] == node)
+            .and_then(|r| r["id"].as_str())
+            .unwrap_or_else(|| panic!("no request of {node}: {pending:#?}"))
+            .to_string()
+    };
+    let (id_a, id_b) = (id_on("node-a"), id_on("node-b"));
+
+    pg_ctl(&pg, &["stop", "-m", "immediate", "-w"]);
+    assert!(pg.psql_direct("select 1").is_err(), "the store is down");
+
+    // A refuses its held UPDATE in the PostgreSQL protocol, with the
+    // reason, long before the request's own 120 s timeout.
+    let out = psql.wait_with_output().expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("approval store unreachable"), "{err}");
+    assert!(
+        err.contains(&id_a),
+        "the agent is told which request: {err}"
+    );
+    assert!(!err.contains("timed out"), "{err}");
+    assert_eq!(
+        upstream.sql("select v from t where id = 1").trim(),
+        "before"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            audit_events(&a.files).iter().any(|e| {
+                e["type"] == "command"
+                    && e["decision"] == "deny"
+                    && e["detail"]["request"] == id_a.as_str()
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("approval store unreachable"))
+            })
+        },
+        "the refusal of the held command is audited with its reason",
+    );
+    assert!(
+        !held_b.ready.exists(),
+        "B's hold is neither released nor refused while the store is down"
+    );
+
+    // The store returns within B's bound: B's hold goes on, and an answer
+    // given now (on A) releases it.
+    let _restarted = restart_store(&pg);
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            a.daemon
+                .cli(&["approve", &id_b, "--as", "carol"])
+                .status
+                .success()
+        },
+        "approving B's request once the store is back",
+    );
+    held_b.wait_ready();
+    let r = held_b.finish();
+    assert!(r.echo_ok(), "{r:?}");
+    assert_eq!(accepted(&server), 1);
+    // A's refusal reaches the store: every node lists it as failed.
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            b.daemon.requests("failed").iter().any(|r| {
+                r["id"] == id_a.as_str()
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|x| x.contains("approval store unreachable"))
+            })
+        },
+        "A's refusal is written back to the store",
+    );
 }

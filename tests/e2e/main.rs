@@ -20,6 +20,7 @@ mod ops;
 mod perf_http;
 mod perf_pg;
 mod perf_tcp;
+mod pods;
 mod postgres;
 mod security;
 mod sound_http;

@@ -1,21 +1,42 @@
 //! `cargo xtask bench fleet`: starts a PostgreSQL store (initdb under /tmp,
 //! its own port) and runs the `fleet_bench` example (release) against it:
 //! approval propagation between two nodes and audit shipping throughput.
+//! Then it proves that allowed commands pay nothing for the store: pgbench
+//! select-only through two daemons started side by side, one without and
+//! one with `[fleet]` (its store on the same PostgreSQL), runs interleaved
+//! with direct ones, and compares their ratios to direct.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{
-    bench_pg::{chown, postgres_ids, start_postgres, Guard},
-    util::require_root,
+    bench_pg::{self, chown, postgres_ids, start_postgres, Guard},
+    ci,
+    session::{Session, SessionConfig},
+    util::{catch_interrupts, interrupted, require_root, step},
 };
+
+/// Client counts of the store-cost comparison.
+const CLIENTS: [u32; 2] = [1, 8];
+/// Rounds of (direct, without, with) per client count; the median counts.
+const ROUNDS: usize = 3;
+/// `[fleet]` may cost at most this share of the plain daemon's throughput
+/// before "unchanged" is a MISS (the noise of a shared machine is larger
+/// than anything a store touched per command would leave).
+const UNCHANGED: f64 = 0.95;
 
 /// Work directory under /tmp.
 const NAME: &str = "portcullis-bench-fleet";
 
-/// Runs the fleet benchmark; `args` go to the example.
-pub fn run(args: &[String]) -> Result<()> {
+/// Runs the fleet benchmark; `args` go to the example; `pg_seconds` per
+/// pgbench run of the store-cost comparison (0 skips it); `binary` is the
+/// daemon (default: the release build).
+pub fn run(args: &[String], pg_seconds: u32, binary: Option<PathBuf>) -> Result<()> {
     require_root()?;
     let work = PathBuf::from("/tmp").join(NAME);
     if work.exists() {
@@ -42,8 +63,143 @@ pub fn run(args: &[String]) -> Result<()> {
         pw_file.display().to_string(),
     ];
     all.extend(args.iter().cloned());
-    let result = crate::bench::example("fleet_bench", &all);
+    let mut result = crate::bench::example("fleet_bench", &all);
+    if result.is_ok() && pg_seconds > 0 {
+        result = store_cost(&work, port, &password, &pw_file, pg_seconds, binary);
+    }
     drop(_pg);
     let _ = fs::remove_dir_all(&work);
     result
+}
+
+/// pgbench select-only, direct and through two daemons (without and with
+/// `[fleet]`), interleaved; prints the ratios and the verdict.
+fn store_cost(
+    work: &Path,
+    pg_port: u16,
+    password: &str,
+    store_pw: &Path,
+    seconds: u32,
+    binary: Option<PathBuf>,
+) -> Result<()> {
+    let bin = ci::daemon_binary(binary)?;
+    let mut init = bench_pg::pgbench(pg_port, Some(password));
+    init.args(["-i", "-q", "-s", "10", "postgres"]);
+    bench_pg::run_ok(&mut init, "pgbench -i")?;
+    let policies = bench_pg::bench_policies(work, pg_port, password)?;
+    let token = crate::util::repo_root().join("policies/demo/agent.token");
+    // The same config but for `[fleet]`: nothing else differs.
+    let plain = work.join("plain.toml");
+    fs::write(&plain, "[daemon]\n")?;
+    let fleet = work.join("fleet.toml");
+    fs::write(
+        &fleet,
+        format!(
+            "[daemon]\n\n[fleet]\nstore = \"postgres://postgres@127.0.0.1:{pg_port}/postgres\"\npassword_file = {:?}\nnode = \"bench-node\"\n",
+            store_pw.display().to_string()
+        ),
+    )?;
+    catch_interrupts();
+    let start = |name: &'static str, config: &Path| -> Result<Session> {
+        let config = config.display().to_string();
+        let mut s = Session::start_with(
+            &bin,
+            &SessionConfig {
+                name,
+                policies: policies.clone(),
+                listen_port: bench_pg::free_port()?,
+            },
+            &["--config", &config],
+        )?;
+        s.tag_agent("bench-agent", Some(&token))?;
+        Ok(s)
+    };
+    let off = start("portcullis-bench-fleet-off", &plain)?;
+    let on = start("portcullis-bench-fleet-on", &fleet)?;
+    if !on.log_tail(200).contains("fleet store ready") {
+        bail!(
+            "the [fleet] daemon did not reach its store; its log ends with:\n{}",
+            on.log_tail(20)
+        );
+    }
+    step("pgbench select-only: direct, without [fleet], with [fleet] (interleaved)");
+    let mut rows = Vec::new();
+    for clients in CLIENTS {
+        let mut tps: [Vec<f64>; 3] = Default::default();
+        for round in 0..ROUNDS {
+            // Alternate which daemon goes first, so that drift over the
+            // run does not favour one.
+            let order: [(usize, &Session, &'static str); 3] = if round % 2 == 0 {
+                [
+                    (0, &off, "direct"),
+                    (1, &off, "portcullis"),
+                    (2, &on, "portcullis"),
+                ]
+            } else {
+                [
+                    (0, &on, "direct"),
+                    (2, &on, "portcullis"),
+                    (1, &off, "portcullis"),
+                ]
+            };
+            for (slot, session, path) in order {
+                if interrupted() {
+                    bail!("interrupted");
+                }
+                let r = bench_pg::measure(
+                    session,
+                    work,
+                    ("select-only", "simple"),
+                    clients,
+                    path,
+                    seconds,
+                    pg_port,
+                    0,
+                    password,
+                )?;
+                let label = ["direct", "without [fleet]", "with [fleet]"][slot];
+                println!(
+                    "    c={clients:<3} round {round} {label:<16} {:>9.0} tps  p50 {:>7.3} ms",
+                    r.tps, r.p50_ms
+                );
+                tps[slot].push(r.tps);
+            }
+        }
+        rows.push((clients, tps.map(|v| median(&v))));
+    }
+    let reached = on.log_tail(10_000);
+    drop(on);
+    drop(off);
+    println!();
+    println!("pgbench select-only -M simple, median of {ROUNDS} interleaved runs of {seconds}s (ratios count: same machine, same invocation)");
+    println!(
+        "{:>7} {:>10} {:>10} {:>9} {:>10} {:>9} {:>11}",
+        "clients", "direct", "no fleet", "vs direct", "fleet", "vs direct", "fleet/plain"
+    );
+    let mut pass = true;
+    for (clients, [direct, plain, fleet]) in &rows {
+        let same = fleet / plain;
+        pass &= same >= UNCHANGED;
+        println!(
+            "{clients:>7} {direct:>10.0} {plain:>10.0} {:>8.1}% {fleet:>10.0} {:>8.1}% {:>10.3}",
+            100.0 * plain / direct,
+            100.0 * fleet / direct,
+            same
+        );
+    }
+    if reached.contains("fleet store lost") {
+        println!("note: the [fleet] daemon lost its store during the run (see its log)");
+        pass = false;
+    }
+    println!(
+        "target: PostgreSQL ratio unchanged with [fleet] (fleet/plain >= {UNCHANGED} at every client count): {}",
+        if pass { "PASS" } else { "MISS" }
+    );
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }

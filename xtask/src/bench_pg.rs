@@ -46,13 +46,15 @@ const TARGET_RATIO: f64 = 0.85;
 const TARGET_ADDED_P50_US: f64 = 50.0;
 
 /// One measurement.
-struct Run {
+pub(crate) struct Run {
     script: &'static str,
     mode: &'static str,
     clients: u32,
     path: &'static str,
-    tps: f64,
-    p50_ms: f64,
+    /// Transactions per second.
+    pub(crate) tps: f64,
+    /// Median transaction latency.
+    pub(crate) p50_ms: f64,
     p99_ms: f64,
     rss_kib: Option<u64>,
 }
@@ -84,26 +86,8 @@ pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
         "pgbouncer (session mode) on 127.0.0.1:{bouncer_port}"
     ));
 
-    let policies = work.join("policies");
-    fs::create_dir_all(&policies)?;
-    let secret_dir = work.join("secret");
-    fs::create_dir_all(&secret_dir)?;
-    fs::set_permissions(&secret_dir, fs::Permissions::from_mode(0o700))?;
-    let pw_file = secret_dir.join("pg.pw");
-    fs::write(&pw_file, &password)?;
+    let policies = bench_policies(work.as_path(), pg_port, &password)?;
     let demo = crate::util::repo_root().join("policies").join("demo");
-    let resource = format!(
-        "[resource.bench-pg]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:{pg_port}\"]\nupstream_tls = \"disable\"\nrecord = \"off\"\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n\n\
-         [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
-         [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
-        pw_file.display().to_string(),
-        demo.join("jwks.json").display().to_string()
-    );
-    fs::write(policies.join("bench.toml"), resource)?;
-    fs::write(
-        policies.join("bench.cedar"),
-        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action in Action::\"postgres\", resource == Resource::\"bench-pg\");\n",
-    )?;
     catch_interrupts();
     let mut session = Session::start(
         &bin,
@@ -161,8 +145,37 @@ pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The bench's policy directory under `work`: the `bench-pg` resource
+/// (PostgreSQL on 127.0.0.1:`pg_port`, its password held by the daemon) and
+/// a rule letting the demo agent `bench-agent` run anything on it.
+pub(crate) fn bench_policies(work: &Path, pg_port: u16, password: &str) -> Result<PathBuf> {
+    let policies = work.join("policies");
+    fs::create_dir_all(&policies)?;
+    let secret_dir = work.join("secret");
+    fs::create_dir_all(&secret_dir)?;
+    fs::set_permissions(&secret_dir, fs::Permissions::from_mode(0o700))?;
+    let pw_file = secret_dir.join("pg.pw");
+    fs::write(&pw_file, password)?;
+    let demo = crate::util::repo_root().join("policies").join("demo");
+    let resource = format!(
+        "[resource.bench-pg]\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:{pg_port}\"]\nupstream_tls = \"disable\"\nrecord = \"off\"\ncredentials = {{ user = \"postgres\", password_file = {:?} }}\n\n\
+         [issuer.demo]\nurl = \"https://issuer.portcullis.demo\"\njwks_file = {:?}\naudience = \"portcullis\"\n\n\
+         [identity.bench-agent]\nissuer = \"demo\"\nsubject = \"system:serviceaccount:agents:demo\"\n",
+        pw_file.display().to_string(),
+        demo.join("jwks.json").display().to_string()
+    );
+    fs::write(policies.join("bench.toml"), resource)?;
+    fs::write(
+        policies.join("bench.cedar"),
+        "@id(\"bench\")\npermit(principal == Identity::\"bench-agent\", action in Action::\"postgres\", resource == Resource::\"bench-pg\");\n",
+    )?;
+    Ok(policies)
+}
+
+/// One pgbench run along `path` (`direct`, `pgbouncer`, or through the
+/// session's daemon for `portcullis…`).
 #[allow(clippy::too_many_arguments)]
-fn measure(
+pub(crate) fn measure(
     session: &Session,
     work: &Path,
     (script, mode): (&'static str, &'static str),
@@ -337,7 +350,7 @@ fn print_table(runs: &[Run]) {
     }
 }
 
-fn pgbench(port: u16, password: Option<&str>) -> Command {
+pub(crate) fn pgbench(port: u16, password: Option<&str>) -> Command {
     // pgbench ships with the client package, on PATH; the server's bin dir
     // has it too.
     let program = pg_bin()
@@ -388,7 +401,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -417,7 +430,7 @@ pub(crate) fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
         .with_context(|| format!("chown {}", path.display()))
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+pub(crate) fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| what.to_string())?;
     if !out.status.success() {
         bail!(

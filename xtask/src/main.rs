@@ -201,6 +201,13 @@ enum BenchTarget {
     /// Fleet: approval propagation p50/p99 between two nodes, audit
     /// shipping events/s. Starts its own PostgreSQL store; needs root.
     Fleet {
+        /// Seconds per pgbench run of the store-cost comparison (without
+        /// and with `[fleet]`); 0 skips it.
+        #[arg(long, default_value_t = 5)]
+        pg_seconds: u32,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
         /// Passed to the example, e.g. `--json`, `--approvals N`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -281,8 +288,13 @@ fn run(task: Task) -> Result<()> {
             target: BenchTarget::Audit { args },
         } => bench::example("audit_bench", &args),
         Task::Bench {
-            target: BenchTarget::Fleet { args },
-        } => bench_fleet::run(&args),
+            target:
+                BenchTarget::Fleet {
+                    args,
+                    pg_seconds,
+                    binary,
+                },
+        } => bench_fleet::run(&args, pg_seconds, binary),
         Task::Fuzz {
             target,
             time,

@@ -62,6 +62,11 @@ impl Session {
     /// Creates the cgroups, starts the daemon and waits until it answers
     /// `status --json`.
     pub fn start(bin: &Path, config: &SessionConfig) -> Result<Self> {
+        Self::start_with(bin, config, &[])
+    }
+
+    /// [`Session::start`] with more daemon flags (e.g. `--config FILE`).
+    pub fn start_with(bin: &Path, config: &SessionConfig, extra: &[&str]) -> Result<Self> {
         let cgroup_mount = cgroup2_mount()?;
         let work_dir = PathBuf::from("/tmp").join(config.name);
         let state_dir = work_dir.join("state");
@@ -90,7 +95,7 @@ impl Session {
             "created cgroup {}",
             session.agent_cgroup.display()
         ));
-        session.spawn_daemon(config, &state_dir)?;
+        session.spawn_daemon(config, &state_dir, extra)?;
         session.wait_ready()?;
         Ok(session)
     }
@@ -108,7 +113,12 @@ impl Session {
 
     /// Starts the daemon in its own process group (Ctrl-C reaches only
     /// xtask, which then tears down in order), logging to `daemon.log`.
-    fn spawn_daemon(&mut self, config: &SessionConfig, state_dir: &Path) -> Result<()> {
+    fn spawn_daemon(
+        &mut self,
+        config: &SessionConfig,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Result<()> {
         let log = File::create(&self.log_path)
             .with_context(|| format!("cannot create {}", self.log_path.display()))?;
         let mut cmd = Command::new(&self.bin);
@@ -126,6 +136,7 @@ impl Session {
             .arg("--listen-port")
             .arg(config.listen_port.to_string())
             .args(["--metrics", "off"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -12,7 +12,10 @@
 //! Failure: when the store is unreachable, new holds fail closed
 //! ("approval store unreachable"), answers and grants cannot be given,
 //! grants already known keep working until they expire, and the shipper
-//! catches up when the store returns.
+//! catches up when the store returns. A command already held here whose
+//! answer cannot be learned is refused with the same reason once the store
+//! has not answered for `fail_held_after` ([`FAIL_HELD_AFTER`] by default);
+//! if the store answers again before that, the hold goes on.
 
 pub mod ship;
 pub mod store;
@@ -23,9 +26,9 @@ use std::{
     str::FromStr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures_util::StreamExt as _;
@@ -42,6 +45,19 @@ pub use store::Store;
 /// How often a node reads the store when no notification wakes it: the
 /// bound on how stale a node is when LISTEN is lost.
 pub const POLL_EVERY: Duration = Duration::from_millis(1000);
+
+/// The reason an agent is given when its command needs an answer that the
+/// fleet's approval store cannot give.
+pub const UNREACHABLE: &str = "approval store unreachable";
+
+/// How long the store may go without answering before the commands held on
+/// this node are refused (`[fleet] fail_held_after`). Three polls: one lost
+/// connection or a store restart that is quick does not end the holds.
+pub const FAIL_HELD_AFTER: Duration = Duration::from_secs(3);
+
+/// The longest `fail_held_after` accepted: past that an agent waits on a
+/// store that may never answer.
+pub const FAIL_HELD_AFTER_MAX: Duration = Duration::from_secs(600);
 
 /// The `[fleet]` table of the daemon config.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -62,6 +78,10 @@ pub struct FleetConfig {
     /// This node's name. Default: `$PORTCULLIS_NODE`, else the hostname.
     #[serde(default)]
     pub node: Option<String>,
+    /// How long the store may not answer before the commands held on this
+    /// node are refused (`"3s"`; default [`FAIL_HELD_AFTER`]).
+    #[serde(default)]
+    pub fail_held_after: Option<String>,
 }
 
 /// A fleet operation that cannot be done.
@@ -108,6 +128,23 @@ impl FleetConfig {
             )));
         }
         Ok(name)
+    }
+
+    /// `fail_held_after`, checked: more than 0, at most
+    /// [`FAIL_HELD_AFTER_MAX`].
+    pub fn fail_held_after(&self) -> Result<Duration, FleetError> {
+        let Some(text) = &self.fail_held_after else {
+            return Ok(FAIL_HELD_AFTER);
+        };
+        let d = crate::policy::parse_duration(text)
+            .map_err(|e| FleetError::Config(format!("fail_held_after: {e}")))?;
+        if d.is_zero() || d > FAIL_HELD_AFTER_MAX {
+            return Err(FleetError::Config(format!(
+                "fail_held_after {text:?} must be more than 0 and at most {}s",
+                FAIL_HELD_AFTER_MAX.as_secs()
+            )));
+        }
+        Ok(d)
     }
 
     /// A client of the store with these settings.
@@ -173,6 +210,9 @@ pub struct Fleet {
     store: Store,
     wake: Notify,
     up: AtomicBool,
+    /// When the store last answered (anything but "unreachable").
+    last_answer: Mutex<Instant>,
+    fail_held_after: Duration,
     migrated: AtomicBool,
     /// Audit shipping progress (for metrics and status).
     pub shipping: Arc<ship::ShipStatus>,
@@ -183,6 +223,7 @@ impl Fleet {
     pub fn new(cfg: &FleetConfig) -> Result<Self, FleetError> {
         let (config, tls) = cfg.pg_config()?;
         let node = cfg.node_name()?;
+        let fail_held_after = cfg.fail_held_after()?;
         Ok(Self {
             store: Store::new(
                 config.clone(),
@@ -194,6 +235,8 @@ impl Fleet {
             node,
             wake: Notify::new(),
             up: AtomicBool::new(false),
+            last_answer: Mutex::new(Instant::now()),
+            fail_held_after,
             migrated: AtomicBool::new(false),
             shipping: Arc::new(ship::ShipStatus::default()),
         })
@@ -211,6 +254,9 @@ impl Fleet {
 
     fn mark<T>(&self, r: Result<T, FleetError>) -> Result<T, FleetError> {
         let up = !matches!(r, Err(FleetError::Unreachable(_)));
+        if up {
+            *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
         let was = self.up.swap(up, Ordering::Relaxed);
         match (&r, was, up) {
             (Err(e), true, false) => {
@@ -323,24 +369,10 @@ impl Fleet {
             None => None,
             Some(d) => {
                 let r = self.find(jit, id).await?;
-                Some(jit.make_grant(
-                    &r.identity,
-                    &r.resource,
-                    vec![r.action.clone()],
-                    r.fingerprint.clone(),
-                    d,
-                    by,
-                    reason.clone(),
-                    Some(id.to_string()),
-                )?)
+                Some(jit.approval_grant(&r, d, by, reason.clone())?)
             }
         };
-        let status = Status::Approved {
-            by: by.to_string(),
-            at_ms: now_ms(),
-            reason,
-            grant: grant.as_ref().map(|g| g.id.clone()),
-        };
+        let status = Status::approved(by, reason, grant.as_ref());
         let r = self.answer(jit, id, status, grant.clone()).await?;
         Ok((r, grant))
     }
@@ -469,6 +501,37 @@ impl Fleet {
         Ok(out)
     }
 
+    /// Refuses the commands held on this node once the store has not
+    /// answered for `fail_held_after`: their answer (given on any node)
+    /// cannot be learned, so waiting on would only delay the refusal until
+    /// the request's own timeout. Returns the requests it failed; their
+    /// waiters refuse the commands in their protocols and audit it. The
+    /// store hears of it when it returns (see [`Fleet::sync`]).
+    pub fn fail_held(&self, jit: &Jit) -> Vec<AccessRequest> {
+        if self.store_up() {
+            return Vec::new();
+        }
+        let silent = self
+            .last_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if silent < self.fail_held_after {
+            return Vec::new();
+        }
+        let reason = format!(
+            "{UNREACHABLE} (no answer from it for {}s)",
+            silent.as_secs()
+        );
+        jit.requests()
+            .into_iter()
+            .filter(|r| {
+                r.status == Status::Pending && r.node.as_deref() == Some(self.node.as_str())
+            })
+            .filter_map(|r| jit.fail(&r.id, reason.clone()).ok())
+            .collect()
+    }
+
     /// Waits for a notification from the store or [`POLL_EVERY`].
     pub async fn wait_for_change(&self) {
         let _ = tokio::time::timeout(POLL_EVERY, self.wake.notified()).await;
@@ -539,6 +602,114 @@ mod tests {
         assert!(matches!(weak.pg_config(), Err(FleetError::Config(_))));
         let no_ca = cfg("store = \"postgres://u@h/db\"\nsslmode = \"verify-full\"\nca_file = \"/nonexistent.pem\"\n");
         assert!(matches!(no_ca.pg_config(), Err(FleetError::Config(_))));
+    }
+
+    #[test]
+    fn fail_held_after_is_bounded() {
+        let c = cfg("store = \"postgres://u@h/db\"\n");
+        assert_eq!(c.fail_held_after().unwrap(), FAIL_HELD_AFTER);
+        let c = cfg("store = \"postgres://u@h/db\"\nfail_held_after = \"10s\"\n");
+        assert_eq!(c.fail_held_after().unwrap(), Duration::from_secs(10));
+        for bad in ["0s", "2h", "soon"] {
+            let c = cfg(&format!(
+                "store = \"postgres://u@h/db\"\nfail_held_after = {bad:?}\n"
+            ));
+            assert!(
+                matches!(c.fail_held_after(), Err(FleetError::Config(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    /// Only this node's pending requests are failed, only once the store has
+    /// been silent for `fail_held_after`, and their waiters get the reason.
+    #[tokio::test]
+    async fn held_requests_fail_closed_only_after_the_store_stays_silent() {
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-fleet-held-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (jit, _) = Jit::load(&dir).unwrap();
+        let jit = jit.with_node("node-a");
+        let fleet = Fleet::new(&cfg(
+            "store = \"postgres://u@127.0.0.1:1/db\"\nnode = \"node-a\"\nfail_held_after = \"200ms\"\n",
+        ))
+        .unwrap();
+        let new = crate::jit::NewRequest {
+            identity: "agent".into(),
+            resource: "db".into(),
+            action: "postgres:update".into(),
+            command: "UPDATE t SET x = 1".into(),
+            fingerprint: None,
+            context: serde_json::json!({}),
+            session: "s-1".into(),
+            policies: vec![],
+        };
+        let (mine, rx) = jit.hold(new, Duration::from_secs(60)).unwrap();
+        let mut theirs = mine.clone();
+        theirs.id = "r-other-1".into();
+        theirs.node = Some("node-b".into());
+        jit.mirror_request(theirs);
+
+        // The store answered: nothing fails.
+        let _ = fleet.mark(Ok(()));
+        assert!(fleet.fail_held(&jit).is_empty());
+        // Unreachable, but not for long yet: the hold goes on.
+        let _ = fleet.mark::<()>(Err(FleetError::Unreachable("refused".into())));
+        assert!(fleet.fail_held(&jit).is_empty());
+        assert_eq!(jit.get(&mine.id).unwrap().status, Status::Pending);
+        // It answers again, then goes silent for longer than the bound.
+        let _ = fleet.mark(Ok(()));
+        let _ = fleet.mark::<()>(Err(FleetError::Unreachable("refused".into())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let failed = fleet.fail_held(&jit);
+        assert_eq!(
+            failed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            [mine.id.as_str()]
+        );
+        match rx.await.unwrap() {
+            crate::jit::Resolution::Failed { reason } => {
+                assert!(reason.starts_with(UNREACHABLE), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(jit.get("r-other-1").unwrap().status, Status::Pending);
+        // Once only.
+        assert!(fleet.fail_held(&jit).is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The daemon config shipped in deploy/kubernetes/configmap.yaml is one
+    /// the daemon accepts (the manifests' schema check cannot see inside).
+    #[test]
+    fn the_configmaps_daemon_config_parses() {
+        let yaml = include_str!("../../../deploy/kubernetes/configmap.yaml");
+        let body: String = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "portcullis.toml: |")
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let path = std::env::temp_dir().join(format!(
+            "portcullis-configmap-{}-{}.toml",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::write(&path, body).unwrap();
+        let table = crate::config::read_daemon_table(&path);
+        std::fs::remove_file(&path).unwrap();
+        let table = table.unwrap();
+        let fleet = table.fleet.expect("[fleet] in the ConfigMap");
+        assert_eq!(fleet.sslmode.as_deref(), Some("verify-full"));
+        assert!(fleet.fail_held_after().is_ok());
+        assert!(!table.auto_tag.is_empty());
+        assert!(table.auto_tag.iter().all(|r| r.if_token_exists
+            && r.token_file
+                .as_deref()
+                .is_some_and(|t| t.contains("{pod_uid}"))));
     }
 
     #[test]

@@ -25,9 +25,16 @@ pub struct AutoTagRule {
     /// Identity the matching cgroups act as.
     pub identity: String,
     /// Token file; `{container}` is replaced by the container id found in
-    /// the cgroup path and `{name}` by the cgroup directory's name.
+    /// the cgroup path, `{pod_uid}` by the Kubernetes pod's uid (with
+    /// dashes, as in `/var/lib/kubelet/pods/<uid>/`) and `{name}` by the
+    /// cgroup directory's name.
     #[serde(default)]
     pub token_file: Option<String>,
+    /// Match only cgroups whose token file exists: a pod opts in by
+    /// mounting the projected token the rule names (its own volume name
+    /// per identity), and a rule for another workload does not claim it.
+    #[serde(default)]
+    pub if_token_exists: bool,
 }
 
 impl AutoTagRule {
@@ -43,6 +50,14 @@ impl AutoTagRule {
                 self.cgroup
             ));
         }
+        if self.identity.contains("{pod_uid}") || self.identity.contains("{container}") {
+            return Err(format!(
+                "auto_tag: identity {:?} cannot hold a placeholder: identities are declared in \
+                 the policies (issuer, subject), so name the workload and put {{pod_uid}} in \
+                 token_file",
+                self.identity
+            ));
+        }
         if self.identity.is_empty()
             || self.identity.len() > 128
             || !self
@@ -55,11 +70,17 @@ impl AutoTagRule {
                 self.identity
             ));
         }
+        if self.if_token_exists && self.token_file.is_none() {
+            return Err("auto_tag: if_token_exists needs a token_file".into());
+        }
         if let Some(t) = &self.token_file {
             if !t.starts_with('/') {
                 return Err(format!(
                     "auto_tag: token_file {t:?} must be an absolute path"
                 ));
+            }
+            if t.split('/').any(|c| c == "..") {
+                return Err(format!("auto_tag: token_file {t:?} must not contain '..'"));
             }
         }
         Ok(())
@@ -88,6 +109,15 @@ impl AutoTagRule {
                 ));
             };
             out = out.replace("{container}", &c.id);
+        }
+        if out.contains("{pod_uid}") {
+            let Some(uid) = container::pod_of_path(cgroup) else {
+                return Err(format!(
+                    "{cgroup}: token_file {t:?} needs a Kubernetes pod uid, and the path is not \
+                     in a kubelet pod cgroup"
+                ));
+            };
+            out = out.replace("{pod_uid}", &uid);
         }
         if out.contains("{name}") {
             let name = cgroup.rsplit('/').next().unwrap_or_default();
@@ -164,7 +194,9 @@ pub struct Plan {
 }
 
 /// Plans the changes for the cgroups that exist now (`existing`,
-/// mount-relative, all at or below `root`). The first matching rule wins.
+/// mount-relative, all at or below `root`). The first matching rule wins;
+/// a rule with `if_token_exists` matches only when its token file (read
+/// through `exists`) is there.
 /// Cgroups already tagged (by hand or before) are left alone, as are the
 /// daemon's own cgroup and its ancestors (`own`): a proxy must never govern
 /// itself.
@@ -174,6 +206,7 @@ pub fn plan(
     existing: &[String],
     tags: &TagStore,
     own: Option<&str>,
+    exists: impl Fn(&std::path::Path) -> bool,
 ) -> Plan {
     let mut out = Plan::default();
     let present: HashSet<&str> = existing.iter().map(String::as_str).collect();
@@ -191,7 +224,18 @@ pub fn plan(
         if rel.is_empty() {
             continue;
         }
-        let Some(rule) = rules.iter().find(|r| r.matches(rel)) else {
+        let mut rule = None;
+        for r in rules.iter().filter(|r| r.matches(rel)) {
+            if r.if_token_exists {
+                match r.token_for(cg) {
+                    Ok(Some(t)) if exists(&t) => {}
+                    _ => continue,
+                }
+            }
+            rule = Some(r);
+            break;
+        }
+        let Some(rule) = rule else {
             continue;
         };
         if own.is_some_and(|o| is_same_or_below(o, cg)) {
@@ -226,6 +270,7 @@ mod tests {
             cgroup: glob.into(),
             identity: "agent".into(),
             token_file: token.map(Into::into),
+            if_token_exists: false,
         }
     }
 
@@ -277,6 +322,102 @@ mod tests {
     }
 
     #[test]
+    fn pod_uid_placeholder_names_each_pods_projected_token() {
+        let id = "ab".repeat(32);
+        let (a, b) = (
+            "0a1b2c3d-0a1b-4c2d-9e3f-001122334455",
+            "11111111-2222-4333-8444-555566667777",
+        );
+        let r = rule(
+            "**",
+            Some(
+                "/var/lib/kubelet/pods/{pod_uid}/volumes/kubernetes.io~projected/portcullis/token",
+            ),
+        );
+        let token = |uid: &str| {
+            Some(PathBuf::from(format!(
+                "/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected/portcullis/token"
+            )))
+        };
+        let systemd = |uid: &str| {
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{id}.scope",
+                uid.replace('-', "_")
+            )
+        };
+        assert_eq!(r.token_for(&systemd(a)).unwrap(), token(a));
+        assert_eq!(r.token_for(&systemd(b)).unwrap(), token(b));
+        assert_eq!(
+            r.token_for(&format!("/kubepods/burstable/pod{a}/{id}"))
+                .unwrap(),
+            token(a)
+        );
+        // Not a pod, or a pod-like name the kubelet did not make: skipped
+        // with the reason, never a path built from the cgroup's name.
+        assert!(r
+            .token_for(&format!("/system.slice/docker-{id}.scope"))
+            .is_err());
+        assert!(r
+            .token_for("/kubepods/besteffort/pod../../../etc/x")
+            .is_err());
+        let inside = format!(
+            "{}/kubepods-besteffort-pod{}.slice",
+            systemd(a),
+            b.replace('-', "_")
+        );
+        assert_eq!(r.token_for(&inside).unwrap(), token(a));
+        // Placeholders stay out of identities (they are declared in the
+        // policies) and token paths cannot climb.
+        let mut bad = rule("**", None);
+        bad.identity = "agent-{pod_uid}".into();
+        assert!(bad.validate().unwrap_err().contains("token_file"));
+        assert!(rule("**", Some("/t/{pod_uid}/../x")).validate().is_err());
+        assert!(r.validate().is_ok());
+    }
+
+    #[test]
+    fn a_pod_opts_in_by_the_token_it_mounts() {
+        let a = "0a1b2c3d-0a1b-4c2d-9e3f-001122334455";
+        let b = "11111111-2222-4333-8444-555566667777";
+        let pod = |uid: &str| format!("/kubepods/besteffort/pod{uid}/{}", "ab".repeat(32));
+        let opt_in = |identity: &str| {
+            AutoTagRule {
+            cgroup: "kubepods/**".into(),
+            identity: identity.into(),
+            token_file: Some(format!(
+                "/var/lib/kubelet/pods/{{pod_uid}}/volumes/kubernetes.io~projected/portcullis-{identity}/token"
+            )),
+            if_token_exists: true,
+        }
+        };
+        let rules = [opt_in("billing"), opt_in("support")];
+        // Pod A mounts the support token, pod B none.
+        let mounted = format!(
+            "/var/lib/kubelet/pods/{a}/volumes/kubernetes.io~projected/portcullis-support/token"
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-autotag-pods-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tags = TagStore::open(dir.join("tags.json")).unwrap();
+        let existing = [pod(a), pod(b)];
+        let p = plan(&rules, "/", &existing, &tags, None, |t| {
+            t == std::path::Path::new(&mounted)
+        });
+        assert_eq!(p.add.len(), 1, "{p:?}");
+        assert_eq!(p.add[0].cgroup, pod(a));
+        assert_eq!(p.add[0].identity, "support");
+        assert_eq!(p.add[0].token_file, Some(PathBuf::from(&mounted)));
+        assert!(p.skipped.is_empty(), "{p:?}");
+        let mut no_file = opt_in("x");
+        no_file.token_file = None;
+        assert!(no_file.validate().is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn plan_adds_new_matches_and_removes_vanished_auto_tags_only() {
         let dir = std::env::temp_dir().join(format!(
             "portcullis-autotag-{}-{:?}",
@@ -301,7 +442,14 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let p = plan(&rules, "/gov", &existing, &tags, Some("/gov/daemon"));
+        let p = plan(
+            &rules,
+            "/gov",
+            &existing,
+            &tags,
+            Some("/gov/daemon"),
+            |_| true,
+        );
         assert_eq!(
             p.add.iter().map(|a| a.cgroup.as_str()).collect::<Vec<_>>(),
             ["/gov/new"]
@@ -309,7 +457,7 @@ mod tests {
         assert_eq!(p.remove, ["/gov/gone"]);
         assert_eq!(p.skipped.len(), 1, "{:?}", p.skipped);
         // The manual tag's cgroup vanishing is not ours to undo.
-        let p = plan(&rules, "/gov", &["/gov".to_string()], &tags, None);
+        let p = plan(&rules, "/gov", &["/gov".to_string()], &tags, None, |_| true);
         assert_eq!(p.remove, ["/gov/gone", "/gov/kept"]);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -133,6 +133,36 @@ pub fn of_path(path: &str) -> Option<Named> {
     best
 }
 
+/// The uid of the Kubernetes pod a cgroup path belongs to (with dashes),
+/// for the `{pod_uid}` placeholder of auto-tag token files.
+///
+/// Only the kubelet's own pod directory counts: the first component that
+/// looks like a pod, and only where the kubelet puts pods (directly under
+/// `kubepods`/`kubepods.slice` or their `besteffort`/`burstable` QoS
+/// directory). A container that can make cgroups below its own cannot
+/// borrow another pod's uid by naming one `pod<uid>`: a deeper pod-like
+/// name is never read. The uid is a checked UUID (hex digits and dashes),
+/// so it cannot carry `/` or `..` into a path.
+pub fn pod_of_path(path: &str) -> Option<String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let (i, uid) = parts
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| pod_uid(p).map(|uid| (i, uid)))?;
+    let parent = i.checked_sub(1).map(|j| parts[j]);
+    let grand = i.checked_sub(2).map(|j| parts[j]);
+    let placed = matches!(
+        (grand, parent),
+        (_, Some("kubepods" | "kubepods.slice"))
+            | (Some("kubepods"), Some("besteffort" | "burstable"))
+            | (
+                Some("kubepods.slice"),
+                Some("kubepods-besteffort.slice" | "kubepods-burstable.slice")
+            )
+    );
+    placed.then_some(uid)
+}
+
 /// Why `--container` did not name exactly one cgroup.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ContainerError {
@@ -337,5 +367,86 @@ mod tests {
             pick("../../etc/passwd", "/", cands()),
             Err(ContainerError::BadId(_))
         ));
+    }
+    #[test]
+    fn pod_uid_of_both_kubelet_layouts() {
+        let uid = "0a1b2c3d-0a1b-4c2d-9e3f-001122334455";
+        let systemd_uid = uid.replace('-', "_");
+        let systemd = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{systemd_uid}.slice/cri-containerd-{ID}.scope"
+        );
+        assert_eq!(pod_of_path(&systemd).as_deref(), Some(uid));
+        let guaranteed =
+            format!("/kubepods.slice/kubepods-pod{systemd_uid}.slice/cri-containerd-{ID}.scope");
+        assert_eq!(pod_of_path(&guaranteed).as_deref(), Some(uid));
+        let cgroupfs = format!("/kubepods/besteffort/pod{uid}/{ID}");
+        assert_eq!(pod_of_path(&cgroupfs).as_deref(), Some(uid));
+        assert_eq!(
+            pod_of_path(&format!("kubepods/pod{uid}/{ID}")).as_deref(),
+            Some(uid)
+        );
+        // Below a governed root that is itself nested.
+        let nested = format!("/test-root/kubepods/burstable/pod{uid}/{ID}/sub");
+        assert_eq!(pod_of_path(&nested).as_deref(), Some(uid));
+        // Upper-case hex is the same pod.
+        let upper = format!("/kubepods/besteffort/pod{}/{ID}", uid.to_uppercase());
+        assert_eq!(pod_of_path(&upper).as_deref(), Some(uid));
+        assert_eq!(
+            pod_of_path(&format!("/system.slice/docker-{ID}.scope")),
+            None
+        );
+    }
+
+    #[test]
+    fn pod_uid_cannot_be_forged_by_a_crafted_cgroup_name() {
+        let uid = "0a1b2c3d-0a1b-4c2d-9e3f-001122334455";
+        let other = "ffffffff-0a1b-4c2d-9e3f-001122334455";
+        // Not a UUID: path pieces, traversal, wrong group sizes, no hex.
+        for name in [
+            "pod../../etc",
+            "pod0a1b2c3d-0a1b-4c2d-9e3f-00112233445/..",
+            "pod0a1b2c3d-0a1b-4c2d-9e3f-0011223344556",
+            "podzzzzzzzz-0a1b-4c2d-9e3f-001122334455",
+            "pod0a1b2c3d-0a1b-4c2d-9e3f-0011..334455",
+            "pod0a1b2c3d-0a1b-4c2d-9e3f",
+            "kubepods-besteffort-pod.._.._etc.slice",
+            "kubepods-besteffort-pod0a1b2c3d_0a1b_4c2d_9e3f_00112233445%2F.slice",
+            "pod",
+        ] {
+            assert_eq!(
+                pod_of_path(&format!("/kubepods/besteffort/{name}/x")),
+                None,
+                "{name}"
+            );
+            assert_eq!(
+                pod_of_path(&format!("/kubepods.slice/kubepods-besteffort.slice/{name}")),
+                None,
+                "{name}"
+            );
+        }
+        // A container naming a cgroup of its own after another pod keeps
+        // its own pod's uid.
+        let inside = format!("/kubepods/besteffort/pod{uid}/{ID}/pod{other}");
+        assert_eq!(pod_of_path(&inside).as_deref(), Some(uid));
+        let inside = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_"),
+            other.replace('-', "_")
+        );
+        assert_eq!(pod_of_path(&inside).as_deref(), Some(uid));
+        // A pod-like name outside the kubelet's places is not a pod.
+        assert_eq!(pod_of_path(&format!("/user.slice/pod{other}/x")), None);
+        assert_eq!(
+            pod_of_path(&format!("/kubepods/guaranteed/pod{other}")),
+            None
+        );
+        // ...and a fake one above the real one makes the path pod-less
+        // rather than letting the deeper one count.
+        assert_eq!(
+            pod_of_path(&format!(
+                "/agents/pod{other}/kubepods/besteffort/pod{uid}/x"
+            )),
+            None
+        );
     }
 }

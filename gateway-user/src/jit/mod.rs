@@ -105,7 +105,8 @@ pub enum Status {
         /// When (ms).
         at_ms: u64,
     },
-    /// The waiting connection died with a previous daemon process.
+    /// The waiting connection died with a previous daemon process, or the
+    /// fleet's approval store was unreachable for too long while it waited.
     Failed {
         /// Why.
         reason: String,
@@ -113,6 +114,16 @@ pub enum Status {
 }
 
 impl Status {
+    /// An approval by `by`, now, with the grant it made (`approve --for`).
+    pub fn approved(by: &str, reason: Option<String>, grant: Option<&Grant>) -> Self {
+        Self::Approved {
+            by: by.to_string(),
+            at_ms: now_ms(),
+            reason,
+            grant: grant.map(|g| g.id.clone()),
+        }
+    }
+
     /// Short label.
     pub fn label(&self) -> &'static str {
         match self {
@@ -256,6 +267,12 @@ pub enum Resolution {
     },
     /// Nobody answered in time.
     TimedOut,
+    /// The request could not be carried to an answer (the fleet's approval
+    /// store unreachable for too long).
+    Failed {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Something happened (for `requests --watch`, webhooks, audit).
@@ -555,30 +572,40 @@ impl Jit {
                         status: r.status.label(),
                     });
                 }
-                Some(self.create_grant(
-                    &r.identity,
-                    &r.resource,
-                    vec![r.action.clone()],
-                    r.fingerprint.clone(),
-                    d,
-                    by,
-                    reason.clone(),
-                    Some(id.to_string()),
-                )?)
+                let g = self.approval_grant(&r, d, by, reason.clone())?;
+                self.put_grant(g.clone())?;
+                Some(g)
             }
         };
-        let status = Status::Approved {
-            by: by.to_string(),
-            at_ms: now_ms(),
-            reason,
-            grant: grant.as_ref().map(|g| g.id.clone()),
-        };
+        let status = Status::approved(by, reason, grant.as_ref());
         let res = Resolution::Approved {
             by: by.to_string(),
             grant: grant.as_ref().map(|g| g.id.clone()),
         };
         let r = self.decide(id, status, Some(res))?;
         Ok((r, grant))
+    }
+
+    /// The grant `approve --for duration` makes for request `r`: its
+    /// identity, resource, action and fingerprint, for `duration`. Built,
+    /// not yet in force (the fleet store records it first).
+    pub fn approval_grant(
+        &self,
+        r: &AccessRequest,
+        duration: Duration,
+        by: &str,
+        reason: Option<String>,
+    ) -> Result<Grant, JitError> {
+        self.make_grant(
+            &r.identity,
+            &r.resource,
+            vec![r.action.clone()],
+            r.fingerprint.clone(),
+            duration,
+            by,
+            reason,
+            Some(r.id.clone()),
+        )
     }
 
     /// Refuses a held command.
@@ -711,12 +738,16 @@ impl Jit {
             reason,
             request,
         )?;
+        self.put_grant(grant.clone())?;
+        Ok(grant)
+    }
+
+    /// Puts a grant made here in force: saved, then announced.
+    fn put_grant(&self, grant: Grant) -> Result<(), JitError> {
         self.lock().grants.insert(grant.id.clone(), grant.clone());
         self.save()?;
-        self.emit(JitEvent::GrantCreated {
-            grant: grant.clone(),
-        });
-        Ok(grant)
+        self.emit(JitEvent::GrantCreated { grant });
+        Ok(())
     }
 
     /// Adds a grant made elsewhere (another node of the fleet). Returns
@@ -772,9 +803,12 @@ impl Jit {
         self.decide(id, status, resolution)
     }
 
-    /// Fails a pending request (its waiter is refused).
+    /// Fails a pending request (its waiter is refused with `reason`).
     pub fn fail(&self, id: &str, reason: String) -> Result<AccessRequest, JitError> {
-        self.decide(id, Status::Failed { reason }, None)
+        let resolution = Resolution::Failed {
+            reason: reason.clone(),
+        };
+        self.decide(id, Status::Failed { reason }, Some(resolution))
     }
 
     /// Records a request another node holds, as the fleet store has it

@@ -261,6 +261,9 @@ impl Held {
                 "access request {} denied by {by}: {reason}",
                 request.id
             )),
+            Some(Resolution::Failed { reason }) => {
+                refused(format!("access request {} failed: {reason}", request.id))
+            }
             Some(Resolution::TimedOut) | None => refused(format!(
                 "access request {} timed out waiting for approval",
                 request.id
@@ -561,7 +564,7 @@ async fn deny_unheld(
 
 /// What an agent is told when its command needs approval and the fleet's
 /// approval store cannot be reached.
-pub const STORE_UNAVAILABLE: &str = "approval store unreachable";
+pub const STORE_UNAVAILABLE: &str = crate::fleet::UNREACHABLE;
 
 /// Times a request out. In a fleet the store hears it first, and an answer
 /// given on another node that won the race is applied instead (it is then
