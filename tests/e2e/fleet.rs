@@ -437,21 +437,7 @@ fn fleet_store_down_fails_new_holds_closed_keeps_known_grants_and_catches_up() {
     let out = verify_fleet(&f.a);
     assert!(!out.status.success(), "verify --fleet needs the store");
 
-    let port = f.pg.port.to_string();
-    let sock = f.pg.dir.display().to_string();
-    let log = f.pg.dir.join("server2.log").display().to_string();
-    pg_ctl(
-        &f.pg,
-        &[
-            "start",
-            "-w",
-            "-l",
-            &log,
-            "-o",
-            &format!("-p {port} -c listen_addresses=127.0.0.1 -k {sock}"),
-        ],
-    );
-    let _restarted = Restarted(&f.pg);
+    let _restarted = restart_store(&f.pg);
     // Everything written while the store was down is shipped, once.
     let last = audit_events(&f.a.files)
         .last()
