@@ -36,7 +36,7 @@ const NAME: &str = "portcullis-bench-fleet";
 /// Runs the fleet benchmark; `args` go to the example; `pg_seconds` per
 /// pgbench run of the store-cost comparison (0 skips it); `binary` is the
 /// daemon (default: the release build).
-pub fn run(args: &[String], pg_seconds: u32, binary: Option<PathBuf>) -> Result<()> {
+pub fn run(args: &[String], pg_seconds: u32, pg_only: bool, binary: Option<PathBuf>) -> Result<()> {
     require_root()?;
     let work = PathBuf::from("/tmp").join(NAME);
     if work.exists() {
@@ -63,7 +63,11 @@ pub fn run(args: &[String], pg_seconds: u32, binary: Option<PathBuf>) -> Result<
         pw_file.display().to_string(),
     ];
     all.extend(args.iter().cloned());
-    let mut result = crate::bench::example("fleet_bench", &all);
+    let mut result = if pg_only {
+        Ok(())
+    } else {
+        crate::bench::example("fleet_bench", &all)
+    };
     if result.is_ok() && pg_seconds > 0 {
         result = store_cost(&work, port, &password, &pw_file, pg_seconds, binary);
     }

@@ -205,6 +205,9 @@ enum BenchTarget {
         /// and with `[fleet]`); 0 skips it.
         #[arg(long, default_value_t = 5)]
         pg_seconds: u32,
+        /// Only the store-cost comparison (skip propagation and shipping).
+        #[arg(long)]
+        pg_only: bool,
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
@@ -292,9 +295,10 @@ fn run(task: Task) -> Result<()> {
                 BenchTarget::Fleet {
                     args,
                     pg_seconds,
+                    pg_only,
                     binary,
                 },
-        } => bench_fleet::run(&args, pg_seconds, binary),
+        } => bench_fleet::run(&args, pg_seconds, pg_only, binary),
         Task::Fuzz {
             target,
             time,
