@@ -55,6 +55,26 @@ pub struct PolicySet {
     maskers: BTreeMap<String, Arc<crate::mask::Masker>>,
     rules: cedar::Rules,
     static_index: HashMap<SocketAddr, Arc<Resource>>,
+    /// The words (identifiers, and the words of string literals) of every
+    /// Cedar file; `None` when some text has an escape (`\u{..}` can spell
+    /// any name without writing it). See [`PolicySet::rules_mention`].
+    cedar_words: Option<std::collections::HashSet<String>>,
+}
+
+/// The words of the Cedar texts (see [`PolicySet::rules_mention`]).
+fn cedar_words(files: &[(PathBuf, String)]) -> Option<std::collections::HashSet<String>> {
+    let mut words = std::collections::HashSet::new();
+    for (_, text) in files {
+        if text.contains('\\') {
+            return None;
+        }
+        words.extend(
+            text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .filter(|w| !w.is_empty())
+                .map(str::to_string),
+        );
+    }
+    Some(words)
 }
 
 /// A summary for `portcullis policy show`.
@@ -130,6 +150,7 @@ impl PolicySet {
             }
         }
         schema::cross_check(&config, &spans, &mut diags);
+        let cedar_words = cedar_words(&cedar_files);
         let mcp_arguments = schema::mcp_arguments(&spans, &mut diags);
         let resources: BTreeMap<String, Arc<Resource>> = config
             .resources
@@ -193,6 +214,7 @@ impl PolicySet {
                 maskers,
                 rules,
                 static_index,
+                cedar_words,
             }),
             _ => Err(PolicyError { diagnostics: diags }),
         }
@@ -242,6 +264,17 @@ impl PolicySet {
     /// Hostname matches are looked up through [`Resolver::lookup`].
     pub fn match_static(&self, dst: &SocketAddr) -> Option<&Arc<Resource>> {
         self.static_index.get(dst)
+    }
+
+    /// Whether some rule may read a context attribute (or anything else)
+    /// called `word`: false only when no Cedar file has `word` as a word
+    /// anywhere (identifier, string literal, comment) and none has an
+    /// escape. Cedar reads an attribute only by writing its name (`.name`,
+    /// `["name"]`, `has name`), so a decision cannot depend on an attribute
+    /// whose name no rule mentions: a cache of decisions may leave it out
+    /// of its key.
+    pub fn rules_mention(&self, word: &str) -> bool {
+        self.cedar_words.as_ref().is_none_or(|w| w.contains(word))
     }
 
     /// The rules by id.

@@ -11,7 +11,7 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::Flow;
 use crate::{
@@ -139,6 +139,19 @@ pub enum Waited {
 /// [`Gate::Held`].
 pub async fn check(shared: &Arc<Shared>, flow: &Flow, cmd: &Command) -> Gate {
     let decision = decide(shared, flow, cmd, false);
+    check_decided(shared, flow, cmd, decision).await
+}
+
+/// [`check`] with Cedar's decision (without approval) already made by the
+/// handler for the loaded policy set, e.g. from its memo of allows
+/// (`proxy::postgres::decisions`): audits it, and looks up grants and
+/// creates the access request for a hold, exactly as [`check`].
+pub async fn check_decided(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    cmd: &Command,
+    decision: Decision,
+) -> Gate {
     match decision {
         Decision::Hold { policies } => {
             let info = &flow.info;
@@ -411,7 +424,9 @@ async fn record(
     };
     match decision {
         Decision::Allow { policies } => {
-            info!(
+            // Debug, not info: every allowed command has its audit record,
+            // and a log line per statement is a write(2) per statement.
+            debug!(
                 session = %flow.info.session,
                 action = %cmd.action,
                 decision = "allow",

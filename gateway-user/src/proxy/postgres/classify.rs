@@ -6,8 +6,47 @@
 //! Owns the mapping from parse trees to the action catalog in
 //! `policy::actions::POSTGRES`; it must not decide anything.
 
+use std::sync::Arc;
+
 use pg_query::{protobuf::TransactionStmtKind, NodeEnum, ParserOptions};
 use serde_json::{json, Value};
+
+/// One statement's parse (with the server's default reading) as the walks
+/// read it: the parser's result and each node's tree as JSON. Classification
+/// makes it and the masking analysis ([`super::maskcheck`]) reads the same
+/// one, so a statement is parsed once for both.
+#[derive(Debug, Clone)]
+pub struct Parsed(Arc<ParsedInner>);
+
+#[derive(Debug)]
+struct ParsedInner {
+    result: Arc<pg_query::ParseResult>,
+    /// The JSON tree of each statement node, in order.
+    trees: Vec<Value>,
+}
+
+impl Parsed {
+    /// Each statement node with its JSON tree.
+    pub fn statements(&self) -> impl Iterator<Item = (&NodeEnum, &Value)> {
+        self.0
+            .result
+            .protobuf
+            .stmts
+            .iter()
+            .filter_map(|raw| raw.stmt.as_ref().and_then(|s| s.node.as_ref()))
+            .zip(&self.0.trees)
+    }
+}
+
+/// A parse is a function of its statement's text, which [`Classified`]
+/// compares on its own: two classifications of the same text are equal.
+impl PartialEq for Parsed {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Parsed {}
 
 /// One classified statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +92,10 @@ pub struct Classified {
     pub sql_prepare: Option<String>,
     /// The name a SQL-level `EXECUTE name` runs.
     pub sql_execute: Option<String>,
+    /// The statement's parse, for the masking analysis (`None` once
+    /// dropped, e.g. from a session's memo of classifications: the
+    /// analysis then parses the text itself).
+    pub parsed: Option<Parsed>,
 }
 
 /// A possibly schema-qualified name as written (`None`: unqualified; any
@@ -254,7 +297,8 @@ pub fn classify(sql: &str) -> Result<Vec<Classified>, ClassifyError> {
 }
 
 fn classify_with(sql: &str, options: ParserOptions) -> Result<Vec<Classified>, ClassifyError> {
-    let parsed = pg_query::parse(sql, options).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+    let parsed =
+        Arc::new(pg_query::parse(sql, options).map_err(|e| ClassifyError::Parse(e.to_string()))?);
     let single = parsed.protobuf.stmts.len() == 1;
     let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
@@ -281,7 +325,7 @@ fn classify_with(sql: &str, options: ParserOptions) -> Result<Vec<Classified>, C
 fn one(
     node: &NodeEnum,
     text: String,
-    whole: Option<&pg_query::ParseResult>,
+    whole: Option<&Arc<pg_query::ParseResult>>,
     options: ParserOptions,
 ) -> Result<Classified, ClassifyError> {
     let mut class = class_of(node);
@@ -289,22 +333,21 @@ fn one(
         if matches!(TransactionStmtKind::try_from(t.kind),
             Ok(TransactionStmtKind::TransStmtRollback | TransactionStmtKind::TransStmtRollbackTo)));
     // The statement alone, for its tables and nested statements.
-    let parsed_own;
     let own = match whole {
-        Some(w) => w,
-        None => {
-            parsed_own =
-                pg_query::parse(&text, options).map_err(|e| ClassifyError::Parse(e.to_string()))?;
-            &parsed_own
-        }
+        Some(w) => w.clone(),
+        None => Arc::new(
+            pg_query::parse(&text, options).map_err(|e| ClassifyError::Parse(e.to_string()))?,
+        ),
     };
     // pg_query's own walker skips parts of the tree (PREPARE's query,
     // FROM functions, ARRAY[...], FILTER, ...): walk the whole tree.
     let mut tree = Tree::default();
+    let mut trees = Vec::with_capacity(own.protobuf.stmts.len());
     for raw in &own.protobuf.stmts {
         if let Some(n) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
             let v = serde_json::to_value(n).map_err(|e| ClassifyError::Parse(e.to_string()))?;
             tree.walk(&v, 0);
+            trees.push(v);
         }
     }
     if tree.encoding_change == Some(NOT_CONSTANT) && super::encoding::is_settings_probe(node) {
@@ -389,6 +432,13 @@ fn one(
         sql_prepare,
         sql_execute,
         text,
+        // Only the server's default reading is what the analysis reads.
+        parsed: (options == ParserOptions::DEFAULT).then(|| {
+            Parsed(Arc::new(ParsedInner {
+                result: own.clone(),
+                trees,
+            }))
+        }),
     })
 }
 
@@ -829,6 +879,36 @@ mod tests {
         assert_eq!(r, [true, true, true, false]);
         assert!(classify("selec * frm").is_err());
         assert!(classify("select 'unterminated").is_err());
+    }
+
+    #[test]
+    fn the_masking_analysis_reads_the_classifications_parse() {
+        use super::super::maskcheck::{analyze, analyze_parsed, Rules};
+        let rules = Rules::from_names(["accounts.ssn", "email"]);
+        for sql in [
+            "select ssn from accounts where id = 1",
+            "select upper(ssn) from accounts",
+            "select * from accounts a join t on a.id = t.id where email like 'a%'",
+            "with x as (select ssn from accounts) select * from x",
+            "insert into t select ssn from accounts",
+            "select 1; select ssn from accounts where ssn = '1'",
+            "select a.row_to_json from accounts a",
+        ] {
+            for c in classify(sql).unwrap() {
+                let parsed = c
+                    .parsed
+                    .as_ref()
+                    .expect("a fresh classification has its parse");
+                assert_eq!(
+                    analyze_parsed(parsed, &rules),
+                    analyze(&c.text, &rules),
+                    "{sql}"
+                );
+            }
+        }
+        // The parse under the other reading of backslashes is not kept.
+        let c = classify("select E'\\n', ssn from accounts").unwrap();
+        assert!(c[0].parsed.is_some());
     }
 
     #[test]

@@ -18,14 +18,15 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tracing::warn;
 
 use super::{
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
-    copyout, functions, maskcheck,
+    copyout,
+    decisions::Decisions,
+    functions, maskcheck,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
@@ -35,7 +36,7 @@ use super::{
 use crate::{
     daemon::Shared,
     mask::Masker,
-    policy::{Decision, DecisionRequest},
+    policy::Decision,
     proxy::{
         gate::{self, Allowed, Command, Gate, Waited},
         Flow,
@@ -72,6 +73,9 @@ pub(super) struct Front<'a> {
     stream_left: usize,
     /// Whether those bytes go upstream (else they are dropped).
     stream_forward: bool,
+    /// Cedar's allows of this session, remembered while the policy set
+    /// is the same (see [`super::decisions`]).
+    decisions: Decisions,
 }
 
 /// How long an agent whose message was too large may take to finish
@@ -118,6 +122,7 @@ impl<'a> Front<'a> {
             copy_in: false,
             stream_left: 0,
             stream_forward: false,
+            decisions: Decisions::default(),
         }
     }
 
@@ -527,8 +532,14 @@ impl<'a> Front<'a> {
             // answer for what the statement will meet.
             let mut stale = self.ctx.changes.catalog_open();
             for c in &list {
-                let checked =
-                    maskcheck::check_statement(self.ctx.changes.pool(), &c.text, m, stale).await;
+                let checked = maskcheck::check_statement(
+                    self.ctx.changes.pool(),
+                    &c.text,
+                    c.parsed.as_ref(),
+                    m,
+                    stale,
+                )
+                .await;
                 stale |= self.changes_catalog(c) && c.class != "set";
                 if let Err(reason) = checked {
                     self.refusal(&format!("postgres:{}", c.class), &c.text, &reason)
@@ -558,14 +569,7 @@ impl<'a> Front<'a> {
                 continue;
             }
             let cmd = self.command(c);
-            let decision = self.shared.policy.load().decide(&DecisionRequest {
-                identity: &self.flow.info.identity,
-                resource: &self.flow.info.resource,
-                action: &cmd.action,
-                context: Value::Object(cmd.context.clone()),
-                approved: false,
-            });
-            if let Decision::Deny { .. } = decision {
+            if let Decision::Deny { .. } = self.cedar(&cmd) {
                 // The gate records it and words the reason.
                 return Err(match gate::check(self.shared, self.flow, &cmd).await {
                     Gate::Denied(d) => {
@@ -603,7 +607,8 @@ impl<'a> Front<'a> {
                 out.push((c, Some(Arc::new(Approved { cmd, allowed }))));
                 continue;
             }
-            let waited = match gate::check(self.shared, self.flow, &cmd).await {
+            let decision = self.cedar(&cmd);
+            let waited = match gate::check_decided(self.shared, self.flow, &cmd, decision).await {
                 Gate::Allowed(a) => Waited::Allowed(a),
                 Gate::Denied(d) => Waited::Denied(d),
                 Gate::Held(h) => {
@@ -650,6 +655,19 @@ impl<'a> Front<'a> {
         Ok(out)
     }
 
+    /// Cedar's decision of `cmd` (without approval) under the loaded
+    /// policy set, from the session's memo of allows when it has it.
+    fn cedar(&mut self, cmd: &Command) -> Decision {
+        let policy = self.shared.policy.load_full();
+        self.decisions.decide(
+            &policy,
+            &self.flow.info.identity,
+            &self.flow.info.resource,
+            &cmd.action,
+            &cmd.context,
+        )
+    }
+
     /// [`classify::classify`], remembered per session for short texts.
     fn classify(&mut self, sql: &str) -> Result<Vec<Classified>, classify::ClassifyError> {
         if let Some(list) = self.parsed.get(sql) {
@@ -660,7 +678,16 @@ impl<'a> Front<'a> {
             if self.parsed.len() >= PARSED_MAX {
                 self.parsed.clear();
             }
-            self.parsed.insert(sql.to_string(), list.clone());
+            // Without the parse trees: they are many times the text's size.
+            let kept = list
+                .iter()
+                .cloned()
+                .map(|mut c| {
+                    c.parsed = None;
+                    c
+                })
+                .collect();
+            self.parsed.insert(sql.to_string(), kept);
         }
         Ok(list)
     }

@@ -32,6 +32,7 @@ use serde_json::Value;
 
 use super::{
     catalog::{Pool, Rows},
+    classify::Parsed,
     codec,
     upstream::UpstreamError,
 };
@@ -180,6 +181,28 @@ impl Lookups {
 pub fn analyze(sql: &str, rules: &Rules) -> Result<Lookups, String> {
     let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
         .map_err(|e| format!("cannot parse the statement: {e}"))?;
+    let mut stmts = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+            continue;
+        };
+        let tree =
+            serde_json::to_value(node).map_err(|e| format!("cannot inspect the statement: {e}"))?;
+        stmts.push((node, tree));
+    }
+    analyze_trees(stmts.iter().map(|(n, t)| (*n, t)), rules)
+}
+
+/// [`analyze`] of a statement already parsed (by classification: see
+/// [`super::classify::Parsed`]).
+pub fn analyze_parsed(parsed: &Parsed, rules: &Rules) -> Result<Lookups, String> {
+    analyze_trees(parsed.statements(), rules)
+}
+
+fn analyze_trees<'t>(
+    stmts: impl Iterator<Item = (&'t NodeEnum, &'t Value)>,
+    rules: &Rules,
+) -> Result<Lookups, String> {
     let mut walk = Walk {
         rules,
         referenced: BTreeSet::new(),
@@ -187,18 +210,13 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Lookups, String> {
         aliases: BTreeSet::new(),
         lookups: Lookups::default(),
     };
-    for raw in &parsed.protobuf.stmts {
-        let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
-            continue;
-        };
-        let tree =
-            serde_json::to_value(node).map_err(|e| format!("cannot inspect the statement: {e}"))?;
-        walk.collect(&tree)?;
+    for (node, tree) in stmts {
+        walk.collect(tree)?;
         if !walk.rowish.is_empty() {
             let aliases = std::mem::take(&mut walk.aliases);
             walk.rowish.extend(aliases);
         }
-        walk.statement(node, &tree)?;
+        walk.statement(node, tree)?;
     }
     Ok(walk.lookups)
 }
@@ -911,6 +929,7 @@ fn inherited(rules: &Rules, rows: &[Vec<Option<String>>]) -> Rules {
 pub(super) async fn check_statement(
     pool: Option<&Arc<Pool>>,
     sql: &str,
+    parsed: Option<&Parsed>,
     masker: &Masker,
     stale: bool,
 ) -> Result<(), String> {
@@ -918,7 +937,13 @@ pub(super) async fn check_statement(
     if rules.is_empty() {
         return Ok(());
     }
-    let lookups = analyze(sql, &rules)?;
+    // The classification's parse when it came with one (`sql`'s own,
+    // default reading), else `sql` parsed here.
+    let analyze = |rules: &Rules| match parsed {
+        Some(p) => analyze_parsed(p, rules),
+        None => analyze(sql, rules),
+    };
+    let lookups = analyze(&rules)?;
     if lookups.is_empty() {
         return Ok(());
     }
@@ -945,7 +970,7 @@ pub(super) async fn check_statement(
         if wider == rules {
             return Ok(());
         }
-        let again = analyze(sql, &wider)?;
+        let again = analyze(&wider)?;
         if again == lookups {
             return Ok(());
         }

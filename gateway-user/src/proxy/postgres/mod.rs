@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod classify;
 pub mod codec;
 mod copyout;
+mod decisions;
 pub mod encoding;
 mod frontend;
 mod functions;

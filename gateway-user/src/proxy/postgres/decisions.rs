@@ -1,0 +1,360 @@
+//! A session's memo of Cedar allows, so that a statement decided once
+//! (every extended-protocol execution re-sends its Parse; applications send
+//! the same statement shapes over and over) is not evaluated by Cedar again
+//! while nothing its decision depends on has changed.
+//!
+//! What a decision depends on, and how the memo keys it:
+//! - the policy set: the memo holds the `Arc` of the set it decided under
+//!   and is emptied when the loaded set is another one (a reload, even to
+//!   the same text);
+//! - identity, resource and action: in the key;
+//! - the context (`client`, `destination`, `database`, `user`,
+//!   `statement`, `time`): in the key, serialized, except the attributes
+//!   that change from one statement to the next and that no rule of the
+//!   loaded set mentions ([`VOLATILE`]; see
+//!   [`crate::policy::PolicySet::rules_mention`]): with `context.time` in a
+//!   rule, nothing is remembered across two different seconds.
+//!
+//! Only a plain allow (no approval involved) is remembered. A deny or a
+//! hold is decided again every time, so a hold is never turned into an
+//! allow by the memo, and JIT grants (which only ever lift a hold) and
+//! their revocation are seen at once.
+//!
+//! Owns nothing but the memo; the gate still writes every statement's audit
+//! record before it is forwarded.
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde_json::{Map, Value};
+
+use crate::policy::{Decision, DecisionRequest, PolicySet};
+
+/// Entries per session; the memo starts over when full.
+const MAX_ENTRIES: usize = 64;
+/// Longest key remembered (a session's memo stays within a few tens of KiB).
+const MAX_KEY: usize = 2048;
+
+/// Context attributes that change between otherwise identical commands,
+/// left out of the key when no rule mentions them: (path to the record
+/// holding it, attribute).
+const VOLATILE: &[(&[&str], &str)] = &[(&[], "time"), (&["statement"], "text")];
+
+/// One session's memo of allows.
+#[derive(Default)]
+pub(super) struct Decisions {
+    /// The policy set the entries were decided under.
+    policy: Option<Arc<PolicySet>>,
+    /// Key → the permitting rules.
+    allows: HashMap<String, Vec<String>>,
+    /// Lookups answered from the memo (for tests and curiosity).
+    hits: u64,
+}
+
+impl Decisions {
+    /// Cedar's decision of `identity` doing `action` on `resource` with
+    /// `context`, under `policy` (the currently loaded set), from the memo
+    /// when this exact question was answered with an allow under the same
+    /// set.
+    pub(super) fn decide(
+        &mut self,
+        policy: &Arc<PolicySet>,
+        identity: &str,
+        resource: &str,
+        action: &str,
+        context: &Map<String, Value>,
+    ) -> Decision {
+        if !self.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
+            self.allows.clear();
+            self.policy = Some(policy.clone());
+        }
+        let key = key(policy, identity, resource, action, context);
+        if let Some(policies) = key.as_ref().and_then(|k| self.allows.get(k)) {
+            self.hits += 1;
+            return Decision::Allow {
+                policies: policies.clone(),
+            };
+        }
+        let decision = policy.decide(&DecisionRequest {
+            identity,
+            resource,
+            action,
+            context: Value::Object(context.clone()),
+            approved: false,
+        });
+        if let (Decision::Allow { policies }, Some(k)) = (&decision, key) {
+            if self.allows.len() >= MAX_ENTRIES {
+                self.allows.clear();
+            }
+            self.allows.insert(k, policies.clone());
+        }
+        decision
+    }
+
+    /// How many decisions came from the memo.
+    #[cfg(test)]
+    pub(super) fn hits(&self) -> u64 {
+        self.hits
+    }
+}
+
+/// The memo key: identity, resource, action and the context without the
+/// volatile attributes the rules do not read. `None`: too long to keep.
+fn key(
+    policy: &PolicySet,
+    identity: &str,
+    resource: &str,
+    action: &str,
+    context: &Map<String, Value>,
+) -> Option<String> {
+    let mut reduced: Option<Map<String, Value>> = None;
+    for (path, attr) in VOLATILE {
+        if policy.rules_mention(attr) {
+            continue;
+        }
+        let top = reduced.get_or_insert_with(|| context.clone());
+        let mut record = Some(top);
+        for p in *path {
+            record = record
+                .and_then(|r| r.get_mut(*p))
+                .and_then(Value::as_object_mut);
+        }
+        if let Some(r) = record {
+            r.remove(*attr);
+        }
+    }
+    let ctx = serde_json::to_string(reduced.as_ref().unwrap_or(context)).ok()?;
+    let mut k =
+        String::with_capacity(identity.len() + resource.len() + action.len() + ctx.len() + 3);
+    for part in [identity, resource, action, &ctx] {
+        k.push_str(part);
+        k.push('\0');
+    }
+    (k.len() <= MAX_KEY).then_some(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use serde_json::json;
+
+    use super::*;
+
+    const TOML: &str = r#"
+[resource.db]
+protocol = "postgres"
+match = ["127.0.0.1:5432"]
+credentials = { user = "postgres", password_file = "/nonexistent" }
+
+[issuer.demo]
+url = "https://issuer.example"
+jwks_file = "/nonexistent"
+audience = "portcullis"
+
+[identity.alice]
+issuer = "demo"
+subject = "alice"
+
+[identity.bob]
+issuer = "demo"
+subject = "bob"
+"#;
+
+    fn set(cedar: &str) -> Arc<PolicySet> {
+        let texts = vec![
+            (PathBuf::from("p.toml"), TOML.to_string()),
+            (PathBuf::from("p.cedar"), cedar.to_string()),
+        ];
+        Arc::new(
+            PolicySet::from_texts(Path::new("/nonexistent"), texts)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    fn context(text: &str, hour: i64) -> Map<String, Value> {
+        let v = json!({
+            "client": {"pid": 1, "cgroup": "/a", "address": "127.0.0.1:1"},
+            "time": {"unix": hour * 3600, "hour": hour, "weekday": 0},
+            "destination": "127.0.0.1:5432",
+            "database": "postgres",
+            "user": "postgres",
+            "statement": {
+                "text": text,
+                "fingerprint": "f",
+                "tables": ["t"],
+                "functions": [],
+                "has_where": true,
+                "volatile_functions": [],
+            },
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    const ALLOW_ALICE: &str = r#"permit(principal == Identity::"alice", action in Action::"postgres", resource == Resource::"db");"#;
+
+    #[test]
+    fn an_allow_is_remembered_and_the_volatile_text_left_out() {
+        let p = set(ALLOW_ALICE);
+        let mut d = Decisions::default();
+        for i in 0..5 {
+            let ctx = context(&format!("select * from t where id = {i}"), 3 + i);
+            let got = d.decide(&p, "alice", "db", "postgres:select", &ctx);
+            assert!(matches!(got, Decision::Allow { .. }), "{got:?}");
+        }
+        // The first is decided; the others differ only in text and time
+        // and are answered from the memo (no rule mentions either).
+        assert_eq!(d.hits(), 4);
+    }
+
+    #[test]
+    fn each_identity_and_action_is_decided_on_its_own() {
+        let p = set(ALLOW_ALICE);
+        let mut d = Decisions::default();
+        let ctx = context("select 1", 3);
+        assert!(matches!(
+            d.decide(&p, "alice", "db", "postgres:select", &ctx),
+            Decision::Allow { .. }
+        ));
+        // Bob is not permitted: the memo of alice's allow does not answer.
+        assert!(matches!(
+            d.decide(&p, "bob", "db", "postgres:select", &ctx),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            d.decide(&p, "bob", "db", "postgres:select", &ctx),
+            Decision::Deny { .. }
+        ));
+        assert_eq!(d.hits(), 0);
+    }
+
+    #[test]
+    fn a_reload_empties_the_memo() {
+        let before = set(ALLOW_ALICE);
+        let mut d = Decisions::default();
+        let ctx = context("delete from t where id = 1", 3);
+        assert!(matches!(
+            d.decide(&before, "alice", "db", "postgres:delete", &ctx),
+            Decision::Allow { .. }
+        ));
+        // The reloaded set forbids deletes: the remembered allow is gone.
+        let after = set(&format!(
+            "{ALLOW_ALICE}\nforbid(principal, action == Action::\"postgres:delete\", resource);"
+        ));
+        assert!(matches!(
+            d.decide(&after, "alice", "db", "postgres:delete", &ctx),
+            Decision::Deny { .. }
+        ));
+        // Even a reload to the same text is another set.
+        let same = set(ALLOW_ALICE);
+        assert!(matches!(
+            d.decide(&same, "alice", "db", "postgres:delete", &ctx),
+            Decision::Allow { .. }
+        ));
+        assert_eq!(d.hits(), 0);
+    }
+
+    #[test]
+    fn holds_are_never_remembered() {
+        let p = set(&format!("@approval(\"required\")\n{}", ALLOW_ALICE));
+        let mut d = Decisions::default();
+        let ctx = context("update t set a = 1 where id = 1", 3);
+        for _ in 0..3 {
+            assert!(matches!(
+                d.decide(&p, "alice", "db", "postgres:update", &ctx),
+                Decision::Hold { .. }
+            ));
+        }
+        assert_eq!(d.hits(), 0);
+    }
+
+    #[test]
+    fn rules_that_read_time_or_text_keep_them_in_the_key() {
+        // Allowed only between 09:00 and 17:00.
+        let p = set(
+            r#"permit(principal == Identity::"alice", action in Action::"postgres", resource == Resource::"db")
+  when { context.time.hour >= 9 && context.time.hour < 17 };"#,
+        );
+        let mut d = Decisions::default();
+        assert!(matches!(
+            d.decide(
+                &p,
+                "alice",
+                "db",
+                "postgres:select",
+                &context("select 1", 10)
+            ),
+            Decision::Allow { .. }
+        ));
+        // Same statement at 20:00: decided again, and denied.
+        assert!(matches!(
+            d.decide(
+                &p,
+                "alice",
+                "db",
+                "postgres:select",
+                &context("select 1", 20)
+            ),
+            Decision::Deny { .. }
+        ));
+        let p = set(
+            r#"permit(principal == Identity::"alice", action in Action::"postgres", resource == Resource::"db")
+  unless { context.statement.text like "*secret*" };"#,
+        );
+        let mut d = Decisions::default();
+        assert!(matches!(
+            d.decide(
+                &p,
+                "alice",
+                "db",
+                "postgres:select",
+                &context("select 1", 10)
+            ),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            d.decide(
+                &p,
+                "alice",
+                "db",
+                "postgres:select",
+                &context("select secret", 10)
+            ),
+            Decision::Deny { .. }
+        ));
+        assert_eq!(d.hits(), 0);
+    }
+
+    #[test]
+    fn an_escape_in_the_rules_keeps_everything_in_the_key() {
+        // `\u{74}ime` is `time`, unwritten.
+        let p = set(
+            r#"permit(principal == Identity::"alice", action in Action::"postgres", resource == Resource::"db")
+  when { context["\u{74}ime"].hour >= 9 && context["\u{74}ime"].hour < 17 };"#,
+        );
+        assert!(p.rules_mention("time"));
+        let mut d = Decisions::default();
+        assert!(matches!(
+            d.decide(
+                &p,
+                "alice",
+                "db",
+                "postgres:select",
+                &context("select 1", 10)
+            ),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            d.decide(
+                &p,
+                "alice",
+                "db",
+                "postgres:select",
+                &context("select 1", 20)
+            ),
+            Decision::Deny { .. }
+        ));
+    }
+}
