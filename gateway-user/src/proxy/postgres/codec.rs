@@ -39,6 +39,13 @@ pub enum CodecError {
     /// Bytes left over after the message's fields.
     #[error("trailing bytes in {0} message")]
     Trailing(&'static str),
+    /// A request code this proxy does not answer (an authentication
+    /// method other than password, MD5 or SCRAM-SHA-256).
+    #[error("{0} {1} is not supported")]
+    Unsupported(&'static str, i32),
+    /// A backend message type that has no place where it arrived.
+    #[error("unexpected backend message type {0:?}")]
+    UnexpectedBackend(char),
 }
 
 /// One frontend (agent → server) message after startup, decoded.
@@ -124,7 +131,9 @@ pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<Frontend<'_>, CodecError>
             let mut r = Reader::new(body, "Parse");
             let name = r.cstr()?;
             let sql = r.cstr()?;
-            let n = r.i16()?.max(0) as usize;
+            // Counts are unsigned 16-bit, as the server reads them
+            // (`pq_getmsgint(msg, 2)`): a count of 40000 is 40000 there.
+            let n = usize::from(r.u16()?);
             let mut param_types = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 param_types.push(r.u32()?);
@@ -140,17 +149,17 @@ pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<Frontend<'_>, CodecError>
             let mut r = Reader::new(body, "Bind");
             let portal = r.cstr()?;
             let statement = r.cstr()?;
-            let n = r.i16()?.max(0) as usize;
+            let n = usize::from(r.u16()?);
             let mut formats = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 formats.push(r.i16()?);
             }
-            let n = r.i16()?.max(0) as usize;
+            let n = usize::from(r.u16()?);
             let mut params = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 params.push(r.value()?);
             }
-            let n = r.i16()?.max(0) as usize;
+            let n = usize::from(r.u16()?);
             for _ in 0..n {
                 r.i16()?;
             }
@@ -330,6 +339,23 @@ impl<'a> Reader<'a> {
     pub fn i16(&mut self) -> Result<i16, CodecError> {
         let b = self.bytes(2)?;
         Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A big-endian u16.
+    pub fn u16(&mut self) -> Result<u16, CodecError> {
+        Ok(self.i16()? as u16)
+    }
+
+    /// A NUL-terminated string in any encoding (its bytes, without the NUL).
+    pub fn raw_cstr(&mut self) -> Result<&'a [u8], CodecError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| self.short())?;
+        let (s, rest) = self.buf.split_at(end);
+        self.buf = rest.get(1..).unwrap_or_default();
+        Ok(s)
     }
 
     /// A big-endian i32.
