@@ -2,6 +2,12 @@
 //! from a `BytesMut` with a bounded size, field readers over frame bodies,
 //! and builders for the few messages the proxy writes itself.
 //!
+//! The agent-side decoder is the proxy's own rather than pgwire's (which
+//! the upstream login uses, see [`super::pgmsg`] for why and how): it is
+//! the layout check pgwire lacks, it borrows instead of copying each
+//! statement, and every frame it accepts is read again by pgwire in the
+//! `pg_frontend` fuzz target.
+//!
 //! Owns bytes only: it must not decide, audit or hold any session state.
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -447,9 +453,16 @@ pub fn error_fields(body: &[u8]) -> Vec<(u8, String)> {
     out
 }
 
-/// A ReadyForQuery with transaction status `status`.
+/// A ReadyForQuery with transaction status `status` (`I`, `T` or `E`;
+/// anything else is written as `I`, which is what pgwire's type holds).
 pub fn put_ready(out: &mut BytesMut, status: u8) {
-    put_msg(out, b'Z', |b| b.put_u8(status));
+    use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    super::pgmsg::encode(out, &ReadyForQuery::new(status));
 }
 
 /// A simple Query message.
@@ -468,13 +481,14 @@ pub fn tag_rows(tag: &str) -> Option<u64> {
 /// such and refuses anything below 3.0 as a downgrade), then the
 /// `_pq_.` options it did not recognise.
 pub fn put_negotiate_protocol_version(out: &mut BytesMut, unrecognised: &[&str]) {
-    put_msg(out, b'v', |b| {
-        b.put_u32(PROTOCOL_3_0);
-        b.put_i32(i32::try_from(unrecognised.len()).unwrap_or(i32::MAX));
-        for k in unrecognised {
-            put_cstr(b, k);
-        }
-    });
+    use pgwire::messages::startup::NegotiateProtocolVersion;
+    // The option names come from the agent's startup packet, read as
+    // NUL-terminated strings: none holds a NUL.
+    let options = unrecognised.iter().map(|k| k.to_string()).collect();
+    super::pgmsg::encode(
+        out,
+        &NegotiateProtocolVersion::new(PROTOCOL_3_0 as i32, options),
+    );
 }
 
 #[cfg(test)]

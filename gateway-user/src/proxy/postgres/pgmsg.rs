@@ -285,7 +285,8 @@ fn exact(r: &Reader<'_>, what: &'static str) -> Result<(), CodecError> {
     }
 }
 
-fn encode<M: Message>(out: &mut BytesMut, m: &M) {
+/// Appends `m` as a frame.
+pub fn encode<M: Message>(out: &mut BytesMut, m: &M) {
     // Only messages the proxy builds from short strings of its own; their
     // encoders cannot fail below the size limit.
     if let Err(e) = m.encode(out) {
@@ -398,6 +399,15 @@ mod tests {
         let mut out = BytesMut::new();
         put_sasl_response(&mut out, "c=biws");
         assert_eq!(&out[..], b"p\0\0\0\x0ac=biws");
+    }
+
+    #[test]
+    fn ready_for_query_keeps_its_status() {
+        for status in [b'I', b'T', b'E'] {
+            let mut out = BytesMut::new();
+            crate::proxy::postgres::codec::put_ready(&mut out, status);
+            assert_eq!(&out[..], [b'Z', 0, 0, 0, 5, status]);
+        }
     }
 
     #[test]
