@@ -449,6 +449,10 @@ mod tests {
             let ours = decode_frontend(tag, body).unwrap();
             assert!(frontend_agrees(tag, body, &ours), "{ours:?}");
         }
+        // Counts are unsigned 16-bit on the server: 0x8000 parameter types
+        // must follow, so this Parse is truncated (pgwire would run past it),
+        // not a Parse without parameters.
+        assert!(decode_frontend(b'P', b"s\0select $1\0\x80\x00").is_err());
         // A different reading is caught: the same Execute read with another
         // portal name does not agree.
         let ours = Frontend::Execute {
