@@ -86,9 +86,12 @@ pub fn policy_load(data: &[u8]) {
 
 /// The agent-side PostgreSQL decoder, fed exactly as the proxy reads: a
 /// startup packet first (SSLRequest, CancelRequest, StartupMessage), then
-/// typed frames, each decoded into a frontend message.
+/// typed frames, each decoded into a frontend message. Every frame it
+/// accepts is read again by pgwire's decoder, which must find the same
+/// fields: a difference panics (a finding: the daemon would decide on one
+/// reading of a message another implementation reads otherwise).
 pub fn pg_frontend(data: &[u8]) {
-    use crate::proxy::postgres::codec;
+    use crate::proxy::postgres::{codec, pgmsg};
     let mut buf = bytes::BytesMut::from(data);
     // SSL/GSS requests may precede the startup message.
     for _ in 0..4 {
@@ -102,9 +105,14 @@ pub fn pg_frontend(data: &[u8]) {
     while let Ok(Some(head)) = codec::peek_frame(&buf, 1 << 20) {
         let frame = buf.split_to(head.total);
         let body = frame.get(5..).unwrap_or_default();
-        if codec::decode_frontend(head.tag, body).is_err() {
+        let Ok(msg) = codec::decode_frontend(head.tag, body) else {
             return;
-        }
+        };
+        assert!(
+            pgmsg::frontend_agrees(head.tag, body, &msg),
+            "pgwire reads {:?} differently from {msg:?}",
+            head.tag as char
+        );
     }
 }
 

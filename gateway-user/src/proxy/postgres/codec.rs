@@ -2,6 +2,12 @@
 //! from a `BytesMut` with a bounded size, field readers over frame bodies,
 //! and builders for the few messages the proxy writes itself.
 //!
+//! The agent-side decoder is the proxy's own rather than pgwire's (which
+//! the upstream login uses, see [`super::pgmsg`] for why and how): it is
+//! the layout check pgwire lacks, it borrows instead of copying each
+//! statement, and every frame it accepts is read again by pgwire in the
+//! `pg_frontend` fuzz target.
+//!
 //! Owns bytes only: it must not decide, audit or hold any session state.
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -39,6 +45,13 @@ pub enum CodecError {
     /// Bytes left over after the message's fields.
     #[error("trailing bytes in {0} message")]
     Trailing(&'static str),
+    /// A request code this proxy does not answer (an authentication
+    /// method other than password, MD5 or SCRAM-SHA-256).
+    #[error("{0} {1} is not supported")]
+    Unsupported(&'static str, i32),
+    /// A backend message type that has no place where it arrived.
+    #[error("unexpected backend message type {0:?}")]
+    UnexpectedBackend(char),
 }
 
 /// One frontend (agent → server) message after startup, decoded.
@@ -124,7 +137,9 @@ pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<Frontend<'_>, CodecError>
             let mut r = Reader::new(body, "Parse");
             let name = r.cstr()?;
             let sql = r.cstr()?;
-            let n = r.i16()?.max(0) as usize;
+            // Counts are unsigned 16-bit, as the server reads them
+            // (`pq_getmsgint(msg, 2)`): a count of 40000 is 40000 there.
+            let n = usize::from(r.u16()?);
             let mut param_types = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 param_types.push(r.u32()?);
@@ -140,17 +155,17 @@ pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<Frontend<'_>, CodecError>
             let mut r = Reader::new(body, "Bind");
             let portal = r.cstr()?;
             let statement = r.cstr()?;
-            let n = r.i16()?.max(0) as usize;
+            let n = usize::from(r.u16()?);
             let mut formats = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 formats.push(r.i16()?);
             }
-            let n = r.i16()?.max(0) as usize;
+            let n = usize::from(r.u16()?);
             let mut params = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 params.push(r.value()?);
             }
-            let n = r.i16()?.max(0) as usize;
+            let n = usize::from(r.u16()?);
             for _ in 0..n {
                 r.i16()?;
             }
@@ -332,6 +347,23 @@ impl<'a> Reader<'a> {
         Ok(i16::from_be_bytes([b[0], b[1]]))
     }
 
+    /// A big-endian u16.
+    pub fn u16(&mut self) -> Result<u16, CodecError> {
+        Ok(self.i16()? as u16)
+    }
+
+    /// A NUL-terminated string in any encoding (its bytes, without the NUL).
+    pub fn raw_cstr(&mut self) -> Result<&'a [u8], CodecError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| self.short())?;
+        let (s, rest) = self.buf.split_at(end);
+        self.buf = rest.get(1..).unwrap_or_default();
+        Ok(s)
+    }
+
     /// A big-endian i32.
     pub fn i32(&mut self) -> Result<i32, CodecError> {
         let b = self.bytes(4)?;
@@ -421,9 +453,16 @@ pub fn error_fields(body: &[u8]) -> Vec<(u8, String)> {
     out
 }
 
-/// A ReadyForQuery with transaction status `status`.
+/// A ReadyForQuery with transaction status `status` (`I`, `T` or `E`;
+/// anything else is written as `I`, which is what pgwire's type holds).
 pub fn put_ready(out: &mut BytesMut, status: u8) {
-    put_msg(out, b'Z', |b| b.put_u8(status));
+    use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    super::pgmsg::encode(out, &ReadyForQuery::new(status));
 }
 
 /// A simple Query message.
@@ -442,13 +481,14 @@ pub fn tag_rows(tag: &str) -> Option<u64> {
 /// such and refuses anything below 3.0 as a downgrade), then the
 /// `_pq_.` options it did not recognise.
 pub fn put_negotiate_protocol_version(out: &mut BytesMut, unrecognised: &[&str]) {
-    put_msg(out, b'v', |b| {
-        b.put_u32(PROTOCOL_3_0);
-        b.put_i32(i32::try_from(unrecognised.len()).unwrap_or(i32::MAX));
-        for k in unrecognised {
-            put_cstr(b, k);
-        }
-    });
+    use pgwire::messages::startup::NegotiateProtocolVersion;
+    // The option names come from the agent's startup packet, read as
+    // NUL-terminated strings: none holds a NUL.
+    let options = unrecognised.iter().map(|k| k.to_string()).collect();
+    super::pgmsg::encode(
+        out,
+        &NegotiateProtocolVersion::new(PROTOCOL_3_0 as i32, options),
+    );
 }
 
 #[cfg(test)]

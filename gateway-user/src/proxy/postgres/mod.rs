@@ -21,6 +21,7 @@ pub mod encoding;
 mod frontend;
 mod functions;
 pub mod maskcheck;
+pub mod pgmsg;
 pub mod rows;
 mod session;
 pub mod upstream;

@@ -4,6 +4,14 @@
 //! credential (SCRAM-SHA-256, MD5 or cleartext), up to the server's first
 //! ReadyForQuery.
 //!
+//! The server's login messages are read, and the answers built, as pgwire
+//! message types through [`super::pgmsg`]. The startup packet and the
+//! SCRAM-SHA-256 and MD5 computations stay here: pgwire encodes startup
+//! parameters sorted (see `pgmsg`), and its client SCRAM (behind its
+//! client-api feature) does not check that the server's nonce extends ours,
+//! takes any iteration count (0 panics, 4 billion pins a core) and cannot be
+//! checked against the RFC 7677 vector.
+//!
 //! Owns the upstream's login only; it must not talk to the agent.
 
 use std::{num::NonZeroU32, path::Path, sync::Arc};
@@ -15,7 +23,12 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::codec::{self, put_cstr, put_msg, Reader, MAX_FRAME, PROTOCOL_3_0, SSL_REQUEST};
+use pgwire::messages::{startup::Authentication, PgWireBackendMessage as BackendMessage};
+
+use super::{
+    codec::{self, put_cstr, Reader, MAX_FRAME, PROTOCOL_3_0, SSL_REQUEST},
+    pgmsg,
+};
 use crate::{
     policy::{Resource, UpstreamTls},
     proxy::Flow,
@@ -152,99 +165,68 @@ pub async fn login(flow: &Flow, params: &[(String, String)]) -> Result<Upstream,
     };
     loop {
         let (tag, body) = read_frame(&mut io, &mut buf).await?;
-        let mut r = Reader::new(&body, "authentication");
-        match tag {
-            b'R' => {
-                let code = r.i32()?;
-                let mut reply = BytesMut::new();
-                match code {
-                    0 => {}
-                    3 => {
-                        let pw = password(&flow.resource)?;
-                        put_msg(&mut reply, b'p', |b| put_cstr(b, &pw));
-                    }
-                    5 => {
-                        let salt = r.bytes(4)?;
-                        let pw = password(&flow.resource)?;
-                        let answer = md5_password(&user, &pw, salt);
-                        put_msg(&mut reply, b'p', |b| put_cstr(b, &answer));
-                    }
-                    10 => {
-                        let mut mechs = Vec::new();
-                        while let Ok(m) = r.cstr() {
-                            if m.is_empty() {
-                                break;
-                            }
-                            mechs.push(m.to_string());
-                        }
-                        if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
-                            return Err(UpstreamError::Protocol(format!(
-                                "no supported SASL mechanism in {mechs:?}"
-                            )));
-                        }
-                        let s = Scram::new(password(&flow.resource)?)?;
-                        let first = s.client_first();
-                        put_msg(&mut reply, b'p', |b| {
-                            put_cstr(b, "SCRAM-SHA-256");
-                            b.put_i32(first.len() as i32);
-                            b.extend_from_slice(first.as_bytes());
-                        });
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or_else(|| {
-                            UpstreamError::Protocol("SASLContinue out of order".into())
-                        })?;
-                        let fin = s.client_final(r.rest())?;
-                        put_msg(&mut reply, b'p', |b| b.extend_from_slice(fin.as_bytes()));
-                    }
-                    12 => {
-                        let s = scram.as_ref().ok_or_else(|| {
-                            UpstreamError::Protocol("SASLFinal out of order".into())
-                        })?;
-                        s.verify_server(r.rest())?;
-                    }
-                    other => {
+        let mut reply = BytesMut::new();
+        match pgmsg::login_message(tag, &body)? {
+            BackendMessage::Authentication(auth) => match auth {
+                Authentication::Ok => {}
+                Authentication::CleartextPassword => {
+                    pgmsg::put_password(&mut reply, &password(&flow.resource)?);
+                }
+                Authentication::MD5Password(salt) => {
+                    let pw = password(&flow.resource)?;
+                    pgmsg::put_password(&mut reply, &md5_password(&user, &pw, &salt));
+                }
+                Authentication::SASL(mechs) => {
+                    if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
                         return Err(UpstreamError::Protocol(format!(
-                            "authentication method {other} is not supported"
-                        )))
+                            "no supported SASL mechanism in {mechs:?}"
+                        )));
                     }
+                    let s = Scram::new(password(&flow.resource)?)?;
+                    pgmsg::put_sasl_initial(&mut reply, "SCRAM-SHA-256", &s.client_first());
+                    scram = Some(s);
                 }
-                if !reply.is_empty() {
-                    io.write_all(&reply).await?;
+                Authentication::SASLContinue(data) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        UpstreamError::Protocol("SASLContinue out of order".into())
+                    })?;
+                    pgmsg::put_sasl_response(&mut reply, &s.client_final(&data)?);
                 }
+                Authentication::SASLFinal(data) => {
+                    let s = scram
+                        .as_ref()
+                        .ok_or_else(|| UpstreamError::Protocol("SASLFinal out of order".into()))?;
+                    s.verify_server(&data)?;
+                }
+                other => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "authentication method {other:?} is not supported"
+                    )))
+                }
+            },
+            BackendMessage::ParameterStatus(p) => result.params.push((p.name, p.value)),
+            BackendMessage::BackendKeyData(k) => {
+                result.key = Some((k.pid as u32, k.secret_key.to_bytes().to_vec()));
             }
-            b'S' => {
-                let k = r.cstr()?.to_string();
-                let v = r.cstr()?.to_string();
-                result.params.push((k, v));
-            }
-            b'K' => {
-                let pid = r.u32()?;
-                result.key = Some((pid, r.rest().to_vec()));
-            }
-            b'Z' => {
-                result.status = r.bytes(1)?[0];
+            BackendMessage::ReadyForQuery(r) => {
+                result.status = pgmsg::ready_status(&r);
                 result.io = io;
                 result.buf = buf;
                 return Ok(result);
             }
-            b'E' => {
-                let f = codec::error_fields(&body);
-                let get = |c: u8| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+            BackendMessage::ErrorResponse(e) => {
                 return Err(UpstreamError::Server {
-                    code: get(b'C').unwrap_or_else(|| "08006".into()),
-                    message: get(b'M').unwrap_or_default(),
+                    code: pgmsg::field(&e.fields, b'C').unwrap_or("08006").to_string(),
+                    message: pgmsg::field(&e.fields, b'M')
+                        .unwrap_or_default()
+                        .to_string(),
                 });
             }
             // NoticeResponse, NegotiateProtocolVersion: nothing to do.
-            b'N' | b'v' => {}
-            other => {
-                return Err(UpstreamError::Protocol(format!(
-                    "unexpected message {:?} during login",
-                    other as char
-                )))
-            }
+            _ => {}
+        }
+        if !reply.is_empty() {
+            io.write_all(&reply).await?;
         }
     }
 }
