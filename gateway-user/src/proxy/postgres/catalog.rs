@@ -24,6 +24,13 @@
 //! notification for a change another client commits directly on the
 //! server (documented in docs/postgres.md and SECURITY.md).
 //!
+//! A session that changed the catalog in its open transaction is asked on
+//! its own connection instead ([`own_lookup_messages`], [`OwnLookup`]):
+//! a savepoint the lookup rolls back and releases, so nothing of it stays
+//! in the agent's transaction; what it names is kept only until the
+//! session's next change or the end of the transaction
+//! ([`SessionChanges::keep_own_tables`]).
+//!
 //! Owns the side connections and the caches; it must not decide anything.
 
 use std::{
@@ -881,6 +888,76 @@ mod tests {
         let v = verify_sql();
         assert!(v.contains(&hex::encode(FUNCTION_BODY)));
         assert!(INSTALL_SQL.contains(&format!("$pcx${FUNCTION_BODY}$pcx$")));
+    }
+
+    /// The frames of a ReadyForQuery, a CommandComplete, a RowDescription
+    /// (contents unread), a DataRow of one text cell and an error.
+    fn z(status: u8) -> (u8, Vec<u8>) {
+        (b'Z', vec![status])
+    }
+    fn c() -> (u8, Vec<u8>) {
+        (b'C', b"SELECT 1\0".to_vec())
+    }
+    fn row(v: &str) -> (u8, Vec<u8>) {
+        let mut b = 1i16.to_be_bytes().to_vec();
+        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        b.extend_from_slice(v.as_bytes());
+        (b'D', b)
+    }
+    fn err() -> (u8, Vec<u8>) {
+        (b'E', b"SERROR\0C42P01\0Mno such thing\0\0".to_vec())
+    }
+
+    fn run(reparse: bool, frames: &[(u8, Vec<u8>)]) -> (Vec<OwnStep>, Option<OwnAnswer>) {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let mut l = OwnLookup::new(tx, reparse);
+        let steps = frames.iter().map(|(t, b)| l.feed(*t, b)).collect();
+        (steps, rx.try_recv().ok())
+    }
+
+    #[test]
+    fn an_injected_lookup_collects_its_rows_and_swallows_its_answers() {
+        use OwnStep::*;
+        // SAVEPOINT, SET, SET, SELECT (one row), Z; ROLLBACK TO, RELEASE, Z.
+        let ok = [
+            c(),
+            c(),
+            c(),
+            (b'T', vec![]),
+            row("v1"),
+            c(),
+            z(b'T'),
+            (b'A', vec![]),
+            c(),
+            c(),
+            z(b'T'),
+        ];
+        let (steps, answer) = run(false, &ok);
+        assert_eq!(steps.last(), Some(&Done));
+        assert_eq!(steps[7], Pass, "a notification is the agent's");
+        assert!(steps[..7].iter().all(|s| *s == Swallow));
+        assert_eq!(
+            answer.expect("answered").expect("rows"),
+            vec![vec![vec![Some("v1".to_string())]]]
+        );
+        // With the agent's unnamed statement parsed again: one more
+        // ReadyForQuery, swallowed; the answer is there before it.
+        let mut more = ok.to_vec();
+        more.extend([(b'1', vec![]), z(b'T')]);
+        let (steps, answer) = run(true, &more);
+        assert_eq!(steps[10], Swallow);
+        assert_eq!(steps.last(), Some(&Done));
+        assert!(answer.expect("answered").is_ok());
+        // The lookup failed; the savepoint restored the transaction.
+        let (steps, answer) = run(false, &[c(), err(), z(b'E'), c(), c(), z(b'T')]);
+        assert_eq!(steps.last(), Some(&Done));
+        assert!(answer.expect("answered").is_err());
+        // The rollback to the savepoint failed, or the transaction is not
+        // as it was: the session must end.
+        let (steps, _) = run(false, &[c(), err(), z(b'E'), err()]);
+        assert!(matches!(steps.last(), Some(Broken(_))));
+        let (steps, _) = run(false, &[c(), c(), c(), z(b'T'), c(), c(), z(b'I')]);
+        assert!(matches!(steps.last(), Some(Broken(_))));
     }
 
     #[test]
