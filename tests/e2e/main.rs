@@ -9,6 +9,7 @@ mod compat_http;
 mod compat_ops;
 mod compat_pg;
 mod compat_ssh;
+mod compat_ssh_suites;
 mod console;
 mod differential;
 mod faults;

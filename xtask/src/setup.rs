@@ -36,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssh-client",
     // rsync over ssh through a masked host (compat_ssh e2e).
     "rsync",
+    // Ansible over ssh, direct vs through Portcullis (compat_ssh_suites).
+    "ansible-core",
     "nginx-light",
     "pgbouncer",
     // Python clients driven by the tests and the demo.

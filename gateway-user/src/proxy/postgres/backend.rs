@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, ReadHalf};
 use tracing::warn;
 
 use super::{
+    catalog::OwnStep,
     codec::{self, put_error, Reader, MAX_FRAME},
     maskcheck,
     rows::{self, RowPlan},
@@ -218,6 +219,16 @@ impl<'a> Back<'a> {
     /// Handles one backend message; `Err` ends the session (fail closed).
     async fn message(&mut self, tag: u8, frame: &[u8], out: &mut BytesMut) -> Result<(), String> {
         let body = frame.get(5..).unwrap_or_default();
+        if let Some(step) = self.own_lookup(tag, body) {
+            return match step {
+                OwnStep::Pass => {
+                    out.extend_from_slice(frame);
+                    Ok(())
+                }
+                OwnStep::Broken(why) => Err(format!("Portcullis ends the session: {why}")),
+                OwnStep::Swallow | OwnStep::Done => Ok(()),
+            };
+        }
         match tag {
             b'D' => {
                 self.rows_seen += 1;
@@ -267,7 +278,8 @@ impl<'a> Back<'a> {
                         if m.has_columns() {
                             self.resolve_tables(&cols).await;
                         }
-                        self.plan = RowPlan::new(m, &cols, &self.tables, &self.output);
+                        let tables = self.ctx.changes.with_own_tables(&self.tables);
+                        self.plan = RowPlan::new(m, &cols, &tables, &self.output);
                     }
                 }
                 if !swallow {
@@ -354,6 +366,9 @@ impl<'a> Back<'a> {
                             _ => {}
                         }
                     }
+                    self.ctx
+                        .changes
+                        .ready(body.first().copied().unwrap_or(b'E'));
                 }
                 for r in left {
                     self.complete(r, None, Some("not executed".into()));
@@ -548,15 +563,43 @@ impl<'a> Back<'a> {
         }
     }
 
+    /// Feeds a server message to the lookup the proxy injected, if one is
+    /// being answered (`None`: the message is the agent's).
+    fn own_lookup(&mut self, tag: u8, body: &[u8]) -> Option<OwnStep> {
+        let mut p = lock(&self.pipe);
+        let Some(Expect::Own(lookup)) = p.front_mut() else {
+            return None;
+        };
+        let step = lookup.feed(tag, body);
+        if matches!(step, OwnStep::Done | OwnStep::Broken(_)) {
+            p.pop_front();
+            if tag == b'Z' {
+                self.ctx
+                    .changes
+                    .ready(body.first().copied().unwrap_or(b'E'));
+            }
+        }
+        Some(step)
+    }
+
     /// Names the tables behind `cols` and their columns by attribute
     /// number (cached per session) by asking the server's catalog on a
     /// side connection. A lookup that fails leaves the OIDs unnamed, which
     /// masks their columns (fail closed).
     async fn resolve_tables(&mut self, cols: &[rows::Column]) {
+        // A table the side connections did not know, or without one of
+        // these columns, is asked again (it may have been created or
+        // altered since); one the session's own open transaction named is
+        // not (the side connections cannot see it).
         let mut want: Vec<u32> = cols
             .iter()
+            .filter(|c| {
+                c.table_oid != 0
+                    && !self.ctx.changes.own_table(c.table_oid)
+                    && !matches!(self.tables.get(&c.table_oid), Some(Some(t))
+                        if c.attnum <= 0 || t.columns.contains_key(&c.attnum))
+            })
             .map(|c| c.table_oid)
-            .filter(|o| *o != 0 && !self.tables.contains_key(o))
             .collect();
         want.sort_unstable();
         want.dedup();
@@ -569,7 +612,12 @@ impl<'a> Back<'a> {
         }
         let mut found = found.unwrap_or_default();
         for oid in want {
-            self.tables.insert(oid, found.remove(&oid));
+            // Only what the catalog named is kept: an unknown OID is
+            // masked now and asked again next time.
+            match found.remove(&oid) {
+                Some(t) => self.tables.insert(oid, Some(t)),
+                None => self.tables.remove(&oid),
+            };
         }
     }
 
@@ -582,57 +630,11 @@ impl<'a> Back<'a> {
         };
         let list: Vec<String> = oids.iter().map(u32::to_string).collect();
         let rows = pool
-            .query(&format!(
-                "WITH RECURSIVE anc(rel, parent, depth) AS ( \
-                   SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i \
-                    WHERE i.inhrelid = ANY('{{{list}}}'::pg_catalog.oid[]) \
-                   UNION \
-                   SELECT anc.rel, i.inhparent, anc.depth + 1 FROM anc \
-                     JOIN pg_catalog.pg_inherits i ON i.inhrelid = anc.parent WHERE anc.depth < 64) \
-                 SELECT 'c', c.oid::text, n.nspname || '.' || c.relname, a.attnum::text, a.attname::text \
-                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                 WHERE c.oid = ANY('{{{list}}}'::pg_catalog.oid[]) \
-                 UNION ALL \
-                 SELECT 'a', anc.rel::text, n.nspname || '.' || p.relname, anc.depth::text, NULL FROM anc \
-                 JOIN pg_catalog.pg_class p ON p.oid = anc.parent \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace",
-                list = list.join(",")
-            ))
+            .query(&rows::tables_sql(&format!(
+                "'{{{}}}'::pg_catalog.oid[]",
+                list.join(",")
+            )))
             .await?;
-        let mut out: HashMap<u32, rows::Table> = HashMap::new();
-        let mut ancestors: Vec<(u32, u32, String)> = Vec::new();
-        for r in rows.iter() {
-            let cell = |i: usize| r.get(i).cloned().flatten();
-            let (Some(kind), Some(oid), Some(name)) = (
-                cell(0),
-                cell(1).and_then(|o| o.parse::<u32>().ok()),
-                cell(2),
-            ) else {
-                continue;
-            };
-            if kind == "a" {
-                let depth = cell(3).and_then(|d| d.parse().ok()).unwrap_or(u32::MAX);
-                ancestors.push((oid, depth, name));
-                continue;
-            }
-            let t = out.entry(oid).or_insert_with(|| rows::Table {
-                name,
-                columns: HashMap::new(),
-                ancestors: Vec::new(),
-            });
-            if let (Some(num), Some(att)) = (cell(3).and_then(|n| n.parse::<i16>().ok()), cell(4)) {
-                t.columns.insert(num, att);
-            }
-        }
-        ancestors.sort();
-        for (oid, _, name) in ancestors {
-            if let Some(t) = out.get_mut(&oid) {
-                if !t.ancestors.contains(&name) {
-                    t.ancestors.push(name);
-                }
-            }
-        }
-        Ok(out)
+        Ok(rows::tables_from_rows(&rows))
     }
 }

@@ -24,6 +24,13 @@
 //! notification for a change another client commits directly on the
 //! server (documented in docs/postgres.md and SECURITY.md).
 //!
+//! A session that changed the catalog in its open transaction is asked on
+//! its own connection instead ([`own_lookup_messages`], [`OwnLookup`]):
+//! a savepoint the lookup rolls back and releases, so nothing of it stays
+//! in the agent's transaction; what it names is kept only until the
+//! session's next change or the end of the transaction
+//! ([`SessionChanges::keep_own_tables`]).
+//!
 //! Owns the side connections and the caches; it must not decide anything.
 
 use std::{
@@ -595,6 +602,12 @@ pub struct SessionChanges {
     pool: Option<Arc<Pool>>,
     open: std::sync::atomic::AtomicU32,
     open_catalog: std::sync::atomic::AtomicU32,
+    /// The status of the server's latest ReadyForQuery (`I`, `T`, `E`).
+    status: std::sync::atomic::AtomicU8,
+    /// Tables as this session's own connection saw them after its latest
+    /// catalog change in the transaction that is open (an injected lookup):
+    /// never kept past that transaction, nor past another change.
+    own_tables: Mutex<HashMap<u32, super::rows::Table>>,
 }
 
 impl SessionChanges {
@@ -605,7 +618,50 @@ impl SessionChanges {
             pool,
             open: std::sync::atomic::AtomicU32::new(0),
             open_catalog: std::sync::atomic::AtomicU32::new(0),
+            status: std::sync::atomic::AtomicU8::new(b'I'),
+            own_tables: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The server said ReadyForQuery with `status` (called under the
+    /// pipe's lock, so an empty pipe and this status agree).
+    pub fn ready(&self, status: u8) {
+        self.status
+            .store(status, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The status of the server's latest ReadyForQuery.
+    pub fn status(&self) -> u8 {
+        self.status.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Keeps tables read on the session's own connection (replacing what
+    /// was kept for the same OIDs).
+    pub fn keep_own_tables(&self, tables: HashMap<u32, super::rows::Table>) {
+        guard(&self.own_tables).extend(tables);
+    }
+
+    /// `tables` overlaid with the tables this session's own connection
+    /// named in the open transaction (borrowed as is when there are none).
+    pub fn with_own_tables<'t>(
+        &self,
+        tables: &'t HashMap<u32, Option<super::rows::Table>>,
+    ) -> std::borrow::Cow<'t, HashMap<u32, Option<super::rows::Table>>> {
+        let own = guard(&self.own_tables);
+        if own.is_empty() {
+            return std::borrow::Cow::Borrowed(tables);
+        }
+        let mut all = tables.clone();
+        for (oid, t) in own.iter() {
+            all.insert(*oid, Some(t.clone()));
+        }
+        std::borrow::Cow::Owned(all)
+    }
+
+    /// Whether the session's own connection named table `oid` in the open
+    /// transaction.
+    pub fn own_table(&self, oid: u32) -> bool {
+        guard(&self.own_tables).contains_key(&oid)
     }
 
     /// The pool, if any.
@@ -617,6 +673,9 @@ impl SessionChanges {
     /// names resolve (a setting) is being forwarded.
     pub fn begin(&self, catalog: bool) {
         if catalog {
+            // What the own connection answered before this change may
+            // not hold after it.
+            guard(&self.own_tables).clear();
             self.open_catalog
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -632,6 +691,9 @@ impl SessionChanges {
         let n = self.open.swap(0, std::sync::atomic::Ordering::Relaxed);
         self.open_catalog
             .store(0, std::sync::atomic::Ordering::Relaxed);
+        // Committed or rolled back: nothing the transaction's own view
+        // named may be used any more (a rolled-back table or column).
+        guard(&self.own_tables).clear();
         if let Some(p) = &self.pool {
             p.end_change(n);
         }
@@ -648,6 +710,161 @@ impl SessionChanges {
 impl Drop for SessionChanges {
     fn drop(&mut self) {
         self.transaction_ended();
+    }
+}
+
+/// The name of the savepoint around an injected catalog query.
+const OWN_SAVEPOINT: &str = "portcullis_catalog_lookup";
+
+/// The two simple-query messages that run `sql` (one or more SELECTs) on
+/// the session's own connection inside its open transaction and leave no
+/// trace: a savepoint, `search_path` pinned to `pg_catalog` for the
+/// lookup (the agent's own operators and functions cannot shadow the
+/// catalog query's), the query, then a rollback to and release of the
+/// savepoint (undoing the setting, and recovering the transaction should
+/// the lookup itself fail). The second message runs even when the first
+/// failed.
+pub fn own_lookup_messages(sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    codec::put_query(
+        &mut b,
+        &format!(
+            "SAVEPOINT {OWN_SAVEPOINT}; SET LOCAL search_path = pg_catalog; SET LOCAL statement_timeout = 0; {sql}"
+        ),
+    );
+    codec::put_query(
+        &mut b,
+        &format!("ROLLBACK TO SAVEPOINT {OWN_SAVEPOINT}; RELEASE SAVEPOINT {OWN_SAVEPOINT}"),
+    );
+    b
+}
+
+/// The answer to an injected lookup: the rows of each SELECT in order, or
+/// why there are none.
+pub type OwnAnswer = Result<Vec<Rows>, String>;
+
+/// A lookup injected on the session's own connection, as the server
+/// answers it (the backend half feeds it every message until it is done;
+/// none of them reaches the agent, except notifications).
+#[derive(Debug)]
+pub struct OwnLookup {
+    results: Vec<Rows>,
+    current: Option<Rows>,
+    error: Option<String>,
+    readies: u8,
+    /// ReadyForQuery messages after the lookup's two: a re-Parse of the
+    /// agent's unnamed statement (which a simple query destroys) and its
+    /// Sync.
+    extra: u8,
+    reply: Option<tokio::sync::oneshot::Sender<OwnAnswer>>,
+}
+
+/// What the backend does with a server message during an injected lookup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OwnStep {
+    /// Not for the agent.
+    Swallow,
+    /// For the agent (an asynchronous notification).
+    Pass,
+    /// The lookup is over and the transaction is as it was.
+    Done,
+    /// The lookup is over and the transaction could not be restored: the
+    /// session must end (the agent's transaction is not what it thinks).
+    Broken(String),
+}
+
+impl OwnLookup {
+    /// A lookup whose answer goes to `reply`; `reparse`: the messages
+    /// end with a Parse and a Sync that restore the agent's unnamed
+    /// statement (their answers are swallowed too).
+    pub fn new(reply: tokio::sync::oneshot::Sender<OwnAnswer>, reparse: bool) -> Self {
+        Self {
+            results: Vec::new(),
+            current: None,
+            error: None,
+            readies: 0,
+            extra: u8::from(reparse),
+            reply: Some(reply),
+        }
+    }
+
+    /// One server message (`tag`, `body`).
+    pub fn feed(&mut self, tag: u8, body: &[u8]) -> OwnStep {
+        if self.readies >= 2 {
+            // The re-Parse: whatever it answers (an error only means the
+            // agent's next Bind of it fails, as it would have).
+            return match tag {
+                b'A' => OwnStep::Pass,
+                b'Z' => OwnStep::Done,
+                _ => OwnStep::Swallow,
+            };
+        }
+        match tag {
+            b'T' => self.current = Some(Vec::new()),
+            b'D' => {
+                if let Some(rows) = self.current.as_mut() {
+                    rows.push(codec_row(body));
+                }
+            }
+            b'C' => {
+                if let Some(rows) = self.current.take() {
+                    self.results.push(rows);
+                }
+            }
+            b'E' => {
+                let fields = codec::error_fields(body);
+                let message = fields
+                    .iter()
+                    .find(|(k, _)| *k == b'M')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                self.current = None;
+                if self.readies == 1 {
+                    // The rollback to the savepoint failed.
+                    return self.finish(
+                        Err(format!("the catalog lookup could not be undone: {message}")),
+                        true,
+                    );
+                }
+                self.error.get_or_insert(message);
+            }
+            b'A' => return OwnStep::Pass,
+            b'Z' => {
+                self.readies += 1;
+                if self.readies == 2 {
+                    if body.first() != Some(&b'T') {
+                        return self.finish(
+                            Err("the transaction was not restored after the catalog lookup".into()),
+                            true,
+                        );
+                    }
+                    let answer = match self.error.take() {
+                        Some(e) => Err(e),
+                        None => Ok(std::mem::take(&mut self.results)),
+                    };
+                    let step = self.finish(answer, false);
+                    return if self.extra > 0 {
+                        OwnStep::Swallow
+                    } else {
+                        step
+                    };
+                }
+            }
+            _ => {}
+        }
+        OwnStep::Swallow
+    }
+
+    fn finish(&mut self, answer: OwnAnswer, broken: bool) -> OwnStep {
+        let why = answer.as_ref().err().cloned().unwrap_or_default();
+        if let Some(r) = self.reply.take() {
+            let _ = r.send(answer);
+        }
+        if broken {
+            OwnStep::Broken(why)
+        } else {
+            OwnStep::Done
+        }
     }
 }
 
@@ -671,6 +888,76 @@ mod tests {
         let v = verify_sql();
         assert!(v.contains(&hex::encode(FUNCTION_BODY)));
         assert!(INSTALL_SQL.contains(&format!("$pcx${FUNCTION_BODY}$pcx$")));
+    }
+
+    /// The frames of a ReadyForQuery, a CommandComplete, a RowDescription
+    /// (contents unread), a DataRow of one text cell and an error.
+    fn z(status: u8) -> (u8, Vec<u8>) {
+        (b'Z', vec![status])
+    }
+    fn c() -> (u8, Vec<u8>) {
+        (b'C', b"SELECT 1\0".to_vec())
+    }
+    fn row(v: &str) -> (u8, Vec<u8>) {
+        let mut b = 1i16.to_be_bytes().to_vec();
+        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        b.extend_from_slice(v.as_bytes());
+        (b'D', b)
+    }
+    fn err() -> (u8, Vec<u8>) {
+        (b'E', b"SERROR\0C42P01\0Mno such thing\0\0".to_vec())
+    }
+
+    fn run(reparse: bool, frames: &[(u8, Vec<u8>)]) -> (Vec<OwnStep>, Option<OwnAnswer>) {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let mut l = OwnLookup::new(tx, reparse);
+        let steps = frames.iter().map(|(t, b)| l.feed(*t, b)).collect();
+        (steps, rx.try_recv().ok())
+    }
+
+    #[test]
+    fn an_injected_lookup_collects_its_rows_and_swallows_its_answers() {
+        use OwnStep::*;
+        // SAVEPOINT, SET, SET, SELECT (one row), Z; ROLLBACK TO, RELEASE, Z.
+        let ok = [
+            c(),
+            c(),
+            c(),
+            (b'T', vec![]),
+            row("v1"),
+            c(),
+            z(b'T'),
+            (b'A', vec![]),
+            c(),
+            c(),
+            z(b'T'),
+        ];
+        let (steps, answer) = run(false, &ok);
+        assert_eq!(steps.last(), Some(&Done));
+        assert_eq!(steps[7], Pass, "a notification is the agent's");
+        assert!(steps[..7].iter().all(|s| *s == Swallow));
+        assert_eq!(
+            answer.expect("answered").expect("rows"),
+            vec![vec![vec![Some("v1".to_string())]]]
+        );
+        // With the agent's unnamed statement parsed again: one more
+        // ReadyForQuery, swallowed; the answer is there before it.
+        let mut more = ok.to_vec();
+        more.extend([(b'1', vec![]), z(b'T')]);
+        let (steps, answer) = run(true, &more);
+        assert_eq!(steps[10], Swallow);
+        assert_eq!(steps.last(), Some(&Done));
+        assert!(answer.expect("answered").is_ok());
+        // The lookup failed; the savepoint restored the transaction.
+        let (steps, answer) = run(false, &[c(), err(), z(b'E'), c(), c(), z(b'T')]);
+        assert_eq!(steps.last(), Some(&Done));
+        assert!(answer.expect("answered").is_err());
+        // The rollback to the savepoint failed, or the transaction is not
+        // as it was: the session must end.
+        let (steps, _) = run(false, &[c(), err(), z(b'E'), err()]);
+        assert!(matches!(steps.last(), Some(Broken(_))));
+        let (steps, _) = run(false, &[c(), c(), c(), z(b'T'), c(), c(), z(b'I')]);
+        assert!(matches!(steps.last(), Some(Broken(_))));
     }
 
     #[test]

@@ -22,16 +22,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tracing::warn;
 
 use super::{
+    catalog,
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
     copyout,
     decisions::Decisions,
-    functions, maskcheck,
+    functions, maskcheck, rows,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
     },
-    upstream::Io,
+    upstream::{self, Io},
 };
 use crate::{
     daemon::Shared,
@@ -76,6 +77,13 @@ pub(super) struct Front<'a> {
     /// Cedar's allows of this session, remembered while the policy set
     /// is the same (see [`super::decisions`]).
     decisions: Decisions,
+    /// Extended-protocol messages went upstream since the last Sync or
+    /// Query: the server is inside an extended sequence.
+    unsynced: bool,
+    /// The messages before the one being handled ended at a Sync or Query:
+    /// a lookup may be injected on the session's connection
+    /// ([`Front::own_lookup`]).
+    at_sync_point: bool,
 }
 
 /// How long an agent whose message was too large may take to finish
@@ -123,6 +131,8 @@ impl<'a> Front<'a> {
             stream_left: 0,
             stream_forward: false,
             decisions: Decisions::default(),
+            unsynced: false,
+            at_sync_point: true,
         }
     }
 
@@ -294,6 +304,12 @@ impl<'a> Front<'a> {
         if self.skip_until_sync && tag != b'S' && tag != b'X' {
             // The server would discard these after the error; so do we.
             return Ok(true);
+        }
+        self.at_sync_point = !self.unsynced;
+        match tag {
+            b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
+            b'S' | b'Q' | b'F' => self.unsynced = false,
+            _ => {}
         }
         match codec::decode_frontend(tag, body).map_err(|e| e.to_string())? {
             Frontend::Query(sql) => {
@@ -527,25 +543,10 @@ impl<'a> Front<'a> {
         // Column masking holds only for plain output columns: any other
         // use of a masked column is refused (maskcheck).
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
-            // The side connections see only committed catalog: after a
-            // change earlier in this transaction or batch they cannot
-            // answer for what the statement will meet.
-            let mut stale = self.ctx.changes.catalog_open();
-            for c in &list {
-                let checked = maskcheck::check_statement(
-                    self.ctx.changes.pool(),
-                    &c.text,
-                    c.parsed.as_ref(),
-                    m,
-                    stale,
-                )
-                .await;
-                stale |= self.changes_catalog(c) && c.class != "set";
-                if let Err(reason) = checked {
-                    self.refusal(&format!("postgres:{}", c.class), &c.text, &reason)
-                        .await;
-                    return Err(Refusal::Denied(reason));
-                }
+            if let Err((class, text, reason)) = self.mask_checks(&list, m).await {
+                self.refusal(&format!("postgres:{class}"), &text, &reason)
+                    .await;
+                return Err(Refusal::Denied(reason));
             }
         }
         // First a dry run without side effects, so a batch with one
@@ -727,6 +728,148 @@ impl<'a> Front<'a> {
             reason: Some(reason.to_string()),
             ..Default::default()
         });
+    }
+}
+
+impl<'a> Front<'a> {
+    /// The masking analysis of every statement of a batch: `Err` with the
+    /// refused statement's class, text and reason. The side connections
+    /// see only committed catalog: after a change this session made in its
+    /// open transaction, the session's own connection answers (asked before
+    /// the batch, while the server is idle in that transaction); after a
+    /// change earlier in the same batch nothing can, and the statement is
+    /// refused.
+    async fn mask_checks(
+        &mut self,
+        list: &[Classified],
+        m: &Masker,
+    ) -> Result<(), (&'static str, String, String)> {
+        let changes: Vec<bool> = list
+            .iter()
+            .map(|c| self.changes_catalog(c) && c.class != "set")
+            .collect();
+        let own = self.ctx.changes.catalog_open();
+        let mut changed_in_batch = false;
+        for (c, change) in list.iter().zip(changes) {
+            let checked = if changed_in_batch {
+                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, c.parsed.as_ref(), m).await
+            } else if own {
+                let relations = maskcheck::analyze(&c.text, &maskcheck::Rules::from_masker(m))
+                    .map(|l| l.relations)
+                    .unwrap_or_default();
+                let mut source = OwnSource {
+                    front: self,
+                    tables: (!relations.is_empty()).then(|| {
+                        rows::tables_sql(&format!(
+                            "ARRAY(SELECT c.oid FROM pg_catalog.pg_class c WHERE pg_catalog.lower(c.relname) = ANY({}))",
+                            upstream::hex_array(relations.iter().map(String::as_str), "text")
+                        ))
+                    }),
+                };
+                maskcheck::check_statement(&mut source, &c.text, c.parsed.as_ref(), m).await
+            } else {
+                let mut source = maskcheck::PoolSource(self.ctx.changes.pool());
+                maskcheck::check_statement(&mut source, &c.text, c.parsed.as_ref(), m).await
+            };
+            changed_in_batch |= change;
+            if let Err(reason) = checked {
+                return Err((c.class, c.text.clone(), reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` (SELECTs) on the session's own connection, inside its
+    /// open transaction, leaving no trace (see
+    /// [`catalog::own_lookup_messages`]). Only where the server's state is
+    /// known: the messages before the one being decided ended at a Sync or
+    /// Query, their answers have all arrived (waited for, bounded), and the
+    /// server said it is idle in a transaction. `None`: it cannot be asked
+    /// now.
+    async fn own_lookup(&mut self, sql: &str) -> Option<catalog::OwnAnswer> {
+        if !self.at_sync_point {
+            return None;
+        }
+        self.flush().await.ok()?;
+        // A simple query destroys the unnamed prepared statement: the
+        // agent's is parsed again after the lookup (it was decided when
+        // the agent sent it; Parse runs nothing).
+        let unnamed = self.statements.get("").cloned();
+        let deadline = Instant::now() + catalog::LOOKUP_TIMEOUT;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mut reply = Some(reply);
+        loop {
+            {
+                let mut p = lock(&self.pipe);
+                if p.is_empty() {
+                    if self.ctx.changes.status() != b'T' {
+                        return None;
+                    }
+                    let lookup = catalog::OwnLookup::new(reply.take()?, unnamed.is_some());
+                    p.push_back(Expect::Own(Box::new(lookup)));
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let mut messages = catalog::own_lookup_messages(sql);
+        if let Some(p) = unnamed {
+            put_msg(&mut messages, b'P', |b| {
+                put_cstr(b, "");
+                put_cstr(b, &p.text);
+                b.put_i16(p.param_types.len() as i16);
+                for t in &p.param_types {
+                    b.put_u32(*t);
+                }
+            });
+            put_msg(&mut messages, b'S', |_| {});
+        }
+        if let Err(e) = self.up.write_all(&messages).await {
+            return Some(Err(e.to_string()));
+        }
+        match tokio::time::timeout(catalog::LOOKUP_TIMEOUT, answer).await {
+            Ok(Ok(a)) => Some(a),
+            _ => Some(Err("the server did not answer in time".into())),
+        }
+    }
+}
+
+/// The catalog as the session's own open transaction sees it; the first
+/// lookup also names the statement's tables for result masking.
+struct OwnSource<'f, 'a> {
+    front: &'f mut Front<'a>,
+    tables: Option<String>,
+}
+
+impl maskcheck::CatalogSource for OwnSource<'_, '_> {
+    async fn rows(&mut self, sql: &str) -> Result<Arc<catalog::Rows>, String> {
+        let tables = self.tables.take();
+        let query = match &tables {
+            Some(t) => format!("{sql}; {t}"),
+            None => sql.to_string(),
+        };
+        let answer = self
+            .front
+            .own_lookup(&query)
+            .await
+            .ok_or_else(|| maskcheck::STALE.to_string())?
+            .map_err(|e| {
+                format!("column masking cannot be checked: the catalog could not be read on this session's connection ({e})")
+            })?;
+        let mut results = answer.into_iter();
+        let rows = results.next().unwrap_or_default();
+        if tables.is_some() {
+            if let Some(t) = results.next() {
+                self.front
+                    .ctx
+                    .changes
+                    .keep_own_tables(rows::tables_from_rows(&t));
+            }
+        }
+        Ok(Arc::new(rows))
     }
 }
 

@@ -90,7 +90,6 @@ const DENIED_STATEMENTS: &[(&str, &str)] = &[
     ("DefineStmt", "CREATE AGGREGATE/OPERATOR/TYPE"),
     ("CreateTransformStmt", "CREATE TRANSFORM"),
     ("CreateConversionStmt", "CREATE CONVERSION"),
-    ("CreateExtensionStmt", "CREATE EXTENSION"),
     ("AlterExtensionStmt", "ALTER EXTENSION"),
     ("AlterExtensionContentsStmt", "ALTER EXTENSION"),
     ("CreateFdwStmt", "CREATE FOREIGN DATA WRAPPER"),
@@ -101,6 +100,29 @@ const DENIED_STATEMENTS: &[(&str, &str)] = &[
     ("CreatePublicationStmt", "CREATE PUBLICATION"),
     ("AlterPublicationStmt", "ALTER PUBLICATION"),
     ("CreateSubscriptionStmt", "CREATE SUBSCRIPTION"),
+];
+
+/// Extensions whose functions and operators compute from their arguments
+/// only (no SQL text, no table, file or page reads): once installed in the
+/// database (by its owner, like the built-ins), calling them cannot read a
+/// masked column out of sight. dblink, tablefunc (`crosstab` runs SQL
+/// text), xml2, postgres_fdw, pageinspect and the like are not here.
+pub const PURE_EXTENSIONS: &[&str] = &[
+    "btree_gin",
+    "btree_gist",
+    "citext",
+    "cube",
+    "earthdistance",
+    "fuzzystrmatch",
+    "hstore",
+    "intarray",
+    "isn",
+    "ltree",
+    "pg_trgm",
+    "pgcrypto",
+    "seg",
+    "unaccent",
+    "uuid-ossp",
 ];
 
 /// A resource's column rules, in the form the analysis needs.
@@ -163,6 +185,10 @@ pub struct Lookups {
     pub row_functions: BTreeSet<String>,
     /// Operators used: user-defined ones run user functions.
     pub operators: BTreeSet<String>,
+    /// Extensions `CREATE EXTENSION` names (as written): only one already
+    /// installed is allowed, which makes the statement a no-op (or an
+    /// "already exists" error) that adds no code.
+    pub extensions: BTreeSet<String>,
 }
 
 impl Lookups {
@@ -172,6 +198,7 @@ impl Lookups {
             && self.functions.is_empty()
             && self.row_functions.is_empty()
             && self.operators.is_empty()
+            && self.extensions.is_empty()
     }
 }
 
@@ -395,6 +422,12 @@ impl Walk<'_> {
                     }
                 }
                 for (k, x) in o {
+                    if k == "CreateExtensionStmt" {
+                        // Allowed only for an installed extension (the
+                        // catalog check): then it installs nothing.
+                        let name = x.get("extname").and_then(Value::as_str).unwrap_or_default();
+                        self.lookups.extensions.insert(name.to_string());
+                    }
                     if let Some((_, what)) = DENIED_STATEMENTS.iter().find(|(n, _)| n == k) {
                         return Err(format!(
                             "{what} is not allowed on a resource with column masking rules: server-side code could read masked columns where Portcullis cannot see it"
@@ -815,10 +848,18 @@ fn catalog_sql(l: &Lookups) -> String {
             AND d.objid = w.oid AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
            JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid WHERE p.oid >= {first} \
          UNION ALL \
-         SELECT 'f', p.proname::text, (p.oid >= {first})::text, \
+         SELECT 'f', p.proname::text, \
+                (p.oid >= {first} AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e \
+                   JOIN pg_catalog.pg_extension x ON x.oid = e.refobjid \
+                  WHERE e.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND e.objid = p.oid \
+                    AND e.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                    AND e.deptype = 'e' AND x.extname::text = ANY({pure})))::text, \
                 (p.prokind = 'f' AND (p.provariadic <> 0 OR ty.typtype IN ('p', 'c')))::text \
            FROM pg_catalog.pg_proc p LEFT JOIN pg_catalog.pg_type ty ON ty.oid = p.proargtypes[0] \
           WHERE pg_catalog.lower(p.proname) = ANY({funcs}) \
+         UNION ALL \
+         SELECT 'x', x.extname::text, NULL, NULL FROM pg_catalog.pg_extension x \
+          WHERE x.extname::text = ANY({exts}) \
          UNION ALL \
          SELECT 'a', pg_catalog.lower(c.relname), pg_catalog.lower(p.relname), NULL FROM anc \
            JOIN pg_catalog.pg_class c ON c.oid = anc.rel \
@@ -833,6 +874,8 @@ fn catalog_sql(l: &Lookups) -> String {
         rels = text_array(&l.relations),
         funcs = text_array(&funcs),
         ops = text_array(&l.operators),
+        exts = text_array(&l.extensions),
+        pure = super::upstream::hex_array(PURE_EXTENSIONS.iter().copied(), "text"),
         first = FIRST_NORMAL_OID,
     )
 }
@@ -842,6 +885,13 @@ fn catalog_sql(l: &Lookups) -> String {
 fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<String> {
     let rules = Rules::from_masker(masker);
     let col = |r: &Vec<Option<String>>, i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+    for ext in &l.extensions {
+        if !rows.iter().any(|r| col(r, 0) == "x" && col(r, 1) == *ext) {
+            return Some(format!(
+                "CREATE EXTENSION {ext}: the extension is not installed in this database, and on a resource with column masking rules only an installed one may be named (installing one adds server-side code that could read masked columns where Portcullis cannot see it)"
+            ));
+        }
+    }
     for r in rows {
         match col(r, 0).as_str() {
             "v" => {
@@ -865,7 +915,7 @@ fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<S
                 let lname = name.to_lowercase();
                 if user && l.functions.contains(&lname) {
                     return Some(format!(
-                        "function {name} is not built in: on a resource with column masking rules only built-in functions may be called (a user-defined function can read masked columns out of sight)"
+                        "function {name} is not built in: on a resource with column masking rules only built-in functions (and those of the installed extensions that compute from their arguments only, such as hstore and citext) may be called (a user-defined function can read masked columns out of sight)"
                     ));
                 }
                 if (row || user) && l.row_functions.contains(&lname) {
@@ -884,15 +934,6 @@ fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<S
         }
     }
     None
-}
-
-/// The catalog's answer to [`catalog_sql`] for `l`, from the pool (cached
-/// while that is sound: see [`super::catalog`]).
-pub async fn catalog_rows(pool: &Pool, l: &Lookups) -> Result<Arc<Rows>, UpstreamError> {
-    if l.is_empty() {
-        return Ok(Arc::new(Vec::new()));
-    }
-    pool.query(&catalog_sql(l)).await
 }
 
 /// `rules` extended to the relations the catalog names as children or
@@ -915,23 +956,59 @@ fn inherited(rules: &Rules, rows: &[Vec<Option<String>>]) -> Rules {
     out
 }
 
+/// Where [`check_statement`] reads the server's catalog.
+pub(super) trait CatalogSource {
+    /// The rows of `sql`; `Err` is the whole reason to refuse.
+    async fn rows(&mut self, sql: &str) -> Result<Arc<Rows>, String>;
+}
+
+/// The daemon's catalog side connections (cached while that is sound: see
+/// [`super::catalog`]). They see committed catalog only.
+pub(super) struct PoolSource<'a>(pub Option<&'a Arc<Pool>>);
+
+impl CatalogSource for PoolSource<'_> {
+    async fn rows(&mut self, sql: &str) -> Result<Arc<Rows>, String> {
+        let Some(pool) = self.0 else {
+            return Err("column masking cannot be checked: no catalog connection".into());
+        };
+        pool.query(sql).await.map_err(|e: UpstreamError| {
+            format!(
+                "column masking cannot be checked: the server's catalog could not be read ({e})"
+            )
+        })
+    }
+}
+
+/// The reason a statement that needs the catalog is refused when only
+/// the session's own open transaction could answer and it cannot be
+/// asked now.
+pub const STALE: &str = "column masking cannot be checked: this session changed the catalog in a transaction (or batch) that has not ended, and Portcullis could not read the catalog as this transaction sees it (it asks the session's own connection only between statements, when the server is idle in the transaction, not inside a pipeline or a batch after the change); send this statement on its own, or after the change is committed";
+
+/// No catalog can answer (see [`STALE`]).
+pub(super) struct Stale;
+
+impl CatalogSource for Stale {
+    async fn rows(&mut self, _sql: &str) -> Result<Arc<Rows>, String> {
+        Err(STALE.into())
+    }
+}
+
 /// Checks one statement (`sql`, exactly one) on a resource with column
-/// rules: the parse-tree analysis, then the catalog checks on the
-/// upstream's catalog pool. `Err` is the reason to refuse; a catalog that
-/// cannot be read refuses (fail closed). The catalog's answers are cached
-/// only while a change made anywhere (through Portcullis or directly on
-/// the server) ends them ([`super::catalog`]); the verdict itself is
-/// judged anew each time.
+/// rules: the parse-tree analysis, then the catalog checks read from
+/// `source`. `Err` is the reason to refuse; a catalog that cannot be read
+/// refuses (fail closed). The side connections' answers are cached only
+/// while a change made anywhere (through Portcullis or directly on the
+/// server) ends them ([`super::catalog`]); the verdict itself is judged
+/// anew each time.
 ///
-/// `stale`: the session changed the catalog in a transaction (or earlier
-/// in the same batch) that has not ended, which no side connection can
-/// see: a statement that needs the catalog is refused until it ends.
+/// After the session changed the catalog in a transaction that has not
+/// ended, no side connection can see that change: `source` is then the
+/// session's own connection, or [`Stale`].
 pub(super) async fn check_statement(
-    pool: Option<&Arc<Pool>>,
+    source: &mut impl CatalogSource,
     sql: &str,
     parsed: Option<&Parsed>,
     masker: &Masker,
-    stale: bool,
 ) -> Result<(), String> {
     let rules = Rules::from_masker(masker);
     if rules.is_empty() {
@@ -947,22 +1024,13 @@ pub(super) async fn check_statement(
     if lookups.is_empty() {
         return Ok(());
     }
-    let unreadable = |e: UpstreamError| {
-        format!("column masking cannot be checked: the server's catalog could not be read ({e})")
-    };
-    if stale {
-        return Err("column masking cannot be checked: this session changed the catalog in a transaction (or batch) that has not ended, and Portcullis reads the catalog on its own connection, which cannot see that change yet; send this statement after the change is committed".into());
-    }
-    let Some(pool) = pool else {
-        return Err("column masking cannot be checked: no catalog connection".into());
-    };
     // A partition or child of a ruled table is that table: analyze again
     // with the rules extended to it (and ask the catalog about anything the
     // new analysis needs). Ancestors do not depend on the rules, so this
     // settles on the second round.
     let (mut rules, mut lookups) = (rules, lookups);
     for _ in 0..3 {
-        let rows = catalog_rows(pool, &lookups).await.map_err(unreadable)?;
+        let rows = source.rows(&catalog_sql(&lookups)).await?;
         if let Some(reason) = judge(&lookups, masker, &rows) {
             return Err(reason);
         }

@@ -143,19 +143,9 @@ impl Kind {
                 },
             ),
             1184 if binary => fixed(b"", &TIMESTAMP_1970),
-            1082 => match date_style.as_str() {
-                "iso" => fixed(b"1970-01-01", b""),
-                "sql" => fixed(b"01/01/1970", b""),
-                "german" => fixed(b"01.01.1970", b""),
-                "postgres" => fixed(b"01-01-1970", b""),
-                _ => Kind::Opaque { text: !binary },
-            },
-            1114 => match date_style.as_str() {
-                "iso" => fixed(b"1970-01-01 00:00:00", b""),
-                "sql" => fixed(b"01/01/1970 00:00:00", b""),
-                "german" => fixed(b"01.01.1970 00:00:00", b""),
-                "postgres" => fixed(b"Thu Jan 01 00:00:00 1970", b""),
-                _ => Kind::Opaque { text: !binary },
+            1082 | 1114 => match epoch_text(&date_style, type_oid == 1114) {
+                Some(text) => fixed(text, b""),
+                None => Kind::Opaque { text: !binary },
             },
             // Outside ISO a timestamptz carries a zone abbreviation of the
             // session's time zone.
@@ -183,6 +173,29 @@ impl Kind {
             _ => Kind::Opaque { text: !binary },
         }
     }
+}
+
+/// 1970-01-01 as a `date` (or, with `time`, a `timestamp` at midnight)
+/// in text format under the DateStyle `date_style` (lowercased first
+/// word); `None` for a style the daemon does not know.
+fn epoch_text(date_style: &str, time: bool) -> Option<&'static [u8]> {
+    let (date, timestamp): (&[u8], &[u8]) = match date_style {
+        "iso" => (b"1970-01-01", b"1970-01-01 00:00:00"),
+        "sql" => (b"01/01/1970", b"01/01/1970 00:00:00"),
+        "german" => (b"01.01.1970", b"01.01.1970 00:00:00"),
+        "postgres" => (b"01-01-1970", b"Thu Jan 01 00:00:00 1970"),
+        _ => return None,
+    };
+    Some(if time { timestamp } else { date })
+}
+
+/// Copies the binary header of `value` (its first `off` bytes: jsonb's
+/// version byte) to `out` and returns the text after it, which is what
+/// the style and the detectors rewrite.
+fn text_part<'v>(off: usize, value: &'v [u8], out: &mut Vec<u8>) -> &'v [u8] {
+    let (head, text) = value.split_at(off.min(value.len()));
+    out.extend_from_slice(head);
+    text
 }
 
 /// The name of a system column by its (negative) attribute number. They
@@ -213,6 +226,67 @@ pub struct Table {
     /// nearest first: a partition's rows are its parent's, and so are the
     /// parent's rules.
     pub ancestors: Vec<String>,
+}
+
+/// The catalog query that names the tables whose OIDs are in `oids` (an
+/// SQL expression of type `oid[]`): rows of (`c`, oid, `schema.table`,
+/// attnum, attname) per column and (`a`, oid, `schema.parent`, depth) per
+/// ancestor, for [`tables_from_rows`].
+pub fn tables_sql(oids: &str) -> String {
+    format!(
+        "WITH RECURSIVE anc(rel, parent, depth) AS ( \
+           SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i \
+            WHERE i.inhrelid = ANY({oids}) \
+           UNION \
+           SELECT anc.rel, i.inhparent, anc.depth + 1 FROM anc \
+             JOIN pg_catalog.pg_inherits i ON i.inhrelid = anc.parent WHERE anc.depth < 64) \
+         SELECT 'c', c.oid::text, n.nspname || '.' || c.relname, a.attnum::text, a.attname::text \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE c.oid = ANY({oids}) \
+         UNION ALL \
+         SELECT 'a', anc.rel::text, n.nspname || '.' || p.relname, anc.depth::text, NULL FROM anc \
+         JOIN pg_catalog.pg_class p ON p.oid = anc.parent \
+         JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace"
+    )
+}
+
+/// The tables named by the answer to [`tables_sql`].
+pub fn tables_from_rows(rows: &[Vec<Option<String>>]) -> HashMap<u32, Table> {
+    let mut out: HashMap<u32, Table> = HashMap::new();
+    let mut ancestors: Vec<(u32, u32, String)> = Vec::new();
+    for r in rows {
+        let cell = |i: usize| r.get(i).cloned().flatten();
+        let (Some(kind), Some(oid), Some(name)) = (
+            cell(0),
+            cell(1).and_then(|o| o.parse::<u32>().ok()),
+            cell(2),
+        ) else {
+            continue;
+        };
+        if kind == "a" {
+            let depth = cell(3).and_then(|d| d.parse().ok()).unwrap_or(u32::MAX);
+            ancestors.push((oid, depth, name));
+            continue;
+        }
+        let t = out.entry(oid).or_insert_with(|| Table {
+            name,
+            columns: HashMap::new(),
+            ancestors: Vec::new(),
+        });
+        if let (Some(num), Some(att)) = (cell(3).and_then(|n| n.parse::<i16>().ok()), cell(4)) {
+            t.columns.insert(num, att);
+        }
+    }
+    ancestors.sort();
+    for (oid, _, name) in ancestors {
+        if let Some(t) = out.get_mut(&oid) {
+            if !t.ancestors.contains(&name) {
+                t.ancestors.push(name);
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -370,13 +444,11 @@ impl RowPlan {
     fn masked(&self, kind: Kind, style: Style, value: &[u8], out: &mut Vec<u8>) -> bool {
         match kind {
             Kind::Text(off) => {
-                let (head, text) = value.split_at(off.min(value.len()));
-                out.extend_from_slice(head);
+                let text = text_part(off, value, out);
                 self.masker.mask_whole(style, text, out);
             }
             Kind::Json(off) => {
-                let (head, text) = value.split_at(off.min(value.len()));
-                out.extend_from_slice(head);
+                let text = text_part(off, value, out);
                 let mut masked = Vec::new();
                 self.masker.mask_whole(style, text, &mut masked);
                 put_json_string(&masked, out);
@@ -428,9 +500,9 @@ impl RowPlan {
                 return Some(0);
             }
         };
-        let (head, text) = value.split_at(off.min(value.len()));
         let start = out.len();
-        out.extend_from_slice(head);
+        let text = text_part(off, value, out);
+        let body = out.len();
         let hits = self.masker.mask_detected(text, out, counts);
         if hits == 0 || text_form {
             return Some(hits);
@@ -438,7 +510,7 @@ impl RowPlan {
         // A hit inside a JSON string leaves valid JSON; one over a number
         // does not.
         let json_ok = matches!(kind, Kind::Json(_))
-            && serde_json::from_slice::<serde::de::IgnoredAny>(&out[start + head.len()..]).is_ok();
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&out[body..]).is_ok();
         if json_ok {
             return Some(hits);
         }

@@ -118,6 +118,10 @@ pub(super) enum Expect {
     Denial(String),
     /// Sync / simple Query end: ReadyForQuery.
     Sync,
+    /// A catalog lookup the proxy injected on this connection (see
+    /// `catalog::own_lookup_messages`): its answers up to its second
+    /// ReadyForQuery are the proxy's, not the agent's.
+    Own(Box<super::catalog::OwnLookup>),
 }
 
 pub(super) type Pipe = Arc<Mutex<VecDeque<Expect>>>;

@@ -239,6 +239,46 @@ fn catalog_answers_are_judged() {
 }
 
 #[test]
+fn create_extension_is_left_to_the_catalog_which_allows_only_installed_ones() {
+    let l = allowed("create extension if not exists citext");
+    assert!(l.extensions.contains("citext"), "{l:?}");
+    let l = allowed("create extension \"uuid-ossp\" with schema public cascade");
+    assert!(l.extensions.contains("uuid-ossp"), "{l:?}");
+    assert!(catalog_sql(&l).contains(&hex::encode("uuid-ossp")));
+    // Code-running statements stay refused.
+    refused("alter extension hstore update");
+    refused("create function f() returns int language sql as 'select 1'");
+    let m = crate::mask::Masker::compile(
+        "db",
+        &[crate::policy::MaskRule {
+            resource: "db".into(),
+            columns: vec!["secrets.ssn".into()],
+            json_paths: vec![],
+            detectors: vec![],
+            style: "redact".into(),
+            binary: "pass".into(),
+        }],
+        [1; 32],
+    )
+    .unwrap()
+    .unwrap();
+    let row = |v: &[Option<&str>]| v.iter().map(|x| x.map(str::to_string)).collect::<Vec<_>>();
+    let l = allowed("create extension if not exists citext");
+    // Not installed: refused; installed: a no-op, allowed.
+    let why = judge(&l, &m, &[]).expect("refused");
+    assert!(why.contains("not installed"), "{why}");
+    assert!(judge(&l, &m, &[row(&[Some("x"), Some("citext"), None, None])]).is_none());
+    assert!(judge(&l, &m, &[row(&[Some("x"), Some("hstore"), None, None])]).is_some());
+    // The catalog query marks a pure extension's functions as not user
+    // code; the list holds no extension that runs SQL or reads tables.
+    let l = allowed("select akeys(h) from t");
+    assert!(catalog_sql(&l).contains(&hex::encode("hstore")));
+    for risky in ["dblink", "tablefunc", "xml2", "postgres_fdw", "pageinspect"] {
+        assert!(!PURE_EXTENSIONS.contains(&risky), "{risky}");
+    }
+}
+
+#[test]
 fn error_details_are_dropped() {
     let mut body = BytesMut::new();
     for (k, v) in [
