@@ -11,7 +11,7 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::Flow;
 use crate::{
@@ -408,7 +408,10 @@ async fn record(
     };
     match decision {
         Decision::Allow { policies } => {
-            info!(
+            // Debug, not info: an allowed command is in the audit log
+            // already, and a log line per statement, request or connect
+            // is a write(2) on every command's path.
+            debug!(
                 session = %flow.info.session,
                 action = %cmd.action,
                 decision = "allow",
