@@ -11,10 +11,11 @@ use std::{
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityId,
-    EntityTypeName, EntityUid, PolicyId, Request, ResourceConstraint, Schema, ValidationMode,
-    Validator,
+    EntityTypeName, EntityUid, PolicyId, Request, ResourceConstraint, Schema, ValidationError,
+    ValidationMode, Validator,
 };
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::{actions, Diagnostic};
 
@@ -104,9 +105,10 @@ pub struct Rules {
     /// does not match contributes nothing (its scope is evaluated first and
     /// short-circuits, so not even an error), so deciding over the slice
     /// gives exactly the whole set's answer at a cost independent of how
-    /// many other resources and actions have rules. Indexed
+    /// many other resources and actions have rules. Each slice is split
+    /// once more by the principal its rules name ([`Slice`]). Indexed
     /// `resource * actions + action`.
-    slices: Vec<OnceLock<cedar_policy::PolicySet>>,
+    slices: Vec<OnceLock<Slice>>,
     schema: Schema,
     entities: Entities,
     authorizer: Authorizer,
@@ -144,30 +146,124 @@ pub struct EntitySpec<'a> {
 /// than validating a typical rule set (it dominated reloads and fuzzing).
 /// With MCP arguments declared the schema depends on the set; the last
 /// one is kept, so reloads of an unchanged set still parse it once.
-fn generated_schema(mcp_arguments: &BTreeMap<String, super::McpArgType>) -> Result<Schema, String> {
-    static SCHEMA: std::sync::OnceLock<Result<Schema, String>> = std::sync::OnceLock::new();
-    static LAST: std::sync::Mutex<Option<(String, Schema)>> = std::sync::Mutex::new(None);
+/// Returned with the SHA-256 of its text (the key of [`ValidatedFiles`]).
+fn generated_schema(
+    mcp_arguments: &BTreeMap<String, super::McpArgType>,
+) -> Result<(Schema, [u8; 32]), String> {
+    type Parsed = Result<(Schema, [u8; 32]), String>;
+    static SCHEMA: std::sync::OnceLock<Parsed> = std::sync::OnceLock::new();
+    static LAST: std::sync::Mutex<Option<(String, Schema, [u8; 32])>> = std::sync::Mutex::new(None);
+    let parse = |text: &str| -> Parsed {
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        Schema::from_cedarschema_str(text)
+            .map(|(s, _)| (s, digest))
+            .map_err(|e| e.to_string())
+    };
     if mcp_arguments.is_empty() {
         return SCHEMA
-            .get_or_init(|| {
-                Schema::from_cedarschema_str(&actions::cedar_schema())
-                    .map(|(s, _)| s)
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| parse(&actions::cedar_schema()))
             .clone();
     }
     let text = actions::cedar_schema_with(mcp_arguments);
     let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((t, s)) = last.as_ref() {
+    if let Some((t, s, d)) = last.as_ref() {
         if *t == text {
-            return Ok(s.clone());
+            return Ok((s.clone(), *d));
         }
     }
-    let schema = Schema::from_cedarschema_str(&text)
-        .map(|(s, _)| s)
-        .map_err(|e| e.to_string())?;
-    *last = Some((text, schema.clone()));
-    Ok(schema)
+    let (schema, digest) = parse(&text)?;
+    *last = Some((text, schema.clone(), digest));
+    Ok((schema, digest))
+}
+
+/// Rule files already known to pass strict validation, by the SHA-256 of
+/// (schema text, file text). Sound because validation is a pure function
+/// of the two: Cedar validates each rule on its own against the schema
+/// (no rule's result depends on another rule, on entities or on ids), and
+/// the same text parses to the same rules. A reload after an edit thus
+/// validates only the files that changed. Only passes are kept (a failing
+/// file is validated again, so its errors are reported every time);
+/// bounded by [`VALIDATED_MAX`] (cleared when full).
+struct ValidatedFiles;
+
+/// Most entries of the validation cache (32 bytes each).
+const VALIDATED_MAX: usize = 4096;
+
+impl ValidatedFiles {
+    fn set() -> std::sync::MutexGuard<'static, std::collections::HashSet<[u8; 32]>> {
+        static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>> =
+            std::sync::OnceLock::new();
+        SET.get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(schema: &[u8; 32], text: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(schema);
+        h.update(text.as_bytes());
+        h.finalize().into()
+    }
+
+    fn contains(key: &[u8; 32]) -> bool {
+        Self::set().contains(key)
+    }
+
+    fn insert(keys: impl IntoIterator<Item = [u8; 32]>) {
+        let mut set = Self::set();
+        for k in keys {
+            if set.len() >= VALIDATED_MAX {
+                set.clear();
+            }
+            set.insert(k);
+        }
+    }
+}
+
+/// Rules below which validating on one thread is cheaper than starting more.
+const PARALLEL_VALIDATION_MIN: usize = 64;
+
+/// Strict validation of `policies` against `schema`, split over the
+/// available cores (each rule is validated on its own, so the split does not
+/// change the result); errors in the order of `policies`.
+fn validate(schema: &Schema, policies: Vec<cedar_policy::Policy>) -> Vec<ValidationError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(policies.len().div_ceil(PARALLEL_VALIDATION_MIN))
+        .max(1);
+    let run = |chunk: &[cedar_policy::Policy]| -> Vec<ValidationError> {
+        let mut set = cedar_policy::PolicySet::new();
+        for p in chunk {
+            // Ids are unique among `policies` (checked when they were added
+            // to the whole set).
+            let _ = set.add(p.clone());
+        }
+        Validator::new(schema.clone())
+            .validate(&set, ValidationMode::Strict)
+            .validation_errors()
+            .cloned()
+            .collect()
+    };
+    if threads == 1 {
+        return run(&policies);
+    }
+    let per = policies.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut chunks = policies.chunks(per);
+        let first = chunks.next().unwrap_or_default();
+        let handles: Vec<_> = chunks.map(|c| scope.spawn(move || run(c))).collect();
+        let mut errors = run(first);
+        for h in handles {
+            match h.join() {
+                Ok(e) => errors.extend(e),
+                // A panic in the validator is re-raised as it would have been
+                // on one thread.
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        errors
+    })
 }
 
 impl Rules {
@@ -180,7 +276,7 @@ impl Rules {
         diags: &mut Vec<Diagnostic>,
     ) -> Option<Self> {
         let before = diags.len();
-        let schema = match generated_schema(mcp_arguments) {
+        let (schema, schema_digest) = match generated_schema(mcp_arguments) {
             Ok(s) => s,
             Err(e) => {
                 diags.push(Diagnostic::dir(Path::new("<generated schema>"), e));
@@ -190,7 +286,15 @@ impl Rules {
         let mut set = cedar_policy::PolicySet::new();
         let mut rules = BTreeMap::new();
         let mut texts: HashMap<String, (PathBuf, &str)> = HashMap::new();
+        // Rules of files not yet known to validate, and those files' keys.
+        let mut unvalidated = Vec::new();
+        let mut new_keys = Vec::new();
         for (file, text) in files {
+            let key = ValidatedFiles::key(&schema_digest, text);
+            let known = ValidatedFiles::contains(&key);
+            if !known {
+                new_keys.push(key);
+            }
             let parsed = match cedar_policy::PolicySet::from_str(text) {
                 Ok(p) => p,
                 Err(errs) => {
@@ -250,7 +354,11 @@ impl Rules {
                         "@approval only makes sense on a permit".into(),
                     ));
                 }
-                if let Err(e) = set.add(p.new_id(PolicyId::new(&id))) {
+                let p = p.new_id(PolicyId::new(&id));
+                if !known {
+                    unvalidated.push(p.clone());
+                }
+                if let Err(e) = set.add(p) {
                     diags.push(Diagnostic::at(file, text, *start, e.to_string()));
                     continue;
                 }
@@ -261,9 +369,12 @@ impl Rules {
         if diags.len() > before {
             return None;
         }
-        let validation = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        let errors = validate(&schema, unvalidated);
+        if errors.is_empty() {
+            ValidatedFiles::insert(new_keys);
+        }
         let mut found = Vec::new();
-        for e in validation.validation_errors() {
+        for e in &errors {
             let id = e.policy_id().to_string();
             match texts.get(&id) {
                 Some((file, text)) => found.push(miette_diag(file, text, e, e.to_string())),
@@ -375,17 +486,14 @@ impl Rules {
         &self,
         (rpos, resource): &(usize, EntityUid),
         (apos, action, within): &(usize, EntityUid, Vec<EntityUid>),
-    ) -> Option<&cedar_policy::PolicySet> {
+    ) -> Option<&Slice> {
         let cell = self.slices.get(rpos * self.actions.len() + apos)?;
         Some(cell.get_or_init(|| {
-            let mut slice = cedar_policy::PolicySet::new();
-            for p in self.full.policies() {
-                if Self::can_apply(p, resource, action, within) {
-                    // Ids are unique in `full`, so adding cannot clash.
-                    let _ = slice.add(p.clone());
-                }
-            }
-            slice
+            Slice::new(
+                self.full
+                    .policies()
+                    .filter(|p| Self::can_apply(p, resource, action, within)),
+            )
         }))
     }
 
@@ -433,7 +541,7 @@ impl Rules {
             &self.full
         } else {
             match self.slice(resource, action) {
-                Some(s) => s,
+                Some(s) => s.for_principal(&principal),
                 None => return deny("policy index out of range".into()),
             }
         };
@@ -518,6 +626,53 @@ impl Rules {
                 }
             }
         }
+    }
+}
+
+/// The rules of one (resource, action) pair, split once more by principal:
+/// a rule whose scope says `principal == Identity::"x"` cannot match any
+/// other principal (its scope is false, evaluated first, no error), so a
+/// decision for `x` needs only the rules that can match any principal plus
+/// those naming `x`. Exact, like the (resource, action) index; each rule is
+/// stored at most once per identity named in the pair's rules.
+struct Slice {
+    /// Rules that can match any principal: the whole answer for a principal
+    /// no rule of the pair names with `==`.
+    any: cedar_policy::PolicySet,
+    /// Per principal named with `==`: `any` plus the rules naming it.
+    named: HashMap<EntityUid, cedar_policy::PolicySet>,
+}
+
+impl Slice {
+    fn new<'a>(policies: impl Iterator<Item = &'a cedar_policy::Policy>) -> Self {
+        use cedar_policy::PrincipalConstraint;
+        let mut any = cedar_policy::PolicySet::new();
+        let mut only: HashMap<EntityUid, Vec<&cedar_policy::Policy>> = HashMap::new();
+        for p in policies {
+            match p.principal_constraint() {
+                PrincipalConstraint::Eq(uid) => only.entry(uid).or_default().push(p),
+                // Ids are unique in the whole set, so adding cannot clash.
+                _ => {
+                    let _ = any.add(p.clone());
+                }
+            }
+        }
+        let named = only
+            .into_iter()
+            .map(|(uid, own)| {
+                let mut set = any.clone();
+                for p in own {
+                    let _ = set.add(p.clone());
+                }
+                (uid, set)
+            })
+            .collect();
+        Self { any, named }
+    }
+
+    /// The rules that can apply to `principal`.
+    fn for_principal(&self, principal: &EntityUid) -> &cedar_policy::PolicySet {
+        self.named.get(principal).unwrap_or(&self.any)
     }
 }
 

@@ -1156,3 +1156,72 @@ fn the_index_decides_exactly_like_the_whole_set() {
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// Reloads validate only rule files not already known to pass against the
+/// same schema: a file that passed once must still fail when the schema it
+/// is checked against changes (an MCP argument declared with another type), an
+/// invalid file is reported on every load, and an edited file is validated
+/// again.
+#[test]
+fn validation_cache_never_hides_an_error() {
+    let mcp = "[resource.notes]\nprotocol = \"mcp\"\nmatch = [\"10.0.0.12:8080\"]\ntls = \"none\"\ntools = { read_note = { path = \"String\" } }\n";
+    let as_long = mcp.replace("\"String\"", "\"Long\"");
+    // Unique text: no other test can have put it in the cache.
+    let rules = format!(
+        "// cache test {}\npermit(principal == Identity::\"billing\", action == Action::\"mcp:call_tool\", resource == Resource::\"notes\")\n  when {{ context.arguments has path && context.arguments.path like \"public/*\" }};\n",
+        std::process::id()
+    );
+    let dir = dir_with(&[("base.toml", BASE), ("mcp.toml", mcp), ("r.cedar", &rules)]);
+    PolicySet::load(&dir).expect("valid with the argument declared");
+    PolicySet::load(&dir).expect("valid again (cached)");
+    // Same rule text, another schema (`path` a Long): validated again,
+    // and refused.
+    fs::write(dir.join("mcp.toml"), &as_long).unwrap();
+    for _ in 0..2 {
+        let text = PolicySet::load(&dir).unwrap_err().to_string();
+        assert!(text.contains("r.cedar:3:"), "{text}");
+    }
+    fs::write(dir.join("mcp.toml"), mcp).unwrap();
+    PolicySet::load(&dir).expect("valid again under the first schema");
+    // An edited file is validated again: a type error appears at once.
+    let broken = rules.replace("like \"public/*\"", "> 3");
+    fs::write(dir.join("r.cedar"), &broken).unwrap();
+    for _ in 0..2 {
+        let text = PolicySet::load(&dir).unwrap_err().to_string();
+        assert!(text.contains("r.cedar:3:"), "{text}");
+    }
+    // A known-good file next to a new bad one: the bad one is still found.
+    fs::write(dir.join("r.cedar"), &rules).unwrap();
+    fs::write(
+        dir.join("s.cedar"),
+        "permit(principal, action == Action::\"tcp:connect\", resource) when { context.nope == 1 };\n",
+    )
+    .unwrap();
+    let text = PolicySet::load(&dir).unwrap_err().to_string();
+    assert!(text.contains("s.cedar:1:"), "{text}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Validation split over threads reports the same errors as one pass: every
+/// bad rule of a large set is found, each at its own line.
+#[test]
+fn parallel_validation_finds_every_bad_rule() {
+    let mut rules = String::new();
+    for i in 0..300 {
+        if i % 50 == 7 {
+            rules.push_str(&format!(
+                "permit(principal, action == Action::\"tcp:connect\", resource) when {{ context.bad{i} == 1 }};\n"
+            ));
+        } else {
+            rules.push_str(&format!(
+                "permit(principal == Identity::\"billing\", action == Action::\"tcp:connect\", resource == Resource::\"echo\") when {{ context.client.pid == {i} }};\n"
+            ));
+        }
+    }
+    let dir = dir_with(&[("base.toml", BASE), ("r.cedar", &rules)]);
+    let err = PolicySet::load(&dir).unwrap_err();
+    let mut lines: Vec<usize> = err.diagnostics.iter().filter_map(|d| d.line).collect();
+    lines.sort_unstable();
+    assert_eq!(lines, [8, 58, 108, 158, 208, 258], "{err}");
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -424,8 +424,9 @@ async fn record(
     };
     match decision {
         Decision::Allow { policies } => {
-            // Debug, not info: every allowed command has its audit record,
-            // and a log line per statement is a write(2) per statement.
+            // Debug, not info: an allowed command is in the audit log
+            // already, and a log line per statement, request or connect
+            // is a write(2) on every command's path.
             debug!(
                 session = %flow.info.session,
                 action = %cmd.action,

@@ -111,10 +111,18 @@ pub const SSH_CHANNEL_BUFFER: usize = 100;
 /// Messages (each at most one packet of upstream output, 32 KiB) the relay
 /// may queue for an agent connection's session loop before it waits.
 /// russh's default (10) makes a download stall on every few packets while
-/// the loop encrypts and writes; 32 keeps at most 1 MiB in flight per
-/// connection. The queue's slots are allocated as used, so an idle session
-/// pays nothing for it.
-pub const SSH_EVENT_BUFFER: usize = 32;
+/// the loop encrypts and writes; 64 keeps at most 2 MiB (one agent window)
+/// in flight per connection, so the relay can hand over a whole window
+/// while the loop is off CPU. The queue's slots are allocated as used, so
+/// an idle session pays nothing for it.
+pub const SSH_EVENT_BUFFER: usize = 64;
+/// Channel window the daemon offers the upstream server (download
+/// direction). russh tops a window up once half of it is used, so with
+/// 2 MiB the server stalls whenever the relay is off CPU for the time 1 MiB
+/// takes to arrive; 8 MiB leaves it room. Memory stays bounded by the
+/// relay's queues ([`channel::RELAY_QUEUE_MAX`], russh's channel buffer):
+/// when they are full the upstream is no longer read (TCP backpressure).
+pub const SSH_UPSTREAM_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// How long the agent has to send its SSH identification line.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);

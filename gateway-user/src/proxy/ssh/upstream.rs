@@ -130,6 +130,7 @@ async fn connect_inner(flow: &Flow, user: &str) -> Result<UpstreamHandle, SshErr
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         nodelay: true,
+        window_size: super::SSH_UPSTREAM_WINDOW,
         ..Default::default()
     });
     let tcp = flow
