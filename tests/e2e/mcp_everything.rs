@@ -262,12 +262,20 @@ fn mcp_recording_full_replays_calls_and_masked_results() {
     assert!(replay.contains("mcp messages"), "{replay}");
     assert!(replay.contains("tools/call"), "{replay}");
     assert!(replay.contains("tool echo"), "{replay}");
-    assert!(replay.contains("mail dave@example.com"), "the call: {replay}");
+    assert!(
+        replay.contains("mail dave@example.com"),
+        "the call: {replay}"
+    );
     assert!(replay.contains("Echo: mail "), "the answer: {replay}");
     assert!(replay.contains("deny (rule no-rm)"), "{replay}");
     // The answer as the agent saw it: masked.
     assert!(!replay.contains("Echo: mail dave@example.com"), "{replay}");
-    let file = env.files.state.join("sessions").join(&session).join("mcp.jsonl");
+    let file = env
+        .files
+        .state
+        .join("sessions")
+        .join(&session)
+        .join("mcp.jsonl");
     let lines: Vec<Value> = fs::read_to_string(&file)
         .unwrap()
         .lines()
@@ -316,7 +324,11 @@ fn mcp_recording_metadata_holds_no_argument_values() {
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let text = String::from_utf8_lossy(&fs::read(&path).unwrap()).into_owned();
-        assert!(!text.contains(secret), "{} holds the argument", path.display());
+        assert!(
+            !text.contains(secret),
+            "{} holds the argument",
+            path.display()
+        );
     }
     assert!(!replay.contains(secret), "{replay}");
     let digest = audit_tail(&env.files)
@@ -416,7 +428,9 @@ permit(principal == Identity::"agent", action == Action::"mcp:call_tool", resour
         assert_eq!(r.len(), 5, "{mode}: {r:?}");
         let tools = r[1]["tools"].to_string();
         assert!(
-            tools.contains("whoami") && tools.contains("read_note") && !tools.contains("delete_note"),
+            tools.contains("whoami")
+                && tools.contains("read_note")
+                && !tools.contains("delete_note"),
             "{mode}: {tools}"
         );
         assert_eq!(text_of(&r[2]), "Bearer tls-held-token", "{mode}: {r:?}");

@@ -23,7 +23,9 @@ use serde_json::Value;
 use crate::{
     ci,
     session::{run_in_cgroup, Session, SessionConfig},
-    util::{catch_interrupts, describe, output_with_timeout, repo_root, require_root, step, ChildGuard},
+    util::{
+        catch_interrupts, describe, output_with_timeout, repo_root, require_root, step, ChildGuard,
+    },
 };
 
 /// Names the bench's cgroup root, pin dir and work dir.
@@ -194,7 +196,11 @@ fn client(session: &Session, url: &str, calls: u64, seconds: u64, through: bool)
         .arg(seconds.to_string());
     step(&format!(
         "{} {}",
-        if through { "through Portcullis:" } else { "direct:" },
+        if through {
+            "through Portcullis:"
+        } else {
+            "direct:"
+        },
         describe(&cmd)
     ));
     if through {
@@ -208,8 +214,12 @@ fn client(session: &Session, url: &str, calls: u64, seconds: u64, through: bool)
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("bench client output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "bench client output: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
     let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
     Ok(Run {
         calls: v["calls"].as_u64().unwrap_or(0),

@@ -1034,7 +1034,9 @@ fn mcp_messages_are_json_lines_replayed_and_metadata_keeps_no_values() {
     // Every field is written, null or not.
     let raw = fs::read_to_string(sessions.join("mcp-full").join(MCP_FILE)).unwrap();
     let first: Value = serde_json::from_str(raw.lines().next().unwrap()).unwrap();
-    for k in ["t_ms", "from", "id", "method", "tool", "decision", "rule", "message"] {
+    for k in [
+        "t_ms", "from", "id", "method", "tool", "decision", "rule", "message",
+    ] {
         assert!(first.get(k).is_some(), "{k} missing: {first}");
     }
     assert_eq!(read_info(&sessions, "mcp-full").counts.mcp_messages, 2);
