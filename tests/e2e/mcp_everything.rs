@@ -123,13 +123,21 @@ fn env(name: &str, port: u16, record: &str) -> Env {
     }
 }
 
-/// The session whose audit records hold a `tools/call` of `tool`.
-fn session_of_call(files: &DaemonFiles, tool: &str) -> String {
+/// The session (agent connection) whose audited `tools/call` of `tool`
+/// has `needle` in its command text.
+fn session_of_call(files: &DaemonFiles, tool: &str, needle: &str) -> String {
     audit_tail(files)
         .iter()
-        .find(|e| e["action"] == "mcp:call_tool" && e["detail"]["tool"] == tool)
+        .find(|e| {
+            e["action"] == "mcp:call_tool"
+                && e["type"] == "command"
+                && e["detail"]["tool"] == tool
+                && e["detail"]["command"]
+                    .as_str()
+                    .is_some_and(|c| c.contains(needle))
+        })
         .and_then(|e| e["session"].as_str().map(str::to_string))
-        .unwrap_or_else(|| panic!("no audited call of {tool}"))
+        .unwrap_or_else(|| panic!("no audited call of {tool} with {needle}"))
 }
 
 /// `portcullis replay` of `session` once its recording holds `needle`
@@ -257,8 +265,11 @@ fn mcp_recording_full_replays_calls_and_masked_results() {
         ],
     );
     assert!(!text_of(&r[0]).contains("dave@example.com"), "{r:?}");
-    let session = session_of_call(&env.files, ECHO);
-    let replay = replay_containing(&env, &session, "rm -rf");
+    let denied = session_of_call(&env.files, ECHO, "rm -rf");
+    let replay = replay_containing(&env, &denied, "deny (rule no-rm)");
+    assert!(replay.contains("please rm -rf /"), "{replay}");
+    let session = session_of_call(&env.files, ECHO, "dave");
+    let replay = replay_containing(&env, &session, "Echo: mail ");
     assert!(replay.contains("mcp messages"), "{replay}");
     assert!(replay.contains("tools/call"), "{replay}");
     assert!(replay.contains("tool echo"), "{replay}");
@@ -266,8 +277,6 @@ fn mcp_recording_full_replays_calls_and_masked_results() {
         replay.contains("mail dave@example.com"),
         "the call: {replay}"
     );
-    assert!(replay.contains("Echo: mail "), "the answer: {replay}");
-    assert!(replay.contains("deny (rule no-rm)"), "{replay}");
     // The answer as the agent saw it: masked.
     assert!(!replay.contains("Echo: mail dave@example.com"), "{replay}");
     let file = env
@@ -290,7 +299,7 @@ fn mcp_recording_full_replays_calls_and_masked_results() {
     assert!(call["t_ms"].is_u64());
     let answer = lines
         .iter()
-        .find(|l| l["from"] == "server" && l["id"] == call["id"])
+        .find(|l| l["from"] == "server" && l["id"] == call["id"] && l["tool"] == "echo")
         .unwrap_or_else(|| panic!("{lines:?}"));
     assert_eq!(answer["tool"], "echo");
     let text = answer["message"]["result"]["content"][0]["text"]
@@ -316,7 +325,7 @@ fn mcp_recording_metadata_holds_no_argument_values() {
         &[&format!(r#"call:echo:{{"message":"{secret}"}}"#)],
     );
     assert_eq!(text_of(&r[0]), format!("Echo: {secret}"));
-    let session = session_of_call(&env.files, ECHO);
+    let session = session_of_call(&env.files, ECHO, secret);
     let replay = replay_containing(&env, &session, "arguments_digest");
     assert!(replay.contains("tool echo"), "{replay}");
     assert!(replay.contains("argument_names"), "{replay}");
