@@ -30,6 +30,9 @@ use crate::{
 
 /// Names the bench's cgroup root, pin dir and work dir.
 const NAME: &str = "portcullis-bench-mcp";
+/// The port the bench daemon's proxy listens on (below the ephemeral
+/// range, like the other benches' fixed ports).
+const LISTEN_PORT: u16 = 15004;
 /// Where `cargo xtask setup` installs the server (see `setup.rs`).
 const SERVER_JS: &str = "/opt/portcullis-test/mcp-everything/node_modules/@modelcontextprotocol/server-everything/dist/index.js";
 /// The target: what Portcullis may add to a call's p50.
@@ -114,7 +117,7 @@ pub fn mcp(calls: u64, seconds: u64, binary: Option<PathBuf>) -> Result<()> {
         &SessionConfig {
             name: NAME,
             policies,
-            listen_port: TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+            listen_port: LISTEN_PORT,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
