@@ -17,6 +17,7 @@ mod fleet;
 mod harness;
 mod http;
 mod mcp;
+mod mcp_everything;
 mod ops;
 mod perf_http;
 mod perf_pg;

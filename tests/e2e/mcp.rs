@@ -122,7 +122,7 @@ fn env(name: &str, ports: &[u16]) -> Env {
     }
 }
 
-fn client_command(place: &Placement, url: &str, mode: &str, ops: &[&str]) -> Command {
+pub(super) fn client_command(place: &Placement, url: &str, mode: &str, ops: &[&str]) -> Command {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/mcp_client.py");
     let mut cmd = Command::new(MCP_PYTHON);
     cmd.arg(script).arg(url).arg(mode).args(ops);
@@ -131,7 +131,7 @@ fn client_command(place: &Placement, url: &str, mode: &str, ops: &[&str]) -> Com
     cmd
 }
 
-fn parse_lines(out: &[u8], err: &[u8]) -> Vec<Value> {
+pub(super) fn parse_lines(out: &[u8], err: &[u8]) -> Vec<Value> {
     let lines: Vec<Value> = String::from_utf8_lossy(out)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -146,7 +146,7 @@ fn parse_lines(out: &[u8], err: &[u8]) -> Vec<Value> {
 }
 
 /// Runs the SDK client in the agent's cgroup; one JSON value per op.
-fn run_client(place: &Placement, url: &str, mode: &str, ops: &[&str]) -> Vec<Value> {
+pub(super) fn run_client(place: &Placement, url: &str, mode: &str, ops: &[&str]) -> Vec<Value> {
     let mut cmd = client_command(place, url, mode, ops);
     let out = cmd.output().expect("run the MCP client");
     let lines = parse_lines(&out.stdout, &out.stderr);
@@ -160,7 +160,7 @@ fn run_client(place: &Placement, url: &str, mode: &str, ops: &[&str]) -> Vec<Val
     lines[1..].to_vec()
 }
 
-fn text_of(r: &Value) -> String {
+pub(super) fn text_of(r: &Value) -> String {
     r["content"][0]["text"]
         .as_str()
         .unwrap_or_default()

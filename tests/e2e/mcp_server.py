@@ -1,12 +1,13 @@
 """A real MCP server for the mcp e2e tests: the official Python SDK's
 MCPServer (FastMCP in 1.x) with a few tools, a resource and a prompt.
 
-Usage: mcp_server.py PORT TRANSPORT [--json] [--tools-version N]
+Usage: mcp_server.py PORT TRANSPORT [--json] [--tools-version N] [--tls CERT KEY]
 TRANSPORT is `streamable-http` (sessions or the stateless revision, as the
 client picks) or `sse` (the older HTTP+SSE transport). `--json` answers POSTs
 as application/json instead of text/event-stream. `--tools-version 2` changes
 read_note's description (a rug pull). The held bearer token the proxy
 injects is echoed by the `whoami` tool so a test can see it arrived.
+`--tls CERT KEY` serves Streamable HTTP over HTTPS.
 """
 
 import sys
@@ -18,6 +19,7 @@ from mcp.server.mcpserver import MCPServer, Context
 port = int(sys.argv[1])
 transport = sys.argv[2]
 json_response = "--json" in sys.argv
+tls = sys.argv[sys.argv.index("--tls") + 1 : sys.argv.index("--tls") + 3] if "--tls" in sys.argv else None
 version = 2 if "--tools-version" in sys.argv and sys.argv[sys.argv.index("--tools-version") + 1] == "2" else 1
 
 mcp = MCPServer("notes")
@@ -101,5 +103,10 @@ def summarize(topic: str) -> str:
 
 if transport == "sse":
     mcp.run("sse", host="127.0.0.1", port=port)
+elif tls:
+    import uvicorn
+
+    app = mcp.streamable_http_app(json_response=json_response)
+    uvicorn.run(app, host="127.0.0.1", port=port, ssl_certfile=tls[0], ssl_keyfile=tls[1], log_level="warning")
 else:
     mcp.run("streamable-http", host="127.0.0.1", port=port, json_response=json_response)

@@ -263,6 +263,7 @@ fn run_demo(session: &mut Session, psql: &Path, once: bool, started: Instant) ->
 
     agent_session(session, psql)?;
     untagged_login(psql)?;
+    crate::demo_mcp::act(session, IDENTITY)?;
 
     step(&format!(
         "portcullis audit verify --state-dir {}",

@@ -1,5 +1,5 @@
 //! Developer tasks for Portcullis, run as `cargo xtask <task>`:
-//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|idle|policy|audit`, `fuzz`, `soak`,
+//! `setup`, `test`, `build`, `demo`, `bench tcp|pg|ssh|http|mcp|idle|policy|audit`, `fuzz`, `soak`,
 //! `compat`.
 #![warn(missing_docs)]
 
@@ -8,11 +8,13 @@ mod bench_client;
 mod bench_fleet;
 mod bench_http;
 mod bench_idle;
+mod bench_mcp;
 mod bench_pg;
 mod bench_ssh;
 mod ci;
 mod compat;
 mod demo;
+mod demo_mcp;
 mod fuzz;
 mod session;
 mod setup;
@@ -99,6 +101,20 @@ enum Task {
 /// Benchmark targets.
 #[derive(Subcommand, Debug)]
 enum BenchTarget {
+    /// MCP tool calls: calls/s and added p50 per call through Portcullis
+    /// vs. direct, and a streamed answer's first-event delay, with the
+    /// reference server `server-everything` (root).
+    Mcp {
+        /// Sequential tool calls per path (bounded by `--seconds`).
+        #[arg(long, default_value_t = 2000)]
+        calls: u64,
+        /// Time bound per path, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Use this portcullis binary instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Plain TCP: connection setup rate, bulk throughput, round-trip latency.
     Tcp {
         /// Sequential connections for the setup-rate run (bounded by 20 s).
@@ -284,6 +300,14 @@ fn run(task: Task) -> Result<()> {
                     binary,
                 },
         } => bench_idle::idle(sessions, pg_sessions, binary),
+        Task::Bench {
+            target:
+                BenchTarget::Mcp {
+                    calls,
+                    seconds,
+                    binary,
+                },
+        } => bench_mcp::mcp(calls, seconds, binary),
         Task::Bench {
             target: BenchTarget::Policy { args },
         } => bench::example("policy_bench", &args),

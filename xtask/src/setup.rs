@@ -71,6 +71,9 @@ const APT_PACKAGES: &[&str] = &[
 const APT_COMMANDS: &[(&str, &str)] = &[
     // kubectl for the Kubernetes API tests of the http handler.
     ("kubectl", "kubernetes-client"),
+    // npm (and node) for the reference TypeScript MCP server; a machine may
+    // have node from elsewhere (NodeSource's nodejs ships npm).
+    ("npm", "npm"),
 ];
 
 /// Where the PyPI drivers of the PostgreSQL compatibility tests live (a
@@ -103,6 +106,14 @@ const MCP_VENV: &str = "/opt/portcullis-test/mcp-venv";
 /// The SDK release the tests were written against (2.x speaks the
 /// stateless 2026-07-28 revision, sessions with initialize, and HTTP+SSE).
 const MCP_SDK: &str = "mcp==2.3.0";
+/// Where the reference TypeScript MCP server is installed from npm: a second
+/// real peer nobody here wrote (`tests/e2e/mcp_everything.rs`, the demo and
+/// the bench name the same path). Its own `node_modules`, apart from any
+/// global npm prefix.
+pub const MCP_EVERYTHING_DIR: &str = "/opt/portcullis-test/mcp-everything";
+/// The npm package and the release the tests were written against (its
+/// `streamableHttp` mode: sessions with initialize, SSE answers).
+const MCP_EVERYTHING: (&str, &str) = ("@modelcontextprotocol/server-everything", "2026.8.31");
 
 /// Prints one status line for a setup item.
 fn report(status: &str, item: &str) {
@@ -114,6 +125,7 @@ pub fn run_setup() -> Result<()> {
     require_root()?;
     apt_packages()?;
     mcp_sdk()?;
+    mcp_everything()?;
     python_drivers()?;
     nightly_rust_src()?;
     bpf_linker()?;
@@ -177,6 +189,38 @@ fn mcp_sdk() -> Result<()> {
         "-q",
         "--disable-pip-version-check",
         MCP_SDK,
+    ]))?;
+    Ok(())
+}
+
+/// Installs [`MCP_EVERYTHING`] into [`MCP_EVERYTHING_DIR`] with npm, unless
+/// that version is already there.
+fn mcp_everything() -> Result<()> {
+    let (package, version) = MCP_EVERYTHING;
+    let item = format!("npm: {package}@{version} in {MCP_EVERYTHING_DIR}");
+    let manifest = Path::new(MCP_EVERYTHING_DIR)
+        .join("node_modules")
+        .join(package)
+        .join("package.json");
+    let have = fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["version"] == version);
+    if have {
+        report("ok", &item);
+        return Ok(());
+    }
+    report("installing", &item);
+    fs::create_dir_all(MCP_EVERYTHING_DIR)
+        .with_context(|| format!("creating {MCP_EVERYTHING_DIR}"))?;
+    run(Command::new("npm").args([
+        "install",
+        "--no-audit",
+        "--no-fund",
+        "--save-exact",
+        "--prefix",
+        MCP_EVERYTHING_DIR,
+        &format!("{package}@{version}"),
     ]))?;
     Ok(())
 }

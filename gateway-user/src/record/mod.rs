@@ -49,6 +49,10 @@
 //!   (output), `i` (input, `record = "full"` only) or `r` (resize,
 //!   `"WxH"`). Times never decrease; text is valid UTF-8 (invalid bytes
 //!   become U+FFFD; sequences split across chunks are joined).
+//! - `mcp.jsonl` (MCP resources): one [`McpMessageRecord`] per JSON-RPC
+//!   message relayed (`t_ms`, `from`, `id`, `method`, `tool`, `decision`,
+//!   `rule`, `message` after masking); with `record = "metadata"` a call's
+//!   `message` is its argument names and digest and answers' are `null`.
 //! - `session.har`: HAR 1.2 (see [`HarEntry`]), always a complete document.
 //!   Each entry has the required HAR fields (`headersSize` is -1, `bodySize`
 //!   -1 when unknown) and `_portcullis` (`action`, `decision`, `reason`,
@@ -60,6 +64,7 @@
 //! `full` keeps those too (capped).
 
 mod har;
+mod mcp;
 mod read;
 mod utf8;
 mod writer;
@@ -80,8 +85,10 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 pub use har::{HarEntry, REDACTED};
+pub use mcp::{from as mcp_from, read_mcp, McpMessageRecord, MCP_FILE};
 pub use read::{
     list_sessions, load_session, read_cast, read_har, read_postgres, replay, replay_with,
     session_dir, validate_id, Cast, CastEvent, CastFile, ReplayOptions, SessionFiles,
@@ -216,6 +223,8 @@ pub struct Counts {
     pub http_exchanges: u64,
     /// SSH channels recorded.
     pub ssh_channels: u64,
+    /// MCP messages recorded.
+    pub mcp_messages: u64,
     /// Bytes the client sent ([`SessionRecording::tcp_bytes`]).
     pub bytes_from_client: u64,
     /// Bytes the client received ([`SessionRecording::tcp_bytes`]).
@@ -362,6 +371,21 @@ impl Mode {
     }
 }
 
+/// About how many bytes `v` takes as JSON, without serializing it.
+fn estimate_json(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|x| estimate_json(x) + 1).sum::<usize>(),
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, x)| k.len() + 4 + estimate_json(x))
+                .sum::<usize>()
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, now (0 before 1970).
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -392,6 +416,10 @@ enum Msg {
     Pg {
         key: u64,
         rec: Box<PgStatementRecord>,
+    },
+    Mcp {
+        key: u64,
+        rec: Box<McpMessageRecord>,
     },
     Http {
         key: u64,
@@ -582,9 +610,12 @@ impl Recorder {
     /// metadata (an unsafe id, an unknown protocol or record mode).
     pub fn session(&self, meta: SessionMeta) -> Result<SessionRecording, RecordError> {
         validate_id(&meta.id)?;
-        if !matches!(meta.protocol.as_str(), "tcp" | "postgres" | "ssh" | "http") {
+        if !matches!(
+            meta.protocol.as_str(),
+            "tcp" | "postgres" | "ssh" | "http" | "mcp"
+        ) {
             return Err(RecordError::BadMeta(format!(
-                "protocol {:?} is not one of tcp, postgres, ssh, http",
+                "protocol {:?} is not one of tcp, postgres, ssh, http, mcp",
                 meta.protocol
             )));
         }
@@ -864,6 +895,29 @@ impl SessionRecording {
                 entry: Box::new(entry),
                 req_truncated,
                 resp_truncated,
+            },
+            bytes,
+        );
+    }
+
+    /// Records one MCP message as relayed. With `record = "full"` the
+    /// record is kept as given; with `metadata`, `message` is replaced by
+    /// what `metadata` returns (argument names and digest for a call,
+    /// `null` for an answer), so no argument value or result body is kept.
+    pub fn mcp_message(&self, mut rec: McpMessageRecord, metadata: impl FnOnce() -> Value) {
+        let Some(s) = self.inner.as_ref().filter(|s| s.live()) else {
+            return;
+        };
+        if s.mode != Mode::Full {
+            rec.message = metadata();
+        }
+        // A rough size for the queue's byte cap; the writer counts exactly.
+        let bytes = 256 + estimate_json(&rec.message);
+        s.shared.push_data(
+            &s.counters,
+            Msg::Mcp {
+                key: s.key,
+                rec: Box::new(rec),
             },
             bytes,
         );

@@ -113,6 +113,8 @@ pub struct SessionFiles {
     pub postgres: Option<PathBuf>,
     /// `session.har`, if any exchange was recorded.
     pub har: Option<PathBuf>,
+    /// `mcp.jsonl`, if any MCP message was recorded.
+    pub mcp: Option<PathBuf>,
     /// The SSH channels' asciicasts, in the order they opened.
     pub casts: Vec<CastFile>,
 }
@@ -130,6 +132,7 @@ pub fn load_session(sessions_dir: &Path, id: &str) -> Result<SessionFiles, Recor
     let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
     let postgres = existing(POSTGRES_FILE);
     let har = existing(HAR_FILE);
+    let mcp = existing(super::MCP_FILE);
     let mut casts: Vec<(usize, String, CastFile)> = Vec::new();
     for name in cast_names(&dir)? {
         let index = info.channels.iter().position(|c| c.file == name);
@@ -148,6 +151,7 @@ pub fn load_session(sessions_dir: &Path, id: &str) -> Result<SessionFiles, Recor
         info,
         postgres,
         har,
+        mcp,
         casts: casts.into_iter().map(|(_, _, c)| c).collect(),
     })
 }
@@ -169,7 +173,7 @@ fn cast_names(dir: &Path) -> Result<Vec<String>, RecordError> {
 
 /// The complete lines of a JSON Lines file: a final line without its
 /// newline (torn by a crash) is left out.
-fn complete_lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+pub(super) fn complete_lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
     let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     bytes[..end]
         .split(|&b| b == b'\n')
@@ -296,6 +300,10 @@ pub fn replay_with(
         let statements = read_postgres(path)?;
         write_postgres(&files.info, &statements, out).map_err(w)?;
     }
+    if let Some(path) = &files.mcp {
+        let msgs = super::read_mcp(path)?;
+        super::mcp::write_mcp(&files.info, &msgs, out).map_err(w)?;
+    }
     if let Some(path) = &files.har {
         let har = read_har(path)?;
         write_http(&har, out).map_err(w)?;
@@ -335,6 +343,9 @@ fn write_summary(info: &SessionInfo, out: &mut dyn Write) -> io::Result<()> {
         "  bytes from client {}  to client {}  statements {}  http exchanges {}  ssh channels {}",
         c.bytes_from_client, c.bytes_to_client, c.statements, c.http_exchanges, c.ssh_channels
     )?;
+    if c.mcp_messages > 0 {
+        writeln!(out, "  mcp messages {}", c.mcp_messages)?;
+    }
     let mut notes = Vec::new();
     if info.recovered {
         notes.push("recovered after a daemon crash (the last second may be missing)".to_owned());
@@ -640,6 +651,13 @@ fn recover_one(sessions_dir: &Path, mut info: SessionInfo) -> Result<(), RecordE
         touch(&pg);
         let (lines, size) = truncate_torn(&pg)?;
         info.counts.statements = lines;
+        bytes += size;
+    }
+    let mcp = dir.join(super::MCP_FILE);
+    if mcp.is_file() {
+        touch(&mcp);
+        let (lines, size) = truncate_torn(&mcp)?;
+        info.counts.mcp_messages = lines;
         bytes += size;
     }
     let har_path = dir.join(HAR_FILE);

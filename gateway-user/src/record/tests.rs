@@ -986,3 +986,71 @@ fn binary_output_is_capped_and_the_cast_says_so() {
     let info = read_info(&sessions, "s-bin");
     assert_eq!(info.channels[0].exit_code, Some(0));
 }
+
+#[test]
+fn mcp_messages_are_json_lines_replayed_and_metadata_keeps_no_values() {
+    let tmp = TempDir::new("mcp");
+    let rec = Recorder::start_with(cfg(tmp.path())).unwrap();
+    let sessions = rec.sessions_dir().to_owned();
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "zebra secret"}}});
+    let answer = serde_json::json!({"jsonrpc": "2.0", "id": 3,
+        "result": {"content": [{"type": "text", "text": "Echo: [MASKED]"}]}});
+    for (id, mode) in [("mcp-full", "full"), ("mcp-md", "metadata")] {
+        let s = rec.session(meta(id, "mcp", mode)).unwrap();
+        s.mcp_message(
+            McpMessageRecord {
+                t_ms: 12,
+                from: mcp_from::AGENT.into(),
+                id: 3.into(),
+                method: Some("tools/call".into()),
+                tool: Some("echo".into()),
+                decision: Some("allow".into()),
+                rule: Some("echo".into()),
+                message: call.clone(),
+            },
+            || serde_json::json!({"argument_names": ["message"], "arguments_digest": "sha256:ab"}),
+        );
+        s.mcp_message(
+            McpMessageRecord {
+                t_ms: 15,
+                from: mcp_from::SERVER.into(),
+                id: 3.into(),
+                method: None,
+                tool: Some("echo".into()),
+                decision: None,
+                rule: None,
+                message: answer.clone(),
+            },
+            || Value::Null,
+        );
+        s.end("done");
+    }
+    rec.flush();
+    let full = read_mcp(&sessions.join("mcp-full").join(MCP_FILE)).unwrap();
+    assert_eq!(full.len(), 2);
+    assert_eq!(full[0].message, call);
+    assert_eq!(full[1].message, answer);
+    // Every field is written, null or not.
+    let raw = fs::read_to_string(sessions.join("mcp-full").join(MCP_FILE)).unwrap();
+    let first: Value = serde_json::from_str(raw.lines().next().unwrap()).unwrap();
+    for k in [
+        "t_ms", "from", "id", "method", "tool", "decision", "rule", "message",
+    ] {
+        assert!(first.get(k).is_some(), "{k} missing: {first}");
+    }
+    assert_eq!(read_info(&sessions, "mcp-full").counts.mcp_messages, 2);
+    let mut out = Vec::new();
+    replay(&sessions, "mcp-full", 0.0, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("mcp messages (2)"), "{text}");
+    assert!(
+        text.contains("agent      tools/call #3  tool echo  allow (rule echo)"),
+        "{text}"
+    );
+    assert!(text.contains("Echo: [MASKED]"), "{text}");
+    let md = fs::read_to_string(sessions.join("mcp-md").join(MCP_FILE)).unwrap();
+    assert!(!md.contains("zebra"), "{md}");
+    assert!(!md.contains("MASKED"), "{md}");
+    assert!(md.contains("sha256:ab"), "{md}");
+}

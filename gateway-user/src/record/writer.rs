@@ -23,6 +23,7 @@ use super::{
     har, now_ms, ChannelInfo, Counters, HarEntry, Msg, PgStatementRecord, RecordError,
     RecorderConfig, SessionInfo, Shared, HAR_FILE, META_FILE, POSTGRES_FILE,
 };
+use super::{McpMessageRecord, MCP_FILE};
 
 /// Creates `dir` and its missing parents, 0700.
 pub(super) fn make_dir_all(dir: &Path) -> Result<(), RecordError> {
@@ -179,6 +180,7 @@ struct Sess {
     info: SessionInfo,
     counters: Arc<Counters>,
     pg: Option<Appender>,
+    mcp: Option<Appender>,
     har: Option<HarW>,
     casts: HashMap<u64, CastW>,
     stopped: bool,
@@ -222,6 +224,11 @@ impl Sess {
         if let Some(pg) = self.pg.as_mut() {
             if let Err(e) = pg.flush() {
                 errors.push((POSTGRES_FILE.to_owned(), e));
+            }
+        }
+        if let Some(m) = self.mcp.as_mut() {
+            if let Err(e) = m.flush() {
+                errors.push((MCP_FILE.to_owned(), e));
             }
         }
         if let Some(h) = self.har.as_mut() {
@@ -286,6 +293,38 @@ impl Sess {
         if let Some(pg) = self.pg.as_mut() {
             pg.buf.extend_from_slice(&line);
             self.info.counts.statements += 1;
+        }
+    }
+
+    fn mcp(&mut self, rec: &McpMessageRecord, max: u64) {
+        if self.stopped {
+            return;
+        }
+        let mut line = match serde_json::to_vec(rec) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(session = %self.info.meta.id, err = %e, "recording: mcp message not encoded");
+                return;
+            }
+        };
+        line.push(b'\n');
+        if !self.admit(line.len(), max) {
+            return;
+        }
+        if self.mcp.is_none() {
+            match create_new(&self.dir.join(MCP_FILE)) {
+                Ok(file) => {
+                    self.mcp = Some(Appender {
+                        file,
+                        buf: Vec::new(),
+                    })
+                }
+                Err(e) => return self.fail(MCP_FILE, &e),
+            }
+        }
+        if let Some(m) = self.mcp.as_mut() {
+            m.buf.extend_from_slice(&line);
+            self.info.counts.mcp_messages += 1;
         }
     }
 
@@ -429,6 +468,7 @@ impl Sess {
         }
         self.casts.clear();
         self.pg = None;
+        self.mcp = None;
         self.har = None;
         self.info.ended_ms = Some(ended_ms);
         self.info.end_reason = Some(reason);
@@ -448,6 +488,11 @@ impl Writer<'_> {
             Msg::Pg { key, rec } => {
                 if let Some(s) = self.sessions.get_mut(&key) {
                     s.pg(&rec, max);
+                }
+            }
+            Msg::Mcp { key, rec } => {
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.mcp(&rec, max);
                 }
             }
             Msg::Http {
@@ -519,6 +564,7 @@ impl Writer<'_> {
                 info,
                 counters,
                 pg: None,
+                mcp: None,
                 har: None,
                 casts: HashMap::new(),
                 stopped: false,

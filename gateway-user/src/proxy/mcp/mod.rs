@@ -22,6 +22,7 @@
 
 pub mod classify;
 pub mod jsonrpc;
+pub mod recording;
 pub mod sse;
 pub mod tools;
 
@@ -47,6 +48,7 @@ use tracing::{info, warn};
 use self::{
     classify::{Class, Decide},
     jsonrpc::Kind,
+    recording::{from, Verdict},
 };
 use super::{
     gate::{self, Command, Denied, Gate, Waited},
@@ -116,6 +118,9 @@ struct Ctx {
     /// Headers replies carry (session id, protocol version).
     reply_headers: HeaderMap,
     modern: bool,
+    /// Calls forwarded on this request and not answered yet, by JSON-RPC
+    /// id: their `command_end` waits for the answer (and its masking).
+    pending: Mutex<HashMap<String, Allowed>>,
 }
 
 /// The live HTTP+SSE streams, by resource, identity and session id: a POST
@@ -376,10 +381,17 @@ impl Ctx {
     }
 
     /// Filters one message from the server; `None` drops it.
-    async fn filter_from_server(&self, mut msg: Value) -> Option<Value> {
+    async fn filter_from_server(&self, msg: Value) -> Option<Value> {
         match jsonrpc::kind(&msg) {
             Ok(Kind::Request { id, method }) => {
                 if let Some(d) = self.server_request(&method).await {
+                    recording::record(
+                        &self.flow,
+                        from::SERVER,
+                        &msg,
+                        None,
+                        Some(deny(&d.policies)),
+                    );
                     info!(session = %self.flow.info.session, method, "mcp server request refused: {}", d.reason);
                     let err = jsonrpc::error(
                         &id,
@@ -393,47 +405,103 @@ impl Ctx {
                     self.reply_upstream(err).await;
                     return None;
                 }
+                recording::record(
+                    &self.flow,
+                    from::SERVER,
+                    &msg,
+                    None,
+                    Some(Verdict {
+                        decision: "allow",
+                        rules: &[],
+                    }),
+                );
                 Some(msg)
             }
             Ok(Kind::Response { id }) => {
-                if let Some(result) = msg.get_mut("result").and_then(Value::as_object_mut) {
-                    if let Some(err) = self.filter_result(&id, result).await {
-                        return Some(err);
-                    }
+                let call = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id_key(&id));
+                let tool = call.as_ref().and_then(|c| c.tool.clone());
+                let (out, counts) = self.filter_response(&id, msg).await;
+                let answer_error = out
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                if let Some(call) = call {
+                    // Before the answer is relayed, like every record.
+                    call.finish(self, answer_error, counts).await;
                 }
-                if let Some(result) = msg.get_mut("result") {
-                    let masked = self.mask(result);
-                    if let Ok(Some(counts)) = &masked {
-                        // What masking did to this answer, beside the
-                        // call's own records.
-                        let ev = self
-                            .flow
-                            .audit_event("mcp_result_masked")
-                            .detail("id", id.clone())
-                            .detail("masked", counts.clone());
-                        if let Err(e) = self.shared.audit(ev).await {
-                            warn!(session = %self.flow.info.session, "audit of masking failed: {e}");
-                        }
-                    }
-                    if let Err(e) = masked {
-                        // Fail closed: an answer that cannot be masked is
-                        // not relayed.
-                        warn!(session = %self.flow.info.session, "mcp result not masked ({e}); refused");
-                        return Some(jsonrpc::error(
-                            &id,
-                            -32603,
-                            &format!("portcullis could not mask the answer: {e}"),
-                            None,
-                        ));
-                    }
-                }
+                recording::record(&self.flow, from::SERVER, &out, tool.as_deref(), None);
+                Some(out)
+            }
+            Ok(Kind::Notification { .. }) => {
+                recording::record(&self.flow, from::SERVER, &msg, None, None);
                 Some(msg)
             }
-            Ok(Kind::Notification { .. }) => Some(msg),
             Err(e) => {
                 warn!(session = %self.flow.info.session, "mcp: server sent a malformed message ({e}); dropped");
                 None
             }
+        }
+    }
+
+    /// Filters and masks an answer of the server; returns what the agent
+    /// gets and the masking counts, if anything was masked.
+    async fn filter_response(&self, id: &Value, mut msg: Value) -> (Value, Option<Value>) {
+        let mut counts = None;
+        if let Some(result) = msg.get_mut("result").and_then(Value::as_object_mut) {
+            if let Some(err) = self.filter_result(id, result).await {
+                return (err, None);
+            }
+        }
+        if let Some(result) = msg.get_mut("result") {
+            let masked = self.mask(result);
+            if let Ok(Some(c)) = &masked {
+                // What masking did to this answer, beside the
+                // call's own records.
+                let ev = self
+                    .flow
+                    .audit_event("mcp_result_masked")
+                    .detail("id", id.clone())
+                    .detail("masked", c.clone());
+                if let Err(e) = self.shared.audit(ev).await {
+                    warn!(session = %self.flow.info.session, "audit of masking failed: {e}");
+                }
+                counts = Some(c.clone());
+            }
+            if let Err(e) = masked {
+                // Fail closed: an answer that cannot be masked is
+                // not relayed.
+                warn!(session = %self.flow.info.session, "mcp result not masked ({e}); refused");
+                return (
+                    jsonrpc::error(
+                        id,
+                        -32603,
+                        &format!("portcullis could not mask the answer: {e}"),
+                        None,
+                    ),
+                    None,
+                );
+            }
+        }
+        (msg, counts)
+    }
+
+    /// Ends the calls whose answer never came (the stream or the answer
+    /// ended without it).
+    async fn finish_unanswered(&self) {
+        let left: Vec<Allowed> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, a)| a)
+            .collect();
+        for a in left {
+            a.finish(self, Some("the server sent no answer".into()), None)
+                .await;
         }
     }
 
@@ -621,6 +689,51 @@ async fn read_capped(body: Incoming, max: usize) -> Result<Bytes, String> {
 struct Allowed {
     cmd: Command,
     allowed: gate::Allowed,
+    /// The upstream's HTTP status, once sent.
+    status: u16,
+    /// The tool, for a call.
+    tool: Option<String>,
+}
+
+/// A refusal, as recorded.
+fn deny(rules: &[String]) -> Verdict<'_> {
+    Verdict {
+        decision: "deny",
+        rules,
+    }
+}
+
+/// The key of a JSON-RPC id in [`Ctx::pending`].
+fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+impl Allowed {
+    /// How the recording names the decision.
+    fn verdict(&self) -> Verdict<'_> {
+        Verdict {
+            decision: if self.allowed.approved_by.is_some() {
+                "approved"
+            } else {
+                "allow"
+            },
+            rules: &self.allowed.policies,
+        }
+    }
+
+    /// Writes the call's `command_end`: the status, the answer's error and
+    /// what masking did to the answer.
+    async fn finish(self, ctx: &Ctx, answer_error: Option<String>, masked: Option<Value>) {
+        let mut d = Map::new();
+        d.insert("status".into(), self.status.into());
+        if let Some(e) = answer_error {
+            d.insert("error".into(), e.into());
+        }
+        if let Some(m) = masked {
+            d.insert("masked".into(), m);
+        }
+        gate::finished(&ctx.shared, &ctx.flow, &self.cmd, &self.allowed, d).await;
+    }
 }
 
 /// Serves one HTTP request of an mcp resource. `authority` and `pq` are
@@ -646,6 +759,7 @@ pub async fn handle(
             .headers()
             .get("mcp-protocol-version")
             .is_some_and(|v| v.as_bytes() == MODERN_VERSION.as_bytes()),
+        pending: Mutex::default(),
     });
     let method = req.method().clone();
     let resp = match method {
@@ -998,6 +1112,7 @@ async fn post_inner(
     for e in elems {
         let (id, method) = match jsonrpc::kind(&e) {
             Err(err) => {
+                recording::record(&ctx.flow, from::AGENT, &e, None, Some(deny(&[])));
                 ctx.refused(&what, &format!("invalid JSON-RPC message: {err}"))
                     .await;
                 locals.push(jsonrpc::error(
@@ -1009,13 +1124,20 @@ async fn post_inner(
                 continue;
             }
             Ok(Kind::Notification { .. } | Kind::Response { .. }) => {
+                recording::record(&ctx.flow, from::AGENT, &e, None, None);
                 forward.push(e);
                 continue;
             }
             Ok(Kind::Request { id, method }) => (id, method),
         };
         let params = jsonrpc::params(&e);
-        match classify::request(&ctx.flow.resource, &method, &params) {
+        let class = classify::request(&ctx.flow.resource, &method, &params);
+        if matches!(class, Class::Pass) {
+            recording::record(&ctx.flow, from::AGENT, &e, None, None);
+        } else if matches!(class, Class::Unknown | Class::Invalid(_)) {
+            recording::record(&ctx.flow, from::AGENT, &e, None, Some(deny(&[])));
+        }
+        match class {
             Class::Pass => forward.push(e),
             Class::Unknown => {
                 let why = format!("method {method:?} is not one portcullis can decide");
@@ -1047,12 +1169,25 @@ async fn post_inner(
             .await
             {
                 Ok(a) => {
-                    allowed.push(a);
+                    recording::record(&ctx.flow, from::AGENT, &e, None, Some(a.verdict()));
+                    allowed.push((id, a));
                     forward.push(e);
                 }
-                Err(denied) => locals.push(refusal(&id, &d, &denied, modern)),
+                Err(denied) => {
+                    recording::record(
+                        &ctx.flow,
+                        from::AGENT,
+                        &e,
+                        None,
+                        Some(deny(&denied.policies)),
+                    );
+                    locals.push(refusal(&id, &d, &denied, modern))
+                }
             },
         }
+    }
+    for l in &locals {
+        recording::record(&ctx.flow, from::PORTCULLIS, l, None, None);
     }
     if let Some((_, tx)) = &legacy {
         // HTTP+SSE: answers travel on the session's stream.
@@ -1087,13 +1222,22 @@ async fn post_inner(
         .send(Method::POST, pq, headers, reply::full(out.to_string()))
         .await;
     let status = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(502);
-    for a in &allowed {
-        let mut d = Map::new();
-        d.insert("status".into(), status.into());
-        if let Err(e) = &sent {
-            d.insert("error".into(), e.clone().into());
+    // A call answered on this response ends when its answer is filtered
+    // (with the answer's masking counts); others end now.
+    let answered_here = legacy.is_none()
+        && sent
+            .as_ref()
+            .is_ok_and(|r| is_event_stream(r.headers()) || is_json(r.headers()));
+    for (id, mut a) in allowed {
+        a.status = status;
+        if answered_here && !id.is_null() {
+            ctx.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id_key(&id), a);
+        } else {
+            a.finish(ctx, sent.as_ref().err().cloned(), None).await;
         }
-        gate::finished(&ctx.shared, &ctx.flow, &a.cmd, &a.allowed, d).await;
     }
     let r = match sent {
         Ok(r) => r,
@@ -1103,7 +1247,9 @@ async fn post_inner(
         return relay(ctx.clone(), r, locals);
     }
     if is_json(r.headers()) {
-        return json_reply(ctx, r, locals, batch).await;
+        let resp = json_reply(ctx, r, locals, batch).await;
+        ctx.finish_unanswered().await;
+        return resp;
     }
     if !locals.is_empty() && r.status() == StatusCode::ACCEPTED {
         // Only notifications went on: the refusals are the answer.
@@ -1210,7 +1356,12 @@ async fn decide(
             }
         }
     };
-    Ok(Allowed { cmd, allowed })
+    Ok(Allowed {
+        cmd,
+        allowed,
+        status: 0,
+        tool: d.tool.clone(),
+    })
 }
 
 /// The in-protocol refusal of a request: a tool error for a tool call (the
@@ -1388,6 +1539,7 @@ fn relay(ctx: Arc<Ctx>, r: Response<Incoming>, prefix: Vec<Value>) -> Response<B
                 }
             }
         }
+        ctx.finish_unanswered().await;
         if let Some(key) = registered {
             legacy_streams()
                 .lock()
