@@ -713,6 +713,15 @@ impl Walk<'_> {
                     {
                         return Err("a table named in a column masking rule cannot be made a child (INHERIT) or a partition of another table: its rows would be read under a name the rule does not cover".into());
                     }
+                    // The reverse: a child or partition is masked through
+                    // its ancestors' rules (however far up), so taking it
+                    // out of its hierarchy (NO INHERIT, DETACH PARTITION
+                    // [FINALIZE]) would unmask it. Which ancestors are
+                    // ruled is the catalog's to say; refuse rather than
+                    // look it up.
+                    if matches!(subtype, Some(51 | 61 | 62)) {
+                        return Err("on a resource with column masking rules a table cannot be taken out of its inheritance or partition hierarchy (NO INHERIT, DETACH PARTITION): it may be masked through an ancestor's rules, which would no longer cover it".into());
+                    }
                 }
                 self.walk(payload, ctx)
             }

@@ -302,3 +302,17 @@ fn error_details_are_dropped() {
         i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize
     );
 }
+
+#[test]
+fn a_table_cannot_leave_a_hierarchy_whose_rules_mask_it() {
+    // Masked through a ruled ancestor; out of the hierarchy it would not be.
+    refused("alter table customers detach partition customers_2026");
+    refused("alter table customers detach partition customers_2026 concurrently");
+    refused("alter table customers detach partition customers_2026 finalize");
+    refused("alter table customers_eu no inherit customers");
+    // Whatever the names: the ruled ancestor may be further up.
+    refused("alter table regions detach partition regions_eu");
+    refused("alter table archive no inherit regions");
+    // Other changes to a hierarchy are the catalog's (and INHERIT's) to judge.
+    allowed("alter table customers add column note text");
+}
