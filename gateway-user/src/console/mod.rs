@@ -12,9 +12,12 @@
 //! through [`crate::jit`] and ends sessions through the session table, as
 //! the admin socket does.
 
+mod assets;
 mod client;
 mod oidc;
 mod pages;
+mod render;
+mod search;
 mod web;
 
 use std::{
@@ -362,6 +365,10 @@ async fn handle(
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segs.as_slice() {
         [""] => web::redirect(StatusCode::SEE_OTHER, "/requests", &[]),
+        ["static", _] if assets::lookup(&path).is_some() => match assets::lookup(&path) {
+            Some((ct, bytes)) => web::immutable_asset(ct, bytes),
+            None => error_page(StatusCode::NOT_FOUND, "No such asset."),
+        },
         ["static", "console.css"] => web::asset("text/css; charset=utf-8", pages::CSS.as_bytes()),
         ["static", "console.js"] => {
             web::asset("text/javascript; charset=utf-8", pages::JS.as_bytes())
@@ -375,7 +382,12 @@ async fn handle(
             pages::sessions(shared, &policy, &reviewer, &q),
         ),
         ["sessions", id] => match pages::replay(shared, &policy, &reviewer, id) {
-            Ok(page) => web::html(StatusCode::OK, page),
+            Ok((page, true)) => web::html_with_player(StatusCode::OK, page),
+            Ok((page, false)) => web::html(StatusCode::OK, page),
+            Err((status, msg)) => error_page(status, &msg),
+        },
+        ["sessions", id, "cast", n] => match pages::cast(shared, &policy, &reviewer, id, n) {
+            Ok(text) => web::asciicast(text),
             Err((status, msg)) => error_page(status, &msg),
         },
         ["grants"] => web::html(StatusCode::OK, pages::grants(shared, &policy, &reviewer)),
@@ -403,6 +415,8 @@ async fn handle(
 fn live_events(shared: &Arc<Shared>) -> Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut jit = shared.jit.subscribe();
+    let held = shared.clone();
+    let fleet = shared.fleet.is_some();
     let stop = shared.shutdown.clone();
     tokio::spawn(async move {
         if tx
@@ -413,11 +427,23 @@ fn live_events(shared: &Arc<Shared>) -> Response<Body> {
             return;
         }
         let mut tick = tokio::time::interval(Duration::from_secs(15));
+        // Requests of other fleet nodes are mirrored by the fleet sync
+        // without an event: a poll of the queue's digest notices them.
+        let mut fleet_poll = tokio::time::interval(crate::fleet::POLL_EVERY);
+        let mut seen = fleet.then(|| queue_digest(&held.jit));
         loop {
             let msg: &'static [u8] = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tx.closed() => return,
                 _ = tick.tick() => b": keepalive\n\n",
+                _ = fleet_poll.tick(), if fleet => {
+                    let now = queue_digest(&held.jit);
+                    if seen == Some(now) {
+                        continue;
+                    }
+                    seen = Some(now);
+                    b"event: jit\ndata: changed\n\n"
+                }
                 ev = jit.recv() => match ev {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => b"event: jit\ndata: changed\n\n",
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -429,6 +455,17 @@ fn live_events(shared: &Arc<Shared>) -> Response<Body> {
         }
     });
     web::events(web::EventStream(rx))
+}
+
+/// What the Requests page depends on: each request's id and state.
+fn queue_digest(jit: &crate::jit::Jit) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in jit.requests() {
+        r.id.hash(&mut h);
+        r.status.label().hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Sends the browser to the provider, remembering the sign-in's state,
