@@ -724,7 +724,10 @@ fn console_signs_in_with_oidc_and_approves_a_held_statement_under_cedar_and_four
     let alice = s.browser("reviewer-alice");
     let page = alice.get(&format!("{}/requests", s.url));
     assert!(
-        page.body.contains(&id) && page.body.contains("update orders set state"),
+        page.body.contains(&id)
+            && page
+                .body
+                .contains("<span class=k>update</span> orders <span class=k>set</span> state"),
         "{}",
         page.body
     );
@@ -826,7 +829,7 @@ fn console_signs_in_with_oidc_and_approves_a_held_statement_under_cedar_and_four
     assert!(
         replay
             .body
-            .contains("update orders set state = &#39;void&#39; where id = 2"),
+            .contains("<span class=k>update</span> orders <span class=k>set</span> state = <span class=s>&#39;void&#39;</span> <span class=k>where</span> id = <span class=n>2</span>"),
         "{}",
         replay.body
     );
