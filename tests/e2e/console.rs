@@ -1269,3 +1269,90 @@ fn console_on_one_fleet_node_lists_and_approves_a_hold_on_another() {
     let page = alice.get(&format!("{}/requests", b.url));
     assert!(page.body.contains("<td>node-a</td>"), "{}", page.body);
 }
+
+#[test]
+fn console_one_time_demo_sign_in_opens_one_session_once_and_is_audited() {
+    let s = setup_with(
+        "consoleonce",
+        false,
+        false,
+        "demo_sign_in = \"reviewer-demo\"\n",
+    );
+    // The link is in the state dir, for root only.
+    let file = s.files.state.join("console-sign-in");
+    let mode = std::fs::metadata(&file).expect("link file").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let link = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    let prefix = format!("{}/login/once?token=", s.url);
+    assert!(link.starts_with(&prefix), "{link}");
+    let token = &link[prefix.len()..];
+    assert_eq!(token.len(), 64, "{token}");
+
+    // A wrong token: refused, and it does not spend the real one.
+    let guesser = Browser::new(&s.files.dir, &s.ca);
+    let wrong = guesser.get(&format!("{prefix}{}", "0".repeat(64)));
+    assert_eq!(wrong.status, 403, "{wrong:?}");
+    assert!(wrong.body.contains("wrong"), "{}", wrong.body);
+    assert!(!wrong
+        .set_cookies()
+        .iter()
+        .any(|c| c.starts_with("__Host-portcullis=")));
+
+    // The link signs in: an ordinary session cookie, then pages.
+    let b = Browser::new(&s.files.dir, &s.ca);
+    let r = b.get(&link);
+    assert_eq!(r.status, 200, "{r:?}\n{}", s.daemon.log_text());
+    let cookies = r.set_cookies();
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-portcullis="))
+        .expect("session cookie");
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(session.contains(attr), "{attr} missing in {session}");
+    }
+    let page = b.get(&format!("{}/requests", s.url));
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("reviewer-demo"), "{}", page.body);
+    assert!(!b.csrf(&page.body).is_empty());
+    // Cedar still decides what the reviewer sees (RULES permit reviewer-*).
+    assert_eq!(b.get(&format!("{}/audit", s.url)).status, 200);
+
+    // The second use is refused, with no session.
+    let again = Browser::new(&s.files.dir, &s.ca);
+    let second = again.get(&link);
+    assert_eq!(second.status, 403, "{second:?}");
+    assert!(second.body.contains("already used"), "{}", second.body);
+    assert!(!second
+        .set_cookies()
+        .iter()
+        .any(|c| c.starts_with("__Host-portcullis=")));
+    assert_eq!(again.get(&format!("{}/requests", s.url)).status, 302);
+
+    let events: Vec<Value> = s
+        .events("console_sign_in")
+        .into_iter()
+        .filter(|e| e["detail"]["method"] == "one-time")
+        .collect();
+    assert!(
+        events.iter().any(|e| e["decision"] == "allow"
+            && e["approver"] == "reviewer-demo"
+            && e["detail"]["issuer"] == "urn:portcullis:one-time-sign-in"),
+        "{events:?}"
+    );
+    let denied: Vec<&Value> = events.iter().filter(|e| e["decision"] == "deny").collect();
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap_or("").contains("wrong")),
+        "{events:?}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap_or("").contains("already used")),
+        "{events:?}"
+    );
+}
