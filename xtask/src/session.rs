@@ -56,12 +56,24 @@ pub struct Session {
     tagged: bool,
     /// The daemon process, while running.
     daemon: Option<Child>,
+    /// The daemon's `--config` file, when the caller gives one.
+    daemon_config: Option<PathBuf>,
 }
 
 impl Session {
     /// Creates the cgroups, starts the daemon and waits until it answers
     /// `status --json`.
     pub fn start(bin: &Path, config: &SessionConfig) -> Result<Self> {
+        Self::start_with_config(bin, config, None)
+    }
+
+    /// [`Session::start`] with the daemon reading `daemon_config`
+    /// (`--config`; e.g. a `[console]` table).
+    pub fn start_with_config(
+        bin: &Path,
+        config: &SessionConfig,
+        daemon_config: Option<&Path>,
+    ) -> Result<Self> {
         let cgroup_mount = cgroup2_mount()?;
         let work_dir = PathBuf::from("/tmp").join(config.name);
         let state_dir = work_dir.join("state");
@@ -82,6 +94,7 @@ impl Session {
             state_dir: state_dir.clone(),
             tagged: false,
             daemon: None,
+            daemon_config: daemon_config.map(Path::to_path_buf),
         };
         session.clear_leftovers();
         fs::create_dir_all(&session.agent_cgroup)
@@ -125,8 +138,11 @@ impl Session {
             .arg(config.name)
             .arg("--listen-port")
             .arg(config.listen_port.to_string())
-            .args(["--metrics", "off"])
-            .stdin(Stdio::null())
+            .args(["--metrics", "off"]);
+        if let Some(file) = &self.daemon_config {
+            cmd.arg("--config").arg(file);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
