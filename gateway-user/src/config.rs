@@ -165,6 +165,11 @@ pub fn read_daemon_table(path: &Path) -> Result<DaemonTable, ConfigError> {
     table.auto_tag.extend(file.auto_tag);
     table.fleet = file.fleet;
     table.console = file.console;
+    if let Some(console) = &table.console {
+        console
+            .check()
+            .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;
+    }
     for rule in &table.auto_tag {
         rule.validate()
             .map_err(|m| ConfigError::Invalid(format!("{}: {m}", path.display())))?;

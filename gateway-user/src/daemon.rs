@@ -472,6 +472,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         let console = crate::console::Console::bind(console, shared.ca.clone())
             .await
             .context("starting the review console")?;
+        console.publish_one_time_sign_in(&cfg.state_dir)?;
         tasks.spawn(console.run(shared.clone()));
     }
     if let crate::config::Metrics::On(addr) = cfg.metrics {

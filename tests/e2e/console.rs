@@ -414,6 +414,8 @@ struct Console {
     pg: Option<PgServer>,
     echo: Option<EchoServer>,
     agent: Placement,
+    /// With [`setup_with_ssh`]: resource `box`, shells allowed and recorded.
+    sshd: Option<SshServer>,
 }
 
 const RULES: &str = r#"
@@ -432,6 +434,17 @@ forbid(principal, action == Action::"console:approve", resource)
 "#;
 
 fn setup(name: &str, with_pg: bool) -> Console {
+    setup_with(name, with_pg, false, "")
+}
+
+/// [`setup`] with PostgreSQL and an OpenSSH server as resource `box`
+/// (shells allowed, recorded in full).
+fn setup_with_ssh(name: &str) -> Console {
+    setup_with(name, true, true, "")
+}
+
+/// `config` is appended to the daemon's config file (after `[console]`).
+fn setup_with(name: &str, with_pg: bool, with_ssh: bool, config: &str) -> Console {
     require_root();
     let cg = TestCgroup::new(name);
     let mut files = DaemonFiles::new(&cg.rel);
@@ -481,6 +494,26 @@ fn setup(name: &str, with_pg: bool) -> Console {
         );
         echo
     });
+    let sshd = with_ssh.then(|| {
+        let sshd = SshServer::start(name);
+        std::fs::write(
+            files.policies.join("box.toml"),
+            format!(
+                "[resource.box]\nprotocol = \"ssh\"\nmatch = [\"127.0.0.1:{}\"]\n\
+                 credentials = {{ user = \"root\", private_key_file = {:?} }}\n\
+                 record = \"full\"\nknown_hosts = {:?}\n",
+                sshd.port,
+                sshd.upstream_key.display().to_string(),
+                sshd.known_hosts.display().to_string(),
+            ),
+        )
+        .unwrap();
+        files.rules(
+            "box.cedar",
+            "@id(\"shell\")\npermit(principal, action == Action::\"ssh:shell\", resource == Resource::\"box\");\n",
+        );
+        sshd
+    });
     let port = free_port();
     let secret = files.dir.join("console.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
@@ -488,7 +521,7 @@ fn setup(name: &str, with_pg: bool) -> Console {
     std::fs::write(
         files.config_file(),
         format!(
-            "[console]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"corp\"\nclient_id = {CLIENT_ID:?}\nclient_secret_file = {:?}\nredirect_url = \"{url}/auth/callback\"\n",
+            "[console]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"corp\"\nclient_id = {CLIENT_ID:?}\nclient_secret_file = {:?}\nredirect_url = \"{url}/auth/callback\"\n{config}",
             secret.display().to_string()
         ),
     )
@@ -507,6 +540,7 @@ fn setup(name: &str, with_pg: bool) -> Console {
         ca,
         pg,
         echo,
+        sshd,
     }
 }
 
@@ -530,6 +564,50 @@ impl Console {
             assert!(session.contains(attr), "{attr} missing in {session}");
         }
         b
+    }
+
+    /// A recorded shell through the daemon on `box`: types `input`, returns
+    /// the session's id once its recording has ended.
+    fn ssh_shell(&self, input: &[u8]) -> String {
+        let sshd = self.sshd.as_ref().expect("setup_with_ssh");
+        let kh = sshd.agent_known_hosts(&self.files.state.join("ssh").join("host_ed25519.pub"));
+        let mut cmd = Command::new("ssh");
+        cmd.args(sshd.ssh_opts(&kh))
+            .args(["-tt", "-p", &sshd.port.to_string(), "root@127.0.0.1"]);
+        self.agent.apply(&mut cmd);
+        let out = crate::ssh::run_with_input(cmd, input, std::time::Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "ssh: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon.log_text()
+        );
+        let state = self.files.state.display().to_string();
+        let mut id = String::new();
+        wait_until(
+            std::time::Duration::from_secs(10),
+            || {
+                let list = self
+                    .daemon
+                    .json(&["sessions", "--json", "--state-dir", &state]);
+                match list["sessions"].as_array().and_then(|l| {
+                    l.iter().find(|i| {
+                        i["protocol"] == "ssh"
+                            && i["end_reason"].is_string()
+                            && i["channels"].as_array().is_some_and(|c| !c.is_empty())
+                    })
+                }) {
+                    Some(i) => {
+                        id = i["id"].as_str().unwrap_or_default().to_string();
+                        true
+                    }
+                    None => false,
+                }
+            },
+            "the ssh session recorded and ended",
+        );
+        id
     }
 
     fn spawn_pg_client(&self, spec: Value) -> std::process::Child {
@@ -646,7 +724,10 @@ fn console_signs_in_with_oidc_and_approves_a_held_statement_under_cedar_and_four
     let alice = s.browser("reviewer-alice");
     let page = alice.get(&format!("{}/requests", s.url));
     assert!(
-        page.body.contains(&id) && page.body.contains("update orders set state"),
+        page.body.contains(&id)
+            && page
+                .body
+                .contains("<span class=k>update</span> orders <span class=k>set</span> state"),
         "{}",
         page.body
     );
@@ -748,7 +829,7 @@ fn console_signs_in_with_oidc_and_approves_a_held_statement_under_cedar_and_four
     assert!(
         replay
             .body
-            .contains("update orders set state = &#39;void&#39; where id = 2"),
+            .contains("<span class=k>update</span> orders <span class=k>set</span> state = <span class=s>&#39;void&#39;</span> <span class=k>where</span> id = <span class=n>2</span>"),
         "{}",
         replay.body
     );
@@ -940,9 +1021,76 @@ fn console_approves_for_a_duration_ends_a_session_and_revokes_the_grant() {
 const BROWSER: &str = include_str!("console_browser.py");
 
 #[test]
-fn console_in_headless_chromium_signs_in_and_approves() {
-    let s = setup("consolechrome", true);
+fn console_in_headless_chromium_signs_in_approves_and_replays_ssh_in_the_player() {
+    let s = setup_with_ssh("consolechrome");
     s.provider.login_as("reviewer-alice", Mode::Good);
+    // A recorded shell first: the browser replays it in the asciinema player.
+    let ssh_session = s.ssh_shell(b"echo console-replay-$((6*7))\nexit 0\n");
+    {
+        // What the player is given, seen by a client that checks the
+        // certificate: the cast from the console, the vendored bundle
+        // cached for good, and a replay page whose policy lets the bundle
+        // compile its WebAssembly and nothing more.
+        let b = s.browser("reviewer-alice");
+        let page = b.get(&format!("{}/sessions/{ssh_session}", s.url));
+        assert_eq!(page.status, 200, "{page:?}");
+        let csp = page.header("content-security-policy").unwrap();
+        assert!(
+            csp.contains("script-src 'self' 'wasm-unsafe-eval';"),
+            "{csp}"
+        );
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("'unsafe-eval'"),
+            "{csp}"
+        );
+        assert!(page.body.contains("/static/asciinema-player-3.18.0.min.js"));
+        // Without JavaScript the recorded text is on the page.
+        assert!(page.body.contains("console-replay-42"));
+        let cast = b.get(&format!("{}/sessions/{ssh_session}/cast/0", s.url));
+        assert_eq!(cast.status, 200, "{cast:?}");
+        assert_eq!(
+            cast.header("content-type").as_deref(),
+            Some("application/x-asciicast")
+        );
+        let head: Value = serde_json::from_str(cast.body.lines().next().unwrap()).unwrap();
+        assert_eq!(head["version"], 2);
+        assert!(cast.body.contains("console-replay-42"));
+        assert!(
+            cast.body
+                .lines()
+                .skip(1)
+                .all(|l| serde_json::from_str::<Value>(l).unwrap()[1] != "i"),
+            "keystrokes are not served"
+        );
+        assert_eq!(
+            b.get(&format!("{}/sessions/{ssh_session}/cast/9", s.url))
+                .status,
+            404
+        );
+        let js = b.get(&format!("{}/static/asciinema-player-3.18.0.min.js", s.url));
+        assert_eq!(js.status, 200);
+        assert!(js
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/javascript"));
+        assert_eq!(
+            js.header("cache-control").as_deref(),
+            Some("public, max-age=31536000, immutable")
+        );
+        let css = b.get(&format!("{}/static/asciinema-player-3.18.0.css", s.url));
+        assert!(css.header("content-type").unwrap().starts_with("text/css"));
+        let lic = b.get(&format!(
+            "{}/static/asciinema-player-3.18.0.LICENSE.txt",
+            s.url
+        ));
+        assert!(lic.body.contains("Apache License"));
+        // Other pages keep the strict policy.
+        let csp = b
+            .get(&format!("{}/requests", s.url))
+            .header("content-security-policy")
+            .unwrap();
+        assert!(csp.contains("script-src 'self';"), "{csp}");
+    }
     let child = s.spawn_pg_client(json!({"steps": [
         {"sql": "update orders set state = 'shipped' where id = 2"},
         {"sql": "select state from orders where id = 2"},
@@ -955,8 +1103,10 @@ fn console_in_headless_chromium_signs_in_and_approves() {
     // Screenshots are kept as artifacts of the test run.
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
+    println!("console screenshots: {}", shots.display());
     let spec = json!({
         "url": s.url, "request": id,
+        "replay": ssh_session, "marker": "console-replay-42",
         "profile": profile.display().to_string(),
         "shots": shots.display().to_string(),
     });
@@ -984,6 +1134,16 @@ fn console_in_headless_chromium_signs_in_and_approves() {
         "{r}"
     );
     assert!(r["after"].as_str().unwrap().contains(&id), "{r}");
+    // The vendored player loaded under the page's CSP and played the
+    // recording: its terminal shows the command's output.
+    assert_eq!(r["player_version"], true, "{r}");
+    assert!(
+        r["player_text"]
+            .as_str()
+            .unwrap()
+            .contains("console-replay-42"),
+        "{r}"
+    );
     assert!(
         r["audit_chain"]
             .as_str()
@@ -1006,10 +1166,193 @@ fn console_in_headless_chromium_signs_in_and_approves() {
         "sessions",
         "grants",
         "audit",
+        "replay-ssh",
     ] {
         assert!(
             shots.join(format!("{page}.png")).is_file(),
             "{page} screenshot"
         );
     }
+}
+
+/// Two daemons sharing a fleet store (a real PostgreSQL): node A holds an
+/// agent's connection; node B's console lists it with A's name and approves
+/// it; the agent on A continues and both nodes' logs say who approved.
+#[test]
+fn console_on_one_fleet_node_lists_and_approves_a_hold_on_another() {
+    require_root();
+    let store = PgServer::start("consolefleet");
+    store.sql("create database fleet");
+    let fleet = |node: &str| {
+        format!(
+            "[fleet]\nstore = \"postgres://postgres@127.0.0.1:{}/fleet\"\npassword_file = {:?}\nnode = {node:?}\n",
+            store.port,
+            store.password_file.display().to_string()
+        )
+    };
+    let b = setup_with("consolefleetb", false, false, &fleet("node-b"));
+    let echo = b.echo.as_ref().unwrap();
+    // Node A: no console, the same echo resource behind approval.
+    let cg_a = TestCgroup::new("consolefleeta");
+    let files_a = DaemonFiles::new(&cg_a.rel);
+    files_a.rules(
+        "allow.cedar",
+        "@id(\"echo-needs-approval\")\n@approval(\"required\")\npermit(principal, action == Action::\"tcp:connect\", resource == Resource::\"echo\");\n",
+    );
+    files_a.tcp_resources_with(
+        "echo.toml",
+        &[("echo", vec![echo.addr.to_string()])],
+        "approval_timeout = \"60s\"\n",
+    );
+    std::fs::write(files_a.config_file(), fleet("node-a")).unwrap();
+    let daemon_a = Daemon::start(&files_a);
+    let agent_cg = cg_a.child("agent");
+    daemon_a.tag(&agent_cg, "agent");
+    let place = Placement::cgroup(cg_a.dir(&agent_cg));
+    let held = HeldClient::spawn(
+        &place,
+        json!({"host": "127.0.0.1", "port": echo.addr.port(), "timeout": 30}),
+        &files_a.dir,
+    );
+    let pending = b.daemon.wait_pending(1);
+    assert_eq!(pending[0]["node"], "node-a", "{pending:?}");
+    let id = pending[0]["id"].as_str().unwrap().to_string();
+
+    let alice = b.browser("reviewer-alice");
+    let page = alice.get(&format!("{}/requests", b.url));
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(
+        page.body.contains("id=fleet"),
+        "the page says it is the fleet's queue"
+    );
+    let card_at = page
+        .body
+        .find(&format!("id=\"req-{id}\""))
+        .unwrap_or_else(|| panic!("{id} listed on node B:\n{}", page.body));
+    let card = &page.body[card_at..];
+    let card = &card[..card.find("</div>").unwrap()];
+    assert!(card.contains("at node <b class=node>node-a</b>"), "{card}");
+    let csrf = alice.csrf(&page.body);
+    let r = alice.post(
+        &format!("{}/requests/{id}/approve", b.url),
+        &format!("csrf={csrf}&reason=checked+from+node-b"),
+    );
+    assert_eq!(
+        r.status,
+        303,
+        "{r:?}\n{}\n{}",
+        b.daemon.log_text(),
+        daemon_a.log_text()
+    );
+    held.wait_ready();
+    let out = held.finish();
+    assert!(out.echo_ok(), "{out:?}\n{}", daemon_a.log_text());
+    // Node B's log: the console's decision, with the reviewer.
+    let decided: Vec<Value> = b
+        .events("access_request")
+        .into_iter()
+        .filter(|e| e["detail"]["via"] == "console")
+        .collect();
+    assert_eq!(decided.len(), 1, "{decided:?}");
+    assert_eq!(decided[0]["approver"], "reviewer-alice");
+    // Node A's log: the released command names the same approver.
+    let cmds: Vec<Value> = audit_tail(&files_a)
+        .into_iter()
+        .filter(|e| e["session"] == pending[0]["session"] && e["decision"] == "allow")
+        .collect();
+    assert!(
+        cmds.iter()
+            .any(|e| e["approver"].as_str() == Some("reviewer-alice")),
+        "{cmds:#?}"
+    );
+    // The decided list on B shows where it was held.
+    let page = alice.get(&format!("{}/requests", b.url));
+    assert!(page.body.contains("<td>node-a</td>"), "{}", page.body);
+}
+
+#[test]
+fn console_one_time_demo_sign_in_opens_one_session_once_and_is_audited() {
+    let s = setup_with(
+        "consoleonce",
+        false,
+        false,
+        "demo_sign_in = \"reviewer-demo\"\n",
+    );
+    // The link is in the state dir, for root only.
+    let file = s.files.state.join("console-sign-in");
+    let mode = std::fs::metadata(&file).expect("link file").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let link = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    let prefix = format!("{}/login/once?token=", s.url);
+    assert!(link.starts_with(&prefix), "{link}");
+    let token = &link[prefix.len()..];
+    assert_eq!(token.len(), 64, "{token}");
+
+    // A wrong token: refused, and it does not spend the real one.
+    let guesser = Browser::new(&s.files.dir, &s.ca);
+    let wrong = guesser.get(&format!("{prefix}{}", "0".repeat(64)));
+    assert_eq!(wrong.status, 403, "{wrong:?}");
+    assert!(wrong.body.contains("wrong"), "{}", wrong.body);
+    assert!(!wrong
+        .set_cookies()
+        .iter()
+        .any(|c| c.starts_with("__Host-portcullis=")));
+
+    // The link signs in: an ordinary session cookie, then pages.
+    let b = Browser::new(&s.files.dir, &s.ca);
+    let r = b.get(&link);
+    assert_eq!(r.status, 200, "{r:?}\n{}", s.daemon.log_text());
+    let cookies = r.set_cookies();
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-portcullis="))
+        .expect("session cookie");
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(session.contains(attr), "{attr} missing in {session}");
+    }
+    let page = b.get(&format!("{}/requests", s.url));
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("reviewer-demo"), "{}", page.body);
+    assert!(!b.csrf(&page.body).is_empty());
+    // Cedar still decides what the reviewer sees (RULES permit reviewer-*).
+    assert_eq!(b.get(&format!("{}/audit", s.url)).status, 200);
+
+    // The second use is refused, with no session.
+    let again = Browser::new(&s.files.dir, &s.ca);
+    let second = again.get(&link);
+    assert_eq!(second.status, 403, "{second:?}");
+    assert!(second.body.contains("already used"), "{}", second.body);
+    assert!(!second
+        .set_cookies()
+        .iter()
+        .any(|c| c.starts_with("__Host-portcullis=")));
+    assert_eq!(again.get(&format!("{}/requests", s.url)).status, 302);
+
+    let events: Vec<Value> = s
+        .events("console_sign_in")
+        .into_iter()
+        .filter(|e| e["detail"]["method"] == "one-time")
+        .collect();
+    assert!(
+        events.iter().any(|e| e["decision"] == "allow"
+            && e["approver"] == "reviewer-demo"
+            && e["detail"]["issuer"] == "urn:portcullis:one-time-sign-in"),
+        "{events:?}"
+    );
+    let denied: Vec<&Value> = events.iter().filter(|e| e["decision"] == "deny").collect();
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap_or("").contains("wrong")),
+        "{events:?}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap_or("").contains("already used")),
+        "{events:?}"
+    );
 }

@@ -1,6 +1,8 @@
 """Drives the review console in headless Chromium (WebDriver): signs in
 through the test's OIDC provider, approves one pending request by clicking
-its button, and screenshots each page. Prints a JSON result."""
+its button, replays an SSH recording in the asciinema player (reading the
+player's terminal text once it has played), and screenshots each page.
+Prints a JSON result."""
 import json
 import os
 import sys
@@ -42,6 +44,25 @@ try:
         driver.get(args["url"] + "/" + page)
         driver.save_screenshot(os.path.join(args["shots"], page + ".png"))
     out["audit_chain"] = driver.find_element(By.ID, "chain").text
+    if args.get("replay"):
+        driver.get(args["url"] + "/sessions/" + args["replay"])
+        wait.until(ec.title_contains("Session"))
+        # The player's own terminal (not the text fallback below it).
+        term = "div.player .ap-term"
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, term)))
+        marker = args["marker"]
+        read = ("var e=document.querySelector(arguments[0]);"
+                "return e?e.textContent:'';")
+        wait.until(lambda d: marker in d.execute_script(read, term))
+        out["player_text"] = driver.execute_script(read, term)
+        out["player_version"] = driver.execute_script(
+            "return typeof AsciinemaPlayer==='object'&&!!AsciinemaPlayer.create;")
+        driver.save_screenshot(os.path.join(args["shots"], "replay-ssh.png"))
+        # Whatever the page logged (a CSP refusal would show here).
+        try:
+            out["console_log"] = [e["message"] for e in driver.get_log("browser")]
+        except Exception:  # not every driver keeps the log
+            out["console_log"] = []
     out["ok"] = True
 except Exception as e:  # reported to the test with where the browser was
     out["error"] = repr(e)

@@ -105,15 +105,14 @@ fn store_cost(
     )?;
     catch_interrupts();
     let start = |name: &'static str, config: &Path| -> Result<Session> {
-        let config = config.display().to_string();
-        let mut s = Session::start_with(
+        let mut s = Session::start_with_config(
             &bin,
             &SessionConfig {
                 name,
                 policies: policies.clone(),
                 listen_port: bench_pg::free_port()?,
             },
-            &["--config", &config],
+            Some(config),
         )?;
         s.tag_agent("bench-agent", Some(&token))?;
         Ok(s)

@@ -8,7 +8,10 @@
 //!
 //! Owns the demo's PostgreSQL server (under `/tmp/portcullis-demo`, on
 //! [`PG_PORT`], which `policies/demo.toml` names) and the story it prints;
-//! the daemon's life is [`Session`]'s.
+//! the daemon's life is [`Session`]'s. The daemon also serves the review
+//! console on [`CONSOLE_PORT`] with a one-time sign-in for
+//! [`CONSOLE_REVIEWER`] (`[console] demo_sign_in`), whose link the demo
+//! prints while the daemon keeps running.
 
 use std::{
     fs,
@@ -58,6 +61,11 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the demo waits for the agent's recording to be complete.
 const RECORDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The review console's port (loopback only).
+const CONSOLE_PORT: u16 = 15030;
+/// The reviewer the one-time link signs in as; `policies/demo.cedar`
+/// permits it the console's actions.
+const CONSOLE_REVIEWER: &str = "demo-reviewer";
 /// What psql echoes after each statement, so the demo knows it finished.
 const DONE: &str = "--portcullis-demo-done--";
 
@@ -102,13 +110,15 @@ pub fn run(once: bool, binary: Option<PathBuf>) -> Result<()> {
     // removed) after the daemon and PostgreSQL stopped; armed only once the
     // session proved the work dir is ours (no other demo daemon answers).
     let mut work = RemoveOnDrop(None);
-    let mut session = Session::start(
+    let daemon_config = write_console_config()?;
+    let mut session = Session::start_with_config(
         &bin,
         &SessionConfig {
             name: NAME,
             policies,
             listen_port: LISTEN_PORT,
         },
+        Some(&daemon_config),
     )?;
     let work_dir = PathBuf::from("/tmp").join(NAME);
     work.0 = Some(work_dir.clone());
@@ -122,6 +132,60 @@ pub fn run(once: bool, binary: Option<PathBuf>) -> Result<()> {
         step(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     }
     result
+}
+
+/// Writes the daemon's config file: the review console on loopback with a
+/// one-time sign-in for [`CONSOLE_REVIEWER`] (no OIDC provider in the demo;
+/// `issuer` names the demo's issuer only because the table requires one).
+fn write_console_config() -> Result<PathBuf> {
+    let dir = PathBuf::from("/tmp").join(NAME);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("portcullis.toml");
+    fs::write(
+        &path,
+        format!(
+            "# Written by `cargo xtask demo`.\n[console]\nlisten = \"127.0.0.1:{CONSOLE_PORT}\"\n\
+             issuer = \"demo\"\nclient_id = \"portcullis-console\"\n\
+             redirect_url = \"https://127.0.0.1:{CONSOLE_PORT}/auth/callback\"\n\
+             demo_sign_in = \"{CONSOLE_REVIEWER}\"   # demos only: a one-time link, loopback only\n"
+        ),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Prints the review console's address and the one-time sign-in link the
+/// daemon wrote in its state dir (root-only), and what to do there.
+fn print_console(session: &Session) -> Result<()> {
+    let file = session.state_dir().join("console-sign-in");
+    let link = fs::read_to_string(&file).with_context(|| {
+        format!(
+            "the daemon wrote no one-time sign-in link in {}",
+            file.display()
+        )
+    })?;
+    let ca = session.state_dir().join("ca").join("ca.crt");
+    step(&format!(
+        "review console: https://127.0.0.1:{CONSOLE_PORT}/ (TLS from the daemon's CA {})",
+        ca.display()
+    ));
+    println!(
+        "    one-time sign-in as {CONSOLE_REVIEWER} (works once, for 15 minutes after the daemon started):"
+    );
+    println!("      {}", link.trim());
+    println!(
+        "    there: Requests shows the update the demo approved (who, when, the rule that asked); \
+         Sessions has the agent's psql session with its replay (statements, decisions, masked rows); \
+         Audit searches the log and shows the chain's verification. Hold a new update from the psql \
+         line below and approve or deny it in the page."
+    );
+    println!(
+        "    (from a shell: curl --cacert {} -c /tmp/jar '{}' then curl --cacert {} -b /tmp/jar https://127.0.0.1:{CONSOLE_PORT}/requests)",
+        ca.display(),
+        link.trim(),
+        ca.display()
+    );
+    Ok(())
 }
 
 /// Fails clearly when PostgreSQL could not listen on 127.0.0.1:`port`.
@@ -289,6 +353,7 @@ fn run_demo(session: &mut Session, psql: &Path, once: bool, started: Instant) ->
     );
 
     if !once {
+        print_console(session)?;
         wait_for_interrupt(session, psql)?;
     }
     Ok(())

@@ -56,17 +56,24 @@ pub struct Session {
     tagged: bool,
     /// The daemon process, while running.
     daemon: Option<Child>,
+    /// The daemon's `--config` file, when the caller gives one.
+    daemon_config: Option<PathBuf>,
 }
 
 impl Session {
     /// Creates the cgroups, starts the daemon and waits until it answers
     /// `status --json`.
     pub fn start(bin: &Path, config: &SessionConfig) -> Result<Self> {
-        Self::start_with(bin, config, &[])
+        Self::start_with_config(bin, config, None)
     }
 
-    /// [`Session::start`] with more daemon flags (e.g. `--config FILE`).
-    pub fn start_with(bin: &Path, config: &SessionConfig, extra: &[&str]) -> Result<Self> {
+    /// [`Session::start`] with the daemon reading `daemon_config`
+    /// (`--config`; e.g. a `[console]` table).
+    pub fn start_with_config(
+        bin: &Path,
+        config: &SessionConfig,
+        daemon_config: Option<&Path>,
+    ) -> Result<Self> {
         let cgroup_mount = cgroup2_mount()?;
         let work_dir = PathBuf::from("/tmp").join(config.name);
         let state_dir = work_dir.join("state");
@@ -87,6 +94,7 @@ impl Session {
             state_dir: state_dir.clone(),
             tagged: false,
             daemon: None,
+            daemon_config: daemon_config.map(Path::to_path_buf),
         };
         session.clear_leftovers();
         fs::create_dir_all(&session.agent_cgroup)
@@ -95,7 +103,7 @@ impl Session {
             "created cgroup {}",
             session.agent_cgroup.display()
         ));
-        session.spawn_daemon(config, &state_dir, extra)?;
+        session.spawn_daemon(config, &state_dir)?;
         session.wait_ready()?;
         Ok(session)
     }
@@ -113,12 +121,7 @@ impl Session {
 
     /// Starts the daemon in its own process group (Ctrl-C reaches only
     /// xtask, which then tears down in order), logging to `daemon.log`.
-    fn spawn_daemon(
-        &mut self,
-        config: &SessionConfig,
-        state_dir: &Path,
-        extra: &[&str],
-    ) -> Result<()> {
+    fn spawn_daemon(&mut self, config: &SessionConfig, state_dir: &Path) -> Result<()> {
         let log = File::create(&self.log_path)
             .with_context(|| format!("cannot create {}", self.log_path.display()))?;
         let mut cmd = Command::new(&self.bin);
@@ -135,9 +138,11 @@ impl Session {
             .arg(config.name)
             .arg("--listen-port")
             .arg(config.listen_port.to_string())
-            .args(["--metrics", "off"])
-            .args(extra)
-            .stdin(Stdio::null())
+            .args(["--metrics", "off"]);
+        if let Some(file) = &self.daemon_config {
+            cmd.arg("--config").arg(file);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);

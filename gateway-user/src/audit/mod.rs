@@ -102,7 +102,7 @@ pub use ed25519_dalek::VerifyingKey;
 pub use event::{AuditEvent, IdentityRef, RESERVED_KINDS};
 pub use key::load_public_key;
 pub(crate) use key::random_seed;
-pub use read::{follow, read_events, TailFilter, FOLLOW_POLL};
+pub use read::{follow, read_events, read_events_where, TailFilter, FOLLOW_POLL};
 pub use time::{format_rfc3339_ms, rfc3339_ms_string};
 pub use verify::{verify, verify_lines, VerifyError, VerifyReport};
 

@@ -73,6 +73,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
 /// The events of the log in `dir` that pass `filter`, in order across files.
 /// Lines that are not JSON and a torn final line are skipped.
 pub fn read_events(dir: &Path, filter: &TailFilter) -> Result<Vec<Value>, AuditError> {
+    read_events_where(dir, filter, &|_| true)
+}
+
+/// [`read_events`] with a further condition, checked before `last` keeps
+/// the last N (the review console's audit search).
+pub fn read_events_where(
+    dir: &Path,
+    filter: &TailFilter,
+    keep: &dyn Fn(&Value) -> bool,
+) -> Result<Vec<Value>, AuditError> {
     let mut out = VecDeque::new();
     let files = chain::list_files(dir).map_err(io_err(dir))?;
     let mut buf = Vec::with_capacity(1024);
@@ -95,7 +105,7 @@ pub fn read_events(dir: &Path, filter: &TailFilter) -> Result<Vec<Value>, AuditE
             let Ok(event) = serde_json::from_slice::<Value>(&buf) else {
                 continue;
             };
-            if filter.matches(&event) {
+            if filter.matches(&event) && keep(&event) {
                 out.push_back(event);
                 if filter.last.is_some_and(|n| out.len() > n) {
                     out.pop_front();

@@ -12,9 +12,13 @@
 //! through [`crate::jit`] and ends sessions through the session table, as
 //! the admin socket does.
 
+mod assets;
 mod client;
 mod oidc;
+mod once;
 mod pages;
+mod render;
+mod search;
 mod web;
 
 use std::{
@@ -73,6 +77,31 @@ pub struct ConsoleConfig {
     /// How long a sign-in lasts (default 8h).
     #[serde(default)]
     pub session_ttl: Option<String>,
+    /// For demos only: the reviewer subject a one-time link signs in as
+    /// (no OIDC provider involved). Off by default; refused unless
+    /// `listen` is a loopback address.
+    #[serde(default)]
+    pub demo_sign_in: Option<String>,
+}
+
+impl ConsoleConfig {
+    /// Checks what does not need the policies or the network: a one-time
+    /// demo sign-in only on a loopback listener, for a named reviewer.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(who) = &self.demo_sign_in {
+            if who.trim().is_empty() || who.chars().any(char::is_control) {
+                return Err("[console] demo_sign_in must name a reviewer subject".into());
+            }
+            if !self.listen.ip().is_loopback() {
+                return Err(format!(
+                    "[console] demo_sign_in is for demos on one machine: it needs a loopback \
+                     `listen` address, not {}",
+                    self.listen
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The session cookie. `__Host-`: browsers accept it only with `Secure`,
@@ -127,6 +156,8 @@ struct State {
     session_ttl: Duration,
     auth: Mutex<Auth>,
     provider: Mutex<Option<Arc<oidc::Provider>>>,
+    /// `[console] demo_sign_in`'s reviewer and the daemon's one-time token.
+    one_time: Option<(String, Mutex<once::OneTime>)>,
 }
 
 #[derive(Debug)]
@@ -159,6 +190,17 @@ pub struct Console {
 impl Console {
     /// Checks the configuration, prepares TLS and binds the listener.
     pub async fn bind(cfg: &ConsoleConfig, ca: Arc<LocalCa>) -> anyhow::Result<Self> {
+        cfg.check().map_err(anyhow::Error::msg)?;
+        let one_time = match &cfg.demo_sign_in {
+            Some(who) => Some((
+                who.clone(),
+                Mutex::new(
+                    once::OneTime::generate(once::ONE_TIME_TTL)
+                        .context("[console] demo_sign_in: reading the kernel's RNG")?,
+                ),
+            )),
+            None => None,
+        };
         if cfg.client_id.is_empty() {
             anyhow::bail!("[console] client_id is empty");
         }
@@ -227,6 +269,7 @@ impl Console {
                 session_ttl,
                 auth: Mutex::new(Auth::default()),
                 provider: Mutex::new(None),
+                one_time,
             }),
         })
     }
@@ -234,6 +277,34 @@ impl Console {
     /// The bound address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// With `demo_sign_in`: writes the one-time link to
+    /// `<state_dir>/console-sign-in` (mode 0600) and returns its path.
+    pub fn publish_one_time_sign_in(
+        &self,
+        state_dir: &std::path::Path,
+    ) -> anyhow::Result<Option<PathBuf>> {
+        let Some((who, slot)) = &self.state.one_time else {
+            return Ok(None);
+        };
+        let link = format!(
+            "{}/login/once?token={}",
+            self.state.origin,
+            slot.lock().unwrap_or_else(|p| p.into_inner()).token()
+        );
+        let path = once::write_link(state_dir, &link).with_context(|| {
+            format!(
+                "writing the one-time sign-in link in {}",
+                state_dir.display()
+            )
+        })?;
+        warn!(
+            reviewer = %who,
+            file = %path.display(),
+            "review console: demo_sign_in is on; a one-time sign-in link (single use, 15 minutes) is in the file"
+        );
+        Ok(Some(path))
     }
 
     /// Serves until the daemon stops.
@@ -338,6 +409,9 @@ async fn handle(
     if path == st.callback_path {
         return callback(st, shared, req).await;
     }
+    if path == "/login/once" && st.one_time.is_some() {
+        return one_time_sign_in(st, shared, peer, &req).await;
+    }
     let Some((sid, mut reviewer)) = st.reviewer(&req) else {
         return match *req.method() {
             Method::GET | Method::HEAD => start_login(st, shared).await,
@@ -362,6 +436,10 @@ async fn handle(
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segs.as_slice() {
         [""] => web::redirect(StatusCode::SEE_OTHER, "/requests", &[]),
+        ["static", _] if assets::lookup(&path).is_some() => match assets::lookup(&path) {
+            Some((ct, bytes)) => web::immutable_asset(ct, bytes),
+            None => error_page(StatusCode::NOT_FOUND, "No such asset."),
+        },
         ["static", "console.css"] => web::asset("text/css; charset=utf-8", pages::CSS.as_bytes()),
         ["static", "console.js"] => {
             web::asset("text/javascript; charset=utf-8", pages::JS.as_bytes())
@@ -375,7 +453,12 @@ async fn handle(
             pages::sessions(shared, &policy, &reviewer, &q),
         ),
         ["sessions", id] => match pages::replay(shared, &policy, &reviewer, id) {
-            Ok(page) => web::html(StatusCode::OK, page),
+            Ok((page, true)) => web::html_with_player(StatusCode::OK, page),
+            Ok((page, false)) => web::html(StatusCode::OK, page),
+            Err((status, msg)) => error_page(status, &msg),
+        },
+        ["sessions", id, "cast", n] => match pages::cast(shared, &policy, &reviewer, id, n) {
+            Ok(text) => web::asciicast(text),
             Err((status, msg)) => error_page(status, &msg),
         },
         ["grants"] => web::html(StatusCode::OK, pages::grants(shared, &policy, &reviewer)),
@@ -403,6 +486,8 @@ async fn handle(
 fn live_events(shared: &Arc<Shared>) -> Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut jit = shared.jit.subscribe();
+    let held = shared.clone();
+    let fleet = shared.fleet.is_some();
     let stop = shared.shutdown.clone();
     tokio::spawn(async move {
         if tx
@@ -413,11 +498,23 @@ fn live_events(shared: &Arc<Shared>) -> Response<Body> {
             return;
         }
         let mut tick = tokio::time::interval(Duration::from_secs(15));
+        // Requests of other fleet nodes are mirrored by the fleet sync
+        // without an event: a poll of the queue's digest notices them.
+        let mut fleet_poll = tokio::time::interval(crate::fleet::POLL_EVERY);
+        let mut seen = fleet.then(|| queue_digest(&held.jit));
         loop {
             let msg: &'static [u8] = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tx.closed() => return,
                 _ = tick.tick() => b": keepalive\n\n",
+                _ = fleet_poll.tick(), if fleet => {
+                    let now = queue_digest(&held.jit);
+                    if seen == Some(now) {
+                        continue;
+                    }
+                    seen = Some(now);
+                    b"event: jit\ndata: changed\n\n"
+                }
                 ev = jit.recv() => match ev {
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => b"event: jit\ndata: changed\n\n",
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -429,6 +526,17 @@ fn live_events(shared: &Arc<Shared>) -> Response<Body> {
         }
     });
     web::events(web::EventStream(rx))
+}
+
+/// What the Requests page depends on: each request's id and state.
+fn queue_digest(jit: &crate::jit::Jit) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in jit.requests() {
+        r.id.hash(&mut h);
+        r.status.label().hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Sends the browser to the provider, remembering the sign-in's state,
@@ -570,6 +678,77 @@ async fn callback(st: &State, shared: &Arc<Shared>, req: Request<Incoming>) -> R
     web::set_cookies_then(
         "/requests",
         &[session_cookie(&sid, st.session_ttl.as_secs()), clear_login],
+    )
+}
+
+/// `GET /login/once?token=…`: the demo's one-time sign-in. A right,
+/// unused, timely token opens an ordinary session (same cookie, same CSRF)
+/// for the configured reviewer; anything else is a 403 page. Both audited.
+async fn one_time_sign_in(
+    st: &State,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Body> {
+    let Some((who, slot)) = &st.one_time else {
+        return error_page(StatusCode::NOT_FOUND, "No such page.");
+    };
+    // Only GET spends the token: a link preview's HEAD must not.
+    if req.method() != Method::GET {
+        return error_page(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.");
+    }
+    let q = web::parse_form(req.uri().query().unwrap_or("")).unwrap_or_default();
+    let presented = q.get("token").map(String::as_str).unwrap_or("");
+    let outcome = slot
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .redeem(presented, Instant::now());
+    if let Err(e) = outcome {
+        warn!(client = %peer, "console one-time sign-in refused: {e}");
+        let ev = AuditEvent::new("console_sign_in")
+            .decision("deny")
+            .reason(e.to_string())
+            .detail("method", "one-time".to_string())
+            .detail("client", peer.to_string());
+        if let Err(e) = shared.audit(ev).await {
+            warn!("audit record of a refused sign-in failed: {e}");
+        }
+        return error_page(StatusCode::FORBIDDEN, &format!("Sign-in refused: {e}."));
+    }
+    let sid = oidc::random_token(32);
+    let reviewer = Reviewer {
+        subject: who.clone(),
+        issuer: once::ONE_TIME_ISSUER.to_string(),
+        csrf: oidc::random_token(32),
+        client: String::new(),
+        destination: st.cfg.listen.to_string(),
+        expires: Instant::now() + st.session_ttl,
+    };
+    {
+        let mut auth = st.auth.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        auth.sessions.retain(|_, r| r.expires > now);
+        if auth.sessions.len() >= MAX_SESSIONS {
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many console sessions.",
+            );
+        }
+        auth.sessions.insert(sid.clone(), reviewer.clone());
+    }
+    info!(subject = %reviewer.subject, "console one-time sign-in");
+    let ev = AuditEvent::new("console_sign_in")
+        .decision("allow")
+        .approver(reviewer.subject.clone())
+        .detail("method", "one-time".to_string())
+        .detail("issuer", reviewer.issuer.clone())
+        .detail("client", peer.to_string());
+    if let Err(e) = shared.audit(ev).await {
+        warn!("audit record of a sign-in failed: {e}");
+    }
+    web::set_cookies_then(
+        "/requests",
+        &[session_cookie(&sid, st.session_ttl.as_secs())],
     )
 }
 

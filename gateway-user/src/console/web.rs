@@ -143,6 +143,15 @@ pub fn clip(s: &str, n: usize) -> String {
     }
 }
 
+/// The Content-Security-Policy of every console response.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The policy of a page with the asciinema player: [`CSP`] plus
+/// `'wasm-unsafe-eval'`, which lets the player compile the WebAssembly
+/// terminal emulator its bundle carries (no `eval` of JavaScript, no inline
+/// script; the cast is fetched from the console, `connect-src 'self'`).
+pub const PLAYER_CSP: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
 /// The headers of every console response: no framing, no sniffing, no
 /// caching, no referrer to other sites (URLs carry codes during sign-in;
 /// `same-origin`, not `no-referrer`, because with the latter browsers send
@@ -151,10 +160,7 @@ pub fn clip(s: &str, n: usize) -> String {
 fn base(status: StatusCode) -> hyper::http::response::Builder {
     Response::builder()
         .status(status)
-        .header(
-            "content-security-policy",
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        )
+        .header("content-security-policy", CSP)
         .header("x-frame-options", "DENY")
         .header("x-content-type-options", "nosniff")
         .header("referrer-policy", "same-origin")
@@ -168,6 +174,37 @@ pub fn html(status: StatusCode, page: String) -> Response<Body> {
         base(status)
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(full(Bytes::from(page))),
+    )
+}
+
+/// A page that runs the asciinema player (see [`PLAYER_CSP`]).
+pub fn html_with_player(status: StatusCode, page: String) -> Response<Body> {
+    let mut r = html(status, page);
+    r.headers_mut().insert(
+        "content-security-policy",
+        header::HeaderValue::from_static(PLAYER_CSP),
+    );
+    r
+}
+
+/// A vendored asset under a versioned URL: cached for a year and never
+/// revalidated (a new version is a new URL). `public`: the bytes are a
+/// published open-source bundle, nothing of the reviewer's.
+pub fn immutable_asset(content_type: &'static str, bytes: &'static [u8]) -> Response<Body> {
+    let mut r = asset(content_type, bytes);
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    r
+}
+
+/// A recording served to the player (asciicast v2 lines); never cached.
+pub fn asciicast(text: String) -> Response<Body> {
+    built(
+        base(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/x-asciicast")
+            .body(full(Bytes::from(text))),
     )
 }
 
