@@ -139,6 +139,103 @@ pub enum Waited {
 /// [`Gate::Held`].
 pub async fn check(shared: &Arc<Shared>, flow: &Flow, cmd: &Command) -> Gate {
     let decision = decide(shared, flow, cmd, false);
+    check_decided(shared, flow, cmd, decision).await
+}
+
+/// [`check`] with the decision taken from `memo` when the same command
+/// (action and whole context) was decided on this flow under the same
+/// policy set. Everything after the decision (grant lookup, hold, the
+/// audit record before forwarding) runs for every command as in [`check`].
+pub async fn check_memo(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    cmd: &Command,
+    memo: &DecisionMemo,
+) -> Gate {
+    let policy = shared.policy.load_full();
+    let decision = memo.get_or_decide(&policy, &cmd.action, &cmd.context, || {
+        decide_with(&policy, flow, cmd, false)
+    });
+    drop(policy);
+    check_decided(shared, flow, cmd, decision).await
+}
+
+/// Most decisions a [`DecisionMemo`] keeps.
+pub const MEMO_ENTRIES: usize = 4;
+
+/// The last few decisions of one flow (one agent connection), so a client
+/// repeating a request does not pay for a policy evaluation each time.
+///
+/// A decision is a pure function of the policy set (rules, entities,
+/// schema), the identity, the resource, the action, the context and
+/// whether an approval is in hand. The flow fixes identity and resource
+/// (a memo must not be shared between flows), the gate always decides
+/// without an approval first, and an entry is used only for the very same
+/// policy set (the `Arc` in force, held by the entry, so a reload misses)
+/// and an equal action and context (the context carries the time, to the
+/// second, and everything the handler classified).
+pub struct DecisionMemo<P = crate::policy::PolicySet> {
+    entries: std::sync::Mutex<Vec<MemoEntry<P>>>,
+}
+
+struct MemoEntry<P> {
+    policy: Arc<P>,
+    action: String,
+    context: Map<String, Value>,
+    decision: Decision,
+}
+
+impl<P> Default for DecisionMemo<P> {
+    fn default() -> Self {
+        Self {
+            entries: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<P> DecisionMemo<P> {
+    /// The remembered decision for (`policy`, `action`, `context`), or
+    /// `decide()`'s, remembered (the oldest entry goes past
+    /// [`MEMO_ENTRIES`]).
+    pub fn get_or_decide(
+        &self,
+        policy: &Arc<P>,
+        action: &str,
+        context: &Map<String, Value>,
+        decide: impl FnOnce() -> Decision,
+    ) -> Decision {
+        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of a replaced policy set can never match again.
+        g.retain(|e| Arc::ptr_eq(&e.policy, policy));
+        if let Some(e) = g
+            .iter()
+            .find(|e| e.action == action && &e.context == context)
+        {
+            return e.decision.clone();
+        }
+        drop(g);
+        let decision = decide();
+        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= MEMO_ENTRIES {
+            g.remove(0);
+        }
+        g.push(MemoEntry {
+            policy: policy.clone(),
+            action: action.to_string(),
+            context: context.clone(),
+            decision: decision.clone(),
+        });
+        decision
+    }
+}
+
+/// [`check`] once the policy has decided.
+async fn check_decided(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    cmd: &Command,
+    decision: Decision,
+) -> Gate {
     match decision {
         Decision::Hold { policies } => {
             let info = &flow.info;
@@ -313,7 +410,15 @@ pub async fn finished(
 }
 
 fn decide(shared: &Shared, flow: &Flow, cmd: &Command, approved: bool) -> Decision {
-    let policy = shared.policy.load();
+    decide_with(&shared.policy.load(), flow, cmd, approved)
+}
+
+fn decide_with(
+    policy: &crate::policy::PolicySet,
+    flow: &Flow,
+    cmd: &Command,
+    approved: bool,
+) -> Decision {
     policy.decide(&DecisionRequest {
         identity: &flow.info.identity,
         resource: &flow.info.resource,
@@ -585,5 +690,81 @@ async fn abandon(shared: &Arc<Shared>, flow: &Flow, id: &str, why: &str) {
         shared
             .webhooks
             .notify(JitEvent::RequestDecided { request: r });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow(id: &str) -> Decision {
+        Decision::Allow {
+            policies: vec![id.to_string()],
+        }
+    }
+
+    fn ctx(path: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("path".into(), path.into());
+        m
+    }
+
+    #[test]
+    fn a_memo_reuses_only_the_same_policy_action_and_context() {
+        let memo = DecisionMemo::<u32>::default();
+        let calls = std::cell::Cell::new(0);
+        let decide = |d: Decision| {
+            calls.set(calls.get() + 1);
+            d
+        };
+        let p1 = Arc::new(1);
+        assert_eq!(
+            memo.get_or_decide(&p1, "http:get", &ctx("/a"), || decide(allow("r1"))),
+            allow("r1")
+        );
+        // The same command under the same set: remembered.
+        assert_eq!(
+            memo.get_or_decide(&p1, "http:get", &ctx("/a"), || decide(allow("other"))),
+            allow("r1")
+        );
+        assert_eq!(calls.get(), 1);
+        // Another path, another action: decided.
+        memo.get_or_decide(&p1, "http:get", &ctx("/b"), || decide(allow("r2")));
+        memo.get_or_decide(&p1, "http:post", &ctx("/a"), || decide(allow("r3")));
+        assert_eq!(calls.get(), 3);
+        // A reloaded set (another Arc, even with equal content) decides
+        // again, and the old set's entries are gone.
+        let p2 = Arc::new(1);
+        let deny = Decision::Deny {
+            reason: "reloaded".into(),
+            policies: Vec::new(),
+        };
+        assert_eq!(
+            memo.get_or_decide(&p2, "http:get", &ctx("/a"), || decide(deny.clone())),
+            deny
+        );
+        assert_eq!(calls.get(), 4);
+        assert_eq!(
+            memo.get_or_decide(&p1, "http:get", &ctx("/a"), || decide(allow("r4"))),
+            allow("r4")
+        );
+        assert_eq!(calls.get(), 5);
+    }
+
+    #[test]
+    fn a_memo_keeps_a_bounded_number_of_entries() {
+        let memo = DecisionMemo::<u32>::default();
+        let p = Arc::new(0);
+        for i in 0..(MEMO_ENTRIES * 3) {
+            memo.get_or_decide(&p, "http:get", &ctx(&format!("/{i}")), || allow("r"));
+        }
+        assert_eq!(memo.entries.lock().unwrap().len(), MEMO_ENTRIES);
+        // The oldest went first: the first path is decided again.
+        let mut again = false;
+        memo.get_or_decide(&p, "http:get", &ctx("/0"), || {
+            again = true;
+            allow("r")
+        });
+        assert!(again);
     }
 }
