@@ -358,3 +358,101 @@ fn connections_the_origin_closes_are_not_reused() {
         assert_eq!(late[0].1, 1, "a fresh upstream connection: {late:?}");
     }
 }
+
+/// One kept-alive agent connection repeats the same request: each is
+/// decided and audited, and once a reload forbids it the very same
+/// request on the same connection is denied (the connection's memo of
+/// decisions never outlives the policy set it was made under).
+#[test]
+fn a_repeated_request_is_decided_again_after_a_reload_on_the_same_connection() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let s = setup("http-memo", (1000, "75s"));
+    // Prints `STATUS LOCAL_PORT` per request; waits for a line on stdin
+    // between the second and the third.
+    let script = r#"
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
+def get():
+    c.request("GET", "/memo/same")
+    r = c.getresponse()
+    r.read()
+    print(r.status, c.sock.getsockname()[1], flush=True)
+get(); get()
+print("WAIT", flush=True)
+sys.stdin.readline()
+get()
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script, &s.origin.plain.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    s.place.apply(&mut cmd);
+    let mut child = cmd.spawn().expect("python3");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        if out.read_line(&mut l).expect("client output") == 0 {
+            break;
+        }
+        if l.trim() == "WAIT" {
+            break;
+        }
+        lines.push(l.trim().to_string());
+    }
+    // The plain resource's permit goes.
+    s.files.rules(
+        "rules.cedar",
+        r#"
+@id("read")
+permit(principal == Identity::"agent", action == Action::"http:get", resource == Resource::"api");
+"#,
+    );
+    s._daemon.cli_ok(&["policy", "reload"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("signal the client");
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("client output");
+    lines.extend(rest.lines().map(|l| l.trim().to_string()));
+    assert!(child.wait().expect("python3").success(), "{lines:?}");
+    let parsed: Vec<(u16, String)> = lines
+        .iter()
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?;
+            Some((a.parse().ok()?, b.to_string()))
+        })
+        .collect();
+    assert_eq!(parsed.len(), 3, "{lines:?}");
+    let statuses: Vec<u16> = parsed.iter().map(|p| p.0).collect();
+    assert_eq!(statuses, vec![200, 200, 403], "{lines:?}");
+    assert!(
+        parsed.iter().all(|p| p.1 == parsed[0].1),
+        "all three requests must travel on one agent connection: {lines:?}"
+    );
+    let decided: Vec<String> = s
+        .events("command", "plain")
+        .iter()
+        .filter(|e| {
+            e["detail"]["command"]
+                .as_str()
+                .is_some_and(|c| c.ends_with("/memo/same"))
+        })
+        .map(|e| e["decision"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        decided,
+        vec!["allow", "allow", "deny"],
+        "every request audited"
+    );
+    assert_eq!(
+        s.origin
+            .requests()
+            .iter()
+            .filter(|r| r.3 == "/memo/same")
+            .count(),
+        2,
+        "the denied request never reaches the origin"
+    );
+}

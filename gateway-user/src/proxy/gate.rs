@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::Flow;
+use super::{decisions::Decisions, Flow};
 use crate::{
     daemon::Shared,
     jit::{AccessRequest, JitEvent, NewRequest, Resolution},
@@ -139,6 +139,29 @@ pub enum Waited {
 /// [`Gate::Held`].
 pub async fn check(shared: &Arc<Shared>, flow: &Flow, cmd: &Command) -> Gate {
     let decision = decide(shared, flow, cmd, false);
+    check_decided(shared, flow, cmd, decision).await
+}
+
+/// [`check`] with Cedar's decision taken from `memo` (the flow's memo of
+/// allows, see [`super::decisions`]) when the same command was allowed on
+/// this flow under the same policy set. Everything after the decision
+/// (grant lookup, hold, the audit record before forwarding) runs for every
+/// command as in [`check`].
+pub(crate) async fn check_memo(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    cmd: &Command,
+    memo: &std::sync::Mutex<Decisions>,
+) -> Gate {
+    let policy = shared.policy.load_full();
+    let decision = memo.lock().unwrap_or_else(|p| p.into_inner()).decide(
+        &policy,
+        &flow.info.identity,
+        &flow.info.resource,
+        &cmd.action,
+        &cmd.context,
+    );
+    drop(policy);
     check_decided(shared, flow, cmd, decision).await
 }
 
@@ -329,7 +352,15 @@ pub async fn finished(
 }
 
 fn decide(shared: &Shared, flow: &Flow, cmd: &Command, approved: bool) -> Decision {
-    let policy = shared.policy.load();
+    decide_with(&shared.policy.load(), flow, cmd, approved)
+}
+
+fn decide_with(
+    policy: &crate::policy::PolicySet,
+    flow: &Flow,
+    cmd: &Command,
+    approved: bool,
+) -> Decision {
     policy.decide(&DecisionRequest {
         identity: &flow.info.identity,
         resource: &flow.info.resource,

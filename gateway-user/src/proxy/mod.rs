@@ -7,6 +7,7 @@
 //! that is each handler's job (`tcp`, `postgres`, `ssh`, `http`, each
 //! plugged into [`dispatch`] the same way).
 
+mod decisions;
 pub mod gate;
 pub mod http;
 pub mod mcp;

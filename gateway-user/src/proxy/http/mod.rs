@@ -236,6 +236,9 @@ struct Conn {
     upgrades: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// State of an mcp resource's connection (see [`super::mcp`]).
     mcp: Arc<super::mcp::ConnState>,
+    /// This connection's last decisions (a client repeating a request is
+    /// not evaluated again under the same rules; see [`super::decisions`]).
+    memo: std::sync::Mutex<super::decisions::Decisions>,
 }
 
 async fn serve_http<IO>(
@@ -259,6 +262,7 @@ where
         upstream: OnceCell::new(),
         upgrades: Mutex::new(Vec::new()),
         mcp: Arc::default(),
+        memo: Default::default(),
     });
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| {
@@ -495,7 +499,7 @@ impl Conn {
         );
         cmd.context.extend(classified.context.clone());
         let mut request_id = None;
-        let allowed = match gate::check(&self.shared, &self.flow, &cmd).await {
+        let allowed = match gate::check_memo(&self.shared, &self.flow, &cmd, &self.memo).await {
             Gate::Allowed(a) => a,
             Gate::Denied(d) => return self.denied(har, &cmd, d, classified.k8s.as_ref()),
             Gate::Held(h) => {

@@ -21,13 +21,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tracing::warn;
 
+use crate::proxy::decisions::Decisions;
+
 use super::{
     catalog,
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
-    copyout,
-    decisions::Decisions,
-    functions, maskcheck, rows,
+    copyout, functions, maskcheck, rows,
     session::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
@@ -75,7 +75,7 @@ pub(super) struct Front<'a> {
     /// Whether those bytes go upstream (else they are dropped).
     stream_forward: bool,
     /// Cedar's allows of this session, remembered while the policy set
-    /// is the same (see [`super::decisions`]).
+    /// is the same (see [`crate::proxy::decisions`]).
     decisions: Decisions,
     /// Extended-protocol messages went upstream since the last Sync or
     /// Query: the server is inside an extended sequence.
@@ -752,7 +752,8 @@ impl<'a> Front<'a> {
         let mut changed_in_batch = false;
         for (c, change) in list.iter().zip(changes) {
             let checked = if changed_in_batch {
-                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, c.parsed.as_ref(), m).await
+                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, c.parsed.as_ref(), m)
+                    .await
             } else if own {
                 let relations = maskcheck::analyze(&c.text, &maskcheck::Rules::from_masker(m))
                     .map(|l| l.relations)

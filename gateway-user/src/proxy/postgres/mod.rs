@@ -16,7 +16,6 @@ pub mod catalog;
 pub mod classify;
 pub mod codec;
 mod copyout;
-mod decisions;
 pub mod encoding;
 mod frontend;
 mod functions;

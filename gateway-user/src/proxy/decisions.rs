@@ -1,7 +1,10 @@
-//! A session's memo of Cedar allows, so that a statement decided once
-//! (every extended-protocol execution re-sends its Parse; applications send
-//! the same statement shapes over and over) is not evaluated by Cedar again
-//! while nothing its decision depends on has changed.
+//! A flow's memo of Cedar allows, so that a command decided once (every
+//! extended-protocol execution re-sends its Parse; applications send the
+//! same statement shapes and the same requests over and over) is not
+//! evaluated by Cedar again while nothing its decision depends on has
+//! changed. One per PostgreSQL session and per kept-alive HTTP connection,
+//! never shared between flows (the flow fixes identity and resource, which
+//! are in the key anyway).
 //!
 //! What a decision depends on, and how the memo keys it:
 //! - the policy set: the memo holds the `Arc` of the set it decided under
@@ -20,8 +23,8 @@
 //! allow by the memo, and JIT grants (which only ever lift a hold) and
 //! their revocation are seen at once.
 //!
-//! Owns nothing but the memo; the gate still writes every statement's audit
-//! record before it is forwarded.
+//! Owns nothing but the memo; the gate still writes every command's audit
+//! record before it is forwarded, and runs grants and holds itself.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -41,7 +44,7 @@ const VOLATILE: &[(&[&str], &str)] = &[(&[], "time"), (&["statement"], "text")];
 
 /// One session's memo of allows.
 #[derive(Default)]
-pub(super) struct Decisions {
+pub(crate) struct Decisions {
     /// The policy set the entries were decided under.
     policy: Option<Arc<PolicySet>>,
     /// Key → the permitting rules.
@@ -55,7 +58,7 @@ impl Decisions {
     /// `context`, under `policy` (the currently loaded set), from the memo
     /// when this exact question was answered with an allow under the same
     /// set.
-    pub(super) fn decide(
+    pub(crate) fn decide(
         &mut self,
         policy: &Arc<PolicySet>,
         identity: &str,
