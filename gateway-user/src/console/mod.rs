@@ -595,6 +595,37 @@ async fn start_login(st: &State, shared: &Arc<Shared>) -> Response<Body> {
     web::redirect(StatusCode::FOUND, &url, &[cookie])
 }
 
+/// A new console session for a signed-in reviewer: its id (the cookie's
+/// value) and the reviewer. `None` when [`MAX_SESSIONS`] live sessions
+/// exist already.
+fn open_session(st: &State, subject: String, issuer: String) -> Option<(String, Reviewer)> {
+    let sid = oidc::random_token(32);
+    let reviewer = Reviewer {
+        subject,
+        issuer,
+        csrf: oidc::random_token(32),
+        client: String::new(),
+        destination: st.cfg.listen.to_string(),
+        expires: Instant::now() + st.session_ttl,
+    };
+    let mut auth = st.auth.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    auth.sessions.retain(|_, r| r.expires > now);
+    if auth.sessions.len() >= MAX_SESSIONS {
+        return None;
+    }
+    auth.sessions.insert(sid.clone(), reviewer.clone());
+    Some((sid, reviewer))
+}
+
+/// The page for a sign-in that found the console full.
+fn too_many_sessions() -> Response<Body> {
+    error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Too many console sessions.",
+    )
+}
+
 async fn callback(st: &State, shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let q = web::parse_form(req.uri().query().unwrap_or("")).unwrap_or_default();
     let fail = |why: String| async move {
@@ -645,27 +676,9 @@ async fn callback(st: &State, shared: &Arc<Shared>, req: Request<Incoming>) -> R
         Ok(c) => c,
         Err(e) => return fail(e.to_string()).await,
     };
-    let sid = oidc::random_token(32);
-    let reviewer = Reviewer {
-        subject: claims.sub.clone(),
-        issuer: claims.iss.clone(),
-        csrf: oidc::random_token(32),
-        client: String::new(),
-        destination: st.cfg.listen.to_string(),
-        expires: Instant::now() + st.session_ttl,
+    let Some((sid, reviewer)) = open_session(st, claims.sub.clone(), claims.iss.clone()) else {
+        return too_many_sessions();
     };
-    {
-        let mut auth = st.auth.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        auth.sessions.retain(|_, r| r.expires > now);
-        if auth.sessions.len() >= MAX_SESSIONS {
-            return error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Too many console sessions.",
-            );
-        }
-        auth.sessions.insert(sid.clone(), reviewer.clone());
-    }
     info!(subject = %reviewer.subject, "console sign-in");
     let ev = AuditEvent::new("console_sign_in")
         .decision("allow")
@@ -715,27 +728,10 @@ async fn one_time_sign_in(
         }
         return error_page(StatusCode::FORBIDDEN, &format!("Sign-in refused: {e}."));
     }
-    let sid = oidc::random_token(32);
-    let reviewer = Reviewer {
-        subject: who.clone(),
-        issuer: once::ONE_TIME_ISSUER.to_string(),
-        csrf: oidc::random_token(32),
-        client: String::new(),
-        destination: st.cfg.listen.to_string(),
-        expires: Instant::now() + st.session_ttl,
+    let Some((sid, reviewer)) = open_session(st, who.clone(), once::ONE_TIME_ISSUER.to_string())
+    else {
+        return too_many_sessions();
     };
-    {
-        let mut auth = st.auth.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        auth.sessions.retain(|_, r| r.expires > now);
-        if auth.sessions.len() >= MAX_SESSIONS {
-            return error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Too many console sessions.",
-            );
-        }
-        auth.sessions.insert(sid.clone(), reviewer.clone());
-    }
     info!(subject = %reviewer.subject, "console one-time sign-in");
     let ev = AuditEvent::new("console_sign_in")
         .decision("allow")
