@@ -97,6 +97,13 @@ fn tagged_client_is_redirected_relayed_and_attributed() {
         s.server.accepted.load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    // session_end is logged once both directions have closed, which may
+    // be just after the client has seen its own end.
+    harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || s.daemon.log_text().contains("session_end"),
+        "the daemon's session_end line",
+    );
     let log = s.daemon.log_text();
     assert!(
         log.contains("session_start") && log.contains("session_end"),
