@@ -1040,32 +1040,44 @@ pub struct NginxUpstream {
     pub access_log: PathBuf,
 }
 
+/// Starts nginx in the foreground with its prefix, pid, logs and temp
+/// paths under `prefix` (whose `tmp/` must exist) and `http` as the body of
+/// its `http` block (log formats, servers).
+pub fn spawn_nginx(prefix: &Path, http: &str) -> Child {
+    let p = prefix.display();
+    let conf = format!(
+        "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 256; }}\nhttp {{\n  client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n{http}}}\n"
+    );
+    let conf_path = prefix.join("nginx.conf");
+    fs::write(&conf_path, conf).expect("nginx.conf");
+    Command::new("nginx")
+        .arg("-p")
+        .arg(prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(prefix.join("error.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start nginx")
+}
+
 impl NginxUpstream {
     pub fn start(dir: &Path, pki: &TestPki, body: &str) -> Self {
         let prefix = dir.join(unique("nginx"));
         fs::create_dir_all(prefix.join("tmp")).expect("nginx prefix");
         let port = free_port();
         let access_log = prefix.join("access.log");
-        let p = prefix.display();
-        let conf = format!(
-            "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 256; }}\nhttp {{\n  client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n  log_format t '$request_method $uri $server_protocol \"$http_authorization\"';\n  access_log {} t;\n  server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ default_type application/json; return 200 '{body}'; }}\n  }}\n}}\n",
-            access_log.display(),
-            pki.cert.display(),
-            pki.key.display(),
+        let child = spawn_nginx(
+            &prefix,
+            &format!(
+                "  log_format t '$request_method $uri $server_protocol \"$http_authorization\"';\n  access_log {} t;\n  server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ default_type application/json; return 200 '{body}'; }}\n  }}\n",
+                access_log.display(),
+                pki.cert.display(),
+                pki.key.display(),
+            ),
         );
-        let conf_path = prefix.join("nginx.conf");
-        fs::write(&conf_path, conf).expect("nginx.conf");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(&prefix)
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-e")
-            .arg(prefix.join("error.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nginx");
         let n = Self {
             child,
             port,

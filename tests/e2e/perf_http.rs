@@ -44,28 +44,17 @@ impl Origin {
         fs::create_dir_all(prefix.join("tmp")).expect("nginx prefix");
         let (plain, tls) = (free_port(), free_port());
         let log = prefix.join("access.log");
-        let p = prefix.display();
-        let conf = format!(
-            "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 256; }}\nhttp {{\n  client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n  log_format c '$connection $connection_requests $request_method $uri';\n  access_log {} c;\n  keepalive_requests {};\n  keepalive_timeout {};\n  server {{\n    listen 127.0.0.1:{plain};\n    listen 127.0.0.1:{tls} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ default_type application/json; return 200 '{BODY}'; }}\n  }}\n}}\n",
-            log.display(),
-            keepalive.0,
-            keepalive.1,
-            pki.cert.display(),
-            pki.key.display(),
+        let child = spawn_nginx(
+            &prefix,
+            &format!(
+                "  log_format c '$connection $connection_requests $request_method $uri';\n  access_log {} c;\n  keepalive_requests {};\n  keepalive_timeout {};\n  server {{\n    listen 127.0.0.1:{plain};\n    listen 127.0.0.1:{tls} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ default_type application/json; return 200 '{BODY}'; }}\n  }}\n",
+                log.display(),
+                keepalive.0,
+                keepalive.1,
+                pki.cert.display(),
+                pki.key.display(),
+            ),
         );
-        let conf_path = prefix.join("nginx.conf");
-        fs::write(&conf_path, conf).expect("nginx.conf");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(&prefix)
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-e")
-            .arg(prefix.join("error.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nginx");
         let o = Self {
             child,
             plain,
