@@ -217,6 +217,8 @@ pub struct EchoServer {
     pub addr: SocketAddr,
     pub name: String,
     pub accepted: Arc<AtomicU32>,
+    /// Polls of the listener that found its accept queue empty.
+    idle_polls: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
 }
 
@@ -231,7 +233,9 @@ impl EchoServer {
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU32::new(0));
+        let idle_polls = Arc::new(AtomicU32::new(0));
         let (s, a, n) = (stop.clone(), accepted.clone(), name.to_string());
+        let idle = idle_polls.clone();
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -255,7 +259,10 @@ impl EchoServer {
                             }
                         });
                     }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                    Err(_) => {
+                        idle.fetch_add(1, Ordering::Relaxed);
+                        thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
         });
@@ -263,8 +270,21 @@ impl EchoServer {
             addr,
             name: name.to_string(),
             accepted,
+            idle_polls,
             stop,
         }
+    }
+
+    /// The accepted count once every connection the kernel completed
+    /// before this call has been accepted: the listener is polled, so a
+    /// handshake finished just before can still sit in its queue.
+    pub fn accepted_after_drain(&self) -> u32 {
+        let start = self.idle_polls.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.idle_polls.load(Ordering::Relaxed) < start + 2 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        self.accepted.load(Ordering::Relaxed)
     }
 
     pub fn greeting(&self) -> String {
