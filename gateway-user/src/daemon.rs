@@ -454,7 +454,14 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             store: fleet.new_store(&format!("portcullis-ship:{}", fleet.node)),
             status: fleet.shipping.clone(),
         };
-        tasks.spawn(shipper.run());
+        let thread = shipper
+            .spawn_thread(fleet.ship_nice)
+            .context("starting the audit shipper")?;
+        // The thread stops when its handle drops, with the other tasks.
+        tasks.spawn(async move {
+            let _thread = thread;
+            std::future::pending::<()>().await
+        });
     }
     if !cfg.auto_tag.is_empty() {
         // Existing cgroups are tagged before the daemon says it is ready.

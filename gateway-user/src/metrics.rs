@@ -348,7 +348,7 @@ pub struct Gauges {
 }
 
 /// Fleet gauges (`[fleet]`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct FleetGauges {
     /// This node's name.
     pub node: String,

@@ -630,3 +630,76 @@ fn fleet_store_lost_mid_hold_refuses_held_commands_unless_it_returns_in_time() {
         "A's refusal is written back to the store",
     );
 }
+
+/// A batch the store already holds part of (an answer lost in an outage,
+/// or two shippers under one node name) goes in without an error and
+/// without a duplicate: the shipper's `COPY` is refused by the primary key
+/// and the batch goes again through the insert that skips rows already
+/// there, so the first copy of a row stays.
+#[test]
+fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
+    use portcullis::fleet::FleetConfig;
+    require_root();
+    let pg = PgServer::start("fleet-dedup");
+    pg.sql("create database fleet");
+    let cfg = FleetConfig {
+        store: store_url(&pg),
+        password_file: Some(pg.password_file.clone()),
+        sslmode: None,
+        ca_file: None,
+        node: Some("node-d".into()),
+        fail_held_after: None,
+        ship_nice: None,
+    };
+    let store = cfg.store("e2e-dedup").expect("store settings");
+    let line = |seq: u64, v: &str| {
+        (
+            seq,
+            format!("{seq:064x}"),
+            format!("{{\"seq\":{seq},\"v\":\"{v}\"}}"),
+        )
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        store.migrate().await.expect("migrate");
+        store
+            .ship(
+                "node-d",
+                None,
+                (1..=3).map(|s| line(s, "first")).collect(),
+                3,
+            )
+            .await
+            .expect("first batch");
+        store
+            .ship(
+                "node-d",
+                None,
+                (2..=5).map(|s| line(s, "again")).collect(),
+                5,
+            )
+            .await
+            .expect("a batch overlapping the store is not an error");
+        let rows = store.audit_lines("node-d", 0, 100).await.expect("rows");
+        let seen: Vec<(u64, bool)> = rows
+            .iter()
+            .map(|(s, l)| (*s, l.contains("first")))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![(1, true), (2, true), (3, true), (4, false), (5, false)],
+            "{rows:?}"
+        );
+    });
+    assert_eq!(
+        pg.sql_in(
+            "fleet",
+            "select shipped_seq from portcullis_nodes where node = 'node-d'"
+        )
+        .trim(),
+        "5"
+    );
+}

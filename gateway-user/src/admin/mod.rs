@@ -575,6 +575,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         .unwrap_or_else(|p| p.into_inner())
         .iter()
         .count();
+    let gauges = crate::metrics::gauges(shared);
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -609,7 +610,9 @@ fn status(shared: &Shared) -> serde_json::Value {
             .map(ToString::to_string)
             .collect::<Vec<_>>(),
         "counters": shared.metrics.snapshot(),
-        "ready": crate::metrics::gauges(shared).ready,
+        "ready": gauges.ready,
+        // With `[fleet]`: the node, its store and how far audit shipping is.
+        "fleet": gauges.fleet,
         "audit_lag": shared.audit_log.lag(),
         "memory": {
             "rss_bytes": shared.memory.rss(),

@@ -82,6 +82,11 @@ pub struct FleetConfig {
     /// node are refused (`"3s"`; default [`FAIL_HELD_AFTER`]).
     #[serde(default)]
     pub fail_held_after: Option<String>,
+    /// The audit shipper's CPU niceness, 0 (as the data path) to 19
+    /// (default: it runs when the data path leaves CPU over, and catches up
+    /// at full speed once it does; the lag is in the metrics).
+    #[serde(default)]
+    pub ship_nice: Option<i32>,
 }
 
 /// A fleet operation that cannot be done.
@@ -145,6 +150,17 @@ impl FleetConfig {
             )));
         }
         Ok(d)
+    }
+
+    /// `ship_nice`, checked: 0 to 19 (default 19).
+    pub fn ship_nice(&self) -> Result<i32, FleetError> {
+        match self.ship_nice {
+            None => Ok(ship::DEFAULT_NICE),
+            Some(n) if (0..=19).contains(&n) => Ok(n),
+            Some(n) => Err(FleetError::Config(format!(
+                "ship_nice {n} must be from 0 (as the data path) to 19 (the lowest)"
+            ))),
+        }
     }
 
     /// A client of the store with these settings.
@@ -214,6 +230,8 @@ pub struct Fleet {
     last_answer: Mutex<Instant>,
     fail_held_after: Duration,
     migrated: AtomicBool,
+    /// The audit shipper's niceness.
+    pub ship_nice: i32,
     /// Audit shipping progress (for metrics and status).
     pub shipping: Arc<ship::ShipStatus>,
 }
@@ -224,6 +242,7 @@ impl Fleet {
         let (config, tls) = cfg.pg_config()?;
         let node = cfg.node_name()?;
         let fail_held_after = cfg.fail_held_after()?;
+        let ship_nice = cfg.ship_nice()?;
         Ok(Self {
             store: Store::new(
                 config.clone(),
@@ -238,6 +257,7 @@ impl Fleet {
             last_answer: Mutex::new(Instant::now()),
             fail_held_after,
             migrated: AtomicBool::new(false),
+            ship_nice,
             shipping: Arc::new(ship::ShipStatus::default()),
         })
     }
@@ -602,6 +622,20 @@ mod tests {
         assert!(matches!(weak.pg_config(), Err(FleetError::Config(_))));
         let no_ca = cfg("store = \"postgres://u@h/db\"\nsslmode = \"verify-full\"\nca_file = \"/nonexistent.pem\"\n");
         assert!(matches!(no_ca.pg_config(), Err(FleetError::Config(_))));
+    }
+
+    #[test]
+    fn ship_nice_is_bounded() {
+        let c = cfg("store = \"postgres://u@h/db\"\n");
+        assert_eq!(c.ship_nice().unwrap(), ship::DEFAULT_NICE);
+        let c = cfg("store = \"postgres://u@h/db\"\nship_nice = 0\n");
+        assert_eq!(c.ship_nice().unwrap(), 0);
+        for bad in [-1, 20] {
+            let c = cfg(&format!(
+                "store = \"postgres://u@h/db\"\nship_nice = {bad}\n"
+            ));
+            assert!(matches!(c.ship_nice(), Err(FleetError::Config(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //!
 //! Owns a read cursor over the chain files and the shipping loop. It must
 //! not write the local log nor touch the audit writer: it reads complete
-//! lines from the files, as `audit verify` does, on its own task and its own
-//! store connection, so commands never wait for it. Delivery is at least
-//! once, deduplicated by (node, seq); after a restart or an outage it
-//! resumes from the highest seq the store has for this node.
+//! lines from the files, as `audit verify` does, on its own thread (at a
+//! low CPU priority, `[fleet] ship_nice`) with its own runtime and store
+//! connection, so commands never wait for it nor share a worker with it:
+//! the local chain is the record, and shipping a copy of it is work that
+//! yields to the data path when CPU is short and catches up after. Delivery
+//! is at least once, deduplicated by (node, seq); after a restart or an
+//! outage it resumes from the highest seq the store has for this node.
 
 use std::{
     fs::File,
@@ -29,6 +32,8 @@ pub const BATCH: usize = 2000;
 const IDLE: Duration = Duration::from_millis(200);
 /// Pause after a failed round.
 const RETRY: Duration = Duration::from_secs(1);
+/// The shipper's niceness unless `[fleet] ship_nice` says otherwise.
+pub const DEFAULT_NICE: i32 = 19;
 
 /// How far shipping is (read by metrics and status).
 #[derive(Debug, Default)]
@@ -118,7 +123,19 @@ pub fn read_lines(
     Ok((out, cur))
 }
 
+/// The line's `seq`. The writer puts it first (`{"seq":N,`), read here
+/// without parsing the rest; any other shape goes through the JSON parser.
+/// What the line says is checked again by `verify --fleet` in any case.
 fn seq_of(line: &[u8]) -> Option<u64> {
+    if let Some(rest) = line.strip_prefix(b"{\"seq\":") {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if (1..=19).contains(&digits) && rest.get(digits) == Some(&b',') {
+            let text = std::str::from_utf8(&rest[..digits]).ok()?;
+            if !(digits > 1 && text.starts_with('0')) {
+                return text.parse().ok();
+            }
+        }
+    }
     #[derive(serde::Deserialize)]
     struct SeqOnly {
         seq: u64,
@@ -140,8 +157,43 @@ pub struct Shipper {
     pub status: std::sync::Arc<ShipStatus>,
 }
 
+/// The shipper's thread; dropping this stops it.
+pub struct ShipThread {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
 impl Shipper {
-    /// Ships forever (until the task is dropped).
+    /// Runs the shipper on a thread of its own at niceness `nice` (a
+    /// per-thread setting on Linux), with a single-threaded runtime: its
+    /// store connection, file reads and JSON work never take a data-path
+    /// worker.
+    pub fn spawn_thread(self, nice: i32) -> std::io::Result<ShipThread> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("portcullis-ship".into())
+            .spawn(move || {
+                // SAFETY: gettid(2) and setpriority(2) on this thread only.
+                let tid = unsafe { libc::gettid() };
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+                    warn!(
+                        "audit shipping runs at the daemon's priority: setting niceness {nice}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = self.run() => {}
+                        _ = stopped => {}
+                    }
+                });
+            })?;
+        Ok(ShipThread { _stop: stop })
+    }
+
+    /// Ships forever (until the future is dropped).
     pub async fn run(self) {
         let mut resume: Option<(Cursor, u64)> = None;
         let pubkey = std::fs::read_to_string(&self.pubkey_file)
@@ -190,12 +242,9 @@ impl Shipper {
                 (Cursor::default(), shipped)
             }
         };
-        let dir = self.audit_dir.clone();
-        let read = tokio::task::spawn_blocking(move || read_lines(&dir, cursor, after, BATCH))
-            .await
-            .map_err(|e| FleetError::Store(format!("reading the audit files: {e}")))?
+        // A plain read: this thread is the shipper's alone.
+        let (lines, next) = read_lines(&self.audit_dir, cursor, after, BATCH)
             .map_err(|e| FleetError::Store(format!("reading the audit files: {e}")))?;
-        let (lines, next) = read;
         let last = lines.last().map(|l| l.0).unwrap_or(after);
         let local = self.status.local_seq.load(Ordering::Relaxed).max(last);
         self.status.local_seq.store(local, Ordering::Relaxed);
@@ -291,6 +340,40 @@ mod tests {
     fn line(seq: u64) -> String {
         let h = format!("{:064x}", seq);
         format!("{{\"seq\":{seq},\"type\":\"x\",\"hash\":\"{h}\"}}\n")
+    }
+
+    #[test]
+    fn seq_is_read_as_the_json_parser_reads_it() {
+        fn by_serde(line: &[u8]) -> Option<u64> {
+            serde_json::from_slice::<serde_json::Value>(line)
+                .ok()?
+                .get("seq")?
+                .as_u64()
+        }
+        for line in [
+            &b"{\"seq\":42,\"type\":\"x\"}"[..],
+            b"{\"seq\":0,\"type\":\"x\"}",
+            b"{\"seq\":18446744073709551615,\"t\":1}",
+            b"{\"type\":\"x\",\"seq\":7}",
+            b"{ \"seq\": 8, \"t\": 1}",
+            b"{\"seq\":1e3,\"t\":1}",
+        ] {
+            assert_eq!(
+                seq_of(line),
+                by_serde(line),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // Not a u64, or not the JSON the parser accepts: no seq.
+        for line in [
+            &b"{\"seq\":18446744073709551616,\"t\":1}"[..],
+            b"{\"seq\":007,\"t\":1}",
+            b"{\"seq\":-1,\"t\":1}",
+            b"{\"seq\":,\"t\":1}",
+        ] {
+            assert_eq!(seq_of(line), None, "{}", String::from_utf8_lossy(line));
+        }
     }
 
     #[test]
