@@ -76,8 +76,10 @@ fn rsync(s: &Ssh, via: Via, args: &[&str]) -> (Option<i32>, Vec<String>) {
     lines.sort();
     assert!(
         out.status.success(),
-        "rsync {via:?} {args:?}: {}",
-        text(&out.stderr)
+        "rsync {via:?} {args:?} exited {:?}: {}\n{}",
+        out.status,
+        text(&out.stderr),
+        s.log()
     );
     (out.status.code(), lines)
 }
@@ -118,7 +120,12 @@ fn compat_ssh_rsync_behaves_as_directly() {
         results.push((push, again, delta, pull));
     }
     println!("COMPAT rsync direct: {:?}", results[0]);
-    assert_eq!(results[0], results[1], "rsync differs through Portcullis");
+    assert_eq!(
+        results[0],
+        results[1],
+        "rsync differs through Portcullis\n{}",
+        s.log()
+    );
     assert!(
         !events(&s, "command_end", "ssh:exec").is_empty(),
         "rsync did not go through the daemon"
