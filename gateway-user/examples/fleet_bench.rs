@@ -87,7 +87,7 @@ fn config(args: &Args, node: &str) -> FleetConfig {
         ca_file: None,
         node: Some(node.to_string()),
         fail_held_after: None,
-        ship_nice: None,
+        ship_priority: None,
     }
 }
 
@@ -175,7 +175,7 @@ async fn run(args: &Args) -> Result<()> {
     };
     let start = Instant::now();
     // As the daemon runs it: its own thread, at the default niceness.
-    let thread = shipper.spawn_thread(ship_fleet.ship_nice)?;
+    let thread = shipper.spawn_thread(ship_fleet.ship_priority)?;
     let deadline = start + Duration::from_secs(args.time_limit);
     let mut target = args.events;
     loop {

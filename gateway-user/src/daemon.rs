@@ -455,7 +455,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             status: fleet.shipping.clone(),
         };
         let thread = shipper
-            .spawn_thread(fleet.ship_nice)
+            .spawn_thread(fleet.ship_priority)
             .context("starting the audit shipper")?;
         // The thread stops when its handle drops, with the other tasks.
         tasks.spawn(async move {

@@ -289,11 +289,27 @@ fn fleet_approval_on_one_node_releases_a_hold_on_another_grants_are_shared_and_a
         },
         "the restarted node's stale request is failed on every node",
     );
-    wait_shipped(&a, 2);
+    // The store's row for the node still says what the killed daemon
+    // shipped: wait for what the restarted one wrote, not for that row.
     let local_last = audit_events(&a.files)
         .last()
         .and_then(|e| e["seq"].as_u64())
         .unwrap();
+    let store_max = || {
+        f.pg.sql_in(
+            "fleet",
+            "select coalesce(max(seq), 0) from portcullis_audit where node = 'node-a'",
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || store_max() >= local_last,
+        "the restarted node ships what it wrote",
+    );
+    wait_shipped(&a, 2);
     let rows = f.pg.sql_in(
         "fleet",
         "select count(*), count(distinct seq), max(seq) from portcullis_audit where node = 'node-a'",
@@ -649,7 +665,7 @@ fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
         ca_file: None,
         node: Some("node-d".into()),
         fail_held_after: None,
-        ship_nice: None,
+        ship_priority: None,
     };
     let store = cfg.store("e2e-dedup").expect("store settings");
     let line = |seq: u64, v: &str| {

@@ -6,7 +6,7 @@
 //! one with `[fleet]`, runs interleaved with direct ones, and compares
 //! their ratios to direct. The `[fleet]` daemon's store there is a second
 //! PostgreSQL, not the one pgbench measures, run at the lowest CPU
-//! priority: it stands in for the store on another host, whose inserts of
+//! priority (`SCHED_IDLE`): it stands in for the store on another host, whose inserts of
 //! shipped audit events would otherwise take the two cores the benchmark
 //! shares (and the measured server's WAL). Everything the daemon itself
 //! does for `[fleet]` (shipping on its own thread at the configured
@@ -90,13 +90,21 @@ pub fn run(args: &[String], pg_seconds: u32, pg_only: bool, binary: Option<PathB
             let store = start_postgres(&store_work, store_port, &password, uid, gid)?;
             let pid = store.id();
             let _store = Guard(Some(store));
-            // Backends are forked by the postmaster and inherit its nice.
-            // SAFETY: setpriority(2) on a pid this process started.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, 19) } != 0 {
-                bail!(
-                    "cannot lower the store's priority: {}",
-                    std::io::Error::last_os_error()
-                );
+            // The store stands in for one on another host: SCHED_IDLE,
+            // so that it only takes CPU the measured processes leave over.
+            // Backends forked later inherit the policy from the postmaster;
+            // its helper processes are already running.
+            for p in std::iter::once(pid).chain(children(pid)) {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sched_setscheduler(2) on a process this one started.
+                if unsafe { libc::sched_setscheduler(p as libc::pid_t, libc::SCHED_IDLE, &param) }
+                    != 0
+                {
+                    bail!(
+                        "cannot lower the store's priority: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
             }
             store_cost(
                 &work, port, store_port, &password, &pw_file, pg_seconds, binary,
@@ -264,6 +272,24 @@ fn store_cost(
         if pass { "PASS" } else { "MISS" }
     );
     Ok(())
+}
+
+/// The pids whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = &st[st.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// The `[fleet]` daemon's shipping lag and shipped seq (`status --json`).

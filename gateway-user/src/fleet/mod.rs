@@ -82,11 +82,11 @@ pub struct FleetConfig {
     /// node are refused (`"3s"`; default [`FAIL_HELD_AFTER`]).
     #[serde(default)]
     pub fail_held_after: Option<String>,
-    /// The audit shipper's CPU niceness, 0 (as the data path) to 19
-    /// (default: it runs when the data path leaves CPU over, and catches up
-    /// at full speed once it does; the lag is in the metrics).
+    /// The audit shipper's CPU priority (default `idle`: it runs when the
+    /// data path leaves CPU over, and catches up at full speed once it
+    /// does; the lag is in the metrics).
     #[serde(default)]
-    pub ship_nice: Option<i32>,
+    pub ship_priority: Option<ship::Priority>,
 }
 
 /// A fleet operation that cannot be done.
@@ -150,17 +150,6 @@ impl FleetConfig {
             )));
         }
         Ok(d)
-    }
-
-    /// `ship_nice`, checked: 0 to 19 (default 19).
-    pub fn ship_nice(&self) -> Result<i32, FleetError> {
-        match self.ship_nice {
-            None => Ok(ship::DEFAULT_NICE),
-            Some(n) if (0..=19).contains(&n) => Ok(n),
-            Some(n) => Err(FleetError::Config(format!(
-                "ship_nice {n} must be from 0 (as the data path) to 19 (the lowest)"
-            ))),
-        }
     }
 
     /// A client of the store with these settings.
@@ -230,8 +219,8 @@ pub struct Fleet {
     last_answer: Mutex<Instant>,
     fail_held_after: Duration,
     migrated: AtomicBool,
-    /// The audit shipper's niceness.
-    pub ship_nice: i32,
+    /// The audit shipper's CPU priority.
+    pub ship_priority: ship::Priority,
     /// Audit shipping progress (for metrics and status).
     pub shipping: Arc<ship::ShipStatus>,
 }
@@ -242,7 +231,6 @@ impl Fleet {
         let (config, tls) = cfg.pg_config()?;
         let node = cfg.node_name()?;
         let fail_held_after = cfg.fail_held_after()?;
-        let ship_nice = cfg.ship_nice()?;
         Ok(Self {
             store: Store::new(
                 config.clone(),
@@ -257,7 +245,7 @@ impl Fleet {
             last_answer: Mutex::new(Instant::now()),
             fail_held_after,
             migrated: AtomicBool::new(false),
-            ship_nice,
+            ship_priority: cfg.ship_priority.unwrap_or_default(),
             shipping: Arc::new(ship::ShipStatus::default()),
         })
     }
@@ -625,17 +613,22 @@ mod tests {
     }
 
     #[test]
-    fn ship_nice_is_bounded() {
+    fn ship_priority_is_one_of_three() {
         let c = cfg("store = \"postgres://u@h/db\"\n");
-        assert_eq!(c.ship_nice().unwrap(), ship::DEFAULT_NICE);
-        let c = cfg("store = \"postgres://u@h/db\"\nship_nice = 0\n");
-        assert_eq!(c.ship_nice().unwrap(), 0);
-        for bad in [-1, 20] {
+        assert_eq!(c.ship_priority.unwrap_or_default(), ship::Priority::Idle);
+        for (text, want) in [
+            ("idle", ship::Priority::Idle),
+            ("low", ship::Priority::Low),
+            ("normal", ship::Priority::Normal),
+        ] {
             let c = cfg(&format!(
-                "store = \"postgres://u@h/db\"\nship_nice = {bad}\n"
+                "store = \"postgres://u@h/db\"\nship_priority = {text:?}\n"
             ));
-            assert!(matches!(c.ship_nice(), Err(FleetError::Config(_))), "{bad}");
+            assert_eq!(c.ship_priority, Some(want));
         }
+        assert!(
+            toml::from_str::<FleetConfig>("store = \"x\"\nship_priority = \"high\"\n").is_err()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Owns a read cursor over the chain files and the shipping loop. It must
 //! not write the local log nor touch the audit writer: it reads complete
 //! lines from the files, as `audit verify` does, on its own thread (at a
-//! low CPU priority, `[fleet] ship_nice`) with its own runtime and store
+//! low CPU priority, `[fleet] ship_priority`) with its own runtime and store
 //! connection, so commands never wait for it nor share a worker with it:
 //! the local chain is the record, and shipping a copy of it is work that
 //! yields to the data path when CPU is short and catches up after. Delivery
@@ -32,8 +32,90 @@ pub const BATCH: usize = 2000;
 const IDLE: Duration = Duration::from_millis(200);
 /// Pause after a failed round.
 const RETRY: Duration = Duration::from_secs(1);
-/// The shipper's niceness unless `[fleet] ship_nice` says otherwise.
-pub const DEFAULT_NICE: i32 = 19;
+/// How long shipping may stay behind at a lowered priority before it goes
+/// at the data path's own until it has caught up: lowering the priority
+/// defers shipping, it must not stop it on a node that stays busy.
+pub const ESCALATE_AFTER: Duration = Duration::from_secs(10);
+
+/// A change of the shipper's priority after a round.
+#[derive(Debug, PartialEq, Eq)]
+enum Escalation {
+    /// Behind for [`ESCALATE_AFTER`]: ship at the normal priority.
+    Raise,
+    /// Caught up after a raise: back to the configured priority.
+    Restore,
+}
+
+/// How long shipping has been behind (rounds that sent a full batch).
+#[derive(Debug, Default)]
+struct Backlog {
+    since: Option<std::time::Instant>,
+    raised: bool,
+}
+
+impl Backlog {
+    /// After a round that sent a full batch (`more`) or caught up.
+    fn after_round(&mut self, more: bool, now: std::time::Instant) -> Option<Escalation> {
+        if !more {
+            self.since = None;
+            return std::mem::take(&mut self.raised).then_some(Escalation::Restore);
+        }
+        let since = *self.since.get_or_insert(now);
+        if !self.raised && now.duration_since(since) >= ESCALATE_AFTER {
+            self.raised = true;
+            return Some(Escalation::Raise);
+        }
+        None
+    }
+}
+
+/// The shipper thread's CPU priority (`[fleet] ship_priority`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// `SCHED_IDLE`: runs only on CPU nothing else of the daemon wants, and
+    /// any data-path thread that wakes takes the core back at once.
+    #[default]
+    Idle,
+    /// Niceness 19: a small share of the daemon's CPU even when it is busy,
+    /// so shipping never stops under sustained load.
+    Low,
+    /// As the data path.
+    Normal,
+}
+
+impl Priority {
+    /// Applies it to the calling thread.
+    fn apply(self) -> std::io::Result<()> {
+        let (policy, nice) = match self {
+            Priority::Normal => (libc::SCHED_OTHER, 0),
+            Priority::Low => (libc::SCHED_OTHER, 19),
+            Priority::Idle => (libc::SCHED_IDLE, 0),
+        };
+        // Leaving SCHED_IDLE or lowering the niceness again needs
+        // CAP_SYS_NICE or an RLIMIT_NICE that allows it; a daemon with
+        // CAP_SYS_RESOURCE (the DaemonSet's) may raise its own limit.
+        if self == Priority::Normal {
+            let limit = libc::rlimit {
+                rlim_cur: 20,
+                rlim_max: 20,
+            };
+            // SAFETY: setrlimit(2) with a valid struct; failure is fine.
+            let _ = unsafe { libc::setrlimit(libc::RLIMIT_NICE, &limit) };
+        }
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: gettid(2) and setpriority(2) on this thread only.
+        let tid = unsafe { libc::gettid() };
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
 
 /// How far shipping is (read by metrics and status).
 #[derive(Debug, Default)]
@@ -163,11 +245,10 @@ pub struct ShipThread {
 }
 
 impl Shipper {
-    /// Runs the shipper on a thread of its own at niceness `nice` (a
-    /// per-thread setting on Linux), with a single-threaded runtime: its
-    /// store connection, file reads and JSON work never take a data-path
-    /// worker.
-    pub fn spawn_thread(self, nice: i32) -> std::io::Result<ShipThread> {
+    /// Runs the shipper on a thread of its own at `priority` (a per-thread
+    /// setting on Linux), with a single-threaded runtime: its store
+    /// connection, file reads and copies never take a data-path worker.
+    pub fn spawn_thread(self, priority: Priority) -> std::io::Result<ShipThread> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -175,17 +256,14 @@ impl Shipper {
         std::thread::Builder::new()
             .name("portcullis-ship".into())
             .spawn(move || {
-                // SAFETY: gettid(2) and setpriority(2) on this thread only.
-                let tid = unsafe { libc::gettid() };
-                if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+                if let Err(e) = priority.apply() {
                     warn!(
-                        "audit shipping runs at the daemon's priority: setting niceness {nice}: {}",
-                        std::io::Error::last_os_error()
+                        "audit shipping runs at the daemon's priority: setting {priority:?}: {e}"
                     );
                 }
                 runtime.block_on(async move {
                     tokio::select! {
-                        () = self.run() => {}
+                        () = self.run_at(Some(priority)) => {}
                         _ = stopped => {}
                     }
                 });
@@ -195,6 +273,17 @@ impl Shipper {
 
     /// Ships forever (until the future is dropped).
     pub async fn run(self) {
+        self.run_at(None).await
+    }
+
+    /// Ships forever; on a thread lowered to `lowered`, a backlog older
+    /// than [`ESCALATE_AFTER`] ships at the normal priority until it is
+    /// gone.
+    async fn run_at(self, mut lowered: Option<Priority>) {
+        let mut backlog = Backlog::default();
+        if lowered == Some(Priority::Normal) {
+            lowered = None;
+        }
         let mut resume: Option<(Cursor, u64)> = None;
         let pubkey = std::fs::read_to_string(&self.pubkey_file)
             .ok()
@@ -209,6 +298,29 @@ impl Shipper {
                     }
                     was_up = true;
                     self.status.store_up.store(true, Ordering::Relaxed);
+                    match (
+                        lowered,
+                        backlog.after_round(more, std::time::Instant::now()),
+                    ) {
+                        (Some(p), Some(Escalation::Restore)) => {
+                            info!(node = %self.node, "audit shipping caught up; back to priority {p:?}");
+                            if let Err(e) = p.apply() {
+                                warn!("audit shipping stays at the normal priority: {e}");
+                            }
+                        }
+                        (Some(_), Some(Escalation::Raise)) => {
+                            info!(
+                                node = %self.node,
+                                lag = self.status.lag(),
+                                "audit shipping has been behind for {} s: shipping at the normal priority until it catches up",
+                                ESCALATE_AFTER.as_secs()
+                            );
+                            if let Err(e) = Priority::Normal.apply() {
+                                warn!("audit shipping cannot leave its lowered priority: {e}");
+                            }
+                        }
+                        _ => {}
+                    }
                     if !more {
                         tokio::time::sleep(IDLE).await;
                     }
@@ -340,6 +452,54 @@ mod tests {
     fn line(seq: u64) -> String {
         let h = format!("{:064x}", seq);
         format!("{{\"seq\":{seq},\"type\":\"x\",\"hash\":\"{h}\"}}\n")
+    }
+
+    /// The scheduling policy and niceness of the calling thread.
+    fn sched_of_this_thread() -> (u64, i64) {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // Fields 19 (nice) and 41 (policy), counted from 1 with the pid.
+        (rest[38].parse().unwrap(), rest[16].parse().unwrap())
+    }
+
+    #[test]
+    fn a_backlog_older_than_the_bound_raises_the_priority_until_caught_up() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut b = Backlog::default();
+        assert_eq!(b.after_round(true, at(0)), None);
+        assert_eq!(b.after_round(true, at(9)), None);
+        assert_eq!(b.after_round(true, at(10)), Some(Escalation::Raise));
+        assert_eq!(b.after_round(true, at(30)), None, "raised once");
+        assert_eq!(b.after_round(false, at(31)), Some(Escalation::Restore));
+        assert_eq!(b.after_round(false, at(32)), None);
+        // Caught up in between: the clock starts again.
+        assert_eq!(b.after_round(true, at(40)), None);
+        assert_eq!(b.after_round(false, at(45)), None);
+        assert_eq!(b.after_round(true, at(46)), None);
+        assert_eq!(b.after_round(true, at(55)), None);
+        assert_eq!(b.after_round(true, at(56)), Some(Escalation::Raise));
+    }
+
+    #[test]
+    fn priorities_apply_to_the_thread_alone() {
+        let before = sched_of_this_thread();
+        std::thread::spawn(|| {
+            Priority::Low.apply().unwrap();
+            assert_eq!(sched_of_this_thread(), (libc::SCHED_OTHER as u64, 19));
+            Priority::Idle.apply().unwrap();
+            assert_eq!(sched_of_this_thread().0, libc::SCHED_IDLE as u64);
+            // Leaving SCHED_IDLE needs privilege (root, or CAP_SYS_RESOURCE
+            // to raise RLIMIT_NICE); the daemon has it, so do the tests.
+            if unsafe { libc::geteuid() } == 0 {
+                Priority::Normal.apply().unwrap();
+                assert_eq!(sched_of_this_thread(), (libc::SCHED_OTHER as u64, 0));
+            }
+        })
+        .join()
+        .unwrap();
+        // The test's own thread is untouched.
+        assert_eq!(sched_of_this_thread(), before);
     }
 
     #[test]
