@@ -96,12 +96,19 @@ impl Priority {
         // CAP_SYS_NICE or an RLIMIT_NICE that allows it; a daemon with
         // CAP_SYS_RESOURCE (the DaemonSet's) may raise its own limit.
         if self == Priority::Normal {
-            let limit = libc::rlimit {
-                rlim_cur: 20,
-                rlim_max: 20,
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
             };
-            // SAFETY: setrlimit(2) with a valid struct; failure is fine.
-            let _ = unsafe { libc::setrlimit(libc::RLIMIT_NICE, &limit) };
+            // SAFETY: getrlimit(2)/setrlimit(2) with a valid struct; a
+            // limit that cannot be raised leaves the error to the call below.
+            unsafe {
+                if libc::getrlimit(libc::RLIMIT_NICE, &mut limit) == 0 && limit.rlim_cur < 20 {
+                    limit.rlim_cur = 20;
+                    limit.rlim_max = limit.rlim_max.max(20);
+                    let _ = libc::setrlimit(libc::RLIMIT_NICE, &limit);
+                }
+            }
         }
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: pid 0 is the calling thread; `param` outlives the call.
