@@ -100,10 +100,11 @@ pub fn run(args: &[String], pg_seconds: u32, pg_only: bool, binary: Option<PathB
                 if unsafe { libc::sched_setscheduler(p as libc::pid_t, libc::SCHED_IDLE, &param) }
                     != 0
                 {
-                    bail!(
-                        "cannot lower the store's priority: {}",
-                        std::io::Error::last_os_error()
-                    );
+                    let e = std::io::Error::last_os_error();
+                    // A short-lived child may be gone already.
+                    if e.raw_os_error() != Some(libc::ESRCH) {
+                        bail!("cannot lower the store's priority: {e}");
+                    }
                 }
             }
             store_cost(
