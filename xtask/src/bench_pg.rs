@@ -59,9 +59,26 @@ pub(crate) struct Run {
     rss_kib: Option<u64>,
 }
 
-/// Runs the benchmark; `seconds` per run.
-pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
+/// Runs the benchmark; `seconds` per run. `only_clients` and `only_modes`
+/// (`simple`, `extended`, `prepared`, `tpcb`), when not empty, keep only
+/// those runs (a shorter comparison while profiling one path).
+pub fn run(
+    seconds: u32,
+    scale: u32,
+    binary: Option<PathBuf>,
+    only_clients: &[u32],
+    only_modes: &[String],
+) -> Result<()> {
     require_root()?;
+    let wanted = |script: &str, mode: &str| {
+        let name = if script == "tpcb-like" { "tpcb" } else { mode };
+        only_modes.is_empty() || only_modes.iter().any(|m| m == name)
+    };
+    for m in only_modes {
+        if !["simple", "extended", "prepared", "tpcb"].contains(&m.as_str()) {
+            bail!("unknown --modes entry {m:?} (simple, extended, prepared, tpcb)");
+        }
+    }
     let bin = ci::daemon_binary(binary)?;
     let work = PathBuf::from("/tmp").join(NAME);
     if work.exists() {
@@ -102,7 +119,13 @@ pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
     let mut runs = Vec::new();
     let mask_file = policies.join("mask.toml");
     for (script, mode, _) in WORKLOADS {
+        if !wanted(script, mode) {
+            continue;
+        }
         for clients in CLIENTS {
+            if !only_clients.is_empty() && !only_clients.contains(&clients) {
+                continue;
+            }
             for path in ["direct", "portcullis", "portcullis+mask", "pgbouncer"] {
                 if interrupted() {
                     bail!("interrupted");
