@@ -3,8 +3,9 @@
 //! clients, in one run, along four paths: direct, through Portcullis
 //! (policy + audit), through Portcullis with masking, and through
 //! pgbouncer in session mode. Prints TPS, the ratio to direct, p50/p99
-//! transaction latency (from pgbench's per-transaction log) and the
-//! daemon's RSS; each table ends with PASS/MISS against the targets of
+//! transaction latency (from pgbench's per-transaction log), the
+//! daemon's RSS and its CPU time per statement (all threads, from
+//! /proc, over the run: steadier than latency on a busy machine); each table ends with PASS/MISS against the targets of
 //! DESIGN.md (with policy, audit and masking on: at least 85% of direct at
 //! every client count, ahead of pgbouncer, and under 50 µs added p50 per
 //! statement at one client).
@@ -57,11 +58,31 @@ pub(crate) struct Run {
     pub(crate) p50_ms: f64,
     p99_ms: f64,
     rss_kib: Option<u64>,
+    /// The daemon's CPU time (all its threads, user and system) per
+    /// transaction: less sensitive to a busy machine than latency.
+    cpu_us_per_tx: Option<f64>,
 }
 
-/// Runs the benchmark; `seconds` per run.
-pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
+/// Runs the benchmark; `seconds` per run. `only_clients` and `only_modes`
+/// (`simple`, `extended`, `prepared`, `tpcb`), when not empty, keep only
+/// those runs (a shorter comparison while profiling one path).
+pub fn run(
+    seconds: u32,
+    scale: u32,
+    binary: Option<PathBuf>,
+    only_clients: &[u32],
+    only_modes: &[String],
+) -> Result<()> {
     require_root()?;
+    let wanted = |script: &str, mode: &str| {
+        let name = if script == "tpcb-like" { "tpcb" } else { mode };
+        only_modes.is_empty() || only_modes.iter().any(|m| m == name)
+    };
+    for m in only_modes {
+        if !["simple", "extended", "prepared", "tpcb"].contains(&m.as_str()) {
+            bail!("unknown --modes entry {m:?} (simple, extended, prepared, tpcb)");
+        }
+    }
     let bin = ci::daemon_binary(binary)?;
     let work = PathBuf::from("/tmp").join(NAME);
     if work.exists() {
@@ -102,7 +123,13 @@ pub fn run(seconds: u32, scale: u32, binary: Option<PathBuf>) -> Result<()> {
     let mut runs = Vec::new();
     let mask_file = policies.join("mask.toml");
     for (script, mode, _) in WORKLOADS {
+        if !wanted(script, mode) {
+            continue;
+        }
         for clients in CLIENTS {
+            if !only_clients.is_empty() && !only_clients.contains(&clients) {
+                continue;
+            }
             for path in ["direct", "portcullis", "portcullis+mask", "pgbouncer"] {
                 if interrupted() {
                     bail!("interrupted");
@@ -220,7 +247,15 @@ pub(crate) fn measure(
     if path.starts_with("portcullis") {
         run_in_cgroup(&mut cmd, session.agent_procs_file()?);
     }
+    let daemon = path
+        .starts_with("portcullis")
+        .then(|| session.daemon_pid())
+        .flatten();
+    let cpu_before = daemon.and_then(cpu_ticks);
     let out = cmd.output().context("pgbench")?;
+    let cpu_ticks_used = cpu_before
+        .zip(daemon.and_then(cpu_ticks))
+        .map(|(a, b)| b.saturating_sub(a));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -261,6 +296,16 @@ pub(crate) fn measure(
     } else {
         None
     };
+    let transactions = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > 0);
+    // /proc reports CPU time in USER_HZ ticks, 100 per second on Linux.
+    let cpu_us_per_tx = cpu_ticks_used
+        .zip(transactions)
+        .map(|(t, n)| t as f64 * 10_000.0 / n as f64);
     let _ = fs::remove_dir_all(&logs);
     Ok(Run {
         script,
@@ -271,6 +316,7 @@ pub(crate) fn measure(
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
         rss_kib,
+        cpu_us_per_tx,
     })
 }
 
@@ -293,13 +339,13 @@ fn print_table(runs: &[Run]) {
         println!();
         println!("pgbench {script} -M {mode}");
         println!(
-            "{:>7} {:<16} {:>10} {:>9} {:>10} {:>10} {:>10}",
-            "clients", "path", "tps", "vs direct", "p50 ms", "p99 ms", "rss MiB"
+            "{:>7} {:<16} {:>10} {:>9} {:>10} {:>10} {:>10} {:>12}",
+            "clients", "path", "tps", "vs direct", "p50 ms", "p99 ms", "rss MiB", "cpu us/stmt"
         );
         for r in &mine {
             let direct = find(r.clients, "direct").map(|d| d.tps).unwrap_or(f64::NAN);
             println!(
-                "{:>7} {:<16} {:>10.0} {:>8.1}% {:>10.3} {:>10.3} {:>10}",
+                "{:>7} {:<16} {:>10.0} {:>8.1}% {:>10.3} {:>10.3} {:>10} {:>12}",
                 r.clients,
                 r.path,
                 r.tps,
@@ -308,6 +354,9 @@ fn print_table(runs: &[Run]) {
                 r.p99_ms,
                 r.rss_kib
                     .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into()),
+                r.cpu_us_per_tx
+                    .map(|c| format!("{:.1}", c / f64::from(per_tx)))
                     .unwrap_or_else(|| "-".into())
             );
         }
@@ -388,6 +437,17 @@ pub(crate) fn pg_bin() -> Result<PathBuf> {
             root.display()
         ),
     }
+}
+
+/// A process's user + system CPU time so far, in USER_HZ ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime = fields.get(11)?.parse::<u64>().ok()?;
+    let stime = fields.get(12)?.parse::<u64>().ok()?;
+    Some(utime + stime)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

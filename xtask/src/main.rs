@@ -155,6 +155,13 @@ enum BenchTarget {
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+        /// Only these client counts (comma-separated; default 1,8,32).
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<u32>,
+        /// Only these workloads (comma-separated: simple, extended,
+        /// prepared, tpcb; default all).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
     },
     /// SSH: download and upload throughput, exec round trips, connect+exec.
     ///
@@ -281,8 +288,10 @@ fn run(task: Task) -> Result<()> {
                     seconds,
                     scale,
                     binary,
+                    clients,
+                    modes,
                 },
-        } => bench_pg::run(seconds, scale, binary),
+        } => bench_pg::run(seconds, scale, binary, &clients, &modes),
         Task::Bench {
             target:
                 BenchTarget::Ssh {

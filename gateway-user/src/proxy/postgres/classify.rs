@@ -316,8 +316,20 @@ fn classify_with(sql: &str, options: ParserOptions) -> Result<Vec<Classified>, C
         let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
             continue;
         };
-        // One statement: its parse is the whole string's (no second parse).
-        out.push(one(node, text, single.then_some(&parsed), options)?);
+        // One statement: its parse is the whole string's. Of a batch: its
+        // own part of the whole string's parse (not parsed again).
+        let own = if single {
+            parsed.clone()
+        } else {
+            Arc::new(pg_query::ParseResult::new(
+                pg_query::protobuf::ParseResult {
+                    version: parsed.protobuf.version,
+                    stmts: vec![raw.clone()],
+                },
+                String::new(),
+            ))
+        };
+        out.push(one(node, text, own, options)?);
     }
     Ok(out)
 }
@@ -325,20 +337,13 @@ fn classify_with(sql: &str, options: ParserOptions) -> Result<Vec<Classified>, C
 fn one(
     node: &NodeEnum,
     text: String,
-    whole: Option<&Arc<pg_query::ParseResult>>,
+    own: Arc<pg_query::ParseResult>,
     options: ParserOptions,
 ) -> Result<Classified, ClassifyError> {
     let mut class = class_of(node);
     let rollback = matches!(node, NodeEnum::TransactionStmt(t)
         if matches!(TransactionStmtKind::try_from(t.kind),
             Ok(TransactionStmtKind::TransStmtRollback | TransactionStmtKind::TransStmtRollbackTo)));
-    // The statement alone, for its tables and nested statements.
-    let own = match whole {
-        Some(w) => w.clone(),
-        None => Arc::new(
-            pg_query::parse(&text, options).map_err(|e| ClassifyError::Parse(e.to_string()))?,
-        ),
-    };
     // pg_query's own walker skips parts of the tree (PREPARE's query,
     // FROM functions, ARRAY[...], FILTER, ...): walk the whole tree.
     let mut tree = Tree::default();
@@ -694,6 +699,34 @@ mod tests {
         assert_eq!(c[0].normalized, "select * from a where x = $1");
         let again = classify("select * from a where x = 2").unwrap();
         assert_eq!(again[0].fingerprint, c[0].fingerprint);
+    }
+
+    #[test]
+    fn a_batch_statement_classifies_as_its_text_alone() {
+        // Each statement of a batch is read from the whole string's parse,
+        // not parsed again: the same as its text parsed on its own.
+        let batch = "select * from a join b using (id) where x = 1; \
+            with d as (delete from o returning *) select upper(y) from d; \
+            insert into t select nextval('s'), * from u where z = 'q'; \
+            update pg_catalog.pg_class set relname = relname where false; \
+            prepare p as select f(1) from w; set search_path = x";
+        let list = classify(batch).unwrap();
+        assert_eq!(list.len(), 6);
+        for c in &list {
+            let alone = classify(&c.text).unwrap().remove(0);
+            assert_eq!(*c, alone, "{}", c.text);
+            assert_eq!(
+                (&c.fingerprint, &c.normalized, &c.refs, c.has_where),
+                (
+                    &alone.fingerprint,
+                    &alone.normalized,
+                    &alone.refs,
+                    alone.has_where
+                ),
+                "{}",
+                c.text
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::warn;
 use crate::proxy::decisions::Decisions;
 
 use super::{
-    catalog,
+    analyses, catalog,
     classify::{self, Classified},
     codec::{self, put_cstr, put_error, put_msg, Frontend, MAX_FRAME},
     copyout, functions, maskcheck, rows,
@@ -32,6 +32,7 @@ use super::{
         self, lock, AgentR, Approved, ClientW, Expect, Pipe, Portal, Prepared, Run, SessionCtx,
         PARAM_MAX,
     },
+    shapes,
     upstream::{self, Io},
 };
 use crate::{
@@ -67,6 +68,11 @@ pub(super) struct Front<'a> {
     /// again (every extended-protocol execution re-sends its Parse) is not
     /// parsed again. Bounded: see [`PARSED_MAX`].
     parsed: HashMap<String, Vec<Classified>>,
+    /// Classifications by statement shape (texts that differ only in
+    /// their constants): see [`shapes`].
+    shapes: shapes::Shapes,
+    /// Masking analyses of statement texts: see [`analyses`].
+    analyses: analyses::Analyses,
     /// An allowed `COPY ... FROM STDIN` was sent: CopyData may follow.
     copy_in: bool,
     /// Body bytes of a CopyData frame still to pass (streamed, never
@@ -127,6 +133,8 @@ impl<'a> Front<'a> {
             portals: HashMap::new(),
             skip_until_sync: false,
             parsed: HashMap::new(),
+            shapes: shapes::Shapes::default(),
+            analyses: analyses::Analyses::default(),
             copy_in: false,
             stream_left: 0,
             stream_forward: false,
@@ -674,7 +682,14 @@ impl<'a> Front<'a> {
         if let Some(list) = self.parsed.get(sql) {
             return Ok(list.clone());
         }
+        let key = shapes::key(sql);
+        if let Some(list) = key.as_deref().and_then(|k| self.shapes.get(k, sql)) {
+            return Ok(list);
+        }
         let list = classify::classify(sql)?;
+        if let Some(k) = key {
+            self.shapes.insert(k, sql, &list);
+        }
         if sql.len() <= PARSED_TEXT_MAX {
             if self.parsed.len() >= PARSED_MAX {
                 self.parsed.clear();
@@ -751,9 +766,11 @@ impl<'a> Front<'a> {
         let own = self.ctx.changes.catalog_open();
         let mut changed_in_batch = false;
         for (c, change) in list.iter().zip(changes) {
+            let rules = maskcheck::Rules::from_masker(m);
+            let first = Some(self.analyses.analyze(&c.text, c.parsed.as_ref(), &rules));
+            let parsed = c.parsed.as_ref();
             let checked = if changed_in_batch {
-                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, c.parsed.as_ref(), m)
-                    .await
+                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, parsed, m, first).await
             } else if own {
                 let relations = maskcheck::analyze(&c.text, &maskcheck::Rules::from_masker(m))
                     .map(|l| l.relations)
@@ -767,10 +784,10 @@ impl<'a> Front<'a> {
                         ))
                     }),
                 };
-                maskcheck::check_statement(&mut source, &c.text, c.parsed.as_ref(), m).await
+                maskcheck::check_statement(&mut source, &c.text, parsed, m, first).await
             } else {
                 let mut source = maskcheck::PoolSource(self.ctx.changes.pool());
-                maskcheck::check_statement(&mut source, &c.text, c.parsed.as_ref(), m).await
+                maskcheck::check_statement(&mut source, &c.text, parsed, m, first).await
             };
             changed_in_batch |= change;
             if let Err(reason) = checked {

@@ -1013,11 +1013,16 @@ impl CatalogSource for Stale {
 /// After the session changed the catalog in a transaction that has not
 /// ended, no side connection can see that change: `source` is then the
 /// session's own connection, or [`Stale`].
+///
+/// `first`, when given, is the analysis of `sql` under the rules of
+/// `masker` already made (from a session's memo of analyses,
+/// [`super::analyses`]): it is used instead of analyzing again.
 pub(super) async fn check_statement(
     source: &mut impl CatalogSource,
     sql: &str,
     parsed: Option<&Parsed>,
     masker: &Masker,
+    first: Option<Result<Lookups, String>>,
 ) -> Result<(), String> {
     let rules = Rules::from_masker(masker);
     if rules.is_empty() {
@@ -1029,7 +1034,7 @@ pub(super) async fn check_statement(
         Some(p) => analyze_parsed(p, rules),
         None => analyze(sql, rules),
     };
-    let lookups = analyze(&rules)?;
+    let lookups = first.unwrap_or_else(|| analyze(&rules))?;
     if lookups.is_empty() {
         return Ok(());
     }

@@ -11,6 +11,7 @@
 //! of cancel keys. It must not decide anything itself (the gate and Cedar
 //! do) nor write audit records other than its own refusals.
 
+mod analyses;
 mod backend;
 pub mod catalog;
 pub mod classify;
@@ -23,6 +24,7 @@ pub mod maskcheck;
 pub mod pgmsg;
 pub mod rows;
 mod session;
+mod shapes;
 pub mod upstream;
 
 use std::{

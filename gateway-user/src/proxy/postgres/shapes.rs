@@ -1,0 +1,266 @@
+//! A session's memo of classifications by statement shape: a query string
+//! that differs from one this session already classified only in its
+//! constants (`... WHERE aid = 12345` after `... WHERE aid = 678`) gets the
+//! same classification without being parsed, fingerprinted and normalized
+//! again (pgbench `-M simple` and ORMs that inline literals send a new
+//! text per statement).
+//!
+//! The key is pg_query's normalized text of the whole string (each
+//! constant replaced by `$n`, the rest kept byte for byte). Only strings
+//! without `$` (no parameter references, no dollar quoting) and without a
+//! backslash (no second reading under standard_conforming_strings) are
+//! looked up: for those, two strings with the same key are the same bytes
+//! outside the constants, so they are the same tokens but for the
+//! constants' values, and their parse trees differ only in the constants
+//! (`A_Const` nodes). Only classifications that cannot depend on a
+//! constant's value are remembered: one plain SELECT, INSERT, UPDATE or
+//! DELETE that calls no function (the classification reads a constant only
+//! as `set_config`'s setting name). pg_query's fingerprint ignores `A_Const`
+//! nodes and the normalized text is the key's, so both are the same for
+//! every string of one shape. Nothing here depends on session state (the
+//! search path, the catalog, the policy): the verdicts that do are made
+//! after classification, per statement, as before.
+//!
+//! Owns the memo; it must not decide anything or read the masking
+//! analysis's input (which reads constants, e.g. `DISTINCT ON (1)`): a
+//! statement classified from here carries no parse, and the masking
+//! analysis parses its text itself.
+
+use std::collections::HashMap;
+
+use super::classify::Classified;
+
+/// Shapes remembered per session.
+const SHAPES_MAX: usize = 32;
+/// Longest query string looked up (a session's memo stays within a few
+/// tens of KiB).
+const SHAPE_TEXT_MAX: usize = 1024;
+
+/// The memo (one per session): by key, the classification of the string
+/// that made the entry, without its text and parse.
+#[derive(Debug, Default)]
+pub(super) struct Shapes {
+    map: HashMap<String, Classified>,
+}
+
+/// The statement's text when a string is one statement: the string but for
+/// the whitespace around it and a final `;` (the bytes cut off hold no
+/// constant, and no comment that could hold the text again).
+fn body(sql: &str) -> &str {
+    let trimmed = sql.trim();
+    trimmed
+        .strip_suffix(';')
+        .map(str::trim_end)
+        .unwrap_or(trimmed)
+}
+
+/// The key of `sql` when it may be looked up (see the module doc).
+pub(super) fn key(sql: &str) -> Option<String> {
+    if sql.len() > SHAPE_TEXT_MAX || sql.contains(['$', '\\', '\0']) {
+        return None;
+    }
+    // Not worth normalizing what cannot be remembered (a cost, not a
+    // safeguard: what is remembered is judged on the classification).
+    let first = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    if ![
+        "select", "insert", "update", "delete", "with", "values", "table",
+    ]
+    .iter()
+    .any(|w| first.eq_ignore_ascii_case(w))
+    {
+        return None;
+    }
+    pg_query::normalize(sql).ok()
+}
+
+/// Whether a classification holds for every string of its shape.
+fn holds_for_shape(c: &Classified) -> bool {
+    matches!(c.parsed_class, "select" | "insert" | "update" | "delete")
+        && c.class == c.parsed_class
+        && !c.rollback
+        && c.sql_prepare.is_none()
+        && c.sql_execute.is_none()
+        && c.functions.is_empty()
+        && c.refs.functions.is_empty()
+        && c.refs.unresolvable.is_empty()
+        && c.volatile_functions.is_empty()
+        && !c.user_routines
+}
+
+impl Shapes {
+    /// The classification of `sql`, whose key is `key`, if its shape is
+    /// remembered.
+    pub(super) fn get(&self, key: &str, sql: &str) -> Option<Vec<Classified>> {
+        let mut c = self.map.get(key)?.clone();
+        c.text = body(sql).to_string();
+        Some(vec![c])
+    }
+
+    /// Remembers the classification `list` of `sql` (key `key`) when it
+    /// holds for its whole shape.
+    pub(super) fn insert(&mut self, key: String, sql: &str, list: &[Classified]) {
+        let [c] = list else { return };
+        if !holds_for_shape(c) {
+            return;
+        }
+        // Only when the parser's text for the statement is the string's
+        // body: then every string of the shape has its body as its text.
+        if body(sql) != c.text {
+            return;
+        }
+        if self.map.len() >= SHAPES_MAX {
+            self.map.clear();
+        }
+        let mut classified = c.clone();
+        classified.parsed = None;
+        classified.text = String::new();
+        self.map.insert(key, classified);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::postgres::classify::classify;
+
+    /// Classifies each string through a fresh memo after the first of its
+    /// group, and checks the memo's answer against the parser's.
+    fn agree(groups: &[&[&str]]) -> usize {
+        let mut hits = 0;
+        for group in groups {
+            let mut memo = Shapes::default();
+            for sql in group.iter() {
+                let fresh = classify(sql).unwrap();
+                let Some(k) = key(sql) else { continue };
+                match memo.get(&k, sql) {
+                    Some(got) => {
+                        hits += 1;
+                        let mut want = fresh.clone();
+                        want.iter_mut().for_each(|c| c.parsed = None);
+                        assert_eq!(got, want, "{sql}");
+                        // Field by field: `Parsed` compares equal always.
+                        assert_eq!(got[0].text, want[0].text, "{sql}");
+                        assert_eq!(got[0].fingerprint, want[0].fingerprint, "{sql}");
+                        assert_eq!(got[0].normalized, want[0].normalized, "{sql}");
+                        assert_eq!(got[0].context(), want[0].context(), "{sql}");
+                    }
+                    None => memo.insert(k, sql, &fresh),
+                }
+            }
+        }
+        hits
+    }
+
+    #[test]
+    fn strings_of_one_shape_classify_alike() {
+        let hits = agree(&[
+            &[
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 'x';",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = -3.5e2;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = NULL;",
+            ],
+            &[
+                "UPDATE pgbench_accounts SET abalance = abalance + -4187 WHERE aid = 53;",
+                "UPDATE pgbench_accounts SET abalance = abalance + 12 WHERE aid = 99999;",
+            ],
+            &[
+                "  insert into h (tid, bid, aid, delta, mtime) values (1, 2, 3, -4, CURRENT_TIMESTAMP)  ",
+                "  insert into h (tid, bid, aid, delta, mtime) values (10, 20, 30, 40, CURRENT_TIMESTAMP)  ",
+            ],
+            &[
+                "with d as (delete from o where id = 1 returning 1) delete from o where id = 2",
+                "with d as (delete from o where id = 3 returning 1) delete from o where id = 4",
+            ],
+            &[
+                "select a, b from t where x = 'it''s' and y in (1, 2, 3) order by 1 limit 10",
+                "select a, b from t where x = 'other' and y in (4, 5, 6) order by 1 limit 20",
+            ],
+            &[
+                "select 'x'::public.dom, b'101', x'ff' from t /* a comment */ where a > 1.5",
+                "select 'y'::public.dom, b'111', x'00' from t /* a comment */ where a > 2",
+            ],
+        ]);
+        assert_eq!(hits, 9);
+    }
+
+    #[test]
+    fn different_shapes_get_different_keys() {
+        // Positions in ORDER BY / GROUP BY are kept as written.
+        assert_ne!(
+            key("select a from t order by 1"),
+            key("select a from t order by 2")
+        );
+        assert_ne!(
+            key("select a from t group by 1"),
+            key("select a from t group by 2")
+        );
+        assert_ne!(key("select a from t"), key("select b from t"));
+        assert_ne!(key("select a from t;"), key("select a from t;;"));
+        assert_eq!(
+            key("select a from t where b = 1"),
+            key("select a from t where b = 'z'")
+        );
+    }
+
+    #[test]
+    fn only_what_holds_for_the_whole_shape_is_remembered() {
+        let mut memo = Shapes::default();
+        for sql in [
+            // A constant that matters: set_config's setting name.
+            "select set_config('search_path', 'x', false)",
+            "select upper('a') from t",
+            // Not a plain read or write.
+            "set search_path = 'x'",
+            "prepare p as select * from t where a = 1",
+            "explain select * from t where a = 1",
+            "select 1 into newt",
+            "copy t to stdout",
+            "begin",
+            // Two statements.
+            "select 1; select 2",
+            // A comment after the final `;` is not part of the statement.
+            "select 1; -- c",
+        ] {
+            if let Some(k) = key(sql) {
+                memo.insert(k, sql, &classify(sql).unwrap());
+            }
+        }
+        assert!(
+            memo.map.is_empty(),
+            "{:?}",
+            memo.map.keys().collect::<Vec<_>>()
+        );
+        // Parameter references, dollar quoting and backslashes are never
+        // looked up.
+        for sql in [
+            "select a from t where b = $1",
+            "select $x$a$x$ from t",
+            "select E'\\n' from t",
+            "select 'a\\' from t",
+        ] {
+            assert_eq!(key(sql), None, "{sql}");
+        }
+        // A set_config whose setting name is another constant is refused.
+        assert!(classify("select set_config('client_encoding', 'GBK', false)").is_err());
+    }
+
+    #[test]
+    fn the_memo_is_bounded() {
+        let mut memo = Shapes::default();
+        for i in 0..(SHAPES_MAX * 3) {
+            let sql = format!("select c{i} from t where a = 1");
+            let k = key(&sql).unwrap();
+            memo.insert(k.clone(), &sql, &classify(&sql).unwrap());
+            assert!(memo.map.len() <= SHAPES_MAX);
+            assert!(memo.get(&k, &sql.replace("= 1", "= 2")).is_some());
+        }
+        let long = format!("select a from t where b = '{}'", "x".repeat(SHAPE_TEXT_MAX));
+        assert_eq!(key(&long), None);
+    }
+}
