@@ -492,11 +492,19 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
                     .unwrap_or_else(|_| "test/dialect/postgresql".into())
                     .split_whitespace(),
             )
-            .args(["-o", "addopts=", "-q", "--tb=no", "-rfE", "-W", "ignore"])
+            .args(["-o", "addopts=", "-q", "-rfE", "-W", "ignore"])
+            // `PORTCULLIS_COMPAT_SQLA_TB=short` for the tracebacks.
+            .arg(format!(
+                "--tb={}",
+                std::env::var("PORTCULLIS_COMPAT_SQLA_TB").unwrap_or_else(|_| "no".into())
+            ))
             .arg(format!("--dburi={uri}"))
             .arg(format!("--junitxml={}", report.display())),
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if std::env::var("PORTCULLIS_COMPAT_SQLA_TB").is_ok() {
+        println!("{text}");
+    }
     let failed: BTreeSet<String> = text
         .lines()
         .filter_map(|l| {
@@ -506,11 +514,11 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
         .map(|l| l.split(" - ").next().unwrap_or(l).to_string())
         .collect();
     let summary = text.lines().last().unwrap_or_default().to_string();
-    // What a refusal said, for the report.
+    // Every failure with pytest's reason (a refusal's words among them),
+    // for the report.
     for l in text
         .lines()
-        .filter(|l| l.contains("Portcullis") || l.contains("psycopg.errors"))
-        .take(10)
+        .filter(|l| l.starts_with("FAILED ") || l.starts_with("ERROR "))
     {
         println!("sqlalchemy {via:?}: {l}");
     }
@@ -618,6 +626,26 @@ fn compat_pg_sqlalchemy_with_masking_policy_behaves_as_directly() {
     let (dp, df) = sqlalchemy(&s, Via::Direct, &src);
     let (mp, mf) = sqlalchemy(&s, Via::Portcullis, &src);
     let _ = fs::remove_dir_all(&src);
+    // `PORTCULLIS_COMPAT_SQLA_LOG=FILE`: the server's statement log, kept.
+    if let Ok(keep) = std::env::var("PORTCULLIS_COMPAT_SQLA_LOG") {
+        let _ = fs::write(keep, s.pg.server_log());
+    }
+    // The daemon's refusals, each with its reason and statement.
+    for e in audit_tail(&s.files)
+        .iter()
+        .filter(|e| e["decision"] == "deny")
+    {
+        println!(
+            "sqlalchemy refused: {} <= {}",
+            e["reason"].as_str().unwrap_or_default(),
+            e["detail"]["command"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect::<String>()
+        );
+    }
     println!(
         "COMPAT sqlalchemy direct: {dp} passed, {} failed; with a masking policy: {mp} passed, {} failed",
         df.len(),
@@ -776,6 +804,109 @@ fn compat_pg_masked_resource_allows_installed_extensions() {
         got[0]["message"]
             .as_str()
             .is_some_and(|m| m.contains("not installed")),
+        "{got}"
+    );
+}
+
+/// Like [`STEPS`], each step `[sql, params, prepare]`: `prepare` true
+/// sends a named prepared statement (psycopg `prepare=True`), false the
+/// unnamed one; `rollback` is psycopg's simple-query ROLLBACK.
+const PREPARED_STEPS: &str = r#"
+import json, sys
+import psycopg
+a = json.loads(sys.argv[1])
+out = []
+with psycopg.connect(a["dsn"]) as c:
+    for sql, params, prepare in a["steps"]:
+        if sql == "rollback":
+            c.rollback(); out.append("rolled back"); continue
+        try:
+            cur = c.execute(sql, params, prepare=prepare)
+            rows = cur.fetchall() if cur.description else cur.statusmessage
+            out.append(rows if isinstance(rows, str) else [[str(v) for v in r] for r in rows])
+        except psycopg.Error as e:
+            out.append({"error": e.sqlstate, "message": str(e).splitlines()[0][:160]})
+            c.rollback()
+print(json.dumps(out))
+"#;
+
+/// What SQLAlchemy's suite found with a masking rule naming none of its
+/// tables (docs/compatibility.md): a catalog lookup on the session's own
+/// connection parsed the agent's unnamed statement again although a
+/// simple query had dropped it, and a stale one (a table of a rolled-back
+/// transaction) failed and aborted the agent's transaction; and an
+/// operator of an installed extension (citext's and hstore's `=`) counted
+/// as user code that may change the catalog, which dropped what the own
+/// connection had named, so a table of the open transaction came back all
+/// `[MASKED]`. A user-defined `=` is still refused.
+#[test]
+fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_operators() {
+    let s = setup(
+        "cpgstale",
+        "",
+        "[[mask]]\nresource = \"pg\"\ncolumns = [\"portcullis_secrets.ssn\"]\nstyle = \"redact\"\n",
+        &[],
+    );
+    s.pg.sql("create extension hstore; create extension citext;");
+    let steps = json!([
+        ["create table t_gone (id int)", [], false],
+        ["insert into t_gone values (%s)", [1], false],
+        // ROLLBACK and BEGIN are simple queries: the server drops the
+        // unnamed `insert into t_gone`, whose table no longer exists.
+        ["rollback", [], false],
+        ["create table t_here (id int, name varchar(20))", [], true],
+        ["insert into t_here values (%s, %s)", [1, "a"], true],
+        ["select id, name from t_here where name = %s", ["a"], true],
+        ["select id, name from t_here where name = %s", ["a"], false],
+        [
+            "select t_here.id, t_here.name from t_here where t_here.name = %s order by t_here.id",
+            ["a"],
+            false
+        ],
+        ["rollback", [], false],
+    ]);
+    // On their own (a new connection, no stale statement): a table of the
+    // open transaction read with citext's and hstore's `=` in scope.
+    let operators = json!([
+        ["create table t_op (id int, name varchar(20))", [], false],
+        ["insert into t_op values (%s, %s)", [2, "b"], false],
+        ["select id, name from t_op where name = %s", ["b"], false],
+        ["rollback", [], false],
+    ]);
+    let run = |via: Via, steps: &Value| {
+        s.python(
+            via,
+            PREPARED_STEPS,
+            json!({"dsn": s.conninfo(via, "postgres", "sslmode=disable"), "steps": steps}),
+        )
+    };
+    let direct = run(Via::Direct, &steps);
+    let proxied = run(Via::Portcullis, &steps);
+    assert_eq!(direct, proxied, "differs through Portcullis");
+    assert_eq!(direct[4], json!("INSERT 0 1"), "{direct}");
+    assert_eq!(direct[5], json!([["1", "a"]]), "{direct}");
+    let direct = run(Via::Direct, &operators);
+    let proxied = run(Via::Portcullis, &operators);
+    assert_eq!(direct, proxied, "differs through Portcullis");
+    assert_eq!(direct[2], json!([["2", "b"]]), "{direct}");
+    // Hostile: a user's own `=` for text, not of any extension, runs user
+    // code where no statement analysis sees it: still refused.
+    s.pg.sql(
+        "create table t_user (id int, name text); insert into t_user values (1, 'a');
+         create function public.my_texteq(text, text) returns bool language sql immutable as 'select $1 = $2';
+         create operator public.= (leftarg = text, rightarg = text, function = public.my_texteq);",
+    );
+    let got = s.python(
+        Via::Portcullis,
+        PREPARED_STEPS,
+        json!({"dsn": s.conninfo(Via::Portcullis, "postgres", "sslmode=disable"),
+               "steps": [["select id from t_user where name = %s", ["a"], false]]}),
+    );
+    assert_eq!(got[0]["error"], json!("42501"), "{got}");
+    assert!(
+        got[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("operator")),
         "{got}"
     );
 }

@@ -314,6 +314,11 @@ impl<'a> Front<'a> {
         match codec::decode_frontend(tag, body).map_err(|e| e.to_string())? {
             Frontend::Query(sql) => {
                 self.copy_in = false;
+                // A simple query drops the unnamed prepared statement on
+                // the server, whatever it holds: no catalog lookup may
+                // parse it again (a stale one can fail and abort the
+                // agent's transaction).
+                self.statements.remove("");
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
@@ -344,6 +349,12 @@ impl<'a> Front<'a> {
                 param_types,
             } => {
                 self.copy_in = false;
+                if name.is_empty() {
+                    // The server drops the unnamed statement before parsing
+                    // the new one (even one that fails): a lookup while this
+                    // Parse is decided must not parse the old one again.
+                    self.statements.remove("");
+                }
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {

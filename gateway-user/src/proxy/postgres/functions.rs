@@ -103,10 +103,11 @@ fn builtin(key: &Key, rows: &[Row]) -> bool {
         .filter(|r| r.kind == *kind && r.name == *name)
         .filter(|r| schema.as_ref().is_none_or(|s| *s == r.schema))
         .peekable();
-    mine.peek().is_some() && mine.all(|r| r.builtin)
+    mine.peek().is_some() && mine.all(|r| r.builtin || r.pure_extension)
 }
 
-/// One catalog row: kind, schema, name, built in, volatility.
+/// One catalog row: kind, schema, name, built in, volatility, part of an
+/// installed extension that computes from its arguments only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Row {
     kind: char,
@@ -114,6 +115,12 @@ struct Row {
     name: String,
     builtin: bool,
     volatility: char,
+    /// A member of one of [`super::maskcheck::PURE_EXTENSIONS`] (an
+    /// operator: its function too): it creates nothing, so calling it does
+    /// not change what the catalog checks see (citext's and hstore's `=`,
+    /// hstore's `->`, which shadow the built-in names for every operand
+    /// type). Not a verdict of freedom from side effects.
+    pure_extension: bool,
 }
 
 /// The verdict for one name from the rows the catalog returned.
@@ -237,13 +244,28 @@ fn lookup_sql(want: &[Key]) -> String {
             "name",
         )
     };
+    // Whether object `obj` of catalog `class` is a member of a pure
+    // extension (or built in).
+    let pure = |class: &str, obj: &str| {
+        format!(
+            "({obj} < {FIRST_USER_OID} OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend e \
+               JOIN pg_catalog.pg_extension x ON x.oid = e.refobjid \
+              WHERE e.classid = 'pg_catalog.{class}'::pg_catalog.regclass AND e.objid = {obj} \
+                AND e.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                AND e.deptype = 'e' AND x.extname::text = ANY({exts})))",
+            exts = upstream::hex_array(super::maskcheck::PURE_EXTENSIONS.iter().copied(), "text"),
+        )
+    };
     format!(
-        "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
-         UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
-         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
+        "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text, {pf}::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
+         UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i', ({po} AND {pc})::text FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
+         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i', 'false' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
         f = arr('f'),
         o = arr('o'),
         t = arr('t'),
+        pf = pure("pg_proc", "p.oid"),
+        po = pure("pg_operator", "o.oid"),
+        pc = pure("pg_proc", "o.oprcode::pg_catalog.oid"),
     )
 }
 
@@ -258,6 +280,7 @@ fn parse_rows(rows: Vec<Vec<Option<String>>>) -> Vec<Row> {
                 name: col(2),
                 builtin: col(3) == "true",
                 volatility: ch(col(4)),
+                pure_extension: col(5) == "true",
             }
         })
         .collect()
@@ -274,6 +297,7 @@ mod tests {
             name: name.into(),
             builtin,
             volatility: vol,
+            pure_extension: false,
         }
     }
 
@@ -324,6 +348,29 @@ mod tests {
         assert!(!builtin(&f(None, "lower"), &rows));
         assert!(builtin(&f(Some("pg_catalog"), "lower"), &rows));
         assert!(!builtin(&f(None, "no_such_fn"), &rows));
+    }
+
+    #[test]
+    fn pure_extension_members_change_no_catalog() {
+        let op = |schema: &str, builtin: bool, pure: bool| Row {
+            pure_extension: pure,
+            ..row('o', schema, "=", builtin, 'i')
+        };
+        let eq = ('o', None, "=".to_string());
+        // citext's and hstore's `=` beside the built-in ones: calling any
+        // of them creates nothing.
+        let rows = vec![
+            op("pg_catalog", true, true),
+            op("public", false, true),
+            op("public", false, true),
+        ];
+        assert!(builtin(&eq, &rows));
+        // Still not free of side effects as far as the class goes.
+        assert!(!verdict(&eq, &rows));
+        // A user's own `=` (no pure extension) may run anything.
+        let mut hostile = rows.clone();
+        hostile.push(op("public", false, false));
+        assert!(!builtin(&eq, &hostile));
     }
 
     #[test]
