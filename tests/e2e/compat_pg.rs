@@ -871,6 +871,13 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
         ["create table t_op (id int, name varchar(20))", [], false],
         ["insert into t_op values (%s, %s)", [2, "b"], false],
         ["select id, name from t_op where name = %s", ["b"], false],
+        // A collation runs no code of the agent's (SQLAlchemy's collation
+        // reflection tests create one).
+        [
+            "create collation portcullis_c (locale = 'C.utf8')",
+            [],
+            false
+        ],
         ["rollback", [], false],
     ]);
     let run = |via: Via, steps: &Value| {
@@ -889,6 +896,7 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
     let proxied = run(Via::Portcullis, &operators);
     assert_eq!(direct, proxied, "differs through Portcullis");
     assert_eq!(direct[2], json!([["2", "b"]]), "{direct}");
+    assert_eq!(direct[3], json!("CREATE COLLATION"), "{direct}");
     // Hostile: a user's own `=` for text, not of any extension, runs user
     // code where no statement analysis sees it: still refused.
     s.pg.sql(
@@ -900,8 +908,11 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
         Via::Portcullis,
         PREPARED_STEPS,
         json!({"dsn": s.conninfo(Via::Portcullis, "postgres", "sslmode=disable"),
-               "steps": [["select id from t_user where name = %s", ["a"], false]]}),
+               "steps": [["select id from t_user where name = %s", ["a"], false],
+                         // Other DefineStmt kinds name code the server runs.
+                         ["create aggregate my_sum (int) (sfunc = int4pl, stype = int)", [], false]]}),
     );
+    assert_eq!(got[1]["error"], json!("42501"), "{got}");
     assert_eq!(got[0]["error"], json!("42501"), "{got}");
     assert!(
         got[0]["message"]
