@@ -479,7 +479,13 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
             "postgresql+psycopg://postgres:{}@127.0.0.1:{}/test",
             s.password, s.pg.port
         ),
-        Via::Portcullis => format!("postgresql+psycopg://agent@127.0.0.1:{}/test", s.pg.port),
+        // The agent has no password (the daemon logs in for it and asks
+        // it for none); a placeholder one only lets SQLAlchemy's
+        // multiple-host tests build their URLs from this one.
+        Via::Portcullis => format!(
+            "postgresql+psycopg://agent:unused@127.0.0.1:{}/test",
+            s.pg.port
+        ),
     };
     let report = src.join(format!("report-{via:?}.txt"));
     let out = s.run(
@@ -511,6 +517,8 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
             l.strip_prefix("FAILED ")
                 .or_else(|| l.strip_prefix("ERROR "))
         })
+        // A test id, not a captured log line (`ERROR    sqlalchemy.pool`).
+        .filter(|l| l.contains("::"))
         .map(|l| l.split(" - ").next().unwrap_or(l).to_string())
         .collect();
     let summary = text.lines().last().unwrap_or_default().to_string();
@@ -518,7 +526,7 @@ fn sqlalchemy(s: &Pg, via: Via, src: &Path) -> (usize, BTreeSet<String>) {
     // for the report.
     for l in text
         .lines()
-        .filter(|l| l.starts_with("FAILED ") || l.starts_with("ERROR "))
+        .filter(|l| (l.starts_with("FAILED ") || l.starts_with("ERROR ")) && l.contains("::"))
     {
         println!("sqlalchemy {via:?}: {l}");
     }
@@ -652,8 +660,56 @@ fn compat_pg_sqlalchemy_with_masking_policy_behaves_as_directly() {
         mf.len()
     );
     assert!(dp > 0, "the suite did not run");
+    // The differences left on purpose (docs/compatibility.md, "Differences
+    // left"): each such test must fail through Portcullis for that reason
+    // only; every other test must behave as directly.
+    let expected: BTreeSet<String> = mf
+        .difference(&df)
+        .filter(|t| {
+            MASKED_ON_PURPOSE
+                .iter()
+                .any(|(file, name, _)| t.contains(file) && t.ends_with(name))
+        })
+        .cloned()
+        .collect();
+    for t in &expected {
+        let why = MASKED_ON_PURPOSE
+            .iter()
+            .find(|(file, name, _)| t.contains(file) && t.ends_with(name))
+            .map_or("", |(_, _, why)| why);
+        println!("sqlalchemy differs on purpose: {t} ({why})");
+    }
+    let mf: BTreeSet<String> = mf.difference(&expected).cloned().collect();
+    // A test that fails on purpose is not counted as passing directly
+    // (`test_ensure_version_is_qualified` also errs at teardown: one id).
+    let dp = dp - expected.len();
     assert_same_tests((dp, &df), (mp, &mf), "with a masking policy");
 }
+
+/// SQLAlchemy's tests that fail through a masked resource on purpose:
+/// (file, `::test`, why).
+const MASKED_ON_PURPOSE: &[(&str, &str, &str)] = &[
+    (
+        "test_dialect.py",
+        "::test_ensure_version_is_qualified",
+        "CREATE FUNCTION public.version(): user code is refused on a masked resource",
+    ),
+    (
+        "test_dialect.py",
+        "::test_notice_logging",
+        "CREATE FUNCTION note(): user code is refused on a masked resource",
+    ),
+    (
+        "test_reflection.py",
+        "::test_reflect_check_constraint",
+        "CREATE FUNCTION is_positive(): user code is refused on a masked resource",
+    ),
+    (
+        "test_dialect.py",
+        "::test_client_encoding",
+        "client_encoding LATIN1: only UTF8 is accepted through Portcullis",
+    ),
+];
 
 /// Runs SQL steps in order on one psycopg connection (a transaction
 /// unless a step says `commit`/`rollback`); each step's rows as text, or
