@@ -934,6 +934,24 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
             [],
             false
         ],
+        // A cast to an enum array runs no user code (SQLAlchemy's
+        // `ArrayEnum` tests): the table stays named for masking.
+        ["create type portcullis_mood as enum ('a', 'b')", [], false],
+        [
+            "create table t_enum (id int, m portcullis_mood[])",
+            [],
+            false
+        ],
+        [
+            "insert into t_enum values (%s, %s::portcullis_mood[])",
+            [1, "{a,b}"],
+            false
+        ],
+        [
+            "select id, m from t_enum where m in (%s::portcullis_mood[]) order by id",
+            ["{a,b}"],
+            false
+        ],
         ["rollback", [], false],
     ]);
     let run = |via: Via, steps: &Value| {
@@ -953,6 +971,7 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
     assert_eq!(direct, proxied, "differs through Portcullis");
     assert_eq!(direct[2], json!([["2", "b"]]), "{direct}");
     assert_eq!(direct[3], json!("CREATE COLLATION"), "{direct}");
+    assert_eq!(direct[7], json!([["1", "{a,b}"]]), "{direct}");
     // Hostile: a user's own `=` for text, not of any extension, runs user
     // code where no statement analysis sees it: still refused.
     s.pg.sql(

@@ -550,7 +550,25 @@ impl<'a> Front<'a> {
         };
         // A read that may run a routine with side effects is its own
         // class (`function`), from the server's catalog.
-        functions::refine(self.ctx.changes.pool(), self.flow, &mut list).await;
+        let mut known = functions::verdicts(self.ctx.changes.pool(), self.flow, &list).await;
+        if self.ctx.changes.catalog_open() {
+            // After a catalog change of this session's open transaction the
+            // side connections cannot see what it created (an enum type, a
+            // function): what they did not call built in is asked again on
+            // the session's own connection, as this transaction sees it
+            // (where it can be asked now; else their verdicts stand).
+            let want: Vec<functions::Key> = functions::all_keys(&list)
+                .into_iter()
+                .filter(|k| !known.get(k).is_some_and(|v| v.builtin))
+                .collect();
+            if !want.is_empty() {
+                if let Some(Ok(answer)) = self.own_lookup(&functions::lookup_sql(&want)).await {
+                    let rows = answer.into_iter().next().unwrap_or_default();
+                    known.extend(functions::verdicts_from_rows(&want, rows));
+                }
+            }
+        }
+        functions::apply(&mut list, &known);
         // Column masking holds only for plain output columns: any other
         // use of a masked column is refused (maskcheck).
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {

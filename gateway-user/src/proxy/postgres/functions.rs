@@ -116,10 +116,12 @@ struct Row {
     builtin: bool,
     volatility: char,
     /// A member of one of [`super::maskcheck::PURE_EXTENSIONS`] (an
-    /// operator: its function too): it creates nothing, so calling it does
-    /// not change what the catalog checks see (citext's and hstore's `=`,
-    /// hstore's `->`, which shadow the built-in names for every operand
-    /// type). Not a verdict of freedom from side effects.
+    /// operator: its function too), or a type whose input runs no user
+    /// code (an enum, an array of one or of a pure extension's type): it
+    /// creates nothing, so using it does not change what the catalog
+    /// checks see (citext's and hstore's `=`, hstore's `->`, which shadow
+    /// the built-in names for every operand type; `$1::my_enum[]`). Not a
+    /// verdict of freedom from side effects.
     pure_extension: bool,
 }
 
@@ -171,19 +173,28 @@ fn keys(c: &Classified) -> Vec<Key> {
     out
 }
 
-/// Fills in each statement's `volatile_functions` (and turns a read that
-/// names any into `function`) from the catalog, through the pool's cache
-/// where it is sound (`pool` is `None` when there is none: every routine
-/// then counts as having side effects).
-pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Classified]) {
+/// Every name the statements of `list` use.
+pub(super) fn all_keys(list: &[Classified]) -> Vec<Key> {
     let mut all: Vec<Key> = Vec::new();
-    for c in list.iter() {
+    for c in list {
         for k in keys(c) {
             if !all.contains(&k) {
                 all.push(k);
             }
         }
     }
+    all
+}
+
+/// The verdicts for every name of `list` from the committed catalog (the
+/// pool's side connections, cached where that is sound). A name the
+/// catalog does not know gets none.
+pub(super) async fn verdicts(
+    pool: Option<&Arc<Pool>>,
+    flow: &Flow,
+    list: &[Classified],
+) -> HashMap<Key, Verdict> {
+    let all = all_keys(list);
     let mut known: HashMap<Key, Verdict> = HashMap::new();
     if let (Some(pool), false) = (pool, all.is_empty()) {
         let (generation, cached) = pool.verdicts(&all, TTL);
@@ -196,17 +207,7 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
         if !want.is_empty() {
             match pool.query_uncached(&lookup_sql(&want)).await {
                 Ok(rows) => {
-                    let rows = parse_rows(rows);
-                    let found: Vec<(Key, Verdict)> = want
-                        .iter()
-                        .map(|k| {
-                            let v = Verdict {
-                                safe: verdict(k, &rows),
-                                builtin: builtin(k, &rows),
-                            };
-                            (k.clone(), v)
-                        })
-                        .collect();
+                    let found = verdicts_from_rows(&want, rows);
                     known.extend(found.iter().cloned());
                     pool.store_verdicts(generation, found);
                 }
@@ -216,6 +217,29 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
             }
         }
     }
+    known
+}
+
+/// The verdicts for `want` from the answer to [`lookup_sql`].
+pub(super) fn verdicts_from_rows(
+    want: &[Key],
+    rows: Vec<Vec<Option<String>>>,
+) -> Vec<(Key, Verdict)> {
+    let rows = parse_rows(rows);
+    want.iter()
+        .map(|k| {
+            let v = Verdict {
+                safe: verdict(k, &rows),
+                builtin: builtin(k, &rows),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Applies `known` to each statement of `list`: its `volatile_functions`
+/// and whether it runs user routines.
+pub(super) fn apply(list: &mut [Classified], known: &HashMap<Key, Verdict>) {
     // Statements after one that may change the catalog get no verdict.
     let mut trusted = true;
     for c in list.iter_mut() {
@@ -235,7 +259,7 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
 
 /// The catalog query for `want`. Names travel hex-encoded: no quoting that
 /// a session setting (standard_conforming_strings) could read differently.
-fn lookup_sql(want: &[Key]) -> String {
+pub(super) fn lookup_sql(want: &[Key]) -> String {
     let arr = |kind: char| -> String {
         upstream::hex_array(
             want.iter()
@@ -259,13 +283,19 @@ fn lookup_sql(want: &[Key]) -> String {
     format!(
         "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text, {pf}::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
          UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i', ({po} AND {pc})::text FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
-         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i', 'false' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
+         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i', ({pt} OR t.typtype = 'e' OR (t.typinput = 'pg_catalog.array_in'::pg_catalog.regproc AND EXISTS (SELECT 1 FROM pg_catalog.pg_type el WHERE el.oid = t.typelem AND (el.typtype = 'e' OR {pel}))))::text FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
         f = arr('f'),
         o = arr('o'),
         t = arr('t'),
         pf = pure("pg_proc", "p.oid"),
         po = pure("pg_operator", "o.oid"),
         pc = pure("pg_proc", "o.oprcode::pg_catalog.oid"),
+        // A cast to an enum (input `enum_in`), an array of one (`array_in`)
+        // or a pure extension's type runs no user code; a domain (its
+        // CHECK may call a user function), a range or a base type of the
+        // user's may.
+        pt = pure("pg_type", "t.oid"),
+        pel = pure("pg_type", "el.oid"),
     )
 }
 
