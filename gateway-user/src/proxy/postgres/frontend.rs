@@ -551,12 +551,15 @@ impl<'a> Front<'a> {
         // A read that may run a routine with side effects is its own
         // class (`function`), from the server's catalog.
         let mut known = functions::verdicts(self.ctx.changes.pool(), self.flow, &list).await;
-        if self.ctx.changes.catalog_open() {
-            // After a catalog change of this session's open transaction the
-            // side connections cannot see what it created (an enum type, a
-            // function): what they did not call built in is asked again on
-            // the session's own connection, as this transaction sees it
-            // (where it can be asked now; else their verdicts stand).
+        let masked = masker.as_ref().is_some_and(|m| m.has_columns());
+        if masked && self.ctx.changes.catalog_open() {
+            // On a resource with column rules (where the session's own
+            // connection is asked anyway), after a catalog change of this
+            // session's open transaction the side connections cannot see
+            // what it created (an enum type, a function): what they did
+            // not call built in is asked again on the session's own
+            // connection, as this transaction sees it (where it can be
+            // asked now; else their verdicts stand).
             let want: Vec<functions::Key> = functions::all_keys(&list)
                 .into_iter()
                 .filter(|k| !known.get(k).is_some_and(|v| v.builtin))
