@@ -866,18 +866,29 @@ fn compat_pg_masked_resource_allows_installed_extensions() {
 
 /// Like [`STEPS`], each step `[sql, params, prepare]`: `prepare` true
 /// sends a named prepared statement (psycopg `prepare=True`), false the
-/// unnamed one; `rollback` is psycopg's simple-query ROLLBACK.
+/// unnamed one; `rollback` is psycopg's simple-query ROLLBACK;
+/// `[sql, [params, ...], false, "many"]` is an `executemany` (one pipeline
+/// up to its Sync), `["pipeline", [sql, ...]]` statements in one pipeline.
 const PREPARED_STEPS: &str = r#"
 import json, sys
 import psycopg
 a = json.loads(sys.argv[1])
 out = []
 with psycopg.connect(a["dsn"]) as c:
-    for sql, params, prepare in a["steps"]:
+    for step in a["steps"]:
+        sql, params = step[0], step[1]
         if sql == "rollback":
             c.rollback(); out.append("rolled back"); continue
         try:
-            cur = c.execute(sql, params, prepare=prepare)
+            if sql == "pipeline":
+                with c.pipeline():
+                    curs = [c.execute(q) for q in params]
+                out.append([cur.statusmessage for cur in curs]); continue
+            if len(step) > 3:
+                cur = c.cursor()
+                cur.executemany(sql, params)
+                out.append(cur.rowcount); continue
+            cur = c.execute(sql, params, prepare=step[2])
             rows = cur.fetchall() if cur.description else cur.statusmessage
             out.append(rows if isinstance(rows, str) else [[str(v) for v in r] for r in rows])
         except psycopg.Error as e:
@@ -952,6 +963,17 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
             ["{a,b}"],
             false
         ],
+        // An executemany is one pipeline: its later statements cannot ask
+        // the own connection, and reuse its answer to the first (SQLAlchemy's
+        // `ArrayJSON` tests; 70000 is an int4 after two int2: psycopg parses
+        // the statement again inside the pipeline).
+        [
+            "insert into t_op values (%s, %s)",
+            [[3, "c"], [4, "d"], [70000, "e"]],
+            false,
+            "many"
+        ],
+        ["select count(*) from t_op", [], false],
         ["rollback", [], false],
     ]);
     let run = |via: Via, steps: &Value| {
@@ -972,6 +994,20 @@ fn compat_pg_masked_session_survives_stale_unnamed_statements_and_extension_oper
     assert_eq!(direct[2], json!([["2", "b"]]), "{direct}");
     assert_eq!(direct[3], json!("CREATE COLLATION"), "{direct}");
     assert_eq!(direct[7], json!([["1", "{a,b}"]]), "{direct}");
+    assert_eq!(direct[9], json!([["4"]]), "{direct}");
+    // Hostile: a catalog change earlier in the same pipeline ends what
+    // the own connection answered; the statement after it in that
+    // pipeline is still refused (the catalog it reads cannot be asked).
+    let got = s.python(
+        Via::Portcullis,
+        PREPARED_STEPS,
+        json!({"dsn": s.conninfo(Via::Portcullis, "postgres", "sslmode=disable"),
+               "steps": [["create table t_p1 (id int)", [], false],
+                         ["insert into t_p1 values (1)", [], false],
+                         ["pipeline", ["alter table t_p1 add column x int", "select id, x from t_p1"]]]}),
+    );
+    assert_eq!(got[1], json!("INSERT 0 1"), "{got}");
+    assert_eq!(got[2]["error"], json!("42501"), "{got}");
     // Hostile: a user's own `=` for text, not of any extension, runs user
     // code where no statement analysis sees it: still refused.
     s.pg.sql(

@@ -884,16 +884,22 @@ impl maskcheck::CatalogSource for OwnSource<'_, '_> {
             Some(t) => format!("{sql}; {t}"),
             None => sql.to_string(),
         };
-        let answer = self
-            .front
-            .own_lookup(&query)
-            .await
-            .ok_or_else(|| maskcheck::STALE.to_string())?
-            .map_err(|e| {
+        let Some(answer) = self.front.own_lookup(&query).await else {
+            // Not askable now (inside a pipeline): the same question asked
+            // since the session's latest change, if nothing changed since.
+            // The tables its first asking named are still kept.
+            return self
+                .front
+                .ctx
+                .changes
+                .own_answer(sql)
+                .ok_or_else(|| maskcheck::STALE.to_string());
+        };
+        let answer = answer.map_err(|e| {
                 format!("column masking cannot be checked: the catalog could not be read on this session's connection ({e})")
             })?;
         let mut results = answer.into_iter();
-        let rows = results.next().unwrap_or_default();
+        let rows = Arc::new(results.next().unwrap_or_default());
         if tables.is_some() {
             if let Some(t) = results.next() {
                 self.front
@@ -902,7 +908,8 @@ impl maskcheck::CatalogSource for OwnSource<'_, '_> {
                     .keep_own_tables(rows::tables_from_rows(&t));
             }
         }
-        Ok(Arc::new(rows))
+        self.front.ctx.changes.keep_own_answer(sql, rows.clone());
+        Ok(rows)
     }
 }
 
