@@ -281,6 +281,15 @@ impl Pool {
         (s.signal && s.in_flight == 0).then_some(s.generation)
     }
 
+    /// The current generation while the catalog-change signal is live
+    /// (whether or not this daemon is changing the catalog): an answer read
+    /// on a session's own connection stays good while this is unchanged
+    /// and the session made no change since ([`SessionChanges::own_answer`]).
+    pub fn signalled_generation(&self) -> Option<u64> {
+        let s = self.state();
+        s.signal.then_some(s.generation)
+    }
+
     /// Whether caching is on now (the signal is live and nothing of this
     /// daemon is changing the catalog).
     pub fn caching(&self) -> bool {
@@ -608,6 +617,13 @@ pub struct SessionChanges {
     /// catalog change in the transaction that is open (an injected lookup):
     /// never kept past that transaction, nor past another change.
     own_tables: Mutex<HashMap<u32, super::rows::Table>>,
+    /// Catalog answers read on the session's own connection since its
+    /// latest change in the open transaction, by query text, with the
+    /// pool generation they were read in: reused where the connection
+    /// cannot be asked (later statements of one pipeline), never past
+    /// another change of the session, the end of the transaction, or a
+    /// change signalled by anyone else.
+    own_answers: Mutex<HashMap<String, (u64, Arc<Rows>)>>,
 }
 
 impl SessionChanges {
@@ -620,6 +636,7 @@ impl SessionChanges {
             open_catalog: std::sync::atomic::AtomicU32::new(0),
             status: std::sync::atomic::AtomicU8::new(b'I'),
             own_tables: Mutex::new(HashMap::new()),
+            own_answers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -658,6 +675,30 @@ impl SessionChanges {
         std::borrow::Cow::Owned(all)
     }
 
+    /// Keeps an answer to `sql` read on the session's own connection (only
+    /// while the pool's change signal is live).
+    pub fn keep_own_answer(&self, sql: &str, rows: Arc<Rows>) {
+        let Some(g) = self.pool.as_ref().and_then(|p| p.signalled_generation()) else {
+            return;
+        };
+        let mut a = guard(&self.own_answers);
+        if a.len() >= MAX_ENTRIES {
+            a.clear();
+        }
+        a.insert(sql.to_string(), (g, rows));
+    }
+
+    /// The answer to `sql` kept by [`Self::keep_own_answer`], if nothing
+    /// changed the catalog since (this session, or anyone as the signal
+    /// tells).
+    pub fn own_answer(&self, sql: &str) -> Option<Arc<Rows>> {
+        let g = self.pool.as_ref()?.signalled_generation()?;
+        let a = guard(&self.own_answers);
+        a.get(sql)
+            .filter(|(kept, _)| *kept == g)
+            .map(|(_, rows)| rows.clone())
+    }
+
     /// Whether the session's own connection named table `oid` in the open
     /// transaction.
     pub fn own_table(&self, oid: u32) -> bool {
@@ -676,6 +717,7 @@ impl SessionChanges {
             // What the own connection answered before this change may
             // not hold after it.
             guard(&self.own_tables).clear();
+            guard(&self.own_answers).clear();
             self.open_catalog
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -694,6 +736,7 @@ impl SessionChanges {
         // Committed or rolled back: nothing the transaction's own view
         // named may be used any more (a rolled-back table or column).
         guard(&self.own_tables).clear();
+        guard(&self.own_answers).clear();
         if let Some(p) = &self.pool {
             p.end_change(n);
         }

@@ -322,6 +322,11 @@ impl<'a> Front<'a> {
         match codec::decode_frontend(tag, body).map_err(|e| e.to_string())? {
             Frontend::Query(sql) => {
                 self.copy_in = false;
+                // A simple query drops the unnamed prepared statement on
+                // the server, whatever it holds: no catalog lookup may
+                // parse it again (a stale one can fail and abort the
+                // agent's transaction).
+                self.statements.remove("");
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
@@ -352,6 +357,12 @@ impl<'a> Front<'a> {
                 param_types,
             } => {
                 self.copy_in = false;
+                if name.is_empty() {
+                    // The server drops the unnamed statement before parsing
+                    // the new one (even one that fails): a lookup while this
+                    // Parse is decided must not parse the old one again.
+                    self.statements.remove("");
+                }
                 let masker = self.masker();
                 match self.decide(sql, &masker).await {
                     Ok(list) => {
@@ -547,7 +558,28 @@ impl<'a> Front<'a> {
         };
         // A read that may run a routine with side effects is its own
         // class (`function`), from the server's catalog.
-        functions::refine(self.ctx.changes.pool(), self.flow, &mut list).await;
+        let mut known = functions::verdicts(self.ctx.changes.pool(), self.flow, &list).await;
+        let masked = masker.as_ref().is_some_and(|m| m.has_columns());
+        if masked && self.ctx.changes.catalog_open() {
+            // On a resource with column rules (where the session's own
+            // connection is asked anyway), after a catalog change of this
+            // session's open transaction the side connections cannot see
+            // what it created (an enum type, a function): what they did
+            // not call built in is asked again on the session's own
+            // connection, as this transaction sees it (where it can be
+            // asked now; else their verdicts stand).
+            let want: Vec<functions::Key> = functions::all_keys(&list)
+                .into_iter()
+                .filter(|k| !known.get(k).is_some_and(|v| v.builtin))
+                .collect();
+            if !want.is_empty() {
+                if let Some(Ok(answer)) = self.own_lookup(&functions::lookup_sql(&want)).await {
+                    let rows = answer.into_iter().next().unwrap_or_default();
+                    known.extend(functions::verdicts_from_rows(&want, rows));
+                }
+            }
+        }
+        functions::apply(&mut list, &known);
         // Column masking holds only for plain output columns: any other
         // use of a masked column is refused (maskcheck).
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
@@ -869,16 +901,22 @@ impl maskcheck::CatalogSource for OwnSource<'_, '_> {
             Some(t) => format!("{sql}; {t}"),
             None => sql.to_string(),
         };
-        let answer = self
-            .front
-            .own_lookup(&query)
-            .await
-            .ok_or_else(|| maskcheck::STALE.to_string())?
-            .map_err(|e| {
+        let Some(answer) = self.front.own_lookup(&query).await else {
+            // Not askable now (inside a pipeline): the same question asked
+            // since the session's latest change, if nothing changed since.
+            // The tables its first asking named are still kept.
+            return self
+                .front
+                .ctx
+                .changes
+                .own_answer(sql)
+                .ok_or_else(|| maskcheck::STALE.to_string());
+        };
+        let answer = answer.map_err(|e| {
                 format!("column masking cannot be checked: the catalog could not be read on this session's connection ({e})")
             })?;
         let mut results = answer.into_iter();
-        let rows = results.next().unwrap_or_default();
+        let rows = Arc::new(results.next().unwrap_or_default());
         if tables.is_some() {
             if let Some(t) = results.next() {
                 self.front
@@ -887,7 +925,8 @@ impl maskcheck::CatalogSource for OwnSource<'_, '_> {
                     .keep_own_tables(rows::tables_from_rows(&t));
             }
         }
-        Ok(Arc::new(rows))
+        self.front.ctx.changes.keep_own_answer(sql, rows.clone());
+        Ok(rows)
     }
 }
 

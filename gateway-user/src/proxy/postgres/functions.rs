@@ -103,10 +103,11 @@ fn builtin(key: &Key, rows: &[Row]) -> bool {
         .filter(|r| r.kind == *kind && r.name == *name)
         .filter(|r| schema.as_ref().is_none_or(|s| *s == r.schema))
         .peekable();
-    mine.peek().is_some() && mine.all(|r| r.builtin)
+    mine.peek().is_some() && mine.all(|r| r.builtin || r.pure_extension)
 }
 
-/// One catalog row: kind, schema, name, built in, volatility.
+/// One catalog row: kind, schema, name, built in, volatility, part of an
+/// installed extension that computes from its arguments only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Row {
     kind: char,
@@ -114,6 +115,14 @@ struct Row {
     name: String,
     builtin: bool,
     volatility: char,
+    /// A member of one of [`super::maskcheck::PURE_EXTENSIONS`] (an
+    /// operator: its function too), or a type whose input runs no user
+    /// code (an enum, an array of one or of a pure extension's type): it
+    /// creates nothing, so using it does not change what the catalog
+    /// checks see (citext's and hstore's `=`, hstore's `->`, which shadow
+    /// the built-in names for every operand type; `$1::my_enum[]`). Not a
+    /// verdict of freedom from side effects.
+    pure_extension: bool,
 }
 
 /// The verdict for one name from the rows the catalog returned.
@@ -164,19 +173,28 @@ fn keys(c: &Classified) -> Vec<Key> {
     out
 }
 
-/// Fills in each statement's `volatile_functions` (and turns a read that
-/// names any into `function`) from the catalog, through the pool's cache
-/// where it is sound (`pool` is `None` when there is none: every routine
-/// then counts as having side effects).
-pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Classified]) {
+/// Every name the statements of `list` use.
+pub(super) fn all_keys(list: &[Classified]) -> Vec<Key> {
     let mut all: Vec<Key> = Vec::new();
-    for c in list.iter() {
+    for c in list {
         for k in keys(c) {
             if !all.contains(&k) {
                 all.push(k);
             }
         }
     }
+    all
+}
+
+/// The verdicts for every name of `list` from the committed catalog (the
+/// pool's side connections, cached where that is sound). A name the
+/// catalog does not know gets none.
+pub(super) async fn verdicts(
+    pool: Option<&Arc<Pool>>,
+    flow: &Flow,
+    list: &[Classified],
+) -> HashMap<Key, Verdict> {
+    let all = all_keys(list);
     let mut known: HashMap<Key, Verdict> = HashMap::new();
     if let (Some(pool), false) = (pool, all.is_empty()) {
         let (generation, cached) = pool.verdicts(&all, TTL);
@@ -189,17 +207,7 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
         if !want.is_empty() {
             match pool.query_uncached(&lookup_sql(&want)).await {
                 Ok(rows) => {
-                    let rows = parse_rows(rows);
-                    let found: Vec<(Key, Verdict)> = want
-                        .iter()
-                        .map(|k| {
-                            let v = Verdict {
-                                safe: verdict(k, &rows),
-                                builtin: builtin(k, &rows),
-                            };
-                            (k.clone(), v)
-                        })
-                        .collect();
+                    let found = verdicts_from_rows(&want, rows);
                     known.extend(found.iter().cloned());
                     pool.store_verdicts(generation, found);
                 }
@@ -209,6 +217,29 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
             }
         }
     }
+    known
+}
+
+/// The verdicts for `want` from the answer to [`lookup_sql`].
+pub(super) fn verdicts_from_rows(
+    want: &[Key],
+    rows: Vec<Vec<Option<String>>>,
+) -> Vec<(Key, Verdict)> {
+    let rows = parse_rows(rows);
+    want.iter()
+        .map(|k| {
+            let v = Verdict {
+                safe: verdict(k, &rows),
+                builtin: builtin(k, &rows),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Applies `known` to each statement of `list`: its `volatile_functions`
+/// and whether it runs user routines.
+pub(super) fn apply(list: &mut [Classified], known: &HashMap<Key, Verdict>) {
     // Statements after one that may change the catalog get no verdict.
     let mut trusted = true;
     for c in list.iter_mut() {
@@ -228,7 +259,7 @@ pub(super) async fn refine(pool: Option<&Arc<Pool>>, flow: &Flow, list: &mut [Cl
 
 /// The catalog query for `want`. Names travel hex-encoded: no quoting that
 /// a session setting (standard_conforming_strings) could read differently.
-fn lookup_sql(want: &[Key]) -> String {
+pub(super) fn lookup_sql(want: &[Key]) -> String {
     let arr = |kind: char| -> String {
         upstream::hex_array(
             want.iter()
@@ -237,13 +268,34 @@ fn lookup_sql(want: &[Key]) -> String {
             "name",
         )
     };
+    // Whether object `obj` of catalog `class` is a member of a pure
+    // extension (or built in).
+    let pure = |class: &str, obj: &str| {
+        format!(
+            "({obj} < {FIRST_USER_OID} OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend e \
+               JOIN pg_catalog.pg_extension x ON x.oid = e.refobjid \
+              WHERE e.classid = 'pg_catalog.{class}'::pg_catalog.regclass AND e.objid = {obj} \
+                AND e.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                AND e.deptype = 'e' AND x.extname::text = ANY({exts})))",
+            exts = upstream::hex_array(super::maskcheck::PURE_EXTENSIONS.iter().copied(), "text"),
+        )
+    };
     format!(
-        "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
-         UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
-         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i' FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
+        "SELECT 'f', n.nspname, p.proname, (p.oid < {FIRST_USER_OID})::text, p.provolatile::text, {pf}::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = ANY({f}) \
+         UNION ALL SELECT 'o', n.nspname, o.oprname, (o.oid < {FIRST_USER_OID} AND o.oprcode::pg_catalog.oid < {FIRST_USER_OID})::text, 'i', ({po} AND {pc})::text FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oprname = ANY({o}) \
+         UNION ALL SELECT 't', n.nspname, t.typname, (t.oid < {FIRST_USER_OID})::text, 'i', ({pt} OR t.typtype = 'e' OR (t.typinput = 'pg_catalog.array_in'::pg_catalog.regproc AND EXISTS (SELECT 1 FROM pg_catalog.pg_type el WHERE el.oid = t.typelem AND (el.typtype = 'e' OR {pel}))))::text FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = ANY({t})",
         f = arr('f'),
         o = arr('o'),
         t = arr('t'),
+        pf = pure("pg_proc", "p.oid"),
+        po = pure("pg_operator", "o.oid"),
+        pc = pure("pg_proc", "o.oprcode::pg_catalog.oid"),
+        // A cast to an enum (input `enum_in`), an array of one (`array_in`)
+        // or a pure extension's type runs no user code; a domain (its
+        // CHECK may call a user function), a range or a base type of the
+        // user's may.
+        pt = pure("pg_type", "t.oid"),
+        pel = pure("pg_type", "el.oid"),
     )
 }
 
@@ -258,6 +310,7 @@ fn parse_rows(rows: Vec<Vec<Option<String>>>) -> Vec<Row> {
                 name: col(2),
                 builtin: col(3) == "true",
                 volatility: ch(col(4)),
+                pure_extension: col(5) == "true",
             }
         })
         .collect()
@@ -274,6 +327,7 @@ mod tests {
             name: name.into(),
             builtin,
             volatility: vol,
+            pure_extension: false,
         }
     }
 
@@ -324,6 +378,29 @@ mod tests {
         assert!(!builtin(&f(None, "lower"), &rows));
         assert!(builtin(&f(Some("pg_catalog"), "lower"), &rows));
         assert!(!builtin(&f(None, "no_such_fn"), &rows));
+    }
+
+    #[test]
+    fn pure_extension_members_change_no_catalog() {
+        let op = |schema: &str, builtin: bool, pure: bool| Row {
+            pure_extension: pure,
+            ..row('o', schema, "=", builtin, 'i')
+        };
+        let eq = ('o', None, "=".to_string());
+        // citext's and hstore's `=` beside the built-in ones: calling any
+        // of them creates nothing.
+        let rows = vec![
+            op("pg_catalog", true, true),
+            op("public", false, true),
+            op("public", false, true),
+        ];
+        assert!(builtin(&eq, &rows));
+        // Still not free of side effects as far as the class goes.
+        assert!(!verdict(&eq, &rows));
+        // A user's own `=` (no pure extension) may run anything.
+        let mut hostile = rows.clone();
+        hostile.push(op("public", false, false));
+        assert!(!builtin(&eq, &hostile));
     }
 
     #[test]

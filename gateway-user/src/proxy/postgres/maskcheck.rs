@@ -428,7 +428,17 @@ impl Walk<'_> {
                         let name = x.get("extname").and_then(Value::as_str).unwrap_or_default();
                         self.lookups.extensions.insert(name.to_string());
                     }
-                    if let Some((_, what)) = DENIED_STATEMENTS.iter().find(|(n, _)| n == k) {
+                    // CREATE COLLATION is a DefineStmt too, but a collation
+                    // is a locale of the server's own providers (libc, ICU):
+                    // it runs no code of the agent's.
+                    let collation = k == "DefineStmt"
+                        && x.get("kind").and_then(Value::as_i64)
+                            == Some(pg_query::protobuf::ObjectType::ObjectCollation as i64);
+                    if let Some((_, what)) = DENIED_STATEMENTS
+                        .iter()
+                        .find(|(n, _)| n == k)
+                        .filter(|_| !collation)
+                    {
                         return Err(format!(
                             "{what} is not allowed on a resource with column masking rules: server-side code could read masked columns where Portcullis cannot see it"
                         ));

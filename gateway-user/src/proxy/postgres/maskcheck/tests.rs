@@ -316,3 +316,15 @@ fn a_table_cannot_leave_a_hierarchy_whose_rules_mask_it() {
     // Other changes to a hierarchy are the catalog's (and INHERIT's) to judge.
     allowed("alter table customers add column note text");
 }
+
+#[test]
+fn create_collation_is_allowed_but_other_define_statements_are_not() {
+    allowed("create collation \"S\".\"C1\" (locale = 'C.utf8')");
+    allowed("create collation if not exists c2 (provider = icu, locale = 'und')");
+    allowed("create collation c3 from \"C\"");
+    // The other DefineStmt kinds name functions the server would run.
+    refused("create aggregate a (int) (sfunc = int4pl, stype = int)");
+    refused("create operator === (leftarg = text, rightarg = text, function = texteq)");
+    refused("create type t (input = my_in, output = my_out)");
+    refused("create text search parser p (start = f, gettoken = f, end = f, lextypes = f)");
+}
