@@ -113,6 +113,16 @@ fn compat_ssh_rsync_behaves_as_directly() {
         let mut a = fs::read(src.join("a.txt")).expect("a");
         a.extend_from_slice(b"one more line\n");
         fs::write(remote.join("a.txt"), &a[..a.len() / 2]).expect("truncate remote");
+        // rsync compares times in whole seconds here: a fixed time long
+        // ago, so that whether the write fell in the source's second does
+        // not change the itemized `t` between the two runs.
+        fs::File::options()
+            .write(true)
+            .open(remote.join("a.txt"))
+            .and_then(|f| {
+                f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+            })
+            .expect("set the remote's time");
         let delta = rsync(&s, via, &["--checksum", &src_arg, &target]);
         let pull = rsync(&s, via, &[&target, &back.display().to_string()]);
         same_tree(&src, &remote);
