@@ -270,7 +270,7 @@ impl Shipper {
                 }
                 runtime.block_on(async move {
                     tokio::select! {
-                        () = self.run_at(Some(priority)) => {}
+                        () = self.run(priority) => {}
                         _ = stopped => {}
                     }
                 });
@@ -278,19 +278,11 @@ impl Shipper {
         Ok(ShipThread { _stop: stop })
     }
 
-    /// Ships forever (until the future is dropped).
-    pub async fn run(self) {
-        self.run_at(None).await
-    }
-
-    /// Ships forever; on a thread lowered to `lowered`, a backlog older
-    /// than [`ESCALATE_AFTER`] ships at the normal priority until it is
-    /// gone.
-    async fn run_at(self, mut lowered: Option<Priority>) {
+    /// Ships forever (until the future is dropped), on a thread set to
+    /// `priority`: below normal, a backlog older than [`ESCALATE_AFTER`]
+    /// ships at the normal priority until it is gone.
+    async fn run(self, priority: Priority) {
         let mut backlog = Backlog::default();
-        if lowered == Some(Priority::Normal) {
-            lowered = None;
-        }
         let mut resume: Option<(Cursor, u64)> = None;
         let pubkey = std::fs::read_to_string(&self.pubkey_file)
             .ok()
@@ -305,17 +297,15 @@ impl Shipper {
                     }
                     was_up = true;
                     self.status.store_up.store(true, Ordering::Relaxed);
-                    match (
-                        lowered,
-                        backlog.after_round(more, std::time::Instant::now()),
-                    ) {
-                        (Some(p), Some(Escalation::Restore)) => {
-                            info!(node = %self.node, "audit shipping caught up; back to priority {p:?}");
-                            if let Err(e) = p.apply() {
+                    let change = backlog.after_round(more, std::time::Instant::now());
+                    match change.filter(|_| priority != Priority::Normal) {
+                        Some(Escalation::Restore) => {
+                            info!(node = %self.node, "audit shipping caught up; back to priority {priority:?}");
+                            if let Err(e) = priority.apply() {
                                 warn!("audit shipping stays at the normal priority: {e}");
                             }
                         }
-                        (Some(_), Some(Escalation::Raise)) => {
+                        Some(Escalation::Raise) => {
                             info!(
                                 node = %self.node,
                                 lag = self.status.lag(),
@@ -326,7 +316,7 @@ impl Shipper {
                                 warn!("audit shipping cannot leave its lowered priority: {e}");
                             }
                         }
-                        _ => {}
+                        None => {}
                     }
                     if !more {
                         tokio::time::sleep(IDLE).await;
