@@ -324,8 +324,11 @@ fn fleet_approval_on_one_node_releases_a_hold_on_another_grants_are_shared_and_a
     // A tampered row is found, on its node, at its seq.
     f.pg.sql_in(
         "fleet",
-        "update portcullis_audit set line = replace(line, '\"type\":', '\"type\" :') \
-         where node = 'node-b' and seq = 2",
+        "update portcullis_audit_batches b set lines = (\
+           select string_agg(case when b.first_seq + n - 1 = 2 \
+                    then replace(l, '\"type\":', '\"type\" :') else l end, E'\\n' order by n) \
+           from unnest(string_to_array(b.lines, E'\\n')) with ordinality as t(l, n)) \
+         where node = 'node-b' and 2 between first_seq and last_seq",
     );
     let out = verify_fleet(&a);
     assert!(!out.status.success(), "{out:?}");
@@ -649,9 +652,9 @@ fn fleet_store_lost_mid_hold_refuses_held_commands_unless_it_returns_in_time() {
 
 /// A batch the store already holds part of (an answer lost in an outage,
 /// or two shippers under one node name) goes in without an error and
-/// without a duplicate: the shipper's `COPY` is refused by the primary key
-/// and the batch goes again through the insert that skips rows already
-/// there, so the first copy of a row stays.
+/// without a duplicate: under the node's lock the lines the store has are
+/// dropped, so the first copy of a seq stays, and the rest goes in as one
+/// row per run of consecutive seqs.
 #[test]
 fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
     use portcullis::fleet::FleetConfig;
@@ -668,13 +671,7 @@ fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
         ship_priority: None,
     };
     let store = cfg.store("e2e-dedup").expect("store settings");
-    let line = |seq: u64, v: &str| {
-        (
-            seq,
-            format!("{seq:064x}"),
-            format!("{{\"seq\":{seq},\"v\":\"{v}\"}}"),
-        )
-    };
+    let line = |seq: u64, v: &str| (seq, format!("{{\"seq\":{seq},\"v\":\"{v}\"}}"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -717,5 +714,101 @@ fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
         )
         .trim(),
         "5"
+    );
+    assert_eq!(
+        pg.sql_in(
+            "fleet",
+            "select string_agg(first_seq || '-' || last_seq, ',' order by first_seq) \
+             from portcullis_audit_batches where node = 'node-d'"
+        )
+        .trim(),
+        "1-3,4-5",
+        "one row per shipped run"
+    );
+}
+
+/// A store written by the first schema (one row per line) is migrated in
+/// place: its lines keep their seqs, shipping resumes after them, the rows
+/// of runs are compressed with lz4, and `portcullis_audit` still answers
+/// SQL with one row per line (node, seq, hash, line) and takes the inserts
+/// of daemons not yet upgraded.
+#[test]
+fn fleet_a_store_of_the_first_schema_upgrades_to_compressed_runs() {
+    use portcullis::fleet::FleetConfig;
+    require_root();
+    let pg = PgServer::start("fleet-upgrade");
+    pg.sql("create database fleet");
+    let cfg = FleetConfig {
+        store: store_url(&pg),
+        password_file: Some(pg.password_file.clone()),
+        sslmode: None,
+        ca_file: None,
+        node: Some("node-u".into()),
+        fail_held_after: None,
+        ship_priority: None,
+    };
+    let store = cfg.store("e2e-upgrade").expect("store settings");
+    let hash = |seq: u64| format!("{seq:064x}");
+    let line = |seq: u64| format!("{{\"seq\":{seq},\"hash\":\"{}\"}}", hash(seq));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(store.migrate_to(1)).expect("first schema");
+    for seq in 1..=3 {
+        pg.sql_in(
+            "fleet",
+            &format!(
+                "insert into portcullis_audit (node, seq, hash, line) values ('node-u', {seq}, '{}', '{}')",
+                hash(seq),
+                line(seq)
+            ),
+        );
+    }
+    rt.block_on(async {
+        store.migrate().await.expect("upgrade");
+        assert_eq!(store.shipped_seq("node-u").await.expect("shipped"), 3);
+        store
+            .ship("node-u", None, (4..=6).map(|s| (s, line(s))).collect(), 6)
+            .await
+            .expect("ship after the upgrade");
+        let rows = store.audit_lines("node-u", 2, 100).await.expect("rows");
+        assert_eq!(
+            rows,
+            (2..=6).map(|s| (s, line(s))).collect::<Vec<_>>(),
+            "every line at its seq, from the one asked"
+        );
+    });
+    // A daemon of the first schema, not yet upgraded, still ships through
+    // the view; a seq the store has keeps its first copy.
+    for seq in [5, 7] {
+        pg.sql_in(
+            "fleet",
+            &format!(
+                "insert into portcullis_audit (node, seq, hash, line) values ('node-u', {seq}, '{}', '{}')",
+                hash(seq),
+                line(seq).replace("\"seq\"", "\"seq\" ")
+            ),
+        );
+    }
+    assert_eq!(
+        pg.sql_in(
+            "fleet",
+            "select string_agg(seq || ':' || (hash = lpad(to_hex(seq), 64, '0'))::text \
+                               || ':' || (line like '{\"seq\" :%')::text, ',' order by seq) \
+             from portcullis_audit where node = 'node-u'"
+        )
+        .trim(),
+        "1:true:false,2:true:false,3:true:false,4:true:false,5:true:false,6:true:false,7:true:true"
+    );
+    assert_eq!(
+        pg.sql_in(
+            "fleet",
+            "select attcompression from pg_attribute \
+             where attrelid = 'portcullis_audit_batches'::regclass and attname = 'lines'"
+        )
+        .trim(),
+        "l",
+        "runs are stored with lz4"
     );
 }
