@@ -121,6 +121,131 @@ pub struct Rules {
     resources: HashMap<String, (usize, EntityUid)>,
     /// Rules by id.
     pub rules: BTreeMap<String, RuleInfo>,
+    /// Request shapes that passed Cedar's request validation against
+    /// [`Self::schema`] (see [`request_shape`]).
+    validated: ValidatedShapes,
+}
+
+/// The request shapes (action, principal and resource types, and the
+/// context's type shape) Cedar's request validation has accepted under one
+/// schema. Validation is a third of a decision's cost, and it accepts or
+/// refuses by those types alone: the contexts [`context_from_json`] builds
+/// hold strings, longs, booleans, sets and records, never entity
+/// references nor extension values, whose validity could depend on the
+/// value. So a request of a shape seen valid is built without validating it
+/// again; a shape never seen, or refused before, is validated every time.
+#[derive(Default)]
+struct ValidatedShapes(std::sync::RwLock<std::collections::HashSet<String>>);
+
+/// Most shapes remembered per loaded set: handlers build a few per action;
+/// past the bound every new shape is simply validated each time.
+const VALIDATED_SHAPES_MAX: usize = 4096;
+
+impl ValidatedShapes {
+    fn contains(&self, shape: &str) -> bool {
+        self.0.read().is_ok_and(|set| set.contains(shape))
+    }
+
+    fn insert(&self, shape: String) {
+        if let Ok(mut set) = self.0.write() {
+            if set.len() < VALIDATED_SHAPES_MAX {
+                set.insert(shape);
+            }
+        }
+    }
+}
+
+/// The key of [`ValidatedShapes`]: the action, then the context's type
+/// shape ([`push_type_shape`]). The principal and resource types need no
+/// place in it: every principal is an `Identity`, every resource a
+/// `Resource` ([`EntitySpec::kind`]).
+fn request_shape(action: &str, context: &serde_json::Value) -> String {
+    let mut out = String::with_capacity(96);
+    push_len_prefixed(&mut out, action);
+    push_type_shape(&mut out, context);
+    out
+}
+
+/// `s` as `<len>#<s>`: unambiguous whatever `s` holds.
+fn push_len_prefixed(out: &mut String, s: &str) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = s.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[at..] {
+        out.push(char::from(*d));
+    }
+    out.push('#');
+    out.push_str(s);
+}
+
+/// Appends the type shape of `v` as Cedar's request validation sees it:
+/// `s`, `l`, `b` for a string, number, boolean (`n` for null, which
+/// [`context_from_json`] refuses anyway); a set as `[`, the sorted distinct
+/// shapes of its elements, `]`; a record as `{`, each attribute's name
+/// (length-prefixed) and shape, `}`. Every shape is one token or
+/// bracketed, so the text reads back one way only.
+fn push_type_shape(out: &mut String, v: &serde_json::Value) {
+    fn scalar(v: &serde_json::Value) -> Option<char> {
+        match v {
+            serde_json::Value::String(_) => Some('s'),
+            serde_json::Value::Number(_) => Some('l'),
+            serde_json::Value::Bool(_) => Some('b'),
+            serde_json::Value::Null => Some('n'),
+            _ => None,
+        }
+    }
+    match v {
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            // Sets of scalars (the common case) in one pass, no allocation:
+            // which of the four kinds occur, in a fixed order.
+            const KINDS: [char; 4] = ['b', 'l', 'n', 's'];
+            let mut seen = [false; 4];
+            let all_scalar = items.iter().all(|item| match scalar(item) {
+                Some(k) => {
+                    if let Some(i) = KINDS.iter().position(|x| *x == k) {
+                        seen[i] = true;
+                    }
+                    true
+                }
+                None => false,
+            });
+            if all_scalar {
+                out.extend(KINDS.iter().zip(seen).filter(|(_, s)| *s).map(|(k, _)| *k));
+            } else {
+                let mut shapes: Vec<String> = Vec::new();
+                for item in items {
+                    let mut one = String::new();
+                    push_type_shape(&mut one, item);
+                    if !shapes.contains(&one) {
+                        shapes.push(one);
+                    }
+                }
+                shapes.sort_unstable();
+                for one in &shapes {
+                    out.push_str(one);
+                }
+            }
+            out.push(']');
+        }
+        serde_json::Value::Object(map) => {
+            out.push('{');
+            for (k, v) in map {
+                push_len_prefixed(out, k);
+                push_type_shape(out, v);
+            }
+            out.push('}');
+        }
+        other => out.extend(scalar(other)),
+    }
 }
 
 impl std::fmt::Debug for Rules {
@@ -455,6 +580,7 @@ impl Rules {
             principals,
             resources,
             rules,
+            validated: ValidatedShapes::default(),
         })
     }
 
@@ -545,16 +671,21 @@ impl Rules {
                 None => return deny("policy index out of range".into()),
             }
         };
+        let shape = request_shape(req.action, &req.context);
+        let known_valid = self.validated.contains(&shape);
         let request = match Request::new(
             principal,
             action.1.clone(),
             resource.1.clone(),
             context,
-            Some(&self.schema),
+            (!known_valid).then_some(&self.schema),
         ) {
             Ok(r) => r,
             Err(e) => return deny(format!("invalid request: {e}")),
         };
+        if !known_valid {
+            self.validated.insert(shape);
+        }
         let response = self
             .authorizer
             .is_authorized(&request, slice, &self.entities);

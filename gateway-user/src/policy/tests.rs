@@ -1225,3 +1225,59 @@ fn parallel_validation_finds_every_bad_rule() {
     assert_eq!(lines, [8, 58, 108, 158, 208, 258], "{err}");
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// Cedar's request validation is skipped only for a request shape it has
+/// accepted before under the loaded set: a context of another shape (a
+/// wrong type, a missing or an extra attribute, a set of mixed elements)
+/// is still validated, and refused, after a valid one was remembered.
+#[test]
+fn a_context_of_a_shape_never_validated_is_still_refused() {
+    use serde_json::json;
+    let dir = dir_with(&[
+        ("a.toml", BASE),
+        ("p.cedar", "permit(principal, action, resource);\n"),
+    ]);
+    let set = PolicySet::load(&dir).unwrap();
+    let select =
+        |ctx: serde_json::Value| decide(&set, "billing", "orders", "postgres:select", ctx, false);
+    for _ in 0..2 {
+        assert!(matches!(select(pg_ctx(true)), Decision::Allow { .. }));
+    }
+    let mut wrong_type = pg_ctx(true);
+    wrong_type["statement"]["has_where"] = json!("yes");
+    let mut missing = pg_ctx(true);
+    missing.as_object_mut().unwrap().remove("database");
+    let mut extra = pg_ctx(true);
+    extra["statement"]["surplus"] = json!(1);
+    let mut mixed = pg_ctx(true);
+    mixed["statement"]["tables"] = json!(["orders", 1]);
+    let mut renamed = pg_ctx(true);
+    let user = renamed.as_object_mut().unwrap().remove("user").unwrap();
+    renamed["usr"] = user;
+    for (why, ctx) in [
+        ("a wrong type", wrong_type),
+        ("a missing attribute", missing),
+        ("an extra attribute", extra),
+        ("a set of mixed elements", mixed),
+        ("a renamed attribute", renamed),
+    ] {
+        for _ in 0..2 {
+            match select(ctx.clone()) {
+                Decision::Deny { reason, .. } => {
+                    assert!(reason.contains("invalid request"), "{why}: {reason}")
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+    // The same shape under another action is validated against that
+    // action's context type.
+    match decide(&set, "billing", "echo", "tcp:connect", pg_ctx(true), false) {
+        Decision::Deny { reason, .. } => assert!(reason.contains("invalid request"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        decide(&set, "billing", "echo", "tcp:connect", tcp_ctx(), false),
+        Decision::Allow { .. }
+    ));
+}
