@@ -48,7 +48,7 @@ pub(crate) struct Decisions {
     /// The policy set the entries were decided under.
     policy: Option<Arc<PolicySet>>,
     /// Key → the permitting rules.
-    allows: HashMap<String, Vec<String>>,
+    allows: HashMap<Vec<u8>, Vec<String>>,
     /// Lookups answered from the memo (for tests and curiosity).
     hits: u64,
 }
@@ -101,38 +101,88 @@ impl Decisions {
 }
 
 /// The memo key: identity, resource, action and the context without the
-/// volatile attributes the rules do not read. `None`: too long to keep.
+/// volatile attributes the rules do not read, serialized as compact JSON
+/// straight from the session's context (no copy of it). `None`: longer
+/// than [`MAX_KEY`] (serializing stops there).
 fn key(
     policy: &PolicySet,
     identity: &str,
     resource: &str,
     action: &str,
     context: &Map<String, Value>,
-) -> Option<String> {
-    let mut reduced: Option<Map<String, Value>> = None;
-    for (path, attr) in VOLATILE {
-        if policy.rules_mention(attr) {
+) -> Option<Vec<u8>> {
+    let mut skip: [Option<(&[&str], &str)>; VOLATILE.len()] = [None; VOLATILE.len()];
+    for (slot, (path, attr)) in skip.iter_mut().zip(VOLATILE) {
+        if !policy.rules_mention(attr) {
+            *slot = Some((path, attr));
+        }
+    }
+    let mut k = Bounded(Vec::with_capacity(256));
+    for part in [identity, resource, action] {
+        k.0.extend_from_slice(part.as_bytes());
+        k.0.push(0);
+    }
+    write_reduced(&mut k, context, &[], &skip).ok()?;
+    k.0.push(0);
+    (k.0.len() <= MAX_KEY).then_some(k.0)
+}
+
+/// A key being written; refuses to grow past [`MAX_KEY`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_KEY {
+            return Err(std::io::Error::other("memo key too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `map` (the record at path `at` of the context) as compact JSON, as
+/// `serde_json` writes it, without the attributes `skip` names.
+fn write_reduced(
+    out: &mut Bounded,
+    map: &Map<String, Value>,
+    at: &[&str],
+    skip: &[Option<(&[&str], &str)>],
+) -> Result<(), serde_json::Error> {
+    use std::io::Write as _;
+    out.write_all(b"{").map_err(serde_json::Error::io)?;
+    let mut first = true;
+    for (name, value) in map {
+        if skip
+            .iter()
+            .flatten()
+            .any(|(path, attr)| *path == at && attr == name)
+        {
             continue;
         }
-        let top = reduced.get_or_insert_with(|| context.clone());
-        let mut record = Some(top);
-        for p in *path {
-            record = record
-                .and_then(|r| r.get_mut(*p))
-                .and_then(Value::as_object_mut);
+        if !first {
+            out.write_all(b",").map_err(serde_json::Error::io)?;
         }
-        if let Some(r) = record {
-            r.remove(*attr);
+        first = false;
+        serde_json::to_writer(&mut *out, name)?;
+        out.write_all(b":").map_err(serde_json::Error::io)?;
+        // Descend only into a record that holds a skipped attribute.
+        let inner = skip.iter().flatten().any(|(path, _)| {
+            path.len() == at.len() + 1 && path.starts_with(at) && path[at.len()] == name.as_str()
+        });
+        match value {
+            Value::Object(record) if inner => {
+                let mut path: Vec<&str> = at.to_vec();
+                path.push(name);
+                write_reduced(out, record, &path, skip)?;
+            }
+            other => serde_json::to_writer(&mut *out, other)?,
         }
     }
-    let ctx = serde_json::to_string(reduced.as_ref().unwrap_or(context)).ok()?;
-    let mut k =
-        String::with_capacity(identity.len() + resource.len() + action.len() + ctx.len() + 3);
-    for part in [identity, resource, action, &ctx] {
-        k.push_str(part);
-        k.push('\0');
-    }
-    (k.len() <= MAX_KEY).then_some(k)
+    out.write_all(b"}").map_err(serde_json::Error::io)
 }
 
 #[cfg(test)]
@@ -359,5 +409,61 @@ subject = "bob"
             ),
             Decision::Deny { .. }
         ));
+    }
+
+    /// The key is written without copying the context; it must say exactly
+    /// what the reduced copy serialized by `serde_json` says, for rules
+    /// that read the volatile attributes and rules that do not.
+    #[test]
+    fn the_key_is_the_reduced_context_as_serde_json_writes_it() {
+        let by_copy = |policy: &PolicySet, ctx: &Map<String, Value>| {
+            let mut copy = ctx.clone();
+            if !policy.rules_mention("time") {
+                copy.shift_remove("time");
+            }
+            if !policy.rules_mention("text") {
+                if let Some(Value::Object(st)) = copy.get_mut("statement") {
+                    st.shift_remove("text");
+                }
+            }
+            let mut k = b"alice\0db\0postgres:select\0".to_vec();
+            k.extend(serde_json::to_vec(&copy).unwrap());
+            k.push(0);
+            k
+        };
+        let mut odd = context("select '\"}\\\u{1}é'", 3);
+        odd.insert(
+            "a \"key\"".into(),
+            json!({"text": "kept: not the statement"}),
+        );
+        odd.insert("statement2".into(), json!({"text": "kept too"}));
+        let no_statement = {
+            let mut c = context("x", 1);
+            c.remove("statement");
+            c
+        };
+        for rules in [
+            ALLOW_ALICE.to_string(),
+            format!("{ALLOW_ALICE}\npermit(principal, action in Action::\"postgres\", resource) when {{ context.time.hour > 30 }};"),
+            format!("{ALLOW_ALICE}\npermit(principal, action in Action::\"postgres\", resource) when {{ context.statement.text == \"x\" }};"),
+        ] {
+            let policy = set(&rules);
+            for ctx in [context("select 1", 2), odd.clone(), no_statement.clone()] {
+                assert_eq!(
+                    key(&policy, "alice", "db", "postgres:select", &ctx),
+                    Some(by_copy(&policy, &ctx)),
+                    "{rules}"
+                );
+            }
+        }
+        // Past the bound there is no key (and no half-written one).
+        let long = context(&"x".repeat(MAX_KEY), 0);
+        let reads_text = set(&format!(
+            "{ALLOW_ALICE}\npermit(principal, action in Action::\"postgres\", resource) when {{ context.statement.text == \"x\" }};"
+        ));
+        assert_eq!(
+            key(&reads_text, "alice", "db", "postgres:select", &long),
+            None
+        );
     }
 }
