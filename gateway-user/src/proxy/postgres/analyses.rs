@@ -9,10 +9,9 @@
 //! Statements that differ only in their constants (pgbench `-M simple`,
 //! ORMs that inline literals) share an analysis by *shape* where that is
 //! sound. The shape key is the statement's tokens as PostgreSQL's own
-//! lexer reads them (`pg_query::scan_tokens`, the scanner the parser
-//! calls): each token's kind, and its text except for integer, decimal
-//! and string constants (`ICONST`, `FCONST`, `SCONST`), of which only the
-//! kind is kept. Two texts with one key are the same token sequence but
+//! lexer reads them ([`shapes::token_key`]): each token's kind, and its
+//! text except for integer, decimal and string constants (`ICONST`,
+//! `FCONST`, `SCONST`), of which only the kind is kept. Two texts with one key are the same token sequence but
 //! for the constants' values, so the parser makes the same reductions for
 //! both and their trees differ only in what the grammar builds from those
 //! values: the constants themselves (`A_Const`), a negated number's value,
@@ -34,13 +33,12 @@
 //! rules it was made under differ from the ones asked with (a policy
 //! reload that changes the column rules).
 
-use std::{collections::HashMap, fmt::Write as _};
-
-use pg_query::protobuf::Token;
+use std::collections::HashMap;
 
 use super::{
     classify::Parsed,
     maskcheck::{self, Lookups, Rules},
+    shapes,
 };
 
 /// Analyses remembered per session.
@@ -62,25 +60,10 @@ pub(super) struct Analyses {
 
 /// The shape key of `sql` (see the module doc), when it may be looked up.
 pub(super) fn shape_key(sql: &str) -> Option<String> {
-    if sql.len() > ANALYSIS_TEXT_MAX || sql.contains(['\\', '\0']) {
+    if sql.len() > ANALYSIS_TEXT_MAX {
         return None;
     }
-    let tokens = pg_query::scan_tokens(sql).ok()?;
-    let mut key = String::with_capacity(sql.len() + 4 * tokens.len());
-    for t in &tokens {
-        // Kind, then the text unless a constant's; NUL ends each token
-        // (no text holds one), so the key spells the sequence one way.
-        let _ = write!(key, "{}:", t.token);
-        let constant = [Token::Iconst, Token::Fconst, Token::Sconst]
-            .iter()
-            .any(|k| *k as i32 == t.token);
-        if !constant {
-            let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
-            key.push_str(sql.get(start..end)?);
-        }
-        key.push('\0');
-    }
-    Some(key)
+    shapes::token_key(sql)
 }
 
 impl Analyses {
@@ -127,7 +110,7 @@ impl Analyses {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -154,7 +137,7 @@ mod tests {
     /// Statements with constants in every place the analysis looks
     /// (positions, predicates, targets, CTEs, subqueries, set operations,
     /// RETURNING), allowed and refused ones (from the maskcheck tests).
-    const CORPUS: &[&str] = &[
+    pub(in crate::proxy::postgres) const CORPUS: &[&str] = &[
         "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
         "SELECT filler, aid FROM pgbench_accounts WHERE aid = 3 ORDER BY 2",
         "UPDATE pgbench_accounts SET abalance = abalance + -4187 WHERE aid = 53;",
@@ -209,70 +192,6 @@ mod tests {
         "select e'a''b', n'c', b'101', x'ff', u&'d' from customers where id = 2",
     ];
 
-    /// Literals of every kind the lexer knows, and some that are two
-    /// tokens (a sign and a constant).
-    const LITERALS: &[&str] = &[
-        "0",
-        "1",
-        "2",
-        "3",
-        "-1",
-        "- 2",
-        "12345",
-        "2147483648",
-        "1.5",
-        "2e3",
-        "0x1f",
-        "'x'",
-        "''",
-        "'it''s'",
-        "'ssn'",
-        "-'a'",
-        "e'q'",
-        "$$d$$",
-        "true",
-        "null",
-        "b'1'",
-        "x'ff'",
-        "(1)",
-    ];
-
-    /// `sql` with the constant token at `span` replaced by `lit`.
-    fn replaced(sql: &str, span: (usize, usize), lit: &str) -> String {
-        format!("{}{lit}{}", &sql[..span.0], &sql[span.1..])
-    }
-
-    fn constant_spans(sql: &str) -> Vec<(usize, usize)> {
-        pg_query::scan_tokens(sql)
-            .unwrap()
-            .iter()
-            .filter(|t| {
-                [Token::Iconst, Token::Fconst, Token::Sconst]
-                    .iter()
-                    .any(|k| *k as i32 == t.token)
-            })
-            .map(|t| (t.start as usize, t.end as usize))
-            .collect()
-    }
-
-    /// Every text of `sql`'s family: each constant replaced by each
-    /// literal, one at a time and all at once.
-    fn family(sql: &str) -> Vec<String> {
-        let spans = constant_spans(sql);
-        let mut out = vec![sql.to_string()];
-        for lit in LITERALS {
-            for span in &spans {
-                out.push(replaced(sql, *span, lit));
-            }
-            let mut all = sql.to_string();
-            for span in spans.iter().rev() {
-                all = replaced(&all, *span, lit);
-            }
-            out.push(all);
-        }
-        out
-    }
-
     /// Asks a fresh memo for each text of `texts` in order and checks every
     /// answer against the analysis of the text alone; the number of
     /// answers that came from a shape.
@@ -313,7 +232,7 @@ mod tests {
         let mut hits = 0;
         let mut texts = 0;
         for sql in CORPUS {
-            let family = family(sql);
+            let family = shapes::constant_family(sql);
             texts += family.len();
             hits += agree(&family, &rules);
             // Each text first in turn: the reverse order primes the memo
