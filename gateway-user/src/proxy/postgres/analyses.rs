@@ -285,7 +285,7 @@ pub(super) mod tests {
             "select distinct on (2) id, ssn from customers",
             "select id, ssn from customers group by rollup (2)",
         ] {
-            assert_eq!(shape_key(sql).is_some(), true);
+            assert!(shape_key(sql).is_some(), "{sql}");
             assert!(memo.analyze(sql, None, &rules).is_err(), "{sql}");
         }
         // One without a position is shared across its constants.
