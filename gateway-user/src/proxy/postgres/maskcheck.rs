@@ -206,16 +206,25 @@ impl Lookups {
 /// `Err` with the reason when it would let a masked column out unmasked,
 /// else what the catalog must still check.
 pub fn analyze(sql: &str, rules: &Rules) -> Result<Lookups, String> {
-    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
-        .map_err(|e| format!("cannot parse the statement: {e}"))?;
+    analyze_text(sql, rules).0
+}
+
+/// [`analyze`], and whether its answer holds for every statement of
+/// `sql`'s shape (see [`Analyzed`]).
+fn analyze_text(sql: &str, rules: &Rules) -> Analyzed {
+    let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
+        Ok(p) => p,
+        Err(e) => return (Err(format!("cannot parse the statement: {e}")), false),
+    };
     let mut stmts = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
             continue;
         };
-        let tree =
-            serde_json::to_value(node).map_err(|e| format!("cannot inspect the statement: {e}"))?;
-        stmts.push((node, tree));
+        match serde_json::to_value(node) {
+            Ok(tree) => stmts.push((node, tree)),
+            Err(e) => return (Err(format!("cannot inspect the statement: {e}")), false),
+        }
     }
     analyze_trees(stmts.iter().map(|(n, t)| (*n, t)), rules)
 }
@@ -223,29 +232,61 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Lookups, String> {
 /// [`analyze`] of a statement already parsed (by classification: see
 /// [`super::classify::Parsed`]).
 pub fn analyze_parsed(parsed: &Parsed, rules: &Rules) -> Result<Lookups, String> {
-    analyze_trees(parsed.statements(), rules)
+    analyze_trees(parsed.statements(), rules).0
+}
+
+/// An analysis, and whether it holds for the statement's whole shape: the
+/// statement is one SELECT, INSERT, UPDATE or DELETE, and the analysis read
+/// no constant's value (the only one it ever reads is a position in ORDER
+/// BY, GROUP BY or DISTINCT ON; every other thing it reads is a keyword,
+/// an identifier, an operator or the tree's structure). The session's memo
+/// of analyses by shape ([`super::analyses`]) keeps only those.
+pub(super) type Analyzed = (Result<Lookups, String>, bool);
+
+/// [`analyze`] of `parsed` when given (`sql`'s own parse), else of `sql`,
+/// with whether the answer holds for the whole shape (see [`Analyzed`]).
+pub(super) fn analyze_for_shape(sql: &str, parsed: Option<&Parsed>, rules: &Rules) -> Analyzed {
+    match parsed {
+        Some(p) => analyze_trees(p.statements(), rules),
+        None => analyze_text(sql, rules),
+    }
 }
 
 fn analyze_trees<'t>(
     stmts: impl Iterator<Item = (&'t NodeEnum, &'t Value)>,
     rules: &Rules,
-) -> Result<Lookups, String> {
+) -> Analyzed {
     let mut walk = Walk {
         rules,
         referenced: BTreeSet::new(),
         rowish: BTreeSet::new(),
         aliases: BTreeSet::new(),
         lookups: Lookups::default(),
+        read_constant: false,
     };
-    for (node, tree) in stmts {
-        walk.collect(tree)?;
-        if !walk.rowish.is_empty() {
-            let aliases = std::mem::take(&mut walk.aliases);
-            walk.rowish.extend(aliases);
+    let (mut count, mut plain) = (0usize, true);
+    let run = || -> Result<(), String> {
+        for (node, tree) in stmts {
+            count += 1;
+            plain &= matches!(
+                node,
+                NodeEnum::SelectStmt(_)
+                    | NodeEnum::InsertStmt(_)
+                    | NodeEnum::UpdateStmt(_)
+                    | NodeEnum::DeleteStmt(_)
+            );
+            walk.collect(tree)?;
+            if !walk.rowish.is_empty() {
+                let aliases = std::mem::take(&mut walk.aliases);
+                walk.rowish.extend(aliases);
+            }
+            walk.statement(node, tree)?;
         }
-        walk.statement(node, tree)?;
-    }
-    Ok(walk.lookups)
+        Ok(())
+    };
+    let result = run();
+    let holds = count == 1 && plain && !walk.read_constant;
+    (result.map(|()| walk.lookups), holds)
 }
 
 /// Where in the statement a reference sits (for the refusal's words).
@@ -303,6 +344,9 @@ struct Walk<'a> {
     /// may carry a masked table's columns.
     aliases: BTreeSet<String>,
     lookups: Lookups,
+    /// The analysis read a constant's value (a position in ORDER BY,
+    /// GROUP BY or DISTINCT ON): it does not hold for the whole shape.
+    read_constant: bool,
 }
 
 fn lower(v: Option<&Value>) -> Option<String> {
@@ -525,7 +569,7 @@ impl Walk<'_> {
     /// ORDER BY / GROUP BY / DISTINCT ON by position (`ORDER BY 1`) or by
     /// output name (`ssn AS x ... ORDER BY x`) on a masked output column
     /// sorts or groups by its value: refused like a predicate.
-    fn positional(&self, s: &pg_query::protobuf::SelectStmt) -> Result<(), String> {
+    fn positional(&mut self, s: &pg_query::protobuf::SelectStmt) -> Result<(), String> {
         // Per output column: its alias, and whether it is (or may be,
         // for `*`) a masked column.
         let targets: Vec<(Option<String>, bool, bool)> = s
@@ -576,6 +620,7 @@ impl Walk<'_> {
         for item in items {
             match &item.node {
                 Some(N::AConst(c)) => {
+                    self.read_constant = true;
                     if let Some(a_const::Val::Ival(i)) = &c.val {
                         let n = usize::try_from(i.ival).unwrap_or(0);
                         let upto = targets.iter().take(n);
@@ -899,6 +944,33 @@ fn catalog_sql(l: &Lookups) -> String {
     )
 }
 
+/// Catalog queries formatted lately, on this thread.
+const CATALOG_QUERIES_MAX: usize = 8;
+
+thread_local! {
+    static CATALOG_QUERIES: std::cell::RefCell<Vec<(Lookups, Arc<str>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`catalog_sql`] of `l`, remembered on this thread for the last few
+/// lookups (a pure function of `l`: a statement of a shape seen before
+/// asks the same thing, and formatting the query's ~3 KiB per statement
+/// was a measurable part of a masked statement's cost).
+fn catalog_query(l: &Lookups) -> Arc<str> {
+    CATALOG_QUERIES.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((_, sql)) = c.iter().find(|(k, _)| k == l) {
+            return sql.clone();
+        }
+        let sql: Arc<str> = catalog_sql(l).into();
+        if c.len() >= CATALOG_QUERIES_MAX {
+            c.remove(0);
+        }
+        c.push((l.clone(), sql.clone()));
+        sql
+    })
+}
+
 /// Judges the catalog's answer to [`catalog_sql`]: the first reason to
 /// refuse, if any.
 fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<String> {
@@ -1054,7 +1126,7 @@ pub(super) async fn check_statement(
     // settles on the second round.
     let (mut rules, mut lookups) = (rules, lookups);
     for _ in 0..3 {
-        let rows = source.rows(&catalog_sql(&lookups)).await?;
+        let rows = source.rows(&catalog_query(&lookups)).await?;
         if let Some(reason) = judge(&lookups, masker, &rows) {
             return Err(reason);
         }

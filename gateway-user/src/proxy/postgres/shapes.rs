@@ -6,13 +6,19 @@
 //! text per statement).
 //!
 //! The key is pg_query's normalized text of the whole string (each
-//! constant replaced by `$n`, the rest kept byte for byte). Only strings
-//! without `$` (no parameter references, no dollar quoting) and without a
-//! backslash (no second reading under standard_conforming_strings) are
-//! looked up: for those, two strings with the same key are the same bytes
-//! outside the constants, so they are the same tokens but for the
-//! constants' values, and their parse trees differ only in the constants
-//! (`A_Const` nodes). Only classifications that cannot depend on a
+//! constant replaced by `$n`, the rest kept byte for byte) and its tokens
+//! as PostgreSQL's lexer reads them, constants by kind only
+//! ([`token_key`]). Only strings without `$` (no parameter references, no
+//! dollar quoting) and without a backslash (no second reading under
+//! standard_conforming_strings) are looked up: for those, two strings
+//! with the same key are the same bytes outside the constants and the
+//! same tokens but for the constants' values (integer, decimal and string
+//! constants, each of the same kind in both), so the parser makes the same
+//! reductions for both and their parse trees differ only in the constants
+//! (`A_Const` nodes). The normalized text alone is not enough: it folds a
+//! leading `-` into the constant, so `b = -1` (a constant) and `b = -'1'`
+//! (the prefix operator `-`, which a user may define, applied to a
+//! string) had one key. Only classifications that cannot depend on a
 //! constant's value are remembered: one plain SELECT, INSERT, UPDATE or
 //! DELETE that calls no function (the classification reads a constant only
 //! as `set_config`'s setting name). pg_query's fingerprint ignores `A_Const`
@@ -21,12 +27,16 @@
 //! search path, the catalog, the policy): the verdicts that do are made
 //! after classification, per statement, as before.
 //!
-//! Owns the memo; it must not decide anything or read the masking
-//! analysis's input (which reads constants, e.g. `DISTINCT ON (1)`): a
-//! statement classified from here carries no parse, and the masking
-//! analysis parses its text itself.
+//! Owns the memo and the token key (which the session's memo of masking
+//! analyses, [`super::analyses`], keys by too); it must not decide
+//! anything or read the masking analysis's input (which reads constants,
+//! e.g. `DISTINCT ON (1)`): a statement classified from here carries no
+//! parse, and the masking analysis parses its text itself unless its own
+//! memo holds the analysis.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, fmt::Write as _};
+
+use pg_query::protobuf::Token;
 
 use super::classify::Classified;
 
@@ -74,7 +84,36 @@ pub(super) fn key(sql: &str) -> Option<String> {
     {
         return None;
     }
-    pg_query::normalize(sql).ok()
+    let normalized = pg_query::normalize(sql).ok()?;
+    let tokens = token_key(sql)?;
+    Some(format!("{normalized}\0{tokens}"))
+}
+
+/// `sql`'s tokens as PostgreSQL's lexer reads them (`pg_query::scan_tokens`
+/// runs the scanner the parser calls, comments included): each token's
+/// kind, then its text unless it is an integer, decimal or string constant
+/// (`ICONST`, `FCONST`, `SCONST`), each token ended by a NUL (which no text
+/// holds). Two texts with one token key are one token sequence but for the
+/// values of those constants. `None` for a text the lexer rejects, or with
+/// a backslash or a NUL.
+pub(super) fn token_key(sql: &str) -> Option<String> {
+    if sql.contains(['\\', '\0']) {
+        return None;
+    }
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = String::with_capacity(sql.len() + 4 * tokens.len());
+    for t in &tokens {
+        let _ = write!(key, "{}:", t.token);
+        let constant = [Token::Iconst, Token::Fconst, Token::Sconst]
+            .iter()
+            .any(|k| *k as i32 == t.token);
+        if !constant {
+            let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+            key.push_str(sql.get(start..end)?);
+        }
+        key.push('\0');
+    }
+    Some(key)
 }
 
 /// Whether a classification holds for every string of its shape.
@@ -122,6 +161,78 @@ impl Shapes {
     }
 }
 
+/// Test corpora of texts of one shape (shared with [`super::analyses`]).
+#[cfg(test)]
+mod family {
+    use pg_query::protobuf::Token;
+
+    /// Literals of every kind the lexer knows, and some that are two
+    /// tokens (a sign and a constant).
+    const LITERALS: &[&str] = &[
+        "0",
+        "1",
+        "2",
+        "3",
+        "-1",
+        "- 2",
+        "12345",
+        "2147483648",
+        "1.5",
+        "2e3",
+        "0x1f",
+        "'x'",
+        "''",
+        "'it''s'",
+        "'ssn'",
+        "-'a'",
+        "e'q'",
+        "$$d$$",
+        "true",
+        "null",
+        "b'1'",
+        "x'ff'",
+        "(1)",
+    ];
+
+    /// `sql` with the constant token at `span` replaced by `lit`.
+    fn replaced(sql: &str, span: (usize, usize), lit: &str) -> String {
+        format!("{}{lit}{}", &sql[..span.0], &sql[span.1..])
+    }
+
+    fn constant_spans(sql: &str) -> Vec<(usize, usize)> {
+        pg_query::scan_tokens(sql)
+            .unwrap()
+            .iter()
+            .filter(|t| {
+                [Token::Iconst, Token::Fconst, Token::Sconst]
+                    .iter()
+                    .any(|k| *k as i32 == t.token)
+            })
+            .map(|t| (t.start as usize, t.end as usize))
+            .collect()
+    }
+
+    /// Every text of `sql`'s family: each constant replaced by each
+    /// literal, one at a time and all at once.
+    pub(in crate::proxy::postgres) fn constant_family(sql: &str) -> Vec<String> {
+        let spans = constant_spans(sql);
+        let mut out = vec![sql.to_string()];
+        for lit in LITERALS {
+            for span in &spans {
+                out.push(replaced(sql, *span, lit));
+            }
+            let mut all = sql.to_string();
+            for span in spans.iter().rev() {
+                all = replaced(&all, *span, lit);
+            }
+            out.push(all);
+        }
+        out
+    }
+}
+#[cfg(test)]
+pub(super) use family::constant_family;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,14 +275,22 @@ mod tests {
                 "SELECT abalance FROM pgbench_accounts WHERE aid = 'x';",
                 "SELECT abalance FROM pgbench_accounts WHERE aid = -3.5e2;",
                 "SELECT abalance FROM pgbench_accounts WHERE aid = NULL;",
+                // Constants of one kind share a shape; other kinds (and a
+                // sign before one) do not (see
+                // `a_sign_before_another_kind_of_constant_is_another_shape`).
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 'y';",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = -4.5e1;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = NULL;",
             ],
             &[
                 "UPDATE pgbench_accounts SET abalance = abalance + -4187 WHERE aid = 53;",
                 "UPDATE pgbench_accounts SET abalance = abalance + 12 WHERE aid = 99999;",
+                "UPDATE pgbench_accounts SET abalance = abalance + -1 WHERE aid = 7;",
             ],
             &[
                 "  insert into h (tid, bid, aid, delta, mtime) values (1, 2, 3, -4, CURRENT_TIMESTAMP)  ",
                 "  insert into h (tid, bid, aid, delta, mtime) values (10, 20, 30, 40, CURRENT_TIMESTAMP)  ",
+                "  insert into h (tid, bid, aid, delta, mtime) values (5, 6, 7, -8, CURRENT_TIMESTAMP)  ",
             ],
             &[
                 "with d as (delete from o where id = 1 returning 1) delete from o where id = 2",
@@ -184,9 +303,57 @@ mod tests {
             &[
                 "select 'x'::public.dom, b'101', x'ff' from t /* a comment */ where a > 1.5",
                 "select 'y'::public.dom, b'111', x'00' from t /* a comment */ where a > 2",
+                "select 'z'::public.dom, b'101', x'ff' from t /* a comment */ where a > 2.5",
             ],
         ]);
         assert_eq!(hits, 9);
+    }
+
+    #[test]
+    fn families_of_constants_classify_alike() {
+        let mut hits = 0;
+        let extra = [
+            "select set_config('search_path', 'x', false)",
+            "select upper('a'), 1 from t where b = 2",
+            "select a from t where b = 1 and c = 'x' for update",
+            "delete from t where a = 1 returning a, 'x'",
+        ];
+        for sql in crate::proxy::postgres::analyses::tests::CORPUS
+            .iter()
+            .chain(&extra)
+        {
+            // Only texts the parser takes (the others are refused before
+            // any memo is asked).
+            let family: Vec<String> = super::constant_family(sql)
+                .into_iter()
+                .filter(|s| classify(s).is_ok())
+                .collect();
+            let forward: Vec<&str> = family.iter().map(String::as_str).collect();
+            let backward: Vec<&str> = forward.iter().rev().copied().collect();
+            hits += agree(&[&forward]) + agree(&[&backward]);
+        }
+        assert!(hits > 500, "{hits}");
+    }
+
+    #[test]
+    fn a_sign_before_another_kind_of_constant_is_another_shape() {
+        // pg_query's normalized text folds a leading `-` into the
+        // constant: `-1` (a constant) and `-'1'` (the prefix operator `-`
+        // applied to a string) read alike there.
+        let hits = agree(&[
+            &[
+                "select a from t where b = -1",
+                "select a from t where b = -'1'",
+                "select a from t where b = - 2.5",
+                "select a from t where b = -'x'",
+            ],
+            &[
+                "select a from t where b = -'1'",
+                "select a from t where b = -1",
+            ],
+        ]);
+        // Only `-'x'` after `-'1'`.
+        assert_eq!(hits, 1);
     }
 
     #[test]
@@ -203,6 +370,10 @@ mod tests {
         assert_ne!(key("select a from t"), key("select b from t"));
         assert_ne!(key("select a from t;"), key("select a from t;;"));
         assert_eq!(
+            key("select a from t where b = 1"),
+            key("select a from t where b = 22")
+        );
+        assert_ne!(
             key("select a from t where b = 1"),
             key("select a from t where b = 'z'")
         );
