@@ -223,8 +223,24 @@ fn server_config(
         maximum_packet_size: SSH_MAX_PACKET,
         channel_buffer_size: SSH_CHANNEL_BUFFER,
         event_buffer_size: SSH_EVENT_BUFFER,
+        preferred: agent_preferred(),
         ..Default::default()
     })
+}
+
+/// Algorithms offered to the agent: russh's defaults without compression.
+/// The agent's leg never leaves the host, so compression buys nothing and
+/// costs a zlib state per connection; and russh's delayed
+/// `zlib@openssh.com` is broken against clients that prefer it (asyncssh
+/// fails to decompress the first packet the daemon sends after login, a
+/// keepalive or a channel reply, and disconnects). Every client supports
+/// `none`; the upstream leg offers `none` first, so it never compresses
+/// either.
+fn agent_preferred() -> russh::Preferred {
+    russh::Preferred {
+        compression: std::borrow::Cow::Borrowed(&[russh::compression::NONE]),
+        ..russh::Preferred::default()
+    }
 }
 
 /// How long a closed connection's channel tasks get to finish (record
