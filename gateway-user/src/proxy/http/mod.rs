@@ -135,14 +135,16 @@ pub async fn serve(
     };
     let mode = flow.resource.tls.unwrap_or(TlsMode::None);
     let end_reason = match mode {
-        TlsMode::Passthrough => passthrough::serve(shared, flow, client).await?,
+        // Boxed: the handshake's state (and passthrough's, which a plain
+        // HTTP session never runs) is not kept in every session's future.
+        TlsMode::Passthrough => Box::pin(passthrough::serve(shared, flow, client)).await?,
         TlsMode::Intercept => {
             let dst = flow.info.original_dst.ip();
-            let (tls, sni) = tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP)
+            let (tls, sni) = Box::pin(tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP))
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("agent TLS handshake: {e}")))?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_http(shared, flow, tls, sni, true, h2).await
+            Box::pin(serve_http(shared, flow, tls, sni, true, h2)).await
         }
         TlsMode::None => serve_http(shared, flow, client, None, false, false).await,
     };
@@ -271,10 +273,7 @@ where
         memo: Default::default(),
     });
     let svc_conn = conn.clone();
-    let svc = service_fn(move |req| {
-        let conn = svc_conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
-    });
+    let svc = service_fn(move |req| request_future(svc_conn.clone(), req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     limit_builder(&mut builder, &shared.cfg.limits);
     if h2 {
@@ -301,6 +300,24 @@ where
         }
     }
     reason
+}
+
+/// What hyper awaits for one request.
+type RequestFuture = Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Response<BoxBody>, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+/// One request's handling, boxed. hyper keeps a slot for the service's
+/// future in every connection, allocated up front and sized for it; the
+/// handling (decision, forwarding, masking) is a large state machine, so an
+/// idle keep-alive connection would hold a slot that size (some 17 KiB)
+/// for nothing. Boxed, the slot is a pointer and the state exists only
+/// while a request is in flight.
+fn request_future(conn: Arc<Conn>, req: Request<Incoming>) -> RequestFuture {
+    Box::pin(async move { Ok(conn.handle(req).await) })
 }
 
 /// Headers that belong to one hop and are never forwarded.

@@ -267,9 +267,12 @@ pub async fn serve(
     let session = flow.info.session.clone();
     let conn = Arc::new(channel::Conn::new(shared.clone(), flow));
     let handler = server::AgentHandler::new(conn.clone());
+    // Boxed: the handshake's state is freed once it is done instead of
+    // staying in this future (and so in the session's task) for the
+    // session's whole life.
     let started = tokio::time::timeout(
         HELLO_TIMEOUT,
-        russh::server::run_stream(config, client, handler),
+        Box::pin(russh::server::run_stream(config, client, handler)),
     )
     .await;
     let running = match started {
@@ -377,4 +380,22 @@ fn is_disconnect(e: &russh::Error) -> bool {
         e,
         russh::Error::Disconnect | russh::Error::HUP | russh::Error::ConnectionTimeout
     ) || matches!(e, russh::Error::IO(io) if matches!(io.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent is offered no compression (russh's delayed zlib breaks
+    /// idle clients that prefer it; tests/e2e/idle.rs shows it end to end),
+    /// and the rest of russh's defaults are kept.
+    #[test]
+    fn the_agent_is_offered_no_compression() {
+        let p = agent_preferred();
+        assert_eq!(&p.compression[..], &[russh::compression::NONE]);
+        let d = russh::Preferred::default();
+        assert_eq!(p.kex, d.kex);
+        assert_eq!(p.cipher, d.cipher);
+        assert_eq!(p.mac, d.mac);
+    }
 }
