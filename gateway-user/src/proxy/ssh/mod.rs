@@ -297,13 +297,15 @@ pub async fn serve(
     let (result, reason) = tokio::select! {
         r = &mut running => (r, "closed"),
         _ = cancel.cancelled() => {
-            let _ = handle
-                .disconnect(
-                    russh::Disconnect::ByApplication,
-                    "session ended by portcullis".into(),
-                    "en".into(),
-                )
-                .await;
+            // Boxed, as the steps after the session below: this future
+            // lives as long as the session, and an idle one should not
+            // hold the state of its ending.
+            let _ = Box::pin(handle.disconnect(
+                russh::Disconnect::ByApplication,
+                "session ended by portcullis".into(),
+                "en".into(),
+            ))
+            .await;
             // Give the disconnect a moment to reach the agent.
             let r = tokio::time::timeout(Duration::from_secs(2), &mut running)
                 .await
@@ -315,8 +317,8 @@ pub async fn serve(
     // The agent's channels are gone, so each task closes its upstream
     // channel and ends; their exit statuses and byte counts are recorded
     // before the session's end (bounded: a stuck upstream is cut below).
-    conn.tasks_done(CHANNELS_DONE_TIMEOUT).await;
-    conn.close_upstream().await;
+    Box::pin(conn.tasks_done(CHANNELS_DONE_TIMEOUT)).await;
+    Box::pin(conn.close_upstream()).await;
     let summary = SessionSummary {
         bytes_from_client: conn.bytes_from_client.load(Ordering::Relaxed),
         bytes_to_client: conn.bytes_to_client.load(Ordering::Relaxed),
