@@ -36,15 +36,23 @@ fn ssh_compression_is_not_negotiated_with_the_agent() {
 
 /// asyncssh (zlib@openssh.com first) logs in and idles; when the daemon
 /// ends the session, the client reads the daemon's disconnect (the first
-/// packet the daemon sends after login) and sees its reason, not a
-/// decompression failure.
+/// packet the daemon sends after login) and its reason; with compression
+/// negotiated it failed with `Decompression failed` instead.
 #[test]
 fn an_idle_asyncssh_client_that_asks_for_compression_reads_the_daemon() {
     let s = ssh_setup("idlezlb", 1, "");
     let agent = s.agent("agent");
     let script = r#"
-import asyncio, json, sys, asyncssh
+import asyncio, json, logging, sys, asyncssh
 a = json.loads(sys.argv[1])
+seen = []
+class Seen(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+log = logging.getLogger("asyncssh")
+log.setLevel(logging.DEBUG)
+log.addHandler(Seen())
+asyncssh.set_debug_level(1)
 class Client(asyncssh.SSHClient):
     reason = "no reason"
     def connection_lost(self, exc):
@@ -59,7 +67,8 @@ async def main():
         await asyncio.wait_for(c.wait_closed(), 30)
     except asyncio.TimeoutError:
         Client.reason = "still open after 30s"
-    print("reason:", Client.reason, flush=True)
+    got = [m[m.index("Received disconnect:"):] for m in seen if "Received disconnect:" in m]
+    print("reason:", got[0] if got else Client.reason, flush=True)
 asyncio.run(main())
 "#;
     let args = json!({"known_hosts": s.agent_kh, "port": s.sshd.port});
@@ -110,5 +119,10 @@ asyncio.run(main())
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(reason, "reason: session ended by portcullis", "{}", s.log());
+    assert_eq!(
+        reason,
+        "reason: Received disconnect: session ended by portcullis (11)",
+        "{}",
+        s.log()
+    );
 }
