@@ -27,6 +27,9 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the daemon's many flags make its variant the
+// largest, and boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon.
     Daemon(DaemonArgs),

@@ -618,14 +618,11 @@ mod task_size_tests {
     fn a_sessions_task_holds_only_what_an_idle_session_needs() {
         let task = task(handle_connection);
         let boxed = [
-            ("tcp handler", handler(|s, f, c| tcp::serve(s, f, c))),
-            ("http handler", handler(|s, f, c| http::serve(s, f, c))),
-            (
-                "postgres handler",
-                handler(|s, f, c| postgres::serve(s, f, c)),
-            ),
-            ("attribution", attribution(|s, p, c| attribute(s, p, c))),
-            ("shedding", shedding(|s, f, c, o| shed(s, f, c, o))),
+            ("tcp handler", handler(tcp::serve)),
+            ("http handler", handler(http::serve)),
+            ("postgres handler", handler(postgres::serve)),
+            ("attribution", attribution(attribute)),
+            ("shedding", shedding(shed)),
         ];
         for (what, size) in boxed {
             assert!(
