@@ -113,8 +113,9 @@ pub const SSH_CHANNEL_BUFFER: usize = 100;
 /// russh's default (10) makes a download stall on every few packets while
 /// the loop encrypts and writes; 64 keeps at most 2 MiB (one agent window)
 /// in flight per connection, so the relay can hand over a whole window
-/// while the loop is off CPU. The queue's slots are allocated as used, so
-/// an idle session pays nothing for it.
+/// while the loop is off CPU. tokio allocates the queue's slots in blocks
+/// of 32 as they are used (the first block with the queue), so the bound
+/// costs an idle session nothing beyond russh's default.
 pub const SSH_EVENT_BUFFER: usize = 64;
 /// Channel window the daemon offers the upstream server (download
 /// direction). russh tops a window up once half of it is used, so with
@@ -231,9 +232,12 @@ fn server_config(
 /// Algorithms offered to the agent: russh's defaults without compression.
 /// The agent's leg never leaves the host, so compression buys nothing and
 /// costs a zlib state per connection; and russh's delayed
-/// `zlib@openssh.com` is broken against clients that prefer it (asyncssh
-/// fails to decompress the first packet the daemon sends after login, a
-/// keepalive or a channel reply, and disconnects). Every client supports
+/// `zlib@openssh.com` is broken against clients that prefer it: russh
+/// starts compressing only when the client's next packet after login
+/// arrives, so a client idle after login gets the daemon's next packet (a
+/// keepalive, or the disconnect of an ended session) uncompressed, fails
+/// to decompress it and drops the connection (asyncssh; OpenSSH with
+/// `-C`). Every client supports
 /// `none`; the upstream leg offers `none` first, so it never compresses
 /// either.
 fn agent_preferred() -> russh::Preferred {
