@@ -27,6 +27,9 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the daemon's many flags make its variant the
+// largest, and boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon.
     Daemon(DaemonArgs),
@@ -381,6 +384,10 @@ pub struct DaemonArgs {
     /// Largest decoded response body inspected for masking (default 256MiB).
     #[arg(long)]
     pub http_max_decoded_body: Option<String>,
+    /// How long an HTTP/1.1 connection may wait for a request head: idle
+    /// between keep-alive requests, or a slow head (default 30s).
+    #[arg(long)]
+    pub http_idle_timeout: Option<String>,
 }
 
 impl Cli {
@@ -413,6 +420,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 pg_max_message: args.pg_max_message,
                 http_max_header: args.http_max_header,
                 http_max_decoded_body: args.http_max_decoded_body,
+                http_idle_timeout: args.http_idle_timeout,
                 auto_tag: Vec::new(),
                 fleet: None,
                 console: None,

@@ -84,6 +84,9 @@ pub struct DaemonTable {
     pub http_max_header: Option<String>,
     /// Largest decoded response body inspected for masking (size with units).
     pub http_max_decoded_body: Option<String>,
+    /// How long an HTTP/1.1 connection may wait for a request head (idle
+    /// keep-alive or a slow head), e.g. `"30s"`, `"2m"`.
+    pub http_idle_timeout: Option<String>,
     /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
     #[serde(default)]
     pub auto_tag: Vec<AutoTagRule>,
@@ -371,6 +374,19 @@ impl DaemonConfig {
                 crate::limits::DEFAULT_HTTP_MAX_DECODED_BODY,
                 1024,
             )?,
+            http_idle_timeout: match flags.http_idle_timeout.or(file.http_idle_timeout) {
+                None => crate::limits::DEFAULT_HTTP_IDLE_TIMEOUT,
+                Some(v) => {
+                    let d = crate::policy::parse_duration(&v)
+                        .map_err(|e| ConfigError::Invalid(format!("http_idle_timeout: {e}")))?;
+                    if d < crate::limits::MIN_HTTP_IDLE_TIMEOUT {
+                        return Err(ConfigError::Invalid(format!(
+                            "http_idle_timeout must be at least 1s, not {v:?}"
+                        )));
+                    }
+                    d
+                }
+            },
         };
         Ok(Self {
             policies: flags
@@ -517,6 +533,15 @@ mod tests {
         assert_eq!(c.memory_budget, Some(512 << 20));
         assert_eq!(c.limits.pg_max_statement, 64 << 10);
         assert_eq!(c.limits.http_max_header, 16 << 10);
+        let idle = DaemonTable {
+            http_idle_timeout: Some("2m".into()),
+            ..Default::default()
+        };
+        let c = DaemonConfig::merge(idle, DaemonTable::default()).unwrap();
+        assert_eq!(
+            c.limits.http_idle_timeout,
+            std::time::Duration::from_secs(120)
+        );
         let off = DaemonTable {
             memory_budget: Some("off".into()),
             ..Default::default()
@@ -533,6 +558,14 @@ mod tests {
             },
             DaemonTable {
                 http_max_header: Some("1KiB".into()),
+                ..Default::default()
+            },
+            DaemonTable {
+                http_idle_timeout: Some("500ms".into()),
+                ..Default::default()
+            },
+            DaemonTable {
+                http_idle_timeout: Some("soon".into()),
                 ..Default::default()
             },
         ] {

@@ -143,6 +143,9 @@ pg_max_statement = "1MiB"       # Query / Parse message; larger: FATAL 54000
 pg_max_message = "16MiB"        # Bind and other held messages, masked rows
 http_max_header = "64KiB"       # request header block; larger: 431
 http_max_decoded_body = "256MiB" # decompressed body inspected for masking
+# How long an HTTP/1.1 connection may wait for a request head (idle
+# keep-alive, or a slow head) before it is closed.
+http_idle_timeout = "30s"
 
 # Auto-tagging: cgroups matching a glob (relative to cgroup_root; `*` and
 # `?` within a path component, `**` across components) are tagged as they

@@ -27,6 +27,12 @@ pub const DEFAULT_HTTP_MAX_HEADER: u64 = 64 << 10;
 /// Default cap on the decoded size of a response body that is decompressed
 /// to be inspected (masking).
 pub const DEFAULT_HTTP_MAX_DECODED_BODY: u64 = 256 << 20;
+/// Default time an HTTP/1.1 connection may wait for a request head: idle
+/// between keep-alive requests, or sending a slow head (nginx closes idle
+/// keep-alive connections after 75 s, Apache after 5 s).
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shortest `http_idle_timeout` (a client must have time to send a head).
+pub const MIN_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default memory budget when the machine has plenty: 1 GiB.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
 /// What one new session may take before the caps stop it: a new session is
@@ -38,7 +44,8 @@ pub const MIN_HTTP_MAX_HEADER: u64 = 8192;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// The caps in force (`[daemon]` keys `pg_max_statement`,
-/// `pg_max_message`, `http_max_header`, `http_max_decoded_body`).
+/// `pg_max_message`, `http_max_header`, `http_max_decoded_body`, and the
+/// time bound `http_idle_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest Query or Parse message from the agent.
@@ -50,6 +57,9 @@ pub struct Limits {
     pub http_max_header: usize,
     /// Largest decoded (decompressed) response body that is inspected.
     pub http_max_decoded_body: u64,
+    /// How long an HTTP/1.1 connection may wait for a request head (idle
+    /// keep-alive, or a slow head) before the daemon closes it.
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -59,6 +69,7 @@ impl Default for Limits {
             pg_max_message: DEFAULT_PG_MAX_MESSAGE as usize,
             http_max_header: DEFAULT_HTTP_MAX_HEADER as usize,
             http_max_decoded_body: DEFAULT_HTTP_MAX_DECODED_BODY,
+            http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
         }
     }
 }

@@ -16,6 +16,7 @@ mod faults;
 mod fleet;
 mod harness;
 mod http;
+mod idle;
 mod mcp;
 mod mcp_everything;
 mod ops;

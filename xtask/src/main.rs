@@ -195,6 +195,13 @@ enum BenchTarget {
         /// Idle PostgreSQL sessions (each one a server backend process).
         #[arg(long, default_value_t = 1_000)]
         pg_sessions: u64,
+        /// Measure only these protocols (comma-separated: postgres,ssh,http).
+        #[arg(long, value_delimiter = ',', default_values_t = ["postgres".to_string(), "ssh".to_string(), "http".to_string()])]
+        only: Vec<String>,
+        /// Seconds the sessions stay idle, all open, before RSS is read
+        /// (past the daemon's keepalive rounds; at most 900).
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
@@ -306,9 +313,11 @@ fn run(task: Task) -> Result<()> {
                 BenchTarget::Idle {
                     sessions,
                     pg_sessions,
+                    only,
+                    hold,
                     binary,
                 },
-        } => bench_idle::idle(sessions, pg_sessions, binary),
+        } => bench_idle::idle(sessions, pg_sessions, &only, hold, binary),
         Task::Bench {
             target:
                 BenchTarget::Mcp {

@@ -239,7 +239,12 @@ pub async fn handle_connection(
     peer: SocketAddr,
     netns_cookie: u64,
 ) {
-    let flow = match attribute(&shared, peer, netns_cookie).await {
+    // Every step but the handler's own run is boxed: this future is the
+    // session's task, allocated whole for the session's life, so the state
+    // of a step that is over (attribution, the audit writes) or rare (a
+    // refusal, shedding) must not be part of it. A few allocations per
+    // session, against several KiB held by every idle one.
+    let flow = match Box::pin(attribute(&shared, peer, netns_cookie)).await {
         Ok(flow) => flow,
         Err(refused) => {
             shared.metrics.refused(refused.refusal);
@@ -257,7 +262,7 @@ pub async fn handle_connection(
                 .detail("netns_cookie", netns_cookie)
                 .detail("detail", refused.detail);
             // The flow is refused whether or not this record lands.
-            if let Err(e) = shared.audit(event).await {
+            if let Err(e) = Box::pin(shared.audit(event)).await {
                 warn!("audit record of a refused flow failed: {e}");
             }
             refuse(client);
@@ -265,7 +270,7 @@ pub async fn handle_connection(
         }
     };
     if let Some(over) = shared.memory.over(shared.cfg.memory_budget) {
-        shed(&shared, flow, client, over).await;
+        Box::pin(shed(&shared, flow, client, over)).await;
         return;
     }
     let start = flow
@@ -274,7 +279,7 @@ pub async fn handle_connection(
         .detail("original_dst", flow.info.original_dst.to_string())
         .detail("netns_cookie", flow.info.netns_cookie)
         .detail("protocol", flow.info.protocol.as_str());
-    if let Err(e) = shared.audit(start).await {
+    if let Err(e) = Box::pin(shared.audit(start)).await {
         // Nothing may happen that the audit log does not know about.
         warn!(session = %flow.info.session, "audit log unavailable, refusing the flow: {e}");
         shared.metrics.refused(Refusal::AuditUnavailable);
@@ -338,7 +343,7 @@ pub async fn handle_connection(
             end.reason(e.to_string())
         }
     };
-    if let Err(e) = shared.audit(end).await {
+    if let Err(e) = Box::pin(shared.audit(end)).await {
         warn!(session = %session, "audit record of session end failed: {e}");
     }
 }
@@ -409,12 +414,16 @@ async fn dispatch(
     flow: Flow,
     client: TcpStream,
 ) -> io::Result<SessionSummary> {
+    // Each handler's future is boxed: a session's task then holds its own
+    // protocol's state, not room for the largest of them (an idle SSH or
+    // HTTP session would otherwise carry PostgreSQL's). One allocation per
+    // session.
     match flow.resource.protocol {
-        Protocol::Tcp => tcp::serve(shared, flow, client).await,
+        Protocol::Tcp => Box::pin(tcp::serve(shared, flow, client)).await,
         // MCP rides on the HTTP handler, which hands it each request.
-        Protocol::Http | Protocol::Mcp => http::serve(shared, flow, client).await,
-        Protocol::Postgres => postgres::serve(shared, flow, client).await,
-        Protocol::Ssh => ssh::serve(shared, flow, client).await,
+        Protocol::Http | Protocol::Mcp => Box::pin(http::serve(shared, flow, client)).await,
+        Protocol::Postgres => Box::pin(postgres::serve(shared, flow, client)).await,
+        Protocol::Ssh => Box::pin(ssh::serve(shared, flow, client)).await,
     }
 }
 
@@ -555,5 +564,71 @@ pub fn refuse(client: TcpStream) {
     if let Ok(std) = client.into_std() {
         let sock = socket2::Socket::from(std);
         let _ = sock.set_linger(Some(Duration::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod task_size_tests {
+    use std::{future::Future, sync::Arc};
+
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    // The size of the future a function returns, without making one.
+
+    fn handler<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'static Arc<Shared>, Flow, TcpStream) -> Fut,
+        Fut: Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn task<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(Arc<Shared>, TcpStream, SocketAddr, u64) -> Fut,
+        Fut: Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn attribution<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'static Shared, SocketAddr, u64) -> Fut,
+        Fut: Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn shedding<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'static Arc<Shared>, Flow, TcpStream, crate::limits::OverBudget) -> Fut,
+        Fut: Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A session's task (the future of [`handle_connection`]) is allocated
+    /// whole for the session's life: it holds no room for the handlers of
+    /// other protocols, nor the state of steps that are over (attribution)
+    /// or rare (shedding). Each of those is boxed, so the task is smaller
+    /// than any of them; inlining one again makes it at least that big.
+    #[test]
+    fn a_sessions_task_holds_only_what_an_idle_session_needs() {
+        let task = task(handle_connection);
+        let boxed = [
+            ("tcp handler", handler(tcp::serve)),
+            ("http handler", handler(http::serve)),
+            ("postgres handler", handler(postgres::serve)),
+            ("attribution", attribution(attribute)),
+            ("shedding", shedding(shed)),
+        ];
+        for (what, size) in boxed {
+            assert!(
+                task < size,
+                "a session's task is {task} bytes, not less than the {what} ({size} bytes): is it still boxed?"
+            );
+        }
     }
 }

@@ -72,8 +72,6 @@ use crate::{
 
 /// Most body bytes kept per direction for the HAR recording.
 pub const HAR_BODY_CAP: usize = 64 * 1024;
-/// How long an HTTP/1.1 agent may take to send request headers.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Counts bytes through the agent's socket.
 #[derive(Debug, Default)]
@@ -137,14 +135,16 @@ pub async fn serve(
     };
     let mode = flow.resource.tls.unwrap_or(TlsMode::None);
     let end_reason = match mode {
-        TlsMode::Passthrough => passthrough::serve(shared, flow, client).await?,
+        // Boxed: the handshake's state (and passthrough's, which a plain
+        // HTTP session never runs) is not kept in every session's future.
+        TlsMode::Passthrough => Box::pin(passthrough::serve(shared, flow, client)).await?,
         TlsMode::Intercept => {
             let dst = flow.info.original_dst.ip();
-            let (tls, sni) = tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP)
+            let (tls, sni) = Box::pin(tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP))
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("agent TLS handshake: {e}")))?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_http(shared, flow, tls, sni, true, h2).await
+            Box::pin(serve_http(shared, flow, tls, sni, true, h2)).await
         }
         TlsMode::None => serve_http(shared, flow, client, None, false, false).await,
     };
@@ -169,18 +169,20 @@ pub async fn shed(shared: &Arc<Shared>, flow: &Flow, client: TcpStream, message:
             let dst = flow.info.original_dst.ip();
             if let Ok((tls, _)) = tls::intercept(&shared.ca, client, dst, tls::ALPN_HTTP).await {
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                serve_refusal(tls, h2, body, shared.cfg.limits.http_max_header).await;
+                serve_refusal(tls, h2, body, &shared.cfg.limits).await;
             }
         }
-        TlsMode::None => {
-            serve_refusal(client, false, body, shared.cfg.limits.http_max_header).await
-        }
+        TlsMode::None => serve_refusal(client, false, body, &shared.cfg.limits).await,
     }
 }
 
 /// Serves one connection whose every request gets `503 body`.
-async fn serve_refusal<IO>(io: IO, h2: bool, body: serde_json::Value, max_header: usize)
-where
+async fn serve_refusal<IO>(
+    io: IO,
+    h2: bool,
+    body: serde_json::Value,
+    limits: &crate::limits::Limits,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = service_fn(move |_req: Request<Incoming>| {
@@ -192,7 +194,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(resp) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    limit_builder(&mut builder, max_header);
+    limit_builder(&mut builder, limits);
     if h2 {
         builder = builder.http2_only();
     }
@@ -201,16 +203,22 @@ where
 
 /// Caps what hyper buffers of a request head: the HTTP/1 read buffer (a
 /// longer head is answered 431) and the HTTP/2 header list (refused by the
-/// h2 layer). Bodies stream and are never buffered whole.
+/// h2 layer). Bodies stream and are never buffered whole. An HTTP/1
+/// connection waiting for a request head longer than `http_idle_timeout`
+/// is closed: hyper's header read timer starts when the connection starts
+/// waiting for a head, so it is both the keep-alive idle timeout and the
+/// bound on a slow head.
 fn limit_builder(
     builder: &mut hyper_util::server::conn::auto::Builder<TokioExecutor>,
-    max_header: usize,
+    limits: &crate::limits::Limits,
 ) {
-    let max_header = max_header.max(crate::limits::MIN_HTTP_MAX_HEADER as usize);
+    let max_header = limits
+        .http_max_header
+        .max(crate::limits::MIN_HTTP_MAX_HEADER as usize);
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.http_idle_timeout)
         .max_buf_size(max_header);
     // HTTP/2: hyper's defaults, stated so an upgrade cannot raise them: at
     // most 200 concurrent streams sharing a 1 MiB connection window.
@@ -265,12 +273,9 @@ where
         memo: Default::default(),
     });
     let svc_conn = conn.clone();
-    let svc = service_fn(move |req| {
-        let conn = svc_conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(conn.handle(req).await) }
-    });
+    let svc = service_fn(move |req| request_future(svc_conn.clone(), req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    limit_builder(&mut builder, shared.cfg.limits.http_max_header);
+    limit_builder(&mut builder, &shared.cfg.limits);
     if h2 {
         builder = builder.http2_only();
     }
@@ -295,6 +300,24 @@ where
         }
     }
     reason
+}
+
+/// What hyper awaits for one request.
+type RequestFuture = Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Response<BoxBody>, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+/// One request's handling, boxed. hyper keeps a slot for the service's
+/// future in every connection, allocated up front and sized for it; the
+/// handling (decision, forwarding, masking) is a large state machine, so an
+/// idle keep-alive connection would hold a slot that size (some 17 KiB)
+/// for nothing. Boxed, the slot is a pointer and the state exists only
+/// while a request is in flight.
+fn request_future(conn: Arc<Conn>, req: Request<Incoming>) -> RequestFuture {
+    Box::pin(async move { Ok(conn.handle(req).await) })
 }
 
 /// Headers that belong to one hop and are never forwarded.

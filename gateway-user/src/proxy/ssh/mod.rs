@@ -113,8 +113,9 @@ pub const SSH_CHANNEL_BUFFER: usize = 100;
 /// russh's default (10) makes a download stall on every few packets while
 /// the loop encrypts and writes; 64 keeps at most 2 MiB (one agent window)
 /// in flight per connection, so the relay can hand over a whole window
-/// while the loop is off CPU. The queue's slots are allocated as used, so
-/// an idle session pays nothing for it.
+/// while the loop is off CPU. tokio allocates the queue's slots in blocks
+/// of 32 as they are used (the first block with the queue), so the bound
+/// costs an idle session nothing beyond russh's default.
 pub const SSH_EVENT_BUFFER: usize = 64;
 /// Channel window the daemon offers the upstream server (download
 /// direction). russh tops a window up once half of it is used, so with
@@ -223,8 +224,27 @@ fn server_config(
         maximum_packet_size: SSH_MAX_PACKET,
         channel_buffer_size: SSH_CHANNEL_BUFFER,
         event_buffer_size: SSH_EVENT_BUFFER,
+        preferred: agent_preferred(),
         ..Default::default()
     })
+}
+
+/// Algorithms offered to the agent: russh's defaults without compression.
+/// The agent's leg never leaves the host, so compression buys nothing and
+/// costs a zlib state per connection; and russh's delayed
+/// `zlib@openssh.com` is broken against clients that prefer it: russh
+/// starts compressing only when the client's next packet after login
+/// arrives, so a client idle after login gets the daemon's next packet (a
+/// keepalive, or the disconnect of an ended session) uncompressed, fails
+/// to decompress it and drops the connection (asyncssh; OpenSSH with
+/// `-C`). Every client supports
+/// `none`; the upstream leg offers `none` first, so it never compresses
+/// either.
+fn agent_preferred() -> russh::Preferred {
+    russh::Preferred {
+        compression: std::borrow::Cow::Borrowed(&[russh::compression::NONE]),
+        ..russh::Preferred::default()
+    }
 }
 
 /// How long a closed connection's channel tasks get to finish (record
@@ -251,9 +271,12 @@ pub async fn serve(
     let session = flow.info.session.clone();
     let conn = Arc::new(channel::Conn::new(shared.clone(), flow));
     let handler = server::AgentHandler::new(conn.clone());
+    // Boxed: the handshake's state is freed once it is done instead of
+    // staying in this future (and so in the session's task) for the
+    // session's whole life.
     let started = tokio::time::timeout(
         HELLO_TIMEOUT,
-        russh::server::run_stream(config, client, handler),
+        Box::pin(russh::server::run_stream(config, client, handler)),
     )
     .await;
     let running = match started {
@@ -278,13 +301,15 @@ pub async fn serve(
     let (result, reason) = tokio::select! {
         r = &mut running => (r, "closed"),
         _ = cancel.cancelled() => {
-            let _ = handle
-                .disconnect(
-                    russh::Disconnect::ByApplication,
-                    "session ended by portcullis".into(),
-                    "en".into(),
-                )
-                .await;
+            // Boxed, as the steps after the session below: this future
+            // lives as long as the session, and an idle one should not
+            // hold the state of its ending.
+            let _ = Box::pin(handle.disconnect(
+                russh::Disconnect::ByApplication,
+                "session ended by portcullis".into(),
+                "en".into(),
+            ))
+            .await;
             // Give the disconnect a moment to reach the agent.
             let r = tokio::time::timeout(Duration::from_secs(2), &mut running)
                 .await
@@ -296,8 +321,8 @@ pub async fn serve(
     // The agent's channels are gone, so each task closes its upstream
     // channel and ends; their exit statuses and byte counts are recorded
     // before the session's end (bounded: a stuck upstream is cut below).
-    conn.tasks_done(CHANNELS_DONE_TIMEOUT).await;
-    conn.close_upstream().await;
+    Box::pin(conn.tasks_done(CHANNELS_DONE_TIMEOUT)).await;
+    Box::pin(conn.close_upstream()).await;
     let summary = SessionSummary {
         bytes_from_client: conn.bytes_from_client.load(Ordering::Relaxed),
         bytes_to_client: conn.bytes_to_client.load(Ordering::Relaxed),
@@ -361,4 +386,22 @@ fn is_disconnect(e: &russh::Error) -> bool {
         e,
         russh::Error::Disconnect | russh::Error::HUP | russh::Error::ConnectionTimeout
     ) || matches!(e, russh::Error::IO(io) if matches!(io.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent is offered no compression (russh's delayed zlib breaks
+    /// idle clients that prefer it; tests/e2e/idle.rs shows it end to end),
+    /// and the rest of russh's defaults are kept.
+    #[test]
+    fn the_agent_is_offered_no_compression() {
+        let p = agent_preferred();
+        assert_eq!(&p.compression[..], &[russh::compression::NONE]);
+        let d = russh::Preferred::default();
+        assert_eq!(p.kex, d.kex);
+        assert_eq!(p.cipher, d.cipher);
+        assert_eq!(p.mac, d.mac);
+    }
 }
