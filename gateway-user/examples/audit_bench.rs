@@ -13,9 +13,6 @@
 
 mod bench_common;
 
-#[global_allocator]
-static ALLOCATOR: portcullis::Allocator = portcullis::Allocator;
-
 use std::{
     fs,
     path::{Path, PathBuf},

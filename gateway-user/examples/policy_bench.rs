@@ -17,9 +17,6 @@
 
 mod bench_common;
 
-#[global_allocator]
-static ALLOCATOR: portcullis::Allocator = portcullis::Allocator;
-
 use std::{
     fs,
     hint::black_box,

@@ -37,9 +37,3 @@ pub mod redirect;
 pub mod sys;
 #[cfg(test)]
 mod testutil;
-
-/// The global allocator of the `portcullis` binary and of the benchmarks
-/// that time its library paths (`#[global_allocator] static A:
-/// portcullis::Allocator = portcullis::Allocator;`), so that they measure
-/// what the daemon runs.
-pub use mimalloc::MiMalloc as Allocator;

@@ -3,9 +3,6 @@
 use clap::Parser;
 use tracing_subscriber::{fmt, EnvFilter};
 
-#[global_allocator]
-static ALLOCATOR: portcullis::Allocator = portcullis::Allocator;
-
 fn main() -> std::process::ExitCode {
     let filter =
         EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
