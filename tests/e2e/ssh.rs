@@ -1052,3 +1052,23 @@ fn bulk_both_ways_at_once_and_a_killed_session() {
     let status = status.expect("ssh ended after the kill");
     assert!(!status.success());
 }
+
+/// More sequential execs on one connection than channels may be open at
+/// once ([`portcullis::proxy::ssh::server::MAX_CHANNELS`], 64), by a client
+/// that closes a channel only in answer to the server's close (paramiko):
+/// each channel ends when its command has, so none is refused. Before, the
+/// channel's task waited for the agent's own close, and the 65th exec got
+/// `resource shortage`.
+#[test]
+fn ssh_more_sequential_execs_than_open_channels_allowed_on_one_connection() {
+    let s = ssh_setup("sshmany", 1, "");
+    let agent = s.agent("agent");
+    let commands: Vec<String> = (0..80).map(|i| format!("echo {i}")).collect();
+    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let r = paramiko(&s, &agent, &refs);
+    assert_eq!(r.len(), 80, "{r:?}");
+    for (i, one) in r.iter().enumerate() {
+        assert_eq!(one["stdout"], format!("{i}\n"), "{one:?}\n{}", s.log());
+        assert_eq!(one["status"], 0, "{one:?}");
+    }
+}

@@ -830,10 +830,30 @@ async fn relay(
     early: Vec<ChannelMsg>,
     mut to_agent: ToAgent<'_>,
 ) -> (u64, Outcome) {
-    tokio::join!(
-        pump(&mut a_read, kept, &mut to_up),
-        pump(&mut u_read, early, &mut to_agent)
-    );
+    // The agent's direction ends on its EOF or close; the upstream's ends
+    // once the upstream closed (the agent then has the exit status, our EOF
+    // and our close). When the upstream's ends first, the channel is over:
+    // nothing the agent sends can go anywhere, and not every client answers
+    // a close by itself (paramiko waits for ours before it sends its own,
+    // and the server side of russh does not always hand that answer to the
+    // read half), so the agent's direction is not waited for. Waiting held
+    // the channel's task, its slot of `MAX_CHANNELS` and its `command_end`
+    // record until the whole connection ended.
+    let agent_ended = {
+        let up = pump(&mut a_read, kept, &mut to_up);
+        let down = pump(&mut u_read, early, &mut to_agent);
+        tokio::pin!(up, down);
+        tokio::select! {
+            () = &mut up => {
+                down.await;
+                true
+            }
+            () = &mut down => false,
+        }
+    };
+    if !agent_ended {
+        let _ = to_up.write.close().await;
+    }
     let mut out = to_agent.out;
     out.masked = to_agent.mask.counts();
     out.unmasked = to_agent.mask.binary_streams().to_vec();
