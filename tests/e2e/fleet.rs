@@ -657,20 +657,7 @@ fn fleet_store_lost_mid_hold_refuses_held_commands_unless_it_returns_in_time() {
 /// row per run of consecutive seqs.
 #[test]
 fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
-    use portcullis::fleet::FleetConfig;
-    require_root();
-    let pg = PgServer::start("fleet-dedup");
-    pg.sql("create database fleet");
-    let cfg = FleetConfig {
-        store: store_url(&pg),
-        password_file: Some(pg.password_file.clone()),
-        sslmode: None,
-        ca_file: None,
-        node: Some("node-d".into()),
-        fail_held_after: None,
-        ship_priority: None,
-    };
-    let store = cfg.store("e2e-dedup").expect("store settings");
+    let (pg, store) = scratch_store("fleet-dedup", "node-d");
     let line = |seq: u64, v: &str| (seq, format!("{{\"seq\":{seq},\"v\":\"{v}\"}}"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -734,20 +721,7 @@ fn fleet_a_shipped_batch_partly_in_the_store_keeps_the_first_copy() {
 /// of daemons not yet upgraded.
 #[test]
 fn fleet_a_store_of_the_first_schema_upgrades_to_compressed_runs() {
-    use portcullis::fleet::FleetConfig;
-    require_root();
-    let pg = PgServer::start("fleet-upgrade");
-    pg.sql("create database fleet");
-    let cfg = FleetConfig {
-        store: store_url(&pg),
-        password_file: Some(pg.password_file.clone()),
-        sslmode: None,
-        ca_file: None,
-        node: Some("node-u".into()),
-        fail_held_after: None,
-        ship_priority: None,
-    };
-    let store = cfg.store("e2e-upgrade").expect("store settings");
+    let (pg, store) = scratch_store("fleet-upgrade", "node-u");
     let hash = |seq: u64| format!("{seq:064x}");
     let line = |seq: u64| format!("{{\"seq\":{seq},\"hash\":\"{}\"}}", hash(seq));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -811,4 +785,23 @@ fn fleet_a_store_of_the_first_schema_upgrades_to_compressed_runs() {
         "l",
         "runs are stored with lz4"
     );
+}
+
+/// A fresh PostgreSQL with an empty `fleet` database, and a store client of
+/// it for `node` (tests that drive the store without a daemon).
+fn scratch_store(name: &str, node: &str) -> (PgServer, portcullis::fleet::Store) {
+    require_root();
+    let pg = PgServer::start(name);
+    pg.sql("create database fleet");
+    let cfg = portcullis::fleet::FleetConfig {
+        store: store_url(&pg),
+        password_file: Some(pg.password_file.clone()),
+        sslmode: None,
+        ca_file: None,
+        node: Some(node.into()),
+        fail_held_after: None,
+        ship_priority: None,
+    };
+    let store = cfg.store(&format!("e2e-{name}")).expect("store settings");
+    (pg, store)
 }

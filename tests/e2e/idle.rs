@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::json;
 
-use super::{harness::*, ssh::ssh_setup, ssh::text};
+use super::{ssh::ssh_setup, ssh::text};
 
 /// OpenSSH `ssh -C` through the daemon negotiates no compression in
 /// either direction, and the command runs.
@@ -90,24 +90,7 @@ asyncio.run(main())
             s.log()
         );
     }
-    let state = s.files.state.display().to_string();
-    let mut id = String::new();
-    wait_until(
-        Duration::from_secs(10),
-        || {
-            let active = s
-                .daemon
-                .json(&["sessions", "--active", "--json", "--state-dir", &state]);
-            match active["sessions"].as_array().and_then(|a| a.first()) {
-                Some(v) if v["protocol"] == "ssh" => {
-                    id = v["id"].as_str().unwrap_or_default().to_string();
-                    true
-                }
-                _ => false,
-            }
-        },
-        "the ssh session is live",
-    );
+    let id = super::ssh::live_ssh_session(&s);
     s.daemon.cli_ok(&["kill", &id]);
     let reason = lines.next().and_then(Result::ok).unwrap_or_default();
     let start = Instant::now();

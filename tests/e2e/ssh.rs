@@ -1012,24 +1012,7 @@ fn bulk_both_ways_at_once_and_a_killed_session() {
         .stderr(Stdio::piped());
     agent.apply(&mut cmd);
     let mut child = cmd.spawn().unwrap();
-    let state = s.files.state.display().to_string();
-    let mut id = String::new();
-    wait_until(
-        Duration::from_secs(10),
-        || {
-            let active = s
-                .daemon
-                .json(&["sessions", "--active", "--json", "--state-dir", &state]);
-            match active["sessions"].as_array().and_then(|a| a.first()) {
-                Some(v) if v["protocol"] == "ssh" => {
-                    id = v["id"].as_str().unwrap_or_default().to_string();
-                    true
-                }
-                _ => false,
-            }
-        },
-        "the ssh session is live",
-    );
+    let id = live_ssh_session(&s);
     // Let the exec start (the kill must end a running command too).
     wait_until(
         Duration::from_secs(10),
@@ -1071,4 +1054,27 @@ fn ssh_more_sequential_execs_than_open_channels_allowed_on_one_connection() {
         assert_eq!(one["stdout"], format!("{i}\n"), "{one:?}\n{}", s.log());
         assert_eq!(one["status"], 0, "{one:?}");
     }
+}
+
+/// The id of the daemon's first live ssh session, once there is one.
+pub(super) fn live_ssh_session(s: &Ssh) -> String {
+    let state = s.files.state.display().to_string();
+    let mut id = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let active = s
+                .daemon
+                .json(&["sessions", "--active", "--json", "--state-dir", &state]);
+            match active["sessions"].as_array().and_then(|a| a.first()) {
+                Some(v) if v["protocol"] == "ssh" => {
+                    id = v["id"].as_str().unwrap_or_default().to_string();
+                    true
+                }
+                _ => false,
+            }
+        },
+        "the ssh session is live",
+    );
+    id
 }
