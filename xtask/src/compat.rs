@@ -3,7 +3,8 @@
 //! same invocation, failing on any difference: the `compat_*` end-to-end
 //! tests (quick ones also run in `cargo xtask test`) plus the `#[ignore]`d
 //! long suites (pgbench in three modes, SQLAlchemy's PostgreSQL dialect
-//! tests from its sdist, with and without a masking policy). Root only.
+//! and SQL tests from its sdist, with and without a masking policy). Root
+//! only.
 
 use std::process::Command;
 
