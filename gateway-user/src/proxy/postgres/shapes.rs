@@ -5,27 +5,34 @@
 //! again (pgbench `-M simple` and ORMs that inline literals send a new
 //! text per statement).
 //!
-//! The key is pg_query's normalized text of the whole string (each
-//! constant replaced by `$n`, the rest kept byte for byte) and its tokens
-//! as PostgreSQL's lexer reads them, constants by kind only
-//! ([`token_key`]). Only strings without `$` (no parameter references, no
-//! dollar quoting) and without a backslash (no second reading under
-//! standard_conforming_strings) are looked up: for those, two strings
-//! with the same key are the same bytes outside the constants and the
-//! same tokens but for the constants' values (integer, decimal and string
-//! constants, each of the same kind in both), so the parser makes the same
-//! reductions for both and their parse trees differ only in the constants
-//! (`A_Const` nodes). The normalized text alone is not enough: it folds a
-//! leading `-` into the constant, so `b = -1` (a constant) and `b = -'1'`
-//! (the prefix operator `-`, which a user may define, applied to a
-//! string) had one key. Only classifications that cannot depend on a
-//! constant's value are remembered: one plain SELECT, INSERT, UPDATE or
-//! DELETE that calls no function (the classification reads a constant only
-//! as `set_config`'s setting name). pg_query's fingerprint ignores `A_Const`
-//! nodes and the normalized text is the key's, so both are the same for
-//! every string of one shape. Nothing here depends on session state (the
-//! search path, the catalog, the policy): the verdicts that do are made
-//! after classification, per statement, as before.
+//! The key is the string as PostgreSQL's lexer reads it, with each
+//! integer, decimal and string constant (`ICONST`, `FCONST`, `SCONST`)
+//! replaced by its kind ([`key`]): two strings with one key are the same
+//! bytes outside those constants, and the same tokens but for the
+//! constants' values. Only strings without `$` (no parameter references,
+//! no dollar quoting) and without a backslash (no second reading under
+//! standard_conforming_strings) are looked up. The parser's reductions
+//! depend on the tokens' kinds, not on their values, so two such strings
+//! take the same grammar rules; where a rule makes an `A_Const` of a
+//! constant in one, it does in the other. A classification is remembered
+//! only when every constant of its string is one (its normalized text,
+//! pg_query's text with each `A_Const` replaced by `$n`, holds no
+//! constant token): a constant read for something else (a type's
+//! precision as in `float(10)`, a position in `ORDER BY 1`) is kept in
+//! the normalized text and the fingerprint, so strings that differ in it
+//! are not one shape here. For the others, the parse trees differ only in
+//! the `A_Const` values: the normalized text and the fingerprint (which
+//! ignores those values) are the same for every string of the shape, and
+//! the key is had from the lexer alone, without a parse. (A sign is a
+//! token of its own: `b = -1`, a constant, and `b = -'1'`, the prefix
+//! operator `-`, which a user may define, applied to a string, differ in
+//! the constant's kind; pg_query's normalized text folds the sign into
+//! the constant and read them alike.) Only classifications that cannot
+//! depend on a constant's value are remembered: one plain SELECT, INSERT,
+//! UPDATE or DELETE that calls no function (the classification reads a
+//! constant only as `set_config`'s setting name). Nothing here depends on
+//! session state (the search path, the catalog, the policy): the verdicts
+//! that do are made after classification, per statement, as before.
 //!
 //! Owns the memo and the token key (which the session's memo of masking
 //! analyses, [`super::analyses`], keys by too); it must not decide
@@ -69,7 +76,7 @@ pub(super) fn key(sql: &str) -> Option<String> {
     if sql.len() > SHAPE_TEXT_MAX || sql.contains(['$', '\\', '\0']) {
         return None;
     }
-    // Not worth normalizing what cannot be remembered (a cost, not a
+    // Not worth lexing what cannot be remembered (a cost, not a
     // safeguard: what is remembered is judged on the classification).
     let first = sql
         .trim_start()
@@ -84,9 +91,34 @@ pub(super) fn key(sql: &str) -> Option<String> {
     {
         return None;
     }
-    let normalized = pg_query::normalize(sql).ok()?;
-    let tokens = token_key(sql)?;
-    Some(format!("{normalized}\0{tokens}"))
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = String::with_capacity(sql.len() + 8);
+    let mut at = 0;
+    for t in tokens.iter().filter(|t| is_constant(t.token)) {
+        let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+        key.push_str(sql.get(at..start)?);
+        // A NUL, which the string holds nowhere, around the kind.
+        let _ = write!(key, "\0{}\0", t.token);
+        at = end;
+    }
+    key.push_str(sql.get(at..)?);
+    Some(key)
+}
+
+/// Whether a token of this kind is an integer, decimal or string constant.
+fn is_constant(token: i32) -> bool {
+    [Token::Iconst, Token::Fconst, Token::Sconst]
+        .iter()
+        .any(|k| *k as i32 == token)
+}
+
+/// Whether `normalized` (pg_query's normalized text) holds a constant
+/// that the normalization kept: one the grammar read for something else
+/// than a value (see the module doc). A text the lexer rejects counts as
+/// holding one.
+fn keeps_a_constant(normalized: &str) -> bool {
+    pg_query::scan_tokens(normalized)
+        .map_or(true, |tokens| tokens.iter().any(|t| is_constant(t.token)))
 }
 
 /// `sql`'s tokens as PostgreSQL's lexer reads them (`pg_query::scan_tokens`
@@ -104,10 +136,7 @@ pub(super) fn token_key(sql: &str) -> Option<String> {
     let mut key = String::with_capacity(sql.len() + 4 * tokens.len());
     for t in &tokens {
         let _ = write!(key, "{}:", t.token);
-        let constant = [Token::Iconst, Token::Fconst, Token::Sconst]
-            .iter()
-            .any(|k| *k as i32 == t.token);
-        if !constant {
+        if !is_constant(t.token) {
             let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
             key.push_str(sql.get(start..end)?);
         }
@@ -149,6 +178,11 @@ impl Shapes {
         // Only when the parser's text for the statement is the string's
         // body: then every string of the shape has its body as its text.
         if body(sql) != c.text {
+            return;
+        }
+        // Only when every constant is a value: then every string of the
+        // shape has this normalized text and fingerprint.
+        if keeps_a_constant(&c.normalized) {
             return;
         }
         if self.map.len() >= SHAPES_MAX {
@@ -297,8 +331,8 @@ mod tests {
                 "with d as (delete from o where id = 3 returning 1) delete from o where id = 4",
             ],
             &[
-                "select a, b from t where x = 'it''s' and y in (1, 2, 3) order by 1 limit 10",
-                "select a, b from t where x = 'other' and y in (4, 5, 6) order by 1 limit 20",
+                "select a, b from t where x = 'it''s' and y in (1, 2, 3) order by a limit 10",
+                "select a, b from t where x = 'other' and y in (4, 5, 6) order by a limit 20",
             ],
             &[
                 "select 'x'::public.dom, b'101', x'ff' from t /* a comment */ where a > 1.5",
@@ -357,17 +391,64 @@ mod tests {
     }
 
     #[test]
+    fn a_constant_read_as_more_than_a_value_makes_no_shape() {
+        // Positions in ORDER BY / GROUP BY, a float's precision (`float(10)`
+        // is real, `float(30)` double precision), a time's precision and
+        // an array's bounds are kept in the normalized text and the
+        // fingerprint: no string with one is remembered, so none answers
+        // for another.
+        let groups: &[&[&str]] = &[
+            &["select a from t order by 1", "select a from t order by 2"],
+            &["select a from t group by 1", "select a from t group by 2"],
+            &[
+                "select a::float(10) from t where b = 1",
+                "select a::float(30) from t where b = 1",
+            ],
+            &[
+                "select current_timestamp(3) from t",
+                "select current_timestamp(6) from t",
+            ],
+            &["select a::int[3] from t", "select a::int[4] from t"],
+            &[
+                "select a from t where b = 1 order by 1",
+                "select a from t where b = 2 order by 2",
+            ],
+        ];
+        assert_eq!(agree(groups), 0);
+        for group in groups {
+            let mut memo = Shapes::default();
+            for sql in group.iter() {
+                let k = key(sql).unwrap();
+                memo.insert(k, sql, &classify(sql).unwrap());
+            }
+            assert!(memo.map.is_empty(), "{group:?}");
+        }
+        // The normalized texts do differ: one key for both would have
+        // answered the second with the first's.
+        let normalized = |sql: &str| classify(sql).unwrap()[0].normalized.clone();
+        assert_ne!(
+            normalized("select a::float(10) from t"),
+            normalized("select a::float(30) from t")
+        );
+        assert_ne!(
+            classify("select a::float(10) from t").unwrap()[0].fingerprint,
+            classify("select a::float(30) from t").unwrap()[0].fingerprint
+        );
+    }
+
+    #[test]
     fn different_shapes_get_different_keys() {
-        // Positions in ORDER BY / GROUP BY are kept as written.
-        assert_ne!(
-            key("select a from t order by 1"),
-            key("select a from t order by 2")
-        );
-        assert_ne!(
-            key("select a from t group by 1"),
-            key("select a from t group by 2")
-        );
         assert_ne!(key("select a from t"), key("select b from t"));
+        // The bytes between tokens are part of the shape (the normalized
+        // text keeps them).
+        assert_ne!(
+            key("select a from t where b = 1"),
+            key("select a  from t where b = 1")
+        );
+        assert_ne!(
+            key("select a from t where b = 1 /* x */"),
+            key("select a from t where b = 1 /* y */")
+        );
         assert_ne!(key("select a from t;"), key("select a from t;;"));
         assert_eq!(
             key("select a from t where b = 1"),
