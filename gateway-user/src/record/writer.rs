@@ -332,7 +332,7 @@ impl Sess {
         if self.stopped {
             return;
         }
-        let json = har::entry_json(entry, req_cut, resp_cut).to_string();
+        let json = har::entry_line(entry, req_cut, resp_cut);
         if self.har.is_none() {
             let head = har::head(&self.info.meta.id);
             if !self.admit(head.len() + har::TAIL.len(), max) {
@@ -361,7 +361,7 @@ impl Sess {
         if let Some(h) = self.har.as_mut() {
             h.pending
                 .extend_from_slice(if h.entries == 0 { b"\n" } else { b",\n" });
-            h.pending.extend_from_slice(json.as_bytes());
+            h.pending.extend_from_slice(&json);
             h.entries += 1;
             self.info.counts.http_exchanges += 1;
         }
