@@ -655,7 +655,8 @@ mod tests {
             receive_ms: -3.0,
             ..Default::default()
         };
-        let v = entry_json(&e, false, true);
+        let v: Value = serde_json::from_slice(&entry_line(&e, false, true)).unwrap();
+        assert_eq!(v, entry_json(&e, false, true));
         assert_eq!(v["startedDateTime"], "2026-11-26T10:00:00.123Z");
         assert_eq!(v["time"], json!(3.5));
         assert_eq!(v["timings"]["receive"], json!(0.0));
