@@ -131,22 +131,17 @@ pub(crate) fn entry_line(e: &HarEntry, req_truncated: bool, resp_truncated: bool
     let send = nonneg(e.send_ms);
     let wait = nonneg(e.wait_ms);
     let receive = nonneg(e.receive_ms);
-    let content_text = e
-        .response_body
-        .as_deref()
-        .map(|body| match std::str::from_utf8(body) {
-            Ok(text) => (Cow::Borrowed(text), None),
+    // A body that is not UTF-8 is recorded in base64, and says so.
+    let (text, encoding) = match e.response_body.as_deref() {
+        None => (None, None),
+        Some(body) => match std::str::from_utf8(body) {
+            Ok(text) => (Some(Cow::Borrowed(text)), None),
             Err(_) => {
                 use base64::Engine as _;
-                (
-                    Cow::Owned(base64::engine::general_purpose::STANDARD.encode(body)),
-                    Some("base64"),
-                )
+                let encoded = base64::engine::general_purpose::STANDARD.encode(body);
+                (Some(Cow::Owned(encoded)), Some("base64"))
             }
-        });
-    let (text, encoding) = match content_text {
-        Some((text, encoding)) => (Some(text), encoding),
-        None => (None, None),
+        },
     };
     let line = EntryOut {
         started_date_time: rfc3339_ms_string(e.started_ms),
