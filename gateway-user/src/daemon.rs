@@ -139,6 +139,15 @@ impl Shared {
         self.audit_log.record(event).await
     }
 
+    /// [`Shared::audit`] without waiting ([`AuditLog::try_record`]): the
+    /// event back when writing it now would have meant waiting.
+    pub fn try_audit(&self, mut event: AuditEvent) -> crate::audit::TryRecord {
+        if event.policy_version.is_none() {
+            event.policy_version = Some(self.policy.load().version.clone());
+        }
+        self.audit_log.try_record(event)
+    }
+
     /// Ends live sessions whose identity is no longer proven (token expired,
     /// rotated to one that does not validate, issuer keys gone). Uses cached
     /// keys only. Returns (session, reason) pairs.

@@ -388,6 +388,15 @@ impl Drop for Inner {
     }
 }
 
+/// What [`AuditLog::try_record`] did.
+#[derive(Debug)]
+pub enum TryRecord {
+    /// The event was written (its seq) or refused; no need to try again.
+    Written(Result<u64, AuditError>),
+    /// Writing it now would have meant waiting: the event, unwritten.
+    Busy(Box<AuditEvent>),
+}
+
 impl AuditLog {
     /// Opens (creating) the log, recovers after a crash, starts the sync
     /// thread.
@@ -426,6 +435,23 @@ impl AuditLog {
             .core
             .record(&fields, inner.enqueue_timeout, inner.reply_timeout)
             .await
+    }
+
+    /// [`AuditLog::record`] for callers that cannot await (a response
+    /// body's last poll): writes the event now when that needs no waiting
+    /// (the writer is free and `fsync = "interval"`), and otherwise hands
+    /// it back untouched, to be recorded with [`AuditLog::record`] on a task.
+    /// Not for a record that must precede forwarding: that caller awaits
+    /// `record` anyway.
+    pub fn try_record(&self, event: AuditEvent) -> TryRecord {
+        let fields = match event.validate().and_then(|()| event.encode_fields()) {
+            Ok(f) => f,
+            Err(e) => return TryRecord::Written(Err(e)),
+        };
+        match self.inner.core.try_record(&fields) {
+            Some(written) => TryRecord::Written(written),
+            None => TryRecord::Busy(Box::new(event)),
+        }
     }
 
     /// Flushes, writes a final checkpoint (when events were added since the

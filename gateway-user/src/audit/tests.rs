@@ -549,6 +549,75 @@ async fn both_fsync_modes_work() {
     }
 }
 
+#[tokio::test]
+async fn try_record_writes_now_only_when_nothing_would_wait() {
+    let tmp = TempDir::new("try-record");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let first = log.record(event(0)).await.unwrap();
+    // The writer is free: the line is in the file when this returns.
+    let TryRecord::Written(Ok(now)) = log.try_record(event(1)) else {
+        panic!("a free writer did not take the event");
+    };
+    assert_eq!(now, first + 1);
+    assert_eq!(
+        all_events(tmp.path()).last().map(|e| e["seq"].clone()),
+        Some(now.into())
+    );
+    // A recorder holds the lock: nothing is written, the event comes back.
+    let held = log.inner.core.hold_writer().await;
+    let back = match log.try_record(event(2)) {
+        TryRecord::Busy(ev) => *ev,
+        TryRecord::Written(w) => panic!("written under a held lock: {w:?}"),
+    };
+    assert_eq!(back, event(2));
+    drop(held);
+    assert_eq!(log.record(back).await.unwrap(), now + 1);
+    // An event no caller may write is refused, not handed back.
+    assert!(matches!(
+        log.try_record(AuditEvent::new("checkpoint")),
+        TryRecord::Written(Err(AuditError::InvalidEvent(_)))
+    ));
+    log.close().await.unwrap();
+    assert!(matches!(
+        log_after_close_try(&tmp).await,
+        TryRecord::Written(Err(AuditError::Closed))
+    ));
+    let report = verify(&tmp.path().join("audit"), &pubkey(tmp.path()));
+    assert!(report.is_ok(), "{report}");
+    let commands: Vec<Value> = all_events(tmp.path())
+        .into_iter()
+        .filter(|e| e["type"] == "command")
+        .map(|e| e["detail"]["i"].clone())
+        .collect();
+    assert_eq!(commands, [0, 1, 2].map(Value::from));
+
+    // With fsync = "always" a record waits for its sync: never now.
+    let tmp = TempDir::new("try-record-always");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Always,
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    assert!(matches!(log.try_record(event(3)), TryRecord::Busy(_)));
+    log.close().await.unwrap();
+}
+
+/// `try_record` on a handle whose log was closed.
+async fn log_after_close_try(tmp: &TempDir) -> TryRecord {
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let other = log.clone();
+    log.close().await.unwrap();
+    other.try_record(event(9))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_records_get_distinct_contiguous_seqs() {
     let tmp = TempDir::new("concurrent");

@@ -814,6 +814,36 @@ impl Core {
         }
     }
 
+    /// [`Core::record`] without waiting, for callers that cannot await: the
+    /// line is appended now if the writer's lock is free and nothing waits
+    /// for it, under `fsync = "interval"` (where `record` does not wait for
+    /// a sync either). `None` when it would have to wait (lock taken or
+    /// queued for, or `fsync = "always"`): nothing was written, the caller
+    /// records it the waiting way.
+    pub(crate) fn try_record(&self, fields: &[u8]) -> Option<Result<u64, AuditError>> {
+        if !matches!(self.fsync, FsyncMode::Interval(_)) {
+            return None;
+        }
+        // tokio's mutex is fair: `try_lock` fails while others queue for it.
+        let mut guard = self.writer.try_lock().ok()?;
+        let Some(writer) = guard.as_mut() else {
+            return Some(Err(AuditError::Closed));
+        };
+        let written = writer.write_event(fields).map_err(|f| f.to_error());
+        drop(guard);
+        if written.is_ok() {
+            self.sync.mark_dirty();
+        }
+        Some(written)
+    }
+
+    /// Tests: holds the writer's lock, as a recorder in the middle of its
+    /// write does.
+    #[cfg(test)]
+    pub(crate) async fn hold_writer(&self) -> impl Drop + '_ {
+        self.writer.lock().await
+    }
+
     /// Final checkpoint and sync, then the file and the directory lock are
     /// released and the sync thread stops.
     pub(crate) async fn close(&self) -> Result<(), AuditError> {

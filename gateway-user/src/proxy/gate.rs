@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::{decisions::Decisions, Flow};
 use crate::{
+    audit::TryRecord,
     daemon::Shared,
     jit::{AccessRequest, JitEvent, NewRequest, Resolution},
     policy::{Decision, DecisionRequest},
@@ -334,8 +335,56 @@ pub async fn finished(
     flow: &Flow,
     cmd: &Command,
     allowed: &Allowed,
-    mut detail: Map<String, Value>,
+    detail: Map<String, Value>,
 ) {
+    let ev = end_event(shared, flow, cmd, allowed, detail);
+    if let Err(e) = shared.audit(ev).await {
+        warn!(session = %flow.info.session, "audit of command_end failed: {e}");
+    }
+}
+
+/// [`finished`] for a caller that cannot await (a response body's last
+/// poll). The record is written before this returns when the log lets it
+/// be written without waiting (see [`crate::audit::AuditLog::try_record`]),
+/// which is the common case; otherwise on a task of its own, as before,
+/// so it is not lost when the connection ends right after.
+pub fn finished_detached(
+    shared: &Arc<Shared>,
+    flow: &Flow,
+    cmd: &Command,
+    allowed: &Allowed,
+    detail: Map<String, Value>,
+) {
+    let ev = end_event(shared, flow, cmd, allowed, detail);
+    let ev = match shared.try_audit(ev) {
+        TryRecord::Written(Ok(_)) => return,
+        TryRecord::Written(Err(e)) => {
+            warn!(session = %flow.info.session, "audit of command_end failed: {e}");
+            return;
+        }
+        TryRecord::Busy(ev) => *ev,
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        warn!(session = %flow.info.session, "audit of command_end failed: no runtime to write it on");
+        return;
+    };
+    let shared = shared.clone();
+    let session = flow.info.session.clone();
+    rt.spawn(async move {
+        if let Err(e) = shared.audit(ev).await {
+            warn!(session = %session, "audit of command_end failed: {e}");
+        }
+    });
+}
+
+/// The completion record of `cmd`, its latency observed in the metrics.
+fn end_event(
+    shared: &Shared,
+    flow: &Flow,
+    cmd: &Command,
+    allowed: &Allowed,
+    mut detail: Map<String, Value>,
+) -> crate::audit::AuditEvent {
     let took = allowed.at.elapsed();
     shared
         .metrics
@@ -346,9 +395,7 @@ pub async fn finished(
     for (k, v) in detail {
         ev = ev.detail(k, v);
     }
-    if let Err(e) = shared.audit(ev).await {
-        warn!(session = %flow.info.session, "audit of command_end failed: {e}");
-    }
+    ev
 }
 
 fn decide(shared: &Shared, flow: &Flow, cmd: &Command, approved: bool) -> Decision {

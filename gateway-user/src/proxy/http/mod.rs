@@ -1005,7 +1005,9 @@ impl Conn {
 
     /// Records the exchange and writes the command's completion record.
     /// The HAR entry is queued at once (the session may end right after the
-    /// last byte); the audit record is written off the body's poll.
+    /// last byte); the audit record is written in the body's last poll when
+    /// the log takes it without waiting, and on a task of its own otherwise
+    /// (`gate::finished_detached`).
     fn finish(self: Arc<Self>, ex: Exchange, end: End) {
         let Exchange {
             cmd,
@@ -1046,13 +1048,7 @@ impl Conn {
                 d.insert("masked".into(), c);
             }
             self.flow.recording.http_exchange(har);
-            let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            let conn = self.clone();
-            rt.spawn(async move {
-                gate::finished(&conn.shared, &conn.flow, &cmd, &allowed, d).await;
-            });
+            gate::finished_detached(&self.shared, &self.flow, &cmd, &allowed, d);
         }
     }
 }
