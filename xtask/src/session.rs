@@ -82,6 +82,19 @@ impl Session {
         let admin_socket = work_dir.join("admin.sock");
         // Before the guard exists: its teardown must not hit another daemon.
         remove_stale_socket(&admin_socket)?;
+        // No daemon of this name runs: an earlier run's audit log and
+        // recordings go (a few hundred MB per HTTP or PostgreSQL run, which
+        // filled the disk over a day of runs).
+        for dir in ["audit", "sessions"] {
+            let old = state_dir.join(dir);
+            match fs::remove_dir_all(&old) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", old.display()))
+                }
+            }
+        }
         let cgroup_root = cgroup_mount.join(config.name);
         let mut session = Self {
             bin: bin.to_path_buf(),
