@@ -4,6 +4,8 @@
 //! Owns the event's fields and their order on disk. It must not assign
 //! `seq`, `time` or hashes: that is the writer's job.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -38,6 +40,50 @@ impl IdentityRef {
         }
     }
 }
+
+/// The fields an event takes from its session (`session`, `identity`,
+/// `cgroup`, `cgroup_id`, `pid`, `resource`), encoded once per session
+/// exactly as [`AuditEvent`] writes them, so that the records of every
+/// command of a session do not copy and escape them again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowFields(Arc<[u8]>);
+
+impl FlowFields {
+    /// The session fields of `template` as they appear in its line. Fails
+    /// when `template` sets anything but its type and those fields.
+    pub fn of(template: &AuditEvent) -> Result<Self, AuditError> {
+        let session_only = AuditEvent {
+            kind: template.kind.clone(),
+            session: template.session.clone(),
+            identity: template.identity.clone(),
+            cgroup: template.cgroup.clone(),
+            cgroup_id: template.cgroup_id,
+            pid: template.pid,
+            resource: template.resource.clone(),
+            ..AuditEvent::default()
+        };
+        if &session_only != template {
+            return Err(AuditError::InvalidEvent(
+                "session fields taken from an event that sets other fields".into(),
+            ));
+        }
+        let fields = template.encode_fields()?;
+        let start = type_member_len(&template.kind)?;
+        // `"type":K` alone, or followed by `,` and the session's fields.
+        Ok(Self(fields.get(start + 1..).unwrap_or_default().into()))
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Length of `"type":K` for the event type `kind`.
+fn type_member_len(kind: &str) -> Result<usize, AuditError> {
+    Ok(TYPE_KEY.len() + serde_json::to_vec(kind).map_err(AuditError::Encode)?.len())
+}
+
+const TYPE_KEY: &[u8] = b"\"type\":";
 
 /// One audit event. Unset (`None`, empty) fields are left out of the line.
 /// On disk the fields appear in this order after `seq`, `time` and `type`;
@@ -93,6 +139,10 @@ pub struct AuditEvent {
     /// Anything else, kept as a nested `detail` object.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub detail: Map<String, Value>,
+    /// The session's fields encoded already ([`FlowFields`]): written where
+    /// `session` through `resource` go, which must then be unset.
+    #[serde(skip)]
+    pub flow: Option<FlowFields>,
 }
 
 macro_rules! string_setters {
@@ -140,6 +190,14 @@ impl AuditEvent {
     #[must_use]
     pub fn identity(mut self, identity: IdentityRef) -> Self {
         self.identity = Some(identity);
+        self
+    }
+
+    /// Sets the session's fields from their encoded form (instead of
+    /// [`AuditEvent::session`], [`AuditEvent::identity`], ...).
+    #[must_use]
+    pub fn flow_fields(mut self, fields: FlowFields) -> Self {
+        self.flow = Some(fields);
         self
     }
 
@@ -209,9 +267,40 @@ impl AuditEvent {
                 "the event did not encode as a JSON object".into(),
             ));
         }
-        bytes.pop();
-        bytes.remove(0);
-        Ok(bytes)
+        let flow = match &self.flow {
+            Some(f) if !f.as_bytes().is_empty() => f.as_bytes(),
+            _ => {
+                bytes.pop();
+                bytes.remove(0);
+                return Ok(bytes);
+            }
+        };
+        if self.session.is_some()
+            || self.identity.is_some()
+            || self.cgroup.is_some()
+            || self.cgroup_id.is_some()
+            || self.pid.is_some()
+            || self.resource.is_some()
+        {
+            return Err(AuditError::InvalidEvent(
+                "the session's fields are set twice".into(),
+            ));
+        }
+        // `{"type":K` `,rest` `}`: the session's fields go right after the
+        // type, where the derived encoding puts them.
+        let type_end = 1 + type_member_len(&self.kind)?;
+        if bytes.get(1..1 + TYPE_KEY.len()) != Some(TYPE_KEY) || type_end >= bytes.len() {
+            return Err(AuditError::InvalidEvent(
+                "the event did not encode with its type first".into(),
+            ));
+        }
+        let rest = &bytes[type_end..bytes.len() - 1];
+        let mut out = Vec::with_capacity(bytes.len() + flow.len());
+        out.extend_from_slice(&bytes[1..type_end]);
+        out.push(b',');
+        out.extend_from_slice(flow);
+        out.extend_from_slice(rest);
+        Ok(out)
     }
 }
 
@@ -247,6 +336,79 @@ mod tests {
         let event = AuditEvent::new("command").reason("a\nb\r\u{2028}");
         let fields = event.encode_fields().unwrap();
         assert!(!fields.contains(&b'\n') && !fields.contains(&b'\r'));
+    }
+
+    /// A session's fields in both forms, with characters JSON escapes.
+    fn session_event(kind: &str) -> AuditEvent {
+        AuditEvent::new(kind)
+            .session("s-\"1\"")
+            .identity(IdentityRef {
+                name: "billing\\agent".into(),
+                iss: Some("https://issuer.example/\u{e9}".into()),
+                sub: Some("svc\n1".into()),
+                jti: None,
+            })
+            .cgroup("/agents/a \u{2028} b")
+            .cgroup_id(42)
+            .pid(7)
+            .resource("db")
+    }
+
+    #[test]
+    fn encoded_session_fields_write_the_same_line() {
+        let flow = FlowFields::of(&session_event("x")).unwrap();
+        let finish = |ev: AuditEvent| {
+            ev.action("postgres:select")
+                .decision("allow")
+                .policy_version("v1")
+                .policy_id("p")
+                .detail("command", "SELECT \"a\" FROM t")
+                .detail("rows", 3)
+        };
+        for kind in ["command", "command_end", "k\"q"] {
+            let copied = finish(session_event(kind));
+            let encoded = finish(AuditEvent::new(kind).flow_fields(flow.clone()));
+            assert_eq!(
+                String::from_utf8(encoded.encode_fields().unwrap()).unwrap(),
+                String::from_utf8(copied.encode_fields().unwrap()).unwrap(),
+            );
+            // Nothing after the session's fields.
+            assert_eq!(
+                AuditEvent::new(kind)
+                    .flow_fields(flow.clone())
+                    .encode_fields()
+                    .unwrap(),
+                session_event(kind).encode_fields().unwrap(),
+            );
+        }
+        // A session with none of the fields set adds nothing.
+        let empty = FlowFields::of(&AuditEvent::new("x")).unwrap();
+        assert_eq!(
+            AuditEvent::new("command")
+                .flow_fields(empty)
+                .action("a")
+                .encode_fields()
+                .unwrap(),
+            AuditEvent::new("command")
+                .action("a")
+                .encode_fields()
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn session_fields_are_taken_once_and_only_from_a_session_event() {
+        let flow = FlowFields::of(&session_event("x")).unwrap();
+        let twice = AuditEvent::new("command").flow_fields(flow).pid(8);
+        assert!(matches!(
+            twice.encode_fields(),
+            Err(AuditError::InvalidEvent(_))
+        ));
+        let more = session_event("x").action("a");
+        assert!(matches!(
+            FlowFields::of(&more),
+            Err(AuditError::InvalidEvent(_))
+        ));
     }
 
     #[test]

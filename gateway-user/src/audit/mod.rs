@@ -99,7 +99,7 @@ use std::{
 use serde::Serialize;
 
 pub use ed25519_dalek::VerifyingKey;
-pub use event::{AuditEvent, IdentityRef, RESERVED_KINDS};
+pub use event::{AuditEvent, FlowFields, IdentityRef, RESERVED_KINDS};
 pub use key::load_public_key;
 pub(crate) use key::random_seed;
 pub use read::{follow, read_events, read_events_where, TailFilter, FOLLOW_POLL};

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    audit::{AuditEvent, IdentityRef},
+    audit::{AuditEvent, FlowFields, IdentityRef},
     daemon::Shared,
     identity::ProvenIdentity,
     policy::{Destination, Protocol, Resource},
@@ -107,13 +107,39 @@ pub struct Flow {
     pub cancel: CancellationToken,
     /// The session's recording (a no-op when the resource records nothing).
     pub recording: crate::record::SessionRecording,
+    /// `info`'s audited fields, encoded once ([`FlowFields::of`] of
+    /// [`FlowInfo::audit_event`]): what every audit event of the flow
+    /// carries, without copying and escaping it for each command.
+    pub audit_fields: FlowFields,
 }
 
 impl Flow {
+    /// A flow of `info`, its audited fields encoded.
+    pub fn new(
+        info: FlowInfo,
+        resource: Arc<Resource>,
+        cancel: CancellationToken,
+        recording: crate::record::SessionRecording,
+    ) -> Self {
+        // The fields of a fresh event are always encodable; should that
+        // ever fail, events carry them the copying way instead.
+        let audit_fields = FlowFields::of(&info.audit_event("session")).unwrap_or_default();
+        Self {
+            info,
+            resource,
+            cancel,
+            recording,
+            audit_fields,
+        }
+    }
+
     /// An audit event of `kind` about this flow (session, identity, cgroup,
     /// pid, resource filled in).
     pub fn audit_event(&self, kind: &str) -> AuditEvent {
-        self.info.audit_event(kind)
+        if self.audit_fields == FlowFields::default() {
+            return self.info.audit_event(kind);
+        }
+        AuditEvent::new(kind).flow_fields(self.audit_fields.clone())
     }
 
     /// Where the daemon connects: the resource's upstream, or the original
@@ -532,12 +558,12 @@ async fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Resu
         protocol: resource.protocol,
         started_ms: session::now_ms(),
     };
-    Ok(Flow {
+    Ok(Flow::new(
         info,
         resource,
-        cancel: shared.shutdown.child_token(),
-        recording: crate::record::SessionRecording::off(),
-    })
+        shared.shutdown.child_token(),
+        crate::record::SessionRecording::off(),
+    ))
 }
 
 fn record_mode(m: crate::policy::RecordMode) -> &'static str {

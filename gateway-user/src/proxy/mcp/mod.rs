@@ -101,6 +101,7 @@ fn flow_handle(f: &Flow) -> Flow {
         resource: f.resource.clone(),
         cancel: f.cancel.clone(),
         recording: f.recording.clone(),
+        audit_fields: f.audit_fields.clone(),
     }
 }
 

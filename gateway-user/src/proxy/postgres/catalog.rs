@@ -185,6 +185,7 @@ fn side_flow(flow: &Flow) -> Arc<Flow> {
         resource: flow.resource.clone(),
         cancel: CancellationToken::new(),
         recording: crate::record::SessionRecording::off(),
+        audit_fields: flow.audit_fields.clone(),
     })
 }
 
