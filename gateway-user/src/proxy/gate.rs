@@ -392,9 +392,8 @@ fn end_event(
     detail.insert("command_seq".into(), allowed.audit_seq.into());
     detail.insert("duration_us".into(), (took.as_micros() as u64).into());
     let mut ev = flow.audit_event("command_end").action(cmd.action.clone());
-    for (k, v) in detail {
-        ev = ev.detail(k, v);
-    }
+    // The handler's map, in its order, as the event's whole detail.
+    ev.detail = detail;
     ev
 }
 
