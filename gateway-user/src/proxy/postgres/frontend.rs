@@ -73,6 +73,9 @@ pub(super) struct Front<'a> {
     shapes: shapes::Shapes,
     /// Masking analyses of statement texts: see [`analyses`].
     analyses: analyses::Analyses,
+    /// The masker's column rules in the analysis' form, made once per
+    /// masker (a policy reload makes a new one), not per statement.
+    mask_rules: Option<(Arc<Masker>, Arc<maskcheck::Rules>)>,
     /// An allowed `COPY ... FROM STDIN` was sent: CopyData may follow.
     copy_in: bool,
     /// Body bytes of a CopyData frame still to pass (streamed, never
@@ -135,6 +138,7 @@ impl<'a> Front<'a> {
             parsed: HashMap::new(),
             shapes: shapes::Shapes::default(),
             analyses: analyses::Analyses::default(),
+            mask_rules: None,
             copy_in: false,
             stream_left: 0,
             stream_forward: false,
@@ -583,7 +587,8 @@ impl<'a> Front<'a> {
         // Column masking holds only for plain output columns: any other
         // use of a masked column is refused (maskcheck).
         if let Some(m) = masker.as_ref().filter(|m| m.has_columns()) {
-            if let Err((class, text, reason)) = self.mask_checks(&list, m).await {
+            let m = m.clone();
+            if let Err((class, text, reason)) = self.mask_checks(&list, &m).await {
                 self.refusal(&format!("postgres:{class}"), &text, &reason)
                     .await;
                 return Err(Refusal::Denied(reason));
@@ -789,7 +794,7 @@ impl<'a> Front<'a> {
     async fn mask_checks(
         &mut self,
         list: &[Classified],
-        m: &Masker,
+        m: &Arc<Masker>,
     ) -> Result<(), (&'static str, String, String)> {
         let changes: Vec<bool> = list
             .iter()
@@ -797,14 +802,22 @@ impl<'a> Front<'a> {
             .collect();
         let own = self.ctx.changes.catalog_open();
         let mut changed_in_batch = false;
+        let rules = match &self.mask_rules {
+            Some((of, rules)) if Arc::ptr_eq(of, m) => rules.clone(),
+            _ => {
+                let rules = Arc::new(maskcheck::Rules::from_masker(m));
+                self.mask_rules = Some((m.clone(), rules.clone()));
+                rules
+            }
+        };
         for (c, change) in list.iter().zip(changes) {
-            let rules = maskcheck::Rules::from_masker(m);
             let first = Some(self.analyses.analyze(&c.text, c.parsed.as_ref(), &rules));
             let parsed = c.parsed.as_ref();
             let checked = if changed_in_batch {
-                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, parsed, m, first).await
+                maskcheck::check_statement(&mut maskcheck::Stale, &c.text, parsed, m, &rules, first)
+                    .await
             } else if own {
-                let relations = maskcheck::analyze(&c.text, &maskcheck::Rules::from_masker(m))
+                let relations = maskcheck::analyze(&c.text, &rules)
                     .map(|l| l.relations)
                     .unwrap_or_default();
                 let mut source = OwnSource {
@@ -816,10 +829,10 @@ impl<'a> Front<'a> {
                         ))
                     }),
                 };
-                maskcheck::check_statement(&mut source, &c.text, parsed, m, first).await
+                maskcheck::check_statement(&mut source, &c.text, parsed, m, &rules, first).await
             } else {
                 let mut source = maskcheck::PoolSource(self.ctx.changes.pool());
-                maskcheck::check_statement(&mut source, &c.text, parsed, m, first).await
+                maskcheck::check_statement(&mut source, &c.text, parsed, m, &rules, first).await
             };
             changed_in_batch |= change;
             if let Err(reason) = checked {

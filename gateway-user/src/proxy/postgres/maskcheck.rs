@@ -973,8 +973,12 @@ fn catalog_query(l: &Lookups) -> Arc<str> {
 
 /// Judges the catalog's answer to [`catalog_sql`]: the first reason to
 /// refuse, if any.
-fn judge(l: &Lookups, masker: &Masker, rows: &[Vec<Option<String>>]) -> Option<String> {
-    let rules = Rules::from_masker(masker);
+fn judge(
+    l: &Lookups,
+    masker: &Masker,
+    rules: &Rules,
+    rows: &[Vec<Option<String>>],
+) -> Option<String> {
     let col = |r: &Vec<Option<String>>, i: usize| r.get(i).cloned().flatten().unwrap_or_default();
     for ext in &l.extensions {
         if !rows.iter().any(|r| col(r, 0) == "x" && col(r, 1) == *ext) {
@@ -1104,9 +1108,10 @@ pub(super) async fn check_statement(
     sql: &str,
     parsed: Option<&Parsed>,
     masker: &Masker,
+    masker_rules: &Rules,
     first: Option<Result<Lookups, String>>,
 ) -> Result<(), String> {
-    let rules = Rules::from_masker(masker);
+    let rules = std::borrow::Cow::Borrowed(masker_rules);
     if rules.is_empty() {
         return Ok(());
     }
@@ -1127,18 +1132,18 @@ pub(super) async fn check_statement(
     let (mut rules, mut lookups) = (rules, lookups);
     for _ in 0..3 {
         let rows = source.rows(&catalog_query(&lookups)).await?;
-        if let Some(reason) = judge(&lookups, masker, &rows) {
+        if let Some(reason) = judge(&lookups, masker, masker_rules, &rows) {
             return Err(reason);
         }
         let wider = inherited(&rules, &rows);
-        if wider == rules {
+        if wider == *rules {
             return Ok(());
         }
         let again = analyze(&wider)?;
         if again == lookups {
             return Ok(());
         }
-        (rules, lookups) = (wider, again);
+        (rules, lookups) = (std::borrow::Cow::Owned(wider), again);
     }
     Err("column masking cannot be checked: the table inheritance did not settle".into())
 }

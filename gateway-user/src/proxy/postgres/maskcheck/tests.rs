@@ -176,6 +176,7 @@ fn catalog_answers_are_judged() {
     assert!(judge(
         &l,
         &m,
+        &Rules::from_masker(&m),
         &[row(&[
             Some("v"),
             Some("v1"),
@@ -187,6 +188,7 @@ fn catalog_answers_are_judged() {
     assert!(judge(
         &l,
         &m,
+        &Rules::from_masker(&m),
         &[row(&[
             Some("v"),
             Some("v1"),
@@ -198,6 +200,7 @@ fn catalog_answers_are_judged() {
     assert!(judge(
         &l,
         &m,
+        &Rules::from_masker(&m),
         &[row(&[
             Some("v"),
             Some("customers_v"),
@@ -210,12 +213,14 @@ fn catalog_answers_are_judged() {
     assert!(judge(
         &l,
         &m,
+        &Rules::from_masker(&m),
         &[row(&[Some("f"), Some("leak"), Some("true"), Some("false")])]
     )
     .is_some());
     assert!(judge(
         &l,
         &m,
+        &Rules::from_masker(&m),
         &[row(&[
             Some("f"),
             Some("leak"),
@@ -227,6 +232,7 @@ fn catalog_answers_are_judged() {
     assert!(judge(
         &l,
         &m,
+        &Rules::from_masker(&m),
         &[row(&[
             Some("f"),
             Some("row_to_json"),
@@ -235,7 +241,13 @@ fn catalog_answers_are_judged() {
         ])]
     )
     .is_some());
-    assert!(judge(&l, &m, &[row(&[Some("o"), Some("+++"), None, None])]).is_some());
+    assert!(judge(
+        &l,
+        &m,
+        &Rules::from_masker(&m),
+        &[row(&[Some("o"), Some("+++"), None, None])]
+    )
+    .is_some());
 }
 
 #[test]
@@ -265,10 +277,22 @@ fn create_extension_is_left_to_the_catalog_which_allows_only_installed_ones() {
     let row = |v: &[Option<&str>]| v.iter().map(|x| x.map(str::to_string)).collect::<Vec<_>>();
     let l = allowed("create extension if not exists citext");
     // Not installed: refused; installed: a no-op, allowed.
-    let why = judge(&l, &m, &[]).expect("refused");
+    let why = judge(&l, &m, &Rules::from_masker(&m), &[]).expect("refused");
     assert!(why.contains("not installed"), "{why}");
-    assert!(judge(&l, &m, &[row(&[Some("x"), Some("citext"), None, None])]).is_none());
-    assert!(judge(&l, &m, &[row(&[Some("x"), Some("hstore"), None, None])]).is_some());
+    assert!(judge(
+        &l,
+        &m,
+        &Rules::from_masker(&m),
+        &[row(&[Some("x"), Some("citext"), None, None])]
+    )
+    .is_none());
+    assert!(judge(
+        &l,
+        &m,
+        &Rules::from_masker(&m),
+        &[row(&[Some("x"), Some("hstore"), None, None])]
+    )
+    .is_some());
     // The catalog query marks a pure extension's functions as not user
     // code; the list holds no extension that runs SQL or reads tables.
     let l = allowed("select akeys(h) from t");
