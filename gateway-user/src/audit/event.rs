@@ -73,14 +73,31 @@ impl FlowFields {
         Ok(Self(fields.get(start + 1..).unwrap_or_default().into()))
     }
 
+    /// Whether no session field was set (the events carry nothing).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }
 
-/// Length of `"type":K` for the event type `kind`.
+/// Length of `"type":K` for the event type `kind` (counted, not written).
 fn type_member_len(kind: &str) -> Result<usize, AuditError> {
-    Ok(TYPE_KEY.len() + serde_json::to_vec(kind).map_err(AuditError::Encode)?.len())
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(TYPE_KEY.len());
+    serde_json::to_writer(&mut n, kind).map_err(AuditError::Encode)?;
+    Ok(n.0)
 }
 
 const TYPE_KEY: &[u8] = b"\"type\":";

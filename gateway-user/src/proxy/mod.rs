@@ -136,7 +136,7 @@ impl Flow {
     /// An audit event of `kind` about this flow (session, identity, cgroup,
     /// pid, resource filled in).
     pub fn audit_event(&self, kind: &str) -> AuditEvent {
-        if self.audit_fields == FlowFields::default() {
+        if self.audit_fields.is_empty() {
             return self.info.audit_event(kind);
         }
         AuditEvent::new(kind).flow_fields(self.audit_fields.clone())
