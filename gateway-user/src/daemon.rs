@@ -95,6 +95,8 @@ pub struct Shared {
     pub ca: Arc<crate::proxy::http::ca::LocalCa>,
     /// Kept-alive upstream connections of http resources.
     pub http_pool: crate::proxy::http::upstream::Pool,
+    /// The threads sessions run on (one per core).
+    pub workers: crate::workers::Workers,
     /// Namespaces with listeners.
     pub netns: Mutex<HashMap<NetnsId, ServedNetns>>,
     /// Counters.
@@ -389,6 +391,11 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         sessions: Sessions::new(),
         ca: Arc::new(ca),
         http_pool: Default::default(),
+        workers: crate::workers::Workers::start(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+            "portcullis-conn",
+        )
+        .context("starting the connection workers")?,
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         memory: crate::limits::MemoryGauge::default(),
@@ -540,6 +547,10 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         .audit(AuditEvent::new("daemon_stop").reason("signal"))
         .await;
     let _ = fs::remove_file(&cfg.admin_socket);
+    // The sessions still running are dropped, as this runtime drops its
+    // own tasks when `run` returns.
+    let s = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || s.workers.stop()).await;
     Ok(())
 }
 
@@ -710,9 +721,7 @@ async fn accept_loop(
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    tokio::spawn(proxy::handle_connection(shared.clone(), stream, peer, cookie));
-                }
+                Ok((stream, peer)) => hand_to_worker(&shared, stream, peer, cookie).await,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!("accept failed: {e}");
@@ -721,6 +730,35 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Runs the session of an accepted connection on the next worker: the
+/// socket leaves this runtime's reactor and joins the worker's.
+async fn hand_to_worker(
+    shared: &Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    cookie: u64,
+) {
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%peer, "accepted connection dropped: {e}");
+            return;
+        }
+    };
+    let s = shared.clone();
+    shared
+        .workers
+        .submit(Box::new(move || {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    tokio::spawn(proxy::handle_connection(s, stream, peer, cookie));
+                }
+                Err(e) => warn!(%peer, "accepted connection dropped: {e}"),
+            }
+        }))
+        .await;
 }
 
 /// Keeps kernel tags and namespace listeners in step with the tag store and

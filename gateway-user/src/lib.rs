@@ -37,3 +37,4 @@ pub mod redirect;
 pub mod sys;
 #[cfg(test)]
 mod testutil;
+pub mod workers;

@@ -210,6 +210,11 @@ struct PoolKey {
     /// reload, or the file rewritten in place) gets new connections made
     /// with the new files, as a new agent connection always did.
     tls_files: Vec<(PathBuf, [u8; 32])>,
+    /// The connection worker ([`crate::workers`]) whose sessions use it:
+    /// a pooled connection's task runs on the worker that made it, so
+    /// sharing it across workers would hand every request and response
+    /// to another thread.
+    worker: Option<usize>,
 }
 
 /// Path and content digest of each file a TLS configuration is made of.
@@ -266,6 +271,7 @@ impl Pool {
                 Some(_) => tls_files(resource)?,
                 None => Vec::new(),
             },
+            worker: crate::workers::current(),
         };
         let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(u) = g.get(&key) {
@@ -820,6 +826,40 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         body.to_vec()
+    }
+
+    /// A pooled connection's task runs on the worker that made it, so each
+    /// connection worker has its own entries: a session never sends its
+    /// requests through another thread's connection.
+    #[tokio::test]
+    async fn pool_entries_are_per_connection_worker() {
+        let pool = Arc::new(Pool::default());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let here = pool.get(&resource("a"), addr, None, false).unwrap();
+        let workers = crate::workers::Workers::start(2, "test-pool").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let (pool, tx) = (pool.clone(), tx.clone());
+            workers
+                .submit(Box::new(move || {
+                    let u = pool.get(&resource("a"), addr, None, false).unwrap();
+                    let _ = tx.send((crate::workers::current(), u));
+                }))
+                .await;
+        }
+        let got: Vec<_> = (0..4)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        for (w, u) in &got {
+            assert!(w.is_some() && !Arc::ptr_eq(u, &here));
+            for (w2, u2) in &got {
+                assert_eq!(w == w2, Arc::ptr_eq(u, u2), "{w:?} {w2:?}");
+            }
+        }
+        assert_eq!(pool.len(), 3);
+        tokio::task::spawn_blocking(move || workers.stop())
+            .await
+            .unwrap();
     }
 
     #[test]
