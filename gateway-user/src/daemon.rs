@@ -393,7 +393,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         http_pool: Default::default(),
         workers: crate::workers::Workers::start(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
-            "portcullis-conn",
+            "conn",
         )
         .context("starting the connection workers")?,
         netns: Mutex::new(HashMap::new()),

@@ -73,47 +73,66 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers (at least one) named `<name>-<i>`.
+    /// Starts `count` workers (at least one), threads named `<name>-<i>`
+    /// (keep `name` short: Linux cuts thread names at 15 bytes).
     pub fn start(count: usize, name: &str) -> std::io::Result<Self> {
         let count = count.max(1);
-        let mut queues = Vec::with_capacity(count);
-        let mut threads = Vec::with_capacity(count);
-        let stop = CancellationToken::new();
-        for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .thread_name(format!("{name}-{i}-blocking"))
-                .build()?;
-            let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
-            let stopped = stop.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || {
-                    INDEX.with(|c| c.set(Some(i)));
-                    runtime.block_on(async move {
-                        loop {
-                            tokio::select! {
-                                _ = stopped.cancelled() => break,
-                                job = rx.recv() => match job {
-                                    Some(job) => job(),
-                                    None => break,
-                                },
-                            }
-                        }
-                    });
-                    // The sessions still on this worker are dropped here,
-                    // as the daemon's runtime drops its tasks on exit.
-                    runtime.shutdown_timeout(SHUTDOWN_GRACE);
-                })?;
-            queues.push(tx);
-            threads.push(thread);
-        }
-        Ok(Self {
-            queues,
+        let mut workers = Self {
+            queues: Vec::with_capacity(count),
             next: AtomicUsize::new(0),
-            threads: Mutex::new(threads),
-            stop,
-        })
+            threads: Mutex::new(Vec::with_capacity(count)),
+            stop: CancellationToken::new(),
+        };
+        for i in 0..count {
+            match workers.start_one(i, name) {
+                Ok((queue, thread)) => {
+                    workers.queues.push(queue);
+                    workers
+                        .threads
+                        .get_mut()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(thread);
+                }
+                Err(e) => {
+                    workers.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(workers)
+    }
+
+    fn start_one(
+        &self,
+        i: usize,
+        name: &str,
+    ) -> std::io::Result<(mpsc::Sender<Job>, JoinHandle<()>)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(format!("{name}-{i}-blocking"))
+            .build()?;
+        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
+        let stopped = self.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                INDEX.with(|c| c.set(Some(i)));
+                runtime.block_on(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stopped.cancelled() => break,
+                            job = rx.recv() => match job {
+                                Some(job) => job(),
+                                None => break,
+                            },
+                        }
+                    }
+                });
+                // The sessions still on this worker are dropped here, as
+                // the daemon's runtime drops its tasks on exit.
+                runtime.shutdown_timeout(SHUTDOWN_GRACE);
+            })?;
+        Ok((tx, thread))
     }
 
     /// The number of workers.
@@ -127,17 +146,38 @@ impl Workers {
         self.queues.is_empty()
     }
 
-    /// Runs `job` on the next worker in turn, waiting while its queue is
-    /// full. A worker that has stopped (only at shutdown) passes the job to
-    /// the next; when none takes it, it runs on the caller's thread.
+    /// Runs `job` on the next worker in turn; a worker whose queue is full
+    /// is skipped for one that has room, and when every queue is full this
+    /// waits for the first to make room (so one stuck worker never holds
+    /// up the accepting loop while another drains). A worker that has
+    /// stopped (only at shutdown) is skipped too; when none takes the job,
+    /// it runs on the caller's thread.
     pub async fn submit(&self, job: Job) {
+        let n = self.queues.len();
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let mut job = job;
-        for k in 0..self.queues.len() {
-            let queue = &self.queues[(first + k) % self.queues.len()];
-            match queue.send(job).await {
+        for k in 0..n {
+            match self.queues[(first + k) % n].try_send(job) {
                 Ok(()) => return,
-                Err(mpsc::error::SendError(back)) => job = back,
+                Err(mpsc::error::TrySendError::Full(back))
+                | Err(mpsc::error::TrySendError::Closed(back)) => job = back,
+            }
+        }
+        let mut open: Vec<_> = self
+            .queues
+            .iter()
+            .filter(|q| !q.is_closed())
+            .map(|q| Box::pin(q.reserve()))
+            .collect();
+        while !open.is_empty() {
+            let (permit, _, rest) = futures_util::future::select_all(open).await;
+            match permit {
+                Ok(permit) => {
+                    permit.send(job);
+                    return;
+                }
+                // That worker stopped; wait for the others.
+                Err(_) => open = rest,
             }
         }
         warn!("no connection worker running; the session runs on the daemon's runtime");
@@ -192,6 +232,42 @@ mod tests {
             ]
         );
         assert_eq!(current(), None);
+        tokio::task::spawn_blocking(move || workers.stop())
+            .await
+            .unwrap();
+    }
+
+    /// A worker that is stuck (here: blocked outright) does not stall the
+    /// accepting loop once its queue is full: new sessions go to the
+    /// others.
+    #[tokio::test]
+    async fn a_full_queue_is_skipped_for_a_worker_with_room() {
+        let workers = Workers::start(2, "test-worker").unwrap();
+        let (release, blocked) = std_mpsc::channel::<()>();
+        workers
+            .submit(Box::new(move || {
+                let _ = blocked.recv();
+            }))
+            .await;
+        let (tx, rx) = std_mpsc::channel();
+        let jobs = 3 * QUEUE;
+        let submitted = tokio::time::timeout(Duration::from_secs(20), async {
+            for _ in 0..jobs {
+                let tx = tx.clone();
+                workers
+                    .submit(Box::new(move || {
+                        let _ = tx.send(current());
+                    }))
+                    .await;
+            }
+        })
+        .await;
+        assert!(submitted.is_ok(), "submitting waited on the stuck worker");
+        let on_free = (0..jobs - QUEUE)
+            .filter(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap() == Some(1))
+            .count();
+        assert_eq!(on_free, jobs - QUEUE);
+        let _ = release.send(());
         tokio::task::spawn_blocking(move || workers.stop())
             .await
             .unwrap();

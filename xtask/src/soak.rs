@@ -51,8 +51,11 @@ pub struct SoakArgs {
     /// Tagged cgroups (one soak-client process each).
     #[arg(long, default_value_t = 20)]
     pub cgroups: u32,
-    /// Seconds of load.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds of load. The daemon's RSS climbs for its first 100 s or so
+    /// (glibc's arenas filling with the churn of short sessions) and is
+    /// flat after; the leak check compares the second half of the run, so
+    /// a run must be long enough for that half to be past the climb.
+    #[arg(long, default_value_t = 180)]
     pub secs: u64,
     /// Use this portcullis binary instead of building the release one.
     #[arg(long, value_name = "PATH")]
