@@ -112,6 +112,38 @@ fn tagged_client_is_redirected_relayed_and_attributed() {
     );
 }
 
+/// Every session runs on one of the daemon's connection workers, and
+/// sessions accepted one after another go to the workers in turn.
+#[test]
+fn sessions_are_spread_over_the_connection_workers() {
+    let s = setup("workers");
+    let agent = s.cg.child("agent");
+    s.daemon.tag(&agent, "billing-agent");
+    let place = Placement::cgroup(s.cg.dir(&agent));
+    let workers = s.daemon.status()["workers"]
+        .as_u64()
+        .expect("status names the workers") as usize;
+    assert!(workers >= 1);
+    let mut args = to(&s.server);
+    args["hold"] = json!(3);
+    let held: Vec<HeldClient> = (0..2 * workers)
+        .map(|_| HeldClient::start(&place, args.clone(), &s.files.dir))
+        .collect();
+    let flows = s.daemon.flows();
+    assert_eq!(flows.len(), 2 * workers, "{flows:#?}");
+    let mut per_worker = vec![0; workers];
+    for f in &flows {
+        let w = f["worker"].as_u64().expect("the session's worker") as usize;
+        per_worker[w] += 1;
+    }
+    assert_eq!(per_worker, vec![2; workers], "{flows:#?}");
+    for h in held {
+        let r = h.finish();
+        assert_eq!(r.error(), None, "{r:?}");
+        assert!(r.echo_ok(), "{r:?}");
+    }
+}
+
 #[test]
 fn untagged_cgroup_goes_direct() {
     let s = setup("untagged");

@@ -593,6 +593,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "ca_cert": shared.ca.cert_path(),
         "tags": tag_count,
         "flows": shared.sessions.len(),
+        // Sessions are spread over these threads (`flows` names each one's).
+        "workers": shared.workers.len(),
         "netns": netns,
         "netns_refused": netns_refused(shared),
         // Whether AF_PACKET and the other non-inet families are denied to

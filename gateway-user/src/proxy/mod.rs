@@ -79,6 +79,9 @@ pub struct FlowInfo {
     pub protocol: Protocol,
     /// When the flow started (milliseconds since the Unix epoch).
     pub started_ms: u64,
+    /// The connection worker ([`crate::workers`]) the session runs on;
+    /// `None` only when no worker was running to take it.
+    pub worker: Option<usize>,
 }
 
 impl FlowInfo {
@@ -557,6 +560,7 @@ async fn attribute(shared: &Shared, peer: SocketAddr, netns_cookie: u64) -> Resu
         resource: resource.name.clone(),
         protocol: resource.protocol,
         started_ms: session::now_ms(),
+        worker: crate::workers::current(),
     };
     Ok(Flow::new(
         info,
