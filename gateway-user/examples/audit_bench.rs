@@ -27,8 +27,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use bench_common::{nanos, Machine, Summary};
 use clap::Parser;
-use portcullis::audit::{
-    load_public_key, verify, AuditConfig, AuditEvent, AuditLog, FsyncMode, IdentityRef,
+use portcullis::{
+    audit::{load_public_key, verify, AuditConfig, AuditEvent, AuditLog, FsyncMode, IdentityRef},
+    workers::Workers,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -187,7 +188,12 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// Runs one configuration in a fresh state directory `state`.
-async fn run_one(state: &Path, spec: &Spec, limit: Duration) -> Result<RunResult> {
+async fn run_one(
+    workers: &Workers,
+    state: &Path,
+    spec: &Spec,
+    limit: Duration,
+) -> Result<RunResult> {
     let cfg = AuditConfig {
         fsync: spec.fsync,
         ..AuditConfig::new(state)
@@ -203,16 +209,21 @@ async fn run_one(state: &Path, spec: &Spec, limit: Duration) -> Result<RunResult
     let claimed = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + limit;
-    let tasks: Vec<_> = (0..spec.recorders.max(1))
-        .map(|_| {
-            tokio::spawn(recorder(
-                log.clone(),
-                claimed.clone(),
-                spec.events,
-                deadline,
-            ))
-        })
-        .collect();
+    // Recorders go to the workers in turn and run on their threads, as the
+    // daemon's sessions do.
+    let mut tasks = Vec::new();
+    for _ in 0..spec.recorders.max(1) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = recorder(log.clone(), claimed.clone(), spec.events, deadline);
+        workers
+            .submit(Box::new(move || {
+                tokio::spawn(async move {
+                    let _ = tx.send(job.await);
+                });
+            }))
+            .await;
+        tasks.push(rx);
+    }
     let mut samples = Vec::with_capacity(usize::try_from(spec.events).unwrap_or(0));
     let mut errors = 0;
     let mut first_error = None;
@@ -353,11 +364,13 @@ fn run(args: &Args) -> Result<()> {
         });
     }
 
-    // The daemon's runtime: multi-threaded, one worker per CPU.
+    // The daemon's shape: the control side on a multi-threaded runtime, the
+    // sessions (here the recorders) on one single-threaded worker per CPU.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
+    let workers = Workers::start(machine.cpus, "rec").context("cannot start the workers")?;
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     for (n, spec) in specs.iter().enumerate() {
@@ -375,7 +388,7 @@ fn run(args: &Args) -> Result<()> {
             state.display()
         );
         quiesce(&base);
-        match runtime.block_on(run_one(&state, spec, limit)) {
+        match runtime.block_on(run_one(&workers, &state, spec, limit)) {
             Ok(r) => {
                 if let Some(e) = &r.first_error {
                     failures.push(format!(
@@ -398,6 +411,7 @@ fn run(args: &Args) -> Result<()> {
             let _ = fs::remove_dir_all(&state);
         }
     }
+    workers.stop();
     drop(runtime);
     if args.keep {
         eprintln!("audit_bench: kept the logs in {}", base.display());
@@ -496,7 +510,7 @@ fn print_table(machine: &Machine, base: &Path, fs_line: &str, tmpfs: bool, runs:
     println!();
     println!("Audit log benchmark: {}", machine.line());
     println!(
-        "logs in {} on {fs_line}; tokio multi-thread runtime, {} workers; {} untimed warm-up events per run; checkpoint every {} events",
+        "logs in {} on {fs_line}; recorders on {} single-threaded workers, as the daemon's sessions; {} untimed warm-up events per run; checkpoint every {} events",
         base.display(),
         machine.cpus,
         WARMUP_EVENTS,
@@ -566,7 +580,9 @@ mod tests {
             .build()
             .expect("tokio runtime");
         // The time bound is only a safety net here; nothing is timed.
-        let result = runtime.block_on(run_one(&base, &spec, Duration::from_secs(600)));
+        let workers = Workers::start(2, "rec").expect("workers");
+        let result = runtime.block_on(run_one(&workers, &base, &spec, Duration::from_secs(600)));
+        workers.stop();
         let _ = fs::remove_dir_all(&base);
         let r = result.expect("the run works");
         assert_eq!(r.errors, 0, "{:?}", r.first_error);

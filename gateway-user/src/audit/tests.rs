@@ -568,7 +568,7 @@ async fn try_record_writes_now_only_when_nothing_would_wait() {
         Some(now.into())
     );
     // A recorder holds the lock: nothing is written, the event comes back.
-    let held = log.inner.core.hold_writer().await;
+    let held = log.inner.core.hold_writer();
     let back = match log.try_record(event(2)) {
         TryRecord::Busy(ev) => *ev,
         TryRecord::Written(w) => panic!("written under a held lock: {w:?}"),
@@ -604,6 +604,116 @@ async fn try_record_writes_now_only_when_nothing_would_wait() {
     let (log, _) = AuditLog::open(cfg).unwrap();
     assert!(matches!(log.try_record(event(3)), TryRecord::Busy(_)));
     log.close().await.unwrap();
+}
+
+/// A recorder that finds the writer held past its spin parks on its
+/// runtime: the thread keeps running other tasks, the record fails with
+/// `QueueFull` when the lock timeout ends and nothing of it is written.
+#[tokio::test(flavor = "current_thread")]
+async fn a_writer_held_too_long_fails_the_record_without_blocking_the_thread() {
+    let tmp = TempDir::new("lock-timeout");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        enqueue_timeout: Duration::from_millis(300),
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let first = log.record(event(0)).await.unwrap();
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let held = log.inner.core.hold_writer();
+    let started = std::time::Instant::now();
+    let result = log.record(event(1)).await;
+    let waited = started.elapsed();
+    drop(held);
+    ticker.abort();
+    assert!(
+        matches!(result, Err(AuditError::QueueFull(_))),
+        "{result:?}"
+    );
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    // The only thread of this runtime ran the ticker while the record
+    // waited: it did not spin or block through the wait.
+    assert!(ticks.load(Ordering::Relaxed) >= 10, "{ticks:?}");
+    assert_eq!(log.record(event(2)).await.unwrap(), first + 1);
+    log.close().await.unwrap();
+    let details: Vec<Value> = all_events(tmp.path())
+        .into_iter()
+        .filter(|e| e["type"] == "command")
+        .map(|e| e["detail"]["i"].clone())
+        .collect();
+    assert_eq!(details, [0, 2].map(Value::from));
+}
+
+/// A parked recorder is woken when the writer is released, not when its
+/// timeout ends; recorders on several threads meanwhile all get their
+/// lines into one chain.
+#[test]
+fn a_parked_recorder_is_woken_when_the_writer_is_released() {
+    let tmp = TempDir::new("lock-wake");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        enqueue_timeout: Duration::from_secs(20),
+        ..config(tmp.path(), 1 << 20)
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (log, _) = runtime.block_on(async { AuditLog::open(cfg) }).unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let waited = std::thread::scope(|scope| {
+        let holder = log.clone();
+        scope.spawn(move || {
+            let held = holder.inner.core.hold_writer();
+            held_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            drop(held);
+        });
+        held_rx.recv().unwrap();
+        let recorders: Vec<_> = (0..6u64)
+            .map(|t| {
+                let log = log.clone();
+                runtime.spawn(async move {
+                    let started = std::time::Instant::now();
+                    let seqs = record_n(&log, t * 100, 20).await;
+                    (started.elapsed(), seqs)
+                })
+            })
+            .collect();
+        // Long past any spin: every recorder is parked now.
+        std::thread::sleep(Duration::from_millis(200));
+        release_tx.send(()).unwrap();
+        runtime.block_on(async {
+            let mut longest = Duration::ZERO;
+            for r in recorders {
+                let (waited, seqs) = r.await.unwrap();
+                assert_eq!(seqs.len(), 20);
+                longest = longest.max(waited);
+            }
+            longest
+        })
+    });
+    // Woken by the release (200 ms in), not by the 20 s timeout.
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    runtime.block_on(log.close()).unwrap();
+    let report = verify(&tmp.path().join("audit"), &pubkey(tmp.path()));
+    assert!(report.is_ok(), "{report}");
+    let commands = all_events(tmp.path())
+        .iter()
+        .filter(|e| e["type"] == "command")
+        .count();
+    assert_eq!(commands, 120);
 }
 
 /// `try_record` on a handle whose log was closed.

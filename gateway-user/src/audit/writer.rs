@@ -18,7 +18,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
     thread,
@@ -224,7 +224,7 @@ pub(crate) fn start(
     let healthy = writer.healthy.clone();
     let durability = writer.durability.clone();
     let core = Arc::new(Core {
-        writer: tokio::sync::Mutex::new(Some(writer)),
+        writer: WriterLock::new(writer),
         sync,
         fsync: cfg.fsync,
         healthy,
@@ -669,6 +669,152 @@ impl Writer {
     }
 }
 
+/// The writer behind a short lock. Its holder formats, hashes and writes
+/// one line (about 3 µs), so a recorder on another thread spins for it
+/// first rather than queueing: with tokio's fair mutex, every contended
+/// record cost a wake-up of the other worker's thread (each about 15 µs on
+/// an idle vCPU) and every recorder behind it waited for that wake-up
+/// too. A lock held longer than the spin (a rotation, a hung write) parks
+/// its waiters on the runtime until it is released or their timeout ends,
+/// so a stuck file system never blocks a worker thread for more than
+/// [`SPIN_FOR`] per record.
+struct WriterLock {
+    inner: Mutex<Option<Writer>>,
+    /// Recorders parked in [`WriterLock::lock`]'s slow path.
+    parked: AtomicUsize,
+    released: tokio::sync::Notify,
+}
+
+/// How long a recorder spins for the writer before parking: many times the
+/// usual hold, far below a worker thread's wake-up.
+const SPIN_FOR: Duration = Duration::from_micros(20);
+
+/// The writer, held. Dropping it wakes the recorders parked for it.
+struct WriterGuard<'a> {
+    lock: &'a WriterLock,
+    guard: Option<MutexGuard<'a, Option<Writer>>>,
+}
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Option<Writer>;
+    fn deref(&self) -> &Option<Writer> {
+        match self.guard.as_deref() {
+            Some(w) => w,
+            None => unreachable!("a writer guard is held until it is dropped"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Option<Writer> {
+        match self.guard.as_deref_mut() {
+            Some(w) => w,
+            None => unreachable!("a writer guard is held until it is dropped"),
+        }
+    }
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Pairs with the fence in `lock`: either a parked recorder's last
+        // look saw the lock free, or this sees it parked.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.lock.parked.load(Ordering::Relaxed) > 0 {
+            self.lock.released.notify_waiters();
+        }
+    }
+}
+
+impl WriterLock {
+    fn new(writer: Writer) -> Self {
+        Self {
+            inner: Mutex::new(Some(writer)),
+            parked: AtomicUsize::new(0),
+            released: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn guard<'a>(&'a self, guard: MutexGuard<'a, Option<Writer>>) -> WriterGuard<'a> {
+        WriterGuard {
+            lock: self,
+            guard: Some(guard),
+        }
+    }
+
+    /// The writer if it is free now. (A panic while holding it cannot leave
+    /// a half-written line behind: a line is one write(2), and a failed one
+    /// is cut back; so a poisoned lock is taken as it is.)
+    fn try_lock(&self) -> Option<WriterGuard<'_>> {
+        match self.inner.try_lock() {
+            Ok(g) => Some(self.guard(g)),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(self.guard(p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Blocks the thread until the writer is free (the sync thread, tests).
+    fn lock_blocking(&self) -> WriterGuard<'_> {
+        self.guard(self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The writer if it is freed within [`SPIN_FOR`].
+    fn spin_for_it(&self) -> Option<WriterGuard<'_>> {
+        if let Some(g) = self.try_lock() {
+            return Some(g);
+        }
+        let started = Instant::now();
+        while started.elapsed() < SPIN_FOR {
+            std::hint::spin_loop();
+            if let Some(g) = self.try_lock() {
+                return Some(g);
+            }
+        }
+        None
+    }
+
+    /// The writer, spinning for it briefly, then parked until it is
+    /// released; `None` when it stayed taken for `timeout`. A recorder woken
+    /// from parking spins again: recorders that never parked take the lock
+    /// in turn while it sleeps, and one that only looked once at each
+    /// release could lose every time while they keep it busy.
+    async fn lock(&self, timeout: Duration) -> Option<WriterGuard<'_>> {
+        let started = tokio::time::Instant::now();
+        // A free lock is taken without awaiting: count it against the
+        // task's budget, so a task recording in a loop still lets the
+        // others on its thread (a parked recorder among them) run.
+        tokio::task::consume_budget().await;
+        if let Some(g) = self.spin_for_it() {
+            return Some(g);
+        }
+        let deadline = started.checked_add(timeout);
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let got = loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the last look: a release after it wakes us.
+            released.as_mut().enable();
+            if let Some(g) = self.try_lock() {
+                break Some(g);
+            }
+            match deadline {
+                Some(at) => {
+                    if tokio::time::timeout_at(at, released).await.is_err() {
+                        break self.try_lock();
+                    }
+                }
+                None => released.await,
+            }
+            if let Some(g) = self.spin_for_it() {
+                break Some(g);
+            }
+        };
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        got
+    }
+}
+
 /// Where an `fsync = "always"` recorder hears about the sync covering its
 /// line.
 type SyncWaiter = oneshot::Sender<Result<(), Failure>>;
@@ -758,10 +904,9 @@ impl SyncShared {
 /// The log behind its lock, and the sync thread's side. Shared by every
 /// [`super::AuditLog`] handle and the sync thread.
 pub(crate) struct Core {
-    /// `None` once closed. An async lock: a recorder waiting for it yields
-    /// its worker; the holder does one write(2) (a rotation: a few more
-    /// calls, once per file).
-    writer: tokio::sync::Mutex<Option<Writer>>,
+    /// `None` once closed. The holder does one write(2) (a rotation: a few
+    /// more calls, once per file).
+    writer: WriterLock,
     pub(crate) sync: Arc<SyncShared>,
     fsync: FsyncMode,
     healthy: Arc<AtomicBool>,
@@ -778,12 +923,15 @@ impl Core {
         lock_timeout: Duration,
         reply_timeout: Duration,
     ) -> Result<u64, AuditError> {
-        let mut guard = tokio::time::timeout(lock_timeout, self.writer.lock())
-            .await
-            .map_err(|_| AuditError::QueueFull(lock_timeout))?;
-        let writer = guard.as_mut().ok_or(AuditError::Closed)?;
-        let seq = writer.write_event(fields).map_err(|f| f.to_error())?;
-        drop(guard);
+        let seq = {
+            let mut guard = self
+                .writer
+                .lock(lock_timeout)
+                .await
+                .ok_or(AuditError::QueueFull(lock_timeout))?;
+            let writer = guard.as_mut().ok_or(AuditError::Closed)?;
+            writer.write_event(fields).map_err(|f| f.to_error())?
+        };
         match self.fsync {
             FsyncMode::Interval(_) => {
                 self.sync.mark_dirty();
@@ -815,17 +963,16 @@ impl Core {
     }
 
     /// [`Core::record`] without waiting, for callers that cannot await: the
-    /// line is appended now if the writer's lock is free and nothing waits
-    /// for it, under `fsync = "interval"` (where `record` does not wait for
-    /// a sync either). `None` when it would have to wait (lock taken or
-    /// queued for, or `fsync = "always"`): nothing was written, the caller
-    /// records it the waiting way.
+    /// line is appended now if the writer's lock is free, under
+    /// `fsync = "interval"` (where `record` does not wait for a sync
+    /// either). `None` when it would have to wait (lock taken, or
+    /// `fsync = "always"`): nothing was written, the caller records it the
+    /// waiting way.
     pub(crate) fn try_record(&self, fields: &[u8]) -> Option<Result<u64, AuditError>> {
         if !matches!(self.fsync, FsyncMode::Interval(_)) {
             return None;
         }
-        // tokio's mutex is fair: `try_lock` fails while others queue for it.
-        let mut guard = self.writer.try_lock().ok()?;
+        let mut guard = self.writer.try_lock()?;
         let Some(writer) = guard.as_mut() else {
             return Some(Err(AuditError::Closed));
         };
@@ -840,14 +987,18 @@ impl Core {
     /// Tests: holds the writer's lock, as a recorder in the middle of its
     /// write does.
     #[cfg(test)]
-    pub(crate) async fn hold_writer(&self) -> impl Drop + '_ {
-        self.writer.lock().await
+    pub(crate) fn hold_writer(&self) -> impl Drop + '_ {
+        self.writer.lock_blocking()
     }
 
     /// Final checkpoint and sync, then the file and the directory lock are
     /// released and the sync thread stops.
     pub(crate) async fn close(&self) -> Result<(), AuditError> {
-        let writer = self.writer.lock().await.take();
+        let writer = self
+            .writer
+            .lock(Duration::MAX)
+            .await
+            .and_then(|mut g| g.take());
         let Some(mut writer) = writer else {
             return Err(AuditError::Closed);
         };
@@ -926,7 +1077,7 @@ impl Core {
                 if state.stop {
                     drop(state);
                     // Every handle is gone (or close already shut down).
-                    let writer = self.writer.blocking_lock().take();
+                    let writer = self.writer.lock_blocking().take();
                     let failure = writer.map(|mut w| {
                         let r = w.shutdown();
                         if let Err(e) = &r {
@@ -942,7 +1093,7 @@ impl Core {
                 }
             }
             if sync.checkpoint_due().is_some_and(|at| at <= Instant::now()) {
-                let wrote = match self.writer.blocking_lock().as_mut() {
+                let wrote = match self.writer.lock_blocking().as_mut() {
                     Some(w) => w.tick(),
                     None => false,
                 };
