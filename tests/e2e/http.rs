@@ -262,6 +262,20 @@ fn http_get_allowed_delete_denied_post_held_then_approved_and_token_injected() {
     for s in [200, 403, 201] {
         assert!(statuses.contains(&s), "{statuses:?}");
     }
+    // Each entry has the request's headers: as forwarded for an allowed
+    // request, as the agent sent them for one Portcullis answered itself.
+    for e in entries {
+        let names: Vec<String> = e["request"]["headers"]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|h| h["name"].as_str())
+                    .map(str::to_ascii_lowercase)
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(names.iter().any(|n| n == "user-agent"), "{names:?} in {e}");
+    }
 }
 
 /// Reads every `session.har` under the state dir and returns one document

@@ -439,7 +439,8 @@ impl AuditLog {
 
     /// [`AuditLog::record`] for callers that cannot await (a response
     /// body's last poll): writes the event now when that needs no waiting
-    /// (the writer is free and `fsync = "interval"`), and otherwise hands
+    /// (the writer is free, or freed within a spin of some microseconds,
+    /// and `fsync = "interval"`), and otherwise hands
     /// it back untouched, to be recorded with [`AuditLog::record`] on a task.
     /// Not for a record that must precede forwarding: that caller awaits
     /// `record` anyway.

@@ -962,17 +962,18 @@ impl Core {
         }
     }
 
-    /// [`Core::record`] without waiting, for callers that cannot await: the
-    /// line is appended now if the writer's lock is free, under
+    /// [`Core::record`] without awaiting, for callers that cannot await:
+    /// the line is appended now if the writer's lock is free or freed
+    /// within the short spin `record` also does first, under
     /// `fsync = "interval"` (where `record` does not wait for a sync
-    /// either). `None` when it would have to wait (lock taken, or
-    /// `fsync = "always"`): nothing was written, the caller records it the
-    /// waiting way.
+    /// either). `None` when it would have to wait longer (lock still taken,
+    /// or `fsync = "always"`): nothing was written, the caller records it
+    /// the waiting way.
     pub(crate) fn try_record(&self, fields: &[u8]) -> Option<Result<u64, AuditError>> {
         if !matches!(self.fsync, FsyncMode::Interval(_)) {
             return None;
         }
-        let mut guard = self.writer.try_lock()?;
+        let mut guard = self.writer.spin_for_it()?;
         let Some(writer) = guard.as_mut() else {
             return Some(Err(AuditError::Closed));
         };

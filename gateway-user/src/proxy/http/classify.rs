@@ -73,7 +73,7 @@ pub fn http(
         return Err(ClassifyError::Method(method.to_string()));
     }
     let path = target::normalize_path(path)?;
-    let mut context = Map::new();
+    let mut context = Map::with_capacity(8);
     context.insert("method".into(), json!(method));
     context.insert("host".into(), json!(host));
     context.insert("path".into(), json!(path));
@@ -91,7 +91,7 @@ pub fn http(
 pub fn kubernetes(method: &str, path: &str, query: &str) -> Result<Classified, ClassifyError> {
     let path = target::normalize_path(path)?;
     let k = k8s_request(method, &path, query)?;
-    let mut context = Map::new();
+    let mut context = Map::with_capacity(8);
     context.insert("verb".into(), json!(k.verb));
     context.insert("api_group".into(), json!(k.api_group));
     context.insert("resource".into(), json!(k.resource));

@@ -418,31 +418,44 @@ impl Conn {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
         let started_ms = now_ms();
         let method = req.method().clone();
-        // What the agent sent, for the recording of a refused request.
-        let raw_authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
-            })
-            .or_else(|| self.sni.clone())
-            .unwrap_or_else(|| self.flow.info.original_dst.to_string());
         let raw_path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let scheme = if self.secure { "https" } else { "http" };
-        let mut har = HarEntry {
+        // The request's recording, made when its fate is known: an allowed
+        // request's headers are taken as forwarded (`forward`), so they
+        // are copied here only for a request answered by Portcullis.
+        let har_for = |url: String, with_headers: bool| HarEntry {
             started_ms,
             method: method.as_str().to_string(),
-            url: format!(
-                "{scheme}://{raw_authority}{raw_path}{}{query}",
-                if query.is_empty() { "" } else { "?" }
-            ),
+            url,
             http_version: version_str(req.version()).into(),
-            request_headers: headers_vec(req.headers()),
+            request_headers: if with_headers {
+                headers_vec(req.headers())
+            } else {
+                Vec::new()
+            },
             ..Default::default()
+        };
+        // What the agent sent, for the recording of a refused request.
+        let raw_har = || {
+            let raw_authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                })
+                .or_else(|| self.sni.clone())
+                .unwrap_or_else(|| self.flow.info.original_dst.to_string());
+            har_for(
+                format!(
+                    "{scheme}://{raw_authority}{raw_path}{}{query}",
+                    if query.is_empty() { "" } else { "?" }
+                ),
+                true,
+            )
         };
         let kube = self.kube();
         // The authority decided on and forwarded: the request-target's (or
@@ -465,7 +478,7 @@ impl Conn {
             Ok(a) => a,
             Err(e) => {
                 return self
-                    .refused(har, &method, StatusCode::BAD_REQUEST, &e.to_string())
+                    .refused(raw_har(), &method, StatusCode::BAD_REQUEST, &e.to_string())
                     .await
             }
         };
@@ -478,14 +491,16 @@ impl Conn {
         } else {
             classify::http(method.as_str(), &host, &raw_path, &query)
         };
-        let classified: Classified = match classified {
+        let mut classified: Classified = match classified {
             Ok(c) => c,
             Err(e) => {
                 let status = match e {
                     classify::ClassifyError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
                     classify::ClassifyError::Target(_) => StatusCode::BAD_REQUEST,
                 };
-                return self.refused(har, &method, status, &e.to_string()).await;
+                return self
+                    .refused(raw_har(), &method, status, &e.to_string())
+                    .await;
             }
         };
         // From here on the request is the normalised one: decided on,
@@ -496,11 +511,16 @@ impl Conn {
         } else {
             format!("{path}?{query}")
         };
-        har.url = format!("{scheme}://{authority}{pq}");
+        let url = format!("{scheme}://{authority}{pq}");
         if self.flow.resource.agent_token == AgentToken::Oidc {
             if let Err(why) = self.check_agent_token(req.headers()).await {
                 return self
-                    .unauthorized(har, &classified.action, &why, classified.k8s.as_ref())
+                    .unauthorized(
+                        har_for(url, true),
+                        &classified.action,
+                        &why,
+                        classified.k8s.as_ref(),
+                    )
                     .await;
             }
         }
@@ -513,6 +533,7 @@ impl Conn {
                 secure: self.secure,
                 state: &self.mcp,
             };
+            let har = har_for(url, true);
             return super::mcp::handle(link, req, &authority, &pq, har).await;
         }
         let mut cmd = Command::new(
@@ -520,11 +541,13 @@ impl Conn {
             classified.action.clone(),
             format!("{method} {authority}{pq}"),
         );
-        cmd.context.extend(classified.context.clone());
+        cmd.context.extend(std::mem::take(&mut classified.context));
         let mut request_id = None;
         let allowed = match gate::check_memo(&self.shared, &self.flow, &cmd, &self.memo).await {
             Gate::Allowed(a) => a,
-            Gate::Denied(d) => return self.denied(har, &cmd, d, classified.k8s.as_ref()),
+            Gate::Denied(d) => {
+                return self.denied(har_for(url, true), &cmd, d, classified.k8s.as_ref())
+            }
             Gate::Held(h) => {
                 let id = h.request().id.clone();
                 info!(session = %self.flow.info.session, request = %id, action = %cmd.action, "http request held for approval");
@@ -534,18 +557,21 @@ impl Conn {
                     .await
                 {
                     Waited::Allowed(a) => a,
-                    Waited::Denied(d) => return self.denied(har, &cmd, d, classified.k8s.as_ref()),
+                    Waited::Denied(d) => {
+                        return self.denied(har_for(url, true), &cmd, d, classified.k8s.as_ref())
+                    }
                     Waited::Abandoned => {
                         let d = Denied {
                             reason: "the session ended while the request was held".into(),
                             policies: Vec::new(),
                             request: Some(id),
                         };
-                        return self.denied(har, &cmd, d, classified.k8s.as_ref());
+                        return self.denied(har_for(url, true), &cmd, d, classified.k8s.as_ref());
                     }
                 }
             }
         };
+        let mut har = har_for(url, false);
         har.action = cmd.action.clone();
         har.decision = "allow".into();
         har.policy_ids = allowed.policies.clone();
@@ -766,8 +792,13 @@ impl Conn {
         strip_hop_by_hop(&mut headers, upgrade);
         headers.remove(header::AUTHORIZATION);
         let action = cmd.action.clone();
-        let fail = |this: &Self, har: HarEntry, msg: String| {
+        // `headers`: the request's headers as they stand when it fails,
+        // recorded unless the forwarded ones already are.
+        let fail = |this: &Self, mut har: HarEntry, headers: Option<&HeaderMap>, msg: String| {
             warn!(session = %this.flow.info.session, "{msg}");
+            if let Some(h) = headers {
+                har.request_headers = headers_vec(h);
+            }
             this.answer(
                 har,
                 &action,
@@ -780,14 +811,14 @@ impl Conn {
         };
         let masking = match masking {
             Ok(m) => m,
-            Err(e) => return fail(self, har, format!("masking: {e}")),
+            Err(e) => return fail(self, har, Some(&headers), format!("masking: {e}")),
         };
         match upstream::authorization(&self.flow.resource.credentials) {
             Ok(Some(v)) => {
                 headers.insert(header::AUTHORIZATION, v);
             }
             Ok(None) => {}
-            Err(e) => return fail(self, har, format!("credentials: {e}")),
+            Err(e) => return fail(self, har, Some(&headers), format!("credentials: {e}")),
         }
         if masking.is_some() {
             // Only bodies that can be inspected: no compression we cannot
@@ -810,14 +841,14 @@ impl Conn {
         let agent_h2 = parts.version == HttpVersion::HTTP_2;
         let up = match self.upstream(&host, agent_h2).await {
             Ok(u) => u,
-            Err(e) => return fail(self, har, format!("upstream: {e}")),
+            Err(e) => return fail(self, har, Some(&headers), format!("upstream: {e}")),
         };
         let version = if upgrade {
             Version::H1
         } else {
             match up.version().await {
                 Ok(v) => v,
-                Err(e) => return fail(self, har, format!("upstream: {e}")),
+                Err(e) => return fail(self, har, Some(&headers), format!("upstream: {e}")),
             }
         };
         let uri_text = match version {
@@ -829,7 +860,7 @@ impl Conn {
         };
         let uri: hyper::Uri = match uri_text.parse() {
             Ok(u) => u,
-            Err(e) => return fail(self, har, format!("request URI: {e}")),
+            Err(e) => return fail(self, har, Some(&headers), format!("request URI: {e}")),
         };
         match version {
             Version::H1 => {
@@ -838,7 +869,7 @@ impl Conn {
                     Ok(v) => {
                         headers.insert(header::HOST, v);
                     }
-                    Err(e) => return fail(self, har, format!("host header: {e}")),
+                    Err(e) => return fail(self, har, Some(&headers), format!("host header: {e}")),
                 }
             }
             Version::H2 => {
@@ -874,7 +905,7 @@ impl Conn {
                 d.insert("status".into(), 502.into());
                 d.insert("error".into(), e.to_string().into());
                 gate::finished(&self.shared, &self.flow, &cmd, &allowed, d).await;
-                return fail(self, har, format!("upstream: {e}"));
+                return fail(self, har, None, format!("upstream: {e}"));
             }
         };
         har.wait_ms = t_send.elapsed().as_secs_f64() * 1000.0;
@@ -910,7 +941,7 @@ impl Conn {
                     d.insert("status".into(), 502.into());
                     d.insert("error".into(), msg.clone().into());
                     gate::finished(&self.shared, &self.flow, &cmd, &allowed, d).await;
-                    return fail(self, har, format!("response not forwarded: {msg}"));
+                    return fail(self, har, None, format!("response not forwarded: {msg}"));
                 }
             },
             _ => None,
@@ -1036,7 +1067,7 @@ impl Conn {
                         .unwrap_or_default()
                 ));
             }
-            let mut d = Map::new();
+            let mut d = Map::with_capacity(6);
             d.insert("status".into(), har.status.into());
             d.insert("bytes_from_client".into(), req_bytes.into());
             d.insert("bytes_to_client".into(), end.bytes.into());
