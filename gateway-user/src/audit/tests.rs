@@ -644,6 +644,23 @@ async fn a_writer_held_too_long_fails_the_record_without_blocking_the_thread() {
     // waited: it did not spin or block through the wait.
     assert!(ticks.load(Ordering::Relaxed) >= 10, "{ticks:?}");
     assert_eq!(log.record(event(2)).await.unwrap(), first + 1);
+
+    // A parked recorder whose session ends (its future dropped) stops
+    // counting as parked.
+    let held = log.inner.core.hold_writer();
+    let waiting = tokio::spawn({
+        let log = log.clone();
+        async move { log.record(event(3)).await }
+    });
+    let parked = std::time::Instant::now();
+    while log.inner.core.parked_recorders() == 0 {
+        assert!(parked.elapsed() < Duration::from_secs(10), "never parked");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    assert_eq!(log.inner.core.parked_recorders(), 0);
+    drop(held);
     log.close().await.unwrap();
     let details: Vec<Value> = all_events(tmp.path())
         .into_iter()
@@ -714,6 +731,36 @@ fn a_parked_recorder_is_woken_when_the_writer_is_released() {
         .filter(|e| e["type"] == "command")
         .count();
     assert_eq!(commands, 120);
+}
+
+/// A holder that panicked mid-event leaves the lock poisoned and its line
+/// unwritten in the buffer: the next recorder drops that line and the
+/// chain goes on from the last written one.
+#[tokio::test]
+async fn a_panic_while_holding_the_writer_leaves_no_half_event() {
+    let tmp = TempDir::new("lock-poison");
+    let cfg = AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        ..config(tmp.path(), 1 << 20)
+    };
+    let (log, _) = AuditLog::open(cfg).unwrap();
+    let first = log.record(event(0)).await.unwrap();
+    let fields = event(1).encode_fields().unwrap();
+    log.inner.core.panic_mid_event(&fields);
+    assert_eq!(log.record(event(2)).await.unwrap(), first + 1);
+    assert!(matches!(
+        log.try_record(event(3)),
+        TryRecord::Written(Ok(seq)) if seq == first + 2
+    ));
+    log.close().await.unwrap();
+    let report = verify(&tmp.path().join("audit"), &pubkey(tmp.path()));
+    assert!(report.is_ok(), "{report}");
+    let details: Vec<Value> = all_events(tmp.path())
+        .into_iter()
+        .filter(|e| e["type"] == "command")
+        .map(|e| e["detail"]["i"].clone())
+        .collect();
+    assert_eq!(details, [0, 2, 3].map(Value::from));
 }
 
 /// `try_record` on a handle whose log was closed.

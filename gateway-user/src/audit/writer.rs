@@ -499,6 +499,14 @@ impl Writer {
         }
     }
 
+    /// Forgets lines appended to `buf` but not written: what a holder that
+    /// panicked mid-event leaves. The head falls back to the last write.
+    fn discard_unwritten(&mut self) {
+        self.buf.clear();
+        self.checkpoint_in_buf = false;
+        self.pending = self.committed;
+    }
+
     fn needs_rotation(&self) -> bool {
         self.file_len > 0 && self.file_len >= self.rotate_bytes
     }
@@ -717,8 +725,8 @@ impl std::ops::DerefMut for WriterGuard<'_> {
 impl Drop for WriterGuard<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
-        // Pairs with the fence in `lock`: either a parked recorder's last
-        // look saw the lock free, or this sees it parked.
+        // Pairs with the fence in `Parked::new`: either a parked
+        // recorder's last look saw the lock free, or this sees it parked.
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.lock.parked.load(Ordering::Relaxed) > 0 {
             self.lock.released.notify_waiters();
@@ -742,20 +750,31 @@ impl WriterLock {
         }
     }
 
-    /// The writer if it is free now. (A panic while holding it cannot leave
-    /// a half-written line behind: a line is one write(2), and a failed one
-    /// is cut back; so a poisoned lock is taken as it is.)
+    /// The writer if it is free now. A lock poisoned by a panic while it
+    /// was held is taken after dropping what that holder had not written
+    /// yet (see [`Writer::discard_unwritten`]).
     fn try_lock(&self) -> Option<WriterGuard<'_>> {
         match self.inner.try_lock() {
             Ok(g) => Some(self.guard(g)),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(self.guard(p.into_inner())),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(self.recovered(p.into_inner())),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
     }
 
     /// Blocks the thread until the writer is free (the sync thread, tests).
     fn lock_blocking(&self) -> WriterGuard<'_> {
-        self.guard(self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+        match self.inner.lock() {
+            Ok(g) => self.guard(g),
+            Err(p) => self.recovered(p.into_inner()),
+        }
+    }
+
+    fn recovered<'a>(&'a self, mut guard: MutexGuard<'a, Option<Writer>>) -> WriterGuard<'a> {
+        self.inner.clear_poison();
+        if let Some(w) = guard.as_mut() {
+            w.discard_unwritten();
+        }
+        self.guard(guard)
     }
 
     /// The writer if it is freed within [`SPIN_FOR`].
@@ -788,9 +807,8 @@ impl WriterLock {
             return Some(g);
         }
         let deadline = started.checked_add(timeout);
-        self.parked.fetch_add(1, Ordering::Relaxed);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let got = loop {
+        let _parked = Parked::new(&self.parked);
+        loop {
             let released = self.released.notified();
             tokio::pin!(released);
             // Registered before the last look: a release after it wakes us.
@@ -809,9 +827,27 @@ impl WriterLock {
             if let Some(g) = self.spin_for_it() {
                 break Some(g);
             }
-        };
-        self.parked.fetch_sub(1, Ordering::Relaxed);
-        got
+        }
+    }
+}
+
+/// A recorder counted as parked until it stops waiting, also when its
+/// future is dropped mid-wait (its session ended).
+struct Parked<'a>(&'a AtomicUsize);
+
+impl<'a> Parked<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        // Pairs with the fence in `WriterGuard::drop`: either a release
+        // sees this recorder parked, or its next look sees the lock free.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -983,6 +1019,26 @@ impl Core {
             self.sync.mark_dirty();
         }
         Some(written)
+    }
+
+    /// Tests: recorders parked for the writer now.
+    #[cfg(test)]
+    pub(crate) fn parked_recorders(&self) -> usize {
+        self.writer.parked.load(Ordering::Relaxed)
+    }
+
+    /// Tests: a holder that panics between appending an event to the
+    /// buffer and writing it, which poisons the lock.
+    #[cfg(test)]
+    pub(crate) fn panic_mid_event(&self, fields: &[u8]) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut held = self.writer.lock_blocking();
+            if let Some(w) = held.as_mut() {
+                w.append_event(fields);
+            }
+            panic!("a holder's panic mid-event (test)");
+        }));
+        assert!(outcome.is_err());
     }
 
     /// Tests: holds the writer's lock, as a recorder in the middle of its
