@@ -18,8 +18,10 @@ pub mod tcp;
 pub mod tcp_relay;
 
 use std::{
+    future::Future,
     io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -268,12 +270,125 @@ pub async fn handle_connection(
     peer: SocketAddr,
     netns_cookie: u64,
 ) {
-    // Every step but the handler's own run is boxed: this future is the
-    // session's task, allocated whole for the session's life, so the state
-    // of a step that is over (attribution, the audit writes) or rare (a
-    // refusal, shedding) must not be part of it. A few allocations per
-    // session, against several KiB held by every idle one.
-    let flow = match Box::pin(attribute(&shared, peer, netns_cookie)).await {
+    // This future is the session's task, allocated whole for the session's
+    // life, so it holds only what the run needs: a pointer to the
+    // handler's future and what the end record is made from. Everything
+    // before the run (attribution, refusals, shedding, the start record)
+    // and after it (the end record) is a boxed step whose state is freed
+    // when it is done. A few allocations per session, against some 3 KiB
+    // held by every idle one (rustc keeps the storage of every local a
+    // suspended `async fn` ever had, moved out or not).
+    let Some(OpenSession { run, end }) =
+        Box::pin(open_session(&shared, client, peer, netns_cookie)).await
+    else {
+        return;
+    };
+    let outcome = run.await;
+    Box::pin(end.write(&shared, outcome)).await;
+}
+
+/// A session let in, ready to run.
+struct OpenSession<'a> {
+    /// The protocol handler's run ([`dispatch`]).
+    run: SessionRun<'a>,
+    /// What its end record needs.
+    end: SessionEnd,
+}
+
+/// A protocol handler's run of one session, boxed: a session's task then
+/// holds its own protocol's state, not room for the largest of them (an
+/// idle SSH or HTTP session would otherwise carry PostgreSQL's).
+type SessionRun<'a> = Pin<Box<dyn Future<Output = io::Result<SessionSummary>> + Send + 'a>>;
+
+/// What a session's end is recorded from, kept while its handler runs
+/// (the flow itself has moved into the handler).
+struct SessionEnd {
+    /// The `session_end` audit event's template.
+    event: EndEvent,
+    /// The session id, for the log.
+    session: String,
+    /// The recording, ended with the session's outcome.
+    recording: crate::record::SessionRecording,
+    /// Keeps the session in the live table until its end is recorded.
+    _guard: SessionGuard,
+}
+
+/// The `session_end` event of a flow: its encoded audit fields (small and
+/// shared), or the whole event when those could not be encoded.
+enum EndEvent {
+    Fields(FlowFields),
+    Event(Box<AuditEvent>),
+}
+
+impl EndEvent {
+    fn of(flow: &Flow) -> Self {
+        if flow.audit_fields.is_empty() {
+            Self::Event(Box::new(flow.audit_event(SESSION_END)))
+        } else {
+            Self::Fields(flow.audit_fields.clone())
+        }
+    }
+
+    fn event(self) -> AuditEvent {
+        match self {
+            Self::Fields(fields) => AuditEvent::new(SESSION_END).flow_fields(fields),
+            Self::Event(event) => *event,
+        }
+    }
+}
+
+/// The audit event type that closes a session.
+const SESSION_END: &str = "session_end";
+
+impl SessionEnd {
+    /// Logs, records and audits the end of the session with its handler's
+    /// `outcome`.
+    async fn write(self, shared: &Shared, outcome: io::Result<SessionSummary>) {
+        let Self {
+            event,
+            session,
+            recording,
+            _guard,
+        } = self;
+        let end = event.event();
+        let end = match &outcome {
+            Ok(summary) => {
+                recording.end(summary.end_reason);
+                info!(
+                    session = %session,
+                    bytes_from_client = summary.bytes_from_client,
+                    bytes_to_client = summary.bytes_to_client,
+                    reason = summary.end_reason,
+                    "session_end"
+                );
+                end.reason(summary.end_reason).bytes(serde_json::json!({
+                    "from_client": summary.bytes_from_client,
+                    "to_client": summary.bytes_to_client,
+                }))
+            }
+            Err(e) => {
+                recording.end(&e.to_string());
+                warn!(session = %session, error = %e, "session_end with an error");
+                end.reason(e.to_string())
+            }
+        };
+        if let Err(e) = shared.audit(end).await {
+            warn!(session = %session, "audit record of session end failed: {e}");
+        }
+    }
+}
+
+/// Attributes a connection and lets it in: refuses it (audited) when it
+/// cannot be attributed or the audit log is unavailable, sheds it when
+/// the daemon is over its memory budget, and otherwise records its start
+/// and registers it. `None` when the connection was refused or shed.
+async fn open_session(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    netns_cookie: u64,
+) -> Option<OpenSession<'_>> {
+    let flow = match attribute(shared, peer, netns_cookie).await {
         Ok(flow) => flow,
         Err(refused) => {
             shared.metrics.refused(refused.refusal);
@@ -291,16 +406,16 @@ pub async fn handle_connection(
                 .detail("netns_cookie", netns_cookie)
                 .detail("detail", refused.detail);
             // The flow is refused whether or not this record lands.
-            if let Err(e) = Box::pin(shared.audit(event)).await {
+            if let Err(e) = shared.audit(event).await {
                 warn!("audit record of a refused flow failed: {e}");
             }
             refuse(client);
-            return;
+            return None;
         }
     };
     if let Some(over) = shared.memory.over(shared.cfg.memory_budget) {
-        Box::pin(shed(&shared, flow, client, over)).await;
-        return;
+        shed(shared, flow, client, over).await;
+        return None;
     }
     let start = flow
         .audit_event("session_start")
@@ -308,12 +423,12 @@ pub async fn handle_connection(
         .detail("original_dst", flow.info.original_dst.to_string())
         .detail("netns_cookie", flow.info.netns_cookie)
         .detail("protocol", flow.info.protocol.as_str());
-    if let Err(e) = Box::pin(shared.audit(start)).await {
+    if let Err(e) = shared.audit(start).await {
         // Nothing may happen that the audit log does not know about.
         warn!(session = %flow.info.session, "audit log unavailable, refusing the flow: {e}");
         shared.metrics.refused(Refusal::AuditUnavailable);
         refuse(client);
-        return;
+        return None;
     }
     let mut flow = flow;
     let meta = crate::record::SessionMeta {
@@ -333,8 +448,7 @@ pub async fn handle_connection(
         Ok(r) => flow.recording = r,
         Err(e) => warn!(session = %flow.info.session, "recording unavailable: {e}"),
     }
-    let recording = flow.recording.clone();
-    let _guard = shared
+    let guard = shared
         .sessions
         .register(flow.info.clone(), flow.cancel.clone());
     shared.metrics.accepted();
@@ -348,33 +462,16 @@ pub async fn handle_connection(
         resource = %flow.info.resource,
         "session_start"
     );
-    let end = flow.audit_event("session_end");
-    let session = flow.info.session.clone();
-    let outcome = dispatch(&shared, flow, client).await;
-    let end = match &outcome {
-        Ok(summary) => {
-            recording.clone().end(summary.end_reason);
-            info!(
-                session = %session,
-                bytes_from_client = summary.bytes_from_client,
-                bytes_to_client = summary.bytes_to_client,
-                reason = summary.end_reason,
-                "session_end"
-            );
-            end.reason(summary.end_reason).bytes(serde_json::json!({
-                "from_client": summary.bytes_from_client,
-                "to_client": summary.bytes_to_client,
-            }))
-        }
-        Err(e) => {
-            recording.clone().end(&e.to_string());
-            warn!(session = %session, error = %e, "session_end with an error");
-            end.reason(e.to_string())
-        }
+    let end = SessionEnd {
+        event: EndEvent::of(&flow),
+        session: flow.info.session.clone(),
+        recording: flow.recording.clone(),
+        _guard: guard,
     };
-    if let Err(e) = Box::pin(shared.audit(end)).await {
-        warn!(session = %session, "audit record of session end failed: {e}");
-    }
+    Some(OpenSession {
+        run: dispatch(shared, flow, client),
+        end,
+    })
 }
 
 /// Sheds a new session while the daemon is over its memory budget: the
@@ -436,23 +533,16 @@ pub struct SessionSummary {
     pub end_reason: &'static str,
 }
 
-/// Runs the protocol handler for the flow's resource. New protocols plug in
-/// here and nowhere else.
-async fn dispatch(
-    shared: &Arc<Shared>,
-    flow: Flow,
-    client: TcpStream,
-) -> io::Result<SessionSummary> {
-    // Each handler's future is boxed: a session's task then holds its own
-    // protocol's state, not room for the largest of them (an idle SSH or
-    // HTTP session would otherwise carry PostgreSQL's). One allocation per
-    // session.
+/// Starts the protocol handler for the flow's resource. New protocols plug
+/// in here and nowhere else. Not an `async fn`: one would hold a copy of
+/// the flow for the session's life next to the handler's own.
+fn dispatch(shared: &Arc<Shared>, flow: Flow, client: TcpStream) -> SessionRun<'_> {
     match flow.resource.protocol {
-        Protocol::Tcp => Box::pin(tcp::serve(shared, flow, client)).await,
+        Protocol::Tcp => Box::pin(tcp::serve(shared, flow, client)),
         // MCP rides on the HTTP handler, which hands it each request.
-        Protocol::Http | Protocol::Mcp => Box::pin(http::serve(shared, flow, client)).await,
-        Protocol::Postgres => Box::pin(postgres::serve(shared, flow, client)).await,
-        Protocol::Ssh => Box::pin(ssh::serve(shared, flow, client)).await,
+        Protocol::Http | Protocol::Mcp => Box::pin(http::serve(shared, flow, client)),
+        Protocol::Postgres => Box::pin(postgres::serve(shared, flow, client)),
+        Protocol::Ssh => Box::pin(ssh::serve(shared, flow, client)),
     }
 }
 
@@ -651,6 +741,7 @@ mod task_size_tests {
             ("tcp handler", handler(tcp::serve)),
             ("http handler", handler(http::serve)),
             ("postgres handler", handler(postgres::serve)),
+            ("ssh handler", handler(ssh::serve)),
             ("attribution", attribution(attribute)),
             ("shedding", shedding(shed)),
         ];
@@ -660,5 +751,28 @@ mod task_size_tests {
                 "a session's task is {task} bytes, not less than the {what} ({size} bytes): is it still boxed?"
             );
         }
+        // What it holds: the handler's boxed run, the end record's
+        // template, the session id, the recording and the live-table
+        // guard, and the arguments. A local that lives across an await
+        // (a flow, an audit event) costs 400-600 bytes more.
+        assert!(
+            task <= TASK_MAX,
+            "a session's task is {task} bytes (at most {TASK_MAX}): what does it keep across an await?"
+        );
+    }
+
+    /// The most a session's task may be.
+    const TASK_MAX: usize = 384;
+
+    /// An idle SSH session's handler holds the flow once (in its
+    /// connection's state, behind a pointer), not a dead copy of it too.
+    #[test]
+    fn the_ssh_handler_keeps_no_copy_of_the_flow() {
+        let ssh = handler(ssh::serve);
+        let flow = std::mem::size_of::<Flow>();
+        assert!(
+            ssh < 2 * flow,
+            "the ssh handler's future is {ssh} bytes, a flow {flow}: does it keep the flow?"
+        );
     }
 }

@@ -31,7 +31,10 @@ struct Live {
 pub struct Sessions {
     prefix: String,
     next: AtomicU64,
-    live: Arc<Mutex<HashMap<String, Live>>>,
+    /// Boxed entries: a hash table keeps up to twice as many buckets as
+    /// entries, and an empty bucket of a session's size would be some
+    /// 400 bytes.
+    live: Arc<Mutex<HashMap<String, Box<Live>>>>,
 }
 
 impl Default for Sessions {
@@ -62,7 +65,8 @@ impl Sessions {
     /// Adds a session; it leaves the table when the guard drops.
     pub fn register(&self, info: FlowInfo, cancel: CancellationToken) -> SessionGuard {
         let id = info.session.clone();
-        self.lock().insert(id.clone(), Live { info, cancel });
+        self.lock()
+            .insert(id.clone(), Box::new(Live { info, cancel }));
         SessionGuard {
             id,
             live: self.live.clone(),
@@ -109,7 +113,7 @@ impl Sessions {
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Box<Live>>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -117,7 +121,7 @@ impl Sessions {
 /// Removes its session from the table when dropped.
 pub struct SessionGuard {
     id: String,
-    live: Arc<Mutex<HashMap<String, Live>>>,
+    live: Arc<Mutex<HashMap<String, Box<Live>>>>,
 }
 
 impl Drop for SessionGuard {

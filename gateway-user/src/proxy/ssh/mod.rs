@@ -82,9 +82,10 @@ pub mod upstream;
 pub mod words;
 
 use std::{
+    future::Future,
     io,
     path::{Path, PathBuf},
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -171,6 +172,37 @@ impl SshError {
     }
 }
 
+/// The agent-side server settings for a flow, as [`server_config`], shared
+/// by every flow served with the daemon's own host key: built once, not
+/// kept once per idle session. A resource with its own key or certificate
+/// gets its files read for each flow, so a rotated file takes effect at
+/// the next connection.
+fn shared_server_config(
+    flow: &Flow,
+    daemon_key: &Arc<PrivateKey>,
+) -> Result<Arc<russh::server::Config>, SshError> {
+    /// The settings built with the daemon key they were built with. The
+    /// key is held, so a pointer match is the same key.
+    static WITH_DAEMON_KEY: Mutex<Option<(Arc<PrivateKey>, Arc<russh::server::Config>)>> =
+        Mutex::new(None);
+    let own_files =
+        flow.resource.host_key_file.is_some() || flow.resource.host_certificate_file.is_some();
+    if own_files {
+        return server_config(flow, daemon_key).map(Arc::new);
+    }
+    let mut cached = WITH_DAEMON_KEY
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((key, config)) = cached.as_ref() {
+        if Arc::ptr_eq(key, daemon_key) {
+            return Ok(config.clone());
+        }
+    }
+    let config = Arc::new(server_config(flow, daemon_key)?);
+    *cached = Some((daemon_key.clone(), config.clone()));
+    Ok(config)
+}
+
 /// The agent-side server settings for a flow: the resource's own host key
 /// (or the daemon's) and its host certificate, if any.
 fn server_config(
@@ -253,23 +285,42 @@ const CHANNELS_DONE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs an SSH flow: the agent-side server until the agent disconnects,
 /// the session is ended, or the connection fails.
-pub async fn serve(
+///
+/// Not an `async fn`: the flow moves into the connection's state before
+/// the returned future starts, so the future (held for the session's
+/// life) keeps no dead copy of it.
+pub fn serve(
     shared: &Arc<Shared>,
     flow: Flow,
     client: TcpStream,
-) -> io::Result<SessionSummary> {
-    let config = match server_config(&flow, &shared.ssh_host_key) {
-        Ok(c) => Arc::new(c),
+) -> impl Future<Output = io::Result<SessionSummary>> + Send + '_ {
+    let setup = match shared_server_config(&flow, &shared.ssh_host_key) {
+        Ok(config) => Ok((config, Arc::new(channel::Conn::new(shared.clone(), flow)))),
         Err(e) => {
             warn!(session = %flow.info.session, "ssh flow refused: {e}");
-            super::refuse(client);
-            return Err(io::Error::other(e.to_string()));
+            Err(e)
         }
     };
+    async move {
+        let (config, conn) = match setup {
+            Ok(setup) => setup,
+            Err(e) => {
+                super::refuse(client);
+                return Err(io::Error::other(e.to_string()));
+            }
+        };
+        run(conn, config, client).await
+    }
+}
+
+/// The agent-side server of a connection whose flow is in `conn`.
+async fn run(
+    conn: Arc<channel::Conn>,
+    config: Arc<russh::server::Config>,
+    client: TcpStream,
+) -> io::Result<SessionSummary> {
     let _ = client.set_nodelay(true);
-    let cancel = flow.cancel.clone();
-    let session = flow.info.session.clone();
-    let conn = Arc::new(channel::Conn::new(shared.clone(), flow));
+    let cancel = conn.flow.cancel.clone();
     let handler = server::AgentHandler::new(conn.clone());
     // Boxed: the handshake's state is freed once it is done instead of
     // staying in this future (and so in the session's task) for the
@@ -336,7 +387,7 @@ pub async fn serve(
         Ok(()) => Ok(summary),
         Err(e) if is_disconnect(&e) => Ok(summary),
         Err(e) => {
-            info!(session = %session, "ssh session ended: {e}");
+            info!(session = %conn.flow.info.session, "ssh session ended: {e}");
             Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("ssh: {e}"),
