@@ -3,22 +3,27 @@
 use clap::Parser;
 use tracing_subscriber::{fmt, EnvFilter};
 
-/// jemalloc, not glibc's malloc. Each connection worker allocates and
+/// jemalloc, not glibc's malloc: each connection worker allocates and
 /// frees on its own thread, which jemalloc serves from a per-thread cache
-/// without a lock; it rounds a block to fewer, coarser size classes, yet
-/// an idle session costs less in it (see docs/performance.md, "Ninth
-/// round"). Measured: HTTP +13% requests/s, idle PostgreSQL sessions half
-/// the memory; PostgreSQL throughput the same.
+/// without a lock. Measured (docs/performance.md, "Ninth round"): HTTP
+/// +8-13% requests/s, an idle PostgreSQL session a third of the memory,
+/// the soak's RSS two thirds; PostgreSQL throughput the same.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read at its start (a C string; a thin pointer is
-/// what jemalloc's `malloc_conf` symbol is). Freed pages go back to the
-/// kernel within a second instead of ten: the memory budget
-/// (`memory_budget`) sheds new sessions by resident memory, which should
-/// not count pages the daemon no longer uses.
+/// jemalloc's options, read when it starts (a C string: jemalloc's
+/// `malloc_conf` symbol is a `const char *`, so a thin pointer).
+/// - `percpu_arena:percpu`: one arena per CPU, as there is one connection
+///   worker per CPU (jemalloc's default of four per CPU kept the soak's
+///   RSS climbing);
+/// - `background_thread:true`, `dirty_decay_ms:1000`, `muzzy_decay_ms:0`:
+///   freed pages go back to the kernel within a second, from a thread of
+///   jemalloc's, even while the daemon is idle. The memory budget
+///   (`memory_budget`) sheds new sessions by resident memory, which should
+///   not count pages the daemon no longer uses.
 #[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: &u8 = &b"percpu_arena:percpu,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
+static MALLOC_CONF: &u8 =
+    &b"percpu_arena:percpu,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
 
 fn main() -> std::process::ExitCode {
     let filter =
