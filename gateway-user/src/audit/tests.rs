@@ -35,6 +35,15 @@ fn config(state: &Path, rotate_bytes: u64) -> AuditConfig {
     }
 }
 
+/// [`config`] with a 1 ms group commit and 1 MiB files: records that do
+/// not wait for a sync, in one file.
+fn fast_sync_config(state: &Path) -> AuditConfig {
+    AuditConfig {
+        fsync: FsyncMode::Interval(Duration::from_millis(1)),
+        ..config(state, 1 << 20)
+    }
+}
+
 fn event(i: u64) -> AuditEvent {
     AuditEvent::new("command")
         .session(format!("s{}", i % 3))
@@ -552,10 +561,7 @@ async fn both_fsync_modes_work() {
 #[tokio::test]
 async fn try_record_writes_now_only_when_nothing_would_wait() {
     let tmp = TempDir::new("try-record");
-    let cfg = AuditConfig {
-        fsync: FsyncMode::Interval(Duration::from_millis(1)),
-        ..config(tmp.path(), 1 << 20)
-    };
+    let cfg = fast_sync_config(tmp.path());
     let (log, _) = AuditLog::open(cfg).unwrap();
     let first = log.record(event(0)).await.unwrap();
     // The writer is free: the line is in the file when this returns.
@@ -613,9 +619,8 @@ async fn try_record_writes_now_only_when_nothing_would_wait() {
 async fn a_writer_held_too_long_fails_the_record_without_blocking_the_thread() {
     let tmp = TempDir::new("lock-timeout");
     let cfg = AuditConfig {
-        fsync: FsyncMode::Interval(Duration::from_millis(1)),
         enqueue_timeout: Duration::from_millis(300),
-        ..config(tmp.path(), 1 << 20)
+        ..fast_sync_config(tmp.path())
     };
     let (log, _) = AuditLog::open(cfg).unwrap();
     let first = log.record(event(0)).await.unwrap();
@@ -677,9 +682,8 @@ async fn a_writer_held_too_long_fails_the_record_without_blocking_the_thread() {
 fn a_parked_recorder_is_woken_when_the_writer_is_released() {
     let tmp = TempDir::new("lock-wake");
     let cfg = AuditConfig {
-        fsync: FsyncMode::Interval(Duration::from_millis(1)),
         enqueue_timeout: Duration::from_secs(20),
-        ..config(tmp.path(), 1 << 20)
+        ..fast_sync_config(tmp.path())
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -739,10 +743,7 @@ fn a_parked_recorder_is_woken_when_the_writer_is_released() {
 #[tokio::test]
 async fn a_panic_while_holding_the_writer_leaves_no_half_event() {
     let tmp = TempDir::new("lock-poison");
-    let cfg = AuditConfig {
-        fsync: FsyncMode::Interval(Duration::from_millis(1)),
-        ..config(tmp.path(), 1 << 20)
-    };
+    let cfg = fast_sync_config(tmp.path());
     let (log, _) = AuditLog::open(cfg).unwrap();
     let first = log.record(event(0)).await.unwrap();
     let fields = event(1).encode_fields().unwrap();
@@ -765,10 +766,7 @@ async fn a_panic_while_holding_the_writer_leaves_no_half_event() {
 
 /// `try_record` on a handle whose log was closed.
 async fn log_after_close_try(tmp: &TempDir) -> TryRecord {
-    let cfg = AuditConfig {
-        fsync: FsyncMode::Interval(Duration::from_millis(1)),
-        ..config(tmp.path(), 1 << 20)
-    };
+    let cfg = fast_sync_config(tmp.path());
     let (log, _) = AuditLog::open(cfg).unwrap();
     let other = log.clone();
     log.close().await.unwrap();
@@ -1312,10 +1310,7 @@ async fn a_failed_sync_fails_its_always_waiters() {
 #[tokio::test]
 async fn interval_records_do_not_wait_for_the_sync_thread() {
     let tmp = TempDir::new("interval-nowait");
-    let cfg = AuditConfig {
-        fsync: FsyncMode::Interval(Duration::from_millis(1)),
-        ..config(tmp.path(), 1 << 20)
-    };
+    let cfg = fast_sync_config(tmp.path());
     let (log, _) = AuditLog::open(cfg).unwrap();
     let shared = log.sync_shared();
     shared.paused.store(true, Ordering::Relaxed);
