@@ -20,10 +20,20 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   freed pages go back to the kernel within a second, from a thread of
 ///   jemalloc's, even while the daemon is idle. The memory budget
 ///   (`memory_budget`) sheds new sessions by resident memory, which should
-///   not count pages the daemon no longer uses.
+///   not count pages the daemon no longer uses;
+/// - `tcache_nslots_large:256`: a worker's cache keeps up to 256 freed
+///   blocks of each size from 16 to 32 KiB (jemalloc's default is 20). An
+///   SSH transfer has up to 256 packets of 32 KiB in flight (the upstream
+///   window), and russh gives each a fresh zeroed buffer. Past the cache
+///   such a buffer came from the arena, which zeroes a reused block with
+///   `MADV_DONTNEED`, so each of its pages faulted back in: 12% of the
+///   daemon's samples in a download, and 15% less CPU per byte without it
+///   (docs/performance.md, "Tenth round"). The cache is per worker, not per
+///   session: idle sessions cost the same.
+///
+/// `tests/e2e/perf_alloc.rs` checks that jemalloc reads these.
 #[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: &u8 =
-    &b"percpu_arena:percpu,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
+static MALLOC_CONF: &u8 = &b"percpu_arena:percpu,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,tcache_nslots_large:256\0"[0];
 
 fn main() -> std::process::ExitCode {
     let filter =

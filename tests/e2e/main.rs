@@ -20,6 +20,7 @@ mod idle;
 mod mcp;
 mod mcp_everything;
 mod ops;
+mod perf_alloc;
 mod perf_http;
 mod perf_pg;
 mod perf_tcp;
