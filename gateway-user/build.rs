@@ -8,22 +8,33 @@
 //! (relative path, bytes).
 
 fn main() -> anyhow::Result<()> {
-    embed_example_policies()?;
-    let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway-ebpf");
-    let common_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway-common");
-    println!("cargo:rerun-if-changed={common_dir}");
+    let crate_dir = crate_dir()?;
+    embed_example_policies(&crate_dir.join("../policies"))?;
+    let root_dir = crate_dir.join("../gateway-ebpf");
+    let common_dir = crate_dir.join("../gateway-common");
+    println!("cargo:rerun-if-changed={}", common_dir.display());
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "gateway-ebpf",
-            root_dir,
+            root_dir: &root_dir.to_string_lossy(),
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
     )
 }
 
-fn embed_example_policies() -> anyhow::Result<()> {
-    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"));
+/// This crate's directory, as cargo gives it to the running script. Not
+/// `env!`: that is fixed when the script is compiled, and cargo reuses a
+/// compiled script for a second checkout that shares the target directory,
+/// which then built and embedded the first checkout's kernel programs and
+/// policies.
+fn crate_dir() -> anyhow::Result<std::path::PathBuf> {
+    Ok(std::path::PathBuf::from(std::env::var(
+        "CARGO_MANIFEST_DIR",
+    )?))
+}
+
+fn embed_example_policies(dir: &std::path::Path) -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
