@@ -27,8 +27,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   window), and russh gives each a fresh zeroed buffer. Past the cache
 ///   such a buffer came from the arena, which zeroes a reused block with
 ///   `MADV_DONTNEED`, so each of its pages faulted back in: 12% of the
-///   daemon's samples in a download, and 15% less CPU per byte without it
-///   (docs/performance.md, "Tenth round"). The cache is per worker, not per
+///   daemon's samples in a download. With the larger cache the daemon uses
+///   about 12% less CPU per byte (docs/performance.md, "Tenth round"). The cache is per worker, not per
 ///   session: idle sessions cost the same.
 ///
 /// `tests/e2e/perf_alloc.rs` checks that jemalloc reads these.
