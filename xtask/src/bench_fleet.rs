@@ -212,7 +212,7 @@ fn store_cost(
                     path,
                     seconds,
                     pg_port,
-                    0,
+                    bench_pg::Bouncer { port: 0, pid: None },
                     password,
                 )?;
                 let label = ["direct", "without [fleet]", "with [fleet]"][slot];

@@ -7,7 +7,9 @@
 //! bench CA; Portcullis intercepts with `tls = "intercept"` and verifies
 //! the origin against that CA; nginx terminates TLS and proxies to the
 //! origin over verified TLS). Each table ends with PASS/MISS against the
-//! target: Portcullis ahead of nginx in the same run.
+//! target: Portcullis ahead of nginx in the same run. Next to each proxy's
+//! figures: its CPU time per request (the daemon's, all threads; the
+//! nginx proxy's master and workers), from /proc over the run.
 
 use std::{
     fs,
@@ -42,6 +44,8 @@ struct Wrk {
     p99_ms: f64,
     requests: u64,
     errors: u64,
+    /// The proxy's CPU time per request, in µs (`None` for direct).
+    cpu_us_per_req: Option<f64>,
 }
 
 /// Runs the benchmark: `seconds` per path, `connections` wrk connections on
@@ -142,11 +146,31 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
             ("nginx reverse proxy", proxy_url, false),
             ("portcullis", origin_url, true),
         ] {
-            let r = wrk(&session, url, seconds, connections, threads, through);
+            let relay = match label {
+                "portcullis" => session.daemon_pid().into_iter().collect(),
+                "nginx reverse proxy" => proxy.processes(),
+                _ => Vec::new(),
+            };
+            let r = wrk(
+                &session,
+                url,
+                seconds,
+                connections,
+                threads,
+                through,
+                &relay,
+            );
             if let Ok(w) = &r {
                 println!(
-                    "    {label}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} requests, {} errors",
-                    w.rps, w.p50_ms, w.p99_ms, w.requests, w.errors
+                    "    {label}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} requests, {} errors{}",
+                    w.rps,
+                    w.p50_ms,
+                    w.p99_ms,
+                    w.requests,
+                    w.errors,
+                    w.cpu_us_per_req
+                        .map(|c| format!(", {c:.1} us of the proxy's CPU per request"))
+                        .unwrap_or_default()
                 );
             }
             results.push((label, r));
@@ -257,8 +281,8 @@ fn print_table(
         BODY.len()
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>12} {:>16}",
-        "path", "req/s", "p50 (ms)", "p99 (ms)", "req/s vs direct"
+        "{:<22} {:>12} {:>12} {:>12} {:>16} {:>12}",
+        "path", "req/s", "p50 (ms)", "p99 (ms)", "req/s vs direct", "cpu us/req"
     );
     for (label, r) in results {
         match r {
@@ -266,8 +290,11 @@ fn print_table(
                 let ratio = direct
                     .filter(|d| *d > 0.0)
                     .map_or("-".to_string(), |d| format!("{:.2}", w.rps / d));
+                let cpu = w
+                    .cpu_us_per_req
+                    .map_or("-".to_string(), |c| format!("{c:.1}"));
                 println!(
-                    "{label:<22} {:>12.0} {:>12.3} {:>12.3} {ratio:>16}",
+                    "{label:<22} {:>12.0} {:>12.3} {:>12.3} {ratio:>16} {cpu:>12}",
                     w.rps, w.p50_ms, w.p99_ms
                 );
             }
@@ -305,6 +332,8 @@ fn curl_body(session: &Session, url: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// One wrk run; `relay` are the proxy's processes whose CPU time is
+/// counted (none for direct).
 fn wrk(
     session: &Session,
     url: &str,
@@ -312,6 +341,7 @@ fn wrk(
     connections: u64,
     threads: u64,
     through: bool,
+    relay: &[u32],
 ) -> Result<Wrk> {
     let mut cmd = Command::new("wrk");
     cmd.args([
@@ -333,7 +363,11 @@ fn wrk(
     if through {
         run_in_cgroup(&mut cmd, session.agent_procs_file()?);
     }
+    let cpu_before = cpu_ticks(relay);
     let out = output_with_timeout(&mut cmd, Duration::from_secs(seconds + 30))?;
+    let cpu_used = cpu_before
+        .zip(cpu_ticks(relay))
+        .map(|(a, b)| b.saturating_sub(a));
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -342,7 +376,23 @@ fn wrk(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+    let mut w = parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))?;
+    // /proc counts CPU time in USER_HZ ticks, 100 per second on Linux.
+    w.cpu_us_per_req = cpu_used
+        .filter(|_| w.requests > 0)
+        .map(|t| t as f64 * 10_000.0 / w.requests as f64);
+    Ok(w)
+}
+
+/// The CPU time so far of all of `pids`, in USER_HZ ticks; `None` when
+/// there are none or one cannot be read.
+fn cpu_ticks(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|p| crate::bench_pg::cpu_ticks(*p))
+        .sum::<Option<u64>>()
 }
 
 /// Reads requests/s, the 50% and 99% latencies, and the totals.
@@ -353,6 +403,7 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
         p99_ms: 0.0,
         requests: 0,
         errors: 0,
+        cpu_us_per_req: None,
     };
     for line in text.lines() {
         let t = line.trim();
@@ -454,6 +505,19 @@ impl Nginx {
             thread::sleep(Duration::from_millis(50));
         }
         Ok(nginx)
+    }
+}
+
+impl Nginx {
+    /// The master's pid and its workers' (its children, as the kernel
+    /// lists them).
+    fn processes(&self) -> Vec<u32> {
+        let master = self.0.id();
+        let children = fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
     }
 }
 

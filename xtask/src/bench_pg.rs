@@ -3,9 +3,11 @@
 //! clients, in one run, along four paths: direct, through Portcullis
 //! (policy + audit), through Portcullis with masking, and through
 //! pgbouncer in session mode. Prints TPS, the ratio to direct, p50/p99
-//! transaction latency (from pgbench's per-transaction log), the
-//! daemon's RSS and its CPU time per statement (all threads, from
-//! /proc, over the run: steadier than latency on a busy machine); each table ends with PASS/MISS against the targets of
+//! transaction latency (from pgbench's per-transaction log), and the
+//! relay's RSS and CPU time per statement (the daemon's, all threads, and
+//! pgbouncer's, from /proc over the run: steadier than latency on a busy
+//! machine, and pgbouncer's is what a bare relay costs on the same
+//! machine); each table ends with PASS/MISS against the targets of
 //! DESIGN.md (with policy, audit and masking on: at least 85% of direct at
 //! every client count, ahead of pgbouncer, and under 50 µs added p50 per
 //! statement at one client).
@@ -58,8 +60,9 @@ pub(crate) struct Run {
     pub(crate) p50_ms: f64,
     p99_ms: f64,
     rss_kib: Option<u64>,
-    /// The daemon's CPU time (all its threads, user and system) per
-    /// transaction: less sensitive to a busy machine than latency.
+    /// The relay's CPU time (the daemon's, all its threads, or
+    /// pgbouncer's; user and system) per transaction: less sensitive to a
+    /// busy machine than latency.
     cpu_us_per_tx: Option<f64>,
 }
 
@@ -102,6 +105,10 @@ pub fn run(
 
     let bouncer_port = free_port()?;
     let bouncer = start_pgbouncer(&work, bouncer_port, pg_port, &password, uid, gid)?;
+    let bouncer_at = Bouncer {
+        port: bouncer_port,
+        pid: Some(bouncer.id()),
+    };
     let _bouncer = Guard(Some(bouncer));
     step(&format!(
         "pgbouncer (session mode) on 127.0.0.1:{bouncer_port}"
@@ -157,7 +164,7 @@ pub fn run(
                     path,
                     seconds,
                     pg_port,
-                    bouncer_port,
+                    bouncer_at,
                     &password,
                 )?;
                 println!(
@@ -199,6 +206,14 @@ pub(crate) fn bench_policies(work: &Path, pg_port: u16, password: &str) -> Resul
     Ok(policies)
 }
 
+/// Where pgbouncer listens, and its process: its CPU time per statement is
+/// what a bare relay costs on this machine, next to the daemon's.
+#[derive(Clone, Copy)]
+pub(crate) struct Bouncer {
+    pub(crate) port: u16,
+    pub(crate) pid: Option<u32>,
+}
+
 /// One pgbench run along `path` (`direct`, `pgbouncer`, or through the
 /// session's daemon for `portcullis…`).
 #[allow(clippy::too_many_arguments)]
@@ -210,7 +225,7 @@ pub(crate) fn measure(
     path: &'static str,
     seconds: u32,
     pg_port: u16,
-    bouncer_port: u16,
+    bouncer: Bouncer,
     password: &str,
 ) -> Result<Run> {
     let logs = work.join(format!(
@@ -219,7 +234,7 @@ pub(crate) fn measure(
     ));
     fs::create_dir_all(&logs)?;
     let (port, pw) = match path {
-        "pgbouncer" => (bouncer_port, None),
+        "pgbouncer" => (bouncer.port, None),
         "direct" => (pg_port, Some(password)),
         _ => (pg_port, None),
     };
@@ -247,14 +262,17 @@ pub(crate) fn measure(
     if path.starts_with("portcullis") {
         run_in_cgroup(&mut cmd, session.agent_procs_file()?);
     }
-    let daemon = path
-        .starts_with("portcullis")
-        .then(|| session.daemon_pid())
-        .flatten();
-    let cpu_before = daemon.and_then(cpu_ticks);
+    // The relay of this path, whose CPU time and memory are reported: the
+    // daemon, or pgbouncer.
+    let relay = match path {
+        "pgbouncer" => bouncer.pid,
+        p if p.starts_with("portcullis") => session.daemon_pid(),
+        _ => None,
+    };
+    let cpu_before = relay.and_then(cpu_ticks);
     let out = cmd.output().context("pgbench")?;
     let cpu_ticks_used = cpu_before
-        .zip(daemon.and_then(cpu_ticks))
+        .zip(relay.and_then(cpu_ticks))
         .map(|(a, b)| b.saturating_sub(a));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
@@ -291,11 +309,7 @@ pub(crate) fn measure(
         let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
         lat.get(i).copied().unwrap_or(0) as f64 / 1000.0
     };
-    let rss_kib = if path.starts_with("portcullis") {
-        session.daemon_pid().and_then(rss_kib)
-    } else {
-        None
-    };
+    let rss_kib = relay.and_then(rss_kib);
     let transactions = text
         .lines()
         .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -440,7 +454,7 @@ pub(crate) fn pg_bin() -> Result<PathBuf> {
 }
 
 /// A process's user + system CPU time so far, in USER_HZ ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces), from field 3.
     let rest = stat.rsplit_once(')')?.1;
