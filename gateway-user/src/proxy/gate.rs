@@ -189,9 +189,12 @@ pub async fn check_decided(
                 shared.sessions.update(&info.session, |i| {
                     i.grant = Some(g.id.clone());
                 });
-                return released(shared, flow, cmd, by, Some(g.id)).await;
+                return Box::pin(released(shared, flow, cmd, by, Some(g.id))).await;
             }
-            match hold(shared, flow, cmd, policies).await {
+            // Boxed, as `released` above: a hold is rare, and its future
+            // would otherwise size every allowed command's (see
+            // `http::request_future`).
+            match Box::pin(hold(shared, flow, cmd, policies)).await {
                 Ok(held) => Gate::Held(Box::new(held)),
                 Err(denied) => Gate::Denied(denied),
             }

@@ -491,7 +491,7 @@ impl Upstream {
         if self.idle_h2().is_some() {
             return Ok(Version::H2);
         }
-        match self.connect(false).await? {
+        match Box::pin(self.connect(false)).await? {
             Conn::H2(s) => {
                 *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                 Ok(Version::H2)
@@ -574,7 +574,7 @@ impl Upstream {
         if let Some(s) = fresh.or_else(|| self.idle_h1()) {
             return Ok(Conn::H1(s));
         }
-        match self.connect(false).await? {
+        match Box::pin(self.connect(false)).await? {
             Conn::H2(s) => {
                 *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
                 Ok(Conn::H2(s))
@@ -599,7 +599,7 @@ impl Upstream {
         &self,
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match self.connect(true).await? {
+        match Box::pin(self.connect(true)).await? {
             Conn::H1(mut s) => {
                 s.ready().await?;
                 Ok(s.send_request(req).await?)
@@ -610,6 +610,9 @@ impl Upstream {
         }
     }
 
+    /// A new connection. Callers box its future: it holds a TLS and an
+    /// HTTP handshake, many times the size of a pooled request's, and
+    /// [`Upstream::send`]'s future is part of every request's.
     async fn connect(&self, h1_only: bool) -> Result<Conn, UpstreamError> {
         let addr = self.addr;
         self.opened
