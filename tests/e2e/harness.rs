@@ -52,12 +52,41 @@ pub fn cgroup2_mount() -> PathBuf {
         .expect("a cgroup2 mount")
 }
 
-/// A free TCP port on loopback (racy by nature, fine for tests).
+/// A free TCP port on loopback for something a test starts later (a
+/// daemon, a server), given to no other test of this process.
+///
+/// Taken below the kernel's ephemeral range, not with `bind(0)`: a port
+/// from that range is free when looked at, but until the daemon binds it
+/// (after loading its programs) any outgoing connection of a concurrent
+/// test may be given it as its local port, and the daemon then fails with
+/// EADDRINUSE. Ports below the range are never handed out that way; a
+/// counter keeps this process's tests apart, and the process id spreads
+/// concurrent test processes over the span.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, span) = below_ephemeral_ports();
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(low + offset).expect("ports below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{}", low + span);
+}
+
+/// The ports [`free_port`] uses: `(first, count)`, the 8,192 ports below
+/// the start of `ip_local_port_range` (32768 by default), never under
+/// 10000.
+fn below_ephemeral_ports() -> (u32, u32) {
+    let first_ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let end = first_ephemeral.clamp(10_000 + 1024, 65_536);
+    let low = end.saturating_sub(8192).max(10_000);
+    (low, end - low)
 }
 
 /// A cgroup subtree removed (with every process in it killed) on drop.
@@ -1647,5 +1676,32 @@ impl Drop for SshServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Ports for daemons and servers come from below the ephemeral range, each
+/// once per test process: a daemon's port can then not be taken by a
+/// concurrent test's outgoing connection before it binds it (which failed
+/// a CI run with EADDRINUSE when ports came from `bind(0)`).
+#[test]
+fn free_ports_are_distinct_and_never_ephemeral() {
+    let first_ephemeral: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
+    let mut distinct = ports.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        ports.len(),
+        "a port was given twice: {ports:?}"
+    );
+    if first_ephemeral >= 11_024 {
+        assert!(
+            ports.iter().all(|p| u32::from(*p) < first_ephemeral),
+            "ports from the ephemeral range (from {first_ephemeral}): {ports:?}"
+        );
     }
 }
