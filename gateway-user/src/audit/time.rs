@@ -39,6 +39,30 @@ pub fn now_ms() -> u64 {
 /// past 9999 are clamped to 9999-12-31T23:59:59.999Z.
 pub fn format_rfc3339_ms(ms: u64) -> [u8; RFC3339_MS_LEN] {
     let ms = ms.min(MAX_MS);
+    // Records come thousands per second: the thread's last formatted
+    // second is reused, and only the milliseconds are written.
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, [u8; RFC3339_MS_LEN])> =
+            const { std::cell::Cell::new((u64::MAX, [0; RFC3339_MS_LEN])) };
+    }
+    let second = ms / 1000;
+    let mut out = match LAST.try_with(std::cell::Cell::get) {
+        Ok((at, text)) if at == second => text,
+        _ => {
+            let text = format_with_time(ms);
+            let _ = LAST.try_with(|l| l.set((second, text)));
+            text
+        }
+    };
+    let millis = ms % 1000;
+    out[20] = b'0' + (millis / 100) as u8;
+    out[21] = b'0' + (millis / 10 % 10) as u8;
+    out[22] = b'0' + (millis % 10) as u8;
+    out
+}
+
+/// [`format_rfc3339_ms`] through the `time` crate.
+fn format_with_time(ms: u64) -> [u8; RFC3339_MS_LEN] {
     let mut out = *b"9999-12-31T23:59:59.999Z";
     // Both steps are infallible for 0..=MAX_MS (a 4-digit year, exactly 24
     // bytes); the clamped maximum stays in `out` if they ever were not.
@@ -164,6 +188,28 @@ mod tests {
             ms += 3_333_333_337;
         }
         for ms in [0, 999, 1000, 951_782_400_000, 4_107_542_399_999, MAX_MS] {
+            assert_eq!(rfc3339_ms_string(ms), reference_format(ms), "{ms}");
+        }
+    }
+
+    /// The thread's cached second: consecutive instants within a second,
+    /// across seconds, minutes and days, and back in time, as formatted
+    /// afresh.
+    #[test]
+    fn the_cached_second_formats_as_the_previous_encoder() {
+        let starts = [
+            0,
+            951_782_399_998,
+            1_795_687_199_990,
+            1_795_687_201_995,
+            MAX_MS - 5,
+        ];
+        for start in starts {
+            for ms in start..start + 12 {
+                assert_eq!(rfc3339_ms_string(ms), reference_format(ms), "{ms}");
+            }
+        }
+        for ms in [1_795_687_200_500, 1_795_687_199_500, 1_795_687_200_499] {
             assert_eq!(rfc3339_ms_string(ms), reference_format(ms), "{ms}");
         }
     }
