@@ -80,13 +80,17 @@ pub fn free_port() -> u16 {
 /// the start of `ip_local_port_range` (32768 by default), never under
 /// 10000.
 fn below_ephemeral_ports() -> (u32, u32) {
-    let first_ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let end = first_ephemeral.clamp(10_000 + 1024, 65_536);
+    let end = first_ephemeral_port().clamp(10_000 + 1024, 65_536);
     let low = end.saturating_sub(8192).max(10_000);
     (low, end - low)
+}
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn first_ephemeral_port() -> u32 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 /// A cgroup subtree removed (with every process in it killed) on drop.
@@ -1685,10 +1689,7 @@ impl Drop for SshServer {
 /// a CI run with EADDRINUSE when ports came from `bind(0)`).
 #[test]
 fn free_ports_are_distinct_and_never_ephemeral() {
-    let first_ephemeral: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
+    let first_ephemeral = first_ephemeral_port();
     let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
     let mut distinct = ports.clone();
     distinct.sort_unstable();

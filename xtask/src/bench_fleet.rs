@@ -94,7 +94,7 @@ pub fn run(args: &[String], pg_seconds: u32, pg_only: bool, binary: Option<PathB
             // so that it only takes CPU the measured processes leave over.
             // Backends forked later inherit the policy from the postmaster;
             // its helper processes are already running.
-            for p in std::iter::once(pid).chain(children(pid)) {
+            for p in std::iter::once(pid).chain(crate::util::children(pid)) {
                 let param = libc::sched_param { sched_priority: 0 };
                 // SAFETY: sched_setscheduler(2) on a process this one started.
                 if unsafe { libc::sched_setscheduler(p as libc::pid_t, libc::SCHED_IDLE, &param) }
@@ -273,24 +273,6 @@ fn store_cost(
         if pass { "PASS" } else { "MISS" }
     );
     Ok(())
-}
-
-/// The pids whose parent is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|st| {
-                    let rest = &st[st.rfind(')')? + 2..];
-                    rest.split(' ').nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }
 
 /// The `[fleet]` daemon's shipping lag and shipped seq (`status --json`).

@@ -391,7 +391,7 @@ fn cpu_ticks(pids: &[u32]) -> Option<u64> {
         return None;
     }
     pids.iter()
-        .map(|p| crate::bench_pg::cpu_ticks(*p))
+        .map(|p| crate::util::cpu_ticks(*p))
         .sum::<Option<u64>>()
 }
 
@@ -509,14 +509,11 @@ impl Nginx {
 }
 
 impl Nginx {
-    /// The master's pid and its workers' (its children, as the kernel
-    /// lists them).
+    /// The master's pid and its workers'.
     fn processes(&self) -> Vec<u32> {
         let master = self.0.id();
-        let children = fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
-            .unwrap_or_default();
         std::iter::once(master)
-            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .chain(crate::util::children(master))
             .collect()
     }
 }

@@ -269,10 +269,10 @@ pub(crate) fn measure(
         p if p.starts_with("portcullis") => session.daemon_pid(),
         _ => None,
     };
-    let cpu_before = relay.and_then(cpu_ticks);
+    let cpu_before = relay.and_then(crate::util::cpu_ticks);
     let out = cmd.output().context("pgbench")?;
     let cpu_ticks_used = cpu_before
-        .zip(relay.and_then(cpu_ticks))
+        .zip(relay.and_then(crate::util::cpu_ticks))
         .map(|(a, b)| b.saturating_sub(a));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
@@ -451,17 +451,6 @@ pub(crate) fn pg_bin() -> Result<PathBuf> {
             root.display()
         ),
     }
-}
-
-/// A process's user + system CPU time so far, in USER_HZ ticks.
-pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime = fields.get(11)?.parse::<u64>().ok()?;
-    let stime = fields.get(12)?.parse::<u64>().ok()?;
-    Some(utime + stime)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

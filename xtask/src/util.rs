@@ -1,5 +1,6 @@
 //! Helpers shared by the xtask subcommands: running commands with bounded
-//! waits, finding the workspace's paths, reading the mount table, signals.
+//! waits, finding the workspace's paths, reading the mount table, signals,
+//! processes' children and CPU time.
 
 use std::{
     env,
@@ -338,6 +339,35 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// Prints a step header.
 pub fn step(text: &str) {
     println!("==> {text}");
+}
+
+/// The pids whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = &st[st.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A process's user + system CPU time so far, in USER_HZ ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime = fields.get(11)?.parse::<u64>().ok()?;
+    let stime = fields.get(12)?.parse::<u64>().ok()?;
+    Some(utime + stime)
 }
 
 #[cfg(test)]

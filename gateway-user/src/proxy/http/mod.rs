@@ -1114,7 +1114,6 @@ mod tests {
             std::mem::size_of::<Fut>()
         }
         let handle = size(Conn::handle);
-        eprintln!("Conn::handle future: {handle} bytes");
         assert!(
             handle <= 14 * 1024,
             "a request's future is {handle} bytes, over jemalloc's small size classes"
