@@ -30,6 +30,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use serde_json::{Map, Value};
 
+use super::context::{Context, BASE_NAMES};
 use crate::policy::{Decision, DecisionRequest, PolicySet};
 
 /// Entries per session; the memo starts over when full.
@@ -64,7 +65,7 @@ impl Decisions {
         identity: &str,
         resource: &str,
         action: &str,
-        context: &Map<String, Value>,
+        context: &Context,
     ) -> Decision {
         if !self.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
             self.allows.clear();
@@ -81,7 +82,7 @@ impl Decisions {
             identity,
             resource,
             action,
-            context: Value::Object(context.clone()),
+            context: context.to_value(),
             approved: false,
         });
         if let (Decision::Allow { policies }, Some(k)) = (&decision, key) {
@@ -102,14 +103,15 @@ impl Decisions {
 
 /// The memo key: identity, resource, action and the context without the
 /// volatile attributes the rules do not read, serialized as compact JSON
-/// straight from the session's context (no copy of it). `None`: longer
+/// straight from the command's context (no copy of it; the flow's
+/// attributes as they were serialized once for the flow). `None`: longer
 /// than [`MAX_KEY`] (serializing stops there).
 fn key(
     policy: &PolicySet,
     identity: &str,
     resource: &str,
     action: &str,
-    context: &Map<String, Value>,
+    context: &Context,
 ) -> Option<Vec<u8>> {
     let mut skip: [Option<(&[&str], &str)>; VOLATILE.len()] = [None; VOLATILE.len()];
     for (slot, (path, attr)) in skip.iter_mut().zip(VOLATILE) {
@@ -122,9 +124,97 @@ fn key(
         k.0.extend_from_slice(part.as_bytes());
         k.0.push(0);
     }
-    write_reduced(&mut k, context, &[], &skip).ok()?;
+    write_context(&mut k, context, &skip).ok()?;
     k.0.push(0);
     (k.0.len() <= MAX_KEY).then_some(k.0)
+}
+
+/// `context` as compact JSON, as `serde_json` writes [`Context::to_map`],
+/// without the attributes `skip` names.
+fn write_context(
+    out: &mut Bounded,
+    context: &Context,
+    skip: &[Option<(&[&str], &str)>],
+) -> Result<(), serde_json::Error> {
+    use std::io::Write as _;
+    let own = context.own();
+    out.write_all(b"{").map_err(serde_json::Error::io)?;
+    let mut first = true;
+    for name in BASE_NAMES {
+        if skipped(skip, &[], name) {
+            continue;
+        }
+        if !first {
+            out.write_all(b",").map_err(serde_json::Error::io)?;
+        }
+        first = false;
+        serde_json::to_writer(&mut *out, name)?;
+        out.write_all(b":").map_err(serde_json::Error::io)?;
+        // An action attribute of the same name takes the base one's place.
+        if let Some(v) = own.get(name) {
+            write_value(out, name, v, &[], skip)?;
+        } else if let Some((v, json)) = context.flow_attribute(name) {
+            if descends(skip, &[], name) {
+                write_value(out, name, v, &[], skip)?;
+            } else {
+                out.write_all(json).map_err(serde_json::Error::io)?;
+            }
+        } else if descends(skip, &[], name) {
+            write_value(out, name, &context.time().value(), &[], skip)?;
+        } else {
+            context
+                .time()
+                .write_json(out)
+                .map_err(serde_json::Error::io)?;
+        }
+    }
+    for (name, value) in own {
+        if BASE_NAMES.contains(&name.as_str()) || skipped(skip, &[], name) {
+            continue;
+        }
+        if !first {
+            out.write_all(b",").map_err(serde_json::Error::io)?;
+        }
+        first = false;
+        serde_json::to_writer(&mut *out, name)?;
+        out.write_all(b":").map_err(serde_json::Error::io)?;
+        write_value(out, name, value, &[], skip)?;
+    }
+    out.write_all(b"}").map_err(serde_json::Error::io)
+}
+
+/// Whether `skip` leaves out attribute `name` of the record at `at`.
+fn skipped(skip: &[Option<(&[&str], &str)>], at: &[&str], name: &str) -> bool {
+    skip.iter()
+        .flatten()
+        .any(|(path, attr)| *path == at && *attr == name)
+}
+
+/// Whether `skip` leaves out something inside attribute `name` of the
+/// record at `at`.
+fn descends(skip: &[Option<(&[&str], &str)>], at: &[&str], name: &str) -> bool {
+    skip.iter().flatten().any(|(path, _)| {
+        path.len() == at.len() + 1 && path.starts_with(at) && path[at.len()] == name
+    })
+}
+
+/// The value of attribute `name` of the record at `at`, reduced when it
+/// is a record holding a skipped attribute.
+fn write_value(
+    out: &mut Bounded,
+    name: &str,
+    value: &Value,
+    at: &[&str],
+    skip: &[Option<(&[&str], &str)>],
+) -> Result<(), serde_json::Error> {
+    match value {
+        Value::Object(record) if descends(skip, at, name) => {
+            let mut path: Vec<&str> = at.to_vec();
+            path.push(name);
+            write_reduced(out, record, &path, skip)
+        }
+        other => serde_json::to_writer(&mut *out, other),
+    }
 }
 
 /// A key being written; refuses to grow past [`MAX_KEY`].
@@ -156,11 +246,7 @@ fn write_reduced(
     out.write_all(b"{").map_err(serde_json::Error::io)?;
     let mut first = true;
     for (name, value) in map {
-        if skip
-            .iter()
-            .flatten()
-            .any(|(path, attr)| *path == at && attr == name)
-        {
+        if skipped(skip, at, name) {
             continue;
         }
         if !first {
@@ -169,18 +255,7 @@ fn write_reduced(
         first = false;
         serde_json::to_writer(&mut *out, name)?;
         out.write_all(b":").map_err(serde_json::Error::io)?;
-        // Descend only into a record that holds a skipped attribute.
-        let inner = skip.iter().flatten().any(|(path, _)| {
-            path.len() == at.len() + 1 && path.starts_with(at) && path[at.len()] == name.as_str()
-        });
-        match value {
-            Value::Object(record) if inner => {
-                let mut path: Vec<&str> = at.to_vec();
-                path.push(name);
-                write_reduced(out, record, &path, skip)?;
-            }
-            other => serde_json::to_writer(&mut *out, other)?,
-        }
+        write_value(out, name, value, at, skip)?;
     }
     out.write_all(b"}").map_err(serde_json::Error::io)
 }
@@ -192,6 +267,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::proxy::context::{ContextTime, FlowContext};
 
     const TOML: &str = r#"
 [resource.db]
@@ -224,26 +300,31 @@ subject = "bob"
         )
     }
 
-    fn context(text: &str, hour: i64) -> Map<String, Value> {
-        let v = json!({
-            "client": {"pid": 1, "cgroup": "/a", "address": "127.0.0.1:1"},
-            "time": {"unix": hour * 3600, "hour": hour, "weekday": 0},
-            "destination": "127.0.0.1:5432",
-            "database": "postgres",
-            "user": "postgres",
-            "statement": {
+    fn context(text: &str, hour: i64) -> Context {
+        let mut c = without_statement(hour);
+        c.insert(
+            "statement".into(),
+            json!({
                 "text": text,
                 "fingerprint": "f",
                 "tables": ["t"],
                 "functions": [],
                 "has_where": true,
                 "volatile_functions": [],
-            },
-        });
-        match v {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        }
+            }),
+        );
+        c
+    }
+
+    fn without_statement(hour: i64) -> Context {
+        let flow = FlowContext::from_values(
+            json!({"pid": 1, "cgroup": "/a", "address": "127.0.0.1:1"}),
+            json!("127.0.0.1:5432"),
+        );
+        let mut c = Context::new(Arc::new(flow), ContextTime::at(hour * 3600));
+        c.insert("database".into(), json!("postgres"));
+        c.insert("user".into(), json!("postgres"));
+        c
     }
 
     const ALLOW_ALICE: &str = r#"permit(principal == Identity::"alice", action in Action::"postgres", resource == Resource::"db");"#;
@@ -416,8 +497,8 @@ subject = "bob"
     /// that read the volatile attributes and rules that do not.
     #[test]
     fn the_key_is_the_reduced_context_as_serde_json_writes_it() {
-        let by_copy = |policy: &PolicySet, ctx: &Map<String, Value>| {
-            let mut copy = ctx.clone();
+        let by_copy = |policy: &PolicySet, ctx: &Context| {
+            let mut copy = ctx.to_map();
             if !policy.rules_mention("time") {
                 copy.shift_remove("time");
             }
@@ -437,18 +518,23 @@ subject = "bob"
             json!({"text": "kept: not the statement"}),
         );
         odd.insert("statement2".into(), json!({"text": "kept too"}));
-        let no_statement = {
-            let mut c = context("x", 1);
-            c.remove("statement");
-            c
-        };
+        // Action attributes named as the flow's or the time's take their
+        // place in the record, and in the key.
+        let mut shadowing = context("select 2", 4);
+        shadowing.insert("destination".into(), json!({"text": "not volatile"}));
+        shadowing.insert("time".into(), json!({"hour": 99}));
         for rules in [
             ALLOW_ALICE.to_string(),
             format!("{ALLOW_ALICE}\npermit(principal, action in Action::\"postgres\", resource) when {{ context.time.hour > 30 }};"),
             format!("{ALLOW_ALICE}\npermit(principal, action in Action::\"postgres\", resource) when {{ context.statement.text == \"x\" }};"),
         ] {
             let policy = set(&rules);
-            for ctx in [context("select 1", 2), odd.clone(), no_statement.clone()] {
+            for ctx in [
+                context("select 1", 2),
+                odd.clone(),
+                without_statement(1),
+                shadowing.clone(),
+            ] {
                 assert_eq!(
                     key(&policy, "alice", "db", "postgres:select", &ctx),
                     Some(by_copy(&policy, &ctx)),

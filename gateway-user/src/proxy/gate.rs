@@ -13,7 +13,11 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::{decisions::Decisions, Flow};
+use super::{
+    context::{Context, ContextTime},
+    decisions::Decisions,
+    Flow,
+};
 use crate::{
     audit::TryRecord,
     daemon::Shared,
@@ -29,9 +33,9 @@ pub const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written";
 pub struct Command {
     /// The action, e.g. `postgres:select`, `ssh:exec`, `k8s:delete`.
     pub action: String,
-    /// The full decision context: [`super::base_context`] plus the
+    /// The decision context: the flow's attributes, the time and the
     /// action's own attributes (see the generated Cedar schema).
-    pub context: Map<String, Value>,
+    pub context: Context,
     /// The command as a human reads it (statement, command line, request
     /// line): shown in access requests and written to the audit log.
     pub text: String,
@@ -47,7 +51,7 @@ impl Command {
     pub fn new(flow: &Flow, action: impl Into<String>, text: impl Into<String>) -> Self {
         Self {
             action: action.into(),
-            context: super::base_context(&flow.info),
+            context: Context::new(flow.context.clone(), ContextTime::now()),
             text: text.into(),
             fingerprint: None,
             detail: Map::new(),
@@ -414,7 +418,7 @@ fn decide_with(
         identity: &flow.info.identity,
         resource: &flow.info.resource,
         action: &cmd.action,
-        context: Value::Object(cmd.context.clone()),
+        context: cmd.context.to_value(),
         approved,
     })
 }
@@ -558,7 +562,7 @@ async fn hold(
         action: cmd.action.clone(),
         command: cmd.text.clone(),
         fingerprint: cmd.fingerprint.clone(),
-        context: Value::Object(cmd.context.clone()),
+        context: cmd.context.to_value(),
         session: info.session.clone(),
         policies: policies.clone(),
     };

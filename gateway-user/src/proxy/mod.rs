@@ -7,6 +7,7 @@
 //! that is each handler's job (`tcp`, `postgres`, `ssh`, `http`, each
 //! plugged into [`dispatch`] the same way).
 
+pub mod context;
 mod decisions;
 pub mod gate;
 pub mod http;
@@ -38,6 +39,7 @@ use crate::{
     identity::ProvenIdentity,
     policy::{Destination, Protocol, Resource},
 };
+pub use context::base_context;
 pub use session::{SessionGuard, Sessions};
 
 /// How long a handler waits for an upstream TCP connect.
@@ -116,6 +118,9 @@ pub struct Flow {
     /// [`FlowInfo::audit_event`]): what every audit event of the flow
     /// carries, without copying and escaping it for each command.
     pub audit_fields: FlowFields,
+    /// The decision context's attributes `info` fixes (`client`,
+    /// `destination`), built once for every command of the flow.
+    pub context: Arc<context::FlowContext>,
 }
 
 impl Flow {
@@ -129,12 +134,14 @@ impl Flow {
         // The fields of a fresh event are always encodable; should that
         // ever fail, events carry them the copying way instead.
         let audit_fields = FlowFields::of(&info.audit_event("session")).unwrap_or_default();
+        let context = Arc::new(context::FlowContext::of(&info));
         Self {
             info,
             resource,
             cancel,
             recording,
             audit_fields,
+            context,
         }
     }
 
@@ -544,33 +551,6 @@ fn dispatch(shared: &Arc<Shared>, flow: Flow, client: TcpStream) -> SessionRun<'
         Protocol::Postgres => Box::pin(postgres::serve(shared, flow, client)),
         Protocol::Ssh => Box::pin(ssh::serve(shared, flow, client)),
     }
-}
-
-/// The context every action carries: who is connecting, from where, when,
-/// to what. Handlers add their action-specific attributes.
-pub fn base_context(info: &FlowInfo) -> serde_json::Map<String, serde_json::Value> {
-    let now = (session::now_ms() / 1000) as i64;
-    let hour = now.rem_euclid(86_400) / 3600;
-    // 1970-01-01 was a Thursday; 0 = Monday.
-    let weekday = ((now / 86_400) + 3).rem_euclid(7);
-    let mut m = serde_json::Map::new();
-    m.insert(
-        "client".into(),
-        serde_json::json!({
-            "pid": info.pid,
-            "cgroup": info.cgroup,
-            "address": info.client.to_string(),
-        }),
-    );
-    m.insert(
-        "time".into(),
-        serde_json::json!({ "unix": now, "hour": hour, "weekday": weekday }),
-    );
-    m.insert(
-        "destination".into(),
-        serde_json::Value::String(info.original_dst.to_string()),
-    );
-    m
 }
 
 /// A refused flow: why, what else was known, and its audit event so far.

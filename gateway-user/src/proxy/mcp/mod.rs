@@ -102,6 +102,7 @@ fn flow_handle(f: &Flow) -> Flow {
         cancel: f.cancel.clone(),
         recording: f.recording.clone(),
         audit_fields: f.audit_fields.clone(),
+        context: f.context.clone(),
     }
 }
 

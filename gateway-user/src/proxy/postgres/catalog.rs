@@ -189,6 +189,7 @@ fn side_flow(flow: &Flow) -> Arc<Flow> {
         cancel: CancellationToken::new(),
         recording: crate::record::SessionRecording::off(),
         audit_fields: flow.audit_fields.clone(),
+        context: flow.context.clone(),
     })
 }
 
