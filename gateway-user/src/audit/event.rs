@@ -102,6 +102,10 @@ fn type_member_len(kind: &str) -> Result<usize, AuditError> {
 
 const TYPE_KEY: &[u8] = b"\"type\":";
 
+/// Room for an event's fields without the session's: a command record's
+/// are some 400 bytes.
+const ENCODED_CAPACITY: usize = 512;
+
 /// One audit event. Unset (`None`, empty) fields are left out of the line.
 /// On disk the fields appear in this order after `seq`, `time` and `type`;
 /// `detail` stays a nested object.
@@ -277,20 +281,25 @@ impl AuditEvent {
     /// The event's fields as they go into the line: `"type":...,...`, with no
     /// surrounding braces and no leading or trailing comma.
     pub(crate) fn encode_fields(&self) -> Result<Vec<u8>, AuditError> {
-        let mut bytes = serde_json::to_vec(self).map_err(AuditError::Encode)?;
+        let flow = match &self.flow {
+            Some(f) if !f.as_bytes().is_empty() => Some(f.as_bytes()),
+            _ => None,
+        };
+        // One buffer, sized for a usual command record and the session's
+        // fields, so that neither growing it nor splicing them in copies
+        // the line again.
+        let mut bytes = Vec::with_capacity(ENCODED_CAPACITY + flow.map_or(0, <[u8]>::len));
+        serde_json::to_writer(&mut bytes, self).map_err(AuditError::Encode)?;
         // A struct always serializes as `{...}` with at least `type`.
         if bytes.len() < 2 || bytes.first() != Some(&b'{') || bytes.last() != Some(&b'}') {
             return Err(AuditError::InvalidEvent(
                 "the event did not encode as a JSON object".into(),
             ));
         }
-        let flow = match &self.flow {
-            Some(f) if !f.as_bytes().is_empty() => f.as_bytes(),
-            _ => {
-                bytes.pop();
-                bytes.remove(0);
-                return Ok(bytes);
-            }
+        let Some(flow) = flow else {
+            bytes.pop();
+            bytes.remove(0);
+            return Ok(bytes);
         };
         if self.session.is_some()
             || self.identity.is_some()
@@ -303,21 +312,21 @@ impl AuditEvent {
                 "the session's fields are set twice".into(),
             ));
         }
-        // `{"type":K` `,rest` `}`: the session's fields go right after the
-        // type, where the derived encoding puts them.
+        // `{"type":K` `,flow` `,rest` `}`: the session's fields go right
+        // after the type, where the derived encoding puts them.
         let type_end = 1 + type_member_len(&self.kind)?;
         if bytes.get(1..1 + TYPE_KEY.len()) != Some(TYPE_KEY) || type_end >= bytes.len() {
             return Err(AuditError::InvalidEvent(
                 "the event did not encode with its type first".into(),
             ));
         }
-        let rest = &bytes[type_end..bytes.len() - 1];
-        let mut out = Vec::with_capacity(bytes.len() + flow.len());
-        out.extend_from_slice(&bytes[1..type_end]);
-        out.push(b',');
-        out.extend_from_slice(flow);
-        out.extend_from_slice(rest);
-        Ok(out)
+        bytes.pop();
+        bytes.splice(
+            type_end..type_end,
+            std::iter::once(b',').chain(flow.iter().copied()),
+        );
+        bytes.remove(0);
+        Ok(bytes)
     }
 }
 

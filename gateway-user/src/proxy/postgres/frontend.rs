@@ -531,7 +531,7 @@ impl<'a> Front<'a> {
     }
 
     fn command(&self, c: &Classified) -> Command {
-        let cmd = Command::new(self.flow, format!("postgres:{}", c.class), c.text.clone())
+        let cmd = Command::new(self.flow, ["postgres:", c.class].concat(), c.text.clone())
             .context("database", self.ctx.database.clone())
             .context("user", self.ctx.user.clone())
             .context("statement", c.context())
