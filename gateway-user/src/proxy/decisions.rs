@@ -144,12 +144,7 @@ fn write_context(
         if skipped(skip, &[], name) {
             continue;
         }
-        if !first {
-            out.write_all(b",").map_err(serde_json::Error::io)?;
-        }
-        first = false;
-        serde_json::to_writer(&mut *out, name)?;
-        out.write_all(b":").map_err(serde_json::Error::io)?;
+        member_name(out, &mut first, name)?;
         // An action attribute of the same name takes the base one's place.
         if let Some(v) = own.get(name) {
             write_value(out, name, v, &[], skip)?;
@@ -172,15 +167,20 @@ fn write_context(
         if BASE_NAMES.contains(&name.as_str()) || skipped(skip, &[], name) {
             continue;
         }
-        if !first {
-            out.write_all(b",").map_err(serde_json::Error::io)?;
-        }
-        first = false;
-        serde_json::to_writer(&mut *out, name)?;
-        out.write_all(b":").map_err(serde_json::Error::io)?;
+        member_name(out, &mut first, name)?;
         write_value(out, name, value, &[], skip)?;
     }
     out.write_all(b"}").map_err(serde_json::Error::io)
+}
+
+/// `,"name":` (no comma before the first member of a record).
+fn member_name(out: &mut Bounded, first: &mut bool, name: &str) -> Result<(), serde_json::Error> {
+    use std::io::Write as _;
+    if !std::mem::take(first) {
+        out.write_all(b",").map_err(serde_json::Error::io)?;
+    }
+    serde_json::to_writer(&mut *out, name)?;
+    out.write_all(b":").map_err(serde_json::Error::io)
 }
 
 /// Whether `skip` leaves out attribute `name` of the record at `at`.
@@ -249,12 +249,7 @@ fn write_reduced(
         if skipped(skip, at, name) {
             continue;
         }
-        if !first {
-            out.write_all(b",").map_err(serde_json::Error::io)?;
-        }
-        first = false;
-        serde_json::to_writer(&mut *out, name)?;
-        out.write_all(b":").map_err(serde_json::Error::io)?;
+        member_name(out, &mut first, name)?;
         write_value(out, name, value, at, skip)?;
     }
     out.write_all(b"}").map_err(serde_json::Error::io)
