@@ -119,15 +119,20 @@ pub(crate) fn head(session: &str) -> Vec<u8> {
     out
 }
 
-/// The HAR entry object for `e` as one line of JSON (no newline).
-/// `*_truncated` say whether the bodies were cut by the recorder.
+/// Appends the HAR entry object for `e` to `out` as one line of JSON (no
+/// newline). `*_truncated` say whether the bodies were cut by the recorder.
 ///
 /// Serialized straight from borrowed views of `e`, field by field in the
 /// order [`entry_json`] builds them (the recorder writes one entry per HTTP
 /// exchange; building a `serde_json::Value` first, serializing it and
 /// dropping it was most of the recorder thread's work). The two give the
 /// same bytes (test `the_entry_line_is_the_entry_object_as_json`).
-pub(crate) fn entry_line(e: &HarEntry, req_truncated: bool, resp_truncated: bool) -> Vec<u8> {
+pub(crate) fn write_entry(
+    out: &mut Vec<u8>,
+    e: &HarEntry,
+    req_truncated: bool,
+    resp_truncated: bool,
+) {
     let send = nonneg(e.send_ms);
     let wait = nonneg(e.wait_ms);
     let receive = nonneg(e.receive_ms);
@@ -197,7 +202,19 @@ pub(crate) fn entry_line(e: &HarEntry, req_truncated: bool, resp_truncated: bool
     };
     // Serializing borrowed plain data into memory cannot fail; an empty
     // object keeps the document valid if it ever did.
-    serde_json::to_vec(&line).unwrap_or_else(|_| b"{}".to_vec())
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, &line).is_err() {
+        out.truncate(start);
+        out.extend_from_slice(b"{}");
+    }
+}
+
+/// [`write_entry`] into a new line.
+#[cfg(test)]
+fn entry_line(e: &HarEntry, req_truncated: bool, resp_truncated: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_entry(&mut out, e, req_truncated, resp_truncated);
+    out
 }
 
 /// A body's media type: the one given, else the `Content-Type` header's.

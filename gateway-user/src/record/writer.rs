@@ -161,15 +161,21 @@ struct HarW {
 }
 
 impl HarW {
+    /// Writes the pending entries. The buffer keeps its capacity while the
+    /// session sends requests (it is refilled by the next batch) and is
+    /// given back at the first flush that finds nothing pending, so an
+    /// idle session holds no buffer past one flush interval.
     fn flush(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
+            self.pending = Vec::new();
             return Ok(());
         }
-        let mut data = std::mem::take(&mut self.pending);
-        let added = data.len() as u64;
-        data.extend_from_slice(har::TAIL);
+        let added = self.pending.len() as u64;
+        self.pending.extend_from_slice(har::TAIL);
         // One write: entries and the new tail over the old tail.
-        self.file.write_all_at(&data, self.tail_at)?;
+        let written = self.file.write_all_at(&self.pending, self.tail_at);
+        self.pending.clear();
+        written?;
         self.tail_at += added;
         Ok(())
     }
@@ -332,7 +338,6 @@ impl Sess {
         if self.stopped {
             return;
         }
-        let json = har::entry_line(entry, req_cut, resp_cut);
         if self.har.is_none() {
             let head = har::head(&self.info.meta.id);
             if !self.admit(head.len() + har::TAIL.len(), max) {
@@ -355,13 +360,24 @@ impl Sess {
                 Err(e) => return self.fail(HAR_FILE, &e),
             }
         }
-        if !self.admit(json.len() + 2, max) {
+        // Serialized where it is written, and taken back if the session's
+        // cap does not admit it.
+        let Some(h) = self.har.as_mut() else {
+            return;
+        };
+        let start = h.pending.len();
+        h.pending
+            .extend_from_slice(if h.entries == 0 { b"\n" } else { b",\n" });
+        let json_at = h.pending.len();
+        har::write_entry(&mut h.pending, entry, req_cut, resp_cut);
+        let json_len = h.pending.len() - json_at;
+        if !self.admit(json_len + 2, max) {
+            if let Some(h) = self.har.as_mut() {
+                h.pending.truncate(start);
+            }
             return;
         }
         if let Some(h) = self.har.as_mut() {
-            h.pending
-                .extend_from_slice(if h.entries == 0 { b"\n" } else { b",\n" });
-            h.pending.extend_from_slice(&json);
             h.entries += 1;
             self.info.counts.http_exchanges += 1;
         }
@@ -591,5 +607,45 @@ impl Writer<'_> {
         for (_, mut s) in self.sessions.drain() {
             s.end(reason.to_owned(), now);
         }
+    }
+}
+
+#[cfg(test)]
+mod har_buffer_tests {
+    use super::*;
+
+    /// The entries and the new tail land over the old tail, the buffer is
+    /// kept while entries keep coming, and given back by the first flush
+    /// that finds none.
+    #[test]
+    fn a_har_buffer_is_kept_while_busy_and_given_back_when_idle() {
+        let tmp = crate::testutil::TempDir::new("record", "har-buffer");
+        let path = tmp.path().join("x.har");
+        let mut doc = har::head("s");
+        let tail_at = doc.len() as u64;
+        doc.extend_from_slice(har::TAIL);
+        fs::write(&path, &doc).unwrap();
+        let mut h = HarW {
+            file: OpenOptions::new().write(true).open(&path).unwrap(),
+            tail_at,
+            entries: 0,
+            pending: Vec::new(),
+        };
+        h.pending.extend_from_slice(b"\n{\"a\":1}");
+        h.flush().unwrap();
+        let kept = h.pending.capacity();
+        assert!(h.pending.is_empty() && kept > 0, "kept {kept}");
+        h.pending.extend_from_slice(b",\n{\"b\":2}");
+        h.flush().unwrap();
+        let mut want = har::head("s");
+        want.extend_from_slice(b"\n{\"a\":1},\n{\"b\":2}");
+        want.extend_from_slice(har::TAIL);
+        assert_eq!(fs::read(&path).unwrap(), want);
+        let v: serde_json::Value = serde_json::from_slice(&want).unwrap();
+        assert_eq!(v["log"]["entries"][1]["b"], 2);
+        // Idle: nothing pending at this flush.
+        h.flush().unwrap();
+        assert_eq!(h.pending.capacity(), 0);
+        assert_eq!(fs::read(&path).unwrap(), want);
     }
 }
