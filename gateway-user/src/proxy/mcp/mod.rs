@@ -51,6 +51,7 @@ use self::{
     recording::{from, Verdict},
 };
 use super::{
+    context::{Context as DecisionContext, ContextTime},
     gate::{self, Command, Denied, Gate, Waited},
     http::{
         reply,
@@ -311,13 +312,15 @@ impl Ctx {
 
     /// A decision without audit: what a list may show.
     fn visible(&self, action: &str, context: Map<String, Value>) -> Decision {
-        let mut ctx = super::base_context(&self.flow.info);
+        // The flow's attributes as built once for it, not formatted again
+        // for every item of a list.
+        let mut ctx = DecisionContext::new(self.flow.context.clone(), ContextTime::now());
         ctx.extend(context);
         self.shared.policy.load().decide(&DecisionRequest {
             identity: &self.flow.info.identity,
             resource: &self.flow.info.resource,
             action,
-            context: Value::Object(ctx),
+            context: ctx.to_value(),
             approved: false,
         })
     }
