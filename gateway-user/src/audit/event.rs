@@ -320,12 +320,17 @@ impl AuditEvent {
                 "the event did not encode with its type first".into(),
             ));
         }
-        bytes.pop();
-        bytes.splice(
-            type_end..type_end,
-            std::iter::once(b',').chain(flow.iter().copied()),
-        );
-        bytes.remove(0);
+        // In place, with two block moves (a byte-wise splice was 1% of the
+        // daemon's samples): `{"type":K,rest}` becomes
+        // `"type":K,flow,rest`.
+        let encoded = bytes.len();
+        let gap = 1 + flow.len();
+        bytes.resize(encoded + gap, 0);
+        bytes.copy_within(type_end..encoded - 1, type_end + gap);
+        bytes[type_end] = b',';
+        bytes[type_end + 1..type_end + gap].copy_from_slice(flow);
+        bytes.copy_within(1..encoded - 1 + gap, 0);
+        bytes.truncate(encoded - 2 + gap);
         Ok(bytes)
     }
 }
