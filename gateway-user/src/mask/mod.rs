@@ -166,6 +166,49 @@ impl JsonPath {
     }
 }
 
+/// A rule name (`table.column`, `column`) joined and lowercased on the
+/// stack, for ASCII names: the same text `str::to_lowercase` makes of them.
+struct AsciiKey {
+    buf: [u8; AsciiKey::MAX],
+    len: usize,
+}
+
+impl AsciiKey {
+    /// Longest key made on the stack (a schema-qualified table and a
+    /// column, each at most PostgreSQL's 63 bytes, fit).
+    const MAX: usize = 256;
+
+    /// `parts` joined by dots and lowercased; `None` when they are not all
+    /// ASCII or do not fit.
+    fn of(parts: &[&str]) -> Option<Self> {
+        let mut key = Self {
+            buf: [0; Self::MAX],
+            len: 0,
+        };
+        for (i, part) in parts.iter().enumerate() {
+            if !part.is_ascii() {
+                return None;
+            }
+            let dot = usize::from(i > 0);
+            let end = key.len + dot + part.len();
+            let room = key.buf.get_mut(key.len..end)?;
+            if dot == 1 {
+                room[0] = b'.';
+            }
+            for (to, from) in room[dot..].iter_mut().zip(part.bytes()) {
+                *to = from.to_ascii_lowercase();
+            }
+            key.len = end;
+        }
+        Some(key)
+    }
+
+    fn as_str(&self) -> &str {
+        // Only lowercased ASCII bytes and dots were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
 /// A resource's masking rules, compiled. Cheap to share (`Arc`); built once
 /// per policy load.
 #[derive(Debug)]
@@ -231,6 +274,17 @@ impl Masker {
         if self.columns.is_empty() {
             return None;
         }
+        // ASCII names (nearly all) are lowercased on the stack: this runs
+        // for every column of every result set.
+        match self.column_ascii(table, column) {
+            Some(found) => found,
+            None => self.column_lowercased(table, column),
+        }
+    }
+
+    /// [`Masker::column`] for any names: each lowercased as
+    /// `str::to_lowercase` does.
+    fn column_lowercased(&self, table: Option<&str>, column: &str) -> Option<Style> {
         let col = column.to_lowercase();
         if let Some(t) = table {
             let t = t.to_lowercase();
@@ -243,6 +297,23 @@ impl Masker {
             }
         }
         self.columns.get(&col).copied()
+    }
+
+    /// [`Masker::column`] for ASCII names that fit [`AsciiKey`], with the
+    /// same result; `None` when the names do not qualify.
+    fn column_ascii(&self, table: Option<&str>, column: &str) -> Option<Option<Style>> {
+        if let Some(t) = table {
+            // The name as given, then the bare table (after its last dot).
+            let bare = t.rsplit('.').next().unwrap_or(t);
+            for name in [t, bare] {
+                let key = AsciiKey::of(&[name, column])?;
+                if let Some(s) = self.columns.get(key.as_str()) {
+                    return Some(Some(*s));
+                }
+            }
+        }
+        let key = AsciiKey::of(&[column])?;
+        Some(self.columns.get(key.as_str()).copied())
     }
 
     /// The column rules as written (`col`, `table.col`, `schema.table.col`),

@@ -177,6 +177,54 @@ fn columns_match_bare_and_table_qualified() {
     assert_eq!(out, b"*****", "short values keep nothing");
 }
 
+#[test]
+fn ascii_column_names_are_looked_up_as_lowercased_ones() {
+    let m = masker(&[
+        rule(&["email"], &[], &[], "redact"),
+        rule(&["customers.card"], &[], &[], "partial"),
+        rule(&["billing.customers.ssn"], &[], &[], "hash"),
+        rule(&["straße.ÄB"], &[], &[], "redact"),
+    ]);
+    let long = "t".repeat(300);
+    let tables = [
+        None,
+        Some("customers"),
+        Some("CUSTOMERS"),
+        Some("public.Customers"),
+        Some("Billing.Customers"),
+        Some("billing.customers"),
+        Some("other"),
+        Some("a.b.customers"),
+        Some("STRASSE"),
+        Some("Straße"),
+        Some(""),
+        Some("."),
+        Some(long.as_str()),
+    ];
+    let columns = [
+        "email", "EMAIL", "Card", "ssn", "SSN", "äb", "ÄB", "", "x.card", &long,
+    ];
+    for t in tables {
+        for c in columns {
+            assert_eq!(
+                m.column(t, c),
+                m.column_lowercased(t, c),
+                "table {t:?}, column {c:?}"
+            );
+        }
+    }
+    assert_eq!(
+        m.column(Some("Public.CUSTOMERS"), "CARD"),
+        Some(Style::Partial)
+    );
+    assert_eq!(
+        m.column(Some("BILLING.customers"), "Ssn"),
+        Some(Style::Hash)
+    );
+    assert_eq!(m.column(Some("straße"), "äb"), Some(Style::Redact));
+    assert_eq!(m.column(Some(long.as_str()), "email"), Some(Style::Redact));
+}
+
 fn stream_all(m: &Arc<Masker>, chunks: &[&[u8]]) -> (Vec<u8>, Counts) {
     let mut s = m.stream();
     let mut out = Vec::new();
