@@ -19,7 +19,7 @@
 //! entry line but the last); [`TAIL`] closes the document. Appending writes
 //! the new entries and a new tail over the old tail, in one write.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, net::IpAddr};
 
 use serde::{Serialize, Serializer};
 use serde_json::{json, Map, Value};
@@ -79,8 +79,9 @@ pub struct HarEntry {
     pub wait_ms: f64,
     /// Time reading the response (ms).
     pub receive_ms: f64,
-    /// The upstream server's IP address, if connected.
-    pub server_ip: Option<String>,
+    /// The upstream server's IP address, if connected (written as text
+    /// by the recorder, off the request's path).
+    pub server_ip: Option<IpAddr>,
     /// The policy action (`http:GET`).
     pub action: String,
     /// The decision (`allow`, `deny`, ...).
@@ -192,7 +193,7 @@ pub(crate) fn write_entry(
             wait,
             receive,
         },
-        server_ip_address: e.server_ip.as_deref(),
+        server_ip_address: e.server_ip,
         portcullis: PortcullisOut {
             action: &e.action,
             decision: &e.decision,
@@ -236,7 +237,7 @@ struct EntryOut<'a> {
     cache: Empty,
     timings: Timings,
     #[serde(rename = "serverIPAddress", skip_serializing_if = "Option::is_none")]
-    server_ip_address: Option<&'a str>,
+    server_ip_address: Option<IpAddr>,
     #[serde(rename = "_portcullis")]
     portcullis: PortcullisOut<'a>,
 }
@@ -469,7 +470,7 @@ pub(crate) fn entry_json(e: &HarEntry, req_truncated: bool, resp_truncated: bool
         json!({"send": send, "wait": wait, "receive": receive}),
     );
     if let Some(ip) = &e.server_ip {
-        entry.insert("serverIPAddress".into(), json!(ip));
+        entry.insert("serverIPAddress".into(), json!(ip.to_string()));
     }
     entry.insert("_portcullis".into(), Value::Object(portcullis));
     Value::Object(entry)
@@ -728,7 +729,7 @@ mod tests {
             send_ms: 0.1234567,
             wait_ms: 12.0,
             receive_ms: f64::NAN,
-            server_ip: Some("10.0.0.7".into()),
+            server_ip: Some(IpAddr::from([10, 0, 0, 7])),
             action: "http:POST".into(),
             decision: "allow".into(),
             reason: Some("rule \"r1\"".into()),

@@ -236,6 +236,9 @@ struct Conn {
     shared: Arc<Shared>,
     flow: Flow,
     sni: Option<String>,
+    /// The authority of a request that names none: the SNI, else the
+    /// original destination. Made once per connection.
+    fallback_authority: String,
     secure: bool,
     /// This connection's pooled upstream (shared with the resource's other
     /// agent connections): fixed at the first request.
@@ -262,10 +265,14 @@ where
 {
     let cancel = flow.cancel.clone();
     let session = flow.info.session.clone();
+    let fallback_authority = sni
+        .clone()
+        .unwrap_or_else(|| flow.info.original_dst.to_string());
     let conn = Arc::new(Conn {
         shared: shared.clone(),
         flow,
         sni,
+        fallback_authority,
         secure,
         upstream: OnceCell::new(),
         upgrades: Mutex::new(Vec::new()),
@@ -343,12 +350,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .get_all(header::TE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Only the names present: `Connection: keep-alive` or `close` names
+    // no header of the request, and a name looked up is not allocated.
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| h.contains_key(*n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         if keep_upgrade && n == header::UPGRADE {
@@ -450,8 +461,7 @@ impl Conn {
                         .get(header::HOST)
                         .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
                 })
-                .or_else(|| self.sni.clone())
-                .unwrap_or_else(|| self.flow.info.original_dst.to_string());
+                .unwrap_or_else(|| self.fallback_authority.clone());
             har_for(
                 format!(
                     "{scheme}://{raw_authority}{raw_path}{}{query}",
@@ -463,10 +473,6 @@ impl Conn {
         let kube = self.kube();
         // The authority decided on and forwarded: the request-target's (or
         // `:authority`) and Host must agree (target::decide_authority).
-        let fallback = self
-            .sni
-            .clone()
-            .unwrap_or_else(|| self.flow.info.original_dst.to_string());
         let decided = target::decide_authority(
             req.uri().authority().map(|a| a.as_str()),
             req.headers()
@@ -475,7 +481,7 @@ impl Conn {
                 .map(HeaderValue::as_bytes),
             req.version() == HttpVersion::HTTP_11,
             self.secure,
-            &fallback,
+            &self.fallback_authority,
         );
         let decided = match decided {
             Ok(a) => a,
@@ -901,7 +907,7 @@ impl Conn {
         } else {
             up.send(out).await
         };
-        har.server_ip = Some(up.addr().ip().to_string());
+        har.server_ip = Some(up.addr().ip());
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
@@ -1125,7 +1131,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             "connection",
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
+            HeaderValue::from_static("keep-alive, X-Secret-Hop , close"),
         );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
