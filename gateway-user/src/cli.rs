@@ -371,6 +371,12 @@ pub struct DaemonArgs {
     /// with an in-protocol error. Default 1 GiB (half the RAM if less).
     #[arg(long)]
     pub memory_budget: Option<String>,
+    /// Connection worker threads, each running whole sessions (default:
+    /// one per available core). Fewer workers batch more sessions per
+    /// wake-up (less CPU per command when the daemon is not busy); more
+    /// spread a busy daemon over more cores.
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Largest PostgreSQL Query/Parse message (default 1MiB).
     #[arg(long)]
     pub pg_max_statement: Option<String>,
@@ -416,6 +422,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 webhooks: (!args.webhooks.is_empty()).then_some(args.webhooks),
                 udp_allow: (!args.udp_allow.is_empty()).then_some(args.udp_allow),
                 memory_budget: args.memory_budget,
+                workers: args.workers,
                 pg_max_statement: args.pg_max_statement,
                 pg_max_message: args.pg_max_message,
                 http_max_header: args.http_max_header,

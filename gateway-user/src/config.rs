@@ -26,6 +26,13 @@ pub mod defaults {
     pub const CGROUP_ROOT: &str = "/";
     /// Proxy listener port.
     pub const LISTEN_PORT: u16 = 15001;
+    /// Most connection workers a daemon runs.
+    pub const WORKERS_MAX: usize = 1024;
+
+    /// Connection workers by default: one per core this process may run on.
+    pub fn workers() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
     /// Metrics listener.
     pub const METRICS: &str = "127.0.0.1:15020";
     /// UDP destinations tagged cgroups may reach: the resolvers (see
@@ -87,6 +94,8 @@ pub struct DaemonTable {
     /// How long an HTTP/1.1 connection may wait for a request head (idle
     /// keep-alive or a slow head), e.g. `"30s"`, `"2m"`.
     pub http_idle_timeout: Option<String>,
+    /// Connection worker threads (default: one per available core).
+    pub workers: Option<usize>,
     /// Auto-tag rules (`[[daemon.auto_tag]]`); file only, no flag.
     #[serde(default)]
     pub auto_tag: Vec<AutoTagRule>,
@@ -233,6 +242,9 @@ pub struct DaemonConfig {
     pub memory_budget: Option<u64>,
     /// Caps on frames, header blocks and inspected bodies.
     pub limits: crate::limits::Limits,
+    /// Connection worker threads, each running whole sessions
+    /// ([`crate::workers`]).
+    pub workers: usize,
     /// `[fleet]`, when this node shares JIT state and audit with others.
     pub fleet: Option<crate::fleet::FleetConfig>,
     /// The review console, when `[console]` is configured.
@@ -324,6 +336,16 @@ impl DaemonConfig {
         if listen_port == 0 {
             return Err(ConfigError::Invalid("listen_port must not be 0".into()));
         }
+        let workers = match flags.workers.or(file.workers) {
+            None => defaults::workers(),
+            Some(n) if (1..=defaults::WORKERS_MAX).contains(&n) => n,
+            Some(n) => {
+                return Err(ConfigError::Invalid(format!(
+                    "workers must be from 1 to {}, not {n}",
+                    defaults::WORKERS_MAX
+                )))
+            }
+        };
         let size =
             |key: &str, v: Option<String>, default: u64, min: u64| -> Result<u64, ConfigError> {
                 let n = match v {
@@ -418,6 +440,7 @@ impl DaemonConfig {
             auto_tag: file.auto_tag,
             fleet: file.fleet,
             memory_budget,
+            workers,
             limits,
             console: file.console,
         })
@@ -512,6 +535,35 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/file/state"));
         assert_eq!(c.policies, PathBuf::from(defaults::POLICIES));
         assert_eq!(c.metrics, Metrics::Off);
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_flags_win() {
+        let c = DaemonConfig::merge(DaemonTable::default(), DaemonTable::default()).unwrap();
+        assert_eq!(c.workers, defaults::workers());
+        let file = DaemonTable {
+            workers: Some(3),
+            ..Default::default()
+        };
+        let c = DaemonConfig::merge(DaemonTable::default(), file.clone()).unwrap();
+        assert_eq!(c.workers, 3);
+        let flags = DaemonTable {
+            workers: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(DaemonConfig::merge(flags, file).unwrap().workers, 1);
+        for bad in [0, defaults::WORKERS_MAX + 1] {
+            let flags = DaemonTable {
+                workers: Some(bad),
+                ..Default::default()
+            };
+            let err = DaemonConfig::merge(flags, DaemonTable::default()).unwrap_err();
+            assert!(err.to_string().contains("workers must be from 1"), "{err}");
+        }
+        let p = std::env::temp_dir().join(format!("pc-workers-{}.toml", std::process::id()));
+        std::fs::write(&p, "[daemon]\nworkers = 2\n").unwrap();
+        assert_eq!(read_daemon_table(&p).unwrap().workers, Some(2));
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

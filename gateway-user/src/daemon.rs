@@ -391,11 +391,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         sessions: Sessions::new(),
         ca: Arc::new(ca),
         http_pool: Default::default(),
-        workers: crate::workers::Workers::start(
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
-            "conn",
-        )
-        .context("starting the connection workers")?,
+        workers: crate::workers::Workers::start(cfg.workers, "conn")
+            .context("starting the connection workers")?,
         netns: Mutex::new(HashMap::new()),
         metrics: Metrics::default(),
         memory: crate::limits::MemoryGauge::default(),
@@ -513,6 +510,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         cgroup_root = %shared.cgroups.root(),
         admin_socket = %cfg.admin_socket.display(),
         memory_budget = %cfg.memory_budget.map_or("off".to_string(), crate::limits::human),
+        workers = cfg.workers,
         rss = %crate::limits::human(shared.memory.rss()),
         "portcullis daemon ready"
     );

@@ -145,6 +145,42 @@ fn sessions_are_spread_over_the_connection_workers() {
     }
 }
 
+/// `--workers N` sets how many connection workers run: with one, its
+/// thread is the daemon's only `conn-*` thread and every session runs on it.
+#[test]
+fn the_workers_flag_sets_how_many_workers_run() {
+    require_root();
+    let cg = TestCgroup::new("workers-one");
+    let server = EchoServer::start("workers-one");
+    let mut files = DaemonFiles::new(&cg.rel);
+    files.tcp_resources("echo.toml", &[("echo", vec![server.addr.to_string()])]);
+    files.extra_args = vec!["--workers".into(), "1".into()];
+    let daemon = Daemon::start(&files);
+    assert_eq!(daemon.status()["workers"].as_u64(), Some(1));
+    let conn_threads = fs::read_dir(format!("/proc/{}/task", daemon.child.id()))
+        .expect("the daemon's threads")
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("conn-"))
+        .count();
+    assert_eq!(conn_threads, 1);
+    let agent = cg.child("agent");
+    daemon.tag(&agent, "billing-agent");
+    let place = Placement::cgroup(cg.dir(&agent));
+    let mut args = to(&server);
+    args["hold"] = json!(3);
+    let held: Vec<HeldClient> = (0..3)
+        .map(|_| HeldClient::start(&place, args.clone(), &files.dir))
+        .collect();
+    let flows = daemon.flows();
+    assert_eq!(flows.len(), 3, "{flows:#?}");
+    assert!(flows.iter().all(|f| f["worker"] == 0), "{flows:#?}");
+    for h in held {
+        let r = h.finish();
+        assert_eq!(r.error(), None, "{r:?}");
+        assert!(r.echo_ok(), "{r:?}");
+    }
+}
+
 #[test]
 fn untagged_cgroup_goes_direct() {
     let s = setup("untagged");
