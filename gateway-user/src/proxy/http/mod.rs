@@ -350,14 +350,22 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .get_all(header::TE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    // Only the names present: `Connection: keep-alive` or `close` names
-    // no header of the request, and a name looked up is not allocated.
+    // Only names that the loop over HOP_BY_HOP below does not remove
+    // anyway (`Connection: keep-alive`) and that the message holds (not
+    // `close`): a name compared or looked up is not allocated.
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
+        .filter(|n| {
+            !HOP_BY_HOP.iter().any(|hop| {
+                hop != header::CONNECTION
+                    && hop != header::UPGRADE
+                    && hop.as_str().eq_ignore_ascii_case(n)
+            })
+        })
         .filter(|n| h.contains_key(*n))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
@@ -1153,6 +1161,76 @@ mod tests {
         g.insert("te", HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut g, false);
         assert!(!g.contains_key("te"));
+    }
+
+    /// The stripping as it was written first (every `Connection` token
+    /// made a header name and removed): what is left must not differ.
+    fn strip_reference(h: &mut HeaderMap, keep_upgrade: bool) {
+        let te_trailers = h
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            if !(keep_upgrade && n == header::UPGRADE) {
+                h.remove(n);
+            }
+        }
+        for n in &HOP_BY_HOP {
+            if !(keep_upgrade && (n == header::CONNECTION || n == header::UPGRADE)) {
+                h.remove(n);
+            }
+        }
+        if te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_stripping_leaves_what_naming_every_token_left() {
+        let connections = [
+            "keep-alive",
+            "Keep-Alive, close",
+            "upgrade",
+            "Upgrade, Connection",
+            "TE, x-hop",
+            "x-hop ,, X-HOP2, proxy-connection",
+            "close, bad name, \u{7f}",
+            "",
+        ];
+        for connection in connections {
+            for keep_upgrade in [false, true] {
+                let mut h = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(connection) {
+                    h.insert(header::CONNECTION, v);
+                }
+                for (name, value) in [
+                    ("x-hop", "1"),
+                    ("x-hop2", "2"),
+                    ("close", "3"),
+                    ("keep-alive", "timeout=5"),
+                    ("upgrade", "websocket"),
+                    ("te", "trailers"),
+                    ("proxy-connection", "keep-alive"),
+                    ("accept", "*/*"),
+                ] {
+                    h.append(name, HeaderValue::from_static(value));
+                }
+                let mut want = h.clone();
+                strip_reference(&mut want, keep_upgrade);
+                strip_hop_by_hop(&mut h, keep_upgrade);
+                assert_eq!(
+                    h, want,
+                    "Connection: {connection:?}, keep_upgrade {keep_upgrade}"
+                );
+            }
+        }
     }
 
     #[test]
