@@ -80,6 +80,7 @@ pub fn tcp(connections: u64, bytes: u64, binary: Option<PathBuf>) -> Result<()> 
             name: NAME,
             policies,
             listen_port: LISTEN_PORT,
+            workers: None,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;

@@ -153,6 +153,7 @@ fn store_cost(
                 name,
                 policies: policies.clone(),
                 listen_port: bench_pg::free_port()?,
+                workers: None,
             },
             Some(config),
         )?;

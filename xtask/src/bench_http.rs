@@ -49,8 +49,15 @@ struct Wrk {
 }
 
 /// Runs the benchmark: `seconds` per path, `connections` wrk connections on
-/// `threads` threads. `binary` replaces the release build.
-pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf>) -> Result<()> {
+/// `threads` threads. `binary` replaces the release build; `workers` sets
+/// the daemon's connection workers.
+pub fn http(
+    seconds: u64,
+    connections: u64,
+    threads: u64,
+    binary: Option<PathBuf>,
+    workers: Option<usize>,
+) -> Result<()> {
     require_root()?;
     let bin = ci::daemon_binary(binary)?;
     let work = PathBuf::from("/tmp").join(NAME);
@@ -109,9 +116,14 @@ pub fn http(seconds: u64, connections: u64, threads: u64, binary: Option<PathBuf
             policies,
             // Free now: other daemons may run on this machine.
             listen_port: free_port()?,
+            workers,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
+    step(&format!(
+        "daemon connection workers: {}",
+        session.workers()?
+    ));
 
     // Masking must be on the measured path: check one response first, in
     // plain text and through interception.

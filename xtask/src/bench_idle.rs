@@ -279,6 +279,7 @@ pub fn idle(
                 name: NAME,
                 policies: policies.clone(),
                 listen_port: free_port()?,
+                workers: None,
             },
             Some(&daemon_config),
         )?;

@@ -118,6 +118,7 @@ pub fn mcp(calls: u64, seconds: u64, binary: Option<PathBuf>) -> Result<()> {
             name: NAME,
             policies,
             listen_port: LISTEN_PORT,
+            workers: None,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;

@@ -68,13 +68,15 @@ pub(crate) struct Run {
 
 /// Runs the benchmark; `seconds` per run. `only_clients` and `only_modes`
 /// (`simple`, `extended`, `prepared`, `tpcb`), when not empty, keep only
-/// those runs (a shorter comparison while profiling one path).
+/// those runs (a shorter comparison while profiling one path). `workers`
+/// sets the daemon's connection workers.
 pub fn run(
     seconds: u32,
     scale: u32,
     binary: Option<PathBuf>,
     only_clients: &[u32],
     only_modes: &[String],
+    workers: Option<usize>,
 ) -> Result<()> {
     require_root()?;
     let wanted = |script: &str, mode: &str| {
@@ -123,9 +125,14 @@ pub fn run(
             name: NAME,
             policies: policies.clone(),
             listen_port: LISTEN_PORT,
+            workers,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;
+    step(&format!(
+        "daemon connection workers: {}",
+        session.workers()?
+    ));
 
     let mut runs = Vec::new();
     let mask_file = policies.join("mask.toml");

@@ -230,6 +230,7 @@ pub fn ssh(bytes: u64, execs: u64, record: &str, binary: Option<PathBuf>) -> Res
             name: NAME,
             policies,
             listen_port: LISTEN_PORT,
+            workers: None,
         },
     )?;
     session.tag_agent("bench-agent", Some(&demo.join("agent.token")))?;

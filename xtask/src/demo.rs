@@ -117,6 +117,7 @@ pub fn run(once: bool, binary: Option<PathBuf>) -> Result<()> {
             name: NAME,
             policies,
             listen_port: LISTEN_PORT,
+            workers: None,
         },
         Some(&daemon_config),
     )?;

@@ -142,6 +142,10 @@ enum BenchTarget {
         /// Use this portcullis binary instead of building the release one.
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
+        /// The daemon's connection workers (default: the daemon's own, one
+        /// per core).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// PostgreSQL: pgbench -S (simple, extended, prepared) and TPC-B-like at 1, 8, 32 clients: direct,
     /// through Portcullis, with masking, through pgbouncer (session mode).
@@ -162,6 +166,10 @@ enum BenchTarget {
         /// prepared, tpcb; default all).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+        /// The daemon's connection workers (default: the daemon's own, one
+        /// per core).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// SSH: download and upload throughput, exec round trips, connect+exec.
     ///
@@ -287,8 +295,9 @@ fn run(task: Task) -> Result<()> {
                     connections,
                     threads,
                     binary,
+                    workers,
                 },
-        } => bench_http::http(seconds, connections, threads, binary),
+        } => bench_http::http(seconds, connections, threads, binary, workers),
         Task::Bench {
             target:
                 BenchTarget::Pg {
@@ -297,8 +306,9 @@ fn run(task: Task) -> Result<()> {
                     binary,
                     clients,
                     modes,
+                    workers,
                 },
-        } => bench_pg::run(seconds, scale, binary, &clients, &modes),
+        } => bench_pg::run(seconds, scale, binary, &clients, &modes, workers),
         Task::Bench {
             target:
                 BenchTarget::Ssh {

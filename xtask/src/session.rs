@@ -32,6 +32,8 @@ pub struct SessionConfig {
     pub policies: PathBuf,
     /// The port the daemon's proxy listens on.
     pub listen_port: u16,
+    /// The daemon's connection workers (`--workers`); `None`: its default.
+    pub workers: Option<usize>,
 }
 
 /// A running daemon and everything made for it; dropping it tears down.
@@ -152,6 +154,9 @@ impl Session {
             .arg("--listen-port")
             .arg(config.listen_port.to_string())
             .args(["--metrics", "off"]);
+        if let Some(n) = config.workers {
+            cmd.arg("--workers").arg(n.to_string());
+        }
         if let Some(file) = &self.daemon_config {
             cmd.arg("--config").arg(file);
         }
@@ -235,6 +240,16 @@ impl Session {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The daemon's connection workers, as `portcullis status` gives them.
+    pub fn workers(&self) -> Result<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.client_output(&["status", "--json"])?)
+                .context("portcullis status --json is not JSON")?;
+        status["workers"]
+            .as_u64()
+            .context("portcullis status --json names no workers")
     }
 
     /// Tags `<name>/agent` with `identity`, proven by the token in

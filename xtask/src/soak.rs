@@ -181,6 +181,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
             name: NAME,
             policies,
             listen_port: port,
+            workers: None,
         },
     )?;
     let pid = session.daemon_pid().context("no daemon pid")?;
